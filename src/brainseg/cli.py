@@ -1,0 +1,254 @@
+"""``brainseg`` command line: each subcommand parses arguments and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from .config import ExperimentConfig, default_data_root
+
+log = logging.getLogger("brainseg")
+
+DEFAULT_CACHE = "runs/cache"
+DEFAULT_RUN = "runs/train"
+
+
+def _add_preprocess_args(p: argparse.ArgumentParser) -> None:
+    d = ExperimentConfig().preprocess
+    p.add_argument("--data", default=None, help="dataset root in the kaggle_3m layout (default: $BRAINSEG_DATA or ../shared/data/lgg/kaggle_3m)")
+    p.add_argument("--cache", default=DEFAULT_CACHE, help=f"preprocessed cache folder (default {DEFAULT_CACHE})")
+    p.add_argument("--size", type=int, default=d.input_size, help="network input side in pixels (whole slice resized)")
+    p.add_argument("--clahe-clip", type=float, default=d.clahe_clip_limit)
+    p.add_argument("--clahe-grid", type=int, default=d.clahe_tile_grid)
+    p.add_argument("--no-clahe", action="store_true")
+    p.add_argument("--normalization", choices=["minmax", "zscore"], default=d.normalization)
+    p.add_argument("--val", type=int, default=6, help="validation patients (new split only)")
+    p.add_argument("--test", type=int, default=10, help="test patients (new split only)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--split", default=None, help="existing split JSON to reuse")
+
+
+def _preprocess_cfg(a) -> ExperimentConfig:
+    base = ExperimentConfig()
+    pre = replace(base.preprocess, input_size=a.size, clahe=not a.no_clahe, clahe_clip_limit=a.clahe_clip, clahe_tile_grid=a.clahe_grid, normalization=a.normalization)
+    return replace(base, preprocess=pre)
+
+
+def cmd_stats(a) -> int:
+    from .data import dataset_stats, discover
+
+    print(json.dumps(dataset_stats(discover(a.root)), indent=2))
+    return 0
+
+
+def cmd_split(a) -> int:
+    from .data import discover, labelled, split_patients, write_json_atomic
+
+    ds = labelled(discover(a.data or default_data_root()))
+    split = split_patients([p.id for p in ds.patients], a.val, a.test, a.seed)
+    split["seed"] = a.seed
+    write_json_atomic(a.out, split)
+    print(f"wrote {a.out}: " + ", ".join(f"{k} {len(split[k])}" for k in ("train", "val", "test")))
+    return 0
+
+
+def cmd_preprocess(a) -> int:
+    from .pipeline import preprocess
+
+    cfg = _preprocess_cfg(a)
+    res = preprocess(a.data or default_data_root(), a.cache, cfg, n_val=a.val, n_test=a.test, seed=a.seed, split_file=a.split)
+    print(f"cached {res['slices']} slices of {res['patients']} patients in {res['cache']} ({res['images_without_mask']} images without mask left out)")
+    print(f"split {res['split']}: " + ", ".join(f"{k} {v}" for k, v in res["split_sizes"].items()))
+    print(f"overview: {Path(res['cache']) / 'preprocessing_overview.png'}")
+    return 0
+
+
+def cmd_train(a) -> int:
+    from .cache import load_cache
+    from .models import DISPLAY_NAMES, MODELS
+    from .pipeline import preprocess, train_models
+
+    cfg = _preprocess_cfg(a)
+    t = cfg.train
+    train = replace(t, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, max_steps=a.max_steps, samples_per_epoch=a.samples_per_epoch, num_threads=a.threads, seed=a.seed, positive_fraction=a.positive_fraction)
+    model = replace(cfg.model, features=tuple(a.features), deep_supervision=a.deep_supervision)
+    cfg = replace(cfg, train=train, model=model)
+    data = a.data or default_data_root()
+    cache_ok = (Path(a.cache) / "index.json").is_file() and load_cache(a.cache).preprocess == cfg.preprocess
+    if not cache_ok:
+        log.info("no matching cache in %s: preprocessing %s first", a.cache, data)
+        preprocess(data, a.cache, cfg, n_val=a.val, n_test=a.test, seed=a.seed, split_file=a.split, overview=False)
+    names = sorted(MODELS) if a.model == "all" else [a.model]
+    res = train_models(names, a.cache, a.out, cfg, data_root=a.data, resume=a.resume, progress=not a.quiet)
+    if res:
+        n = res["test_patients"]
+        for name, rep in res["reports"].items():
+            print(f"{DISPLAY_NAMES[name]} DICE Score: {rep['per_patient_dice']:.2f}  (per-patient 3D Dice, {n} test patients never trained or tuned on)")
+        print(f"best model: {res['best']} -> {Path(a.out) / 'registry.json'}; comparison: {Path(a.out) / 'comparison.md'}")
+    return 0
+
+
+def _load_model(a):
+    from .registry import load
+
+    return load(name=a.model, model_dir=a.model_dir, checkpoint=a.checkpoint, prefer_onnx=not a.torch)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--model", default=None, help="registered model: unetpp, attention_unet or ensemble (default: the registry's best)")
+    g.add_argument("--checkpoint", default=None, help="a .pt checkpoint or .onnx file")
+    p.add_argument("--model-dir", default=None, help="folder with registry.json (default: the shipped models/)")
+    p.add_argument("--torch", action="store_true", help="use PyTorch even where an ONNX file exists")
+    p.add_argument("--threshold", type=float, default=None, help="probability threshold (default: calibrated, saved in the model)")
+    p.add_argument("--min-size", type=int, default=None, help="drop predicted components smaller than this many pixels")
+    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped slice")
+
+
+def _post(a, seg):
+    post = seg.postprocess
+    if a.threshold is not None:
+        if not 0.0 < a.threshold < 1.0:
+            raise ValueError(f"--threshold must be in (0, 1), got {a.threshold}")
+        post = replace(post, threshold=a.threshold)
+    if a.min_size is not None:
+        post = replace(post, min_size=a.min_size)
+    return post
+
+
+def cmd_evaluate(a) -> int:
+    from .data import read_split, write_json_atomic
+    from .evaluation import markdown_table
+    from .models import DISPLAY_NAMES
+    from .pipeline import evaluate
+
+    seg = _load_model(a)
+    ids = read_split(a.split)[a.subset] if a.split else None
+    report = evaluate(seg, a.data, ids, post=_post(a, seg), tta=a.tta, sweep=a.sweep)
+    report["split"] = f"{a.split}:{a.subset}" if a.split else "all labelled patients in the folder"
+    write_json_atomic(a.out, report)
+    md = markdown_table({DISPLAY_NAMES.get(seg.name, seg.name): report})
+    Path(a.out).with_suffix(".md").write_text(md)
+    print(md)
+    print(f"{DISPLAY_NAMES.get(seg.name, seg.name)} DICE Score: {report['per_patient_dice']:.2f}  (per-patient 3D Dice, {report['patients']} patients)")
+    print(f"report: {a.out} and {Path(a.out).with_suffix('.md')}")
+    return 0
+
+
+def cmd_predict(a) -> int:
+    from .predict import predict_inputs
+
+    seg = _load_model(a)
+    written = predict_inputs(a.inputs, a.out, seg, _post(a, seg), tta=a.tta)
+    print(f"wrote {len(written)} files to {a.out}")
+    return 0
+
+
+def cmd_export(a) -> int:
+    from .export import export_onnx
+
+    out = a.out or str(Path(a.checkpoint).with_suffix(".onnx"))
+    export_onnx(a.checkpoint, out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_serve(a) -> int:
+    import uvicorn
+
+    uvicorn.run("brainseg.serving.api:app", host=a.host, port=a.port, log_level="info")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="brainseg", description="Lesion segmentation in brain MRI with U-Net++ and Attention U-Net.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="dataset tools")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    st = dsub.add_parser("stats", help="patients, slices, lesion-positive slices, lesion sizes")
+    st.add_argument("root")
+    st.set_defaults(func=cmd_stats)
+
+    sp = sub.add_parser("split", help="write a seeded patient-level split stratified by institution")
+    sp.add_argument("--data", default=None)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--val", type=int, default=6)
+    sp.add_argument("--test", type=int, default=10)
+    sp.add_argument("--seed", type=int, default=42)
+    sp.set_defaults(func=cmd_split)
+
+    pp = sub.add_parser("preprocess", help="CLAHE + resize + cache, split, overview PNG")
+    _add_preprocess_args(pp)
+    pp.set_defaults(func=cmd_preprocess)
+
+    d = ExperimentConfig()
+    tr = sub.add_parser("train", help="train, calibrate on validation, compare on test")
+    _add_preprocess_args(tr)
+    tr.add_argument("--out", default=DEFAULT_RUN)
+    tr.add_argument("--model", choices=["unetpp", "attention_unet", "all"], default="all")
+    tr.add_argument("--epochs", type=int, default=d.train.epochs)
+    tr.add_argument("--batch-size", type=int, default=d.train.batch_size)
+    tr.add_argument("--lr", type=float, default=d.train.lr)
+    tr.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (smoke tests)")
+    tr.add_argument("--samples-per-epoch", type=int, default=0)
+    tr.add_argument("--positive-fraction", type=float, default=d.train.positive_fraction)
+    tr.add_argument("--features", type=int, nargs="+", default=list(d.model.features))
+    tr.add_argument("--deep-supervision", action="store_true", help="U-Net++ deep supervision")
+    tr.add_argument("--threads", type=int, default=0)
+    tr.add_argument("--resume", action="store_true", help="continue from RUN/<model>/last.pt")
+    tr.add_argument("--quiet", action="store_true", help="no progress bars")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="every metric, per patient / slice / lesion")
+    ev.add_argument("--data", default=None)
+    _add_model_args(ev)
+    ev.add_argument("--split", default=None, help="split JSON; default: every labelled patient in --data")
+    ev.add_argument("--subset", default="test", choices=["train", "val", "test"])
+    ev.add_argument("--sweep", action="store_true", help="also report a threshold x min-size sweep")
+    ev.add_argument("--out", required=True, help="REPORT.json (a .md table is written beside it)")
+    ev.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="masks, overlays and lesion statistics for slices, folders or NIfTI volumes")
+    pr.add_argument("inputs", nargs="+")
+    pr.add_argument("--out", required=True)
+    _add_model_args(pr)
+    pr.set_defaults(func=cmd_predict)
+
+    ex = sub.add_parser("export", help="export a checkpoint to ONNX")
+    ex.add_argument("--checkpoint", required=True)
+    ex.add_argument("--out", default=None)
+    ex.set_defaults(func=cmd_export)
+
+    se = sub.add_parser("serve", help="start the FastAPI service")
+    se.add_argument("--host", default="127.0.0.1")
+    se.add_argument("--port", type=int, default=8000)
+    se.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    if getattr(args, "command", None) == "evaluate" and args.data is None:
+        args.data = default_data_root()
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("brainseg: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, KeyError, OSError) as exc:
+        if args.verbose:
+            raise
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"brainseg: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Every default in one place.
+
+The resolved configuration travels inside each checkpoint and exported model
+(``asdict(cfg)``), so a model file alone is enough to use it correctly: rebuild
+with ``ExperimentConfig.from_dict(ckpt["config"])``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+# The channels of the LGG slices, in file order (Buda et al. 2019).
+CHANNELS = ("pre-contrast", "FLAIR", "post-contrast")
+
+# Where the data usually lives relative to the repository root (CI has it there too).
+DEFAULT_DATA_CANDIDATES = ("../shared/data/lgg/kaggle_3m", "data/kaggle_3m")
+
+
+def default_data_root() -> str:
+    """``$BRAINSEG_DATA`` if set, else the first existing candidate folder."""
+    env = os.environ.get("BRAINSEG_DATA")
+    if env:
+        return env
+    for cand in DEFAULT_DATA_CANDIDATES:
+        if Path(cand).is_dir():
+            return cand
+    return DEFAULT_DATA_CANDIDATES[0]
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How one raw slice becomes the network input (see ``preprocessing.preprocess_slice``).
+
+    Order: intensity to uint8 (only for 16-bit / float input) -> CLAHE per channel at
+    native resolution -> resize to ``input_size`` -> normalise over the whole slice.
+    """
+
+    input_size: int = 128  # square side the network sees (pixels)
+    clahe: bool = True
+    clahe_clip_limit: float = 2.0
+    clahe_tile_grid: int = 8
+    normalization: str = "minmax"  # "minmax": /255 to [0, 1]; "zscore": per image, per channel
+    channels: tuple[str, ...] = CHANNELS
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "attention_unet"  # key of models.MODELS
+    in_channels: int = 3
+    out_channels: int = 1
+    features: tuple[int, ...] = (16, 32, 64, 128, 256)
+    deep_supervision: bool = False  # U-Net++ only
+
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    """Turning probabilities into a mask; chosen on validation patients, never on test."""
+
+    threshold: float = 0.5
+    min_size: int = 0  # connected components smaller than this (pixels at native size) are removed
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 40
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 1
+    positive_fraction: float = 0.5  # share of lesion-positive slices per batch (foreground-aware sampling)
+    samples_per_epoch: int = 0  # 0: as many as training slices
+    max_steps: int = 0  # >0 stops early (smoke tests)
+    seed: int = 42
+    num_threads: int = 0  # 0: torch default
+    val_every: int = 1
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    hflip: float = 0.5
+    vflip: float = 0.0
+    affine: float = 0.7
+    rotate: float = 15.0
+    scale: float = 0.1
+    shift: float = 0.0625
+    elastic: float = 0.2
+    brightness_contrast: float = 0.5
+    gamma: float = 0.3
+    noise: float = 0.2
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExperimentConfig":
+        parts = {
+            "preprocess": PreprocessConfig,
+            "model": ModelConfig,
+            "train": TrainConfig,
+            "augment": AugmentConfig,
+            "postprocess": PostprocessConfig,
+        }
+        kwargs = {}
+        for name, klass in parts.items():
+            kwargs[name] = _build(klass, d.get(name, {}))
+        return cls(**kwargs)
+
+
+def _build(klass, values: dict):
+    """Dataclass from a dict, ignoring unknown keys and turning lists back into tuples."""
+    known = {f.name for f in fields(klass)}
+    clean = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known}
+    return klass(**clean)

@@ -1,0 +1,183 @@
+"""Evaluation protocol: per patient (3D), per slice, and lesion-wise, at native resolution.
+
+Every number in a report carries its protocol in ``PROTOCOLS``. Probabilities are
+predicted once per patient and reused for every metric and every post-processing
+setting of a sweep.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from . import metrics as M
+from .config import PostprocessConfig
+from .data import Patient, load_patient
+from .inference import binarize
+
+SIZE_EDGES = (1000, 10000)  # lesion size bins, voxels at native resolution
+
+PROTOCOLS = {
+    "per_patient_dice": "3D Dice of each patient's stacked slices at native resolution, averaged over patients (Buda et al. 2019's protocol)",
+    "per_patient_iou": "3D IoU of each patient's stacked slices, averaged over patients",
+    "hd95": "95th-percentile Hausdorff distance per patient in 3D (pixels in-plane; slice index as the third axis, spacing unknown), mean over patients where both masks are non-empty",
+    "positive_slice_dice": "mean 2D Dice over lesion-positive slices only",
+    "per_slice_dice": "mean 2D Dice over all slices, a slice where truth and prediction are both empty scores 1",
+    "fp_slice_rate": "share of lesion-free slices on which the model predicts any lesion pixel",
+    "lesion_sensitivity": "share of ground-truth lesions (3D connected components, 26-connectivity) overlapped by any predicted component, pooled over patients",
+    "fp_lesions_per_patient": "predicted components touching no ground-truth lesion, mean per patient",
+    "lesionwise_dice": "BraTS-METS lesion-wise Dice: per patient, sum of Dice of each GT lesion with the predicted components it touches / (GT lesions + FP components); mean over patients",
+}
+
+
+@dataclass
+class PatientPrediction:
+    patient: str
+    prob: np.ndarray  # (Z, H, W) float32 in [0, 1]
+    truth: np.ndarray  # (Z, H, W) bool
+
+
+def predict_patients(segmenter, patients: list[Patient], tta: bool = False, progress: bool = True) -> list[PatientPrediction]:
+    out = []
+    for p in tqdm(patients, desc=f"predict {segmenter.name}", unit="patient", disable=not progress):
+        images, truth = load_patient(p)
+        probs = segmenter.probabilities(images, tta=tta)
+        out.append(PatientPrediction(p.id, np.stack(probs), truth))
+    return out
+
+
+def binarize_volume(prob: np.ndarray, post: PostprocessConfig) -> np.ndarray:
+    """Slice by slice, as the server sees slices: threshold, then drop small 2D components."""
+    return np.stack([binarize(s, post) for s in prob])
+
+
+def score_patient(pred: np.ndarray, truth: np.ndarray) -> dict:
+    """All metrics of one patient; ``pred`` and ``truth`` are (Z, H, W) bool."""
+    slice_dice = [M.dice(p, t) for p, t in zip(pred, truth)]
+    positive = truth.reshape(len(truth), -1).any(1)
+    predicted = pred.reshape(len(pred), -1).any(1)
+    match = M.match_lesions(pred, truth)
+    return {
+        "dice": M.dice(pred, truth),
+        "iou": M.iou(pred, truth),
+        "hd95": M.hd95(pred, truth),
+        "slice_dice": slice_dice,
+        "positive_slice_dice": [d for d, pos in zip(slice_dice, positive) if pos],
+        "negative_slices": int((~positive).sum()),
+        "fp_slices": int((predicted & ~positive).sum()),
+        "lesions": list(zip(match.lesion_sizes, match.lesion_detected, match.lesion_dice)),
+        "fp_lesions": match.false_positives,
+        "lesionwise_dice": match.lesionwise_dice,
+    }
+
+
+def aggregate(per_patient: dict[str, dict]) -> dict:
+    """Report numbers from per-patient scores."""
+    pats = list(per_patient.values())
+    lesions = [l for s in pats for l in s["lesions"]]
+    neg = sum(s["negative_slices"] for s in pats)
+    hd = [s["hd95"] for s in pats]
+    by_size = {}
+    for label in [M.size_bin(0, SIZE_EDGES), *[M.size_bin(e, SIZE_EDGES) for e in SIZE_EDGES]]:
+        sel = [l for l in lesions if M.size_bin(l[0], SIZE_EDGES) == label]
+        by_size[label] = {
+            "lesions": len(sel),
+            "sensitivity": _mean([float(d) for _, d, _ in sel]),
+            "lesion_dice": _mean([ld for _, _, ld in sel]),
+        }
+    return {
+        "patients": len(pats),
+        "slices": sum(len(s["slice_dice"]) for s in pats),
+        "per_patient_dice": _mean([s["dice"] for s in pats]),
+        "per_patient_dice_std": float(np.std([s["dice"] for s in pats])) if pats else math.nan,
+        "per_patient_dice_median": float(np.median([s["dice"] for s in pats])) if pats else math.nan,
+        "per_patient_iou": _mean([s["iou"] for s in pats]),
+        "hd95": _mean([h for h in hd if not math.isnan(h)]),
+        "hd95_undefined_patients": int(sum(math.isnan(h) for h in hd)),
+        "positive_slice_dice": _mean([d for s in pats for d in s["positive_slice_dice"]]),
+        "per_slice_dice": _mean([d for s in pats for d in s["slice_dice"]]),
+        "fp_slice_rate": (sum(s["fp_slices"] for s in pats) / neg) if neg else math.nan,
+        "lesion_free_slices": neg,
+        "lesions": len(lesions),
+        "lesion_sensitivity": _mean([float(d) for _, d, _ in lesions]),
+        "fp_lesions_per_patient": _mean([s["fp_lesions"] for s in pats]),
+        "lesionwise_dice": _mean([s["lesionwise_dice"] for s in pats]),
+        "by_lesion_size_voxels": by_size,
+    }
+
+
+def _mean(values) -> float:
+    values = [v for v in values if not (isinstance(v, float) and math.isnan(v))]
+    return float(np.mean(values)) if values else math.nan
+
+
+def evaluate_predictions(preds: list[PatientPrediction], post: PostprocessConfig) -> dict:
+    per_patient = {p.patient: score_patient(binarize_volume(p.prob, post), p.truth) for p in preds}
+    report = aggregate(per_patient)
+    report["postprocess"] = {"threshold": post.threshold, "min_size": post.min_size}
+    report["per_patient"] = {pid: round(s["dice"], 4) for pid, s in per_patient.items()}
+    return report
+
+
+def sweep_postprocess(preds: list[PatientPrediction], thresholds=(0.3, 0.4, 0.5, 0.6, 0.7), min_sizes=(0, 10, 30, 100)) -> tuple[PostprocessConfig, list[dict]]:
+    """Per-patient Dice for each (threshold, min_size); returns the best and the table.
+
+    Run on validation patients only: choosing on the test patients would inflate the score.
+    Ties prefer the larger min_size (fewer false-positive specks).
+    """
+    table = []
+    for t in thresholds:
+        for ms in min_sizes:
+            post = PostprocessConfig(threshold=float(t), min_size=int(ms))
+            per_patient = [M.dice(binarize_volume(p.prob, post), p.truth) for p in preds]
+            neg_fp = [
+                (binarize_volume(p.prob, post).reshape(len(p.prob), -1).any(1) & ~p.truth.reshape(len(p.truth), -1).any(1)).sum()
+                for p in preds
+            ]
+            neg = sum(int((~p.truth.reshape(len(p.truth), -1).any(1)).sum()) for p in preds)
+            table.append({"threshold": t, "min_size": ms, "per_patient_dice": float(np.mean(per_patient)), "fp_slice_rate": float(sum(neg_fp) / neg) if neg else math.nan})
+    best = max(table, key=lambda r: (round(r["per_patient_dice"], 4), r["min_size"]))
+    return PostprocessConfig(best["threshold"], best["min_size"]), table
+
+
+METRIC_ROWS = [
+    ("per_patient_dice", "Per-patient 3D Dice"),
+    ("per_patient_iou", "Per-patient 3D IoU"),
+    ("hd95", "HD95 (pixels)"),
+    ("positive_slice_dice", "Dice, lesion-positive slices"),
+    ("per_slice_dice", "Dice, all slices (empty/empty = 1)"),
+    ("fp_slice_rate", "FP rate, lesion-free slices"),
+    ("lesion_sensitivity", "Lesion-wise sensitivity"),
+    ("fp_lesions_per_patient", "FP lesions per patient"),
+    ("lesionwise_dice", "Lesion-wise Dice (BraTS-METS)"),
+]
+
+
+def markdown_table(reports: dict[str, dict]) -> str:
+    """Models side by side; one row per metric."""
+    names = list(reports)
+    lines = ["| Metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for key, label in METRIC_ROWS:
+        lines.append(f"| {label} | " + " | ".join(_fmt(reports[n].get(key)) for n in names) + " |")
+    first = reports[names[0]]
+    for label in first.get("by_lesion_size_voxels", {}):
+        cells = []
+        for n in names:
+            b = reports[n]["by_lesion_size_voxels"][label]
+            cells.append(f"{_fmt(b['sensitivity'])} sens. / {_fmt(b['lesion_dice'])} Dice (n={b['lesions']})")
+        lines.append(f"| Lesions {label} voxels | " + " | ".join(cells) + " |")
+    lines.append("| Post-processing | " + " | ".join(f"p >= {reports[n]['postprocess']['threshold']}, min {reports[n]['postprocess']['min_size']} px" for n in names) + " |")
+    lines.append("| Patients / slices | " + " | ".join(f"{reports[n]['patients']} / {reports[n]['slices']}" for n in names) + " |")
+    lines.append("")
+    lines.append("Protocols:")
+    lines += [f"- {label}: {PROTOCOLS[key]}." for key, label in METRIC_ROWS]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)

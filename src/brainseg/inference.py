@@ -1,0 +1,171 @@
+"""Inference engine: a model loaded once, the preprocessing saved with it, probabilities out.
+
+Backends: ONNX Runtime (``.onnx``, CPU default, no torch import) and PyTorch (``.pt``
+checkpoints, CUDA when available). ``Segmenter`` wraps one model, ``Ensemble`` averages
+the probabilities of several. All return probabilities in [0, 1] at the input's size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import ExperimentConfig, PostprocessConfig
+from .metrics import remove_small_components
+from .preprocessing import intensity_window, preprocess_slice, restore_size
+
+log = logging.getLogger(__name__)
+
+ONNX_METADATA_KEY = "brainseg_config"
+
+
+class OnnxBackend:
+    def __init__(self, path: os.PathLike | str, threads: int = 0):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if ONNX_METADATA_KEY not in meta:
+            raise ValueError(f"{path}: ONNX file has no '{ONNX_METADATA_KEY}' metadata (export it with `brainseg export`)")
+        payload = json.loads(meta[ONNX_METADATA_KEY])
+        self.config = ExperimentConfig.from_dict(payload["config"])
+        self.info = payload.get("info", {})
+        self.input_name = self.session.get_inputs()[0].name
+        self.kind = "onnx"
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """(B, 3, S, S) float32 -> (B, S, S) logits."""
+        return self.session.run(None, {self.input_name: batch.astype(np.float32, copy=False)})[0][:, 0]
+
+
+class TorchBackend:
+    def __init__(self, path: os.PathLike | str | None = None, checkpoint: dict | None = None, device: str | None = None):
+        import torch
+
+        from .checkpoint import load_checkpoint, model_from_checkpoint
+
+        ckpt = checkpoint if checkpoint is not None else load_checkpoint(path)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model_from_checkpoint(ckpt).to(self.device).eval()
+        self.config = ExperimentConfig.from_dict(ckpt["config"])
+        self.info = ckpt.get("info", {})
+        self.kind = "torch"
+        self._torch = torch
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+            return self.model(x)[:, 0].float().cpu().numpy()
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
+
+
+@dataclass
+class Segmenter:
+    """One model with its preprocessing; ``name`` is the registry name (e.g. ``unetpp``)."""
+
+    backend: object
+    name: str
+    path: str = ""
+
+    @property
+    def config(self) -> ExperimentConfig:
+        return self.backend.config
+
+    @property
+    def postprocess(self) -> PostprocessConfig:
+        return self.config.postprocess
+
+    def probabilities(self, images: list[np.ndarray], tta: bool = False, batch_size: int = 16, window: tuple | None = None) -> list[np.ndarray]:
+        """Raw (H, W, 3) slices -> (H, W) float32 lesion probabilities, one per slice.
+
+        ``tta`` averages with the horizontally flipped input. ``window`` is a volume-wide
+        intensity window for non-uint8 input (see ``preprocessing.to_uint8``).
+        """
+        cfg = self.config.preprocess
+        out: list[np.ndarray] = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            x = np.stack([preprocess_slice(img, cfg, window) for img in chunk])
+            prob = _sigmoid(self.backend(x))
+            if tta:
+                prob = 0.5 * (prob + _sigmoid(self.backend(np.ascontiguousarray(x[..., ::-1])))[..., ::-1])
+            for img, p in zip(chunk, prob):
+                out.append(restore_size(p, img.shape[0], img.shape[1]))
+        return out
+
+
+@dataclass
+class Ensemble:
+    """Averages the probabilities of several segmenters (each with its own preprocessing)."""
+
+    members: list[Segmenter]
+    name: str = "ensemble"
+
+    @property
+    def postprocess(self) -> PostprocessConfig:
+        ts = [m.postprocess.threshold for m in self.members]
+        ms = [m.postprocess.min_size for m in self.members]
+        return PostprocessConfig(threshold=float(np.mean(ts)), min_size=int(np.median(ms)))
+
+    @property
+    def config(self) -> ExperimentConfig:
+        return self.members[0].config
+
+    def probabilities(self, images, tta: bool = False, batch_size: int = 16, window=None) -> list[np.ndarray]:
+        per_model = [m.probabilities(images, tta, batch_size, window) for m in self.members]
+        return [np.mean(ps, axis=0).astype(np.float32) for ps in zip(*per_model)]
+
+
+def binarize(prob: np.ndarray, post: PostprocessConfig) -> np.ndarray:
+    """Probabilities (H, W) or (Z, H, W) -> bool mask: threshold, then drop small components."""
+    mask = prob >= post.threshold
+    if post.min_size > 0:
+        mask = remove_small_components(mask, post.min_size)
+    return mask
+
+
+def load_segmenter(path: os.PathLike | str, name: str | None = None, prefer_onnx: bool = True) -> Segmenter:
+    """Load a ``.pt`` checkpoint or ``.onnx`` file.
+
+    Given a ``.pt`` with an ``.onnx`` beside it, ONNX Runtime is used on CPU-only machines
+    (``prefer_onnx``), PyTorch where CUDA is available.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: model file not found")
+    onnx_path = path if path.suffix == ".onnx" else path.with_suffix(".onnx")
+    use_onnx = path.suffix == ".onnx" or (prefer_onnx and onnx_path.is_file() and not _cuda_available())
+    backend = OnnxBackend(onnx_path) if use_onnx else TorchBackend(path)
+    return Segmenter(backend, name or backend.config.model.name, str(onnx_path if use_onnx else path))
+
+
+def _cuda_available() -> bool:
+    """True only if torch is already importable and sees a GPU; never imports torch just to ask."""
+    import importlib.util
+    import sys
+
+    if "torch" not in sys.modules and importlib.util.find_spec("torch") is None:
+        return False
+    if os.environ.get("BRAINSEG_FORCE_ONNX") or "torch" not in sys.modules:
+        # Asking torch would import it (slow, ~300 MB); CUDA users get torch via --backend torch.
+        return False
+    return bool(sys.modules["torch"].cuda.is_available())
+
+
+def window_for_volume(volume: np.ndarray) -> tuple | None:
+    """Intensity window over a whole (Z, H, W, 3) volume, or None for uint8 data."""
+    if volume.dtype == np.uint8:
+        return None
+    return intensity_window(volume)

@@ -1,0 +1,117 @@
+"""The end-to-end flows behind the CLI: preprocess, train + calibrate + compare, evaluate, export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from .cache import build_cache, load_cache
+from .config import ExperimentConfig, PostprocessConfig
+from .data import DataError, discover, labelled, read_split, split_patients, write_json_atomic
+from .evaluation import evaluate_predictions, markdown_table, predict_patients, sweep_postprocess
+from .models import DISPLAY_NAMES
+from .registry import REGISTRY, write_registry
+
+log = logging.getLogger(__name__)
+
+
+def preprocess(data_root: str, cache_dir: str, cfg: ExperimentConfig, n_val: int = 6, n_test: int = 10, seed: int = 42, split_file: str | None = None, overview: bool = True) -> dict:
+    """Cache + split (kept if it exists) + overview PNG."""
+    ds = discover(data_root)
+    lab = labelled(ds)
+    if ds.images_without_mask:
+        log.warning("%d images have no mask and are left out of training/testing", len(ds.images_without_mask))
+    out = build_cache(ds, cfg.preprocess, cache_dir)
+    split_path = Path(split_file) if split_file else out / "split.json"
+    if split_path.is_file():
+        split = read_split(split_path)
+    else:
+        split = split_patients([p.id for p in lab.patients], n_val=n_val, n_test=n_test, seed=seed)
+        split["seed"] = seed
+        write_json_atomic(split_path, split)
+    if split_path != out / "split.json":
+        write_json_atomic(out / "split.json", split)
+    if overview:
+        from .visualize import preprocessing_overview
+
+        preprocessing_overview(lab, cfg, out / "preprocessing_overview.png", seed=seed)
+    return {"cache": str(out), "split": str(split_path), "patients": len(lab.patients), "slices": lab.n_slices, "images_without_mask": len(ds.images_without_mask), "split_sizes": {k: len(split[k]) for k in ("train", "val", "test")}}
+
+
+def train_models(names: list[str], cache_dir: str, out_dir: str, base: ExperimentConfig, data_root: str | None = None, resume: bool = False, progress: bool = True, export_onnx: bool = True) -> dict:
+    """Train each model, calibrate post-processing on validation, evaluate on test, write the registry."""
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .inference import Segmenter, TorchBackend
+    from .training import Trainer
+
+    cache = load_cache(cache_dir)
+    split = read_split(Path(cache_dir) / "split.json")
+    if cache.preprocess != base.preprocess:
+        raise ValueError(f"{cache_dir}: cache was built with {cache.preprocess}, but training asks for {base.preprocess}; rerun preprocess")
+    ds = labelled(discover(data_root or cache.root))
+    val_patients = [ds.patient(p) for p in split["val"]]
+    test_patients = [ds.patient(p) for p in split["test"]]
+    out = Path(out_dir)
+    reports, entries = {}, {}
+    for name in names:
+        cfg = replace(base, model=replace(base.model, name=name, deep_supervision=base.model.deep_supervision and name == "unetpp"))
+        run = out / name
+        t0 = time.time()
+        result = Trainer(cfg, cache, split, run, resume=resume, progress=progress).fit()
+        if int(os.environ.get("RANK", "0")) != 0:
+            continue
+        wall = time.time() - t0
+        ckpt = load_checkpoint(run / "best.pt")
+        seg = Segmenter(TorchBackend(checkpoint=ckpt, device="cpu" if not _cuda() else None), name)
+        post, table = sweep_postprocess(predict_patients(seg, val_patients, progress=progress)) if val_patients else (PostprocessConfig(), [])
+        ckpt["config"]["postprocess"] = {"threshold": post.threshold, "min_size": post.min_size}
+        ckpt["calibration"] = {"patients": split["val"], "table": table}
+        ckpt["info"]["train_wall_seconds"] = round(wall, 1)
+        save_checkpoint(run / "best.pt", ckpt)
+        write_json_atomic(run / "calibration.json", {"chosen": {"threshold": post.threshold, "min_size": post.min_size}, "table": table})
+        seg = Segmenter(TorchBackend(checkpoint=ckpt, device="cpu" if not _cuda() else None), name)
+        report = evaluate_predictions(predict_patients(seg, test_patients, progress=progress), post) if test_patients else {}
+        reports[name] = report
+        write_json_atomic(run / "test_report.json", report)
+        entry = {"checkpoint": f"{name}/best.pt", "metrics": {k: report.get(k) for k in ("per_patient_dice", "lesion_sensitivity", "fp_slice_rate")}, "train_wall_seconds": round(wall, 1), **result}
+        if export_onnx:
+            from .export import export_onnx as _export
+
+            _export(run / "best.pt", run / "best.onnx")
+            entry["onnx"] = f"{name}/best.onnx"
+        entries[name] = entry
+    if int(os.environ.get("RANK", "0")) != 0 or not reports:
+        return {}
+    # Models trained earlier into the same folder stay in the comparison and the registry.
+    if (out / REGISTRY).is_file():
+        for name, entry in json.loads((out / REGISTRY).read_text())["models"].items():
+            if name not in entries and (out / name / "test_report.json").is_file():
+                entries[name] = entry
+                reports[name] = json.loads((out / name / "test_report.json").read_text())
+    best = max(entries, key=lambda n: reports[n].get("per_patient_dice") or -1.0)
+    write_registry(out, {"default": best, "selected_by": "per-patient 3D Dice on the split's test patients", "models": entries})
+    (out / "comparison.md").write_text(markdown_table({DISPLAY_NAMES[n]: r for n, r in reports.items()}))
+    write_json_atomic(out / "comparison.json", reports)
+    return {"reports": reports, "best": best, "test_patients": len(test_patients)}
+
+
+def evaluate(segmenter, data_root: str, patient_ids: list[str] | None, post: PostprocessConfig | None = None, tta: bool = False, sweep: bool = False, progress: bool = True) -> dict:
+    ds = labelled(discover(data_root))
+    patients = [ds.patient(p) for p in patient_ids] if patient_ids else ds.patients
+    preds = predict_patients(segmenter, patients, tta=tta, progress=progress)
+    report = evaluate_predictions(preds, post or segmenter.postprocess)
+    report["model"] = segmenter.name
+    report["tta"] = tta
+    if sweep:
+        _, report["postprocess_sweep"] = sweep_postprocess(preds)
+    return report
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,144 @@
+"""The one preprocessing path shared by training, evaluation, prediction and serving.
+
+``preprocess_slice(image, cfg)`` = ``normalize(prepare(image, cfg), cfg)``:
+
+1. ``to_uint8``: 16-bit or float input is windowed to uint8 (0.5-99.5 percentile of the
+   non-zero pixels of the whole slice or volume); uint8 input passes unchanged.
+2. ``clahe``: contrast-limited adaptive histogram equalisation per channel (OpenCV), at
+   the native resolution.
+3. ``resize`` to ``cfg.input_size`` (area interpolation) - whole slices, never patches.
+4. ``normalize`` over the whole slice: to [0, 1], or per-channel z-score.
+
+Training inserts augmentation between ``prepare`` and ``normalize`` (on uint8, where
+albumentations is at home). No torch here: the server imports this module.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from .config import AugmentConfig, PreprocessConfig
+
+
+def to_uint8(image: np.ndarray, lo: np.ndarray | float | None = None, hi: np.ndarray | float | None = None) -> np.ndarray:
+    """Window an image of any dtype into uint8 (H, W[, C]).
+
+    uint8 is returned as is. Otherwise each channel is mapped linearly from [lo, hi] to
+    [0, 255], where lo / hi default to the 0.5 / 99.5 percentiles of its non-zero pixels
+    (volumes pass their own, computed over the whole volume, via ``intensity_window``).
+    """
+    if image.dtype == np.uint8:
+        return image
+    img = image.astype(np.float32)
+    if not np.isfinite(img).all():
+        raise ValueError("image contains NaN or infinite values")
+    if lo is None or hi is None:
+        lo, hi = intensity_window(img)
+    scaled = (img - lo) / np.maximum(np.asarray(hi, np.float32) - lo, 1e-6)
+    return (np.clip(scaled, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def intensity_window(data: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (last axis if the array has 3 or 4 dims and few channels) percentile window of non-zero values."""
+    data = np.asarray(data, dtype=np.float32)
+    if data.ndim >= 3 and data.shape[-1] <= 4:
+        chans = [data[..., c] for c in range(data.shape[-1])]
+    else:
+        chans = [data]
+    los, his = [], []
+    for ch in chans:
+        nz = ch[ch != 0]
+        if nz.size == 0:
+            nz = ch.ravel()
+        lo, hi = np.percentile(nz, [low_pct, high_pct])
+        if lo > 0 and (ch == 0).any():
+            lo = 0.0  # keep the zero background black
+        los.append(lo)
+        his.append(hi if hi > lo else lo + 1.0)
+    if len(chans) == 1:
+        return np.float32(los[0]), np.float32(his[0])
+    return np.asarray(los, np.float32), np.asarray(his, np.float32)
+
+
+def clahe(image: np.ndarray, clip_limit: float = 2.0, tile_grid: int = 8) -> np.ndarray:
+    """CLAHE on each channel of a uint8 (H, W[, C]) image; returns the same shape and dtype."""
+    if image.dtype != np.uint8:
+        raise TypeError(f"CLAHE expects uint8, got {image.dtype}")
+    op = cv2.createCLAHE(clipLimit=float(clip_limit), tileGridSize=(int(tile_grid), int(tile_grid)))
+    if image.ndim == 2:
+        return op.apply(image)
+    return np.stack([op.apply(np.ascontiguousarray(image[:, :, c])) for c in range(image.shape[2])], axis=2)
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize (H, W[, C]) to (size, size[, C]); area interpolation to shrink, linear to grow."""
+    h, w = image.shape[:2]
+    if (h, w) == (size, size):
+        return image
+    interp = cv2.INTER_AREA if size < min(h, w) else cv2.INTER_LINEAR
+    return cv2.resize(image, (size, size), interpolation=interp)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """(H, W) bool -> (size, size) bool; area-average then > 0.5 keeps thin lesions fairer than nearest."""
+    small = cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+    return small > 0.5
+
+
+def prepare(image: np.ndarray, cfg: PreprocessConfig, window: tuple | None = None) -> np.ndarray:
+    """Raw (H, W, 3) slice -> uint8 (S, S, 3) after windowing, CLAHE and resizing."""
+    lo, hi = window if window is not None else (None, None)
+    img = to_uint8(image, lo, hi)
+    if cfg.clahe:
+        img = clahe(img, cfg.clahe_clip_limit, cfg.clahe_tile_grid)
+    return resize(img, cfg.input_size)
+
+
+def normalize(image: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """uint8 (S, S, 3) -> float32 (3, S, S), normalised over the whole slice."""
+    x = image.astype(np.float32) / 255.0
+    if cfg.normalization == "zscore":
+        mean = x.mean(axis=(0, 1), keepdims=True)
+        std = x.std(axis=(0, 1), keepdims=True)
+        x = (x - mean) / np.maximum(std, 1e-6)
+    elif cfg.normalization != "minmax":
+        raise ValueError(f"unknown normalization {cfg.normalization!r} (use 'minmax' or 'zscore')")
+    return np.ascontiguousarray(np.transpose(x, (2, 0, 1)))
+
+
+def preprocess_slice(image: np.ndarray, cfg: PreprocessConfig, window: tuple | None = None) -> np.ndarray:
+    """Raw (H, W, 3) slice -> network input float32 (3, S, S). The single shared path."""
+    return normalize(prepare(image, cfg, window), cfg)
+
+
+def restore_size(prob: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Network-size probabilities (S, S) -> (height, width), bilinear, float32 in [0, 1]."""
+    if prob.shape == (height, width):
+        return prob.astype(np.float32)
+    return np.clip(cv2.resize(prob.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+
+
+def build_augmentation(cfg: AugmentConfig):
+    """Joint image/mask training augmentation (albumentations) on uint8 (S, S, 3) images."""
+    import albumentations as A
+
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=cfg.hflip),
+            A.VerticalFlip(p=cfg.vflip),
+            A.Affine(
+                scale=(1 - cfg.scale, 1 + cfg.scale),
+                translate_percent=(-cfg.shift, cfg.shift),
+                rotate=(-cfg.rotate, cfg.rotate),
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                fill_mask=0,
+                p=cfg.affine,
+            ),
+            A.ElasticTransform(alpha=20, sigma=5, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=cfg.elastic),
+            A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=cfg.brightness_contrast),
+            A.RandomGamma(gamma_limit=(80, 120), p=cfg.gamma),
+            A.GaussNoise(std_range=(0.01, 0.04), p=cfg.noise),
+        ]
+    )
