@@ -1,0 +1,187 @@
+"""Segmenting slices and volumes, and lesion statistics; shared by the CLI and the server.
+
+No torch import: with an ONNX model this runs in a torch-free process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from .config import PostprocessConfig
+from .data import DataError, IMAGE_SUFFIXES, MASK_TAG, read_image, to_three_channels, write_json_atomic
+from .inference import binarize, window_for_volume
+from .metrics import connected_components
+from .visualize import display_channel, overlay, save_png
+from .volumes import Volume, brats_sequence, is_nifti, load_volume, save_mask_nifti
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- lesion statistics
+
+
+def lesion_table(mask: np.ndarray, pixel_area_mm2: float | None = None, voxel_volume_mm3: float | None = None) -> list[dict]:
+    """Connected components of a (H, W) or (Z, H, W) bool mask, largest first.
+
+    2-D: area in pixels (and mm^2); 3-D: volume in voxels (and mm^3). Bounding boxes are
+    ``[row0, col0, row1, col1]`` (2-D) or ``[z0, row0, col0, z1, row1, col1]`` (3-D),
+    end-exclusive, in the slice orientation.
+    """
+    labels, n = connected_components(mask)
+    if n == 0:
+        return []
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    boxes = ndimage.find_objects(labels)
+    centroids = ndimage.center_of_mass(mask, labels, range(1, n + 1))
+    rows = []
+    for i in range(n):
+        box = boxes[i]
+        row = {"bbox": [int(s.start) for s in box] + [int(s.stop) for s in box], "centroid": [round(float(c), 1) for c in centroids[i]]}
+        if mask.ndim == 2:
+            row["area_px"] = int(sizes[i])
+            row["area_mm2"] = round(float(sizes[i]) * pixel_area_mm2, 2) if pixel_area_mm2 else None
+        else:
+            row["voxels"] = int(sizes[i])
+            row["volume_mm3"] = round(float(sizes[i]) * voxel_volume_mm3, 2) if voxel_volume_mm3 else None
+        rows.append(row)
+    key = "area_px" if mask.ndim == 2 else "voxels"
+    rows.sort(key=lambda r: -r[key])
+    for i, r in enumerate(rows, 1):
+        r["id"] = i
+    return rows
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass
+class SliceResult:
+    image: np.ndarray  # (H, W, 3) input
+    prob: np.ndarray  # (H, W) float32
+    mask: np.ndarray  # (H, W) bool
+    lesions: list[dict]
+    seconds: float
+
+    def summary(self) -> dict:
+        return {"lesion_count": len(self.lesions), "lesion_area_px": int(self.mask.sum()), "lesions": self.lesions, "height": int(self.mask.shape[0]), "width": int(self.mask.shape[1])}
+
+
+@dataclass
+class VolumeResult:
+    volume: Volume
+    prob: np.ndarray  # (Z, H, W) float32
+    mask: np.ndarray  # (Z, H, W) bool
+    lesions: list[dict]
+    seconds: float
+    slice_areas: list[int] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        v = self.volume
+        return {
+            "lesion_count": len(self.lesions),
+            "lesion_voxels": int(self.mask.sum()),
+            "lesion_volume_mm3": round(float(self.mask.sum()) * v.voxel_volume_mm3, 1),
+            "spacing_mm": list(v.spacing),
+            "shape": list(v.shape),
+            "slices": int(self.mask.shape[0]),
+            "slice_lesion_area_px": self.slice_areas,
+            "slices_with_lesion": [i for i, a in enumerate(self.slice_areas) if a > 0],
+            "lesions": self.lesions,
+        }
+
+
+def segment_slice(segmenter, image: np.ndarray, post: PostprocessConfig, tta: bool = False, pixel_area_mm2: float | None = None) -> SliceResult:
+    """One (H, W[, C]) slice of any dtype -> probabilities, mask and lesion table."""
+    t0 = time.perf_counter()
+    img = to_three_channels(image)
+    if not np.issubdtype(img.dtype, np.integer) and not np.isfinite(img).all():
+        raise DataError("image", "image contains NaN or infinite values")
+    prob = segmenter.probabilities([img], tta=tta)[0]
+    mask = binarize(prob, post)
+    return SliceResult(img, prob, mask, lesion_table(mask, pixel_area_mm2), time.perf_counter() - t0)
+
+
+def segment_volume(segmenter, vol: Volume, post: PostprocessConfig, tta: bool = False) -> VolumeResult:
+    """Every axial slice of a volume, with one intensity window for the whole volume."""
+    t0 = time.perf_counter()
+    window = window_for_volume(vol.slices)
+    probs = np.stack(segmenter.probabilities(list(vol.slices), tta=tta, window=window))
+    mask = np.stack([binarize(p, post) for p in probs])
+    lesions = lesion_table(mask, voxel_volume_mm3=vol.voxel_volume_mm3)
+    areas = [int(m.sum()) for m in mask]
+    return VolumeResult(vol, probs, mask, lesions, time.perf_counter() - t0, areas)
+
+
+# ---------------------------------------------------------------- files in, files out
+
+
+def expand_inputs(inputs: list[str]) -> list[list[Path]]:
+    """Group inputs into jobs: one slice, or one volume (a NIfTI file or a BraTS set)."""
+    jobs: list[list[Path]] = []
+    brats: dict[tuple[str, str], list[Path]] = {}
+    for raw in inputs:
+        p = Path(raw)
+        if not p.exists():
+            raise DataError(p, "input not found")
+        files = sorted(p.iterdir()) if p.is_dir() else [p]
+        for f in files:
+            if f.is_dir():
+                continue
+            if is_nifti(f):
+                tag = brats_sequence(f)
+                if tag:
+                    brats.setdefault((str(f.parent), tag[0]), []).append(f)
+                else:
+                    jobs.append([f])
+            elif f.suffix.lower() in IMAGE_SUFFIXES and not f.stem.endswith(MASK_TAG):
+                jobs.append([f])
+            elif not p.is_dir():
+                raise DataError(f, f"unsupported file type (use {', '.join(IMAGE_SUFFIXES)}, .nii or .nii.gz)")
+    for files in brats.values():
+        seqs = {brats_sequence(f)[1]: f for f in files}
+        if all(s in seqs for s in ("t1n", "t2f", "t1c")):
+            jobs.append([seqs["t1n"], seqs["t2f"], seqs["t1c"]])
+        else:
+            jobs += [[f] for f in files]
+    if not jobs:
+        raise DataError(inputs[0], "no slices or volumes found")
+    return jobs
+
+
+def predict_inputs(inputs: list[str], out_dir: os.PathLike | str, segmenter, post: PostprocessConfig, tta: bool = False) -> list[Path]:
+    """Write masks, overlays and lesion JSON for every input; returns the files written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    from tqdm import tqdm
+
+    for job in tqdm(expand_inputs(inputs), desc="predict", unit="input"):
+        if is_nifti(job[0]):
+            vol = load_volume(job)
+            res = segment_volume(segmenter, vol, post, tta)
+            mask_path = save_mask_nifti(out / f"{vol.name}_mask.nii.gz", res.mask, vol)
+            z = int(np.argmax(res.slice_areas)) if res.mask.any() else res.mask.shape[0] // 2
+            ov = out / f"{vol.name}_overlay.png"
+            save_png(ov, overlay(display_channel(vol.slices[z]), res.mask[z]))
+            stats = {"input": [str(f) for f in job], "model": segmenter.name, "postprocess": {"threshold": post.threshold, "min_size": post.min_size}, "overlay_slice": z, **res.summary()}
+            js = out / f"{vol.name}_lesions.json"
+            write_json_atomic(js, stats)
+            written += [mask_path, ov, js]
+        else:
+            f = job[0]
+            image = read_image(f)
+            res = segment_slice(segmenter, to_three_channels(image, f), post, tta)
+            mp, op, js = out / f"{f.stem}_mask.png", out / f"{f.stem}_overlay.png", out / f"{f.stem}_lesions.json"
+            save_png(mp, res.mask.astype(np.uint8) * 255)
+            save_png(op, overlay(res.image, res.mask))
+            write_json_atomic(js, {"input": str(f), "model": segmenter.name, "postprocess": {"threshold": post.threshold, "min_size": post.min_size}, **res.summary()})
+            written += [mp, op, js]
+    return written

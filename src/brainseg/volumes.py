@@ -1,0 +1,147 @@
+"""NIfTI volumes: one 3-channel file, one grey file, or a BraTS-style t1n / t2f / t1c set.
+
+Axial slices are shown the way the LGG slices are stored: ``image = rot90(data[:, :, z])``
+(rows = anterior-posterior, columns = left-right), and masks go back with the inverse,
+so the written mask shares the input's voxel grid and affine. No torch here.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .data import DataError, write_bytes_atomic
+
+# LGG channel order (pre-contrast, FLAIR, post-contrast) <- BraTS sequences.
+BRATS_CHANNELS = ("t1n", "t2f", "t1c")
+_BRATS = re.compile(r"^(?P<stem>.+?)[-_](?P<seq>t1n|t1c|t2f|t2w|flair|t1|t1ce|t2)\.nii(\.gz)?$", re.IGNORECASE)
+_ALIASES = {"flair": "t2f", "t1": "t1n", "t1ce": "t1c", "t2": "t2w"}
+
+
+def is_nifti(path: os.PathLike | str) -> bool:
+    name = str(path).lower()
+    return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+def nifti_stem(path: os.PathLike | str) -> str:
+    name = Path(path).name
+    return name[:-7] if name.lower().endswith(".nii.gz") else name[:-4] if name.lower().endswith(".nii") else Path(name).stem
+
+
+def brats_sequence(path: os.PathLike | str) -> tuple[str, str] | None:
+    """``X-t2f.nii.gz`` -> (``X``, ``t2f``); None if the name has no sequence tag."""
+    m = _BRATS.match(Path(path).name)
+    if not m:
+        return None
+    seq = m.group("seq").lower()
+    return m.group("stem"), _ALIASES.get(seq, seq)
+
+
+@dataclass
+class Volume:
+    slices: np.ndarray  # (Z, H, W, 3) float32, axial slices in display orientation
+    affine: np.ndarray  # (4, 4) voxel -> world (mm)
+    spacing: tuple[float, float, float]  # voxel size (mm) along the file's x, y, z
+    shape: tuple[int, int, int]  # the file's (X, Y, Z)
+    name: str
+    sources: tuple[str, ...]
+
+    @property
+    def pixel_area_mm2(self) -> float:
+        return float(self.spacing[0] * self.spacing[1])
+
+    @property
+    def voxel_volume_mm3(self) -> float:
+        return float(np.prod(self.spacing))
+
+
+def _load_nifti(data: bytes | None, path: os.PathLike | str):
+    import nibabel as nib
+
+    try:
+        if data is None:
+            img = nib.load(str(path))
+            arr = np.asarray(img.dataobj, dtype=np.float32)
+        else:
+            raw = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+            img = nib.Nifti1Image.from_bytes(raw)
+            arr = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as exc:
+        raise DataError(path, f"cannot read NIfTI ({type(exc).__name__}: {exc})") from None
+    if not np.isfinite(arr).all():
+        raise DataError(path, f"volume contains {int((~np.isfinite(arr)).sum())} NaN or infinite voxels")
+    return img, arr
+
+
+def load_volume(files: list[os.PathLike | str] | dict[str, bytes], name: str | None = None) -> Volume:
+    """Read one NIfTI (3-D grey, or 4-D with 3 channels last) or a t1n/t2f/t1c set.
+
+    ``files`` is a list of paths, or a mapping of file name -> bytes (uploads).
+    """
+    items = list(files.items()) if isinstance(files, dict) else [(str(p), None) for p in files]
+    if not items:
+        raise DataError(name or "volume", "no NIfTI file given")
+    if len(items) == 1:
+        fname, data = items[0]
+        img, arr = _load_nifti(data, fname)
+        if arr.ndim == 4 and arr.shape[3] == 1:
+            arr = arr[..., 0]
+        if arr.ndim == 3:
+            chans = np.repeat(arr[..., None], 3, axis=3)
+        elif arr.ndim == 4 and arr.shape[3] == 3:
+            chans = arr
+        else:
+            raise DataError(fname, f"expected a 3-D volume or a 4-D volume with 3 channels (pre-contrast, FLAIR, post-contrast), got shape {arr.shape}")
+        affine, zooms, sources = img.affine, img.header.get_zooms()[:3], (fname,)
+    else:
+        by_seq = {}
+        for fname, data in items:
+            tag = brats_sequence(fname)
+            if tag is None:
+                raise DataError(fname, "several NIfTI files must be a BraTS-style set named *-t1n, *-t2f and *-t1c")
+            by_seq[tag[1]] = (fname, data)
+        missing = [s for s in BRATS_CHANNELS if s not in by_seq]
+        if missing:
+            raise DataError(items[0][0], f"BraTS-style set is missing {', '.join(missing)} (needs t1n, t2f, t1c)")
+        arrays, ref = [], None
+        for seq in BRATS_CHANNELS:
+            fname, data = by_seq[seq]
+            img, arr = _load_nifti(data, fname)
+            if arr.ndim != 3:
+                raise DataError(fname, f"expected a 3-D volume, got shape {arr.shape}")
+            if ref is not None and arr.shape != ref[1].shape:
+                raise DataError(fname, f"shape {arr.shape} differs from {by_seq[BRATS_CHANNELS[0]][0]} {ref[1].shape}")
+            ref = ref or (img, arr)
+            arrays.append(arr)
+        chans = np.stack(arrays, axis=3)
+        img = ref[0]
+        affine, zooms, sources = img.affine, img.header.get_zooms()[:3], tuple(by_seq[s][0] for s in BRATS_CHANNELS)
+    x, y, z = chans.shape[:3]
+    slices = np.stack([np.rot90(chans[:, :, k]) for k in range(z)]).astype(np.float32)
+    stem = name or (brats_sequence(sources[0])[0] if brats_sequence(sources[0]) and len(sources) > 1 else nifti_stem(sources[0]))
+    return Volume(slices, np.asarray(affine, dtype=np.float64), tuple(float(v) for v in zooms), (x, y, z), stem, sources)
+
+
+def mask_to_volume(mask: np.ndarray) -> np.ndarray:
+    """(Z, H, W) display-oriented slices -> (X, Y, Z) array on the file's grid."""
+    return np.stack([np.rot90(m, -1) for m in mask], axis=2)
+
+
+def nifti_bytes(mask: np.ndarray, affine: np.ndarray) -> bytes:
+    """(X, Y, Z) uint8 mask -> gzipped NIfTI-1 bytes with ``affine``."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(mask.astype(np.uint8), affine)
+    img.header.set_data_dtype(np.uint8)
+    return gzip.compress(img.to_bytes(), compresslevel=6)
+
+
+def save_mask_nifti(path: os.PathLike | str, mask_zhw: np.ndarray, vol: Volume) -> Path:
+    write_bytes_atomic(path, nifti_bytes(mask_to_volume(mask_zhw), vol.affine))
+    return Path(path)
