@@ -1,0 +1,68 @@
+"""Service settings, read once from the environment (``BRAINSEG_*``); pydantic validates them.
+
+==========================  ===========================================  =========
+variable                    meaning                                      default
+==========================  ===========================================  =========
+BRAINSEG_MODEL_DIR          folder with registry.json                    models/
+BRAINSEG_BACKEND            auto (ONNX on CPU, torch with CUDA), onnx,   auto
+                            torch
+BRAINSEG_MAX_UPLOAD_MB      bytes of one request's files, in MiB         200
+BRAINSEG_MAX_PIXELS         pixels of one uploaded slice                 16777216
+BRAINSEG_MAX_VOXELS         voxels of one uploaded volume (per channel)  67108864
+BRAINSEG_MAX_RESULTS        results kept for download (LRU)              16
+BRAINSEG_RESULT_STORE_MB    memory the kept results may use, in MiB      1024
+BRAINSEG_MAX_CONCURRENT     inferences running at once                   2
+BRAINSEG_ONNX_THREADS       ONNX Runtime intra-op threads (0: default)   0
+BRAINSEG_CORS_ORIGINS       comma-separated origins, or *                localhost:8501
+BRAINSEG_PRELOAD            load the default model at start-up           1
+==========================  ===========================================  =========
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+_PREFIX = "BRAINSEG_"
+
+
+class Settings(BaseModel):
+    model_dir: str | None = None  # None: registry.default_model_dir() at use time
+    backend: Literal["auto", "onnx", "torch"] = "auto"
+    max_upload_mb: float = Field(200.0, gt=0)
+    max_pixels: int = Field(4096 * 4096, gt=0)
+    max_voxels: int = Field(512 * 512 * 256, gt=0)
+    max_results: int = Field(16, ge=1)
+    result_store_mb: float = Field(1024.0, gt=0)
+    max_concurrent: int = Field(2, ge=1)
+    onnx_threads: int = Field(0, ge=0)
+    cors_origins: list[str] = Field(default_factory=lambda: ["http://localhost:8501", "http://127.0.0.1:8501"])
+    preload: bool = True
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, v):
+        if isinstance(v, str):
+            return [o.strip() for o in v.split(",") if o.strip()]
+        return v
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @classmethod
+    def from_env(cls, environ: dict | None = None, **overrides) -> "Settings":
+        """Settings from ``BRAINSEG_<FIELD>`` variables; ``overrides`` win. Bad values raise ValueError."""
+        env = os.environ if environ is None else environ
+        values = {}
+        for name in cls.model_fields:
+            raw = env.get(_PREFIX + name.upper())
+            if raw is not None and raw != "":
+                values[name] = raw
+        values.update(overrides)
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise ValueError(f"bad BRAINSEG_* setting: {exc}") from None
