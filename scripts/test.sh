@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One command for the test suite on a fresh machine: installs what the tests need
+# (Python packages; Debian's chromium for the browser test, when run as root), then runs pytest.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k api`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+"$PY" -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing Debian's chromium for the browser test..."
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "note: /usr/bin/chromium is missing and this is not root; the browser test will be skipped" >&2
+  fi
+fi
+
+# pytest exits 5 when it collects no test: with `set -e` that fails this script, as it should.
+exec "$PY" -m pytest -q "$@"
