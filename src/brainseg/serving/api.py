@@ -1,0 +1,428 @@
+"""FastAPI service: ``uvicorn app:app`` from the repository root, or ``brainseg serve``.
+
+Routes (OpenAPI docs at ``/docs``):
+
+- ``POST /v1/segment``: multipart field ``files`` = one slice (TIFF / PNG / JPEG, 8 or 16 bit,
+  grey or 3-channel), one NIfTI volume, or a BraTS set (``*-t1n``, ``*-t2f``, ``*-t1c``);
+  form or query parameters ``model``, ``threshold``, ``tta``.
+- ``GET /v1/results/{id}``, ``.../mask.nii.gz``, ``.../mask.png?z=``, ``.../slice/{z}.png``.
+- ``GET /v1/models``, ``GET /health``.
+
+Every problem with a user's input answers 4xx with ``{"detail": "<one line>"}``; the model
+runs in a worker thread (at most ``BRAINSEG_MAX_CONCURRENT`` at once) so the event loop keeps
+serving. No torch import when the models are ONNX.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Literal
+
+import anyio
+import cv2
+import numpy as np
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+
+from .. import __version__
+from ..config import CHANNELS
+from ..data import DataError
+from ..inference import Ensemble
+from ..preprocessing import to_uint8
+from ..visualize import display_channel, overlay
+from ..volumes import load_volume
+from .engine import DISPLAY_NAMES, Engine, ModelUnavailable, display_volume
+from .settings import Settings
+from .store import ResultStore, StoredResult
+from .uploads import Upload, UploadError, classify, decode_slice, nifti_payload
+
+log = logging.getLogger("brainseg.serving")
+
+MAX_LESIONS_LISTED = 1000  # the count is always exact; the list is cut for garbage masks
+MULTIPART_SLACK = 1 << 20  # boundaries and form fields around the files
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    """(H, W) or (H, W, 3) RGB uint8 -> PNG bytes."""
+    arr = cv2.cvtColor(img, cv2.COLOR_RGB2BGR) if img.ndim == 3 else img
+    ok, buf = cv2.imencode(".png", arr)
+    if not ok:
+        raise ValueError("could not encode PNG")
+    return buf.tobytes()
+
+
+def b64png(img: np.ndarray) -> str:
+    return base64.b64encode(png_bytes(img)).decode("ascii")
+
+
+def render(display: np.ndarray, mask: np.ndarray, view: str = "overlay", channel: int = 1, alpha: float = 0.4) -> np.ndarray:
+    """One display slice (H, W, 3) uint8 as ``image``, ``overlay`` or ``mask`` (RGB / grey uint8).
+
+    ``channel`` 0 / 1 / 2 shows pre-contrast / FLAIR / post-contrast in grey; -1 shows the three as RGB.
+    """
+    if view == "mask":
+        return mask.astype(np.uint8) * 255
+    base = display if channel < 0 else display_channel(display, channel)
+    if view == "image":
+        return np.ascontiguousarray(base)
+    return overlay(base, mask, alpha=alpha)
+
+
+def parse_threshold(raw: str | None) -> float | None:
+    if raw is None or str(raw).strip() == "":
+        return None
+    try:
+        t = float(raw)
+    except ValueError:
+        raise UploadError(422, f"threshold must be a number between 0 and 1 (exclusive), got {raw!r}") from None
+    if not (0.0 < t < 1.0) or math.isnan(t):
+        raise UploadError(422, f"threshold must be between 0 and 1 (exclusive), got {raw}")
+    return t
+
+
+def parse_bool(name: str, raw: str | None) -> bool:
+    if raw is None:
+        return False
+    v = str(raw).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("", "0", "false", "no", "off"):
+        return False
+    raise UploadError(422, f"{name} must be true or false, got {raw!r}")
+
+
+def model_block(engine: Engine, model) -> dict:
+    block = {"name": model.name, "display_name": DISPLAY_NAMES.get(model.name, model.name), "version": engine.version(model), "backend": engine.backend_kind(model)}
+    if isinstance(model, Ensemble):
+        block["members"] = [m.name for m in model.members]
+    return block
+
+
+def error(status: int, detail: str, **extra) -> JSONResponse:
+    return JSONResponse({"detail": detail, **extra}, status_code=status)
+
+
+class UploadLimit:
+    """ASGI middleware: answers 413 to a POST whose body is larger than ``max_bytes``.
+
+    Checks Content-Length first; a body sent without it (chunked) is counted as it arrives
+    and the request is cut off once over the limit.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        limit = self.max_bytes + MULTIPART_SLACK
+        message = f"upload is larger than the limit of {self.max_bytes / 2**20:.0f} MiB (BRAINSEG_MAX_UPLOAD_MB)"
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            await _drain(receive, limit)
+            return await error(413, message)(scope, receive, send)
+        state = {"seen": 0, "over": False, "sent": False}
+
+        async def counted_receive():
+            msg = await receive()
+            if msg["type"] == "http.request":
+                state["seen"] += len(msg.get("body", b""))
+                if state["seen"] > limit:
+                    state["over"] = True
+                    return {"type": "http.disconnect"}
+            return msg
+
+        async def guarded_send(msg):
+            if state["over"]:
+                if not state["sent"]:
+                    state["sent"] = True
+                    await error(413, message)(scope, receive, send)
+                return
+            await send(msg)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            if not state["over"]:
+                raise
+            await guarded_send({})
+
+
+async def _drain(receive, limit: int) -> None:
+    """Read (and drop) a little of an oversized body so clients see the 413, not a reset."""
+    seen = 0
+    while seen < min(limit, 1 << 20):
+        msg = await receive()
+        if msg["type"] != "http.request":
+            return
+        seen += len(msg.get("body", b""))
+        if not msg.get("more_body"):
+            return
+
+
+# ---------------------------------------------------------------- the app
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+    engine = Engine(settings)
+    store = ResultStore(settings.max_results, int(settings.result_store_mb * 2**20))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.limiter = anyio.CapacityLimiter(settings.max_concurrent)
+        if settings.preload:
+            try:
+                await anyio.to_thread.run_sync(engine.get)
+            except Exception as exc:  # the service still starts; /health says what is missing
+                log.warning("no model preloaded: %s", exc)
+        yield
+
+    app = FastAPI(
+        title="brainseg",
+        version=__version__,
+        description="Lesion segmentation in brain MRI (Nested U-Net / Attention U-Net). Research software, not for diagnosis.",
+        lifespan=lifespan,
+    )
+    app.state.engine = engine
+    app.state.store = store
+    app.state.settings = settings
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"])
+    app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        parts = []
+        for e in exc.errors():
+            loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path"))
+            parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
+        return error(422, "; ".join(parts) or "invalid request", errors=json.loads(json.dumps(exc.errors(), default=str)))
+
+    @app.exception_handler(UploadError)
+    async def _upload_error(request: Request, exc: UploadError):
+        return error(exc.status, exc.message)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error(500, f"internal error ({type(exc).__name__}); see the server log")
+
+    @app.get("/", include_in_schema=False)
+    async def root():
+        return RedirectResponse("/docs")
+
+    @app.get("/health", summary="Liveness, and whether models are available")
+    async def health():
+        body = {"status": "ok", "version": __version__, "model_dir": str(engine.model_dir), "loaded_models": engine.loaded(), "results_kept": len(store)}
+        try:
+            body.update(models_ready=True, default_model=engine.default_name(), models=engine.names())
+        except ModelUnavailable as exc:
+            body.update(models_ready=False, problem=str(exc))
+        return body
+
+    @app.get("/v1/models", summary="Registered models: parameters, metrics, calibrated threshold, default")
+    async def models():
+        try:
+            names = engine.names()
+            described = await anyio.to_thread.run_sync(lambda: [engine.describe(n) for n in names + (["ensemble"] if len(names) > 1 else [])])
+            reg = engine.registry()
+        except ModelUnavailable as exc:
+            raise HTTPException(503, str(exc)) from None
+        return {"default": reg["default"], "selected_by": reg.get("selected_by"), "channels": list(CHANNELS), "models": described}
+
+    @app.post("/v1/segment", summary="Segment one slice, one NIfTI volume or a BraTS t1n/t2f/t1c set")
+    async def segment(
+        request: Request,
+        files: list[UploadFile] | None = File(None, description="one slice (TIFF/PNG/JPEG), one NIfTI volume, or the BraTS t1n, t2f and t1c files"),
+        model: str | None = Form(None, description="unetpp, attention_unet or ensemble (default: the registry's best)"),
+        threshold: str | None = Form(None, description="probability threshold in (0, 1) (default: the model's calibrated one)"),
+        tta: str | None = Form(None, description="true: average with the horizontally flipped input"),
+    ):
+        t_start = time.perf_counter()
+        q = request.query_params
+        model = model if model is not None else q.get("model")
+        thr = parse_threshold(threshold if threshold is not None else q.get("threshold"))
+        use_tta = parse_bool("tta", tta if tta is not None else q.get("tta"))
+        try:
+            name = engine.resolve(model)
+        except KeyError as exc:
+            raise UploadError(422, exc.args[0]) from None
+        except ModelUnavailable as exc:
+            raise HTTPException(503, str(exc)) from None
+        files = files or []
+        if not files and not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise UploadError(415, f"send the file(s) as multipart/form-data in the field 'files' (got content type {request.headers.get('content-type') or 'none'!r})")
+        declared = sum(f.size or 0 for f in files)
+        if declared > settings.max_upload_bytes:
+            raise UploadError(413, f"upload is {declared / 2**20:.1f} MiB, above the limit of {settings.max_upload_mb:.0f} MiB (BRAINSEG_MAX_UPLOAD_MB)")
+        uploads = [Upload(Path(f.filename or "upload").name, await f.read()) for f in files]
+        kind = classify(uploads, settings.max_upload_bytes)
+
+        def work() -> dict:
+            t0 = time.perf_counter()
+            seg = engine.get(name)
+            if kind == "slice":
+                image = decode_slice(uploads[0], settings.max_pixels)
+                t1 = time.perf_counter()
+                res, post = engine.run_slice(seg, image, thr, use_tta)
+                t2 = time.perf_counter()
+                return slice_answer(engine, store, seg, uploads, image, res, post, use_tta, (t0, t1, t2))
+            vol = load_volume({u.name: nifti_payload(u, settings.max_voxels) for u in uploads})
+            t1 = time.perf_counter()
+            res, post = engine.run_volume(seg, vol, thr, use_tta)
+            t2 = time.perf_counter()
+            return volume_answer(engine, store, seg, uploads, vol, res, post, use_tta, (t0, t1, t2))
+
+        names = ", ".join(u.name for u in uploads)
+        try:
+            body = await anyio.to_thread.run_sync(work, limiter=request.app.state.limiter)
+        except UploadError:
+            raise
+        except ModelUnavailable as exc:
+            raise HTTPException(503, str(exc)) from None
+        except (DataError, ValueError, KeyError, IndexError, TypeError) as exc:
+            log.info("rejected %s: %s", names, exc)
+            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            raise UploadError(422, msg if names in msg else f"{names}: {msg}") from None
+        except MemoryError:
+            raise UploadError(413, f"{names}: too large to process on this server") from None
+        except Exception as exc:  # a user's file must never produce a 500
+            log.exception("could not process %s", names)
+            raise UploadError(422, f"{names}: could not be processed ({type(exc).__name__}: {exc})") from None
+        body["timings_ms"]["total"] = round((time.perf_counter() - t_start) * 1000, 1)
+        return body
+
+    def _result(rid: str) -> StoredResult:
+        res = store.get(rid)
+        if res is None:
+            raise HTTPException(404, f"result {rid!r} not found: it never existed or was evicted (the server keeps the last {settings.max_results} results in memory)")
+        return res
+
+    def _z(res: StoredResult, z: int) -> int:
+        n = res.mask.shape[0]
+        if not 0 <= z < n:
+            raise HTTPException(404, f"slice {z} out of range: this result has slices 0..{n - 1}")
+        return z
+
+    @app.get("/v1/results/{rid}", summary="The JSON answer of an earlier segmentation (without images)")
+    async def result(rid: str):
+        return _result(rid).summary
+
+    @app.get("/v1/results/{rid}/mask.nii.gz", summary="Volume mask as NIfTI, on the input's grid and affine")
+    async def mask_nifti(rid: str):
+        res = _result(rid)
+        if res.kind != "volume":
+            raise HTTPException(404, "this result is a slice: download its mask as /mask.png")
+        data = await anyio.to_thread.run_sync(res.nifti)
+        return Response(data, media_type="application/gzip", headers={"Content-Disposition": f'attachment; filename="{res.name}_mask.nii.gz"'})
+
+    @app.get("/v1/results/{rid}/mask.png", summary="Mask of one slice as a PNG (0 / 255)")
+    async def mask_png(rid: str, z: int = Query(0, ge=0, description="slice index (volumes)")):
+        res = _result(rid)
+        z = _z(res, z)
+        return Response(png_bytes(res.mask[z].astype(np.uint8) * 255), media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/v1/results/{rid}/slice/{z}.png", summary="One slice rendered: image, overlay or mask")
+    async def slice_png(
+        rid: str,
+        z: int,
+        channel: int = Query(1, ge=-1, le=2, description="0 pre-contrast, 1 FLAIR, 2 post-contrast, -1 all three as RGB"),
+        alpha: float = Query(0.4, ge=0.0, le=1.0, description="opacity of the lesion tint"),
+        view: Literal["overlay", "image", "mask"] = Query("overlay"),
+    ):
+        res = _result(rid)
+        z = _z(res, z)
+        img = render(res.display[z], res.mask[z], view, channel, alpha)
+        return Response(png_bytes(img), media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+    return app
+
+
+# ---------------------------------------------------------------- answers
+
+
+def _common(engine, seg, uploads, post, tta, t) -> dict:
+    t0, t1, t2 = t
+    return {
+        "model": model_block(engine, seg),
+        "threshold": round(post.threshold, 4),
+        "min_size": post.min_size,
+        "tta": tta,
+        "files": [u.name for u in uploads],
+        "timings_ms": {"decode": round((t1 - t0) * 1000, 1), "inference": round((t2 - t1) * 1000, 1)},
+    }
+
+
+def _lesions(rows: list[dict]) -> tuple[list[dict], bool]:
+    return rows[:MAX_LESIONS_LISTED], len(rows) > MAX_LESIONS_LISTED
+
+
+def slice_answer(engine, store, seg, uploads, image, res, post, tta, t) -> dict:
+    display = to_uint8(image)
+    stored = StoredResult("slice", display[None], res.mask[None], {}, name=Path(uploads[0].name).stem)
+    s = res.summary()
+    lesions, cut = _lesions(s["lesions"])
+    body = {
+        "id": stored.id,
+        "kind": "slice",
+        **_common(engine, seg, uploads, post, tta, t),
+        "input": {"height": s["height"], "width": s["width"], "dtype": str(image.dtype), "spacing_mm": None},
+        "lesion_count": s["lesion_count"],
+        "lesion_area_px": s["lesion_area_px"],
+        "lesion_area_mm2": None,  # pixel spacing is unknown for TIFF / PNG / JPEG slices
+        "lesions": lesions,
+        "lesions_truncated": cut,
+        "urls": {"result": f"/v1/results/{stored.id}", "mask_png": f"/v1/results/{stored.id}/mask.png", "slice_png": f"/v1/results/{stored.id}/slice/0.png"},
+    }
+    stored.summary = dict(body)
+    body["mask_png"] = b64png(res.mask.astype(np.uint8) * 255)
+    body["overlay_png"] = b64png(render(display, res.mask, "overlay", 1, 0.4))
+    store.put(stored)
+    return body
+
+
+def volume_answer(engine, store, seg, uploads, vol, res, post, tta, t) -> dict:
+    display = display_volume(vol.slices)
+    stored = StoredResult("volume", display, res.mask, {}, affine=vol.affine, name=vol.name)
+    s = res.summary()
+    areas = s["slice_lesion_area_px"]
+    z = int(np.argmax(areas)) if res.mask.any() else res.mask.shape[0] // 2
+    lesions, cut = _lesions(s["lesions"])
+    body = {
+        "id": stored.id,
+        "kind": "volume",
+        **_common(engine, seg, uploads, post, tta, t),
+        "input": {"name": vol.name, "shape": s["shape"], "spacing_mm": s["spacing_mm"], "dtype": "float32"},
+        "lesion_count": s["lesion_count"],
+        "lesion_voxels": s["lesion_voxels"],
+        "lesion_volume_mm3": s["lesion_volume_mm3"],
+        "lesions": lesions,
+        "lesions_truncated": cut,
+        "slices": s["slices"],
+        "slice_lesion_area_px": areas,
+        "slice_lesion_area_mm2": [round(a * vol.pixel_area_mm2, 2) for a in areas],
+        "slices_with_lesion": s["slices_with_lesion"],
+        "preview_slice": z,
+        "mask_url": f"/v1/results/{stored.id}/mask.nii.gz",
+        "urls": {"result": f"/v1/results/{stored.id}", "mask_nifti": f"/v1/results/{stored.id}/mask.nii.gz", "slice_png": f"/v1/results/{stored.id}/slice/{{z}}.png", "mask_png": f"/v1/results/{stored.id}/mask.png?z={{z}}"},
+    }
+    stored.summary = dict(body)
+    body["preview_png"] = b64png(render(display[z], res.mask[z], "overlay", 1, 0.4))
+    store.put(stored)
+    return body
+
+
+app = create_app()
