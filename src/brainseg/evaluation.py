@@ -18,7 +18,7 @@ from .config import PostprocessConfig
 from .data import Patient, load_patient
 from .inference import binarize
 
-SIZE_EDGES = (1000, 10000)  # lesion size bins, voxels at native resolution
+SIZE_EDGES = (100, 1000, 10000)  # lesion size bins, voxels at native resolution
 
 PROTOCOLS = {
     "per_patient_dice": "3D Dice of each patient's stacked slices at native resolution, averaged over patients (Buda et al. 2019's protocol)",
@@ -29,7 +29,7 @@ PROTOCOLS = {
     "fp_slice_rate": "share of lesion-free slices on which the model predicts any lesion pixel",
     "lesion_sensitivity": "share of ground-truth lesions (3D connected components, 26-connectivity) overlapped by any predicted component, pooled over patients",
     "fp_lesions_per_patient": "predicted components touching no ground-truth lesion, mean per patient",
-    "lesionwise_dice": "BraTS-METS lesion-wise Dice: per patient, sum of Dice of each GT lesion with the predicted components it touches / (GT lesions + FP components); mean over patients",
+    "lesionwise_dice": "per patient, sum of Dice of each GT lesion with the predicted components it touches / (GT lesions + FP components); mean over patients",
 }
 
 
