@@ -1,0 +1,116 @@
+"""End to end in a real browser: uvicorn API + ``streamlit run`` + headless Chromium (Playwright).
+
+Uploads a real lesion-positive LGG slice through the page's file input, waits for the three
+images and the lesion table, saves ``artifacts/screenshots/app_slice.png``; then the BraTS
+example volume (``app_volume.png``). Needs /usr/bin/chromium (Debian package ``chromium``);
+Playwright's own browser download is not used.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, free_port, stop, wait_http
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+SHOTS = REPO / "artifacts" / "screenshots"
+LESION_SLICE = "lgg/kaggle_3m/TCGA_CS_4941_19960909/TCGA_CS_4941_19960909_15.tif"  # mask: 1952 lesion pixels
+BRATS = "brats-met-example/BraTS-MET-00110-000-{}.nii.gz"
+TIMEOUT_MS = 90_000
+
+
+@pytest.fixture(scope="module")
+def streamlit_url(api_server, tmp_path_factory):
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium) to run the browser tests")
+    port = free_port()
+    log = tmp_path_factory.mktemp("streamlit") / "streamlit.log"
+    env = dict(os.environ, BRAINSEG_API_URL=api_server, STREAMLIT_BROWSER_GATHER_USAGE_STATS="false", PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true", "--server.port", str(port), "--server.address", "127.0.0.1", "--server.fileWatcherType", "none"]
+    import subprocess
+
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/_stcore/health", proc, log=log)
+        yield url
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def wait_for_images(page, n: int) -> None:
+    """Until ``n`` Streamlit images are in the page and decoded."""
+    page.wait_for_function(
+        """n => { const imgs = Array.from(document.querySelectorAll('[data-testid="stImage"] img'));
+                  return imgs.length >= n && imgs.every(i => i.complete && i.naturalWidth > 0); }""",
+        arg=n,
+        timeout=TIMEOUT_MS,
+    )
+
+
+def open_page(browser, url):
+    page = browser.new_page(viewport={"width": 1600, "height": 1250})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url, wait_until="domcontentloaded")
+    page.get_by_text("Brain MRI lesion segmentation").first.wait_for()
+    page.get_by_text("Connected").first.wait_for()  # the sidebar reached the API
+    return page
+
+
+def test_upload_real_slice(browser, streamlit_url, shared_data):
+    path = shared_data / LESION_SLICE
+    page = open_page(browser, streamlit_url)
+    try:
+        page.set_input_files("input[type=file]", str(path))
+        page.get_by_text(f"Result · {path.name}").wait_for()
+        page.get_by_text("Overlay (lesion in red").first.wait_for()
+        wait_for_images(page, 3)
+        page.locator('[data-testid="stDataFrame"]').first.wait_for(state="visible")
+        page.wait_for_timeout(500)  # let the data grid paint
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "app_slice.png"), full_page=True)
+        text = page.inner_text("body")
+        for words in ("Research software", "not for diagnosis", "Attention U-Net", "Lesions", "Original (FLAIR)", "Predicted mask", "Mask PNG", "Overlay PNG", "Per-patient Dice"):
+            assert words in text, f"{words!r} missing from the page"
+        assert "Traceback" not in text and "Cannot reach" not in text
+    finally:
+        page.close()
+
+
+def test_upload_brats_volume(browser, streamlit_url, shared_data):
+    files = [str(shared_data / BRATS.format(s)) for s in ("t1n", "t2f", "t1c")]
+    page = open_page(browser, streamlit_url)
+    try:
+        page.set_input_files("input[type=file]", files)
+        page.get_by_text("Result · BraTS-MET-00110-000").first.wait_for()
+        page.get_by_text("Axial slice (0–154)").first.wait_for()
+        wait_for_images(page, 3)
+        page.get_by_text("NIfTI mask (.nii.gz)").first.wait_for()
+        page.wait_for_timeout(500)
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "app_volume.png"), full_page=True)
+        text = page.inner_text("body")
+        for words in ("Lesion volume", "mm³", "Original (FLAIR) · slice", "NIfTI mask"):
+            assert words in text, f"{words!r} missing from the page"
+        assert "Traceback" not in text
+    finally:
+        page.close()

@@ -1,0 +1,143 @@
+"""The Streamlit page, run by ``streamlit.testing.v1.AppTest`` against a real API process."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+warnings.filterwarnings("ignore", message=".*ScriptRunContext.*")
+
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from brainseg.synthetic import SYNTHETIC_LABEL  # noqa: E402
+from conftest import REPO, free_port  # noqa: E402
+
+APP = str(REPO / "streamlit_app.py")
+LESION_SLICE = "lgg/kaggle_3m/TCGA_CS_4941_19960909/TCGA_CS_4941_19960909_15.tif"
+
+
+def run_app(monkeypatch, api_url: str) -> AppTest:
+    monkeypatch.setenv("BRAINSEG_API_URL", api_url)
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def texts(elements) -> list[str]:
+    return [e.value for e in elements]
+
+
+def no_page_crash(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not any("Something went wrong" in t for t in texts(at.error)), texts(at.error)
+
+
+def test_page_renders_and_says_when_the_api_is_down(monkeypatch):
+    at = run_app(monkeypatch, f"http://127.0.0.1:{free_port()}")
+    assert "Brain MRI lesion segmentation" in texts(at.title)
+    assert any("not for diagnosis" in c for c in texts(at.caption))
+    errors = " ".join(texts(at.error))
+    assert "Cannot reach the API" in errors and "uvicorn app:app" in errors
+    # The synthetic example button does not crash the page either.
+    at.button(key="synthetic").click().run()
+    no_page_crash(at)
+    assert "Cannot reach the API" in " ".join(texts(at.error))
+
+
+def test_wrong_api_url_shows_the_http_error(monkeypatch, api_server):
+    at = run_app(monkeypatch, api_server + "/not-the-api")
+    errors = " ".join(texts(at.error))
+    assert "HTTP 404" in errors
+    no_page_crash(at)
+
+
+def test_synthetic_example_end_to_end(monkeypatch, api_server):
+    at = run_app(monkeypatch, api_server)
+    assert any("Connected" in s for s in texts(at.sidebar.success))
+    assert at.sidebar.selectbox(key="model").value == "attention_unet"
+    assert set(at.sidebar.selectbox(key="model").options) >= {"Attention U-Net  (default)", "Ensemble (mean probability)"}
+    assert at.sidebar.radio(key="channel").value == "FLAIR"
+    assert any("Upload a file" in i for i in texts(at.info))
+
+    at.button(key="synthetic").click().run()
+    no_page_crash(at)
+    assert not at.error, texts(at.error)
+    assert any(SYNTHETIC_LABEL in w for w in texts(at.warning))
+    metrics = {m.label: m.value for m in at.metric}
+    assert int(metrics["Lesions"]) >= 1 and metrics["Image"] == "256 × 256"
+    assert len(at.dataframe) == 1 and len(at.dataframe[0].value) == int(metrics["Lesions"])
+    labels = {b.label for b in at.get("download_button")}
+    assert {"Mask PNG", "Overlay PNG", "Lesions JSON"} <= labels
+
+    # Display and model settings re-render without errors; the model choice reaches the API.
+    at.sidebar.slider(key="alpha").set_value(0.8).run()
+    at.sidebar.radio(key="channel").set_value("Post-contrast").run()
+    at.sidebar.selectbox(key="model").set_value("ensemble").run()
+    at.sidebar.checkbox(key="use_calibrated").uncheck().run()
+    at.sidebar.slider(key="threshold").set_value(0.3).run()
+    no_page_crash(at)
+    assert not at.error, texts(at.error)
+    assert any("Ensemble" in c and "threshold 0.3" in c for c in texts(at.caption))
+
+
+def test_upload_real_slice_and_a_volume(monkeypatch, api_server, shared_data):
+    at = run_app(monkeypatch, api_server)
+    at.file_uploader(key="uploads").upload("slice.tif", (shared_data / LESION_SLICE).read_bytes(), "image/tiff").run()
+    no_page_crash(at)
+    assert "Result · slice.tif" in texts(at.subheader)
+
+    import nibabel as nib
+
+    from brainseg.synthetic import synthetic_slice
+
+    img, _ = synthetic_slice(size=128)
+    vol = np.stack([np.rot90(img[:, :, 1], -1).astype(np.float32) * (k > 0) for k in range(5)], axis=2)  # slice 0 empty
+    nii = gzip.compress(nib.Nifti1Image(vol, np.diag([1.2, 1.2, 5.0, 1.0])).to_bytes())
+    at.file_uploader(key="uploads").set_value(("small.nii.gz", nii, "application/gzip")).run()
+    no_page_crash(at)
+    assert not at.error, texts(at.error)
+    assert at.slider(key="z").max == 4
+    labels = {b.label for b in at.get("download_button")}
+    assert "NIfTI mask (.nii.gz)" in labels
+    # Jump to the last slice with lesion, then step back to the previous one with the ◀ button.
+    jump = at.selectbox(key="jump")
+    with_lesion = [int(o.split()[1]) for o in jump.options]
+    assert with_lesion and 0 not in with_lesion
+    jump.set_value(with_lesion[-1]).run()
+    assert at.slider(key="z").value == with_lesion[-1]
+    if len(with_lesion) > 1:
+        at.button(key="prev_lesion").click().run()
+        assert at.slider(key="z").value == with_lesion[-2]
+
+
+def test_api_error_on_a_bad_file_is_shown(monkeypatch, api_server):
+    at = run_app(monkeypatch, api_server)
+    at.file_uploader(key="uploads").upload("broken.png", b"\x89PNG\r\n\x1a\nnot really", "image/png").run()
+    no_page_crash(at)
+    errors = " ".join(texts(at.error))
+    assert "HTTP 422" in errors and "broken.png" in errors
+
+
+def test_page_process_does_not_import_torch(api_server):
+    """The UI process runs the page (and the synthetic example) without torch or onnxruntime."""
+    code = (
+        "import os, sys, warnings; warnings.simplefilter('ignore')\n"
+        f"os.environ['BRAINSEG_API_URL'] = {api_server!r}\n"
+        "from streamlit.testing.v1 import AppTest\n"
+        f"at = AppTest.from_file({APP!r}, default_timeout=120).run()\n"
+        "at.button(key='synthetic').click().run()\n"
+        "assert not at.exception and not at.error, [e.value for e in at.error]\n"
+        "assert at.metric, 'no result shown'\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnxruntime'))\n"
+        "print('LOADED' if bad else 'CLEAN', bad[:5])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "CLEAN" in out.stdout, out.stdout
