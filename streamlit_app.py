@@ -25,7 +25,13 @@ except ImportError:  # running from a checkout without `pip install -e .`
 DEFAULT_API = os.environ.get("BRAINSEG_API_URL", "http://127.0.0.1:8000").rstrip("/")
 CHANNELS = {"Pre-contrast": 0, "FLAIR": 1, "Post-contrast": 2}
 UPLOAD_TYPES = ["tif", "tiff", "png", "jpg", "jpeg", "nii", "nii.gz", "gz"]
-METRIC_NAMES = {"per_patient_dice": "Per-patient Dice", "lesion_sensitivity": "Lesion sensitivity", "fp_slice_rate": "False-positive slice rate"}
+METRIC_NAMES = {
+    "per_patient_dice": "Per-patient Dice",
+    "positive_slice_dice": "Dice on lesion slices",
+    "lesion_sensitivity": "Lesion sensitivity",
+    "fp_slice_rate": "False-positive slice rate",
+    "hd95": "HD95 (px)",
+}
 
 
 class ApiError(Exception):
@@ -102,8 +108,13 @@ def sidebar() -> dict:
         label_visibility="collapsed",
     )
     m = models[name]
-    metrics = " · ".join(f"{METRIC_NAMES.get(k, k)} **{fmt(v)}**" for k, v in (m.get("metrics") or {}).items()) or "no metrics recorded"
-    sb.caption(f"{metrics}  \n{fmt_params(m.get('parameters'))} parameters · backend {m.get('backend')} · version `{m.get('version')}`")
+    metrics = m.get("metrics") or {}
+    if metrics:
+        sb.caption("Metrics on held-out test patients", help=f"Default model chosen by {info['selected_by']}" if info.get("selected_by") else None)
+        sb.markdown("\n".join(f"- {METRIC_NAMES.get(k, k)}: **{fmt(v)}**" for k, v in metrics.items()))
+    else:
+        sb.caption("No metrics recorded for this model.")
+    sb.caption(f"{fmt_params(m.get('parameters'))} parameters · backend {m.get('backend')} · version `{m.get('version')}`")
     if m.get("members"):
         sb.caption("Averages the probabilities of " + " and ".join(models[x]["display_name"] for x in m["members"] if x in models) + ".")
     if m.get("card"):

@@ -171,7 +171,7 @@ class Engine:
                 "parameters": sum(params) if all(p is not None for p in params) else None,
                 "threshold": round(float(np.mean([m["threshold"] for m in members])), 4),
                 "min_size": int(np.median([m["min_size"] for m in members])),
-                "metrics": reg.get("ensemble_metrics", {}),
+                "metrics": (reg.get("ensemble") or {}).get("metrics") or {},
                 "backend": "+".join(sorted({m["backend"] for m in members})),
                 "version": "+".join(f"{m['name']}:{m['version']}" for m in members),
                 "card": None,
