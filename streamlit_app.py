@@ -259,7 +259,9 @@ def show_result(opts: dict, res: dict, label: str, synthetic: bool) -> None:
     where = f" · slice {z}" if is_volume else ""
     if is_volume:
         area = res["slice_lesion_area_px"][z]
-        st.markdown(f"**Slice {z}** of {res['slices']} · " + (f"lesion area {area:,} px = {res['slice_lesion_area_mm2'][z]:,.0f} mm²" if area else "no lesion on this slice"))
+        o = res["input"].get("orientation")
+        orient = f" · orientation from the header: top {o['top']}, left {o['left']}, right {o['right']}" if o else ""
+        st.markdown(f"**Slice {z}** of {res['slices']} · " + (f"lesion area {area:,} px = {res['slice_lesion_area_mm2'][z]:,.0f} mm²" if area else "no lesion on this slice") + orient)
     c1, c2, c3 = st.columns(3)
     c1.image(original, caption=f"Original ({opts['channel_name']}){where}", width="stretch")
     c2.image(over, caption=f"Overlay (lesion in red, opacity {opts['alpha']:.2f}){where}", width="stretch")

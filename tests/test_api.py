@@ -224,6 +224,7 @@ def test_single_nifti_volume_roundtrip(client):
     body = r.json()
     assert body["kind"] == "volume" and body["slices"] == 6 and body["input"]["shape"] == [64, 64, 6]
     assert body["input"]["spacing_mm"] == pytest.approx([0.9, 0.9, 3.0])
+    assert body["input"]["orientation"] == {"top": "A", "bottom": "P", "left": "R", "right": "L"}  # x flipped: LAS
     assert body["slice_lesion_area_mm2"] == [pytest.approx(a * 0.81, abs=0.01) for a in body["slice_lesion_area_px"]]
     import nibabel as nib
 
@@ -243,6 +244,7 @@ def test_brats_volume_three_files(client, shared_data):
     body = r.json()
     assert body["kind"] == "volume" and body["input"]["name"] == "BraTS-MET-00110-000"
     assert body["input"]["shape"] == [240, 240, 155] and body["slices"] == 155
+    assert body["input"]["orientation"] == {"top": "A", "bottom": "P", "left": "L", "right": "R"}  # header: RAS
     assert len(body["slice_lesion_area_px"]) == 155 and body["input"]["spacing_mm"] == [1.0, 1.0, 1.0]
     assert body["slices_with_lesion"] == [z for z, a in enumerate(body["slice_lesion_area_px"]) if a > 0]
     assert body["lesion_voxels"] == sum(body["slice_lesion_area_px"])

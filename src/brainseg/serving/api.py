@@ -394,6 +394,26 @@ def slice_answer(engine, store, seg, uploads, image, res, post, tta, t) -> dict:
     return body
 
 
+_OPPOSITE = {"L": "R", "R": "L", "A": "P", "P": "A", "S": "I", "I": "S"}
+
+
+def display_orientation(affine: np.ndarray) -> dict | None:
+    """Patient directions at the edges of a displayed slice, from the affine (as the header states them).
+
+    A displayed slice is ``rot90(data[:, :, z])``: row 0 holds the largest y index, column j
+    holds x = j. So the top is where +y points, the right is where +x points.
+    """
+    import nibabel as nib
+
+    try:
+        x, y, _ = nib.aff2axcodes(affine)
+    except Exception:
+        return None
+    if x is None or y is None:
+        return None
+    return {"top": y, "bottom": _OPPOSITE[y], "left": _OPPOSITE[x], "right": x}
+
+
 def volume_answer(engine, store, seg, uploads, vol, res, post, tta, t) -> dict:
     display = display_volume(vol.slices)
     stored = StoredResult("volume", display, res.mask, {}, affine=vol.affine, name=vol.name)
@@ -405,7 +425,7 @@ def volume_answer(engine, store, seg, uploads, vol, res, post, tta, t) -> dict:
         "id": stored.id,
         "kind": "volume",
         **_common(engine, seg, uploads, post, tta, t),
-        "input": {"name": vol.name, "shape": s["shape"], "spacing_mm": s["spacing_mm"], "dtype": "float32"},
+        "input": {"name": vol.name, "shape": s["shape"], "spacing_mm": s["spacing_mm"], "dtype": "float32", "orientation": display_orientation(vol.affine)},
         "lesion_count": s["lesion_count"],
         "lesion_voxels": s["lesion_voxels"],
         "lesion_volume_mm3": s["lesion_volume_mm3"],
