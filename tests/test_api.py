@@ -120,6 +120,40 @@ def test_health_without_models_still_answers(tmp_path):
         assert r.status_code == 503 and "registry" in r.json()["detail"]
 
 
+def test_torch_backend_when_no_onnx_file(tiny_model_dir, tmp_path):
+    """Checkpoints only (no .onnx): the engine falls back to PyTorch for that model."""
+    import json
+    import shutil
+
+    for name in ("unetpp", "attention_unet"):
+        shutil.copy(tiny_model_dir / f"{name}.pt", tmp_path / f"{name}.pt")
+    reg = json.loads((tiny_model_dir / "registry.json").read_text())
+    for entry in reg["models"].values():
+        entry.pop("onnx")
+    (tmp_path / "registry.json").write_text(json.dumps(reg))
+    settings = Settings.from_env({}, model_dir=str(tmp_path), preload=False)
+    with TestClient(create_app(settings)) as c:
+        r = segment(c, ("s.png", synthetic_png()), model="unetpp")
+        assert r.status_code == 200, r.text
+        assert r.json()["model"]["backend"] == "torch"
+        # The version names the weights (hash of the checkpoint), whichever backend runs them.
+        from brainseg.serving.engine import file_version
+
+        assert r.json()["model"]["version"] == file_version(tiny_model_dir / "unetpp.pt")
+
+
+def test_unreadable_model_file_is_a_503(tiny_model_dir, tmp_path):
+    import json
+
+    (tmp_path / "attention_unet.onnx").write_bytes(b"not an onnx model")
+    reg = {"default": "attention_unet", "models": {"attention_unet": {"checkpoint": "missing.pt", "onnx": "attention_unet.onnx"}}}
+    (tmp_path / "registry.json").write_text(json.dumps(reg))
+    with make_client(tmp_path) as c:
+        r = segment(c, ("s.png", synthetic_png()))
+        assert r.status_code == 503 and "cannot load" in r.json()["detail"]
+        assert_healthy(c)
+
+
 # ---------------------------------------------------------------- good slices
 
 
