@@ -254,7 +254,10 @@ def show_result(opts: dict, res: dict, label: str, synthetic: bool) -> None:
         over = fetch_bytes(base, f"/v1/results/{rid}/slice/{z}.png?view=overlay&{q}")
         mask = fetch_bytes(base, f"/v1/results/{rid}/slice/{z}.png?view=mask")
     except ApiError as exc:
-        st.error(f"{exc}  \nThe server keeps only recent results in memory; upload the file again to redo it.")
+        st.error(f"{exc}  \nThe server keeps only recent results in memory (and forgets them when it restarts).")
+        if st.button("Segment again", key="resegment", icon=":material/refresh:"):
+            st.session_state.request_key = None
+            st.rerun()
         return
     where = f" · slice {z}" if is_volume else ""
     if is_volume:

@@ -86,6 +86,14 @@ def test_synthetic_example_end_to_end(monkeypatch, api_server):
     assert not at.error, texts(at.error)
     assert any("Ensemble" in c and "threshold 0.3" in c for c in texts(at.caption))
 
+    # A result the server no longer has (restart, eviction): a clear message and a way to redo it.
+    at.session_state["result"] = dict(at.session_state["result"], id="forgotten")
+    at.run()
+    assert any("HTTP 404" in e and "recent results" in e for e in texts(at.error))
+    at.button(key="resegment").click().run()
+    no_page_crash(at)
+    assert not at.error and at.session_state["result"]["id"] != "forgotten"
+
 
 def test_upload_real_slice_and_a_volume(monkeypatch, api_server, shared_data):
     at = run_app(monkeypatch, api_server)

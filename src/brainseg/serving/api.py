@@ -296,7 +296,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except (DataError, ValueError, KeyError, IndexError, TypeError) as exc:
             log.info("rejected %s: %s", names, exc)
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            raise UploadError(422, msg if names in msg else f"{names}: {msg}") from None
+            raise UploadError(422, msg if any(u.name in msg for u in uploads) else f"{names}: {msg}") from None
         except MemoryError:
             raise UploadError(413, f"{names}: too large to process on this server") from None
         except Exception as exc:  # a user's file must never produce a 500
