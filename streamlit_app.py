@@ -309,7 +309,7 @@ def main() -> None:
     st.title("Brain MRI lesion segmentation")
     st.caption("Research software — not a medical device and not for diagnosis. Results must be reviewed by a qualified reader.")
     opts = sidebar()
-    with st.expander("How to use", expanded=False):
+    with st.expander("How to use", expanded=not st.session_state.get("result")):
         st.markdown(
             "1. Upload **one slice** (TIFF/PNG/JPEG, 8 or 16 bit, grey or 3 channels: pre-contrast, FLAIR, post-contrast, "
             "like the LGG kaggle_3m slices), **one NIfTI volume**, or the **three BraTS files** `*-t1n`, `*-t2f`, `*-t1c` together.\n"

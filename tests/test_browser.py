@@ -76,6 +76,26 @@ def open_page(browser, url):
     return page
 
 
+def test_landing_page_and_synthetic_example(browser, streamlit_url):
+    page = open_page(browser, streamlit_url)
+    try:
+        page.get_by_role("button", name="Try the synthetic example").wait_for()
+        page.locator('[data-testid="stFileUploaderDropzone"]').first.wait_for()
+        page.get_by_text("Overlay opacity").first.wait_for()
+        page.wait_for_timeout(300)
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "app_start.png"))
+        assert "Upload one slice" in page.inner_text("body")
+        page.get_by_role("button", name="Try the synthetic example").click()
+        page.get_by_text("Synthetic example — not a real MRI").first.wait_for()
+        wait_for_images(page, 3)
+        page.wait_for_timeout(300)
+        page.screenshot(path=str(SHOTS / "app_synthetic.png"))
+        assert "Result · Synthetic example" in page.inner_text("body")
+    finally:
+        page.close()
+
+
 def test_upload_real_slice(browser, streamlit_url, shared_data):
     path = shared_data / LESION_SLICE
     page = open_page(browser, streamlit_url)
