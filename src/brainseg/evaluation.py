@@ -122,23 +122,22 @@ def evaluate_predictions(preds: list[PatientPrediction], post: PostprocessConfig
     return report
 
 
-def sweep_postprocess(preds: list[PatientPrediction], thresholds=(0.3, 0.4, 0.5, 0.6, 0.7), min_sizes=(0, 10, 30, 100)) -> tuple[PostprocessConfig, list[dict]]:
+def sweep_postprocess(preds: list[PatientPrediction], thresholds=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), min_sizes=(0, 30, 100, 200, 400)) -> tuple[PostprocessConfig, list[dict]]:
     """Per-patient Dice for each (threshold, min_size); returns the best and the table.
 
     Run on validation patients only: choosing on the test patients would inflate the score.
     Ties prefer the larger min_size (fewer false-positive specks).
     """
     table = []
+    negatives = [~p.truth.reshape(len(p.truth), -1).any(1) for p in preds]
+    n_neg = sum(int(n.sum()) for n in negatives)
     for t in thresholds:
         for ms in min_sizes:
             post = PostprocessConfig(threshold=float(t), min_size=int(ms))
-            per_patient = [M.dice(binarize_volume(p.prob, post), p.truth) for p in preds]
-            neg_fp = [
-                (binarize_volume(p.prob, post).reshape(len(p.prob), -1).any(1) & ~p.truth.reshape(len(p.truth), -1).any(1)).sum()
-                for p in preds
-            ]
-            neg = sum(int((~p.truth.reshape(len(p.truth), -1).any(1)).sum()) for p in preds)
-            table.append({"threshold": t, "min_size": ms, "per_patient_dice": float(np.mean(per_patient)), "fp_slice_rate": float(sum(neg_fp) / neg) if neg else math.nan})
+            masks = [binarize_volume(p.prob, post) for p in preds]
+            per_patient = [M.dice(m, p.truth) for m, p in zip(masks, preds)]
+            fp_slices = sum(int((m.reshape(len(m), -1).any(1) & neg).sum()) for m, neg in zip(masks, negatives))
+            table.append({"threshold": t, "min_size": ms, "per_patient_dice": float(np.mean(per_patient)), "fp_slice_rate": fp_slices / n_neg if n_neg else math.nan})
     best = max(table, key=lambda r: (round(r["per_patient_dice"], 4), r["min_size"]))
     return PostprocessConfig(best["threshold"], best["min_size"]), table
 
