@@ -93,6 +93,7 @@ def main() -> int:
         "default": default,
         "selected_by": f"per-patient 3D Dice on the {len(test)} test patients of the split (never trained, tuned or thresholded on)",
         "brainseg_version": __version__,
+        "split": {k: split[k] for k in ("train", "val", "test")},
         "ensemble": {"metrics": {k: reports["ensemble"][k] for k in ("per_patient_dice", "positive_slice_dice", "fp_slice_rate", "lesion_sensitivity", "hd95")}, "postprocess": {"threshold": ens.postprocess.threshold, "min_size": ens.postprocess.min_size}},
         "models": entries,
     })

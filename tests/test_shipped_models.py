@@ -1,0 +1,70 @@
+"""The shipped default model on real slices of its own test patients (never trained on)."""
+
+import numpy as np
+import pytest
+
+from brainseg import registry
+from brainseg.data import discover, labelled, load_patient
+from brainseg.inference import Segmenter, TorchBackend, binarize
+from brainseg.metrics import dice
+
+from helpers import LGG, REPO, require
+
+MODELS = REPO / "models"
+
+
+@pytest.fixture(scope="module")
+def reg():
+    assert (MODELS / "registry.json").is_file(), "the shipped models are part of the repository: models/registry.json is missing"
+    return registry.read_registry(MODELS)
+
+
+@pytest.fixture(scope="module")
+def test_patient(reg):
+    ds = labelled(discover(require(LGG)))
+    pid = sorted(reg["split"]["test"])[0]
+    images, truth = load_patient(ds.patient(pid))
+    return pid, images, truth
+
+
+def _lesion_free_slice(truth: np.ndarray) -> int:
+    """The lesion-free slice nearest the middle of the stack, at least 5 slices from any lesion."""
+    positive = np.flatnonzero(truth.reshape(len(truth), -1).any(1))
+    mid = len(truth) // 2
+    candidates = [z for z in range(len(truth)) if np.abs(positive - z).min() >= 5]
+    return min(candidates, key=lambda z: abs(z - mid))
+
+
+def test_registry_names_both_models_and_a_default(reg):
+    assert set(reg["models"]) == {"unetpp", "attention_unet"}
+    assert reg["default"] in reg["models"]
+    for name, entry in reg["models"].items():
+        for key in ("checkpoint", "onnx", "card"):
+            f = MODELS / entry[key]
+            assert f.is_file() and f.stat().st_size < 25 * 2**20, f
+    best = max(reg["models"], key=lambda n: reg["models"][n]["metrics"]["per_patient_dice"])
+    assert reg["default"] == best
+
+
+def test_default_finds_the_lesion_and_nothing_on_a_lesion_free_slice(reg, test_patient):
+    pid, images, truth = test_patient
+    seg = registry.load(model_dir=MODELS)
+    assert seg.name == reg["default"] and seg.backend.kind == "onnx"
+    z_pos = int(np.argmax(truth.reshape(len(truth), -1).sum(1)))
+    pred = binarize(seg.probabilities([images[z_pos]])[0], seg.postprocess)
+    assert dice(pred, truth[z_pos]) > 0.5, f"{pid} slice {z_pos + 1}"
+    z_neg = _lesion_free_slice(truth)
+    assert not truth[z_neg].any()
+    assert not binarize(seg.probabilities([images[z_neg]])[0], seg.postprocess).any(), f"{pid} slice {z_neg + 1}"
+
+
+@pytest.mark.parametrize("name", ["unetpp", "attention_unet"])
+def test_onnx_and_pytorch_give_the_same_masks(reg, test_patient, name):
+    _, images, truth = test_patient
+    onnx_seg = registry.load(name, model_dir=MODELS)
+    torch_seg = Segmenter(TorchBackend(MODELS / reg["models"][name]["checkpoint"], device="cpu"), name)
+    zs = np.flatnonzero(truth.reshape(len(truth), -1).any(1))[:8]
+    batch = [images[z] for z in zs]
+    a = np.stack([binarize(p, onnx_seg.postprocess) for p in onnx_seg.probabilities(batch)])
+    b = np.stack([binarize(p, torch_seg.postprocess) for p in torch_seg.probabilities(batch)])
+    assert dice(a, b) >= 0.99
