@@ -14,7 +14,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 
 from brainseg.data import discover, labelled, load_patient
 from brainseg.inference import Segmenter, TorchBackend, load_segmenter
@@ -42,7 +41,7 @@ def main() -> None:
     patient = labelled(discover(a.data)).patients[0]
     images, _ = load_patient(patient)
     one, batch = images[len(images) // 2], (images * 2)[:32]
-    print(f"| model | backend | 1 slice, ms (median [min-max]) | 32 slices, ms/slice (median) |")
+    print("| model | backend | 1 slice, ms (median [min-max]) | 32 slices, ms/slice (median) |")
     print("|---|---|---|---|")
     for name in sorted(reg["models"]):
         onnx_seg = load_segmenter(model_path(reg, name, prefer_onnx=True), name)

@@ -12,7 +12,6 @@ model, ``results.md`` (all models side by side) and a figure of test slices.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -23,7 +22,7 @@ import numpy as np
 from brainseg import __version__
 from brainseg.checkpoint import load_checkpoint, save_checkpoint
 from brainseg.config import ExperimentConfig
-from brainseg.data import discover, labelled, read_split, write_json_atomic
+from brainseg.data import discover, labelled, write_json_atomic
 from brainseg.evaluation import PROTOCOLS, binarize_volume, evaluate_predictions, markdown_table, predict_patients
 from brainseg.export import export_onnx
 from brainseg.inference import Ensemble, Segmenter, TorchBackend, load_segmenter

@@ -1,7 +1,6 @@
 """Run under torchrun: a few DDP steps on a tiny cache, then each rank saves its weights."""
 
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import gzip
-import io
 import subprocess
 import sys
 import warnings
 
 import numpy as np
-import pytest
 
 warnings.filterwarnings("ignore", message=".*ScriptRunContext.*")
 

@@ -14,6 +14,9 @@ from pathlib import Path
 # The channels of the LGG slices, in file order (Buda et al. 2019).
 CHANNELS = ("pre-contrast", "FLAIR", "post-contrast")
 
+# Display names (the original description prints "Nested U-Net DICE Score: ...").
+DISPLAY_NAMES = {"unetpp": "Nested U-Net", "attention_unet": "Attention U-Net", "ensemble": "Ensemble (mean probability)"}
+
 # Where the data usually lives relative to the repository root (CI has it there too).
 DEFAULT_DATA_CANDIDATES = ("../shared/data/lgg/kaggle_3m", "data/kaggle_3m")
 

@@ -7,9 +7,11 @@ the probabilities of several. All return probabilities in [0, 1] at the input's 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,22 +148,18 @@ def load_segmenter(path: os.PathLike | str, name: str | None = None, prefer_onnx
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model file not found")
     onnx_path = path if path.suffix == ".onnx" else path.with_suffix(".onnx")
-    use_onnx = path.suffix == ".onnx" or (prefer_onnx and onnx_path.is_file() and not _cuda_available())
+    use_onnx = path.suffix == ".onnx" or (prefer_onnx and onnx_path.is_file() and not gpu_present())
     backend = OnnxBackend(onnx_path) if use_onnx else TorchBackend(path)
     return Segmenter(backend, name or backend.config.model.name, str(onnx_path if use_onnx else path))
 
 
-def _cuda_available() -> bool:
-    """True only if torch is already importable and sees a GPU; never imports torch just to ask."""
-    import importlib.util
-    import sys
-
-    if "torch" not in sys.modules and importlib.util.find_spec("torch") is None:
+def gpu_present() -> bool:
+    """A CUDA GPU is probably usable, decided without importing torch (which costs ~300 MB)."""
+    if os.environ.get("BRAINSEG_FORCE_ONNX"):
         return False
-    if os.environ.get("BRAINSEG_FORCE_ONNX") or "torch" not in sys.modules:
-        # Asking torch would import it (slow, ~300 MB); CUDA users get torch via --backend torch.
+    if importlib.util.find_spec("torch") is None:
         return False
-    return bool(sys.modules["torch"].cuda.is_available())
+    return os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi") is not None
 
 
 def window_for_volume(volume: np.ndarray) -> tuple | None:

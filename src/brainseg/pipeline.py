@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .cache import build_cache, load_cache
 from .config import ExperimentConfig, PostprocessConfig
-from .data import DataError, discover, labelled, read_split, split_patients, write_json_atomic
+from .data import discover, labelled, read_split, split_patients, write_json_atomic
 from .evaluation import evaluate_predictions, markdown_table, predict_patients, sweep_postprocess
 from .models import DISPLAY_NAMES
 from .registry import REGISTRY, write_registry

@@ -5,7 +5,6 @@ No torch import: with an ONNX model this runs in a torch-free process.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time

@@ -10,13 +10,11 @@ Works on CPU, one GPU (mixed precision), or several GPUs / processes under ``tor
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
 import random
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np

@@ -8,7 +8,6 @@ so the written mask shares the input's voxel grid and affine. No torch here.
 from __future__ import annotations
 
 import gzip
-import io
 import os
 import re
 from dataclasses import dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import DISPLAY_NAMES, ModelConfig  # noqa: F401  (re-exported)
 from .attention_unet import AttentionUNet
 from .unetpp import UNetPlusPlus
 
@@ -13,8 +13,6 @@ MODELS: dict[str, type[nn.Module]] = {
     "attention_unet": AttentionUNet,
 }
 
-# Names as the original description prints them.
-DISPLAY_NAMES = {"unetpp": "Nested U-Net", "attention_unet": "Attention U-Net", "ensemble": "Ensemble"}
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
-import shutil
 import threading
 import time
 from dataclasses import replace
@@ -22,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import registry
-from ..config import PostprocessConfig
-from ..inference import Ensemble, OnnxBackend, Segmenter, TorchBackend, window_for_volume
+from ..config import DISPLAY_NAMES, PostprocessConfig
+from ..inference import Ensemble, OnnxBackend, Segmenter, TorchBackend, gpu_present, window_for_volume
 from ..predict import SliceResult, VolumeResult, segment_slice, segment_volume
 from ..preprocessing import to_uint8
 from ..volumes import Volume
@@ -31,20 +29,10 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-DISPLAY_NAMES = {"unetpp": "Nested U-Net (U-Net++)", "attention_unet": "Attention U-Net", "ensemble": "Ensemble (mean probability)"}
 
 
 class ModelUnavailable(RuntimeError):
     """No registry, or a registered model file is missing or unreadable (a server problem, 503)."""
-
-
-def gpu_present() -> bool:
-    """A CUDA GPU is probably usable, decided without importing torch (which costs ~300 MB)."""
-    if os.environ.get("BRAINSEG_FORCE_ONNX"):
-        return False
-    if importlib.util.find_spec("torch") is None:
-        return False
-    return os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi") is not None
 
 
 def file_version(path: Path) -> str:
