@@ -14,24 +14,39 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port, stop, wait_http
+from conftest import REPO, free_port, start_api, stop, wait_http
 
 pytestmark = pytest.mark.browser
 
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = REPO / "artifacts" / "screenshots"
-LESION_SLICE = "lgg/kaggle_3m/TCGA_CS_4941_19960909/TCGA_CS_4941_19960909_15.tif"  # mask: 1952 lesion pixels
+LESION_SLICE = "lgg/kaggle_3m/TCGA_DU_A5TR_19970726/TCGA_DU_A5TR_19970726_19.tif"  # a test patient of the shipped models; mask: 4568 lesion pixels
 BRATS = "brats-met-example/BraTS-MET-00110-000-{}.nii.gz"
 TIMEOUT_MS = 90_000
 
 
+SHIPPED = REPO / "models"
+
+
 @pytest.fixture(scope="module")
-def streamlit_url(api_server, tmp_path_factory):
+def e2e_api(tiny_model_dir, tmp_path_factory):
+    """The API with the shipped models (the app as users get it); the tiny test models only
+    where the checkout has no shipped models."""
+    model_dir = SHIPPED if (SHIPPED / "registry.json").is_file() else tiny_model_dir
+    url, proc, _ = start_api(model_dir, tmp_path_factory.mktemp("e2e_api") / "uvicorn.log")
+    try:
+        yield url
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def streamlit_url(e2e_api, tmp_path_factory):
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium) to run the browser tests")
     port = free_port()
     log = tmp_path_factory.mktemp("streamlit") / "streamlit.log"
-    env = dict(os.environ, BRAINSEG_API_URL=api_server, STREAMLIT_BROWSER_GATHER_USAGE_STATS="false", PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, BRAINSEG_API_URL=e2e_api, STREAMLIT_BROWSER_GATHER_USAGE_STATS="false", PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true", "--server.port", str(port), "--server.address", "127.0.0.1", "--server.fileWatcherType", "none"]
     import subprocess
 
