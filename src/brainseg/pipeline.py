@@ -73,7 +73,7 @@ def train_models(names: list[str], cache_dir: str, out_dir: str, base: Experimen
         ckpt["info"]["train_wall_seconds"] = round(wall, 1)
         save_checkpoint(run / "best.pt", ckpt)
         write_json_atomic(run / "calibration.json", {"chosen": {"threshold": post.threshold, "min_size": post.min_size}, "table": table})
-        seg = Segmenter(TorchBackend(checkpoint=ckpt, device="cpu" if not _cuda() else None), name)
+        # Same weights: the calibrated ``post`` is passed explicitly below.
         report = evaluate_predictions(predict_patients(seg, test_patients, progress=progress), post) if test_patients else {}
         reports[name] = report
         write_json_atomic(run / "test_report.json", report)

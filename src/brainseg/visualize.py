@@ -58,13 +58,10 @@ def preprocessing_overview(ds, cfg, path: os.PathLike | str, n_samples: int = 3,
     from .preprocessing import build_augmentation, prepare
 
     rng = np.random.default_rng(seed)
-    positives = []
-    for p in ds.patients:
-        for s in p.slices:
-            positives.append(s)
-    rng.shuffle(positives)
+    slices = [s for p in ds.patients for s in p.slices]
+    rng.shuffle(slices)
     chosen = []
-    for s in positives:
+    for s in slices:  # the first few with a clearly visible lesion
         img, m = read_pair(s.image_path, s.mask_path)
         if m.sum() > 200:
             chosen.append((s, img, m))

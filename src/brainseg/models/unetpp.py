@@ -50,9 +50,6 @@ class UNetPlusPlus(nn.Module):
     def _nodes(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Returns [X^{0,1}, ..., X^{0,L-1}]."""
         grid: dict[tuple[int, int], torch.Tensor] = {}
-        for j in range(self.levels):  # along the diagonal, as in the paper's figure
-            for i in range(self.levels - j):
-                pass
         # Column j = 0: the encoder backbone.
         grid[(0, 0)] = self.blocks["conv_0_0"](x)
         for i in range(1, self.levels):
