@@ -58,8 +58,7 @@ def synthetic_slice(size: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndar
 
 def synthetic_png(size: int = 256, seed: int = 0) -> bytes:
     """The synthetic slice encoded as an RGB PNG (what an upload of it would contain)."""
+    from .visualize import png_bytes
+
     image, _ = synthetic_slice(size, seed)
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise ValueError("could not encode the synthetic slice as PNG")
-    return buf.tobytes()
+    return png_bytes(image)

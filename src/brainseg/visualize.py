@@ -34,17 +34,20 @@ def display_channel(image: np.ndarray, channel: int = 1) -> np.ndarray:
     return np.repeat(ch[:, :, None], 3, axis=2)
 
 
+def png_bytes(rgb_or_grey: np.ndarray) -> bytes:
+    """(H, W) grey or (H, W, 3) RGB uint8 -> PNG bytes."""
+    arr = cv2.cvtColor(rgb_or_grey, cv2.COLOR_RGB2BGR) if rgb_or_grey.ndim == 3 else rgb_or_grey
+    ok, buf = cv2.imencode(".png", arr)
+    if not ok:
+        raise ValueError("could not encode PNG")
+    return buf.tobytes()
+
+
 def save_png(path: os.PathLike | str, rgb_or_grey: np.ndarray) -> None:
     """Write a PNG atomically (RGB or grey uint8)."""
     from .data import write_bytes_atomic
 
-    arr = rgb_or_grey
-    if arr.ndim == 3:
-        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
-    ok, buf = cv2.imencode(".png", arr)
-    if not ok:
-        raise ValueError(f"{path}: could not encode PNG")
-    write_bytes_atomic(path, buf.tobytes())
+    write_bytes_atomic(path, png_bytes(rgb_or_grey))
 
 
 def preprocessing_overview(ds, cfg, path: os.PathLike | str, n_samples: int = 3, seed: int = 0) -> Path:

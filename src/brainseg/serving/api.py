@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Literal
 
 import anyio
-import cv2
 import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -37,7 +36,7 @@ from ..config import CHANNELS
 from ..data import DataError
 from ..inference import Ensemble
 from ..preprocessing import to_uint8
-from ..visualize import display_channel, overlay
+from ..visualize import display_channel, overlay, png_bytes
 from ..volumes import load_volume
 from .engine import DISPLAY_NAMES, Engine, ModelUnavailable, display_volume
 from .settings import Settings
@@ -51,15 +50,6 @@ MULTIPART_SLACK = 1 << 20  # boundaries and form fields around the files
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def png_bytes(img: np.ndarray) -> bytes:
-    """(H, W) or (H, W, 3) RGB uint8 -> PNG bytes."""
-    arr = cv2.cvtColor(img, cv2.COLOR_RGB2BGR) if img.ndim == 3 else img
-    ok, buf = cv2.imencode(".png", arr)
-    if not ok:
-        raise ValueError("could not encode PNG")
-    return buf.tobytes()
 
 
 def b64png(img: np.ndarray) -> str:
