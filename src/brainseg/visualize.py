@@ -63,13 +63,17 @@ def preprocessing_overview(ds, cfg, path: os.PathLike | str, n_samples: int = 3,
     rng = np.random.default_rng(seed)
     slices = [s for p in ds.patients for s in p.slices]
     rng.shuffle(slices)
-    chosen = []
+    chosen, smaller = [], []
     for s in slices:  # the first few with a clearly visible lesion
         img, m = read_pair(s.image_path, s.mask_path)
         if m.sum() > 200:
             chosen.append((s, img, m))
+        elif len(smaller) < n_samples:
+            smaller.append((int(m.sum()), len(smaller), s, img, m))
         if len(chosen) == n_samples:
             break
+    if not chosen:  # small lesions only (or none): show the largest of those seen
+        chosen = [(s, img, m) for _, _, s, img, m in sorted(smaller, key=lambda t: (-t[0], t[1]))]
     aug = build_augmentation(cfg.augment)
     cols = 5
     fig, axes = plt.subplots(len(chosen), cols, figsize=(cols * 2.4, len(chosen) * 2.5), dpi=90)
