@@ -20,11 +20,15 @@ def require(path: Path) -> Path:
     return path
 
 
-def synthetic_dataset(root: Path, patients: int = 4, slices: int = 6, size: int = 64, seed: int = 0) -> Path:
-    """kaggle_3m-style folders with bright blobs as lesions on every other slice."""
+def synthetic_dataset(root: Path, patients: int = 4, slices: int = 6, size: int = 64, seed: int = 0, first: int = 0) -> Path:
+    """kaggle_3m-style folders with bright blobs as lesions on every other slice.
+
+    Patients are numbered from ``first`` (``TCGA_CS_0000_20000101``, ...), so two calls with
+    different ``first`` give datasets with different patients.
+    """
     rng = np.random.default_rng(seed)
     sites = ["CS", "DU", "HT", "FG"]
-    for p in range(patients):
+    for p in range(first, first + patients):
         pid = f"TCGA_{sites[p % len(sites)]}_{p:04d}_20000101"
         d = root / pid
         d.mkdir(parents=True)

@@ -26,8 +26,8 @@ def _add_preprocess_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clahe-grid", type=int, default=d.clahe_tile_grid)
     p.add_argument("--no-clahe", action="store_true")
     p.add_argument("--normalization", choices=["minmax", "zscore"], default=d.normalization)
-    p.add_argument("--val", type=int, default=6, help="validation patients (new split only)")
-    p.add_argument("--test", type=int, default=10, help="test patients (new split only)")
+    p.add_argument("--val", type=int, default=None, help="validation patients (new split only; default: 15%% of the patients, at least 1)")
+    p.add_argument("--test", type=int, default=None, help="test patients (new split only; default: 25%% of the patients, at least 1)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--split", default=None, help="existing split JSON to reuse")
 
@@ -46,10 +46,12 @@ def cmd_stats(a) -> int:
 
 
 def cmd_split(a) -> int:
-    from .data import discover, labelled, split_patients, write_json_atomic
+    from .data import default_holdout, discover, labelled, split_patients, write_json_atomic
 
     ds = labelled(discover(a.data or default_data_root()))
-    split = split_patients([p.id for p in ds.patients], a.val, a.test, a.seed)
+    n_val, n_test = default_holdout(len(ds.patients))
+    n_val, n_test = (n_val if a.val is None else a.val), (n_test if a.test is None else a.test)
+    split = split_patients([p.id for p in ds.patients], n_val, n_test, a.seed)
     split["seed"] = a.seed
     write_json_atomic(a.out, split)
     print(f"wrote {a.out}: " + ", ".join(f"{k} {len(split[k])}" for k in ("train", "val", "test")))
@@ -67,6 +69,13 @@ def cmd_preprocess(a) -> int:
     return 0
 
 
+def cache_matches(cache_dir, ds_root, preprocess_cfg) -> bool:
+    """``cache.cache_matches``, imported when called (``brainseg --help`` loads no numpy / OpenCV)."""
+    from .cache import cache_matches as matches
+
+    return matches(cache_dir, ds_root, preprocess_cfg)
+
+
 def cmd_train(a) -> int:
     from .cache import load_cache
     from .models import DISPLAY_NAMES, MODELS
@@ -78,7 +87,7 @@ def cmd_train(a) -> int:
     model = replace(cfg.model, features=tuple(a.features), deep_supervision=a.deep_supervision)
     cfg = replace(cfg, train=train, model=model)
     data = a.data or default_data_root()
-    cache_ok = (Path(a.cache) / "index.json").is_file() and load_cache(a.cache).preprocess == cfg.preprocess
+    cache_ok = cache_matches(a.cache, data, cfg.preprocess)
     if not cache_ok:
         log.info("no matching cache in %s: preprocessing %s first", a.cache, data)
         preprocess(data, a.cache, cfg, n_val=a.val, n_test=a.test, seed=a.seed, split_file=a.split, overview=False)
@@ -178,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("split", help="write a seeded patient-level split stratified by institution")
     sp.add_argument("--data", default=None)
     sp.add_argument("--out", required=True)
-    sp.add_argument("--val", type=int, default=6)
-    sp.add_argument("--test", type=int, default=10)
+    sp.add_argument("--val", type=int, default=None, help="validation patients (default: 15%% of the patients, at least 1)")
+    sp.add_argument("--test", type=int, default=None, help="test patients (default: 25%% of the patients, at least 1)")
     sp.add_argument("--seed", type=int, default=42)
     sp.set_defaults(func=cmd_split)
 

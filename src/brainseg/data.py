@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -241,6 +242,33 @@ def load_patient(patient: Patient) -> tuple[list[np.ndarray], np.ndarray]:
 # ---------------------------------------------------------------- split
 
 
+VAL_FRACTION = 0.15
+TEST_FRACTION = 0.25
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def default_holdout(n_patients: int) -> tuple[int, int]:
+    """(n_val, n_test) that scale with the dataset: 15 % and 25 % of the patients, at least 1 each.
+
+    Rounded half up (81 patients -> 12 and 20; 10 -> 2 and 3; 3 -> 1 and 1). Where that would
+    leave no patient to train on, validation gives way first, then test, never below 0:
+    2 patients -> (0, 1) (one to train on, one to test on, nothing to calibrate on);
+    1 patient -> (0, 0).
+    """
+    if n_patients < 1:
+        raise ValueError("no patients to split")
+    n_test = max(1, _round_half_up(TEST_FRACTION * n_patients))
+    n_val = max(1, _round_half_up(VAL_FRACTION * n_patients))
+    while n_val + n_test > n_patients - 1 and n_val > 0:
+        n_val -= 1
+    while n_val + n_test > n_patients - 1 and n_test > 0:
+        n_test -= 1
+    return n_val, n_test
+
+
 def split_patients(
     patient_ids: list[str], n_val: int, n_test: int, seed: int = 42
 ) -> dict[str, list[str]]:
@@ -249,8 +277,14 @@ def split_patients(
     Each institution's patients are shuffled and dealt round-robin in a global order, so
     every site contributes to test / val in proportion to its size (largest remainders).
     """
+    if n_val < 0 or n_test < 0:
+        raise ValueError(f"validation and test patient counts must be 0 or more, got {n_val} and {n_test}")
     if n_val + n_test >= len(patient_ids):
-        raise ValueError(f"cannot hold out {n_val} + {n_test} of {len(patient_ids)} patients")
+        v, t = default_holdout(len(patient_ids)) if patient_ids else (0, 0)
+        raise ValueError(
+            f"cannot hold out {n_val} + {n_test} of {len(patient_ids)} patients (at least one must be left to train on); "
+            f"leave --val / --test out to scale them with the dataset ({v} + {t} here)"
+        )
     rng = random.Random(seed)
     by_site: dict[str, list[str]] = {}
     for pid in sorted(patient_ids):

@@ -9,9 +9,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .cache import build_cache, load_cache
+from .cache import build_cache, load_cache, reusable_split
 from .config import ExperimentConfig, PostprocessConfig
-from .data import discover, labelled, read_split, split_patients, write_json_atomic
+from .data import DataError, default_holdout, discover, labelled, read_split, split_patients, write_json_atomic
 from .evaluation import evaluate_predictions, markdown_table, predict_patients, sweep_postprocess
 from .models import DISPLAY_NAMES
 from .registry import REGISTRY, write_registry
@@ -19,22 +19,38 @@ from .registry import REGISTRY, write_registry
 log = logging.getLogger(__name__)
 
 
-def preprocess(data_root: str, cache_dir: str, cfg: ExperimentConfig, n_val: int = 6, n_test: int = 10, seed: int = 42, split_file: str | None = None, overview: bool = True) -> dict:
-    """Cache + split (kept if it exists) + overview PNG."""
+def preprocess(data_root: str, cache_dir: str, cfg: ExperimentConfig, n_val: int | None = None, n_test: int | None = None, seed: int = 42, split_file: str | None = None, overview: bool = True) -> dict:
+    """Cache + split (kept if it exists and names only patients of this dataset) + overview PNG.
+
+    ``n_val`` / ``n_test`` None: ``data.default_holdout`` (15 % / 25 % of the patients). The
+    split is settled before anything is written, and written into the cache in the same
+    atomic step, so a failure leaves no cache without a split behind.
+    """
     ds = discover(data_root)
     lab = labelled(ds)
     if ds.images_without_mask:
         log.warning("%d images have no mask and are left out of training/testing", len(ds.images_without_mask))
-    out = build_cache(ds, cfg.preprocess, cache_dir)
-    split_path = Path(split_file) if split_file else out / "split.json"
-    if split_path.is_file():
-        split = read_split(split_path)
+    ids = [p.id for p in lab.patients]
+    split_path = Path(split_file) if split_file else Path(cache_dir) / "split.json"
+    if split_file:
+        split = read_split(split_path) if split_path.is_file() else None
+        unknown = sorted({p for k in ("train", "val", "test") for p in (split or {}).get(k, [])} - set(ids))
+        if unknown:
+            raise DataError(split_path, f"names {len(unknown)} patients that are not in {data_root} (e.g. {unknown[0]})")
     else:
-        split = split_patients([p.id for p in lab.patients], n_val=n_val, n_test=n_test, seed=seed)
+        split = reusable_split(Path(cache_dir) / "split.json", ids)
+    made_split = split is None
+    if made_split:
+        dv, dt = default_holdout(len(ids))
+        n_val, n_test = (dv if n_val is None else n_val), (dt if n_test is None else n_test)
+        split = split_patients(ids, n_val=n_val, n_test=n_test, seed=seed)
         split["seed"] = seed
+        for part, what in (("val", "nothing to choose the threshold and the best epoch on"), ("test", "no test score")):
+            if not split[part]:
+                log.warning("%d patients: no %s patients (%s)", len(ids), "validation" if part == "val" else part, what)
+    out = build_cache(ds, cfg.preprocess, cache_dir, split=split)
+    if made_split and split_path != out / "split.json":
         write_json_atomic(split_path, split)
-    if split_path != out / "split.json":
-        write_json_atomic(out / "split.json", split)
     if overview:
         from .visualize import preprocessing_overview
 

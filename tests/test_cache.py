@@ -1,0 +1,223 @@
+"""The training cache belongs to one dataset; a failed run leaves nothing that breaks the next;
+validation / test counts scale with the dataset. Small synthetic datasets in tmp_path."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from brainseg import pipeline
+from brainseg.cache import build_cache, cache_matches, dataset_fingerprint, load_cache
+from brainseg.cli import main
+from brainseg.config import ExperimentConfig, PreprocessConfig
+from brainseg.data import DataError, default_holdout, discover, read_split, split_patients
+
+from helpers import synthetic_dataset
+
+CFG = ExperimentConfig(preprocess=PreprocessConfig(input_size=32))
+PRE = ["--size", "32"]
+
+
+def _split_ids(split: dict) -> set[str]:
+    return set(split["train"]) | set(split["val"]) | set(split["test"])
+
+
+def _ids(root: Path) -> set[str]:
+    return {p.id for p in discover(root).patients}
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+# ---------------------------------------------------------------- default hold-out
+
+
+@pytest.mark.parametrize("n, expected", [(81, (12, 20)), (40, (6, 10)), (10, (2, 3)), (4, (1, 1)), (3, (1, 1)), (2, (0, 1)), (1, (0, 0))])
+def test_default_holdout_scales_and_leaves_one_to_train(n, expected):
+    assert default_holdout(n) == expected
+    n_val, n_test = expected
+    assert n - n_val - n_test >= 1
+
+
+def test_default_holdout_needs_patients():
+    with pytest.raises(ValueError, match="no patients"):
+        default_holdout(0)
+
+
+def test_explicit_counts_too_large_say_what_to_do():
+    ids = [f"TCGA_CS_{i:04d}_20000101" for i in range(3)]
+    with pytest.raises(ValueError, match=r"cannot hold out 6 \+ 10 of 3 patients.*leave --val / --test out.*1 \+ 1"):
+        split_patients(ids, 6, 10)
+    with pytest.raises(ValueError, match="0 or more"):
+        split_patients(ids, -1, 1)
+
+
+def test_split_command_scales_with_the_dataset(tmp_path, capsys):
+    three = synthetic_dataset(tmp_path / "three", patients=3, slices=2, size=32)
+    assert main(["split", "--data", str(three), "--out", str(tmp_path / "s3.json")]) == 0
+    split = read_split(tmp_path / "s3.json")
+    assert [len(split[k]) for k in ("train", "val", "test")] == [1, 1, 1]
+    assert "train 1, val 1, test 1" in capsys.readouterr().out
+    # Two patients: one to train on, one to test on, none to validate on (documented in default_holdout).
+    two = synthetic_dataset(tmp_path / "two", patients=2, slices=2, size=32)
+    assert main(["split", "--data", str(two), "--out", str(tmp_path / "s2.json")]) == 0
+    split = read_split(tmp_path / "s2.json")
+    assert [len(split[k]) for k in ("train", "val", "test")] == [1, 0, 1]
+    # Explicit counts still win, and a count that cannot be met is one clear line.
+    assert main(["split", "--data", str(three), "--out", str(tmp_path / "e.json"), "--val", "0", "--test", "2"]) == 0
+    assert [len(read_split(tmp_path / "e.json")[k]) for k in ("val", "test")] == [0, 2]
+    assert main(["split", "--data", str(three), "--out", str(tmp_path / "x.json"), "--val", "6", "--test", "10"]) == 2
+    assert "cannot hold out 6 + 10 of 3 patients" in capsys.readouterr().err
+
+
+def test_preprocess_three_patients_with_default_counts(tmp_path, capsys):
+    """The case that used to stop with "cannot hold out 6 + 10 of 3 patients"."""
+    data = synthetic_dataset(tmp_path / "data", patients=3, slices=2, size=32)
+    cache = tmp_path / "runs" / "cache"
+    assert main(["preprocess", "--data", str(data), "--cache", str(cache), *PRE]) == 0
+    assert "train 1, val 1, test 1" in capsys.readouterr().out
+    assert cache_matches(cache, data, CFG.preprocess)
+
+
+def test_preprocess_two_patients_trains_on_one_and_tests_on_one(tmp_path, caplog):
+    data = synthetic_dataset(tmp_path / "data", patients=2, slices=2, size=32)
+    with caplog.at_level("WARNING"):
+        res = pipeline.preprocess(str(data), str(tmp_path / "cache"), CFG, overview=False)
+    assert res["split_sizes"] == {"train": 1, "val": 0, "test": 1}
+    assert "no validation patients" in caplog.text
+
+
+# ---------------------------------------------------------------- the cache is keyed by the dataset
+
+
+def test_fingerprint_changes_with_the_files(tmp_path):
+    data = synthetic_dataset(tmp_path / "a", patients=2, slices=2, size=32)
+    before = dataset_fingerprint(discover(data))
+    assert dataset_fingerprint(discover(str(data) + "/")) == before  # same folder, spelled differently
+    img = next(data.glob("*/*_1.tif"))
+    st = img.stat()
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert dataset_fingerprint(discover(data)) != before
+    copy = synthetic_dataset(tmp_path / "b", patients=2, slices=2, size=32)  # same names, another folder
+    assert dataset_fingerprint(discover(copy)) != dataset_fingerprint(discover(data))
+
+
+def test_cache_for_another_dataset_is_rebuilt_with_its_own_split(tmp_path):
+    a = synthetic_dataset(tmp_path / "a", patients=4, slices=2, size=32, first=0)
+    b = synthetic_dataset(tmp_path / "b", patients=3, slices=2, size=32, first=10)
+    cache = tmp_path / "cache"
+    pipeline.preprocess(str(a), str(cache), CFG, overview=False)
+    assert cache_matches(cache, a, CFG.preprocess)
+    assert not cache_matches(cache, b, CFG.preprocess)  # same settings, another dataset
+    assert not cache_matches(cache, a, PreprocessConfig(input_size=48))  # same dataset, other settings
+    assert not cache_matches(cache, tmp_path / "missing", CFG.preprocess)
+
+    pipeline.preprocess(str(b), str(cache), CFG, overview=False)
+    split = read_split(cache / "split.json")
+    assert _split_ids(split) == _ids(b), "A's split must not be kept for B's patients"
+    assert set(load_cache(cache).patients) == _ids(b)
+    assert cache_matches(cache, b, CFG.preprocess) and not cache_matches(cache, a, CFG.preprocess)
+
+
+def test_split_is_kept_when_all_its_patients_are_still_there(tmp_path):
+    data = synthetic_dataset(tmp_path / "a", patients=4, slices=2, size=32)
+    cache = tmp_path / "cache"
+    pipeline.preprocess(str(data), str(cache), CFG, overview=False, seed=1)
+    first = json.loads((cache / "split.json").read_text())
+    # A slice is replaced: the arrays are rebuilt, the split (same patients) is kept.
+    img = next(data.glob("*/*_2.tif"))
+    tifffile.imwrite(img, np.full((32, 32, 3), 7, np.uint8))
+    assert not cache_matches(cache, data, CFG.preprocess)
+    pipeline.preprocess(str(data), str(cache), CFG, overview=False, seed=99)
+    assert json.loads((cache / "split.json").read_text()) == first
+    assert cache_matches(cache, data, CFG.preprocess)
+
+
+def test_build_cache_without_a_split_keeps_only_a_matching_one(tmp_path):
+    a = synthetic_dataset(tmp_path / "a", patients=3, slices=2, size=32, first=0)
+    b = synthetic_dataset(tmp_path / "b", patients=3, slices=2, size=32, first=10)
+    cache = tmp_path / "cache"
+    build_cache(discover(a), CFG.preprocess, cache, progress=False, split=split_patients(sorted(_ids(a)), 1, 1))
+    build_cache(discover(a), CFG.preprocess, cache, progress=False)
+    assert _split_ids(read_split(cache / "split.json")) == _ids(a)
+    build_cache(discover(b), CFG.preprocess, cache, progress=False)
+    assert not (cache / "split.json").exists()
+
+
+def test_split_file_naming_other_patients_is_refused(tmp_path):
+    a = synthetic_dataset(tmp_path / "a", patients=3, slices=2, size=32, first=0)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"train": ["TCGA_CS_0099_20000101"], "val": [], "test": []}))
+    with pytest.raises(DataError, match="not in"):
+        pipeline.preprocess(str(a), str(tmp_path / "cache"), CFG, split_file=str(other), overview=False)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_train_after_another_dataset_rebuilds_the_cache(tmp_path, monkeypatch):
+    """`brainseg train --data B` after training on A: B's cache and B's split, not A's."""
+    calls = []
+    monkeypatch.setattr(pipeline, "train_models", lambda names, cache_dir, *a, **k: calls.append(read_split(Path(cache_dir) / "split.json")) or {})
+    a = synthetic_dataset(tmp_path / "a", patients=4, slices=2, size=32, first=0)
+    b = synthetic_dataset(tmp_path / "b", patients=3, slices=2, size=32, first=10)
+    cache = tmp_path / "runs" / "cache"
+    common = ["train", "--cache", str(cache), "--out", str(tmp_path / "runs" / "train"), "--quiet", *PRE]
+    assert main([*common, "--data", str(a)]) == 0
+    assert _split_ids(calls[-1]) == _ids(a)
+    assert main([*common, "--data", str(b)]) == 0
+    assert _split_ids(calls[-1]) == _ids(b)
+    assert set(load_cache(cache).patients) == _ids(b)
+
+
+# ---------------------------------------------------------------- failed runs leave nothing that breaks the next
+
+
+def test_failed_split_leaves_no_cache_folder_and_the_next_run_works(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(pipeline, "train_models", lambda names, cache_dir, *a, **k: calls.append(cache_dir) or {})
+    data = synthetic_dataset(tmp_path / "data", patients=3, slices=2, size=32)
+    runs = tmp_path / "runs"
+    cache = runs / "cache"
+    common = ["train", "--data", str(data), "--cache", str(cache), "--out", str(runs / "train"), "--quiet", *PRE]
+    assert main([*common, "--val", "6", "--test", "10"]) == 2
+    assert "cannot hold out 6 + 10 of 3 patients" in capsys.readouterr().err
+    assert not runs.exists(), _leftovers(runs)
+    assert main(common) == 0
+    assert calls == [str(cache)] and (cache / "split.json").is_file() and (cache / "index.json").is_file()
+
+
+def test_unreadable_slice_leaves_no_folder_behind(tmp_path):
+    data = synthetic_dataset(tmp_path / "data", patients=3, slices=2, size=32)
+    bad = next(data.glob("*/*_2.tif"))
+    bad.write_bytes(bad.read_bytes()[:60])
+    runs = tmp_path / "runs"
+    with pytest.raises(DataError, match=bad.name):
+        pipeline.preprocess(str(data), str(runs / "deeper" / "cache"), CFG, overview=False)
+    assert not runs.exists(), _leftovers(runs)
+    # An existing parent folder stays, without temporary folders in it.
+    runs.mkdir()
+    with pytest.raises(DataError):
+        pipeline.preprocess(str(data), str(runs / "cache"), CFG, overview=False)
+    assert _leftovers(runs) == []
+
+
+@pytest.mark.parametrize("leftover", ["empty", "no_split", "no_index"])
+def test_incomplete_cache_folder_counts_as_no_cache(tmp_path, monkeypatch, leftover):
+    data = synthetic_dataset(tmp_path / "data", patients=3, slices=2, size=32)
+    cache = tmp_path / "runs" / "cache"
+    if leftover == "empty":
+        cache.mkdir(parents=True)
+    else:
+        pipeline.preprocess(str(data), str(cache), CFG, overview=False)
+        (cache / ("split.json" if leftover == "no_split" else "index.json")).unlink()
+    assert not cache_matches(cache, data, CFG.preprocess)
+    calls = []
+    monkeypatch.setattr(pipeline, "train_models", lambda names, cache_dir, *a, **k: calls.append(read_split(Path(cache_dir) / "split.json")) or {})
+    assert main(["train", "--data", str(data), "--cache", str(cache), "--out", str(tmp_path / "runs" / "train"), "--quiet", *PRE]) == 0
+    assert len(calls) == 1 and _split_ids(calls[0]) == _ids(data)
+    assert cache_matches(cache, data, CFG.preprocess)
