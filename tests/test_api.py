@@ -278,6 +278,7 @@ def test_brats_volume_three_files(client, shared_data):
     body = r.json()
     assert body["kind"] == "volume" and body["input"]["name"] == "BraTS-MET-00110-000"
     assert body["input"]["shape"] == [240, 240, 155] and body["slices"] == 155
+    assert body["input"]["condition"] == "all" and body["input"]["sequences_present"] == ["t1n", "t2f", "t1c"]
     assert body["input"]["orientation"] == {"top": "A", "bottom": "P", "left": "L", "right": "R"}  # header: RAS
     assert len(body["slice_lesion_area_px"]) == 155 and body["input"]["spacing_mm"] == [1.0, 1.0, 1.0]
     assert body["slices_with_lesion"] == [z for z, a in enumerate(body["slice_lesion_area_px"]) if a > 0]
@@ -357,7 +358,8 @@ BAD_INPUTS = [
     ("tta not a bool", [("s.png", synthetic_png())], {"tta": "maybe"}, 422, ["tta"]),
     ("two slices", [("a.png", synthetic_png()), ("b.png", synthetic_png())], {}, 422, ["one slice"]),
     ("image and volume", [("a.png", synthetic_png()), ("v.nii.gz", _nan_nifti())], {}, 422, ["mixed"]),
-    ("incomplete BraTS set", [("P-t1n.nii.gz", nifti(np.ones((16, 16, 4), np.float32))), ("P-t2f.nii.gz", nifti(np.ones((16, 16, 4), np.float32)))], {}, 422, ["missing t1c"]),
+    ("BraTS set without FLAIR", [("P-t1n.nii.gz", nifti(np.ones((16, 16, 4), np.float32))), ("P-t1c.nii.gz", nifti(np.ones((16, 16, 4), np.float32)))], {}, 422, ["no FLAIR (t2f)"]),
+    ("unknown sequence", [("s.png", synthetic_png())], {"sequence": "dwi"}, 422, ["sequence must be one of", "flair", "t1c", "'dwi'"]),
     ("two unrelated volumes", [("a.nii.gz", nifti(np.ones((16, 16, 4), np.float32))), ("b.nii.gz", nifti(np.ones((16, 16, 4), np.float32)))], {}, 422, ["BraTS"]),
 ]
 

@@ -14,6 +14,7 @@ from .config import ExperimentConfig, default_data_root
 log = logging.getLogger("brainseg")
 
 DEFAULT_CACHE = "runs/cache"
+SEQUENCE_CHOICES = ("flair", "t1", "t1c", "t2")  # = channels.SEQUENCES (not imported here: no numpy for --help)
 DEFAULT_RUN = "runs/train"
 
 
@@ -148,11 +149,23 @@ def cmd_evaluate(a) -> int:
     return 0
 
 
+def _print_read_as(name: str, read_as: dict) -> None:
+    """How one input was read (``channels.input_block``), as plain lines beside the progress bar."""
+    from tqdm import tqdm
+
+    seq = f"; sequence {read_as['sequence']}" if read_as.get("sequence") else ""
+    lines = [f"{name}: read as {read_as['read_as']} (condition {read_as['condition']}{seq})"]
+    lines += [f"{name}: {note}" for note in read_as["notes"]]
+    lines += [f"{name}: warning: {w}" for w in read_as["warnings"]]
+    for line in lines:
+        tqdm.write(line, file=sys.stdout)
+
+
 def cmd_predict(a) -> int:
     from .predict import predict_inputs
 
     seg = _load_model(a)
-    written = predict_inputs(a.inputs, a.out, seg, _post(a, seg), tta=a.tta)
+    written = predict_inputs(a.inputs, a.out, seg, _post(a, seg), tta=a.tta, sequence=a.sequence, report=_print_read_as)
     print(f"wrote {len(written)} files to {a.out}")
     return 0
 
@@ -226,6 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="masks, overlays and lesion statistics for slices, folders or NIfTI volumes")
     pr.add_argument("inputs", nargs="+")
     pr.add_argument("--out", required=True)
+    pr.add_argument(
+        "--sequence",
+        type=str.lower,
+        choices=SEQUENCE_CHOICES,
+        default=None,
+        help="what a grey (one-channel) slice or a single NIfTI volume is: flair (default), t1 (pre-contrast T1), t1c (T1 post-contrast) or t2; "
+        "it is always given to the model in all 3 channels (the FLAIR-only condition), and t1 / t1c / t2 get a warning. "
+        "3-channel slices and BraTS sets (named *-t1n, *-t2f, *-t1c) carry their own sequences",
+    )
     _add_model_args(pr)
     pr.set_defaults(func=cmd_predict)
 

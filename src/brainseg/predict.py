@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from .channels import describe_slice, describe_volume, stored_channels
 from .config import PostprocessConfig
 from .data import DataError, IMAGE_SUFFIXES, MASK_TAG, read_image, to_three_channels, write_json_atomic
 from .inference import binarize, window_for_volume
 from .metrics import connected_components
 from .visualize import display_channel, overlay, save_png
-from .volumes import Volume, brats_sequence, is_nifti, load_volume, save_mask_nifti
+from .volumes import SEQ_ORDER, Volume, brats_sequence, is_nifti, load_volume, save_mask_nifti
 
 log = logging.getLogger(__name__)
 
@@ -145,18 +146,30 @@ def expand_inputs(inputs: list[str]) -> list[list[Path]]:
             elif not p.is_dir():
                 raise DataError(f, f"unsupported file type (use {', '.join(IMAGE_SUFFIXES)}, .nii or .nii.gz)")
     for files in brats.values():
+        # One set per (folder, stem): read together when it has FLAIR (t2f), missing t1n / t1c
+        # filled with FLAIR by load_volume; a lone file is one grey volume of the sequence
+        # its name says; several files without FLAIR cannot be segmented.
         seqs = {brats_sequence(f)[1]: f for f in files}
-        if all(s in seqs for s in ("t1n", "t2f", "t1c")):
-            jobs.append([seqs["t1n"], seqs["t2f"], seqs["t1c"]])
+        if len(files) == 1:
+            jobs.append(files)
+        elif "t2f" in seqs:
+            jobs.append(sorted(files, key=lambda f: SEQ_ORDER.index(brats_sequence(f)[1])))
         else:
-            jobs += [[f] for f in files]
+            got = ", ".join(sorted(seqs, key=SEQ_ORDER.index))
+            raise DataError(files[0], f"BraTS-style set {brats_sequence(files[0])[0]} has no FLAIR (t2f) file (got {got}); the models need FLAIR (t1n and t1c may be left out)")
     if not jobs:
         raise DataError(inputs[0], "no slices or volumes found")
     return jobs
 
 
-def predict_inputs(inputs: list[str], out_dir: os.PathLike | str, segmenter, post: PostprocessConfig, tta: bool = False) -> list[Path]:
-    """Write masks, overlays and lesion JSON for every input; returns the files written."""
+def predict_inputs(inputs: list[str], out_dir: os.PathLike | str, segmenter, post: PostprocessConfig, tta: bool = False, sequence: str | None = None, report=None) -> list[Path]:
+    """Write masks, overlays and lesion JSON for every input; returns the files written.
+
+    ``sequence`` (``channels.SEQUENCES``): what a grey slice or a single volume is (None: FLAIR,
+    or what a BraTS file name says). Each ``X_lesions.json`` holds how the input was read
+    (``read_as``: condition, channels, sequence, warnings); ``report(name, read_as)`` is
+    called for each input as well.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -165,22 +178,28 @@ def predict_inputs(inputs: list[str], out_dir: os.PathLike | str, segmenter, pos
     for job in tqdm(expand_inputs(inputs), desc="predict", unit="input"):
         if is_nifti(job[0]):
             vol = load_volume(job)
+            read_as = describe_volume(vol, sequence)
             res = segment_volume(segmenter, vol, post, tta)
             mask_path = save_mask_nifti(out / f"{vol.name}_mask.nii.gz", res.mask, vol)
             z = int(np.argmax(res.slice_areas)) if res.mask.any() else res.mask.shape[0] // 2
             ov = out / f"{vol.name}_overlay.png"
             save_png(ov, overlay(display_channel(vol.slices[z]), res.mask[z]))
-            stats = {"input": [str(f) for f in job], "model": segmenter.name, "postprocess": {"threshold": post.threshold, "min_size": post.min_size}, "overlay_slice": z, **res.summary()}
+            stats = {"input": [str(f) for f in job], "read_as": read_as, "model": segmenter.name, "postprocess": {"threshold": post.threshold, "min_size": post.min_size}, "overlay_slice": z, **res.summary()}
             js = out / f"{vol.name}_lesions.json"
             write_json_atomic(js, stats)
             written += [mask_path, ov, js]
         else:
             f = job[0]
             image = read_image(f)
-            res = segment_slice(segmenter, to_three_channels(image, f), post, tta)
+            img3 = to_three_channels(image, f)
+            read_as = describe_slice(img3, stored_channels(image), sequence)
+            res = segment_slice(segmenter, img3, post, tta)
             mp, op, js = out / f"{f.stem}_mask.png", out / f"{f.stem}_overlay.png", out / f"{f.stem}_lesions.json"
             save_png(mp, res.mask.astype(np.uint8) * 255)
             save_png(op, overlay(res.image, res.mask))
-            write_json_atomic(js, {"input": str(f), "model": segmenter.name, "postprocess": {"threshold": post.threshold, "min_size": post.min_size}, **res.summary()})
+            write_json_atomic(js, {"input": str(f), "read_as": read_as, "model": segmenter.name, "postprocess": {"threshold": post.threshold, "min_size": post.min_size}, **res.summary()})
             written += [mp, op, js]
+        if report is not None:
+            report(vol.name if is_nifti(job[0]) else job[0].name, read_as)
     return written
+

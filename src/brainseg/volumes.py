@@ -1,5 +1,9 @@
 """NIfTI volumes: one 3-channel file, one grey file, or a BraTS-style t1n / t2f / t1c set.
 
+A BraTS set needs its FLAIR (t2f) file; a missing t1n and / or t1c is filled with the FLAIR
+volume (the "pre_missing" / "post_missing" / "flair_only" conditions of ``channels``), as the
+LGG dataset stores a missing sequence. A single grey file is repeated into the 3 channels.
+
 Axial slices are shown the way the LGG slices are stored: ``image = rot90(data[:, :, z])``
 (rows = anterior-posterior, columns = left-right), and masks go back with the inverse,
 so the written mask shares the input's voxel grid and affine. No torch here.
@@ -10,17 +14,19 @@ from __future__ import annotations
 import gzip
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .channels import SEQUENCE_ALIASES, channel_condition
 from .data import DataError, write_bytes_atomic
 
 # LGG channel order (pre-contrast, FLAIR, post-contrast) <- BraTS sequences.
 BRATS_CHANNELS = ("t1n", "t2f", "t1c")
 _BRATS = re.compile(r"^(?P<stem>.+?)[-_](?P<seq>t1n|t1c|t2f|t2w|flair|t1|t1ce|t2)\.nii(\.gz)?$", re.IGNORECASE)
 _ALIASES = {"flair": "t2f", "t1": "t1n", "t1ce": "t1c", "t2": "t2w"}
+SEQ_ORDER = ("t1n", "t2f", "t1c", "t2w")  # every tag brats_sequence returns, in channel order
 
 
 def is_nifti(path: os.PathLike | str) -> bool:
@@ -50,6 +56,12 @@ class Volume:
     shape: tuple[int, int, int]  # the file's (X, Y, Z)
     name: str
     sources: tuple[str, ...]
+    # How the channels were filled (see ``channels``): "all", "pre_missing", "post_missing", "flair_only".
+    condition: str = "all"
+    channels_given: int = 3  # 1: one grey volume (or a BraTS set with FLAIR only), 2 or 3: sequences given
+    name_sequence: str | None = None  # sequence named by the file name (``X-t2f.nii.gz`` -> "flair")
+    present: tuple[str, ...] = ()  # BraTS sequences in the set (t1n, t2f, t1c), empty for one file
+    notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def pixel_area_mm2(self) -> float:
@@ -81,11 +93,13 @@ def _load_nifti(data: bytes | None, path: os.PathLike | str):
 def load_volume(files: list[os.PathLike | str] | dict[str, bytes], name: str | None = None) -> Volume:
     """Read one NIfTI (3-D grey, or 4-D with 3 channels last) or a t1n/t2f/t1c set.
 
-    ``files`` is a list of paths, or a mapping of file name -> bytes (uploads).
+    ``files`` is a list of paths, or a mapping of file name -> bytes (uploads). A set needs
+    t2f (FLAIR); a missing t1n / t1c is filled with FLAIR; a t2w file is left out.
     """
     items = list(files.items()) if isinstance(files, dict) else [(str(p), None) for p in files]
     if not items:
         raise DataError(name or "volume", "no NIfTI file given")
+    notes: list[str] = []
     if len(items) == 1:
         fname, data = items[0]
         img, arr = _load_nifti(data, fname)
@@ -93,38 +107,52 @@ def load_volume(files: list[os.PathLike | str] | dict[str, bytes], name: str | N
             arr = arr[..., 0]
         if arr.ndim == 3:
             chans = np.repeat(arr[..., None], 3, axis=3)
+            tag = brats_sequence(fname)
+            given, condition, name_seq = 1, "flair_only", (SEQUENCE_ALIASES.get(tag[1], tag[1]) if tag else None)
         elif arr.ndim == 4 and arr.shape[3] == 3:
             chans = arr
+            given, condition, name_seq = 3, channel_condition(arr), None
         else:
             raise DataError(fname, f"expected a 3-D volume or a 4-D volume with 3 channels (pre-contrast, FLAIR, post-contrast), got shape {arr.shape}")
-        affine, zooms, sources = img.affine, img.header.get_zooms()[:3], (fname,)
+        affine, zooms, sources, present, is_set = img.affine, img.header.get_zooms()[:3], (fname,), (), False
     else:
-        by_seq = {}
+        by_seq: dict[str, tuple[str, bytes | None]] = {}
         for fname, data in items:
             tag = brats_sequence(fname)
             if tag is None:
                 raise DataError(fname, "several NIfTI files must be a BraTS-style set named *-t1n, *-t2f and *-t1c")
+            if tag[1] in by_seq:
+                raise DataError(fname, f"BraTS-style set has two {tag[1]} files ({Path(by_seq[tag[1]][0]).name} and {Path(fname).name})")
             by_seq[tag[1]] = (fname, data)
-        missing = [s for s in BRATS_CHANNELS if s not in by_seq]
-        if missing:
-            raise DataError(items[0][0], f"BraTS-style set is missing {', '.join(missing)} (needs t1n, t2f, t1c)")
-        arrays, ref = [], None
-        for seq in BRATS_CHANNELS:
-            fname, data = by_seq[seq]
-            img, arr = _load_nifti(data, fname)
+        if "t2f" not in by_seq:
+            raise DataError(
+                items[0][0],
+                f"BraTS-style set has no FLAIR (t2f) file (got {', '.join(sorted(by_seq, key=SEQ_ORDER.index))}); the models need FLAIR: "
+                "send the *-t2f file (t1n and t1c may be left out: they are then filled with FLAIR)",
+            )
+        present = tuple(s for s in BRATS_CHANNELS if s in by_seq)
+        notes += [f"{s} not used (the models take pre-contrast T1, FLAIR and post-contrast T1)" for s in sorted(by_seq) if s not in BRATS_CHANNELS]
+        loaded = {seq: _load_nifti(by_seq[seq][1], by_seq[seq][0]) for seq in present}
+        ref_name, ref_shape = by_seq["t2f"][0], loaded["t2f"][1].shape
+        for seq in present:
+            fname, arr = by_seq[seq][0], loaded[seq][1]
             if arr.ndim != 3:
                 raise DataError(fname, f"expected a 3-D volume, got shape {arr.shape}")
-            if ref is not None and arr.shape != ref[1].shape:
-                raise DataError(fname, f"shape {arr.shape} differs from {by_seq[BRATS_CHANNELS[0]][0]} {ref[1].shape}")
-            ref = ref or (img, arr)
-            arrays.append(arr)
-        chans = np.stack(arrays, axis=3)
-        img = ref[0]
-        affine, zooms, sources = img.affine, img.header.get_zooms()[:3], tuple(by_seq[s][0] for s in BRATS_CHANNELS)
+            if arr.shape != ref_shape:
+                raise DataError(fname, f"shape {arr.shape} differs from {ref_name} {ref_shape}")
+        chans = np.stack([loaded.get(seq, loaded["t2f"])[1] for seq in BRATS_CHANNELS], axis=3)
+        img = loaded[present[0]][0]  # the first file of the set gives the grid (t1n when present, as before)
+        has_pre, has_post = "t1n" in present, "t1c" in present
+        condition = "all" if has_pre and has_post else "pre_missing" if has_post else "post_missing" if has_pre else "flair_only"
+        given, name_seq = len(present), ("flair" if condition == "flair_only" else None)
+        affine, zooms, sources, is_set = img.affine, img.header.get_zooms()[:3], tuple(by_seq[s][0] for s in present), True
     x, y, z = chans.shape[:3]
     slices = np.stack([np.rot90(chans[:, :, k]) for k in range(z)]).astype(np.float32)
-    stem = name or (brats_sequence(sources[0])[0] if brats_sequence(sources[0]) and len(sources) > 1 else nifti_stem(sources[0]))
-    return Volume(slices, np.asarray(affine, dtype=np.float64), tuple(float(v) for v in zooms), (x, y, z), stem, sources)
+    stem = name or (brats_sequence(sources[0])[0] if is_set else nifti_stem(sources[0]))
+    return Volume(
+        slices, np.asarray(affine, dtype=np.float64), tuple(float(v) for v in zooms), (x, y, z), stem, sources,
+        condition=condition, channels_given=given, name_sequence=name_seq, present=present, notes=tuple(notes),
+    )
 
 
 def mask_to_volume(mask: np.ndarray) -> np.ndarray:

@@ -4,7 +4,9 @@ Routes (OpenAPI docs at ``/docs``):
 
 - ``POST /v1/segment``: multipart field ``files`` = one slice (TIFF / PNG / JPEG, 8 or 16 bit,
   grey or 3-channel), one NIfTI volume, or a BraTS set (``*-t1n``, ``*-t2f``, ``*-t1c``);
-  form or query parameters ``model``, ``threshold``, ``tta``.
+  form or query parameters ``model``, ``threshold``, ``tta``, ``sequence`` (what a grey slice or a
+  single volume is: flair (default), t1, t1c, t2). The answer's ``input`` block says how the
+  channels were read (``condition``: all / pre_missing / post_missing / flair_only, ``warnings``).
 - ``GET /v1/results/{id}``, ``.../mask.nii.gz``, ``.../mask.png?z=``, ``.../slice/{z}.png``.
 - ``GET /v1/models``, ``GET /health``.
 
@@ -32,6 +34,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from .. import __version__
+from ..channels import describe_slice, describe_volume, parse_sequence
 from ..config import CHANNELS
 from ..data import DataError
 from ..inference import Ensemble
@@ -41,7 +44,7 @@ from ..volumes import load_volume
 from .engine import DISPLAY_NAMES, Engine, ModelUnavailable, display_volume
 from .settings import Settings
 from .store import ResultStore, StoredResult
-from .uploads import Upload, UploadError, classify, decode_slice, nifti_payload
+from .uploads import Upload, UploadError, classify, decode_slice_channels, nifti_payload
 
 log = logging.getLogger("brainseg.serving")
 
@@ -240,12 +243,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         model: str | None = Form(None, description="unetpp, attention_unet or ensemble (default: the registry's best)"),
         threshold: str | None = Form(None, description="probability threshold in (0, 1) (default: the model's calibrated one)"),
         tta: str | None = Form(None, description="true: average with the horizontally flipped input"),
+        sequence: str | None = Form(
+            None,
+            description="what a grey (one-channel) slice or a single NIfTI volume is: flair (default), t1 (pre-contrast T1), t1c (T1 post-contrast) or t2. "
+            "It is always given to the model in all 3 channels (the FLAIR-only condition); t1, t1c and t2 get a warning (outside what the model was trained for). "
+            "Ignored, and said so, for 3-channel slices and BraTS sets",
+        ),
     ):
         t_start = time.perf_counter()
         q = request.query_params
         model = model if model is not None else q.get("model")
         thr = parse_threshold(threshold if threshold is not None else q.get("threshold"))
         use_tta = parse_bool("tta", tta if tta is not None else q.get("tta"))
+        try:
+            seq = parse_sequence(sequence if sequence is not None else q.get("sequence"))
+        except ValueError as exc:
+            raise UploadError(422, str(exc)) from None
         try:
             name = engine.resolve(model)
         except KeyError as exc:
@@ -265,16 +278,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             t0 = time.perf_counter()
             seg = engine.get(name)
             if kind == "slice":
-                image = decode_slice(uploads[0], settings.max_pixels)
+                image, stored = decode_slice_channels(uploads[0], settings.max_pixels)
+                read_as = describe_slice(image, stored, seq)
                 t1 = time.perf_counter()
                 res, post = engine.run_slice(seg, image, thr, use_tta)
                 t2 = time.perf_counter()
-                return slice_answer(engine, store, seg, uploads, image, res, post, use_tta, (t0, t1, t2))
+                return slice_answer(engine, store, seg, uploads, image, res, post, use_tta, (t0, t1, t2), read_as)
             vol = load_volume({u.name: nifti_payload(u, settings.max_voxels) for u in uploads})
+            read_as = describe_volume(vol, seq)
             t1 = time.perf_counter()
             res, post = engine.run_volume(seg, vol, thr, use_tta)
             t2 = time.perf_counter()
-            return volume_answer(engine, store, seg, uploads, vol, res, post, use_tta, (t0, t1, t2))
+            return volume_answer(engine, store, seg, uploads, vol, res, post, use_tta, (t0, t1, t2), read_as)
 
         names = ", ".join(u.name for u in uploads)
         try:
@@ -360,7 +375,7 @@ def _lesions(rows: list[dict]) -> tuple[list[dict], bool]:
     return rows[:MAX_LESIONS_LISTED], len(rows) > MAX_LESIONS_LISTED
 
 
-def slice_answer(engine, store, seg, uploads, image, res, post, tta, t) -> dict:
+def slice_answer(engine, store, seg, uploads, image, res, post, tta, t, read_as: dict | None = None) -> dict:
     display = to_uint8(image)
     stored = StoredResult("slice", display[None], res.mask[None], {}, name=Path(uploads[0].name).stem)
     s = res.summary()
@@ -369,7 +384,7 @@ def slice_answer(engine, store, seg, uploads, image, res, post, tta, t) -> dict:
         "id": stored.id,
         "kind": "slice",
         **_common(engine, seg, uploads, post, tta, t),
-        "input": {"height": s["height"], "width": s["width"], "dtype": str(image.dtype), "spacing_mm": None},
+        "input": {"height": s["height"], "width": s["width"], "dtype": str(image.dtype), "spacing_mm": None, **(read_as or {})},
         "lesion_count": s["lesion_count"],
         "lesion_area_px": s["lesion_area_px"],
         "lesion_area_mm2": None,  # pixel spacing is unknown for TIFF / PNG / JPEG slices
@@ -404,7 +419,7 @@ def display_orientation(affine: np.ndarray) -> dict | None:
     return {"top": y, "bottom": _OPPOSITE[y], "left": _OPPOSITE[x], "right": x}
 
 
-def volume_answer(engine, store, seg, uploads, vol, res, post, tta, t) -> dict:
+def volume_answer(engine, store, seg, uploads, vol, res, post, tta, t, read_as: dict | None = None) -> dict:
     display = display_volume(vol.slices)
     stored = StoredResult("volume", display, res.mask, {}, affine=vol.affine, name=vol.name)
     s = res.summary()
@@ -415,7 +430,7 @@ def volume_answer(engine, store, seg, uploads, vol, res, post, tta, t) -> dict:
         "id": stored.id,
         "kind": "volume",
         **_common(engine, seg, uploads, post, tta, t),
-        "input": {"name": vol.name, "shape": s["shape"], "spacing_mm": s["spacing_mm"], "dtype": "float32", "orientation": display_orientation(vol.affine)},
+        "input": {"name": vol.name, "shape": s["shape"], "spacing_mm": s["spacing_mm"], "dtype": "float32", "orientation": display_orientation(vol.affine), **(read_as or {})},
         "lesion_count": s["lesion_count"],
         "lesion_voxels": s["lesion_voxels"],
         "lesion_volume_mm3": s["lesion_volume_mm3"],

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..channels import stored_channels
 from ..data import IMAGE_SUFFIXES, DataError, decode_image, to_three_channels
 from ..volumes import is_nifti
 
@@ -128,6 +129,11 @@ def _check_pixels(name: str, h: int, w: int, max_pixels: int) -> None:
 
 def decode_slice(up: Upload, max_pixels: int) -> np.ndarray:
     """Upload -> (H, W, 3) array (dtype as stored); 413 / 422 with a message on bad input."""
+    return decode_slice_channels(up, max_pixels)[0]
+
+
+def decode_slice_channels(up: Upload, max_pixels: int) -> tuple[np.ndarray, int]:
+    """``decode_slice`` and the number of channels the file stored (1 grey, 3 or 4)."""
     size = image_size(up.data)
     if size:
         _check_pixels(up.name, *size, max_pixels)
@@ -139,6 +145,7 @@ def decode_slice(up: Upload, max_pixels: int) -> np.ndarray:
         if arr.ndim == 3 and arr.shape[2] not in (1, 3, 4) and not (arr.shape[0] in (3, 4) and arr.shape[2] > 4):
             raise DataError(up.name, f"image has {arr.shape[2]} channels; expected grey (1) or 3 channels (pre-contrast, FLAIR, post-contrast), got shape {arr.shape}")
         img = to_three_channels(arr, up.name)
+        stored = stored_channels(arr)
     except DataError as exc:
         raise UploadError(422, str(exc)) from None
     if img.dtype == bool or img.dtype.kind not in "uif":
@@ -147,7 +154,7 @@ def decode_slice(up: Upload, max_pixels: int) -> np.ndarray:
         raise UploadError(422, f"{up.name}: image is {img.shape[1]}x{img.shape[0]}; each side needs at least {MIN_SIDE} pixels")
     if img.dtype.kind == "f" and not np.isfinite(img).all():
         raise UploadError(422, f"{up.name}: image contains {int((~np.isfinite(img)).sum())} NaN or infinite values")
-    return img
+    return img, stored
 
 
 # ---------------------------------------------------------------- volumes
