@@ -24,6 +24,8 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 DEFAULT_API = os.environ.get("BRAINSEG_API_URL", "http://127.0.0.1:8000").rstrip("/")
 CHANNELS = {"Pre-contrast": 0, "FLAIR": 1, "Post-contrast": 2}
+# What a grey slice or a single volume is (the API's ``sequence`` field; brainseg.channels.SEQUENCES).
+SEQUENCES = {"flair": "FLAIR (default)", "t1": "Pre-contrast T1", "t1c": "T1 post-contrast", "t2": "T2"}
 UPLOAD_TYPES = ["tif", "tiff", "png", "jpg", "jpeg", "nii", "nii.gz", "gz"]
 METRIC_NAMES = {
     "per_patient_dice": "Per-patient Dice",
@@ -153,22 +155,34 @@ def current_input() -> tuple[list[tuple[str, bytes, str]] | None, str, bool]:
     if st.session_state.get("source") == "synthetic":
         return [("synthetic_example.png", synthetic_png(), "image/png")], SYNTHETIC_LABEL, True
     if uploaded:
+        up_col.selectbox(
+            "Sequence of a grey slice or a single volume",
+            list(SEQUENCES),
+            format_func=SEQUENCES.get,
+            key="sequence",
+            help="A grey (one-channel) slice or one NIfTI volume is given to the model in all 3 channels, the FLAIR-only condition "
+            "it was trained for. Say here if it is another sequence: T1, T1 post-contrast and T2 are outside what the model was "
+            "trained for, so you get a warning. A 3-channel slice (pre-contrast T1, FLAIR, post-contrast T1) or a BraTS set "
+            "carries its own sequences and ignores this.",
+        )
         files = [(f.name, f.getvalue(), f.type or "application/octet-stream") for f in uploaded]
         return files, ", ".join(f[0] for f in files), False
     return None, "", False
 
 
-def segment(opts: dict, files: list[tuple[str, bytes, str]]) -> None:
+def segment(opts: dict, files: list[tuple[str, bytes, str]], sequence: str | None = None) -> None:
     """Send the input to the API unless this exact request was already answered."""
     h = hashlib.sha1()
     for name, data, _ in files:
         h.update(name.encode() + hashlib.sha1(data).digest())
-    key = json.dumps([h.hexdigest(), opts["base"], opts["model"], opts["threshold"], opts["tta"]])
+    key = json.dumps([h.hexdigest(), opts["base"], opts["model"], opts["threshold"], opts["tta"], sequence])
     if st.session_state.get("request_key") == key:
         return
     form = {"model": opts["model"], "tta": str(opts["tta"]).lower()}
     if opts["threshold"] is not None:
         form["threshold"] = str(opts["threshold"])
+    if sequence and sequence != "flair":  # FLAIR is the API's default; a 3-channel slice is not told it is ignored
+        form["sequence"] = sequence
     volume = any(n.lower().endswith((".nii", ".nii.gz")) for n, _, _ in files)
     with st.spinner("Segmenting the volume, slice by slice…" if volume else "Segmenting…"):
         try:
@@ -220,15 +234,27 @@ def slice_navigation(res: dict) -> int:
     return int(st.session_state.z)
 
 
+def show_read_as(inp: dict) -> None:
+    """How the API read the channels: one line, its notes, and a warning where the input is outside the training."""
+    if not inp.get("read_as"):
+        return
+    notes = inp.get("notes") or []
+    st.markdown("  \n".join([f"**Read as:** {inp['read_as']}", *notes]))
+    for w in inp.get("warnings") or []:
+        st.warning(w, icon=":material/warning:")
+
+
 def show_result(opts: dict, res: dict, label: str, synthetic: bool) -> None:
     base, rid = opts["base"], res["id"]
     model = res["model"]
     is_volume = res["kind"] == "volume"
     if synthetic:
         st.warning(f"**{SYNTHETIC_LABEL}.** The lesion is drawn by the program; use it to see how the page works.", icon=":material/science:")
+    inp = res["input"]
     if is_volume and len(res["files"]) > 1:
-        label = f"{res['input']['name']} (BraTS set: t1n, t2f, t1c)"
+        label = f"{inp['name']} (BraTS set: {', '.join(inp.get('sequences_present') or ['t1n', 't2f', 't1c'])})"
     st.subheader(f"Result · {label}")
+    show_read_as(inp)
     t = res["timings_ms"]
     st.caption(
         f"{model['display_name']} · version `{model['version']}` · {model['backend']} · threshold {res['threshold']} · "
@@ -312,7 +338,9 @@ def main() -> None:
     with st.expander("How to use", expanded=not st.session_state.get("result")):
         st.markdown(
             "1. Upload **one slice** (TIFF/PNG/JPEG, 8 or 16 bit, grey or 3 channels: pre-contrast, FLAIR, post-contrast, "
-            "like the LGG kaggle_3m slices), **one NIfTI volume**, or the **three BraTS files** `*-t1n`, `*-t2f`, `*-t1c` together.\n"
+            "like the LGG kaggle_3m slices), **one NIfTI volume**, or the **BraTS files** `*-t1n`, `*-t2f`, `*-t1c` together "
+            "(`*-t2f` is needed; a missing `*-t1n` or `*-t1c` is filled with FLAIR). A grey slice or a single volume is read as FLAIR; "
+            "say below the upload if it is another sequence.\n"
             "2. Pick a model and threshold in the sidebar (the default is the best model on the test patients, at its calibrated threshold).\n"
             "3. Compare original, overlay and mask; for a volume move through the slices or jump to the slices with lesion. "
             "Download the mask (PNG, or NIfTI with the input's affine) and the lesion table."
@@ -323,7 +351,7 @@ def main() -> None:
     if files is None:
         st.info("Upload a file above, or press **Try the synthetic example** to see the page at work.")
         return
-    segment(opts, files)
+    segment(opts, files, None if synthetic else st.session_state.get("sequence"))
     if st.session_state.get("error"):
         st.error(st.session_state.error)
         return

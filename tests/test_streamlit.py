@@ -98,6 +98,7 @@ def test_upload_real_slice_and_a_volume(monkeypatch, api_server, shared_data):
     at.file_uploader(key="uploads").upload("slice.tif", (shared_data / LESION_SLICE).read_bytes(), "image/tiff").run()
     no_page_crash(at)
     assert "Result · slice.tif" in texts(at.subheader)
+    assert any("**Read as:** pre-contrast T1, FLAIR, post-contrast T1" in m for m in texts(at.markdown))
 
     import nibabel as nib
 
@@ -121,6 +122,25 @@ def test_upload_real_slice_and_a_volume(monkeypatch, api_server, shared_data):
     if len(with_lesion) > 1:
         at.button(key="prev_lesion").click().run()
         assert at.slider(key="z").value == with_lesion[-2]
+
+
+def test_grey_upload_says_how_it_is_read_and_warns_for_other_sequences(monkeypatch, api_server):
+    import cv2
+
+    from brainseg.synthetic import synthetic_slice
+
+    ok, buf = cv2.imencode(".png", synthetic_slice(size=128)[0][:, :, 1])
+    at = run_app(monkeypatch, api_server)
+    assert "sequence" not in [sb.key for sb in at.selectbox]  # the choice appears with an upload
+    at.file_uploader(key="uploads").upload("grey.png", buf.tobytes(), "image/png").run()
+    no_page_crash(at)
+    assert at.selectbox(key="sequence").value == "flair"
+    assert any("**Read as:** FLAIR only (grey image)" in m for m in texts(at.markdown))
+    assert not any("unreliable" in w for w in texts(at.warning))
+    at.selectbox(key="sequence").set_value("t2").run()
+    no_page_crash(at)
+    assert any("**Read as:** T2 only (grey image)" in m for m in texts(at.markdown))
+    assert any("T2" in w and "unreliable" in w for w in texts(at.warning)), texts(at.warning)
 
 
 def test_api_error_on_a_bad_file_is_shown(monkeypatch, api_server):
