@@ -14,6 +14,15 @@ from pathlib import Path
 # The channels of the LGG slices, in file order (Buda et al. 2019).
 CHANNELS = ("pre-contrast", "FLAIR", "post-contrast")
 
+# Input conditions a user can produce: which file channel feeds each network channel.
+# A missing sequence is a copy of FLAIR (channel 1), as the LGG dataset stores it.
+CONDITIONS = {
+    "all": (0, 1, 2),
+    "pre_missing": (1, 1, 2),
+    "post_missing": (0, 1, 1),
+    "flair_only": (1, 1, 1),
+}
+
 # Display names (the original description prints "Nested U-Net DICE Score: ...").
 DISPLAY_NAMES = {"unetpp": "Nested U-Net", "attention_unet": "Attention U-Net", "ensemble": "Ensemble (mean probability)"}
 
@@ -63,6 +72,7 @@ class PostprocessConfig:
 
     threshold: float = 0.5
     min_size: int = 0  # connected components smaller than this (pixels at native size) are removed
+    components_3d: bool = False  # for stacks of slices (volumes): measure components in 3D, not per slice
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,9 @@ class TrainConfig:
     seed: int = 42
     num_threads: int = 0  # 0: torch default
     val_every: int = 1
+    workers: int = 0  # DataLoader worker processes (augmentation); 0: in the training process
+    ema_decay: float = 0.0  # >0: validate and ship an exponential moving average of the weights
+    time_budget_s: float = 0.0  # >0: after epoch 2, shorten ``epochs`` so training fits this many seconds
 
 
 @dataclass(frozen=True)
@@ -92,6 +105,10 @@ class AugmentConfig:
     brightness_contrast: float = 0.5
     gamma: float = 0.3
     noise: float = 0.2
+    # Sequence dropout: a missing pre- / post-contrast sequence is a copy of FLAIR in its
+    # channel (as the LGG dataset stores it). Each is applied independently per sample.
+    missing_pre: float = 0.3
+    missing_post: float = 0.3
 
 
 @dataclass(frozen=True)

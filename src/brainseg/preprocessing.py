@@ -18,7 +18,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .config import AugmentConfig, PreprocessConfig
+from .config import CONDITIONS, AugmentConfig, PreprocessConfig
 
 
 def to_uint8(image: np.ndarray, lo: np.ndarray | float | None = None, hi: np.ndarray | float | None = None) -> np.ndarray:
@@ -117,6 +117,24 @@ def restore_size(prob: np.ndarray, height: int, width: int) -> np.ndarray:
     if prob.shape == (height, width):
         return prob.astype(np.float32)
     return np.clip(cv2.resize(prob.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+
+
+def apply_condition(image: np.ndarray, condition: str) -> np.ndarray:
+    """(..., 3) channel-last image(s) as under ``condition`` (missing sequences become FLAIR copies)."""
+    if condition not in CONDITIONS:
+        raise ValueError(f"unknown input condition {condition!r}; choose one of {sorted(CONDITIONS)}")
+    order = CONDITIONS[condition]
+    if order == (0, 1, 2):
+        return image
+    return np.ascontiguousarray(image[..., list(order)])
+
+
+def drop_sequences(image: np.ndarray, rng: np.random.Generator, missing_pre: float, missing_post: float) -> np.ndarray:
+    """Training-time sequence dropout on a (H, W, 3) image: pre / post replaced by FLAIR independently."""
+    pre, post = rng.random() < missing_pre, rng.random() < missing_post
+    if not (pre or post):
+        return image
+    return apply_condition(image, "flair_only" if pre and post else "pre_missing" if pre else "post_missing")
 
 
 def build_augmentation(cfg: AugmentConfig):

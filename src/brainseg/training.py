@@ -13,7 +13,6 @@ import csv
 import logging
 import math
 import os
-import random
 import time
 from pathlib import Path
 
@@ -26,11 +25,11 @@ from tqdm import tqdm
 from . import __version__
 from .cache import Cache
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import ExperimentConfig
+from .config import CONDITIONS, ExperimentConfig
 from .data import write_json_atomic
 from .metrics import dice
 from .models import build_model, count_parameters
-from .preprocessing import build_augmentation, normalize
+from .preprocessing import apply_condition, build_augmentation, drop_sequences, normalize
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +38,12 @@ log = logging.getLogger(__name__)
 
 
 class SliceDataset(torch.utils.data.Dataset):
-    """Rows of the cache -> (3, S, S) float32 image, (1, S, S) float32 mask."""
+    """Rows of the cache -> (3, S, S) float32 image, (1, S, S) float32 mask.
+
+    ``sample(pos, seed)`` is the training view: augmentation and sequence dropout drawn
+    from ``seed`` alone, so a sample is the same whichever worker or run (resumed or not)
+    draws it. ``dataset[pos]`` is the plain view.
+    """
 
     def __init__(self, cache: Cache, rows: np.ndarray, cfg: ExperimentConfig, augment: bool):
         self.cache, self.rows, self.cfg = cache, rows, cfg
@@ -48,16 +52,54 @@ class SliceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int):
-        r = self.rows[i]
+    def __getitem__(self, pos: int):
+        return self.sample(pos, None)
+
+    def sample(self, pos: int, seed: int | None):
+        r = self.rows[pos]
         image = np.asarray(self.cache.images[r])
         mask = np.asarray(self.cache.masks[r]).astype(np.uint8)
-        if self.augment is not None:
+        if self.augment is not None and seed is not None:
+            seed_augmentation(self.augment, seed)
             out = self.augment(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
+            a = self.cfg.augment
+            image = drop_sequences(image, np.random.default_rng([seed, 1]), a.missing_pre, a.missing_post)
         x = torch.from_numpy(normalize(image, self.cfg.preprocess))
         y = torch.from_numpy(mask[None].astype(np.float32))
         return x, y
+
+
+class EpochSamples(torch.utils.data.Dataset):
+    """One epoch's draw: item ``k`` is ``base[positions[k]]`` augmented with its own seed."""
+
+    def __init__(self, base: SliceDataset, positions: np.ndarray, seeds: np.ndarray):
+        self.base, self.positions, self.seeds = base, positions, seeds
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, k: int):
+        return self.base.sample(int(self.positions[k]), int(self.seeds[k]))
+
+
+def seed_augmentation(compose, seed: int) -> None:
+    """Give each transform of an albumentations Compose its own generator derived from ``seed``."""
+    compose.set_random_seed(seed)
+    for k, t in enumerate(compose.transforms):
+        t.set_random_seed(int(np.random.SeedSequence([seed, k]).generate_state(1)[0]))
+
+
+def sample_seeds(seed: int, epoch: int, n: int) -> np.ndarray:
+    """One augmentation seed per sample of an epoch, fixed by (run seed, epoch)."""
+    return np.random.SeedSequence([seed, epoch]).generate_state(n, dtype=np.uint32).astype(np.int64)
+
+
+def _worker_init(_):
+    import cv2
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
 
 
 def epoch_indices(positive: np.ndarray, n: int, fraction: float, seed: int) -> np.ndarray:
@@ -115,7 +157,11 @@ def dist_setup() -> tuple[int, int, torch.device]:
 
 
 class Trainer:
-    def __init__(self, cfg: ExperimentConfig, cache: Cache, split: dict, out_dir: os.PathLike | str, resume: bool = False, progress: bool = True):
+    # Conditions validated every epoch; the best epoch is chosen on their mean, so the
+    # shipped weights work both with all sequences and with FLAIR alone.
+    SELECT_ON = ("all", "flair_only")
+
+    def __init__(self, cfg: ExperimentConfig, cache: Cache, split: dict, out_dir: os.PathLike | str, resume: bool = False, progress: bool = True, init_from: os.PathLike | str | None = None):
         self.cfg, self.cache, self.split = cfg, cache, split
         self.out = Path(out_dir)
         self.progress = progress
@@ -133,6 +179,10 @@ class Trainer:
         self.positive = np.asarray([cache.masks[r].any() for r in self.train_rows])
 
         self.model = build_model(cfg.model).to(self.device)
+        self.ema = build_model(cfg.model).to(self.device) if tc.ema_decay > 0 else None
+        if self.ema is not None:
+            self.ema.load_state_dict(self.model.state_dict())
+            self.ema.requires_grad_(False)
         # Training calls every supervision head; DDP only hooks ``forward``, so wrap that call.
         self.heads = Heads(self.model)
         if self.world > 1:
@@ -144,38 +194,68 @@ class Trainer:
         n = tc.samples_per_epoch or len(self.train_rows)
         self.samples_per_epoch = n
         self.steps_per_epoch = max(1, n // (tc.batch_size * self.world))
+        self.planned_epochs = tc.epochs
         self.total_steps = tc.max_steps or self.steps_per_epoch * tc.epochs
         self.warmup = max(1, self.steps_per_epoch * tc.warmup_epochs)
 
         self.epoch, self.step, self.best, self.history = 0, 0, -1.0, []
+        self.out.mkdir(parents=True, exist_ok=True)
+        remove_orphan_temporaries(self.out)
+        self.init_from = str(init_from) if init_from else None
         if resume and (self.out / "last.pt").is_file():
             self._load(self.out / "last.pt")
+        elif init_from:
+            self._init_weights(Path(init_from))
 
     # -- state
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The weights that are validated and shipped: the EMA if enabled."""
+        return self.ema if self.ema is not None else self.model
 
     def _ckpt(self, with_optimizer: bool) -> dict:
         ckpt = {
             "config": self.cfg.to_dict(),
-            "model": self.model.state_dict(),
+            "model": self.eval_model.state_dict(),
             "epoch": self.epoch,
             "step": self.step,
             "best": self.best,
             "history": self.history,
             "split": self.split,
-            "info": {"brainseg_version": __version__, "parameters": count_parameters(self.model), "torch": torch.__version__},
+            "info": {"brainseg_version": __version__, "parameters": count_parameters(self.model), "torch": torch.__version__, "device": str(self.device), "init_from": self.init_from},
         }
         if with_optimizer:
+            ckpt["train_model"] = self.model.state_dict()
             ckpt["optimizer"] = self.opt.state_dict()
             ckpt["scaler"] = self.scaler.state_dict()
+            ckpt["planned_epochs"] = self.planned_epochs
+            ckpt["total_steps"] = self.total_steps
         return ckpt
 
     def _load(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
-        self.model.load_state_dict(ckpt["model"])
+        self.model.load_state_dict(ckpt.get("train_model", ckpt["model"]))
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt.get("scaler", {}))
         self.epoch, self.step, self.best, self.history = ckpt["epoch"], ckpt["step"], ckpt["best"], ckpt["history"]
+        if ckpt["config"]["train"]["epochs"] == self.cfg.train.epochs:  # same run: keep a budget-shortened plan
+            self.planned_epochs = ckpt.get("planned_epochs", self.planned_epochs)
+            self.total_steps = ckpt.get("total_steps", self.total_steps)
         log.info("resumed from %s at epoch %d (best %.4f)", path, self.epoch, self.best)
+
+    def _init_weights(self, path: Path) -> None:
+        """Start from another run's weights (same architecture), with this run's own schedule."""
+        ckpt = load_checkpoint(path)
+        theirs = ckpt["config"]["model"]
+        if theirs["name"] != self.cfg.model.name or tuple(theirs["features"]) != tuple(self.cfg.model.features):
+            raise ValueError(f"{path}: weights of {theirs['name']} {tuple(theirs['features'])}, but this run trains {self.cfg.model.name} {self.cfg.model.features}")
+        self.model.load_state_dict(ckpt["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt["model"])
+        log.info("initialised from %s (epoch %s of that run)", path, ckpt.get("epoch"))
 
     # -- steps
 
@@ -190,27 +270,17 @@ class Trainer:
         self.scaler.step(self.opt)
         self.scaler.update()
         self.step += 1
+        if self.ema is not None:
+            update_ema(self.ema, self.model, self.cfg.train.ema_decay)
         return float(loss.detach())
 
     @torch.inference_mode()
-    def validation_step(self) -> dict:
-        """Per-patient 3D Dice at network resolution on the validation patients (threshold 0.5)."""
-        self.model.eval()
-        by_patient: dict[str, tuple[list, list]] = {}
-        rows = self.val_rows
-        bs = 32
-        for s in range(0, len(rows), bs):
-            chunk = rows[s : s + bs]
-            x = torch.from_numpy(np.stack([normalize(np.asarray(self.cache.images[r]), self.cfg.preprocess) for r in chunk])).to(self.device)
-            with torch.autocast(self.device.type, enabled=self.amp):
-                prob = torch.sigmoid(self.model(x).float())[:, 0].cpu().numpy()
-            for r, p in zip(chunk, prob):
-                preds, truths = by_patient.setdefault(self.cache.patients[r], ([], []))
-                preds.append(p >= 0.5)
-                truths.append(np.asarray(self.cache.masks[r]))
-        self.model.train()
-        scores = {pid: dice(np.stack(p), np.stack(t)) for pid, (p, t) in by_patient.items()}
-        return {"val_dice": float(np.mean(list(scores.values()))) if scores else float("nan")}
+    def validation_step(self, conditions=SELECT_ON) -> dict:
+        """Per-patient 3D Dice at network resolution (threshold 0.5) on the validation patients, per input condition."""
+        scores = validation_scores(self.eval_model, self.cache, self.val_rows, self.cfg, self.device, conditions)
+        row = {f"val_dice_{c}": float(np.mean(list(v.values()))) if v else float("nan") for c, v in scores.items()}
+        row["val_dice"] = float(np.mean([row[f"val_dice_{c}"] for c in conditions]))
+        return row
 
     def on_epoch_end(self, row: dict) -> None:
         self.history.append(row)
@@ -222,47 +292,113 @@ class Trainer:
             save_checkpoint(self.out / "best.pt", self._ckpt(with_optimizer=False))
         save_checkpoint(self.out / "last.pt", self._ckpt(with_optimizer=True))
         write_history(self.out, self.history)
-        log.info("epoch %d  loss %.4f  val per-patient Dice %.4f%s", row["epoch"], row["loss"], row["val_dice"], "  (best)" if improved else "")
+        log.info("epoch %d/%d  loss %.4f  val per-patient Dice %.4f%s", row["epoch"], self.planned_epochs, row["loss"], row["val_dice"], "  (best)" if improved else "")
+
+    def fit_budget(self, started: float, epoch1_end: float) -> None:
+        """With ``time_budget_s``: after epoch 2, fewer epochs if the planned ones would not fit.
+
+        Epoch 2's duration is the estimate (epoch 1 pays start-up costs).
+        """
+        tc = self.cfg.train
+        if tc.time_budget_s <= 0 or tc.max_steps or self.epoch != 2:
+            return
+        per_epoch = time.time() - epoch1_end
+        fit = max(3, 2 + int((tc.time_budget_s - (time.time() - started)) / per_epoch))
+        if fit < self.planned_epochs:
+            log.info("time budget %.0f s at %.1f s/epoch: %d epochs instead of %d", tc.time_budget_s, per_epoch, fit, self.planned_epochs)
+            self.planned_epochs = fit
+            self.total_steps = self.steps_per_epoch * fit
 
     # -- loop
 
-    def fit(self) -> dict:
+    def epoch_loader(self) -> torch.utils.data.DataLoader:
+        """This epoch's samples: foreground-aware draw, each with its own augmentation seed."""
         tc = self.cfg.train
-        self.out.mkdir(parents=True, exist_ok=True)
+        n = self.steps_per_epoch * tc.batch_size * self.world
+        idx = epoch_indices(self.positive, n, tc.positive_fraction, tc.seed * 1000 + self.epoch)
+        seeds = sample_seeds(tc.seed, self.epoch, n)
+        mine = slice(self.rank, None, self.world)  # this rank's share
+        return torch.utils.data.DataLoader(
+            EpochSamples(self.train_set, idx[mine], seeds[mine]),
+            batch_size=tc.batch_size,
+            shuffle=False,
+            num_workers=tc.workers,
+            worker_init_fn=_worker_init if tc.workers else None,
+            pin_memory=self.device.type == "cuda",
+            drop_last=True,
+        )
+
+    def fit(self) -> dict:
         if self.rank == 0:
             write_json_atomic(self.out / "config.json", self.cfg.to_dict())
         self.model.train()
+        started = time.time()
+        epoch0 = self.epoch
         while self.step < self.total_steps:
             self.epoch += 1
-            idx = epoch_indices(self.positive, self.steps_per_epoch * tc.batch_size * self.world, tc.positive_fraction, tc.seed * 1000 + self.epoch)
-            idx = idx[self.rank :: self.world]  # this rank's share
-            loader = torch.utils.data.DataLoader(
-                torch.utils.data.Subset(self.train_set, idx.tolist()),
-                batch_size=tc.batch_size,
-                shuffle=False,
-                num_workers=0,
-                drop_last=True,
-                generator=torch.Generator().manual_seed(tc.seed + self.epoch),
-            )
-            # Augmentation draws from numpy/random: seed them per epoch and rank for reproducibility.
-            np.random.seed(tc.seed + 7919 * self.epoch + self.rank)
-            random.seed(tc.seed + 7919 * self.epoch + self.rank)
             t0, losses = time.time(), []
-            bar = tqdm(loader, desc=f"{self.cfg.model.name} epoch {self.epoch}", unit="batch", disable=not self.progress or self.rank != 0, leave=False)
+            bar = tqdm(self.epoch_loader(), desc=f"{self.cfg.model.name} epoch {self.epoch}", unit="batch", disable=not self.progress or self.rank != 0, leave=False)
             for x, y in bar:
-                losses.append(self.train_step(x.to(self.device), y.to(self.device)))
+                losses.append(self.train_step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)))
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", lr=f"{self.opt.param_groups[0]['lr']:.2e}")
                 if self.step >= self.total_steps:
                     break
             row = {"epoch": self.epoch, "step": self.step, "loss": float(np.mean(losses)) if losses else float("nan"), "lr": self.opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 1)}
-            if self.epoch % tc.val_every == 0 or self.step >= self.total_steps:
+            if self.epoch % self.cfg.train.val_every == 0 or self.step >= self.total_steps:
                 row.update(self.validation_step())
             else:
                 row["val_dice"] = float("nan")
+            if self.epoch - epoch0 == 1:
+                epoch1_end = time.time()
+            if self.epoch - epoch0 == 2 and epoch0 == 0:
+                self.fit_budget(started, epoch1_end)
             self.on_epoch_end(row)
+            if self.cfg.train.time_budget_s and self.epoch >= 3 and time.time() - started > 1.25 * self.cfg.train.time_budget_s:
+                log.warning("stopping at epoch %d: 25%% over the time budget", self.epoch)
+                break
         if self.rank == 0 and not (self.out / "best.pt").is_file():
             save_checkpoint(self.out / "best.pt", self._ckpt(with_optimizer=False))
         return {"best_val_dice": self.best, "epochs": self.epoch, "steps": self.step}
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema = decay * ema + (1 - decay) * model, for parameters and float buffers (BatchNorm statistics)."""
+    for e, m in zip(ema.state_dict().values(), model.state_dict().values()):
+        if e.dtype.is_floating_point:
+            e.lerp_(m, 1.0 - decay)
+        else:
+            e.copy_(m)
+
+
+@torch.inference_mode()
+def validation_scores(model: torch.nn.Module, cache: Cache, rows: np.ndarray, cfg: ExperimentConfig, device: torch.device, conditions=tuple(CONDITIONS), batch_size: int = 64) -> dict[str, dict[str, float]]:
+    """{condition: {patient: 3D Dice}} at network resolution, threshold 0.5."""
+    was_training = model.training
+    model.eval()
+    amp = device.type == "cuda"
+    out: dict[str, dict[str, float]] = {}
+    truth: dict[str, list] = {}
+    for r in rows:
+        truth.setdefault(cache.patients[r], []).append(np.asarray(cache.masks[r]))
+    for cond in conditions:
+        preds: dict[str, list] = {}
+        for s in range(0, len(rows), batch_size):
+            chunk = rows[s : s + batch_size]
+            x = np.stack([normalize(apply_condition(np.asarray(cache.images[r]), cond), cfg.preprocess) for r in chunk])
+            with torch.autocast(device.type, enabled=amp):
+                logits = model(torch.from_numpy(x).to(device)).float()
+            for r, p in zip(chunk, (logits[:, 0] >= 0).cpu().numpy()):
+                preds.setdefault(cache.patients[r], []).append(p)
+        out[cond] = {pid: dice(np.stack(p), np.stack(truth[pid])) for pid, p in preds.items()}
+    model.train(was_training)
+    return out
+
+
+def remove_orphan_temporaries(folder: Path) -> None:
+    """Temporary files of checkpoint / history writes that a kill left behind."""
+    for tmp in list(folder.glob(".*.tmp")) + list(folder.glob(".*.tmp.png")):
+        tmp.unlink(missing_ok=True)
 
 
 class Heads(torch.nn.Module):

@@ -1,0 +1,188 @@
+"""Missing sequences in training and evaluation; reproducible augmentation; resume equivalence; EMA."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from brainseg.cache import build_cache, load_cache
+from brainseg.checkpoint import load_checkpoint
+from brainseg.config import CONDITIONS, AugmentConfig, ExperimentConfig, ModelConfig, PostprocessConfig, PreprocessConfig, TrainConfig
+from brainseg.data import discover, split_patients
+from brainseg.evaluation import PatientPrediction, aggregate, evaluate_predictions, score_patient, sweep_postprocess
+from brainseg.metrics import bootstrap_ci
+from brainseg.preprocessing import apply_condition, drop_sequences
+from brainseg.training import SliceDataset, Trainer, update_ema
+
+from helpers import synthetic_dataset
+
+
+def _image():
+    img = np.zeros((4, 4, 3), np.uint8)
+    img[..., 0], img[..., 1], img[..., 2] = 10, 20, 30
+    return img
+
+
+def test_conditions_copy_flair_into_missing_channels():
+    img = _image()
+    assert apply_condition(img, "all") is img
+    assert apply_condition(img, "pre_missing")[0, 0].tolist() == [20, 20, 30]
+    assert apply_condition(img, "post_missing")[0, 0].tolist() == [10, 20, 20]
+    assert apply_condition(img, "flair_only")[0, 0].tolist() == [20, 20, 20]
+    # works on stacks (channel last) too
+    assert apply_condition(np.stack([img, img]), "flair_only").shape == (2, 4, 4, 3)
+    with pytest.raises(ValueError, match="unknown input condition"):
+        apply_condition(img, "t2_only")
+    assert set(CONDITIONS) == {"all", "pre_missing", "post_missing", "flair_only"}
+
+
+def test_sequence_dropout_rates():
+    rng = np.random.default_rng(0)
+    seen = {"all": 0, "pre_missing": 0, "post_missing": 0, "flair_only": 0}
+    for _ in range(4000):
+        out = drop_sequences(_image(), rng, 0.3, 0.5)[0, 0].tolist()
+        key = {(10, 20, 30): "all", (20, 20, 30): "pre_missing", (10, 20, 20): "post_missing", (20, 20, 20): "flair_only"}[tuple(out)]
+        seen[key] += 1
+    # independent: P(all) = 0.7 * 0.5, P(pre only) = 0.3 * 0.5, P(post only) = 0.7 * 0.5, P(both) = 0.15
+    assert seen["all"] / 4000 == pytest.approx(0.35, abs=0.03)
+    assert seen["pre_missing"] / 4000 == pytest.approx(0.15, abs=0.03)
+    assert seen["post_missing"] / 4000 == pytest.approx(0.35, abs=0.03)
+    assert seen["flair_only"] / 4000 == pytest.approx(0.15, abs=0.03)
+    assert drop_sequences(_image(), rng, 0.0, 0.0)[0, 0].tolist() == [10, 20, 30]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = synthetic_dataset(tmp_path_factory.mktemp("data"), patients=4, slices=6, size=48)
+    cache_dir = tmp_path_factory.mktemp("cache") / "c"
+    ds = discover(root)
+    build_cache(ds, PreprocessConfig(input_size=32), cache_dir, progress=False)
+    return load_cache(cache_dir), split_patients([p.id for p in ds.patients], 1, 1, seed=0)
+
+
+def _cfg(**train):
+    return ExperimentConfig(
+        preprocess=PreprocessConfig(input_size=32),
+        model=ModelConfig(name="attention_unet", features=(4, 8, 16)),
+        augment=AugmentConfig(missing_pre=0.5, missing_post=0.5),
+        train=TrainConfig(batch_size=4, samples_per_epoch=8, num_threads=1, **train),
+    )
+
+
+def test_augmentation_is_a_function_of_the_sample_seed(tiny):
+    cache, split = tiny
+    ds = SliceDataset(cache, cache.rows(split["train"]), _cfg(), augment=True)
+    a1, m1 = ds.sample(3, 12345)
+    a2, m2 = ds.sample(3, 12345)
+    assert torch.equal(a1, a2) and torch.equal(m1, m2)
+    others = [ds.sample(3, s)[0] for s in range(8)]
+    assert any(not torch.equal(a1, o) for o in others)
+    # the plain view is not augmented
+    assert torch.equal(ds[3][0], ds[3][0])
+
+
+def test_killed_and_resumed_run_ends_where_an_uninterrupted_run_ends(tiny, tmp_path, monkeypatch):
+    cache, split = tiny
+    full = Trainer(_cfg(epochs=3), cache, split, tmp_path / "full", progress=False)
+    full.fit()
+
+    interrupted = Trainer(_cfg(epochs=3), cache, split, tmp_path / "killed", progress=False)
+    real_step = Trainer.train_step
+
+    def dying_step(self, x, y):
+        if self.step == 5:  # in epoch 3, after epoch 2's checkpoint
+            raise KeyboardInterrupt
+        return real_step(self, x, y)
+
+    monkeypatch.setattr(Trainer, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit()
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    (tmp_path / "killed" / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")  # a kill during a write
+    resumed = Trainer(_cfg(epochs=3), cache, split, tmp_path / "killed", resume=True, progress=False)
+    assert resumed.epoch == 2 and resumed.step == 4
+    assert not list((tmp_path / "killed").glob(".*.tmp")), "orphan temporary files are removed on resume"
+    resumed.fit()
+
+    a = load_checkpoint(tmp_path / "full" / "last.pt")["train_model"]
+    b = load_checkpoint(tmp_path / "killed" / "last.pt")["train_model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+    assert len(load_checkpoint(tmp_path / "killed" / "last.pt")["history"]) == 3
+    # and the weights did move from their initialisation
+    torch.manual_seed(42)
+    from brainseg.models import build_model
+
+    init = build_model(_cfg().model).state_dict()
+    assert any(not torch.allclose(init[k].float(), a[k].float()) for k in a if a[k].is_floating_point())
+
+
+def test_time_budget_shortens_the_plan(tiny, tmp_path):
+    cache, split = tiny
+    tr = Trainer(_cfg(epochs=50, time_budget_s=1e-3), cache, split, tmp_path / "b", progress=False)
+    res = tr.fit()
+    assert res["epochs"] == 3 and tr.planned_epochs == 3  # never fewer than 3
+
+
+def test_ema_update():
+    a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        a.weight.fill_(0.0)
+        b.weight.fill_(1.0)
+    update_ema(a, b, 0.9)
+    assert torch.allclose(a.weight, torch.full_like(a.weight, 0.1))
+    update_ema(a, b, 0.0)
+    assert torch.allclose(a.weight, b.weight)
+
+
+def test_bootstrap_ci():
+    assert bootstrap_ci([0.5] * 10) == (0.5, 0.5)
+    lo, hi = bootstrap_ci([0.0, 1.0] * 10)
+    assert lo < 0.5 < hi and lo > 0.2 and hi < 0.8
+    assert all(np.isnan(bootstrap_ci([0.3])))
+    assert bootstrap_ci([0.1, 0.9, float("nan"), 0.5], seed=1) == bootstrap_ci([0.1, 0.9, 0.5], seed=1)
+
+
+def _pred(pid, prob, truth):
+    return PatientPrediction(pid, np.asarray(prob, np.float32), np.asarray(truth, bool))
+
+
+def test_sweep_chooses_3d_components_when_specks_span_slices():
+    # truth: a 3-slice lesion of 3x3x3 = 27 voxels. Prediction: the lesion plus a speck of 2 px
+    # on each of the 3 slices at the same place (6 voxels in 3D, 2 px per slice).
+    truth = np.zeros((3, 10, 10), bool)
+    truth[:, 1:4, 1:4] = True
+    prob = truth.astype(np.float32) * 0.9
+    prob[:, 7, 7:9] = 0.9
+    pred = _pred("p", prob, truth)
+    post, table = sweep_postprocess([pred], thresholds=(0.5,), min_sizes=(0, 5), components_3d=(False, True))
+    by_key = {(r["min_size"], r["components_3d"]): r["per_patient_dice"] for r in table}
+    # 2D: the 9-px lesion slices survive min 5, and so do... no: 2-px specks go too -> perfect
+    assert by_key[(5, False)] == pytest.approx(1.0)
+    assert by_key[(0, False)] == pytest.approx(2 * 27 / (27 + 33))
+    # 3D: the speck is 6 voxels >= 5, so it stays
+    assert by_key[(5, True)] == pytest.approx(2 * 27 / (27 + 33))
+    assert post == PostprocessConfig(0.5, 5, False)
+
+
+def test_aggregate_by_hand():
+    # patient a: perfect; patient b: prediction empty on a 12,000-voxel lesion
+    t = np.zeros((2, 100, 100), bool)
+    t[0, :60, :100] = True
+    t[1, :60, :100] = True  # 12,000 voxels
+    a = score_patient(t.copy(), t)
+    b = score_patient(np.zeros_like(t), t)
+    fp_truth = np.zeros((2, 10, 10), bool)
+    fp_pred = np.zeros((2, 10, 10), bool)
+    fp_pred[1, 0, 0] = True
+    c = score_patient(fp_pred, fp_truth)  # 2 lesion-free slices, 1 with a false positive
+    rep = aggregate({"a": a, "b": b, "c": c})
+    assert rep["per_patient_dice"] == pytest.approx((1.0 + 0.0 + 0.0) / 3)
+    assert rep["empty_on_large_lesion"] == 1
+    assert rep["fp_slice_rate"] == pytest.approx(1 / 2)
+    lo, hi = rep["per_patient_dice_ci95"]
+    assert 0.0 <= lo <= rep["per_patient_dice"] <= hi <= 1.0
+    rep2 = evaluate_predictions([_pred("a", t.astype(np.float32), t)], PostprocessConfig(0.5, 0))
+    assert rep2["per_patient_dice"] == 1.0 and rep2["postprocess"]["components_3d"] is False
