@@ -14,9 +14,10 @@ import numpy as np
 from tqdm import tqdm
 
 from . import metrics as M
-from .config import PostprocessConfig
+from .config import CONDITIONS, PostprocessConfig
 from .data import Patient, load_patient
-from .inference import binarize
+from .inference import binarize_stack
+from .preprocessing import apply_condition
 
 SIZE_EDGES = (100, 1000, 10000)  # lesion size bins, voxels at native resolution
 
@@ -30,6 +31,16 @@ PROTOCOLS = {
     "lesion_sensitivity": "share of ground-truth lesions (3D connected components, 26-connectivity) overlapped by any predicted component, pooled over patients",
     "fp_lesions_per_patient": "predicted components touching no ground-truth lesion, mean per patient",
     "lesionwise_dice": "per patient, sum of Dice of each GT lesion with the predicted components it touches / (GT lesions + FP components); mean over patients",
+    "empty_on_large_lesion": "patients whose lesion has over 10,000 voxels but whose prediction is empty",
+}
+
+LARGE_LESION_VOXELS = 10000
+
+CONDITION_NAMES = {
+    "all": "all three sequences",
+    "pre_missing": "pre-contrast missing (FLAIR copy)",
+    "post_missing": "post-contrast missing (FLAIR copy)",
+    "flair_only": "FLAIR only (one grey image)",
 }
 
 
@@ -40,18 +51,24 @@ class PatientPrediction:
     truth: np.ndarray  # (Z, H, W) bool
 
 
-def predict_patients(segmenter, patients: list[Patient], tta: bool = False, progress: bool = True) -> list[PatientPrediction]:
+def predict_patients(segmenter, patients: list[Patient], tta: bool = False, progress: bool = True, condition: str = "all") -> list[PatientPrediction]:
+    """Probabilities of every slice of each patient, with the input as under ``condition``."""
     out = []
-    for p in tqdm(patients, desc=f"predict {segmenter.name}", unit="patient", disable=not progress):
+    for p in tqdm(patients, desc=f"predict {segmenter.name} ({condition})", unit="patient", disable=not progress):
         images, truth = load_patient(p)
-        probs = segmenter.probabilities(images, tta=tta)
+        probs = segmenter.probabilities([apply_condition(img, condition) for img in images], tta=tta)
         out.append(PatientPrediction(p.id, np.stack(probs), truth))
     return out
 
 
+def mean_predictions(per_model: list[list[PatientPrediction]]) -> list[PatientPrediction]:
+    """The ensemble's predictions (mean probability) from its members' predictions of the same patients."""
+    return [PatientPrediction(ps[0].patient, np.mean([p.prob for p in ps], axis=0).astype(np.float32), ps[0].truth) for ps in zip(*per_model)]
+
+
 def binarize_volume(prob: np.ndarray, post: PostprocessConfig) -> np.ndarray:
-    """Slice by slice, as the server sees slices: threshold, then drop small 2D components."""
-    return np.stack([binarize(s, post) for s in prob])
+    """A patient's stacked probabilities -> mask, as ``predict`` treats a volume (see ``inference.binarize_stack``)."""
+    return binarize_stack(prob, post)
 
 
 def score_patient(pred: np.ndarray, truth: np.ndarray) -> dict:
@@ -70,6 +87,7 @@ def score_patient(pred: np.ndarray, truth: np.ndarray) -> dict:
         "fp_slices": int((predicted & ~positive).sum()),
         "lesions": list(zip(match.lesion_sizes, match.lesion_detected, match.lesion_dice)),
         "fp_lesions": match.false_positives,
+        "empty_on_large_lesion": bool(truth.sum() > LARGE_LESION_VOXELS and not pred.any()),
         "lesionwise_dice": match.lesionwise_dice,
     }
 
@@ -88,10 +106,12 @@ def aggregate(per_patient: dict[str, dict]) -> dict:
             "sensitivity": _mean([float(d) for _, d, _ in sel]),
             "lesion_dice": _mean([ld for _, _, ld in sel]),
         }
+    fp_counts = [(s["fp_slices"], s["negative_slices"]) for s in pats if s["negative_slices"]]
     return {
         "patients": len(pats),
         "slices": sum(len(s["slice_dice"]) for s in pats),
         "per_patient_dice": _mean([s["dice"] for s in pats]),
+        "per_patient_dice_ci95": list(M.bootstrap_ci([s["dice"] for s in pats])),
         "per_patient_dice_std": float(np.std([s["dice"] for s in pats])) if pats else math.nan,
         "per_patient_dice_median": float(np.median([s["dice"] for s in pats])) if pats else math.nan,
         "per_patient_iou": _mean([s["iou"] for s in pats]),
@@ -100,6 +120,8 @@ def aggregate(per_patient: dict[str, dict]) -> dict:
         "positive_slice_dice": _mean([d for s in pats for d in s["positive_slice_dice"]]),
         "per_slice_dice": _mean([d for s in pats for d in s["slice_dice"]]),
         "fp_slice_rate": (sum(s["fp_slices"] for s in pats) / neg) if neg else math.nan,
+        "fp_slice_rate_ci95": list(M.bootstrap_ci(fp_counts, statistic=lambda a: a[:, 0].sum() / a[:, 1].sum())),
+        "empty_on_large_lesion": int(sum(s["empty_on_large_lesion"] for s in pats)),
         "lesion_free_slices": neg,
         "lesions": len(lesions),
         "lesion_sensitivity": _mean([float(d) for _, d, _ in lesions]),
@@ -117,29 +139,51 @@ def _mean(values) -> float:
 def evaluate_predictions(preds: list[PatientPrediction], post: PostprocessConfig) -> dict:
     per_patient = {p.patient: score_patient(binarize_volume(p.prob, post), p.truth) for p in preds}
     report = aggregate(per_patient)
-    report["postprocess"] = {"threshold": post.threshold, "min_size": post.min_size}
+    report["postprocess"] = {"threshold": post.threshold, "min_size": post.min_size, "components_3d": post.components_3d}
     report["per_patient"] = {pid: round(s["dice"], 4) for pid, s in per_patient.items()}
     return report
 
 
-def sweep_postprocess(preds: list[PatientPrediction], thresholds=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), min_sizes=(0, 30, 100, 200, 400)) -> tuple[PostprocessConfig, list[dict]]:
-    """Per-patient Dice for each (threshold, min_size); returns the best and the table.
+def evaluate_conditions(segmenter, patients: list[Patient], post: PostprocessConfig, conditions=tuple(CONDITIONS), tta: bool = False, progress: bool = True) -> tuple[dict[str, dict], dict[str, list[PatientPrediction]]]:
+    """A full report per input condition (see ``config.CONDITIONS``), and the predictions behind them."""
+    preds = {c: predict_patients(segmenter, patients, tta=tta, progress=progress, condition=c) for c in conditions}
+    return {c: evaluate_predictions(p, post) for c, p in preds.items()}, preds
 
+
+def sweep_postprocess(
+    preds: list[PatientPrediction] | dict[str, list[PatientPrediction]],
+    thresholds=(0.3, 0.4, 0.5, 0.6, 0.7),
+    min_sizes=(0, 30, 100, 200, 400),
+    components_3d=(False, True),
+) -> tuple[PostprocessConfig, list[dict]]:
+    """Per-patient Dice for each (threshold, min_size, 2D / 3D components); returns the best and the table.
+
+    ``preds`` may hold one list per input condition: the score is then the mean over the
+    conditions, so the chosen setting serves FLAIR-only input as well as complete input.
     Run on validation patients only: choosing on the test patients would inflate the score.
     Ties prefer the larger min_size (fewer false-positive specks).
     """
+    by_cond = preds if isinstance(preds, dict) else {"all": preds}
     table = []
-    negatives = [~p.truth.reshape(len(p.truth), -1).any(1) for p in preds]
-    n_neg = sum(int(n.sum()) for n in negatives)
     for t in thresholds:
         for ms in min_sizes:
-            post = PostprocessConfig(threshold=float(t), min_size=int(ms))
-            masks = [binarize_volume(p.prob, post) for p in preds]
-            per_patient = [M.dice(m, p.truth) for m, p in zip(masks, preds)]
-            fp_slices = sum(int((m.reshape(len(m), -1).any(1) & neg).sum()) for m, neg in zip(masks, negatives))
-            table.append({"threshold": t, "min_size": ms, "per_patient_dice": float(np.mean(per_patient)), "fp_slice_rate": fp_slices / n_neg if n_neg else math.nan})
-    best = max(table, key=lambda r: (round(r["per_patient_dice"], 4), r["min_size"]))
-    return PostprocessConfig(best["threshold"], best["min_size"]), table
+            for c3 in components_3d if min_sizes else (False,):
+                if c3 and ms == 0:
+                    continue  # nothing is removed: same as 2D
+                post = PostprocessConfig(threshold=float(t), min_size=int(ms), components_3d=bool(c3))
+                row = {"threshold": t, "min_size": ms, "components_3d": c3}
+                for cond, ps in by_cond.items():
+                    masks = [binarize_volume(p.prob, post) for p in ps]
+                    negatives = [~p.truth.reshape(len(p.truth), -1).any(1) for p in ps]
+                    n_neg = sum(int(n.sum()) for n in negatives)
+                    fp = sum(int((m.reshape(len(m), -1).any(1) & neg).sum()) for m, neg in zip(masks, negatives))
+                    row[f"dice_{cond}"] = float(np.mean([M.dice(m, p.truth) for m, p in zip(masks, ps)]))
+                    row[f"fp_slice_rate_{cond}"] = fp / n_neg if n_neg else math.nan
+                row["per_patient_dice"] = float(np.mean([row[f"dice_{c}"] for c in by_cond]))
+                row["fp_slice_rate"] = float(np.mean([row[f"fp_slice_rate_{c}"] for c in by_cond]))
+                table.append(row)
+    best = max(table, key=lambda r: (round(r["per_patient_dice"], 4), r["min_size"], not r["components_3d"]))
+    return PostprocessConfig(best["threshold"], best["min_size"], best["components_3d"]), table
 
 
 METRIC_ROWS = [
@@ -152,6 +196,7 @@ METRIC_ROWS = [
     ("lesion_sensitivity", "Lesion-wise sensitivity"),
     ("fp_lesions_per_patient", "FP lesions per patient"),
     ("lesionwise_dice", "Lesion-wise Dice (BraTS-METS)"),
+    ("empty_on_large_lesion", "Empty prediction, lesion >10,000 voxels (patients)"),
 ]
 
 
@@ -160,7 +205,7 @@ def markdown_table(reports: dict[str, dict]) -> str:
     names = list(reports)
     lines = ["| Metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for key, label in METRIC_ROWS:
-        lines.append(f"| {label} | " + " | ".join(_fmt(reports[n].get(key)) for n in names) + " |")
+        lines.append(f"| {label} | " + " | ".join(_fmt_ci(reports[n], key) for n in names) + " |")
     first = reports[names[0]]
     for label in first.get("by_lesion_size_voxels", {}):
         cells = []
@@ -168,12 +213,35 @@ def markdown_table(reports: dict[str, dict]) -> str:
             b = reports[n]["by_lesion_size_voxels"][label]
             cells.append(f"{_fmt(b['sensitivity'])} sens. / {_fmt(b['lesion_dice'])} Dice (n={b['lesions']})")
         lines.append(f"| Lesions {label} voxels | " + " | ".join(cells) + " |")
-    lines.append("| Post-processing | " + " | ".join(f"p >= {reports[n]['postprocess']['threshold']}, min {reports[n]['postprocess']['min_size']} px" for n in names) + " |")
+    lines.append("| Post-processing | " + " | ".join(_fmt_post(reports[n]["postprocess"]) for n in names) + " |")
     lines.append("| Patients / slices | " + " | ".join(f"{reports[n]['patients']} / {reports[n]['slices']}" for n in names) + " |")
     lines.append("")
     lines.append("Protocols:")
     lines += [f"- {label}: {PROTOCOLS[key]}." for key, label in METRIC_ROWS]
+    lines.append("- [a, b]: 95% percentile bootstrap interval over patients (2,000 resamples).")
     return "\n".join(lines) + "\n"
+
+
+def conditions_table(reports: dict[str, dict[str, dict]]) -> str:
+    """Per-patient Dice [95% CI] and lesion-free-slice FP rate of each model (rows) under each input condition (columns)."""
+    conds = [c for c in CONDITIONS if all(c in r for r in reports.values())]
+    lines = ["| Model | " + " | ".join(CONDITION_NAMES[c] for c in conds) + " |", "|---|" + "---|" * len(conds)]
+    for name, by_cond in reports.items():
+        cells = [f"{_fmt_ci(by_cond[c], 'per_patient_dice')}; FP {_fmt(by_cond[c]['fp_slice_rate'])}; empty {by_cond[c].get('empty_on_large_lesion', 'n/a')}" for c in conds]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt_ci(report: dict, key: str) -> str:
+    ci = report.get(f"{key}_ci95")
+    if ci and not any(isinstance(v, float) and math.isnan(v) for v in ci):
+        return f"{_fmt(report.get(key))} [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return _fmt(report.get(key))
+
+
+def _fmt_post(post: dict) -> str:
+    where = "3D" if post.get("components_3d") else "2D"
+    return f"p >= {post['threshold']}, min {post['min_size']} px ({where})" if post["min_size"] else f"p >= {post['threshold']}"
 
 
 def _fmt(v) -> str:

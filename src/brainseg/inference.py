@@ -138,6 +138,17 @@ def binarize(prob: np.ndarray, post: PostprocessConfig) -> np.ndarray:
     return mask
 
 
+def binarize_stack(probs: np.ndarray, post: PostprocessConfig) -> np.ndarray:
+    """Probabilities of a stack of slices (Z, H, W) -> bool mask.
+
+    Small components are removed by their 3D size when ``post.components_3d``, else slice
+    by slice (as a single uploaded slice is treated).
+    """
+    if post.components_3d:
+        return binarize(probs, post)
+    return np.stack([binarize(p, post) for p in probs]) if len(probs) else probs >= post.threshold
+
+
 def load_segmenter(path: os.PathLike | str, name: str | None = None, prefer_onnx: bool = True) -> Segmenter:
     """Load a ``.pt`` checkpoint or ``.onnx`` file.
 

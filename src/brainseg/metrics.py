@@ -27,6 +27,7 @@ from scipy import ndimage
 
 __all__ = [
     "LesionMatch",
+    "bootstrap_ci",
     "confusion",
     "connected_components",
     "dice",
@@ -431,3 +432,21 @@ def summarise(values: Iterable[float], ddof: int = 0) -> dict[str, float | int]:
         "n": n,
         "n_nan": int(nan_mask.sum()),
     }
+
+
+def bootstrap_ci(values: Sequence[float], statistic=np.mean, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic`` over cases (patients), resampled with replacement.
+
+    ``values`` is one number per case, or an (n_cases, k) array whose rows are resampled
+    together (e.g. numerator and denominator of a pooled rate, with a ``statistic`` that
+    takes the resampled array). NaN cases are dropped; fewer than 2 cases give (nan, nan).
+    """
+    arr = np.asarray(values, dtype=float)
+    arr = arr[~np.isnan(arr).reshape(len(arr), -1).any(1)] if arr.size else arr
+    if len(arr) < 2:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(arr), size=(n_boot, len(arr)))
+    stats = np.asarray([statistic(arr[i]) for i in idx], dtype=float)
+    alpha = (1.0 - level) / 2
+    return (float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha)))
