@@ -1,17 +1,22 @@
-"""Turn a training run into the shipped models: weights, ONNX, registry, model cards, figures.
+"""Turn trained checkpoints into the shipped models: weights, ONNX, registry, model cards, figures.
 
-    python scripts/ship_models.py runs/main --data ../shared/data/lgg/kaggle_3m --out models
+    python scripts/ship_models.py --data ../shared/data/lgg/kaggle_3m --out models \
+        --candidates attention_unet=runs/gpu/att_sd30.pt,runs/ship/attention_unet/best.pt \
+                     unetpp=runs/gpu/upp_sd30.pt,runs/ship/unetpp/best.pt
 
-For each model of the run: copies ``best.pt`` (weights + resolved config, no optimizer),
-exports ONNX, evaluates both the ONNX model and the PyTorch model on the run's test
-patients (checking that their masks agree), then evaluates the ensemble, picks the default
-by per-patient Dice on those test patients, and writes ``registry.json``, one model card per
-model, ``results.md`` (all models side by side) and a figure of test slices.
+For each architecture, every candidate checkpoint (e.g. the GPU run and its CPU continuation)
+is calibrated on the validation patients (threshold, minimum component size, 2D / 3D
+components; complete input and FLAIR only) and the one with the higher validation score is
+shipped. Then: ONNX export, evaluation of the ONNX model on the test patients under the four
+input conditions with 95% bootstrap intervals, the PyTorch model on the same patients (the
+two must agree), the ensemble, the default chosen on validation, ``registry.json``, one model
+card per model, ``results.md`` and a figure of test slices.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -23,12 +28,14 @@ from brainseg import __version__
 from brainseg.checkpoint import load_checkpoint, save_checkpoint
 from brainseg.config import ExperimentConfig
 from brainseg.data import discover, labelled, write_json_atomic
-from brainseg.evaluation import PROTOCOLS, binarize_volume, evaluate_predictions, markdown_table, predict_patients
+from brainseg.evaluation import PROTOCOLS, conditions_table, evaluate_predictions, markdown_table, mean_predictions, predict_patients
 from brainseg.export import export_onnx
 from brainseg.inference import Ensemble, Segmenter, TorchBackend, load_segmenter
-from brainseg.metrics import dice
 from brainseg.models import DISPLAY_NAMES
+from brainseg.pipeline import CALIBRATION_CONDITIONS, SELECTED_BY, calibrate, condition_summary
 from brainseg.registry import write_registry
+
+CONDS = ("all", "pre_missing", "post_missing", "flair_only")
 
 PAPERS = {
     "unetpp": "Zhou Z., Siddiquee M.M.R., Tajbakhsh N., Liang J. *UNet++: A Nested U-Net Architecture for Medical Image Segmentation.* DLMIA 2018 (arXiv:1807.10165).",
@@ -38,80 +45,118 @@ PAPERS = {
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run", type=Path)
     ap.add_argument("--data", required=True)
     ap.add_argument("--out", type=Path, default=Path("models"))
-    ap.add_argument("--command", default="", help="the exact training command, for the model cards")
+    ap.add_argument("--candidates", nargs="+", required=True, help="NAME=CKPT[,CKPT...] per architecture")
+    ap.add_argument("--training-note", default="", help="how the candidates were trained, for the model cards")
+    ap.add_argument("--limit", type=int, default=0, help="smoke test: only this many validation and test patients")
     a = ap.parse_args()
 
     out: Path = a.out
     out.mkdir(parents=True, exist_ok=True)
     ds = labelled(discover(a.data))
-    names = [n for n in ("unetpp", "attention_unet") if (a.run / n / "best.pt").is_file()]
-    first = load_checkpoint(a.run / names[0] / "best.pt")
-    split = first["split"]
-    test = [ds.patient(p) for p in split["test"]]
+    candidates = {k: v.split(",") for k, v in (c.split("=", 1) for c in a.candidates)}
+    names = list(candidates)
+    split = load_checkpoint(candidates[names[0]][0])["split"]
+    val = [ds.patient(p) for p in split["val"]][: a.limit or None]
+    test = [ds.patient(p) for p in split["test"]][: a.limit or None]
 
-    reports, entries, agreement, members = {}, {}, {}, []
+    reports, entries, members, chosen, test_preds = {}, {}, [], {}, {}
     for name in names:
-        ckpt = load_checkpoint(a.run / name / "best.pt")
-        assert ckpt["split"] == split, "models of one run share one split"
+        best = None
+        for path in candidates[name]:
+            ckpt = load_checkpoint(path)
+            if ckpt["split"]["val"] != split["val"] or ckpt["split"]["test"] != split["test"]:
+                raise SystemExit(f"{path}: trained on another split than {candidates[names[0]][0]}")
+            seg = Segmenter(TorchBackend(checkpoint=ckpt, device="cpu"), name)
+            post, table, score = calibrate(seg, val)
+            print(f"{name} candidate {path}: validation score {score:.4f} at {post}", flush=True)
+            if best is None or score > best[0]:
+                best = (score, path, ckpt, post, table)
+        score, path, ckpt, post, table = best
+        chosen[name] = {"path": path, "val_score": score, "candidates": list(candidates[name])}
         ckpt.pop("optimizer", None)
+        ckpt.pop("train_model", None)
+        ckpt["config"]["postprocess"] = {"threshold": post.threshold, "min_size": post.min_size, "components_3d": post.components_3d}
+        ckpt["calibration"] = {"patients": split["val"], "conditions": list(CALIBRATION_CONDITIONS), "table": table, "val_score": score}
+        ckpt["info"]["shipped_from"] = path
         save_checkpoint(out / f"{name}.pt", ckpt)
         export_onnx(out / f"{name}.pt", out / f"{name}.onnx")
-        shutil.copy2(a.run / name / "training_curves.png", out / f"{name}_training_curves.png")
+        curves = Path(path).parent / "training_curves.png"
+        if curves.is_file():
+            shutil.copy2(curves, out / f"{name}_training_curves.png")
 
         onnx_seg = load_segmenter(out / f"{name}.onnx", name)
-        torch_seg = Segmenter(TorchBackend(checkpoint=ckpt, device="cpu"), name)
-        post = onnx_seg.postprocess
+        torch_seg = Segmenter(TorchBackend(checkpoint=load_checkpoint(out / f"{name}.pt"), device="cpu"), name)
         t0 = time.time()
-        preds = predict_patients(onnx_seg, test)
+        preds = {c: predict_patients(onnx_seg, test, condition=c) for c in CONDS}
         onnx_seconds = time.time() - t0
-        torch_preds = predict_patients(torch_seg, test)
-        agreement[name] = float(np.mean([dice(binarize_volume(p.prob, post), binarize_volume(q.prob, post)) for p, q in zip(preds, torch_preds)]))
-        reports[name] = evaluate_predictions(preds, post)
-        reports[name]["onnx_vs_torch_mask_dice"] = agreement[name]
-        reports[name]["onnx_predict_seconds_test_set"] = round(onnx_seconds, 1)
+        by_cond = {c: evaluate_predictions(p, post) for c, p in preds.items()}
+        torch_report = evaluate_predictions(predict_patients(torch_seg, test), post)
+        report = dict(by_cond["all"])
+        report["conditions"] = {c: condition_summary(r) for c, r in by_cond.items()}
+        report["val_selection_score"] = score
+        report["onnx_per_patient_dice"] = by_cond["all"]["per_patient_dice"]
+        report["torch_per_patient_dice"] = torch_report["per_patient_dice"]
+        report["onnx_vs_torch_dice_difference"] = abs(by_cond["all"]["per_patient_dice"] - torch_report["per_patient_dice"])
+        report["onnx_predict_seconds_test_set_4_conditions"] = round(onnx_seconds, 1)
+        reports[name] = report
+        test_preds[name] = preds
         members.append(onnx_seg)
         entries[name] = {
             "checkpoint": f"{name}.pt",
             "onnx": f"{name}.onnx",
             "card": f"{name}.md",
             "parameters": ckpt["info"]["parameters"],
-            "metrics": {k: reports[name][k] for k in ("per_patient_dice", "positive_slice_dice", "fp_slice_rate", "lesion_sensitivity", "hd95")},
+            "val_selection_score": score,
+            "metrics": {k: report[k] for k in ("per_patient_dice", "positive_slice_dice", "fp_slice_rate", "lesion_sensitivity", "hd95")},
+            "conditions": {c: {"per_patient_dice": by_cond[c]["per_patient_dice"], "per_patient_dice_ci95": by_cond[c]["per_patient_dice_ci95"], "fp_slice_rate": by_cond[c]["fp_slice_rate"]} for c in CONDS},
         }
-        write_json_atomic(out / f"{name}_test_report.json", reports[name])
+        write_json_atomic(out / f"{name}_test_report.json", report)
 
     ens = Ensemble(members)
-    ens_preds = predict_patients(ens, test)
-    reports["ensemble"] = evaluate_predictions(ens_preds, ens.postprocess)
+    ens_by_cond = {c: evaluate_predictions(mean_predictions([test_preds[n][c] for n in names]), ens.postprocess) for c in CONDS}
+    reports["ensemble"] = dict(ens_by_cond["all"])
+    reports["ensemble"]["conditions"] = {c: condition_summary(r) for c, r in ens_by_cond.items()}
     write_json_atomic(out / "ensemble_test_report.json", reports["ensemble"])
 
-    default = max(names, key=lambda n: reports[n]["per_patient_dice"])
+    default = max(names, key=lambda n: chosen[n]["val_score"])
     write_registry(out, {
         "default": default,
-        "selected_by": f"per-patient 3D Dice on the {len(test)} test patients of the split (never trained, tuned or thresholded on)",
+        "selected_by": SELECTED_BY,
         "brainseg_version": __version__,
         "split": {k: split[k] for k in ("train", "val", "test")},
-        "ensemble": {"metrics": {k: reports["ensemble"][k] for k in ("per_patient_dice", "positive_slice_dice", "fp_slice_rate", "lesion_sensitivity", "hd95")}, "postprocess": {"threshold": ens.postprocess.threshold, "min_size": ens.postprocess.min_size}},
+        "ensemble": {
+            "metrics": {k: reports["ensemble"][k] for k in ("per_patient_dice", "positive_slice_dice", "fp_slice_rate", "lesion_sensitivity", "hd95")},
+            "conditions": {c: {"per_patient_dice": ens_by_cond[c]["per_patient_dice"], "per_patient_dice_ci95": ens_by_cond[c]["per_patient_dice_ci95"], "fp_slice_rate": ens_by_cond[c]["fp_slice_rate"]} for c in CONDS},
+            "postprocess": {"threshold": ens.postprocess.threshold, "min_size": ens.postprocess.min_size, "components_3d": ens.postprocess.components_3d},
+        },
         "models": entries,
     })
-    table = markdown_table({DISPLAY_NAMES[n]: reports[n] for n in [*names, "ensemble"]})
+    write_json_atomic(out / "split.json", {**{k: split[k] for k in ("train", "val", "test")}, "seed": split.get("seed", 42)})
+    labels = {DISPLAY_NAMES[n]: reports[n] for n in [*names, "ensemble"]}
+    table = markdown_table(labels)
+    cond_table = conditions_table({k: v["conditions"] for k, v in labels.items()})
     split_note = f"Split (seed {split.get('seed', 42)}, by patient, stratified by institution): {len(split['train'])} train, {len(split['val'])} validation, {len(split['test'])} test patients."
-    (out / "results.md").write_text(f"# Test-set results of the shipped models\n\n{split_note}\n\nDefault model: **{DISPLAY_NAMES[default]}** (`{default}`).\n\n{table}\n")
-    figure = out / "test_examples.png"
-    make_figure(test, members, figure)
+    (out / "results.md").write_text(
+        f"# Test-set results of the shipped models\n\n{split_note}\n\nDefault model: **{DISPLAY_NAMES[default]}** (`{default}`), {SELECTED_BY}.\n\n"
+        f"## Under the four input conditions\n\nPer-patient 3D Dice [95% bootstrap interval]; FP = share of lesion-free slices with any predicted lesion; "
+        f"empty = patients with a lesion over 10,000 voxels and an empty prediction. A missing sequence is given as a copy of FLAIR, as the dataset stores it.\n\n{cond_table}\n"
+        f"## Every metric, all three sequences\n\n{table}\n"
+    )
+    make_figure(test, members, out / "test_examples.png")
     for name in names:
-        ckpt = load_checkpoint(out / f"{name}.pt")
-        card = model_card(name, ckpt, reports[name], split, agreement[name], a.command, default == name, out)
+        card = model_card(name, load_checkpoint(out / f"{name}.pt"), reports[name], split, a.training_note, default == name, chosen[name])
         (out / f"{name}.md").write_text(card)
+    write_json_atomic(out / "shipping.json", {"chosen": chosen, "default": default})
+    print(cond_table)
     print(table)
-    print(f"default: {default}; ONNX vs PyTorch mask Dice: " + ", ".join(f"{n} {v:.4f}" for n, v in agreement.items()))
+    print(f"default: {default}; ONNX vs PyTorch per-patient Dice difference: " + ", ".join(f"{n} {reports[n]['onnx_vs_torch_dice_difference']:.4f}" for n in names))
     return 0
 
 
 def make_figure(test_patients, members, path: Path, n: int = 4) -> None:
-    """Input (FLAIR), ground truth and each model's prediction for a few test slices."""
+    """Input (FLAIR), ground truth, each model with all sequences, and the default model on FLAIR alone."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,6 +164,8 @@ def make_figure(test_patients, members, path: Path, n: int = 4) -> None:
 
     from brainseg.data import load_patient
     from brainseg.inference import binarize
+    from brainseg.metrics import dice
+    from brainseg.preprocessing import apply_condition
     from brainseg.visualize import display_channel, overlay
 
     rng = np.random.default_rng(0)
@@ -131,21 +178,22 @@ def make_figure(test_patients, members, path: Path, n: int = 4) -> None:
         z = int(np.argmax(areas))
         picks.append((p.id, images[z], truth[z]))
     picks = [picks[i] for i in sorted(rng.choice(len(picks), min(n, len(picks)), replace=False))]
-    cols = 2 + len(members)
-    fig, axes = plt.subplots(len(picks), cols, figsize=(2.6 * cols, 2.7 * len(picks)), dpi=90)
+    cols = 2 + 2 * len(members)
+    fig, axes = plt.subplots(len(picks), cols, figsize=(2.4 * cols, 2.6 * len(picks)), dpi=90)
     axes = np.atleast_2d(axes)
     for r, (pid, img, truth) in enumerate(picks):
         panels = [("input (FLAIR)", display_channel(img)), ("ground truth", overlay(display_channel(img), truth, color=(40, 220, 40)))]
-        for m in members:
-            prob = m.probabilities([img])[0]
-            pred = binarize(prob, m.postprocess)
-            panels.append((f"{DISPLAY_NAMES[m.name]} (Dice {dice(pred, truth):.2f})", overlay(display_channel(img), pred)))
+        for cond, label in (("all", "all 3"), ("flair_only", "FLAIR only")):
+            for m in members:
+                prob = m.probabilities([apply_condition(img, cond)])[0]
+                pred = binarize(prob, m.postprocess)
+                panels.append((f"{DISPLAY_NAMES[m.name]}, {label}\nDice {dice(pred, truth):.2f}", overlay(display_channel(img), pred)))
         for c, (title, im) in enumerate(panels):
             axes[r, c].imshow(im)
-            axes[r, c].set_title(title, fontsize=8)
+            axes[r, c].set_title(title, fontsize=7)
             axes[r, c].axis("off")
         axes[r, 0].text(2, 12, pid, color="yellow", fontsize=6)
-    fig.suptitle("Test patients (never trained on): largest-lesion slice of each", fontsize=9)
+    fig.suptitle("Test patients (never trained or tuned on): largest-lesion slice of each; 'FLAIR only' = the grey FLAIR image in all three channels", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -155,25 +203,36 @@ def _fmt(v) -> str:
     return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
 
-def model_card(name: str, ckpt: dict, report: dict, split: dict, agreement: float, command: str, is_default: bool, out: Path) -> str:
+def _ci(r: dict, key: str) -> str:
+    ci = r.get(f"{key}_ci95")
+    return f"{_fmt(r.get(key))} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and not np.isnan(ci[0]) else _fmt(r.get(key))
+
+
+def model_card(name: str, ckpt: dict, report: dict, split: dict, training_note: str, is_default: bool, chosen: dict) -> str:
     cfg = ExperimentConfig.from_dict(ckpt["config"])
     hist = ckpt.get("history", [])
-    best_epoch = max(hist, key=lambda r: r.get("val_dice", -1))["epoch"] if hist else None
-    wall = ckpt["info"].get("train_wall_seconds")
     cal = ckpt.get("calibration", {})
-    cal_rows = "\n".join(f"| {r['threshold']} | {r['min_size']} | {r['per_patient_dice']:.3f} | {_fmt(r['fp_slice_rate'])} |" for r in cal.get("table", []))
-    metric_rows = "\n".join(f"| {k} | {_fmt(report.get(k))} | {PROTOCOLS[k]} |" for k in PROTOCOLS)
+    top = sorted(cal.get("table", []), key=lambda r: -r["per_patient_dice"])[:8]
+    cal_rows = "\n".join(f"| {r['threshold']} | {r['min_size']} | {'3D' if r['components_3d'] else '2D'} | {r['dice_all']:.3f} | {r['dice_flair_only']:.3f} | {_fmt(r['fp_slice_rate_all'])} |" for r in top)
+    metric_rows = "\n".join(f"| {k} | {_ci(report, k)} | {PROTOCOLS[k]} |" for k in PROTOCOLS)
     size_rows = "\n".join(f"| {label} | {b['lesions']} | {_fmt(b['sensitivity'])} | {_fmt(b['lesion_dice'])} |" for label, b in report["by_lesion_size_voxels"].items())
-    per_patient = "\n".join(f"| {pid} | {d:.3f} |" for pid, d in report["per_patient"].items())
+    conds = report["conditions"]
+    cond_rows = "\n".join(f"| {c} | {_ci(conds[c], 'per_patient_dice')} | {_fmt(conds[c]['per_patient_dice_median'])} | {_ci(conds[c], 'fp_slice_rate')} | {_fmt(conds[c]['lesion_sensitivity'])} | {conds[c]['empty_on_large_lesion']} |" for c in CONDS)
+    per_patient = "\n".join(f"| {pid} | " + " | ".join(f"{conds[c]['per_patient'][pid]:.3f}" for c in CONDS) + " |" for pid in conds["all"]["per_patient"])
+    post = cfg.postprocess
     return f"""# Model card: {DISPLAY_NAMES[name]} (`{name}`){' (default model)' if is_default else ''}
 
 ## Summary
 2D {DISPLAY_NAMES[name]} that segments the FLAIR abnormality of lower-grade glioma in axial brain MRI
-slices (3 channels: pre-contrast T1, FLAIR, post-contrast T1). Trained by this project's own
-`brainseg train`. **Research software, not a medical device.**
+slices. Input: 3 channels (pre-contrast T1, FLAIR, post-contrast T1); a missing pre- or
+post-contrast sequence is given as a copy of FLAIR, and one grey FLAIR image as FLAIR in all
+three channels: the model was trained for all four conditions. **Research software, not a medical device.**
 
-Per-patient 3D Dice on {report['patients']} test patients: **{report['per_patient_dice']:.3f}**
-(median {report['per_patient_dice_median']:.3f}, std {report['per_patient_dice_std']:.3f}).
+Per-patient 3D Dice on {report['patients']} test patients (never trained, tuned or thresholded on), 95% bootstrap interval over patients:
+
+| input | per-patient Dice | median | FP rate, lesion-free slices | lesion sensitivity | empty on lesion >10,000 voxels |
+|---|---|---|---|---|---|
+{cond_rows}
 
 ## Architecture
 {PAPERS[name]}
@@ -182,21 +241,21 @@ Per-patient 3D Dice on {report['patients']} test patients: **{report['per_patien
   deep supervision: {cfg.model.deep_supervision}; returns logits.
 - parameters: {ckpt['info']['parameters']:,}
 - files: `{name}.pt` (PyTorch weights + resolved configuration), `{name}.onnx` (ONNX Runtime,
-  configuration embedded as metadata). Masks of the two agree with mean per-patient Dice
-  **{agreement:.4f}** on the test patients.
+  configuration embedded as metadata). Per-patient Dice on the test patients: ONNX
+  {report['onnx_per_patient_dice']:.4f}, PyTorch {report['torch_per_patient_dice']:.4f} (difference {report['onnx_vs_torch_dice_difference']:.4f}).
 
 ## Data
-LGG MRI Segmentation (kaggle_3m): 56 of the 110 TCGA-LGG patients available to the project
-(axial slices 256x256, expert masks of the FLAIR abnormality).
+LGG MRI Segmentation (kaggle_3m): 81 TCGA-LGG patients available to the project (axial slices
+256x256, expert masks of the FLAIR abnormality); five of them lack the pre- and/or
+post-contrast sequence, stored as FLAIR copies.
 Buda M., Saha A., Mazurowski M.A. *Association of genomic subtypes of lower-grade gliomas with
 shape features automatically extracted by a deep learning algorithm.* Computers in Biology and
-Medicine, 2019. Mazurowski M.A. et al. *Radiogenomics of lower-grade glioma: algorithmically-assessed
-tumor shape is associated with tumor genomic subtypes and patient outcomes in a multi-institutional
-study with The Cancer Imaging Archive.* Journal of Neuro-Oncology, 2017. Images from TCIA (TCGA-LGG).
+Medicine, 2019. Mazurowski M.A. et al. *Radiogenomics of lower-grade glioma.* Journal of
+Neuro-Oncology, 2017. Images from TCIA (TCGA-LGG).
 
 ### Split (by patient, seeded {split.get('seed', 42)}, stratified by institution)
 - train ({len(split['train'])}): {', '.join(split['train'])}
-- validation ({len(split['val'])}, model selection and threshold calibration): {', '.join(split['val'])}
+- validation ({len(split['val'])}, model selection, threshold calibration, choice of the default): {', '.join(split['val'])}
 - test ({len(split['test'])}, never trained, tuned or thresholded on): {', '.join(split['test'])}
 
 ## Preprocessing (saved in the model; `brainseg.preprocessing.preprocess_slice`)
@@ -205,26 +264,28 @@ whole slice -> CLAHE per channel (clip {cfg.preprocess.clahe_clip_limit}, grid {
 Probabilities are resized back (bilinear) to the input's size before thresholding.
 
 ## Training
-- command: `{command or 'see README'}`
-- seed {cfg.train.seed}; {cfg.train.epochs} epochs of {len(hist) and hist[0]['step']} steps, batch {cfg.train.batch_size},
-  {int(cfg.train.positive_fraction * 100)}% lesion-positive slices per epoch (foreground-aware sampling);
-  loss BCE + soft Dice; AdamW (lr {cfg.train.lr}, weight decay {cfg.train.weight_decay}), linear warm-up {cfg.train.warmup_epochs} epoch then cosine decay;
-  augmentation (albumentations): flips, affine (rotation +-{cfg.augment.rotate} deg, scale +-{cfg.augment.scale}, shift), elastic, brightness/contrast, gamma, Gaussian noise.
-- best epoch by validation per-patient Dice (at network resolution): {best_epoch}
-- hardware: CPU only, 2 cores (no GPU was available to this run); wall time {f'{wall / 60:.1f} min' if wall else 'n/a'}
-- code: brainseg {ckpt['info'].get('brainseg_version')}, torch {ckpt['info'].get('torch')}
+{training_note}
+
+- shipped checkpoint: `{chosen['path']}`, chosen among {', '.join(f'`{c}`' for c in chosen['candidates'])} by validation score {chosen['val_score']:.4f}
+- seed {cfg.train.seed}; batch {cfg.train.batch_size}, {int(cfg.train.positive_fraction * 100)}% lesion-positive slices per epoch (foreground-aware sampling);
+  loss BCE + soft Dice; AdamW (lr {cfg.train.lr}, weight decay {cfg.train.weight_decay}), linear warm-up {cfg.train.warmup_epochs} epoch then cosine decay; EMA {cfg.train.ema_decay or 'off'}.
+- augmentation (albumentations, seeded per sample): flips, affine (rotation +-{cfg.augment.rotate} deg, scale +-{cfg.augment.scale}, shift), elastic, brightness/contrast, gamma, Gaussian noise;
+  **sequence dropout**: pre-contrast replaced by FLAIR with probability {cfg.augment.missing_pre}, post-contrast with {cfg.augment.missing_post}, independently.
+- best epoch chosen on validation: mean per-patient Dice with all sequences and with FLAIR only (network resolution, threshold 0.5); {len(hist)} epochs in this stage.
+- code: brainseg {ckpt['info'].get('brainseg_version')}, torch {ckpt['info'].get('torch')}, trained on {ckpt['info'].get('device', 'cpu')}
 
 ![training curves]({name}_training_curves.png)
 
-## Threshold calibration (validation patients only)
-Chosen: probability >= **{cfg.postprocess.threshold}**, components smaller than **{cfg.postprocess.min_size}** px removed.
+## Post-processing calibration (validation patients only)
+Chosen: probability >= **{post.threshold}**, components smaller than **{post.min_size}** px removed, measured in **{'3D (over the stacked slices of a volume)' if post.components_3d else '2D (per slice)'}**.
+Score = mean of the per-patient Dice with all sequences and with FLAIR only. Best settings:
 
-| threshold | min size (px) | val per-patient Dice | val FP-slice rate |
-|---|---|---|---|
+| threshold | min size | components | val Dice, all | val Dice, FLAIR only | val FP-slice rate, all |
+|---|---|---|---|---|---|
 {cal_rows}
 
-## Test results ({report['patients']} patients, {report['slices']} slices, ONNX model)
-| metric | value | protocol |
+## Test results, all three sequences ({report['patients']} patients, {report['slices']} slices, ONNX model)
+| metric | value [95% CI] | protocol |
 |---|---|---|
 {metric_rows}
 
@@ -236,17 +297,17 @@ Lesion-wise by lesion size (3D components, voxels at native resolution):
 
 Per patient (3D Dice):
 
-| patient | Dice |
-|---|---|
+| patient | all | pre missing | post missing | FLAIR only |
+|---|---|---|---|---|
 {per_patient}
 
 ## Known limits
-- Trained on lower-grade glioma FLAIR abnormality from 5 TCGA institutions, 40 training patients. Brain
-  metastases look different (ring enhancement, oedema) and are often much smaller than these lesions;
-  on metastasis data (e.g. BraTS-METS) the output is only a starting point and has not been validated.
+- Trained on lower-grade glioma FLAIR abnormality from 5 TCGA institutions, {len(split['train'])} training patients. Brain
+  metastases look different (ring enhancement, oedema) and are often much smaller; on metastasis
+  data (e.g. BraTS-METS) the output is only a starting point and has not been validated.
+- A single T1, T1 post-contrast or T2 image is outside what it was trained for (the API, the page and the CLI warn).
 - 2D, slice by slice, at {cfg.preprocess.input_size}x{cfg.preprocess.input_size}: lesions of a few pixels at 256x256 are at the limit of what it can see.
-- 10 test patients give a wide confidence interval (per-patient Dice std {report['per_patient_dice_std']:.3f}); the held-out
-  patients of the dataset will measure it independently.
+- {report['patients']} test patients: see the intervals above. The held-out patients of the dataset will measure it independently.
 - Not a medical device; not for diagnosis.
 """
 

@@ -84,16 +84,17 @@ def cmd_train(a) -> int:
 
     cfg = _preprocess_cfg(a)
     t = cfg.train
-    train = replace(t, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, max_steps=a.max_steps, samples_per_epoch=a.samples_per_epoch, num_threads=a.threads, seed=a.seed, positive_fraction=a.positive_fraction)
+    train = replace(t, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, max_steps=a.max_steps, samples_per_epoch=a.samples_per_epoch, num_threads=a.threads, seed=a.seed, positive_fraction=a.positive_fraction, workers=a.workers, ema_decay=a.ema_decay, time_budget_s=a.time_budget)
     model = replace(cfg.model, features=tuple(a.features), deep_supervision=a.deep_supervision)
-    cfg = replace(cfg, train=train, model=model)
+    augment = replace(cfg.augment, missing_pre=a.missing_pre, missing_post=a.missing_post)
+    cfg = replace(cfg, train=train, model=model, augment=augment)
     data = a.data or default_data_root()
     cache_ok = cache_matches(a.cache, data, cfg.preprocess)
     if not cache_ok:
         log.info("no matching cache in %s: preprocessing %s first", a.cache, data)
         preprocess(data, a.cache, cfg, n_val=a.val, n_test=a.test, seed=a.seed, split_file=a.split, overview=False)
     names = sorted(MODELS) if a.model == "all" else [a.model]
-    res = train_models(names, a.cache, a.out, cfg, data_root=a.data, resume=a.resume, progress=not a.quiet)
+    res = train_models(names, a.cache, a.out, cfg, data_root=a.data, resume=a.resume, progress=not a.quiet, init_from=a.init_from)
     if res:
         n = res["test_patients"]
         for name, rep in res["reports"].items():
@@ -132,19 +133,23 @@ def _post(a, seg):
 
 def cmd_evaluate(a) -> int:
     from .data import read_split, write_json_atomic
-    from .evaluation import markdown_table
+    from .config import CONDITIONS
+    from .evaluation import conditions_table, markdown_table
     from .models import DISPLAY_NAMES
     from .pipeline import evaluate
 
     seg = _load_model(a)
     ids = read_split(a.split)[a.subset] if a.split else None
-    report = evaluate(seg, a.data, ids, post=_post(a, seg), tta=a.tta, sweep=a.sweep)
+    conditions = tuple(CONDITIONS) if a.conditions == ["every"] else tuple(a.conditions)
+    report = evaluate(seg, a.data, ids, post=_post(a, seg), tta=a.tta, sweep=a.sweep, conditions=conditions)
     report["split"] = f"{a.split}:{a.subset}" if a.split else "all labelled patients in the folder"
     write_json_atomic(a.out, report)
     md = markdown_table({DISPLAY_NAMES.get(seg.name, seg.name): report})
+    if "conditions" in report:
+        md += "\n" + conditions_table({DISPLAY_NAMES.get(seg.name, seg.name): report["conditions"]})
     Path(a.out).with_suffix(".md").write_text(md)
     print(md)
-    print(f"{DISPLAY_NAMES.get(seg.name, seg.name)} DICE Score: {report['per_patient_dice']:.2f}  (per-patient 3D Dice, {report['patients']} patients)")
+    print(f"{DISPLAY_NAMES.get(seg.name, seg.name)} DICE Score: {report['per_patient_dice']:.2f}  (per-patient 3D Dice, {report['patients']} patients, input: {report['condition']})")
     print(f"report: {a.out} and {Path(a.out).with_suffix('.md')}")
     return 0
 
@@ -223,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--features", type=int, nargs="+", default=list(d.model.features))
     tr.add_argument("--deep-supervision", action="store_true", help="U-Net++ deep supervision")
     tr.add_argument("--threads", type=int, default=0)
+    tr.add_argument("--workers", type=int, default=d.train.workers, help="DataLoader worker processes for augmentation")
+    tr.add_argument("--ema-decay", type=float, default=d.train.ema_decay, help="validate and ship an EMA of the weights (0: off)")
+    tr.add_argument("--time-budget", type=float, default=0.0, help="seconds: after epoch 2, fewer epochs if --epochs would not fit")
+    tr.add_argument("--missing-pre", type=float, default=d.augment.missing_pre, help="sequence dropout: probability that pre-contrast is replaced by FLAIR")
+    tr.add_argument("--missing-post", type=float, default=d.augment.missing_post, help="sequence dropout: probability that post-contrast is replaced by FLAIR")
+    tr.add_argument("--init-from", default=None, help="start from these weights (a .pt, or a folder with <model>.pt) with a fresh schedule")
     tr.add_argument("--resume", action="store_true", help="continue from RUN/<model>/last.pt")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
     tr.set_defaults(func=cmd_train)
@@ -233,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default=None, help="split JSON; default: every labelled patient in --data")
     ev.add_argument("--subset", default="test", choices=["train", "val", "test"])
     ev.add_argument("--sweep", action="store_true", help="also report a threshold x min-size sweep")
+    ev.add_argument("--conditions", nargs="+", default=["all"], choices=["all", "pre_missing", "post_missing", "flair_only", "every"], help="input conditions to evaluate (missing sequences as FLAIR copies); 'every' = all four")
     ev.add_argument("--out", required=True, help="REPORT.json (a .md table is written beside it)")
     ev.set_defaults(func=cmd_evaluate)
 

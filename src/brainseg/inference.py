@@ -119,7 +119,8 @@ class Ensemble:
     def postprocess(self) -> PostprocessConfig:
         ts = [m.postprocess.threshold for m in self.members]
         ms = [m.postprocess.min_size for m in self.members]
-        return PostprocessConfig(threshold=float(np.mean(ts)), min_size=int(np.median(ms)))
+        c3 = all(m.postprocess.components_3d for m in self.members)
+        return PostprocessConfig(threshold=float(np.mean(ts)), min_size=int(np.median(ms)), components_3d=c3)
 
     @property
     def config(self) -> ExperimentConfig:

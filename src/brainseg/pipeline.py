@@ -6,13 +6,13 @@ import json
 import logging
 import os
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from .cache import build_cache, load_cache, reusable_split
-from .config import ExperimentConfig, PostprocessConfig
+from .config import CONDITIONS, ExperimentConfig, PostprocessConfig
 from .data import DataError, default_holdout, discover, labelled, read_split, split_patients, write_json_atomic
-from .evaluation import evaluate_predictions, markdown_table, predict_patients, sweep_postprocess
+from .evaluation import evaluate_conditions, evaluate_predictions, markdown_table, predict_patients, sweep_postprocess
 from .models import DISPLAY_NAMES
 from .registry import REGISTRY, write_registry
 
@@ -58,7 +58,7 @@ def preprocess(data_root: str, cache_dir: str, cfg: ExperimentConfig, n_val: int
     return {"cache": str(out), "split": str(split_path), "patients": len(lab.patients), "slices": lab.n_slices, "images_without_mask": len(ds.images_without_mask), "split_sizes": {k: len(split[k]) for k in ("train", "val", "test")}}
 
 
-def train_models(names: list[str], cache_dir: str, out_dir: str, base: ExperimentConfig, data_root: str | None = None, resume: bool = False, progress: bool = True, export_onnx: bool = True) -> dict:
+def train_models(names: list[str], cache_dir: str, out_dir: str, base: ExperimentConfig, data_root: str | None = None, resume: bool = False, progress: bool = True, export_onnx: bool = True, init_from: str | None = None) -> dict:
     """Train each model, calibrate post-processing on validation, evaluate on test, write the registry."""
     from .checkpoint import load_checkpoint, save_checkpoint
     from .inference import Segmenter, TorchBackend
@@ -77,23 +77,25 @@ def train_models(names: list[str], cache_dir: str, out_dir: str, base: Experimen
         cfg = replace(base, model=replace(base.model, name=name, deep_supervision=base.model.deep_supervision and name == "unetpp"))
         run = out / name
         t0 = time.time()
-        result = Trainer(cfg, cache, split, run, resume=resume, progress=progress).fit()
+        init = Path(init_from) / f"{name}.pt" if init_from and Path(init_from).is_dir() else init_from
+        result = Trainer(cfg, cache, split, run, resume=resume, progress=progress, init_from=init).fit()
         if int(os.environ.get("RANK", "0")) != 0:
             continue
         wall = time.time() - t0
         ckpt = load_checkpoint(run / "best.pt")
         seg = Segmenter(TorchBackend(checkpoint=ckpt, device="cpu" if not _cuda() else None), name)
-        post, table = sweep_postprocess(predict_patients(seg, val_patients, progress=progress)) if val_patients else (PostprocessConfig(), [])
-        ckpt["config"]["postprocess"] = {"threshold": post.threshold, "min_size": post.min_size}
-        ckpt["calibration"] = {"patients": split["val"], "table": table}
+        post, table, val_score = calibrate(seg, val_patients, progress=progress)
+        ckpt["config"]["postprocess"] = asdict(post)
+        ckpt["calibration"] = {"patients": split["val"], "conditions": list(CALIBRATION_CONDITIONS), "table": table, "val_score": val_score}
         ckpt["info"]["train_wall_seconds"] = round(wall, 1)
         save_checkpoint(run / "best.pt", ckpt)
-        write_json_atomic(run / "calibration.json", {"chosen": {"threshold": post.threshold, "min_size": post.min_size}, "table": table})
+        write_json_atomic(run / "calibration.json", {"chosen": asdict(post), "val_score": val_score, "table": table})
         # Same weights: the calibrated ``post`` is passed explicitly below.
-        report = evaluate_predictions(predict_patients(seg, test_patients, progress=progress), post) if test_patients else {}
+        report = report_with_conditions(seg, test_patients, post, progress=progress) if test_patients else {}
+        report["val_selection_score"] = val_score
         reports[name] = report
         write_json_atomic(run / "test_report.json", report)
-        entry = {"checkpoint": f"{name}/best.pt", "metrics": {k: report.get(k) for k in ("per_patient_dice", "lesion_sensitivity", "fp_slice_rate")}, "train_wall_seconds": round(wall, 1), **result}
+        entry = {"checkpoint": f"{name}/best.pt", "val_selection_score": val_score, "metrics": {k: report.get(k) for k in ("per_patient_dice", "lesion_sensitivity", "fp_slice_rate")}, "train_wall_seconds": round(wall, 1), **result}
         if export_onnx:
             from .export import export_onnx as _export
 
@@ -108,22 +110,56 @@ def train_models(names: list[str], cache_dir: str, out_dir: str, base: Experimen
             if name not in entries and (out / name / "test_report.json").is_file():
                 entries[name] = entry
                 reports[name] = json.loads((out / name / "test_report.json").read_text())
-    best = max(entries, key=lambda n: reports[n].get("per_patient_dice") or -1.0)
-    write_registry(out, {"default": best, "selected_by": "per-patient 3D Dice on the split's test patients", "models": entries})
+    best = max(entries, key=lambda n: entries[n].get("val_selection_score") or -1.0)
+    write_registry(out, {"default": best, "selected_by": SELECTED_BY, "models": entries})
     (out / "comparison.md").write_text(markdown_table({DISPLAY_NAMES[n]: r for n, r in reports.items()}))
     write_json_atomic(out / "comparison.json", reports)
     return {"reports": reports, "best": best, "test_patients": len(test_patients)}
 
 
-def evaluate(segmenter, data_root: str, patient_ids: list[str] | None, post: PostprocessConfig | None = None, tta: bool = False, sweep: bool = False, progress: bool = True) -> dict:
+# Post-processing is calibrated, and the default model chosen, on the validation patients
+# with complete input and with FLAIR alone (the most common input a user has).
+CALIBRATION_CONDITIONS = ("all", "flair_only")
+SELECTED_BY = "validation per-patient 3D Dice, mean of complete input and FLAIR only, at the calibrated post-processing (never the test patients)"
+
+
+def calibrate(segmenter, val_patients, progress: bool = True) -> tuple[PostprocessConfig, list[dict], float]:
+    """Threshold, minimum component size and 2D / 3D components chosen on the validation patients."""
+    if not val_patients:
+        return PostprocessConfig(), [], float("nan")
+    preds = {c: predict_patients(segmenter, val_patients, progress=progress, condition=c) for c in CALIBRATION_CONDITIONS}
+    post, table = sweep_postprocess(preds)
+    best = max(r["per_patient_dice"] for r in table)
+    return post, table, float(best)
+
+
+def report_with_conditions(segmenter, patients, post: PostprocessConfig, conditions=tuple(CONDITIONS), progress: bool = True) -> dict:
+    """The full report with all sequences, plus every input condition's summary under ``conditions``."""
+    by_cond, _ = evaluate_conditions(segmenter, patients, post, conditions, progress=progress)
+    report = dict(by_cond["all"])
+    report["conditions"] = {c: condition_summary(r) for c, r in by_cond.items()}
+    return report
+
+
+def condition_summary(report: dict) -> dict:
+    keys = ("per_patient_dice", "per_patient_dice_ci95", "per_patient_dice_median", "fp_slice_rate", "fp_slice_rate_ci95", "lesion_sensitivity", "empty_on_large_lesion", "per_patient")
+    return {k: report.get(k) for k in keys}
+
+
+def evaluate(segmenter, data_root: str, patient_ids: list[str] | None, post: PostprocessConfig | None = None, tta: bool = False, sweep: bool = False, progress: bool = True, conditions: tuple[str, ...] = ("all",)) -> dict:
+    """The full report under ``conditions[0]``; with more conditions, a summary of each under ``conditions``."""
     ds = labelled(discover(data_root))
     patients = [ds.patient(p) for p in patient_ids] if patient_ids else ds.patients
-    preds = predict_patients(segmenter, patients, tta=tta, progress=progress)
-    report = evaluate_predictions(preds, post or segmenter.postprocess)
+    post = post or segmenter.postprocess
+    by_cond, preds = evaluate_conditions(segmenter, patients, post, conditions, tta=tta, progress=progress)
+    report = dict(by_cond[conditions[0]])
+    report["condition"] = conditions[0]
+    if len(conditions) > 1:
+        report["conditions"] = {c: condition_summary(r) for c, r in by_cond.items()}
     report["model"] = segmenter.name
     report["tta"] = tta
     if sweep:
-        _, report["postprocess_sweep"] = sweep_postprocess(preds)
+        _, report["postprocess_sweep"] = sweep_postprocess(preds[conditions[0]])
     return report
 
 
