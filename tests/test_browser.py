@@ -62,6 +62,8 @@ def streamlit_url(e2e_api, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium) to run the browser tests")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
