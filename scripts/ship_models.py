@@ -31,7 +31,7 @@ from brainseg.data import discover, labelled, write_json_atomic
 from brainseg.evaluation import PROTOCOLS, conditions_table, evaluate_predictions, markdown_table, mean_predictions, predict_patients
 from brainseg.export import export_onnx
 from brainseg.inference import Ensemble, Segmenter, TorchBackend, load_segmenter
-from brainseg.models import DISPLAY_NAMES
+from brainseg.config import DISPLAY_NAMES
 from brainseg.pipeline import CALIBRATION_CONDITIONS, SELECTED_BY, calibrate, condition_summary
 from brainseg.registry import write_registry
 

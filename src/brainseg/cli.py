@@ -135,7 +135,7 @@ def cmd_evaluate(a) -> int:
     from .data import read_split, write_json_atomic
     from .config import CONDITIONS
     from .evaluation import conditions_table, markdown_table
-    from .models import DISPLAY_NAMES
+    from .config import DISPLAY_NAMES
     from .pipeline import evaluate
 
     seg = _load_model(a)
