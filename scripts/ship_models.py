@@ -16,7 +16,6 @@ card per model, ``results.md`` and a figure of test slices.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time

@@ -78,7 +78,6 @@ def cache_matches(cache_dir, ds_root, preprocess_cfg) -> bool:
 
 
 def cmd_train(a) -> int:
-    from .cache import load_cache
     from .models import DISPLAY_NAMES, MODELS
     from .pipeline import preprocess, train_models
 

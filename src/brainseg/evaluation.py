@@ -95,12 +95,12 @@ def score_patient(pred: np.ndarray, truth: np.ndarray) -> dict:
 def aggregate(per_patient: dict[str, dict]) -> dict:
     """Report numbers from per-patient scores."""
     pats = list(per_patient.values())
-    lesions = [l for s in pats for l in s["lesions"]]
+    lesions = [les for s in pats for les in s["lesions"]]
     neg = sum(s["negative_slices"] for s in pats)
     hd = [s["hd95"] for s in pats]
     by_size = {}
     for label in [M.size_bin(0, SIZE_EDGES), *[M.size_bin(e, SIZE_EDGES) for e in SIZE_EDGES]]:
-        sel = [l for l in lesions if M.size_bin(l[0], SIZE_EDGES) == label]
+        sel = [les for les in lesions if M.size_bin(les[0], SIZE_EDGES) == label]
         by_size[label] = {
             "lesions": len(sel),
             "sensitivity": _mean([float(d) for _, d, _ in sel]),

@@ -12,7 +12,7 @@ from pathlib import Path
 from .cache import build_cache, load_cache, reusable_split
 from .config import CONDITIONS, ExperimentConfig, PostprocessConfig
 from .data import DataError, default_holdout, discover, labelled, read_split, split_patients, write_json_atomic
-from .evaluation import evaluate_conditions, evaluate_predictions, markdown_table, predict_patients, sweep_postprocess
+from .evaluation import evaluate_conditions, markdown_table, predict_patients, sweep_postprocess
 from .config import DISPLAY_NAMES
 from .registry import REGISTRY, write_registry
 
