@@ -108,7 +108,7 @@ def test_unknown_sequence_is_a_422_with_a_plain_message(client, value):
     r = segment(client, ("grey.png", png(grey_image())), sequence=value)
     assert r.status_code == 422
     detail = r.json()["detail"]
-    assert detail.startswith("sequence must be one of flair") and repr(value) in detail
+    assert detail.startswith("sequence must be one of flair") and repr(value) not in detail  # no echo of the request
     for choice in SEQUENCE_CHOICES:
         assert choice in detail
     r = client.post(f"/v1/segment?sequence={value}", files={"files": ("grey.png", png(grey_image()))})

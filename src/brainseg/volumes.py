@@ -12,6 +12,7 @@ so the written mask shares the input's voxel grid and affine. No torch here.
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ import numpy as np
 
 from .channels import SEQUENCE_ALIASES, channel_condition
 from .data import DataError, write_bytes_atomic
+
+log = logging.getLogger(__name__)
 
 # LGG channel order (pre-contrast, FLAIR, post-contrast) <- BraTS sequences.
 BRATS_CHANNELS = ("t1n", "t2f", "t1c")
@@ -72,7 +75,40 @@ class Volume:
         return float(np.prod(self.spacing))
 
 
+def _nifti_from_bytes(raw: bytes):
+    """A nibabel image (NIfTI-1 or NIfTI-2, by its header) over uncompressed bytes."""
+    import nibabel as nib
+
+    if len(raw) >= nib.Nifti2Header.sizeof_hdr and nib.Nifti2Header.may_contain_header(raw[: nib.Nifti2Header.sizeof_hdr]):
+        return nib.Nifti2Image.from_bytes(raw)
+    return nib.Nifti1Image.from_bytes(raw)
+
+
+def _squeeze_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+def _read_slabs(img) -> np.ndarray:
+    """The (scaled) data as float32, read one z slab at a time: never a second full copy
+    in the stored type or in float64. Trailing length-1 axes beyond the third are dropped."""
+    shape = tuple(int(s) for s in img.shape)
+    core = _squeeze_shape(shape)
+    out = np.empty(core, np.float32)
+    tail = tuple(0 for _ in range(len(core), len(shape)))
+    proxy = img.dataobj
+    for k in range(core[2] if len(core) >= 3 else 0):
+        out[:, :, k] = np.asarray(proxy[(slice(None), slice(None), k) + (slice(None),) * (len(core) - 3) + tail])
+    return out
+
+
 def _load_nifti(data: bytes | None, path: os.PathLike | str):
+    """(nibabel image, float32 array) of one NIfTI file (a path) or its uncompressed bytes.
+
+    Errors are plain DataErrors; what the library said goes to the debug log only.
+    """
     import nibabel as nib
 
     try:
@@ -81,13 +117,30 @@ def _load_nifti(data: bytes | None, path: os.PathLike | str):
             arr = np.asarray(img.dataobj, dtype=np.float32)
         else:
             raw = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
-            img = nib.Nifti1Image.from_bytes(raw)
-            arr = np.asarray(img.dataobj, dtype=np.float32)
+            img = _nifti_from_bytes(raw)
+            if len(img.shape) < 3:
+                raise DataError(path, f"expected a 3-D volume, got shape {tuple(img.shape)}")
+            arr = _read_slabs(img)
+    except DataError:
+        raise
+    except MemoryError:
+        raise
     except Exception as exc:
-        raise DataError(path, f"cannot read NIfTI ({type(exc).__name__}: {exc})") from None
+        log.debug("reading NIfTI %s failed: %r", path, exc)
+        raise DataError(path, "cannot read NIfTI: the file is corrupt, truncated or not NIfTI-1 / NIfTI-2") from None
     if not np.isfinite(arr).all():
         raise DataError(path, f"volume contains {int((~np.isfinite(arr)).sum())} NaN or infinite voxels")
     return img, arr
+
+
+def _to_slices(channels: list[np.ndarray]) -> np.ndarray:
+    """Three (X, Y, Z) float32 arrays -> (Z, Y, X, 3) display-oriented slices, filled in place."""
+    x, y, z = channels[0].shape
+    out = np.empty((z, y, x, 3), np.float32)
+    for c, arr in enumerate(channels):
+        for k in range(z):
+            out[k, :, :, c] = np.rot90(arr[:, :, k])
+    return out
 
 
 def load_volume(files: list[os.PathLike | str] | dict[str, bytes], name: str | None = None) -> Volume:
@@ -103,17 +156,18 @@ def load_volume(files: list[os.PathLike | str] | dict[str, bytes], name: str | N
     if len(items) == 1:
         fname, data = items[0]
         img, arr = _load_nifti(data, fname)
-        if arr.ndim == 4 and arr.shape[3] == 1:
-            arr = arr[..., 0]
+        if arr.ndim > 3:
+            arr = arr.reshape(_squeeze_shape(arr.shape))
         if arr.ndim == 3:
-            chans = np.repeat(arr[..., None], 3, axis=3)
+            slices = _to_slices([arr, arr, arr])
             tag = brats_sequence(fname)
             given, condition, name_seq = 1, "flair_only", (SEQUENCE_ALIASES.get(tag[1], tag[1]) if tag else None)
         elif arr.ndim == 4 and arr.shape[3] == 3:
-            chans = arr
-            given, condition, name_seq = 3, channel_condition(arr), None
+            slices = _to_slices([arr[..., c] for c in range(3)])
+            given, condition, name_seq = 3, channel_condition(slices), None
         else:
             raise DataError(fname, f"expected a 3-D volume or a 4-D volume with 3 channels (pre-contrast, FLAIR, post-contrast), got shape {arr.shape}")
+        del arr
         affine, zooms, sources, present, is_set = img.affine, img.header.get_zooms()[:3], (fname,), (), False
     else:
         by_seq: dict[str, tuple[str, bytes | None]] = {}
@@ -136,18 +190,20 @@ def load_volume(files: list[os.PathLike | str] | dict[str, bytes], name: str | N
         ref_name, ref_shape = by_seq["t2f"][0], loaded["t2f"][1].shape
         for seq in present:
             fname, arr = by_seq[seq][0], loaded[seq][1]
+            if arr.ndim > 3:
+                arr = arr.reshape(_squeeze_shape(arr.shape))
+                loaded[seq] = (loaded[seq][0], arr)
             if arr.ndim != 3:
                 raise DataError(fname, f"expected a 3-D volume, got shape {arr.shape}")
             if arr.shape != ref_shape:
                 raise DataError(fname, f"shape {arr.shape} differs from {ref_name} {ref_shape}")
-        chans = np.stack([loaded.get(seq, loaded["t2f"])[1] for seq in BRATS_CHANNELS], axis=3)
+        slices = _to_slices([loaded.get(seq, loaded["t2f"])[1] for seq in BRATS_CHANNELS])
         img = loaded[present[0]][0]  # the first file of the set gives the grid (t1n when present, as before)
         has_pre, has_post = "t1n" in present, "t1c" in present
         condition = "all" if has_pre and has_post else "pre_missing" if has_post else "post_missing" if has_pre else "flair_only"
         given, name_seq = len(present), ("flair" if condition == "flair_only" else None)
         affine, zooms, sources, is_set = img.affine, img.header.get_zooms()[:3], tuple(by_seq[s][0] for s in present), True
-    x, y, z = chans.shape[:3]
-    slices = np.stack([np.rot90(chans[:, :, k]) for k in range(z)]).astype(np.float32)
+    z, y, x = slices.shape[:3]
     stem = name or (brats_sequence(sources[0])[0] if is_set else nifti_stem(sources[0]))
     return Volume(
         slices, np.asarray(affine, dtype=np.float64), tuple(float(v) for v in zooms), (x, y, z), stem, sources,

@@ -18,20 +18,23 @@ serving. No torch import when the models are ONNX.
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import math
 import time
+import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal
 
 import anyio
 import numpy as np
-from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from urllib.parse import quote
+
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, RedirectResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..channels import describe_slice, describe_volume, parse_sequence
@@ -44,12 +47,13 @@ from ..volumes import load_volume
 from .engine import DISPLAY_NAMES, Engine, ModelUnavailable, display_volume
 from .settings import Settings
 from .store import ResultStore, StoredResult
-from .uploads import Upload, UploadError, classify, decode_slice_channels, nifti_payload
+from .uploads import Limits, Upload, UploadError, classify, clean_name, decode_slice_channels, read_volume_payloads
 
 log = logging.getLogger("brainseg.serving")
 
 MAX_LESIONS_LISTED = 1000  # the count is always exact; the list is cut for garbage masks
 MULTIPART_SLACK = 1 << 20  # boundaries and form fields around the files
+MAX_FIELD_BYTES = 64 << 10  # one plain (non-file) form field
 
 
 # ---------------------------------------------------------------- helpers
@@ -73,14 +77,15 @@ def render(display: np.ndarray, mask: np.ndarray, view: str = "overlay", channel
 
 
 def parse_threshold(raw: str | None) -> float | None:
+    """The threshold parameter; messages never repeat what was sent."""
     if raw is None or str(raw).strip() == "":
         return None
     try:
         t = float(raw)
-    except ValueError:
-        raise UploadError(422, f"threshold must be a number between 0 and 1 (exclusive), got {raw!r}") from None
+    except (ValueError, OverflowError):
+        raise UploadError(422, "threshold must be a number between 0 and 1 (exclusive)") from None
     if not (0.0 < t < 1.0) or math.isnan(t):
-        raise UploadError(422, f"threshold must be between 0 and 1 (exclusive), got {raw}")
+        raise UploadError(422, "threshold must be between 0 and 1 (exclusive)")
     return t
 
 
@@ -92,7 +97,17 @@ def parse_bool(name: str, raw: str | None) -> bool:
         return True
     if v in ("", "0", "false", "no", "off"):
         return False
-    raise UploadError(422, f"{name} must be true or false, got {raw!r}")
+    raise UploadError(422, f"{name} must be true or false")
+
+
+def content_disposition(filename: str) -> str:
+    """``attachment`` with an ASCII ``filename`` (anything else, and ``"`` ``\\`` ``;`` ``%``, as ``_``)
+    and the exact name as RFC 5987 ``filename*=UTF-8''...``: no header injection, any script."""
+    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\;%' else "_" for c in filename) or "download"
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
+SEGMENT_FIELDS = ("files", "model", "threshold", "tta", "sequence")
 
 
 def model_block(engine: Engine, model) -> dict:
@@ -102,8 +117,76 @@ def model_block(engine: Engine, model) -> dict:
     return block
 
 
-def error(status: int, detail: str, **extra) -> JSONResponse:
-    return JSONResponse({"detail": detail, **extra}, status_code=status)
+def error(status: int, detail: str, headers: dict | None = None, **extra) -> JSONResponse:
+    return JSONResponse({"detail": detail, **extra}, status_code=status, headers=headers)
+
+
+class ServerErrors:
+    """ASGI middleware, outermost: an exception nothing else handled is a server fault.
+
+    It is logged once, with its traceback and a short id, and the client gets a 500 with
+    ``{"detail": "internal error", "error_id": ID}``: nothing of the exception itself.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked_send(msg):
+            nonlocal started
+            if msg["type"] == "http.response.start":
+                started = True
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception:
+            eid = uuid.uuid4().hex[:12]
+            log.exception("internal error %s on %s %s", eid, scope.get("method"), scope.get("path"))
+            if not started:
+                await error(500, "internal error; quote the error id to the operator", error_id=eid)(scope, receive, send)
+
+
+_VALIDATION_WORDS = {
+    "missing": "is required",
+    "int_parsing": "must be an integer",
+    "int_type": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "finite_number": "must be a finite number",
+    "bool_parsing": "must be true or false",
+    "string_type": "must be text",
+    "list_type": "must be a list",
+}
+
+
+def validation_message(errors: list[dict]) -> str:
+    """``field: what is wrong`` for each error, from the schema only: never the values sent."""
+    parts = []
+    for e in errors[:5]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path", "header", "form") and not isinstance(x, int))
+        kind, ctx = str(e.get("type", "")), e.get("ctx") or {}
+        if kind in _VALIDATION_WORDS:
+            what = _VALIDATION_WORDS[kind]
+        elif kind in ("greater_than_equal", "greater_than") and ("ge" in ctx or "gt" in ctx):
+            what = f"must be at least {ctx.get('ge', ctx.get('gt'))}" if "ge" in ctx else f"must be above {ctx['gt']}"
+        elif kind in ("less_than_equal", "less_than") and ("le" in ctx or "lt" in ctx):
+            what = f"must be at most {ctx.get('le', ctx.get('lt'))}" if "le" in ctx else f"must be below {ctx['lt']}"
+        elif kind == "literal_error" and "expected" in ctx:
+            what = f"must be one of {ctx['expected']}"
+        elif "file" in kind or "upload" in kind:
+            what = "must be a file (multipart/form-data with a file name)"
+        else:
+            what = "is not valid"
+        part = f"{loc[:40]} {what}" if loc else f"request {what}"
+        if part not in parts:
+            parts.append(part)
+    return "; ".join(parts) or "invalid request"
 
 
 class UploadLimit:
@@ -172,6 +255,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     engine = Engine(settings)
     store = ResultStore(settings.max_results, int(settings.result_store_mb * 2**20))
+    limits = Limits(max_pixels=settings.max_pixels, max_voxels=settings.max_voxels, max_decoded_bytes=settings.max_decoded_bytes)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -188,6 +272,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description="Lesion segmentation in brain MRI (Nested U-Net / Attention U-Net). Research software, not for diagnosis.",
         lifespan=lifespan,
+        # Counted while the body is parsed: more parts, or a plain field over 64 KiB, is a 400 at once.
+        form_limits={"max_fields": settings.max_form_fields, "max_files": settings.max_files, "max_part_size": MAX_FIELD_BYTES},
     )
     app.state.engine = engine
     app.state.store = store
@@ -195,23 +281,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"])
     app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(ServerErrors)  # outermost: added last
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        parts = []
-        for e in exc.errors():
-            loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path"))
-            parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
-        return error(422, "; ".join(parts) or "invalid request", errors=json.loads(json.dumps(exc.errors(), default=str)))
+        if request.url.path == "/v1/segment" and request.method == "POST":
+            ctype = request.headers.get("content-type", "")
+            if not ctype.startswith("multipart/form-data"):
+                return error(415, "send the file(s) as multipart/form-data in the field 'files'")
+        return error(422, validation_message(exc.errors()))
 
     @app.exception_handler(UploadError)
     async def _upload_error(request: Request, exc: UploadError):
         return error(exc.status, exc.message)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error(500, f"internal error ({type(exc).__name__}); see the server log")
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        """Errors the framework raises (no route, wrong method, unparsable form): our own words."""
+        detail = str(exc.detail)
+        if exc.status_code == 400:
+            if "maximum number of" in detail.lower() or "too many" in detail.lower():
+                msg = "too many form fields or files in one request"
+            elif "maximum size" in detail.lower():
+                msg = "a form field (not a file) is too large; send files as file parts"
+            else:
+                msg = "the request body is not valid multipart/form-data"
+            return error(400, msg)
+        words = {404: "not found", 405: "method not allowed"}
+        return error(exc.status_code, words.get(exc.status_code, "request not accepted"), headers=getattr(exc, "headers", None))
 
     @app.get("/", include_in_schema=False)
     async def root():
@@ -219,7 +316,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/health", summary="Liveness, and whether models are available")
     async def health():
-        body = {"status": "ok", "version": __version__, "model_dir": str(engine.model_dir), "loaded_models": engine.loaded(), "results_kept": len(store)}
+        body = {"status": "ok", "version": __version__, "loaded_models": engine.loaded(), "results_kept": len(store)}
         try:
             body.update(models_ready=True, default_model=engine.default_name(), models=engine.names())
         except ModelUnavailable as exc:
@@ -233,13 +330,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             described = await anyio.to_thread.run_sync(lambda: [engine.describe(n) for n in names + (["ensemble"] if len(names) > 1 else [])])
             reg = engine.registry()
         except ModelUnavailable as exc:
-            raise HTTPException(503, str(exc)) from None
+            raise UploadError(503, str(exc)) from None
         return {"default": reg["default"], "selected_by": reg.get("selected_by"), "channels": list(CHANNELS), "models": described}
 
     @app.post("/v1/segment", summary="Segment one slice, one NIfTI volume or a BraTS t1n/t2f/t1c set")
     async def segment(
         request: Request,
-        files: list[UploadFile] | None = File(None, description="one slice (TIFF/PNG/JPEG), one NIfTI volume, or the BraTS t1n, t2f and t1c files"),
+        files: list[UploadFile] = File(..., description="one slice (TIFF/PNG/JPEG), one NIfTI volume, or the BraTS t1n, t2f and t1c files"),
         model: str | None = Form(None, description="unetpp, attention_unet or ensemble (default: the registry's best)"),
         threshold: str | None = Form(None, description="probability threshold in (0, 1) (default: the model's calibrated one)"),
         tta: str | None = Form(None, description="true: average with the horizontally flipped input"),
@@ -252,74 +349,85 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ):
         t_start = time.perf_counter()
         q = request.query_params
+        form = await request.form()  # already parsed (and limited) by FastAPI: no second read
+        unknown = {k for k in list(q.keys()) + list(form.keys()) if k not in SEGMENT_FIELDS}
+        if unknown:
+            raise UploadError(422, f"unknown form field or query parameter; this route takes {', '.join(SEGMENT_FIELDS)}")
         model = model if model is not None else q.get("model")
         thr = parse_threshold(threshold if threshold is not None else q.get("threshold"))
         use_tta = parse_bool("tta", tta if tta is not None else q.get("tta"))
         try:
             seq = parse_sequence(sequence if sequence is not None else q.get("sequence"))
-        except ValueError as exc:
-            raise UploadError(422, str(exc)) from None
+        except ValueError:
+            raise UploadError(422, "sequence must be one of flair (FLAIR), t1 (pre-contrast T1), t1c (T1 post-contrast), t2 (T2); it says what a grey image or a single volume is") from None
         try:
             name = engine.resolve(model)
-        except KeyError as exc:
-            raise UploadError(422, exc.args[0]) from None
+        except KeyError:
+            choices = ", ".join(engine.names() + ["ensemble"])
+            raise UploadError(422, f"unknown model; choose one of {choices}") from None
         except ModelUnavailable as exc:
-            raise HTTPException(503, str(exc)) from None
-        files = files or []
-        if not files and not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            raise UploadError(415, f"send the file(s) as multipart/form-data in the field 'files' (got content type {request.headers.get('content-type') or 'none'!r})")
+            raise UploadError(503, str(exc)) from None
         declared = sum(f.size or 0 for f in files)
         if declared > settings.max_upload_bytes:
             raise UploadError(413, f"upload is {declared / 2**20:.1f} MiB, above the limit of {settings.max_upload_mb:.0f} MiB (BRAINSEG_MAX_UPLOAD_MB)")
-        uploads = [Upload(Path(f.filename or "upload").name, await f.read()) for f in files]
+        uploads = [Upload(clean_name(f.filename), await f.read()) for f in files]
         kind = classify(uploads, settings.max_upload_bytes)
+
+        def decode():
+            """The input, checked and decoded: every problem here is the upload's (4xx)."""
+            if kind == "slice":
+                image, stored = decode_slice_channels(uploads[0], limits)
+                return image, describe_slice(image, stored, seq)
+            payloads = read_volume_payloads(uploads, limits)
+            try:
+                vol = load_volume(payloads)
+            except DataError as exc:
+                msg = str(exc)
+                raise UploadError(422, msg if any(u.name in msg for u in uploads) else f"{', '.join(u.name for u in uploads)}: {msg}") from None
+            except MemoryError:
+                raise
+            except Exception as exc:
+                log.debug("volume unreadable: %r", exc)
+                raise UploadError(422, "the volume could not be read: a file is corrupt or not NIfTI") from None
+            finally:
+                del payloads
+            return vol, describe_volume(vol, seq)
 
         def work() -> dict:
             t0 = time.perf_counter()
             seg = engine.get(name)
-            if kind == "slice":
-                image, stored = decode_slice_channels(uploads[0], settings.max_pixels)
-                read_as = describe_slice(image, stored, seq)
-                t1 = time.perf_counter()
-                res, post = engine.run_slice(seg, image, thr, use_tta)
-                t2 = time.perf_counter()
-                return slice_answer(engine, store, seg, uploads, image, res, post, use_tta, (t0, t1, t2), read_as)
-            vol = load_volume({u.name: nifti_payload(u, settings.max_voxels) for u in uploads})
-            read_as = describe_volume(vol, seq)
+            try:
+                data, read_as = decode()
+            except MemoryError:
+                raise UploadError(413, "the upload is too large to decode on this server") from None
             t1 = time.perf_counter()
-            res, post = engine.run_volume(seg, vol, thr, use_tta)
+            if kind == "slice":
+                res, post = engine.run_slice(seg, data, thr, use_tta)
+                t2 = time.perf_counter()
+                return slice_answer(engine, store, seg, uploads, data, res, post, use_tta, (t0, t1, t2), read_as)
+            res, post = engine.run_volume(seg, data, thr, use_tta)
             t2 = time.perf_counter()
-            return volume_answer(engine, store, seg, uploads, vol, res, post, use_tta, (t0, t1, t2), read_as)
+            return volume_answer(engine, store, seg, uploads, data, res, post, use_tta, (t0, t1, t2), read_as)
 
-        names = ", ".join(u.name for u in uploads)
         try:
             body = await anyio.to_thread.run_sync(work, limiter=request.app.state.limiter)
-        except UploadError:
-            raise
         except ModelUnavailable as exc:
-            raise HTTPException(503, str(exc)) from None
-        except (DataError, ValueError, KeyError, IndexError, TypeError) as exc:
-            log.info("rejected %s: %s", names, exc)
-            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            raise UploadError(422, msg if any(u.name in msg for u in uploads) else f"{names}: {msg}") from None
+            raise UploadError(503, str(exc)) from None
         except MemoryError:
-            raise UploadError(413, f"{names}: too large to process on this server") from None
-        except Exception as exc:  # a user's file must never produce a 500
-            log.exception("could not process %s", names)
-            raise UploadError(422, f"{names}: could not be processed ({type(exc).__name__}: {exc})") from None
+            raise UploadError(413, "the upload is too large to process on this server") from None
         body["timings_ms"]["total"] = round((time.perf_counter() - t_start) * 1000, 1)
         return body
 
     def _result(rid: str) -> StoredResult:
         res = store.get(rid)
         if res is None:
-            raise HTTPException(404, f"result {rid!r} not found: it never existed or was evicted (the server keeps the last {settings.max_results} results in memory)")
+            raise UploadError(404, f"result not found: it never existed or was evicted (the server keeps the last {settings.max_results} results in memory)")
         return res
 
     def _z(res: StoredResult, z: int) -> int:
         n = res.mask.shape[0]
         if not 0 <= z < n:
-            raise HTTPException(404, f"slice {z} out of range: this result has slices 0..{n - 1}")
+            raise UploadError(404, f"slice out of range: this result has slices 0..{n - 1}")
         return z
 
     @app.get("/v1/results/{rid}", summary="The JSON answer of an earlier segmentation (without images)")
@@ -330,9 +438,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def mask_nifti(rid: str):
         res = _result(rid)
         if res.kind != "volume":
-            raise HTTPException(404, "this result is a slice: download its mask as /mask.png")
+            raise UploadError(404, "this result is a slice: download its mask as /mask.png")
         data = await anyio.to_thread.run_sync(res.nifti)
-        return Response(data, media_type="application/gzip", headers={"Content-Disposition": f'attachment; filename="{res.name}_mask.nii.gz"'})
+        return Response(data, media_type="application/gzip", headers={"Content-Disposition": content_disposition(f"{res.name}_mask.nii.gz")})
 
     @app.get("/v1/results/{rid}/mask.png", summary="Mask of one slice as a PNG (0 / 255)")
     async def mask_png(rid: str, z: int = Query(0, ge=0, description="slice index (volumes)")):

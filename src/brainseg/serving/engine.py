@@ -65,13 +65,15 @@ class Engine:
         try:
             mtime = path.stat().st_mtime
         except OSError:
-            raise ModelUnavailable(f"no model registry at {path}: train models (`brainseg train`) or set BRAINSEG_MODEL_DIR") from None
+            log.warning("no model registry at %s", path)
+            raise ModelUnavailable("no model registry in the model folder: train models (`brainseg train`) or set BRAINSEG_MODEL_DIR") from None
         with self._lock:
             if self._registry is None or mtime != self._registry_mtime:
                 try:
                     self._registry = registry.read_registry(self.model_dir)
                 except ValueError as exc:
-                    raise ModelUnavailable(f"{path}: unreadable registry ({exc})") from None
+                    log.warning("unreadable registry %s: %s", path, exc)
+                    raise ModelUnavailable("the model registry (registry.json) is unreadable; see the server log") from None
                 if self._registry_mtime is not None:
                     self._models.clear()
                     self._versions.clear()
@@ -110,12 +112,14 @@ class Engine:
             want = "torch" if (ckpt is not None and (onnx is None or gpu_present())) else "onnx"
         path = onnx if want == "onnx" else ckpt
         if path is None:
-            raise ModelUnavailable(f"model {name!r}: no {'.onnx' if want == 'onnx' else '.pt'} file in {self.model_dir} (backend {self.settings.backend})")
+            log.warning("model %s: no %s file in %s (backend %s)", name, ".onnx" if want == "onnx" else ".pt", self.model_dir, self.settings.backend)
+            raise ModelUnavailable(f"model {name!r}: no {'.onnx' if want == 'onnx' else '.pt'} file in the model folder (backend {self.settings.backend})")
         t0 = time.perf_counter()
         try:
             backend = OnnxBackend(path, self.settings.onnx_threads) if want == "onnx" else TorchBackend(path)
         except Exception as exc:
-            raise ModelUnavailable(f"model {name!r}: cannot load {path} ({type(exc).__name__}: {exc})") from exc
+            log.warning("model %s: cannot load %s: %r", name, path, exc)
+            raise ModelUnavailable(f"model {name!r}: cannot load its model file; see the server log") from exc
         self._versions[name] = self.registry()["models"][name].get("version") or file_version(ckpt or path)
         log.info("loaded %s from %s (%s) in %.2f s", name, path, want, time.perf_counter() - t0)
         return Segmenter(backend, name, str(path))
@@ -197,11 +201,17 @@ class Engine:
 
 
 def display_volume(slices: np.ndarray) -> np.ndarray:
-    """(Z, H, W, 3) any dtype -> uint8 for display, with the same volume-wide window the model saw."""
+    """(Z, H, W, 3) any dtype -> uint8 for display, with the same volume-wide window the model saw.
+
+    Windowed one slice at a time, so the float temporaries stay one slice large.
+    """
     window = window_for_volume(slices)
     if window is None:
         return slices
-    return to_uint8(slices, *window)
+    out = np.empty(slices.shape, np.uint8)
+    for k in range(slices.shape[0]):
+        out[k] = to_uint8(slices[k], *window)
+    return out
 
 
 def _onnx_parameters(path: str) -> int | None:

@@ -8,7 +8,12 @@ BRAINSEG_BACKEND            auto (ONNX on CPU, torch with CUDA), onnx,   auto
                             torch
 BRAINSEG_MAX_UPLOAD_MB      bytes of one request's files, in MiB         200
 BRAINSEG_MAX_PIXELS         pixels of one uploaded slice                 16777216
-BRAINSEG_MAX_VOXELS         voxels of one uploaded volume (per channel)  67108864
+BRAINSEG_MAX_VOXELS         voxels of one uploaded volume (per channel)  16777216
+BRAINSEG_MAX_DECODED_MB     bytes one request's files decode to, as      256
+                            stored (every TIFF page, channel and file),
+                            checked from the headers before decoding
+BRAINSEG_MAX_FORM_FIELDS    form fields besides files, per request       16
+BRAINSEG_MAX_FILES          file parts per request                       8
 BRAINSEG_MAX_RESULTS        results kept for download (LRU)              16
 BRAINSEG_RESULT_STORE_MB    memory the kept results may use, in MiB      1024
 BRAINSEG_MAX_CONCURRENT     inferences running at once                   2
@@ -33,7 +38,10 @@ class Settings(BaseModel):
     backend: Literal["auto", "onnx", "torch"] = "auto"
     max_upload_mb: float = Field(200.0, gt=0)
     max_pixels: int = Field(4096 * 4096, gt=0)
-    max_voxels: int = Field(512 * 512 * 256, gt=0)
+    max_voxels: int = Field(256 * 256 * 256, gt=0)
+    max_decoded_mb: float = Field(256.0, gt=0)
+    max_form_fields: int = Field(16, ge=1)
+    max_files: int = Field(8, ge=1)
     max_results: int = Field(16, ge=1)
     result_store_mb: float = Field(1024.0, gt=0)
     max_concurrent: int = Field(2, ge=1)
@@ -51,6 +59,10 @@ class Settings(BaseModel):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_decoded_bytes(self) -> int:
+        return int(self.max_decoded_mb * 1024 * 1024)
 
     @classmethod
     def from_env(cls, environ: dict | None = None, **overrides) -> "Settings":

@@ -1,15 +1,21 @@
 """What a request's files are, and whether they fit the limits, before anything big is decoded.
 
 Pure functions on ``(filename, bytes)`` pairs; they raise ``UploadError`` with the HTTP status
-a client should get (400 empty, 413 too large, 415 wrong type, 422 unreadable or wrong shape).
-Sizes are read from the file headers (PNG IHDR, JPEG SOF, TIFF tags, NIfTI header) so that a
-small file claiming a huge image is refused before it is decompressed.
+a client should get (400 empty, 413 too large, 415 wrong type, 422 unreadable or wrong shape)
+and a plain message of our own: never a library's exception text.
+
+Budgets come first, from the headers, through the libraries: tifffile for every page of a
+TIFF, Pillow for PNG / JPEG, nibabel for NIfTI-1 and NIfTI-2. Only then is anything decoded:
+``.nii.gz`` is inflated with a byte cap taken from its own header (a small file that expands
+without end is cut off) and its CRC is checked; multi-member gzip is read member by member.
 """
 
 from __future__ import annotations
 
 import io
-import struct
+import logging
+import unicodedata
+import warnings
 import zlib
 from dataclasses import dataclass
 
@@ -19,7 +25,13 @@ from ..channels import stored_channels
 from ..data import IMAGE_SUFFIXES, DataError, decode_image, to_three_channels
 from ..volumes import is_nifti
 
-MIN_SIDE = 16  # pixels; CLAHE tiles and the network need a few pixels per side
+log = logging.getLogger("brainseg.serving")
+
+MIN_SIDE = 16  # pixels; CLAHE tiles and the network need a few pixels per side (slices, and volumes in-plane)
+MAX_NAME = 100  # characters of a file name kept for messages and downloads
+MAX_TIFF_PAGES = 64  # more pages are refused without looking at each
+GZIP_SLACK = 1 << 16
+MAX_DATA_OFFSET = 1 << 24  # header extensions beyond 16 MiB are not accepted  # bytes a .nii.gz may inflate to beyond what its header declares
 ACCEPTED = "a slice (.tif, .tiff, .png, .jpg, .jpeg), a NIfTI volume (.nii, .nii.gz), or a BraTS set (*-t1n, *-t2f, *-t1c .nii.gz)"
 
 
@@ -36,6 +48,27 @@ class UploadError(Exception):
 class Upload:
     name: str
     data: bytes
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may cost (``Settings`` gives them; see settings.py)."""
+
+    max_pixels: int = 4096 * 4096
+    max_voxels: int = 256 * 256 * 256
+    max_decoded_bytes: int = 256 << 20
+
+
+def clean_name(raw: str | None) -> str:
+    """A file name safe to show and to put in a header: base name only, no control or
+    format characters, at most ``MAX_NAME`` characters (the suffix kept); ``upload`` if none is left."""
+    name = str(raw or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if unicodedata.category(ch)[0] not in "CZ" or ch == " ").strip(" .")
+    if len(name) > MAX_NAME:
+        low = name.lower()
+        suffix = ".nii.gz" if low.endswith(".nii.gz") else ("." + name.rsplit(".", 1)[-1]) if "." in name[-8:] else ""
+        name = name[: MAX_NAME - len(suffix) - 3] + "..." + suffix
+    return name or "upload"
 
 
 def sniff(data: bytes) -> str | None:
@@ -59,7 +92,7 @@ def kind_of(up: Upload) -> str:
     sniffed = sniff(up.data)
     if sniffed:
         return sniffed
-    suffix = name.rsplit(".", 1)[-1] if "." in name else "(none)"
+    suffix = name.rsplit(".", 1)[-1][:12] if "." in name else "(none)"
     hint = " DICOM must be converted to NIfTI first (e.g. dcm2niix)." if name.endswith(".dcm") or up.data[128:132] == b"DICM" else ""
     raise UploadError(415, f"{up.name}: unsupported file type '{suffix}'; send {ACCEPTED}.{hint}")
 
@@ -86,72 +119,164 @@ def classify(uploads: list[Upload], max_bytes: int) -> str:
     raise UploadError(422, "images and NIfTI volumes mixed in one request; send one slice, or one volume")
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _pixel_type_ok(dtype: np.dtype) -> bool:
+    """uint8/16/32, int8/16/32, float16/32; not bool, float64, int64, complex or structured (RGB) types."""
+    return dtype.kind in "ui" and dtype.itemsize <= 4 or dtype.kind == "f" and dtype.itemsize <= 4
+
+
+PIXEL_TYPES = "8, 16 or 32-bit integers or 32-bit float"
+
+
 # ---------------------------------------------------------------- slices
+
+
+@dataclass
+class ImageInfo:
+    format: str  # "TIFF", "PNG" or "JPEG"
+    height: int
+    width: int
+    channels: int
+    itemsize: int  # bytes per sample
+    pages: int = 1
+    decoded_bytes: int = 0  # all pages, all channels, as stored
+    dtype: np.dtype | None = None
+
+
+def _tiff_info(data: bytes, name: str) -> ImageInfo:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            n_pages = len(tif.pages)
+            if n_pages == 0:
+                raise ValueError("no pages")
+            if n_pages > MAX_TIFF_PAGES:
+                raise UploadError(422, f"{name}: TIFF has {n_pages} pages; send one slice per file (a volume as NIfTI)")
+            total, first = 0, None
+            for page in tif.pages:
+                shape, dtype = tuple(int(s) for s in page.shape), page.dtype
+                if dtype is None:
+                    raise UploadError(422, f"{name}: unsupported TIFF pixel type; send {PIXEL_TYPES}")
+                total += int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                if first is None:
+                    first = ImageInfo("TIFF", int(page.imagelength), int(page.imagewidth), int(page.samplesperpixel), dtype.itemsize, dtype=np.dtype(dtype))
+                    depth = int(getattr(page, "imagedepth", 1) or 1)
+                    if depth > 1:
+                        raise UploadError(422, f"{name}: TIFF holds a volume ({depth} planes); send one slice, or the volume as NIfTI")
+    except UploadError:
+        raise
+    except Exception as exc:
+        log.debug("TIFF header of %s unreadable: %r", name, exc)
+        raise UploadError(422, f"{name}: cannot read the TIFF header; the file is corrupt, truncated or not a TIFF image") from None
+    first.pages, first.decoded_bytes = n_pages, total
+    return first
+
+
+def _pillow_info(data: bytes, name: str) -> ImageInfo:
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as im:
+                fmt, (w, h), mode = im.format, im.size, im.mode
+                raw = str(im.tile[0][3] if im.tile and len(im.tile[0]) > 3 else "")
+                bands = len(im.getbands())
+    except Image.DecompressionBombError:
+        raise UploadError(413, f"{name}: image dimensions are far above the pixel limit (BRAINSEG_MAX_PIXELS)") from None
+    except Exception as exc:
+        log.debug("image header of %s unreadable: %r", name, exc)
+        raise UploadError(422, f"{name}: cannot read the image header; the file is corrupt, truncated or not a TIFF, PNG or JPEG image") from None
+    if fmt not in ("PNG", "JPEG", "MPO"):
+        raise UploadError(415, f"{name}: {fmt or 'unknown'} images are not accepted; send {ACCEPTED}")
+    sixteen = mode in ("I", "I;16", "I;16B", "I;16L", "F") or ";16" in raw
+    if mode == "P":
+        bands = 4  # OpenCV expands a palette to colour (with alpha where the PNG has transparency)
+    elif mode == "LA":
+        bands = 4
+    return ImageInfo("JPEG" if fmt == "MPO" else fmt, int(h), int(w), bands, 2 if sixteen else 1, decoded_bytes=int(w) * int(h) * bands * (2 if sixteen else 1))
+
+
+def image_info(data: bytes, name: str = "image") -> ImageInfo:
+    """Size, channels, sample size and pages from the header (tifffile / Pillow), nothing decoded."""
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return _tiff_info(data, name)
+    if data[:8] == b"\x89PNG\r\n\x1a\n" or data[:3] == b"\xff\xd8\xff":
+        return _pillow_info(data, name)
+    raise UploadError(422, f"{name}: not a TIFF, PNG or JPEG image (the first bytes match none of them)")
 
 
 def image_size(data: bytes) -> tuple[int, int] | None:
     """(height, width) from a PNG, JPEG or TIFF header without decoding; None if unknown."""
     try:
-        if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
-            w, h = struct.unpack(">II", data[16:24])
-            return h, w
-        if data[:2] == b"\xff\xd8":
-            i = 2
-            while i + 9 < len(data):
-                if data[i] != 0xFF:
-                    i += 1
-                    continue
-                marker = data[i + 1]
-                if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
-                    i += 1 if marker == 0xFF else 2
-                    continue
-                (length,) = struct.unpack(">H", data[i + 2 : i + 4])
-                if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-                    h, w = struct.unpack(">HH", data[i + 5 : i + 9])
-                    return h, w
-                i += 2 + length
-            return None
-        if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        info = image_info(data)
+    except UploadError:
+        return None
+    return info.height, info.width
+
+
+def check_image(info: ImageInfo, name: str, limits: Limits) -> None:
+    """Every limit a slice must meet, from its header alone."""
+    h, w = info.height, info.width
+    if h * w > limits.max_pixels:
+        raise UploadError(413, f"{name}: image is {w}x{h} = {h * w} pixels, above the limit of {limits.max_pixels} (BRAINSEG_MAX_PIXELS)")
+    if info.decoded_bytes > limits.max_decoded_bytes:
+        raise UploadError(413, f"{name}: image decodes to {_mib(info.decoded_bytes)}, above the limit of {_mib(limits.max_decoded_bytes)} (BRAINSEG_MAX_DECODED_MB)")
+    if info.pages > 1:
+        raise UploadError(422, f"{name}: TIFF has {info.pages} pages; send one slice per file (a volume as NIfTI)")
+    if min(h, w) < MIN_SIDE:
+        raise UploadError(422, f"{name}: image is {w}x{h}; each side needs at least {MIN_SIDE} pixels")
+    if info.dtype is not None and not _pixel_type_ok(info.dtype):
+        raise UploadError(422, f"{name}: pixel type {info.dtype.name} is not accepted; send {PIXEL_TYPES}")
+    if info.channels not in (1, 3, 4):
+        raise UploadError(422, f"{name}: image has {info.channels} channels; expected grey (1) or 3 channels (pre-contrast, FLAIR, post-contrast)")
+
+
+def decode_slice(up: Upload, limits: Limits | int) -> np.ndarray:
+    """Upload -> (H, W, 3) array (dtype as stored); 413 / 422 with a message on bad input."""
+    return decode_slice_channels(up, limits)[0]
+
+
+def decode_slice_channels(up: Upload, limits: Limits | int) -> tuple[np.ndarray, int]:
+    """``decode_slice`` and the number of channels the file stored (1 grey, 3 or 4)."""
+    if isinstance(limits, int):
+        limits = Limits(max_pixels=limits)
+    info = image_info(up.data, up.name)
+    check_image(info, up.name, limits)
+    try:
+        if info.format == "TIFF":
             import tifffile
 
-            with tifffile.TiffFile(io.BytesIO(data)) as tif:
-                page = tif.pages[0]
-                return int(page.imagelength), int(page.imagewidth)
-    except Exception:  # a broken header is reported by the decoder, with its own message
-        return None
-    return None
-
-
-def _check_pixels(name: str, h: int, w: int, max_pixels: int) -> None:
-    if h * w > max_pixels:
-        raise UploadError(413, f"{name}: image is {w}x{h} = {h * w} pixels, above the limit of {max_pixels} (BRAINSEG_MAX_PIXELS)")
-
-
-def decode_slice(up: Upload, max_pixels: int) -> np.ndarray:
-    """Upload -> (H, W, 3) array (dtype as stored); 413 / 422 with a message on bad input."""
-    return decode_slice_channels(up, max_pixels)[0]
-
-
-def decode_slice_channels(up: Upload, max_pixels: int) -> tuple[np.ndarray, int]:
-    """``decode_slice`` and the number of channels the file stored (1 grey, 3 or 4)."""
-    size = image_size(up.data)
-    if size:
-        _check_pixels(up.name, *size, max_pixels)
-    try:
-        arr = decode_image(up.data, up.name)
-        if arr.ndim >= 2:
-            hw = arr.shape[1:3] if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] > 4 else arr.shape[:2]
-            _check_pixels(up.name, int(hw[0]), int(hw[1]), max_pixels)
-        if arr.ndim == 3 and arr.shape[2] not in (1, 3, 4) and not (arr.shape[0] in (3, 4) and arr.shape[2] > 4):
-            raise DataError(up.name, f"image has {arr.shape[2]} channels; expected grey (1) or 3 channels (pre-contrast, FLAIR, post-contrast), got shape {arr.shape}")
-        img = to_three_channels(arr, up.name)
-        stored = stored_channels(arr)
+            with tifffile.TiffFile(io.BytesIO(up.data)) as tif:
+                arr = tif.pages[0].asarray()
+        else:
+            arr = decode_image(up.data, up.name)
     except DataError as exc:
-        raise UploadError(422, str(exc)) from None
-    if img.dtype == bool or img.dtype.kind not in "uif":
-        raise UploadError(422, f"{up.name}: unsupported pixel type {img.dtype}")
-    if min(img.shape[:2]) < MIN_SIDE:
-        raise UploadError(422, f"{up.name}: image is {img.shape[1]}x{img.shape[0]}; each side needs at least {MIN_SIDE} pixels")
+        log.debug("decoding %s failed: %s", up.name, exc)
+        raise UploadError(422, f"{up.name}: cannot decode the image; the file is corrupt or truncated") from None
+    except MemoryError:
+        raise UploadError(413, f"{up.name}: too large to decode on this server") from None
+    except Exception as exc:
+        log.debug("decoding %s failed: %r", up.name, exc)
+        raise UploadError(422, f"{up.name}: cannot decode the image; the file is corrupt or truncated") from None
+    arr = np.asarray(arr)
+    planar = arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] > 4
+    hw = tuple(arr.shape[1:3]) if planar else tuple(arr.shape[:2])
+    if arr.ndim not in (2, 3) or hw != (info.height, info.width):
+        raise UploadError(422, f"{up.name}: decoded image does not match its header ({info.width}x{info.height}); the file is corrupt")
+    if not _pixel_type_ok(arr.dtype):
+        raise UploadError(422, f"{up.name}: pixel type {arr.dtype.name} is not accepted; send {PIXEL_TYPES}")
+    if arr.ndim == 3 and arr.shape[2] not in (1, 3, 4) and not planar:
+        raise UploadError(422, f"{up.name}: image has {arr.shape[2]} channels; expected grey (1) or 3 channels (pre-contrast, FLAIR, post-contrast)")
+    try:
+        img = to_three_channels(arr, up.name)
+    except DataError:
+        raise UploadError(422, f"{up.name}: expected a grey or 3-channel slice, got an array of shape {arr.shape}") from None
+    stored = stored_channels(arr)
     if img.dtype.kind == "f" and not np.isfinite(img).all():
         raise UploadError(422, f"{up.name}: image contains {int((~np.isfinite(img)).sum())} NaN or infinite values")
     return img, stored
@@ -159,69 +284,192 @@ def decode_slice_channels(up: Upload, max_pixels: int) -> tuple[np.ndarray, int]
 
 # ---------------------------------------------------------------- volumes
 
-_NIFTI_DTYPES = {2: 1, 4: 2, 8: 4, 16: 4, 64: 8, 256: 1, 512: 2, 768: 4, 1024: 8, 1280: 8, 32: 8, 128: 3, 2304: 4}
+
+def spatial_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A NIfTI shape without trailing length-1 axes beyond the third: (X, Y, Z, 1) -> (X, Y, Z)."""
+    shape = tuple(shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
 
 
-def _nifti_header(raw: bytes, name: str) -> tuple[tuple[int, ...], int, int]:
-    """(dims, bytes per voxel, data offset) from the first bytes of an uncompressed NIfTI-1/2 file."""
-    if len(raw) < 348:
-        raise UploadError(422, f"{name}: file is too short to be NIfTI ({len(raw)} bytes; the header alone is 348)")
-    for endian in ("<", ">"):
-        (sizeof_hdr,) = struct.unpack(endian + "i", raw[:4])
-        if sizeof_hdr == 348:
-            dim = struct.unpack(endian + "8h", raw[40:56])
-            datatype, bitpix = struct.unpack(endian + "hh", raw[70:74])
-            (vox_offset,) = struct.unpack(endian + "f", raw[108:112])
-            break
-        if sizeof_hdr == 540 and len(raw) >= 540:
-            dim = struct.unpack(endian + "8q", raw[16:80])
-            datatype, bitpix = struct.unpack(endian + "hh", raw[12:16])
-            (vox_offset,) = struct.unpack(endian + "q", raw[168:176])
-            break
-    else:
-        raise UploadError(422, f"{name}: not a NIfTI file (bad header size)")
-    ndim = int(dim[0])
-    if not 1 <= ndim <= 7 or any(d < 1 for d in dim[1 : ndim + 1]):
-        raise UploadError(422, f"{name}: NIfTI header has invalid dimensions {list(dim[: ndim + 1] if 0 <= ndim <= 7 else dim)}")
-    itemsize = _NIFTI_DTYPES.get(int(datatype), max(int(bitpix) // 8, 1))
-    return tuple(int(d) for d in dim[1 : ndim + 1]), itemsize, int(vox_offset)
+@dataclass
+class NiftiInfo:
+    name: str
+    version: int  # 1 or 2
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    offset: int
+    header: object  # nibabel Nifti1Header / Nifti2Header
+
+    @property
+    def voxels(self) -> int:
+        return int(np.prod(self.shape[:3], dtype=np.int64))
+
+    @property
+    def data_bytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.data_bytes
 
 
-def nifti_payload(up: Upload, max_voxels: int) -> bytes:
-    """Uncompressed NIfTI bytes of an upload, after checking its header against ``max_voxels``.
+def nifti_header(raw: bytes, name: str) -> NiftiInfo:
+    """Shape, dtype and data offset of a NIfTI-1 / NIfTI-2 file from its first bytes (nibabel)."""
+    import nibabel as nib
 
-    ``.nii.gz`` is inflated with a bound taken from its own header, so a small gzip that
-    expands without end (a "zip bomb") is cut off instead of filling the memory.
+    hdr, version = None, 0
+    try:
+        for klass, v in ((nib.Nifti1Header, 1), (nib.Nifti2Header, 2)):
+            if len(raw) >= klass.sizeof_hdr and klass.may_contain_header(raw[: klass.sizeof_hdr]):
+                hdr, version = klass(raw[: klass.sizeof_hdr], check=False), v
+                break
+    except Exception as exc:
+        log.debug("NIfTI header of %s unreadable: %r", name, exc)
+        hdr = None
+    if hdr is None:
+        if len(raw) < 348:
+            raise UploadError(422, f"{name}: file is too short to be NIfTI ({len(raw)} bytes; the header alone is 348)")
+        raise UploadError(422, f"{name}: not a NIfTI file (no NIfTI-1 or NIfTI-2 header)")
+    if bytes(hdr["magic"]).rstrip(b"\0") in (b"ni1", b"ni2"):
+        raise UploadError(422, f"{name}: header says its data is in a separate .img file; send a single-file .nii or .nii.gz")
+    try:
+        shape = tuple(int(s) for s in hdr.get_data_shape())
+    except Exception:
+        dim = [int(d) for d in hdr["dim"]]
+        raise UploadError(422, f"{name}: NIfTI header has invalid dimensions {dim[: 8]}") from None
+    try:
+        dtype = np.dtype(hdr.get_data_dtype())
+    except Exception:
+        raise UploadError(422, f"{name}: NIfTI header names an unknown data type (code {int(hdr['datatype'])})") from None
+    try:
+        offset = int(hdr.get_data_offset())
+    except Exception:
+        offset = -1
+    return NiftiInfo(name, version, shape, dtype, offset, hdr)
+
+
+def check_nifti(info: NiftiInfo, limits: Limits) -> None:
+    """Every limit and sanity check a volume must pass, from its header alone."""
+    name, shape = info.name, info.shape
+    if len(shape) < 3 or any(s < 1 for s in shape):
+        raise UploadError(422, f"{name}: expected a 3-D volume, got shape {list(shape)}")
+    core = spatial_shape(shape)
+    if len(core) > 4 or (len(core) == 4 and core[3] != 3):
+        raise UploadError(
+            422, f"{name}: volume has shape {list(shape)}; expected 3-D, or 4-D with 3 channels last (pre-contrast, FLAIR, post-contrast); a time series is not accepted"
+        )
+    x, y, _ = shape[:3]
+    if info.voxels > limits.max_voxels:
+        raise UploadError(413, f"{name}: volume is {'x'.join(map(str, shape[:3]))} = {info.voxels} voxels, above the limit of {limits.max_voxels} (BRAINSEG_MAX_VOXELS)")
+    if info.data_bytes > limits.max_decoded_bytes:
+        raise UploadError(413, f"{name}: volume data is {_mib(info.data_bytes)}, above the limit of {_mib(limits.max_decoded_bytes)} (BRAINSEG_MAX_DECODED_MB)")
+    if min(x, y) < MIN_SIDE:
+        raise UploadError(422, f"{name}: volume is {x}x{y} in-plane; each side needs at least {MIN_SIDE} voxels")
+    if not info.header.sizeof_hdr + 4 <= info.offset <= MAX_DATA_OFFSET:
+        raise UploadError(422, f"{name}: NIfTI header has an invalid data offset (vox_offset)")
+    dt = info.dtype
+    if dt.fields is not None or dt.kind not in "uif" or dt.itemsize > 4:
+        what = "complex" if dt.kind == "c" else "RGB" if dt.fields is not None else dt.name
+        raise UploadError(422, f"{name}: voxel type {what} is not accepted; send {PIXEL_TYPES} (e.g. save as float32 or int16)")
+    hdr = info.header
+    zooms = np.asarray(hdr["pixdim"][1:4], dtype=np.float64)
+    if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
+        raise UploadError(422, f"{name}: NIfTI header has an invalid voxel size (pixdim 1-3 must be positive numbers)")
+    slope, inter = float(hdr["scl_slope"]), float(hdr["scl_inter"])
+    if np.isinf(slope) or (slope != 0 and np.isfinite(slope) and not np.isfinite(inter)):
+        raise UploadError(422, f"{name}: NIfTI header has an invalid intensity scaling (scl_slope / scl_inter)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            affine = np.asarray(hdr.get_best_affine(), dtype=np.float64)
+    except Exception:
+        affine = np.full((4, 4), np.nan)
+    if not degenerate_ok(affine):
+        raise UploadError(422, f"{name}: NIfTI header has a degenerate voxel-to-world affine (zero, NaN or singular); fix the sform / qform")
+
+
+def degenerate_ok(affine: np.ndarray) -> bool:
+    """True for a finite affine whose 3x3 part is well away from singular."""
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        return False
+    m = affine[:3, :3]
+    norms = np.linalg.norm(m, axis=0)
+    if np.any(norms <= 0):
+        return False
+    return abs(float(np.linalg.det(m))) / float(np.prod(norms)) > 1e-6
+
+
+def gunzip_capped(data: bytes, cap: int, name: str) -> bytes:
+    """Inflate a gzip stream (one or more members) to at most ``cap`` bytes, checking each CRC.
+
+    413 if it inflates to more, 422 if it is corrupt, truncated or followed by other data.
     """
+    out = bytearray()
+    buf = data
+    step = 1 << 20
+    while True:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            while not d.eof:
+                room = cap + 1 - len(out)
+                chunk = d.decompress(buf, min(step, room))
+                out += chunk
+                if len(out) > cap:
+                    raise UploadError(413, f"{name}: inflates to more than its NIfTI header declares ({_mib(cap)}); not accepted")
+                buf = d.unconsumed_tail
+                if not chunk and not buf and not d.eof:
+                    raise UploadError(422, f"{name}: the gzip stream is truncated (the file was cut short)")
+        except zlib.error as exc:
+            log.debug("gunzip of %s failed: %s", name, exc)
+            raise UploadError(422, f"{name}: the gzip data is corrupt (a checksum or the stream does not match); re-export or re-copy the file") from None
+        rest = d.unused_data
+        if not rest or not rest.strip(b"\0"):
+            return bytes(out)
+        if rest[:2] != b"\x1f\x8b":
+            raise UploadError(422, f"{name}: unexpected data after the end of the gzip stream; the file is corrupt")
+        buf = rest
+
+
+def nifti_info(up: Upload) -> NiftiInfo:
+    """The header of an upload, inflating only its first bytes when gzipped."""
     data = up.data
     if data[:2] == b"\x1f\x8b":
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
         try:
-            d = zlib.decompressobj(16 + zlib.MAX_WBITS)
             head = d.decompress(data, 540)
-        except zlib.error as exc:
-            raise UploadError(422, f"{up.name}: cannot decompress ({exc}); the file is corrupt or not gzip") from None
-        dims, itemsize, offset = _nifti_header(head, up.name)
-        _check_voxels(up.name, dims, max_voxels)
-        need = offset + int(np.prod(dims, dtype=np.int64)) * itemsize
-        try:
-            rest = d.decompress(d.unconsumed_tail, max(need - len(head), 0) + 1)
-        except zlib.error as exc:
-            raise UploadError(422, f"{up.name}: cannot decompress ({exc}); the file is corrupt or truncated") from None
-        raw = head + rest
-        if len(raw) < need:
-            raise UploadError(422, f"{up.name}: truncated NIfTI: header promises {need} bytes, file holds {len(raw)}")
-        return raw[:need]
-    dims, itemsize, offset = _nifti_header(data, up.name)
-    _check_voxels(up.name, dims, max_voxels)
-    need = offset + int(np.prod(dims, dtype=np.int64)) * itemsize
-    if len(data) < need:
-        raise UploadError(422, f"{up.name}: truncated NIfTI: header promises {need} bytes, file holds {len(data)}")
-    return data
+            while len(head) < 540 and d.unconsumed_tail and not d.eof:
+                head += d.decompress(d.unconsumed_tail, 540 - len(head))
+        except zlib.error:
+            raise UploadError(422, f"{up.name}: cannot decompress: the file is corrupt or not gzip") from None
+        return nifti_header(head, up.name)
+    return nifti_header(data[:540], up.name)
 
 
-def _check_voxels(name: str, dims: tuple[int, ...], max_voxels: int) -> None:
-    spatial = int(np.prod(dims[:3], dtype=np.int64))
-    if spatial > max_voxels:
-        raise UploadError(413, f"{name}: volume is {'x'.join(map(str, dims[:3]))} = {spatial} voxels, above the limit of {max_voxels} (BRAINSEG_MAX_VOXELS)")
-    if len(dims) > 3 and int(np.prod(dims[3:])) > 4:
-        raise UploadError(422, f"{name}: volume has shape {dims}; expected 3-D, or 4-D with 3 channels (pre-contrast, FLAIR, post-contrast)")
+def nifti_payload(up: Upload, limits: Limits | int, info: NiftiInfo | None = None) -> bytes:
+    """Uncompressed NIfTI bytes of an upload (header and data, nothing after), after checking
+    its header against the limits. ``.nii.gz`` is inflated with a cap from its own header."""
+    if isinstance(limits, int):
+        limits = Limits(max_voxels=limits)
+    info = info or nifti_info(up)
+    check_nifti(info, limits)
+    need = info.end
+    if up.data[:2] == b"\x1f\x8b":
+        raw = gunzip_capped(up.data, need + GZIP_SLACK, up.name)
+    else:
+        raw = up.data
+    if len(raw) < need:
+        raise UploadError(422, f"{up.name}: truncated NIfTI: header promises {need} bytes, file holds {len(raw)}")
+    return raw if len(raw) == need else raw[:need]
+
+
+def read_volume_payloads(uploads: list[Upload], limits: Limits) -> dict[str, bytes]:
+    """Every file's header checked (alone and summed) before any of them is inflated."""
+    infos = [nifti_info(u) for u in uploads]
+    for info in infos:
+        check_nifti(info, limits)
+    total = sum(i.data_bytes for i in infos)
+    if total > limits.max_decoded_bytes:
+        raise UploadError(413, f"the volumes decode to {_mib(total)} together, above the limit of {_mib(limits.max_decoded_bytes)} (BRAINSEG_MAX_DECODED_MB)")
+    return {u.name: nifti_payload(u, limits, info) for u, info in zip(uploads, infos)}
