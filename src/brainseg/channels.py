@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from .config import CONDITIONS as _CONDITIONS
+
 # Sequences a grey image (or a single volume) may be; the value is how it is written for people.
 SEQUENCES = {"flair": "FLAIR", "t1": "pre-contrast T1", "t1c": "T1 post-contrast", "t2": "T2"}
 DEFAULT_SEQUENCE = "flair"
 # BraTS file tags (volumes.brats_sequence) and other common spellings -> a sequence above.
 SEQUENCE_ALIASES = {"t2f": "flair", "t1n": "t1", "t1ce": "t1c", "t1gd": "t1c", "t2w": "t2"}
 
-CONDITIONS = ("all", "pre_missing", "post_missing", "flair_only")
+CONDITIONS = tuple(_CONDITIONS)  # all, pre_missing, post_missing, flair_only
 CHANNELS_READ_AS = {
     "all": ["pre-contrast T1", "FLAIR", "post-contrast T1"],
     "pre_missing": ["FLAIR", "FLAIR", "post-contrast T1"],
