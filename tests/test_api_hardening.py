@@ -138,3 +138,75 @@ def test_control_characters_in_a_file_name_are_dropped(client):
     assert r.json()["files"] == ["evilXInjected: yes.nii.gz"]
     cd = client.get(r.json()["mask_url"]).headers["content-disposition"]
     assert "\x0b" not in cd and "\x07" not in cd and [k for k, _ in _params(cd)] == ["attachment", "filename", "filename*"]
+
+
+# ---------------------------------------------------------------- step 2: plain errors, no echo, no paths
+
+MARK = "ZQXMARK"  # a value no message may repeat
+
+
+def assert_plain(r, status: int | tuple = None) -> str:
+    """A 4xx with a short plain message of our own: no class names, no traceback, no echo, no paths."""
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+    if status is not None:
+        assert r.status_code in (status if isinstance(status, tuple) else (status,)), (r.status_code, r.text[:300])
+    body = r.json()
+    assert set(body) == {"detail"}, body
+    detail = body["detail"]
+    assert isinstance(detail, str) and 0 < len(detail) < 400, detail
+    assert MARK not in r.text and "Traceback" not in detail and "/tmp" not in detail and "/work" not in detail
+    assert not re.search(r"\b[A-Z][A-Za-z]*(Error|Exception)\b", detail), detail
+    return detail
+
+
+def test_validation_errors_name_the_field_never_the_value(client):
+    d = assert_plain(client.get(f"/v1/results/x/slice/0.png?channel={MARK}"), 422)
+    assert d == "channel must be an integer"
+    d = assert_plain(client.get(f"/v1/results/x/slice/0.png?view={MARK}"), 422)
+    assert "view must be one of" in d and "overlay" in d
+    assert_plain(client.get(f"/v1/results/x/slice/{MARK}.png"), 422)
+    d = assert_plain(client.post("/v1/segment", files=[("files", (None, MARK))]), 422)
+    assert d.startswith("files ")
+    d = assert_plain(client.post("/v1/segment", files=[("files", ("s.png", synthetic_png()))], data={"model": MARK}), 422)
+    assert "unknown model" in d and "attention_unet" in d
+    for field in ("threshold", "tta", "sequence"):
+        d = assert_plain(client.post("/v1/segment", files=[("files", ("s.png", synthetic_png()))], data={field: MARK}), 422)
+        assert d.startswith(field)
+    d = assert_plain(client.post(f"/v1/segment?{MARK}=1", files=[("files", ("s.png", synthetic_png()))]), 422)
+    assert "unknown form field" in d
+    assert_plain(client.get(f"/v1/results/{MARK}"), 404)
+    assert_plain(client.get(f"/{MARK}"), 404)
+
+
+def test_many_or_large_plain_fields_are_refused_at_once_without_echo(client):
+    """The issue's 190 x 1 MB plain 'files' fields: a short 400, not a 388 MiB echo."""
+    big = MARK + "x" * (1 << 20)
+    r = client.post("/v1/segment", files=[("files", (None, big)) for _ in range(20)])
+    assert len(r.content) < 500
+    assert_plain(r, 400)
+    r = client.post("/v1/segment", files=[("files", ("s.png", synthetic_png()))] + [(f"f{i}", (None, MARK)) for i in range(40)])
+    assert "too many form fields" in assert_plain(r, 400)
+    r = client.post("/v1/segment", files=[("files", (f"{i}.png", b"x")) for i in range(30)])
+    assert "too many" in assert_plain(r, 400)
+
+
+def test_library_exception_text_never_reaches_the_client(client):
+    cases = [
+        ("t.tif", b"II*\x00" + b"\xff" * 200),  # TiffFileError in tifffile
+        ("t.tif", b"MM\x00*" + b"\x00\x00\x00\x08" + b"\x00" * 30),
+        ("j.jpg", b"\xff\xd8\xff\xe0" + b"\x00\x10JFIF" + b"\x00" * 50),
+        ("c.nii.gz", nifti(np.zeros((16, 16, 4), np.complex64))),  # DTypePromotionError before
+        ("r.nii", nifti(np.zeros((16, 16, 4), np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])), gz=False)),
+    ]
+    for name, data in cases:
+        assert_plain(segment(client, (name, data)))
+
+
+def test_health_and_503_show_no_server_paths(tiny_model_dir, tmp_path):
+    with make_client(tiny_model_dir) as c:
+        assert str(tiny_model_dir) not in c.get("/health").text and "model_dir" not in c.get("/health").json()
+    with make_client(tmp_path / "nowhere") as c:
+        h = c.get("/health").json()
+        assert h["models_ready"] is False and str(tmp_path) not in h["problem"] and "registry" in h["problem"]
+        r = segment(c, ("s.png", synthetic_png()))
+        assert r.status_code == 503 and str(tmp_path) not in r.text

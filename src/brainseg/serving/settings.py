@@ -7,7 +7,7 @@ BRAINSEG_MODEL_DIR          folder with registry.json                    models/
 BRAINSEG_BACKEND            auto (ONNX on CPU, torch with CUDA), onnx,   auto
                             torch
 BRAINSEG_MAX_UPLOAD_MB      bytes of one request's files, in MiB         200
-BRAINSEG_MAX_PIXELS         pixels of one uploaded slice                 16777216
+BRAINSEG_MAX_PIXELS         pixels of one uploaded slice                 4194304
 BRAINSEG_MAX_VOXELS         voxels of one uploaded volume (per channel)  16777216
 BRAINSEG_MAX_DECODED_MB     bytes one request's files decode to, as      256
                             stored (every TIFF page, channel and file),
@@ -37,7 +37,7 @@ class Settings(BaseModel):
     model_dir: str | None = None  # None: registry.default_model_dir() at use time
     backend: Literal["auto", "onnx", "torch"] = "auto"
     max_upload_mb: float = Field(200.0, gt=0)
-    max_pixels: int = Field(4096 * 4096, gt=0)
+    max_pixels: int = Field(2048 * 2048, gt=0)
     max_voxels: int = Field(256 * 256 * 256, gt=0)
     max_decoded_mb: float = Field(256.0, gt=0)
     max_form_fields: int = Field(16, ge=1)

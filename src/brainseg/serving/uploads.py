@@ -54,7 +54,7 @@ class Upload:
 class Limits:
     """What one request may cost (``Settings`` gives them; see settings.py)."""
 
-    max_pixels: int = 4096 * 4096
+    max_pixels: int = 2048 * 2048
     max_voxels: int = 256 * 256 * 256
     max_decoded_bytes: int = 256 << 20
 
