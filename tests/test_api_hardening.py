@@ -8,6 +8,7 @@ Tiny ONNX models from ``conftest.tiny_model_dir``; TestClient for speed, a real 
 from __future__ import annotations
 
 import gzip
+import io
 import re
 import urllib.parse
 import warnings
@@ -210,3 +211,238 @@ def test_health_and_503_show_no_server_paths(tiny_model_dir, tmp_path):
         assert h["models_ready"] is False and str(tmp_path) not in h["problem"] and "registry" in h["problem"]
         r = segment(c, ("s.png", synthetic_png()))
         assert r.status_code == 503 and str(tmp_path) not in r.text
+
+
+# ---------------------------------------------------------------- step 3: budgets before decoding, data integrity
+
+
+def tiff(arr: np.ndarray, **kw) -> bytes:
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, arr, **kw)
+    return buf.getvalue()
+
+
+def png(arr: np.ndarray) -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(".png", arr)
+    assert ok
+    return buf.tobytes()
+
+
+def multipage_tiff(pages: int, side: int, dtype=np.uint8) -> bytes:
+    import tifffile
+
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as t:
+        for _ in range(pages):
+            t.write(np.zeros((side, side), dtype), compression="zlib")
+    return buf.getvalue()
+
+
+def _edit(**fields):
+    def edit(h):
+        for k, v in fields.items():
+            h[k] = v
+
+    return edit
+
+
+def _rgb_dtype():
+    return np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
+
+
+VOLUME_CASES = [
+    # (id, name, data, status, words)
+    ("float64", "f64.nii.gz", lambda: nifti(np.zeros((16, 16, 4), np.float64)), 422, ["float64", "float32"]),
+    ("complex64", "c.nii.gz", lambda: nifti(np.zeros((16, 16, 4), np.complex64)), 422, ["complex"]),
+    ("int64", "i64.nii.gz", lambda: nifti(np.zeros((16, 16, 4), np.int32), edit=_edit(datatype=1024, bitpix=64)), 422, ["int64"]),
+    ("rgb24", "rgb.nii.gz", lambda: nifti(np.zeros((16, 16, 4), _rgb_dtype())), 422, ["RGB"]),
+    ("4-D five channels", "v.nii.gz", lambda: nifti(np.zeros((16, 16, 4, 5), np.float32)), 422, ["3 channels", "time series"]),
+    ("5-D", "v.nii.gz", lambda: nifti(np.zeros((16, 16, 4, 3, 2), np.float32)), 422, ["expected 3-D"]),
+    ("1x1x1", "dot.nii.gz", lambda: nifti(np.zeros((1, 1, 1), np.float32)), 422, ["1x1 in-plane", "at least 16"]),
+    ("16x8 in-plane", "thin.nii.gz", lambda: nifti(np.zeros((16, 8, 4), np.float32)), 422, ["at least 16"]),
+    ("zero affine", "a.nii.gz", lambda: nifti(small_volume(), edit=_edit(qform_code=0, sform_code=2, srow_x=[0] * 4, srow_y=[0] * 4, srow_z=[0] * 4)), 422, ["degenerate", "affine"]),
+    ("NaN affine", "a.nii.gz", lambda: nifti(small_volume(), edit=_edit(srow_x=[np.nan, 0, 0, 0])), 422, ["degenerate"]),
+    ("singular affine", "a.nii.gz", lambda: nifti(small_volume(), affine=np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])), 422, ["singular"]),
+    ("scl_slope inf", "s.nii.gz", lambda: nifti(small_volume().astype(np.int16), edit=_edit(scl_slope=np.inf)), 422, ["scaling"]),
+    ("scl_inter NaN", "s.nii.gz", lambda: nifti(small_volume().astype(np.int16), edit=_edit(scl_slope=2.0, scl_inter=np.nan)), 422, ["scaling"]),
+    ("vox_offset 0", "o.nii", lambda: nifti(small_volume(), gz=False, edit=_edit(vox_offset=0)), 422, ["offset"]),
+    ("ni1 pair header", "p.nii", lambda: nifti(small_volume(), gz=False, edit=_edit(magic=b"ni1")), 422, [".img"]),
+    ("huge declared, tiny file", "h.nii.gz", lambda: nifti(np.zeros((16, 16, 1), np.uint8), edit=_edit(dim=[3, 4000, 4000, 4000, 1, 1, 1, 1])), 413, ["BRAINSEG_MAX_VOXELS"]),
+    ("declared larger than data", "t.nii", lambda: nifti(small_volume(), gz=False, edit=_edit(dim=[3, 32, 32, 40, 1, 1, 1, 1])), 422, ["truncated"]),
+    ("gzip CRC wrong", "crc.nii.gz", lambda: _bad_crc(), 422, ["corrupt"]),
+    ("gzip byte flipped", "flip.nii.gz", lambda: _flipped_stored_gzip(), 422, ["corrupt"]),
+    ("gzip cut short", "cut.nii.gz", lambda: nifti(small_volume())[:-20], 422, ["truncated"]),
+    ("gzip with trailing junk", "junk.nii.gz", lambda: nifti(small_volume()) + b"JUNKJUNK", 422, ["after the end"]),
+    ("gzip bomb past its header", "bomb.nii.gz", lambda: _bomb(64 << 20), 413, ["inflates to more"]),
+]
+
+
+def _bad_crc() -> bytes:
+    data = bytearray(nifti(small_volume()))
+    data[-8] ^= 0xFF  # CRC32 of the member
+    return bytes(data)
+
+
+def _flipped_stored_gzip() -> bytes:
+    """Level 0 (stored blocks): only the CRC can tell the flipped byte."""
+    import nibabel as nib
+
+    raw = bytearray(nib.Nifti1Image(small_volume(), np.eye(4)).to_bytes())
+    raw[2000] ^= 0x55
+    good = gzip.compress(nib.Nifti1Image(small_volume(), np.eye(4)).to_bytes(), compresslevel=0)
+    bad = bytearray(good)
+    i = bytes(good).find(bytes(raw[1990:2000]))
+    bad[i + 10] ^= 0x55
+    return bytes(bad)
+
+
+def _bomb(extra: int, shape=(32, 32, 4)) -> bytes:
+    """A valid small NIfTI whose gzip stream goes on with ``extra`` zero bytes (multi-member)."""
+    import nibabel as nib
+
+    raw = nib.Nifti1Image(np.zeros(shape, np.float32), np.eye(4)).to_bytes()
+    zeros = gzip.compress(bytes(16 << 20), compresslevel=9)
+    return gzip.compress(raw, compresslevel=9) + zeros * max(1, extra // (16 << 20))
+
+
+@pytest.mark.parametrize("name, make, status, words", [c[1:] for c in VOLUME_CASES], ids=[c[0] for c in VOLUME_CASES])
+def test_volume_header_checks(client, name, make, status, words):
+    before = kept(client)
+    detail = assert_plain(segment(client, (name, make())), status)
+    for w in words[:1] if len(words) == 1 else words:
+        assert w.lower() in detail.lower(), f"{w!r} not in {detail!r}"
+    assert kept(client) == before
+
+
+def test_nifti2_multimember_gzip_and_4d_with_one_channel_are_read(client):
+    vol = small_volume()
+    ref = segment(client, ("v.nii.gz", nifti(vol)))
+    assert ref.status_code == 200, ref.text
+    import nibabel as nib
+
+    raw = nib.Nifti1Image(vol, np.eye(4)).to_bytes()
+    for name, data in [
+        ("v2.nii.gz", nifti(vol, version=2)),
+        ("v2.nii", nifti(vol, version=2, gz=False)),
+        ("multi.nii.gz", gzip.compress(raw[:1000]) + gzip.compress(raw[1000:5000]) + gzip.compress(raw[5000:])),
+        ("padded.nii.gz", gzip.compress(raw) + b"\0" * 16),
+        ("v4d.nii.gz", nifti(vol[..., None])),
+    ]:
+        r = segment(client, (name, data))
+        assert r.status_code == 200, (name, r.text)
+        assert r.json()["input"]["shape"] == [32, 32, 4] and r.json()["lesion_voxels"] == ref.json()["lesion_voxels"], name
+
+
+IMAGE_CASES = [
+    ("pixels over the limit", "big.png", lambda: png(np.zeros((2049, 2048), np.uint8)), 413, ["BRAINSEG_MAX_PIXELS"]),
+    ("multi-page over the byte budget", "pages.tif", lambda: multipage_tiff(40, 2048, np.uint16), 413, ["BRAINSEG_MAX_DECODED_MB"]),
+    ("multi-page small", "pages.tif", lambda: multipage_tiff(3, 64), 422, ["3 pages"]),
+    ("float64 tiff", "d.tif", lambda: tiff(np.zeros((32, 32), np.float64)), 422, ["float64"]),
+    ("complex tiff", "c.tif", lambda: tiff(np.zeros((32, 32), np.complex64)), 422, ["complex"]),
+    ("1-bit tiff", "b.tif", lambda: tiff(np.zeros((32, 32), bool)), 422, ["bool"]),
+    ("int64 tiff", "i.tif", lambda: tiff(np.zeros((32, 32), np.int64)), 422, ["int64"]),
+    ("15x200 png", "thin.png", lambda: png(np.zeros((15, 200), np.uint8)), 422, ["at least 16"]),
+    ("gif", "g.gif.png", lambda: b"GIF89a" + b"\0" * 100, 422, []),
+    ("png header only", "h.png", lambda: png(np.zeros((64, 64), np.uint8))[:40], 422, []),
+    ("png IDAT corrupt", "c.png", lambda: _corrupt_png(), 422, ["cannot"]),
+    ("jpeg truncated", "t.jpg", lambda: _jpeg()[:200], 422, []),
+]
+
+
+def _corrupt_png() -> bytes:
+    data = bytearray(png((np.arange(64 * 64) % 251).reshape(64, 64).astype(np.uint8)))
+    for i in range(60, len(data) - 20, 7):
+        data[i] ^= 0xA5
+    return bytes(data)
+
+
+def _jpeg() -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
+    return buf.tobytes()
+
+
+@pytest.mark.parametrize("name, make, status, words", [c[1:] for c in IMAGE_CASES], ids=[c[0] for c in IMAGE_CASES])
+def test_image_header_checks(client, name, make, status, words):
+    detail = assert_plain(segment(client, (name, make())), status)
+    for w in words:
+        assert w.lower() in detail.lower(), f"{w!r} not in {detail!r}"
+
+
+def test_decoded_byte_budget(tiny_model_dir):
+    with make_client(tiny_model_dir, max_decoded_mb=1) as c:
+        d = assert_plain(segment(c, ("f.tif", tiff(np.zeros((512, 512, 3), np.float32)))), 413)
+        assert "3.0 MiB" in d and "BRAINSEG_MAX_DECODED_MB" in d
+        d = assert_plain(segment(c, ("v.nii.gz", nifti(np.zeros((64, 64, 80), np.float32)))), 413)
+        assert "BRAINSEG_MAX_DECODED_MB" in d
+        three = [(f"P-{s}.nii.gz", nifti(np.zeros((64, 64, 30), np.float32))) for s in ("t1n", "t2f", "t1c")]
+        d = assert_plain(segment(c, three), 413)
+        assert "together" in d
+        assert segment(c, ("s.png", synthetic_png(size=256))).status_code == 200
+        assert segment(c, ("ok.tif", tiff((np.arange(64 * 64 * 3) % 200).reshape(64, 64, 3).astype(np.uint16)))).status_code == 200
+
+
+def _zeros_members(total: int) -> bytes:
+    """``total`` zero bytes as 16 MiB gzip members (about 16 KiB each)."""
+    member = gzip.compress(bytes(16 << 20), compresslevel=9)
+    return member * (total // (16 << 20))
+
+
+def _declared_nifti_gz(shape, dtype=np.float32, extra: int = 0) -> bytes:
+    """A NIfTI-1 header for ``shape`` and then ``extra`` zero bytes, gzipped (what a bomb looks like)."""
+    import nibabel as nib
+
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(dtype)
+    hdr["vox_offset"] = 352
+    hdr.set_sform(np.eye(4), 1)
+    return gzip.compress(hdr.binaryblock + b"\0" * 4) + _zeros_members(extra)
+
+
+def _peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM in /proc")
+
+
+def test_decompression_bombs_keep_the_server_under_its_memory_budget(tiny_model_dir, tmp_path):
+    """A real uvicorn: small uploads that decode to about 1 GB each get a 4xx at once, and the
+    server's peak RSS (VmHWM) stays under 1.5 GB over all of them."""
+    import cv2
+    import httpx
+
+    from conftest import start_api, stop
+
+    GiB = 1 << 30
+    bombs = [
+        ("declared 1 GiB", "a.nii.gz", _declared_nifti_gz((1024, 1024, 256), extra=GiB), 413),
+        ("small header, 1 GiB stream", "b.nii.gz", _declared_nifti_gz((32, 32, 4), extra=GiB), 413),
+        ("in-limit header, 1 GiB stream", "c.nii.gz", _declared_nifti_gz((256, 256, 256), extra=GiB), 413),
+        ("4-D time series", "d.nii.gz", _declared_nifti_gz((128, 128, 64, 256), extra=GiB), 422),
+        ("40 pages of 4096x4096", "e.tif", multipage_tiff(40, 4096), 413),
+        ("16-bit RGBA 4096x4096 PNG", "f.png", png(np.zeros((4096, 4096, 4), np.uint16)), 413),
+    ]
+    url, proc, log = start_api(tiny_model_dir, tmp_path / "uvicorn.log")
+    try:
+        start = _peak_rss_mb(proc.pid)
+        with httpx.Client(base_url=url, timeout=120) as http:
+            for what, name, data, status in bombs:
+                assert len(data) < 8 << 20, what
+                r = http.post("/v1/segment", files={"files": (name, data)})
+                assert r.status_code == status, (what, r.text)
+                assert_plain(r)
+                assert http.get("/health").status_code == 200
+        peak = _peak_rss_mb(proc.pid)
+    finally:
+        stop(proc)
+    print(f"server peak RSS {peak:.0f} MB (at start {start:.0f} MB)")
+    assert peak < 1536, f"peak RSS {peak:.0f} MB"
+    assert peak - start < 400, f"the bombs cost {peak - start:.0f} MB"
