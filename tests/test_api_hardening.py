@@ -416,7 +416,6 @@ def _peak_rss_mb(pid: int) -> float:
 def test_decompression_bombs_keep_the_server_under_its_memory_budget(tiny_model_dir, tmp_path):
     """A real uvicorn: small uploads that decode to about 1 GB each get a 4xx at once, and the
     server's peak RSS (VmHWM) stays under 1.5 GB over all of them."""
-    import cv2
     import httpx
 
     from conftest import start_api, stop

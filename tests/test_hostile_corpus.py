@@ -1,0 +1,358 @@
+"""A corpus of malformed and hostile requests, generated here: each must get a 4xx with a plain
+message of our own (no exception class names, no traceback, no echo of what was sent, no
+server paths), store nothing, and leave the server answering /health.
+
+Every case runs through TestClient; a sample runs against a real uvicorn process as well.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+from test_api_hardening import (
+    MARK,
+    VOLUME_CASES,
+    IMAGE_CASES,
+    _edit,
+    assert_plain,
+    make_client,
+    nifti,
+    png,
+    small_volume,
+    tiff,
+)
+from brainseg.synthetic import synthetic_png
+
+UPLOAD_LIMIT_MB = 4  # the corpus client's BRAINSEG_MAX_UPLOAD_MB, so an oversized body is cheap
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_declaring(w: int, h: int, depth: int = 8, colour: int = 0) -> bytes:
+    """A PNG with a valid IHDR (CRC right) for ``w`` x ``h`` and a few bytes of image data."""
+    ihdr = struct.pack(">IIBBBBB", w, h, depth, colour, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _chunk(b"IEND", b"")
+
+
+def jpeg_declaring(w: int, h: int) -> bytes:
+    sof = b"\xff\xc0" + struct.pack(">HBHHB", 11, 8, h, w, 1) + b"\x01\x11\x00"
+    return b"\xff\xd8" + sof + b"\xff\xd9"
+
+
+def tiff_declaring(w: int, h: int, next_ifd: int = 0, bits: int = 8) -> bytes:
+    """A little-endian TIFF whose one IFD claims ``w`` x ``h`` pixels, with almost no data."""
+    entries = [(256, 4, w), (257, 4, h), (258, 3, bits), (259, 3, 1), (262, 3, 1), (273, 4, 8), (277, 3, 1), (278, 4, h), (279, 4, min(w * h, 2**32 - 1))]
+    ifd = struct.pack("<H", len(entries))
+    for tag, typ, val in entries:
+        ifd += struct.pack("<HHII", tag, typ, 1, val) if typ == 4 else struct.pack("<HHIHH", tag, typ, 1, val, 0)
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", next_ifd)
+
+
+def _nan_tiff() -> bytes:
+    img = np.ones((32, 32), np.float32)
+    img[3, 3] = np.nan
+    return tiff(img)
+
+
+def _inf_tiff() -> bytes:
+    img = np.ones((32, 32, 3), np.float32)
+    img[3, 3, 1] = np.inf
+    return tiff(img, photometric="rgb")
+
+
+def _nan_volume() -> bytes:
+    v = small_volume()
+    v[1, 2, 3] = np.nan
+    return nifti(v)
+
+
+def _overflowing_volume() -> bytes:
+    """int16 data whose scaling overflows float32 to inf."""
+    return nifti(np.full((16, 16, 4), 1000, np.int16), edit=_edit(scl_slope=1e38, scl_inter=0.0))
+
+
+def _vol(shape=(16, 16, 4)) -> bytes:
+    return nifti(np.ones(shape, np.float32))
+
+
+def _files(*pairs):
+    return {"files": [("files", p) for p in pairs]}
+
+
+def _multipart(body: bytes, boundary: str = "xyz") -> dict:
+    return {"content": body, "headers": {"content-type": f"multipart/form-data; boundary={boundary}"}}
+
+
+def _png_ok() -> bytes:
+    return synthetic_png(size=64)
+
+
+# (id, request kwargs for client.request("POST", "/v1/segment", ...) or ("GET", url), expected status or None)
+CORPUS: list[tuple[str, object, object]] = []
+
+
+def case(cid: str, status=None, method: str = "POST", url: str = "/v1/segment"):
+    def register(make):
+        CORPUS.append((cid, (method, url, make), status))
+        return make
+
+    return register
+
+
+for _cid, _name, _make, _status, _ in VOLUME_CASES + IMAGE_CASES:
+    case(f"file: {_cid}", _status)(lambda _n=_name, _m=_make: _files((_n, _m())))
+
+_FILES = {
+    "empty png": (("e.png", b""), 400),
+    "empty tif": (("e.tif", b""), 400),
+    "empty nii.gz": (("e.nii.gz", b""), 400),
+    "text as png": (("t.png", b"just some text, not an image"), 422),
+    "text as tif": (("t.tif", b"just some text, not an image"), 422),
+    "text as jpg": (("t.jpg", b"just some text"), 422),
+    "png magic only": (("m.png", b"\x89PNG\r\n\x1a\n"), 422),
+    "png first 20 bytes": (("m.png", None), 422),
+    "png declaring 100000x100000": (("h.png", png_declaring(100_000, 100_000)), 413),
+    "png declaring 0x100": (("z.png", png_declaring(0, 100)), 422),
+    "png declaring 3000x2000": (("m.png", png_declaring(3000, 2000)), 413),
+    "png declaring 16-bit RGBA 4096x4096": (("r.png", png_declaring(4096, 4096, 16, 6)), 413),
+    "png 8x8": (("s.png", png(np.zeros((8, 8), np.uint8))), 422),
+    "jpeg magic only": (("m.jpg", b"\xff\xd8\xff"), 422),
+    "jpeg declaring 65500x65500": (("h.jpg", jpeg_declaring(65500, 65500)), 413),
+    "jpeg declaring 0 rows": (("z.jpg", jpeg_declaring(100, 0)), 422),
+    "tiff magic only": (("m.tif", b"II*\x00"), 422),
+    "bigtiff magic only": (("m.tif", b"II+\x00" + b"\0" * 12), 422),
+    "tiff big-endian junk": (("j.tif", b"MM\x00*" + b"\xff" * 64), 422),
+    "tiff first IFD outside the file": (("o.tif", b"II*\x00" + struct.pack("<I", 10**9)), 422),
+    "tiff declaring 100000x100000": (("h.tif", tiff_declaring(100_000, 100_000)), 413),
+    "tiff declaring 1x1": (("s.tif", tiff_declaring(1, 1)), 422),
+    "tiff two channels": (("c.tif", tiff(np.zeros((32, 32, 2), np.uint8), photometric="minisblack", planarconfig="contig")), 422),
+    "tiff NaN pixel": (("n.tif", _nan_tiff()), 422),
+    "tiff inf pixel": (("i.tif", _inf_tiff()), 422),
+    "gif bytes": (("g.png", b"GIF89a" + b"\0" * 64), 422),
+    "bmp bytes as jpg": (("b.jpg", b"BM" + b"\0" * 64), 422),
+    "pdf, no suffix": (("scan", b"%PDF-1.4 not an image"), 415),
+    "exe": (("setup.exe", b"MZ" + b"\0" * 64), 415),
+    "dicom": (("i.dcm", b"\0" * 128 + b"DICM" + b"\0" * 64), 415),
+    "zip named nii.gz": (("z.nii.gz", b"PK\x03\x04" + b"\0" * 400), 422),
+    "gzip of text named nii.gz": (("t.nii.gz", gzip.compress(b"hello " * 200)), 422),
+    "gzip magic only": (("g.nii.gz", b"\x1f\x8b"), 422),
+    "garbage nii": (("g.nii", b"x" * 400), 422),
+    "short nii": (("s.nii", b"\x5c\x01\x00\x00" + b"\0" * 96), 422),
+    "NaN voxels": (("n.nii.gz", _nan_volume()), 422),
+    "scaling overflows to inf": (("o.nii.gz", _overflowing_volume()), 422),
+    "negative dimension": (("d.nii", nifti(small_volume(), gz=False, edit=_edit(dim=[3, -32, 32, 4, 1, 1, 1, 1]))), 422),
+    "dim[0] = 9": (("d.nii", nifti(small_volume(), gz=False, edit=_edit(dim=[9, 32, 32, 4, 1, 1, 1, 1]))), 422),
+    "unknown datatype": (("d.nii", nifti(small_volume(), gz=False, edit=_edit(datatype=9999))), 422),
+    "NIfTI-2 declaring 2^40 voxels": (("b.nii", nifti(small_volume(), gz=False, version=2, edit=_edit(dim=[3, 2**20, 2**20, 1, 1, 1, 1, 1]))), 413),
+    "file name with control characters": (("bad\x07\x1b[2Jname.png", b"junk"), 422),
+    "5000-character file name": (("a" * 5000 + ".png", b"junk"), (400, 422)),  # the multipart parser may refuse the part header
+    "path traversal in name": (("../../../etc/passwd.png", b"junk"), 422),
+}
+for _cid, ((_n, _d), _status) in _FILES.items():
+    if _d is None:
+        _d = png(np.zeros((64, 64), np.uint8))[:20]
+    case(f"file: {_cid}", _status)(lambda _n=_n, _d=_d: _files((_n, _d)))
+
+
+@case("two slices", 422)
+def _():
+    return _files(("a.png", _png_ok()), ("b.png", _png_ok()))
+
+
+@case("slice and volume mixed", 422)
+def _():
+    return _files(("a.png", _png_ok()), ("v.nii.gz", _vol()))
+
+
+@case("five NIfTI files", 422)
+def _():
+    return _files(*[(f"P-t{i}.nii.gz", _vol()) for i in range(5)])
+
+
+@case("BraTS set without FLAIR", 422)
+def _():
+    return _files(("P-t1n.nii.gz", _vol()), ("P-t1c.nii.gz", _vol()))
+
+
+@case("BraTS set with two t1n", 422)
+def _():
+    return _files(("P-t1n.nii.gz", _vol()), ("Q-t1n.nii.gz", _vol()), ("P-t2f.nii.gz", _vol()))
+
+
+@case("BraTS set with mismatched shapes", 422)
+def _():
+    return _files(("P-t1n.nii.gz", _vol((16, 16, 4))), ("P-t2f.nii.gz", _vol((16, 16, 5))))
+
+
+@case("BraTS set with a 4-D member", 422)
+def _():
+    return _files(("P-t2f.nii.gz", _vol()), ("P-t1c.nii.gz", nifti(np.ones((16, 16, 4, 3), np.float32))))
+
+
+@case("two unrelated volumes", 422)
+def _():
+    return _files(("a.nii.gz", _vol()), ("b.nii.gz", _vol()))
+
+
+for _field, _value in [
+    ("model", MARK),
+    ("model", "../" + MARK),
+    ("threshold", MARK),
+    ("threshold", "1.5"),
+    ("threshold", "nan"),
+    ("threshold", "inf"),
+    ("threshold", "1e999"),
+    ("threshold", "0"),
+    ("tta", MARK),
+    ("sequence", MARK),
+    (MARK, "1"),
+]:
+    case(f"form {_field[:10]}={_value[:12]}", 422)(lambda _f=_field, _v=_value: {**_files(("s.png", _png_ok())), "data": {_f: _v}})
+
+for _q in [f"model={MARK}", f"threshold={MARK}", f"{MARK}=1", f"sequence={MARK}&tta=1"]:
+    case(f"query {_q[:20]}", 422, url=f"/v1/segment?{_q}")(lambda: _files(("s.png", _png_ok())))
+
+
+@case("40 form fields", 400)
+def _():
+    return {"files": [("files", ("s.png", _png_ok()))] + [(f"f{i}", (None, MARK)) for i in range(40)]}
+
+
+@case("30 file parts", 400)
+def _():
+    return {"files": [("files", (f"{i}.png", b"x")) for i in range(30)]}
+
+
+@case("files as a plain field", 422)
+def _():
+    return {"files": [("files", (None, MARK))]}
+
+
+@case("a 2 MiB plain field", 400)
+def _():
+    return {"files": [("files", ("s.png", _png_ok())), ("model", (None, MARK * (2 << 16)))]}
+
+
+@case("no files, only a model", (415, 422))
+def _():
+    return {"data": {"model": MARK}}
+
+
+@case("JSON body", 415)
+def _():
+    return {"json": {"files": MARK}}
+
+
+@case("urlencoded body", 415)
+def _():
+    return {"content": f"files={MARK}".encode(), "headers": {"content-type": "application/x-www-form-urlencoded"}}
+
+
+@case("raw bytes, no content type", 415)
+def _():
+    return {"content": b"\x89PNG" + MARK.encode()}
+
+
+@case("multipart without boundary", 400)
+def _():
+    return {"content": MARK.encode(), "headers": {"content-type": "multipart/form-data"}}
+
+
+@case("multipart body cut off", (400, 422))
+def _():
+    return _multipart(b'--xyz\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n' + MARK.encode())
+
+
+@case("multipart part without headers", (400, 422))
+def _():
+    return _multipart(b"--xyz\r\n\r\n" + MARK.encode() + b"\r\n--xyz--\r\n")
+
+
+@case("body over the upload limit", 413)
+def _():
+    return _files(("big.png", b"\x89PNG" + bytes((UPLOAD_LIMIT_MB + 1) << 20)))
+
+
+@case("declared content-length over the limit", 413)
+def _():
+    return {**_multipart(b"--xyz--\r\n"), "headers": {"content-type": "multipart/form-data; boundary=xyz", "content-length": str(10**12)}}
+
+
+for _url, _status in [
+    (f"/v1/results/{MARK}", 404),
+    (f"/v1/results/{MARK * 200}/mask.nii.gz", 404),
+    (f"/v1/results/{MARK}/slice/{MARK}.png", 422),
+    (f"/v1/results/{MARK}/slice/-5.png", 404),
+    (f"/v1/results/{MARK}/mask.png?z=-1", 422),
+    (f"/v1/results/{MARK}/slice/0.png?alpha=nan", 422),
+    (f"/v1/results/{MARK}/slice/0.png?channel={MARK}", 422),
+    (f"/v1/results/{MARK}/slice/0.png?view={MARK}", 422),
+    (f"/{MARK}", 404),
+]:
+    case(f"GET {_url[:50]}", _status, method="GET", url=_url)(lambda: {})
+
+case("DELETE /v1/segment", 405, method="DELETE")(lambda: {})
+case("PUT /health", 405, method="PUT", url="/health")(lambda: {})
+
+
+def test_the_corpus_is_large_enough():
+    assert len(CORPUS) >= 60 and len({c[0] for c in CORPUS}) == len(CORPUS)
+
+
+@pytest.fixture(scope="module")
+def corpus_client(tiny_model_dir):
+    with make_client(tiny_model_dir, max_upload_mb=UPLOAD_LIMIT_MB) as c:
+        yield c
+
+
+@pytest.mark.parametrize("spec, status", [c[1:] for c in CORPUS], ids=[c[0] for c in CORPUS])
+def test_hostile_request_gets_a_plain_4xx(corpus_client, spec, status):
+    method, url, make = spec
+    before = corpus_client.get("/health").json()["results_kept"]
+    r = corpus_client.request(method, url, **make())
+    assert_plain(r, status)
+    h = corpus_client.get("/health")
+    assert h.status_code == 200 and h.json()["results_kept"] == before
+
+
+REAL_SAMPLE = [
+    "file: text as tif",
+    "file: gzip CRC wrong",
+    "file: gzip bomb past its header",
+    "file: png declaring 100000x100000",
+    "file: tiff first IFD outside the file",
+    "form model=ZQXMARK",
+    "40 form fields",
+    "multipart body cut off",
+    "body over the upload limit",
+    "JSON body",
+]
+
+
+def test_a_sample_against_a_real_uvicorn(tiny_model_dir, tmp_path):
+    import httpx
+
+    from conftest import start_api, stop
+
+    by_id = {c[0]: c[1:] for c in CORPUS}
+    url, proc, log = start_api(tiny_model_dir, tmp_path / "uvicorn.log", BRAINSEG_MAX_UPLOAD_MB=str(UPLOAD_LIMIT_MB))
+    try:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            for cid in REAL_SAMPLE:
+                (method, path, make), status = by_id[cid]
+                r = http.request(method, path, **make())
+                assert_plain(r, status)
+                assert http.get("/health").status_code == 200, cid
+            assert http.post("/v1/segment", files={"files": ("s.png", _png_ok())}).status_code == 200
+    finally:
+        stop(proc)
+    assert proc.returncode is not None
+    text = log.read_text(errors="replace")
+    assert "Traceback" not in text and "internal error" not in text, text[-2000:]
