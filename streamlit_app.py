@@ -1,7 +1,7 @@
 """Streamlit front end: ``streamlit run streamlit_app.py`` from the repository root.
 
 It talks to the brainseg API over HTTP (``BRAINSEG_API_URL``, default http://127.0.0.1:8000,
-editable in the sidebar) and never loads a network itself: no torch, no onnxruntime here.
+editable in the sidebar; ``BRAINSEG_API_KEY`` when the API has a key) and never loads a network itself: no torch, no onnxruntime here.
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ class ApiError(Exception):
 
 
 def api_request(base: str, method: str, path: str, timeout: float = 30.0, **kwargs) -> httpx.Response:
+    key = os.environ.get("BRAINSEG_API_KEY", "").split(",")[0].strip()  # the API's key, when it has one
+    if key:
+        kwargs["headers"] = {**kwargs.get("headers", {}), "X-API-Key": key}
     try:
         r = httpx.request(method, base + path, timeout=timeout, **kwargs)
     except httpx.ConnectError:
@@ -54,6 +57,8 @@ def api_request(base: str, method: str, path: str, timeout: float = 30.0, **kwar
             detail = r.json().get("detail", r.text)
         except ValueError:
             detail = r.text[:300] or r.reason_phrase
+        if r.status_code == 401:
+            detail += " (the page sends the key in its own environment variable BRAINSEG_API_KEY)"
         raise ApiError(f"The API refused the request (HTTP {r.status_code}): {detail}")
     return r
 

@@ -18,7 +18,10 @@ serving. No torch import when the models are ONNX.
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import logging
+import threading
 import math
 import time
 import uuid
@@ -108,6 +111,11 @@ def content_disposition(filename: str) -> str:
 
 
 SEGMENT_FIELDS = ("files", "model", "threshold", "tta", "sequence")
+DISCONNECT_POLL_S = 0.25
+
+
+class ClientGone(Exception):
+    """The client of a segment request disconnected before its work began."""
 
 
 def model_block(engine: Engine, model) -> dict:
@@ -236,6 +244,74 @@ class UploadLimit:
             await guarded_send({})
 
 
+OPEN_PATHS = frozenset({"/", "/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+def key_owner(key: str) -> str:
+    """What a result remembers of the key that made it: a hash, never the key."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+class ApiKey:
+    """ASGI middleware: with keys configured, every route but OPEN_PATHS needs one of them
+    (``X-API-Key: KEY`` or ``Authorization: Bearer KEY``); otherwise 401. The matching key's
+    hash goes into ``request.state.owner`` so results stay with the key that made them."""
+
+    def __init__(self, app, keys: list[str]):
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+
+    def _match(self, headers: dict) -> str | None:
+        given = headers.get(b"x-api-key")
+        auth = headers.get(b"authorization", b"")
+        if given is None and auth[:7].lower() == b"bearer ":
+            given = auth[7:].strip()
+        if given is None:
+            return None
+        found = None
+        for k in self.keys:  # compare with every key, in constant time each
+            if hmac.compare_digest(given, k):
+                found = k
+        return key_owner(found.decode()) if found is not None else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.keys or scope["method"] == "OPTIONS" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        owner = self._match(dict(scope["headers"]))
+        if owner is None:
+            await _drain(receive, 1 << 20)
+            msg = "missing or wrong API key: send it in the X-API-Key header (or Authorization: Bearer)"
+            return await error(401, msg, headers={"WWW-Authenticate": 'Bearer realm="brainseg"'})(scope, receive, send)
+        scope.setdefault("state", {})["owner"] = owner
+        await self.app(scope, receive, send)
+
+
+class Shed:
+    """ASGI middleware: at most ``capacity`` segment requests in the server at once (running,
+    waiting for a worker, or still sending their body); the next gets 503 with Retry-After at
+    once, before its body is read. One event loop: a plain counter is enough."""
+
+    def __init__(self, app, capacity: int, retry_after_s: int):
+        self.app = app
+        self.capacity = capacity
+        self.retry_after = str(int(retry_after_s))
+        self.active = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/v1/segment":
+            return await self.app(scope, receive, send)
+        if self.active >= self.capacity:
+            log.warning("shed a segment request: %d in progress", self.active)
+            await _drain(receive, 1 << 20)
+            msg = "the server is busy: too many segmentations queued; retry after the time in the Retry-After header"
+            return await error(503, msg, headers={"Retry-After": self.retry_after})(scope, receive, send)
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
 async def _drain(receive, limit: int) -> None:
     """Read (and drop) a little of an oversized body so clients see the 413, not a reset."""
     seen = 0
@@ -278,9 +354,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.store = store
     app.state.settings = settings
+    # Added innermost first: ServerErrors -> CORS -> ApiKey -> Shed -> UploadLimit -> routes.
+    app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(Shed, capacity=settings.max_concurrent + settings.max_queue, retry_after_s=settings.retry_after_s)
+    app.add_middleware(ApiKey, keys=settings.api_keys)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"])
-    app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(ServerErrors)  # outermost: added last
 
     @app.exception_handler(RequestValidationError)
@@ -393,33 +472,63 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 del payloads
             return vol, describe_volume(vol, seq)
 
+        owner = getattr(request.state, "owner", None)
+        gone = threading.Event()  # the client disconnected: skip what is left to do
+
         def work() -> dict:
+            if gone.is_set():
+                raise ClientGone
             t0 = time.perf_counter()
             seg = engine.get(name)
             try:
                 data, read_as = decode()
             except MemoryError:
                 raise UploadError(413, "the upload is too large to decode on this server") from None
+            if gone.is_set():
+                raise ClientGone
             t1 = time.perf_counter()
             if kind == "slice":
                 res, post = engine.run_slice(seg, data, thr, use_tta)
                 t2 = time.perf_counter()
-                return slice_answer(engine, store, seg, uploads, data, res, post, use_tta, (t0, t1, t2), read_as)
+                return slice_answer(engine, store, seg, uploads, data, res, post, use_tta, (t0, t1, t2), read_as, owner=owner)
             res, post = engine.run_volume(seg, data, thr, use_tta)
             t2 = time.perf_counter()
-            return volume_answer(engine, store, seg, uploads, data, res, post, use_tta, (t0, t1, t2), read_as)
+            return volume_answer(engine, store, seg, uploads, data, res, post, use_tta, (t0, t1, t2), read_as, owner=owner)
 
-        try:
-            body = await anyio.to_thread.run_sync(work, limiter=request.app.state.limiter)
-        except ModelUnavailable as exc:
-            raise UploadError(503, str(exc)) from None
-        except MemoryError:
+        body, failure = None, None
+        async with anyio.create_task_group() as tg:
+
+            async def watch():
+                while True:
+                    if await request.is_disconnected():
+                        gone.set()
+                        tg.cancel_scope.cancel()  # stops a wait for a worker; a running one checks ``gone``
+                        return
+                    await anyio.sleep(DISCONNECT_POLL_S)
+
+            tg.start_soon(watch)
+            try:
+                body = await anyio.to_thread.run_sync(work, limiter=request.app.state.limiter)
+            except Exception as exc:  # raised below, outside the task group (no ExceptionGroup)
+                failure = exc
+            finally:
+                tg.cancel_scope.cancel()
+        if isinstance(failure, ModelUnavailable):
+            raise UploadError(503, str(failure)) from None
+        if isinstance(failure, MemoryError):
             raise UploadError(413, "the upload is too large to process on this server") from None
+        if failure is not None and not isinstance(failure, ClientGone):
+            raise failure
+        if body is None:  # nobody is listening any more
+            log.info("client went away; its segmentation was skipped")
+            return error(499, "client closed the request")
         body["timings_ms"]["total"] = round((time.perf_counter() - t_start) * 1000, 1)
         return body
 
-    def _result(rid: str) -> StoredResult:
+    def _result(rid: str, request: Request) -> StoredResult:
         res = store.get(rid)
+        if res is not None and res.owner != getattr(request.state, "owner", None):
+            res = None  # made with another key: as if it did not exist
         if res is None:
             raise UploadError(404, f"result not found: it never existed or was evicted (the server keeps the last {settings.max_results} results in memory)")
         return res
@@ -431,32 +540,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return z
 
     @app.get("/v1/results/{rid}", summary="The JSON answer of an earlier segmentation (without images)")
-    async def result(rid: str):
-        return _result(rid).summary
+    async def result(rid: str, request: Request):
+        return _result(rid, request).summary
 
     @app.get("/v1/results/{rid}/mask.nii.gz", summary="Volume mask as NIfTI, on the input's grid and affine")
-    async def mask_nifti(rid: str):
-        res = _result(rid)
+    async def mask_nifti(rid: str, request: Request):
+        res = _result(rid, request)
         if res.kind != "volume":
             raise UploadError(404, "this result is a slice: download its mask as /mask.png")
         data = await anyio.to_thread.run_sync(res.nifti)
         return Response(data, media_type="application/gzip", headers={"Content-Disposition": content_disposition(f"{res.name}_mask.nii.gz")})
 
     @app.get("/v1/results/{rid}/mask.png", summary="Mask of one slice as a PNG (0 / 255)")
-    async def mask_png(rid: str, z: int = Query(0, ge=0, description="slice index (volumes)")):
-        res = _result(rid)
+    async def mask_png(request: Request, rid: str, z: int = Query(0, ge=0, description="slice index (volumes)")):
+        res = _result(rid, request)
         z = _z(res, z)
         return Response(png_bytes(res.mask[z].astype(np.uint8) * 255), media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get("/v1/results/{rid}/slice/{z}.png", summary="One slice rendered: image, overlay or mask")
     async def slice_png(
+        request: Request,
         rid: str,
         z: int,
         channel: int = Query(1, ge=-1, le=2, description="0 pre-contrast, 1 FLAIR, 2 post-contrast, -1 all three as RGB"),
         alpha: float = Query(0.4, ge=0.0, le=1.0, description="opacity of the lesion tint"),
         view: Literal["overlay", "image", "mask"] = Query("overlay"),
     ):
-        res = _result(rid)
+        res = _result(rid, request)
         z = _z(res, z)
         img = render(res.display[z], res.mask[z], view, channel, alpha)
         return Response(png_bytes(img), media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
@@ -483,9 +593,9 @@ def _lesions(rows: list[dict]) -> tuple[list[dict], bool]:
     return rows[:MAX_LESIONS_LISTED], len(rows) > MAX_LESIONS_LISTED
 
 
-def slice_answer(engine, store, seg, uploads, image, res, post, tta, t, read_as: dict | None = None) -> dict:
+def slice_answer(engine, store, seg, uploads, image, res, post, tta, t, read_as: dict | None = None, owner: str | None = None) -> dict:
     display = to_uint8(image)
-    stored = StoredResult("slice", display[None], res.mask[None], {}, name=Path(uploads[0].name).stem)
+    stored = StoredResult("slice", display[None], res.mask[None], {}, name=Path(uploads[0].name).stem, owner=owner)
     s = res.summary()
     lesions, cut = _lesions(s["lesions"])
     body = {
@@ -527,9 +637,9 @@ def display_orientation(affine: np.ndarray) -> dict | None:
     return {"top": y, "bottom": _OPPOSITE[y], "left": _OPPOSITE[x], "right": x}
 
 
-def volume_answer(engine, store, seg, uploads, vol, res, post, tta, t, read_as: dict | None = None) -> dict:
+def volume_answer(engine, store, seg, uploads, vol, res, post, tta, t, read_as: dict | None = None, owner: str | None = None) -> dict:
     display = display_volume(vol.slices)
-    stored = StoredResult("volume", display, res.mask, {}, affine=vol.affine, name=vol.name)
+    stored = StoredResult("volume", display, res.mask, {}, affine=vol.affine, name=vol.name, owner=owner)
     s = res.summary()
     areas = s["slice_lesion_area_px"]
     z = int(np.argmax(areas)) if res.mask.any() else res.mask.shape[0] // 2

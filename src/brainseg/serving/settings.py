@@ -17,6 +17,13 @@ BRAINSEG_MAX_FILES          file parts per request                       8
 BRAINSEG_MAX_RESULTS        results kept for download (LRU)              16
 BRAINSEG_RESULT_STORE_MB    memory the kept results may use, in MiB      1024
 BRAINSEG_MAX_CONCURRENT     inferences running at once                   2
+BRAINSEG_MAX_QUEUE          segment requests waiting beyond those; more  8
+                            get 503 with Retry-After at once
+BRAINSEG_RETRY_AFTER_S      the Retry-After of that 503, in seconds      5
+BRAINSEG_API_KEY            if set: the key(s) (comma-separated) every   unset
+                            route but /health and the docs needs, in
+                            X-API-Key or Authorization: Bearer; a result
+                            is readable only with the key that made it
 BRAINSEG_ONNX_THREADS       ONNX Runtime intra-op threads (0: default)   0
 BRAINSEG_CORS_ORIGINS       comma-separated origins, or *                localhost:8501
 BRAINSEG_PRELOAD            load the default model at start-up           1
@@ -45,6 +52,9 @@ class Settings(BaseModel):
     max_results: int = Field(16, ge=1)
     result_store_mb: float = Field(1024.0, gt=0)
     max_concurrent: int = Field(2, ge=1)
+    max_queue: int = Field(8, ge=0)
+    retry_after_s: int = Field(5, ge=1)
+    api_key: str | None = Field(None, repr=False)
     onnx_threads: int = Field(0, ge=0)
     cors_origins: list[str] = Field(default_factory=lambda: ["http://localhost:8501", "http://127.0.0.1:8501"])
     preload: bool = True
@@ -59,6 +69,10 @@ class Settings(BaseModel):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def api_keys(self) -> list[str]:
+        return [k.strip() for k in (self.api_key or "").split(",") if k.strip()]
 
     @property
     def max_decoded_bytes(self) -> int:

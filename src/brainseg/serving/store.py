@@ -23,6 +23,7 @@ class StoredResult:
     summary: dict  # the JSON answer without its images
     affine: np.ndarray | None = None  # (4, 4) of the input volume
     name: str = "result"
+    owner: str | None = None  # which API key made it (a hash); only that key reads it back
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: float = field(default_factory=time.time)
     _nifti: bytes | None = None
