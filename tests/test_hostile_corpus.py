@@ -8,6 +8,7 @@ Every case runs through TestClient; a sample runs against a real uvicorn process
 from __future__ import annotations
 
 import gzip
+import re
 import struct
 import zlib
 
@@ -312,14 +313,50 @@ def corpus_client(tiny_model_dir):
         yield c
 
 
+@pytest.fixture(scope="module")
+def openapi(corpus_client) -> dict:
+    return corpus_client.get("/openapi.json").json()
+
+
+def documented(spec: dict, method: str, url: str) -> set[str] | None:
+    """Status codes the OpenAPI spec gives for this request's operation (None: no such operation)."""
+    path = url.split("?", 1)[0]
+    for template, ops in spec["paths"].items():
+        pattern = "^" + re.sub(r"\\{[^}]+\\}", "[^/]+", re.escape(template)) + "$"
+        if re.match(pattern, path) and method.lower() in ops:
+            return set(ops[method.lower()]["responses"])
+    return None
+
+
 @pytest.mark.parametrize("spec, status", [c[1:] for c in CORPUS], ids=[c[0] for c in CORPUS])
-def test_hostile_request_gets_a_plain_4xx(corpus_client, spec, status):
+def test_hostile_request_gets_a_plain_4xx(corpus_client, openapi, spec, status):
     method, url, make = spec
     before = corpus_client.get("/health").json()["results_kept"]
     r = corpus_client.request(method, url, **make())
     assert_plain(r, status)
+    codes = documented(openapi, method, url)
+    if codes is not None:  # an existing operation: the spec names this status
+        assert str(r.status_code) in codes, (r.status_code, sorted(codes))
     h = corpus_client.get("/health")
     assert h.status_code == 200 and h.json()["results_kept"] == before
+
+
+def test_openapi_documents_every_status_with_its_error_schema(openapi):
+    schemas = openapi["components"]["schemas"]
+    assert "HTTPValidationError" not in schemas and set(schemas["ErrorBody"]["required"]) == {"detail"}
+    assert set(schemas["ServerErrorBody"]["required"]) == {"detail", "error_id"}
+    for path, ops in openapi["paths"].items():
+        for method, op in ops.items():
+            for code, resp in op["responses"].items():
+                if code.startswith(("4", "5")):
+                    ref = resp["content"]["application/json"]["schema"]["$ref"]
+                    assert ref.endswith("ServerErrorBody" if code == "500" else "ErrorBody"), (path, code, ref)
+            assert "500" in op["responses"], path
+    seg = openapi["paths"]["/v1/segment"]["post"]
+    assert {"400", "401", "413", "415", "422", "503"} <= set(seg["responses"])
+    assert "Retry-After" in seg["responses"]["503"]["headers"]
+    body = schemas[seg["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[1]]
+    assert body["required"] == ["files"]
 
 
 REAL_SAMPLE = [

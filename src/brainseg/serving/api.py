@@ -37,6 +37,7 @@ from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, RedirectResponse, Response
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
@@ -123,6 +124,56 @@ def model_block(engine: Engine, model) -> dict:
     if isinstance(model, Ensemble):
         block["members"] = [m.name for m in model.members]
     return block
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx and 503 answer."""
+
+    detail: str = Field(description="one plain line saying what is wrong and what to send instead")
+
+
+class ServerErrorBody(BaseModel):
+    """A 500: the server's fault, logged with its traceback under ``error_id``."""
+
+    detail: str = Field(description="always 'internal error; ...'")
+    error_id: str = Field(description="12 hex digits; quote it to the operator")
+
+
+def _err(text: str, body=ErrorBody, headers: dict | None = None) -> dict:
+    entry = {"model": body, "description": text}
+    if headers:
+        entry["headers"] = headers
+    return entry
+
+
+_COMMON = {
+    401: _err("BRAINSEG_API_KEY is set and the request has no key or a wrong one (X-API-Key or Authorization: Bearer)"),
+    500: _err("server fault: an error id, nothing else (the traceback is in the server log)", ServerErrorBody),
+}
+_RESULT = {
+    **_COMMON,
+    404: _err("no such result (never existed, evicted, or made with another API key), or slice out of range"),
+    422: _err("a query or path parameter is not valid (the message names it)"),
+}
+RESPONSES = {
+    "health": {500: _COMMON[500]},
+    "models": {**_COMMON, 503: _err("no model registry, or a model file cannot be loaded")},
+    "segment": {
+        **_COMMON,
+        400: _err("empty file, too many form fields / files, a plain field over 64 KiB, or a body that is not multipart/form-data"),
+        413: _err("over a limit: upload bytes, pixels, voxels or decoded bytes (the message names the BRAINSEG_* setting)"),
+        415: _err("not multipart/form-data, or a file type that is not a slice (TIFF / PNG / JPEG) or NIfTI"),
+        422: _err("a file that cannot be read or used (corrupt, wrong shape, type or header), or a bad parameter"),
+        499: _err("the client closed the connection before its segmentation ran; nothing was done"),
+        503: _err(
+            "too many segmentations in progress (BRAINSEG_MAX_QUEUE), or no model available",
+            headers={"Retry-After": {"description": "seconds to wait before retrying (when busy)", "schema": {"type": "integer"}}},
+        ),
+    },
+    "result": _RESULT,
+    "nifti": {**_RESULT, 200: {"content": {"application/gzip": {}}, "description": "the mask as .nii.gz"}},
+    "png": {**_RESULT, 200: {"content": {"image/png": {}}, "description": "a PNG"}},
+}
 
 
 def error(status: int, detail: str, headers: dict | None = None, **extra) -> JSONResponse:
@@ -393,7 +444,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def root():
         return RedirectResponse("/docs")
 
-    @app.get("/health", summary="Liveness, and whether models are available")
+    @app.get("/health", summary="Liveness, and whether models are available", responses=RESPONSES["health"])
     async def health():
         body = {"status": "ok", "version": __version__, "loaded_models": engine.loaded(), "results_kept": len(store)}
         try:
@@ -402,7 +453,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             body.update(models_ready=False, problem=str(exc))
         return body
 
-    @app.get("/v1/models", summary="Registered models: parameters, metrics, calibrated threshold, default")
+    @app.get("/v1/models", summary="Registered models: parameters, metrics, calibrated threshold, default", responses=RESPONSES["models"])
     async def models():
         try:
             names = engine.names()
@@ -412,7 +463,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise UploadError(503, str(exc)) from None
         return {"default": reg["default"], "selected_by": reg.get("selected_by"), "channels": list(CHANNELS), "models": described}
 
-    @app.post("/v1/segment", summary="Segment one slice, one NIfTI volume or a BraTS t1n/t2f/t1c set")
+    @app.post("/v1/segment", summary="Segment one slice, one NIfTI volume or a BraTS t1n/t2f/t1c set", responses=RESPONSES["segment"])
     async def segment(
         request: Request,
         files: list[UploadFile] = File(..., description="one slice (TIFF/PNG/JPEG), one NIfTI volume, or the BraTS t1n, t2f and t1c files"),
@@ -539,11 +590,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise UploadError(404, f"slice out of range: this result has slices 0..{n - 1}")
         return z
 
-    @app.get("/v1/results/{rid}", summary="The JSON answer of an earlier segmentation (without images)")
+    @app.get("/v1/results/{rid}", summary="The JSON answer of an earlier segmentation (without images)", responses=RESPONSES["result"])
     async def result(rid: str, request: Request):
         return _result(rid, request).summary
 
-    @app.get("/v1/results/{rid}/mask.nii.gz", summary="Volume mask as NIfTI, on the input's grid and affine")
+    @app.get("/v1/results/{rid}/mask.nii.gz", summary="Volume mask as NIfTI, on the input's grid and affine", responses=RESPONSES["nifti"])
     async def mask_nifti(rid: str, request: Request):
         res = _result(rid, request)
         if res.kind != "volume":
@@ -551,13 +602,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         data = await anyio.to_thread.run_sync(res.nifti)
         return Response(data, media_type="application/gzip", headers={"Content-Disposition": content_disposition(f"{res.name}_mask.nii.gz")})
 
-    @app.get("/v1/results/{rid}/mask.png", summary="Mask of one slice as a PNG (0 / 255)")
+    @app.get("/v1/results/{rid}/mask.png", summary="Mask of one slice as a PNG (0 / 255)", responses=RESPONSES["png"])
     async def mask_png(request: Request, rid: str, z: int = Query(0, ge=0, description="slice index (volumes)")):
         res = _result(rid, request)
         z = _z(res, z)
         return Response(png_bytes(res.mask[z].astype(np.uint8) * 255), media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
-    @app.get("/v1/results/{rid}/slice/{z}.png", summary="One slice rendered: image, overlay or mask")
+    @app.get("/v1/results/{rid}/slice/{z}.png", summary="One slice rendered: image, overlay or mask", responses=RESPONSES["png"])
     async def slice_png(
         request: Request,
         rid: str,
