@@ -500,8 +500,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         declared = sum(f.size or 0 for f in files)
         if declared > settings.max_upload_bytes:
             raise UploadError(413, f"upload is {declared / 2**20:.1f} MiB, above the limit of {settings.max_upload_mb:.0f} MiB (BRAINSEG_MAX_UPLOAD_MB)")
-        uploads = [Upload(clean_name(f.filename), await f.read()) for f in files]
-        kind = classify(uploads, settings.max_upload_bytes)
+        uploads: list[Upload] = []
+        kind = ""
+
+        def read_files() -> None:
+            """Bytes into memory only once a worker is free: a queued request keeps its files where
+            the form parser spooled them (on disk beyond 1 MiB), so the queue costs no memory."""
+            nonlocal kind
+            for f in files:
+                f.file.seek(0)
+                uploads.append(Upload(clean_name(f.filename), f.file.read(settings.max_upload_bytes + 1)))
+            kind = classify(uploads, settings.max_upload_bytes)
 
         def decode():
             """The input, checked and decoded: every problem here is the upload's (4xx)."""
@@ -530,6 +539,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if gone.is_set():
                 raise ClientGone
             t0 = time.perf_counter()
+            read_files()
             seg = engine.get(name)
             try:
                 data, read_as = decode()
