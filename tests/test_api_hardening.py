@@ -576,3 +576,21 @@ def test_streamlit_page_sends_its_api_key(tiny_model_dir, tmp_path, monkeypatch)
         assert int({m.label: m.value for m in at.metric}["Lesions"]) >= 0
     finally:
         stop(proc)
+
+
+def test_results_expire_and_can_be_deleted(tiny_model_dir):
+    import time
+
+    with make_client(tiny_model_dir, result_ttl_s=1.0) as c:
+        ids = [segment(c, (f"{i}.png", synthetic_png(size=64))).json()["id"] for i in range(2)]
+        assert c.delete(f"/v1/results/{ids[0]}").status_code == 204
+        assert_plain(c.get(f"/v1/results/{ids[0]}"), 404)
+        assert_plain(c.delete(f"/v1/results/{ids[0]}"), 404)
+        assert c.get(f"/v1/results/{ids[1]}").status_code == 200
+        time.sleep(1.2)
+        assert "expired" in assert_plain(c.get(f"/v1/results/{ids[1]}/mask.png"), 404)
+        assert kept(c) == 0
+    with make_client(tiny_model_dir, api_key="k1,k2") as c:
+        rid = c.post("/v1/segment", files={"files": ("s.png", synthetic_png(size=64))}, headers={"X-API-Key": "k1"}).json()["id"]
+        assert_plain(c.delete(f"/v1/results/{rid}", headers={"X-API-Key": "k2"}), 404)
+        assert c.delete(f"/v1/results/{rid}", headers={"X-API-Key": "k1"}).status_code == 204

@@ -7,12 +7,17 @@ Routes (OpenAPI docs at ``/docs``):
   form or query parameters ``model``, ``threshold``, ``tta``, ``sequence`` (what a grey slice or a
   single volume is: flair (default), t1, t1c, t2). The answer's ``input`` block says how the
   channels were read (``condition``: all / pre_missing / post_missing / flair_only, ``warnings``).
-- ``GET /v1/results/{id}``, ``.../mask.nii.gz``, ``.../mask.png?z=``, ``.../slice/{z}.png``.
+- ``GET /v1/results/{id}``, ``.../mask.nii.gz``, ``.../mask.png?z=``, ``.../slice/{z}.png``;
+  ``DELETE /v1/results/{id}``. Results live in memory only, for ``BRAINSEG_RESULT_TTL_S``.
 - ``GET /v1/models``, ``GET /health``.
 
-Every problem with a user's input answers 4xx with ``{"detail": "<one line>"}``; the model
-runs in a worker thread (at most ``BRAINSEG_MAX_CONCURRENT`` at once) so the event loop keeps
-serving. No torch import when the models are ONNX.
+Every problem with a user's input answers 4xx with ``{"detail": "<one line>"}`` in our own words
+(never a library's exception text, the values sent or a server path); a server fault answers 500
+with ``{"detail", "error_id"}`` and is logged once with its traceback. Sizes are checked from the
+file headers before anything is decoded (``uploads``). The model runs in a worker thread (at most
+``BRAINSEG_MAX_CONCURRENT`` at once, ``BRAINSEG_MAX_QUEUE`` more waiting, beyond that 503 with
+Retry-After) so the event loop keeps serving. ``BRAINSEG_API_KEY`` guards every route but
+``/health`` and the docs. No torch import when the models are ONNX.
 """
 
 from __future__ import annotations
@@ -381,7 +386,7 @@ async def _drain(receive, limit: int) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     engine = Engine(settings)
-    store = ResultStore(settings.max_results, int(settings.result_store_mb * 2**20))
+    store = ResultStore(settings.max_results, int(settings.result_store_mb * 2**20), ttl_s=settings.result_ttl_s)
     limits = Limits(max_pixels=settings.max_pixels, max_voxels=settings.max_voxels, max_decoded_bytes=settings.max_decoded_bytes)
 
     @asynccontextmanager
@@ -410,7 +415,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(Shed, capacity=settings.max_concurrent + settings.max_queue, retry_after_s=settings.retry_after_s)
     app.add_middleware(ApiKey, keys=settings.api_keys)
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"])
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"], allow_headers=["*"])
     app.add_middleware(ServerErrors)  # outermost: added last
 
     @app.exception_handler(RequestValidationError)
@@ -591,7 +596,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if res is not None and res.owner != getattr(request.state, "owner", None):
             res = None  # made with another key: as if it did not exist
         if res is None:
-            raise UploadError(404, f"result not found: it never existed or was evicted (the server keeps the last {settings.max_results} results in memory)")
+            raise UploadError(404, f"result not found: it never existed, was deleted, expired or was evicted (the server keeps the last {settings.max_results} results in memory, for {settings.result_ttl_s:.0f} s)")
         return res
 
     def _z(res: StoredResult, z: int) -> int:
@@ -603,6 +608,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/v1/results/{rid}", summary="The JSON answer of an earlier segmentation (without images)", responses=RESPONSES["result"])
     async def result(rid: str, request: Request):
         return _result(rid, request).summary
+
+    @app.delete("/v1/results/{rid}", status_code=204, summary="Forget a result now (it is forgotten anyway after BRAINSEG_RESULT_TTL_S)", responses=RESPONSES["result"])
+    async def delete_result(rid: str, request: Request):
+        store.delete(_result(rid, request).id)
+        return Response(status_code=204)
 
     @app.get("/v1/results/{rid}/mask.nii.gz", summary="Volume mask as NIfTI, on the input's grid and affine", responses=RESPONSES["nifti"])
     async def mask_nifti(rid: str, request: Request):

@@ -16,6 +16,8 @@ BRAINSEG_MAX_FORM_FIELDS    form fields besides files, per request       16
 BRAINSEG_MAX_FILES          file parts per request                       8
 BRAINSEG_MAX_RESULTS        results kept for download (LRU)              16
 BRAINSEG_RESULT_STORE_MB    memory the kept results may use, in MiB      1024
+BRAINSEG_RESULT_TTL_S       seconds a result stays readable (also        3600
+                            DELETE /v1/results/{id}); memory only
 BRAINSEG_MAX_CONCURRENT     inferences running at once                   2
 BRAINSEG_MAX_QUEUE          segment requests waiting beyond those; more  8
                             get 503 with Retry-After at once
@@ -51,6 +53,7 @@ class Settings(BaseModel):
     max_files: int = Field(8, ge=1)
     max_results: int = Field(16, ge=1)
     result_store_mb: float = Field(1024.0, gt=0)
+    result_ttl_s: float = Field(3600.0, gt=0)
     max_concurrent: int = Field(2, ge=1)
     max_queue: int = Field(8, ge=0)
     retry_after_s: int = Field(5, ge=1)

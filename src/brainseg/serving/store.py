@@ -46,9 +46,15 @@ class StoredResult:
 
 
 class ResultStore:
-    def __init__(self, max_items: int = 16, max_bytes: int = 1 << 30):
+    """In memory only (nothing is written to disk, so nothing is left behind by a crash).
+
+    ``ttl_s``: a result older than this is gone (None: kept until evicted).
+    """
+
+    def __init__(self, max_items: int = 16, max_bytes: int = 1 << 30, ttl_s: float | None = None):
         self.max_items = max_items
         self.max_bytes = max_bytes
+        self.ttl_s = ttl_s
         self._items: OrderedDict[str, StoredResult] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -61,12 +67,25 @@ class ResultStore:
 
     def get(self, rid: str) -> StoredResult | None:
         with self._lock:
+            self._expire()
             res = self._items.get(rid)
             if res is not None:
                 self._items.move_to_end(rid)
             return res
 
+    def delete(self, rid: str) -> bool:
+        with self._lock:
+            return self._items.pop(rid, None) is not None
+
+    def _expire(self) -> None:
+        if self.ttl_s is None:
+            return
+        old = time.time() - self.ttl_s
+        for rid in [rid for rid, r in self._items.items() if r.created < old]:
+            del self._items[rid]
+
     def _evict(self) -> None:
+        self._expire()
         total = sum(r.nbytes for r in self._items.values())
         # The newest entry always stays, even alone above the byte limit.
         while len(self._items) > 1 and (len(self._items) > self.max_items or total > self.max_bytes):
@@ -74,4 +93,6 @@ class ResultStore:
             total -= old.nbytes
 
     def __len__(self) -> int:
-        return len(self._items)
+        with self._lock:
+            self._expire()
+            return len(self._items)
