@@ -596,7 +596,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if res is not None and res.owner != getattr(request.state, "owner", None):
             res = None  # made with another key: as if it did not exist
         if res is None:
-            raise UploadError(404, f"result not found: it never existed, was deleted, expired or was evicted (the server keeps the last {settings.max_results} results in memory, for {settings.result_ttl_s:.0f} s)")
+            keeps = f"the server keeps the last {settings.max_results} results in memory, for {settings.result_ttl_s:.0f} s"
+            raise UploadError(404, f"result not found: it never existed, was deleted, expired or was evicted ({keeps})")
         return res
 
     def _z(res: StoredResult, z: int) -> int:
