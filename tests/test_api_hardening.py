@@ -594,3 +594,14 @@ def test_results_expire_and_can_be_deleted(tiny_model_dir):
         rid = c.post("/v1/segment", files={"files": ("s.png", synthetic_png(size=64))}, headers={"X-API-Key": "k1"}).json()["id"]
         assert_plain(c.delete(f"/v1/results/{rid}", headers={"X-API-Key": "k2"}), 404)
         assert c.delete(f"/v1/results/{rid}", headers={"X-API-Key": "k1"}).status_code == 204
+
+
+def test_rate_limit_per_client(tiny_model_dir):
+    with make_client(tiny_model_dir, rate_per_min=3, api_key="k1,k2") as c:
+        one = {"files": ("s.png", synthetic_png(size=64))}
+        codes = [c.post("/v1/segment", files=one, headers={"X-API-Key": "k1"}).status_code for _ in range(3)]
+        assert codes == [200, 200, 200]
+        r = c.post("/v1/segment", files=one, headers={"X-API-Key": "k1"})
+        assert "BRAINSEG_RATE_PER_MIN" in assert_plain(r, 429) and 1 <= int(r.headers["retry-after"]) <= 61
+        assert c.post("/v1/segment", files=one, headers={"X-API-Key": "k2"}).status_code == 200  # another client
+        assert c.get("/health").status_code == 200 and c.get("/v1/models", headers={"X-API-Key": "k1"}).status_code == 200

@@ -167,6 +167,10 @@ RESPONSES = {
         **_COMMON,
         400: _err("empty file, too many form fields / files, a plain field over 64 KiB, or a body that is not multipart/form-data"),
         413: _err("over a limit: upload bytes, pixels, voxels or decoded bytes (the message names the BRAINSEG_* setting)"),
+        429: _err(
+            "over BRAINSEG_RATE_PER_MIN segmentations in the last minute from this client",
+            headers={"Retry-After": {"description": "seconds until the next request is accepted", "schema": {"type": "integer"}}},
+        ),
         415: _err("not multipart/form-data, or a file type that is not a slice (TIFF / PNG / JPEG) or NIfTI"),
         422: _err("a file that cannot be read or used (corrupt, wrong shape, type or header), or a bad parameter"),
         499: _err("the client closed the connection before its segmentation ran; nothing was done"),
@@ -368,6 +372,35 @@ class Shed:
             self.active -= 1
 
 
+class RateLimit:
+    """ASGI middleware: at most ``per_min`` segment requests per client in any 60 s (a sliding
+    window); the client is its API key (hash) when keys are set, else its IP address."""
+
+    WINDOW_S = 60.0
+
+    def __init__(self, app, per_min: int):
+        self.app = app
+        self.per_min = per_min
+        self.seen: dict[str, list[float]] = {}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.per_min or scope["method"] != "POST" or scope["path"] != "/v1/segment":
+            return await self.app(scope, receive, send)
+        who = scope.get("state", {}).get("owner") or (scope.get("client") or ("?",))[0]
+        now = time.monotonic()
+        if len(self.seen) > 10_000:  # forget clients idle for a window
+            self.seen = {k: v for k, v in self.seen.items() if v and v[-1] > now - self.WINDOW_S}
+        times = [t for t in self.seen.get(who, []) if t > now - self.WINDOW_S]
+        if len(times) >= self.per_min:
+            self.seen[who] = times
+            wait = max(1, int(times[0] + self.WINDOW_S - now + 1))
+            await _drain(receive, 1 << 20)
+            msg = f"rate limit: at most {self.per_min} segmentations per minute per client (BRAINSEG_RATE_PER_MIN); retry after the time in Retry-After"
+            return await error(429, msg, headers={"Retry-After": str(wait)})(scope, receive, send)
+        self.seen[who] = times + [now]
+        await self.app(scope, receive, send)
+
+
 async def _drain(receive, limit: int) -> None:
     """Read (and drop) a little of an oversized body so clients see the 413, not a reset."""
     seen = 0
@@ -410,9 +443,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.store = store
     app.state.settings = settings
-    # Added innermost first: ServerErrors -> CORS -> ApiKey -> Shed -> UploadLimit -> routes.
+    # Added innermost first: ServerErrors -> CORS -> ApiKey -> RateLimit -> Shed -> UploadLimit -> routes.
     app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(Shed, capacity=settings.max_concurrent + settings.max_queue, retry_after_s=settings.retry_after_s)
+    app.add_middleware(RateLimit, per_min=settings.rate_per_min)
     app.add_middleware(ApiKey, keys=settings.api_keys)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"], allow_headers=["*"])

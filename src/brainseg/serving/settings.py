@@ -22,6 +22,9 @@ BRAINSEG_MAX_CONCURRENT     inferences running at once                   2
 BRAINSEG_MAX_QUEUE          segment requests waiting beyond those; more  8
                             get 503 with Retry-After at once
 BRAINSEG_RETRY_AFTER_S      the Retry-After of that 503, in seconds      5
+BRAINSEG_RATE_PER_MIN       segment requests one client (API key, else    0 (off)
+                            IP address) may send per minute; more get
+                            429 with Retry-After
 BRAINSEG_API_KEY            if set: the key(s) (comma-separated) every   unset
                             route but /health and the docs needs, in
                             X-API-Key or Authorization: Bearer; a result
@@ -58,6 +61,7 @@ class Settings(BaseModel):
     max_queue: int = Field(8, ge=0)
     retry_after_s: int = Field(5, ge=1)
     api_key: str | None = Field(None, repr=False)
+    rate_per_min: int = Field(0, ge=0)
     onnx_threads: int = Field(0, ge=0)
     cors_origins: list[str] = Field(default_factory=lambda: ["http://localhost:8501", "http://127.0.0.1:8501"])
     preload: bool = True
