@@ -19,6 +19,7 @@ import argparse
 import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,7 @@ def main() -> int:
         chosen[name] = {"path": path, "val_score": score, "candidates": list(candidates[name])}
         ckpt.pop("optimizer", None)
         ckpt.pop("train_model", None)
-        ckpt["config"]["postprocess"] = {"threshold": post.threshold, "min_size": post.min_size, "components_3d": post.components_3d}
+        ckpt["config"]["postprocess"] = asdict(post)
         ckpt["calibration"] = {"patients": split["val"], "conditions": list(CALIBRATION_CONDITIONS), "table": table, "val_score": score}
         ckpt["info"]["shipped_from"] = path
         save_checkpoint(out / f"{name}.pt", ckpt)
@@ -128,7 +129,7 @@ def main() -> int:
         "ensemble": {
             "metrics": {k: reports["ensemble"][k] for k in ("per_patient_dice", "positive_slice_dice", "fp_slice_rate", "lesion_sensitivity", "hd95")},
             "conditions": {c: {"per_patient_dice": ens_by_cond[c]["per_patient_dice"], "per_patient_dice_ci95": ens_by_cond[c]["per_patient_dice_ci95"], "fp_slice_rate": ens_by_cond[c]["fp_slice_rate"]} for c in CONDS},
-            "postprocess": {"threshold": ens.postprocess.threshold, "min_size": ens.postprocess.min_size, "components_3d": ens.postprocess.components_3d},
+            "postprocess": asdict(ens.postprocess),
         },
         "models": entries,
     })
@@ -276,7 +277,8 @@ Probabilities are resized back (bilinear) to the input's size before thresholdin
 ![training curves]({name}_training_curves.png)
 
 ## Post-processing calibration (validation patients only)
-Chosen: probability >= **{post.threshold}**, components smaller than **{post.min_size}** px removed, measured in **{'3D (over the stacked slices of a volume)' if post.components_3d else '2D (per slice)'}**.
+Chosen: probability >= **{post.threshold}**, components smaller than **{post.min_size}** px removed, measured in **{'3D (over the stacked slices of a volume)' if post.components_3d else '2D (per slice)'}**;
+a slice uploaded on its own (no neighbours) drops components smaller than **{post.slice_min_size if post.slice_min_size is not None else post.min_size}** px (the best 2D setting at this threshold).
 Score = mean of the per-patient Dice with all sequences and with FLAIR only. Best settings:
 
 | threshold | min size | components | val Dice, all | val Dice, FLAIR only | val FP-slice rate, all |

@@ -47,12 +47,18 @@ def test_full_pipeline_on_real_patients(three_patients, tmp_path, capsys):
     for name in ("unetpp", "attention_unet"):
         for f in ["best.pt", "last.pt", "best.onnx", "history.csv", "training_curves.png", "calibration.json", "test_report.json"]:
             assert (run / name / f).is_file(), f"{name}/{f}"
+    rep_att = json.loads((run / "attention_unet" / "test_report.json").read_text())
+    assert set(rep_att["conditions"]) == {"all", "pre_missing", "post_missing", "flair_only"}
+    assert rep_att["conditions"]["all"]["per_patient_dice"] == rep_att["per_patient_dice"]
+    assert "validation" in registry["selected_by"]
     table = (run / "comparison.md").read_text()
     assert table.count("| Per-patient 3D Dice |") == 1 and "Nested U-Net" in table and "Attention U-Net" in table
 
     report = tmp_path / "report.json"
-    assert main(["evaluate", "--data", str(three_patients), "--model-dir", str(run), "--model", "ensemble", "--split", str(cache / "split.json"), "--out", str(report)]) == 0
+    assert main(["evaluate", "--data", str(three_patients), "--model-dir", str(run), "--model", "ensemble", "--split", str(cache / "split.json"), "--conditions", "every", "--out", str(report)]) == 0
     rep = json.loads(report.read_text())
+    assert set(rep["conditions"]) == {"all", "pre_missing", "post_missing", "flair_only"} and rep["condition"] == "all"
+    assert "FLAIR only" in report.with_suffix(".md").read_text()
     assert rep["patients"] == 1 and list(rep["per_patient"]) == split["test"]
     for key in ["per_patient_dice", "per_patient_iou", "hd95", "positive_slice_dice", "per_slice_dice", "fp_slice_rate", "lesion_sensitivity", "fp_lesions_per_patient", "lesionwise_dice", "by_lesion_size_voxels"]:
         assert key in rep, key

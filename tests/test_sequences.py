@@ -164,7 +164,19 @@ def test_sweep_chooses_3d_components_when_specks_span_slices():
     assert by_key[(0, False)] == pytest.approx(2 * 27 / (27 + 33))
     # 3D: the speck is 6 voxels >= 5, so it stays
     assert by_key[(5, True)] == pytest.approx(2 * 27 / (27 + 33))
-    assert post == PostprocessConfig(0.5, 5, False)
+    assert post == PostprocessConfig(0.5, 5, False, 5)
+
+
+def test_a_slice_on_its_own_uses_the_slice_minimum_size():
+    from brainseg.inference import binarize, binarize_stack
+
+    prob = np.zeros((3, 10, 10), np.float32)
+    prob[:, 2:5, 2:5] = 0.9  # 9 px per slice, 27 voxels in 3D
+    post = PostprocessConfig(0.5, min_size=20, components_3d=True, slice_min_size=5)
+    assert binarize_stack(prob, post).sum() == 27  # 3D: 27 >= 20 stays
+    assert binarize(prob[0], post).sum() == 9  # one slice: 9 >= 5 stays
+    assert binarize_stack(prob, PostprocessConfig(0.5, min_size=20)).sum() == 0  # 2D: 9 < 20 goes
+    assert binarize(prob[0], PostprocessConfig(0.5, min_size=20)).sum() == 0
 
 
 def test_aggregate_by_hand():

@@ -1,5 +1,12 @@
 """The shipped default model on real slices of its own test patients (never trained on)."""
 
+import base64
+import json
+import subprocess
+import sys
+
+import cv2
+import httpx
 import numpy as np
 import pytest
 
@@ -42,8 +49,11 @@ def test_registry_names_both_models_and_a_default(reg):
         for key in ("checkpoint", "onnx", "card"):
             f = MODELS / entry[key]
             assert f.is_file() and f.stat().st_size < 25 * 2**20, f
-    best = max(reg["models"], key=lambda n: reg["models"][n]["metrics"]["per_patient_dice"])
-    assert reg["default"] == best
+    # the default is chosen on the validation patients, never on the test patients
+    best = max(reg["models"], key=lambda n: reg["models"][n]["val_selection_score"])
+    assert reg["default"] == best and "validation" in reg["selected_by"]
+    for entry in reg["models"].values():
+        assert set(entry["conditions"]) == {"all", "pre_missing", "post_missing", "flair_only"}
 
 
 def test_default_finds_the_lesion_and_nothing_on_a_lesion_free_slice(reg, test_patient):
@@ -68,3 +78,40 @@ def test_onnx_and_pytorch_give_the_same_masks(reg, test_patient, name):
     a = np.stack([binarize(p, onnx_seg.postprocess) for p in onnx_seg.probabilities(batch)])
     b = np.stack([binarize(p, torch_seg.postprocess) for p in torch_seg.probabilities(batch)])
     assert dice(a, b) >= 0.99
+
+
+@pytest.fixture(scope="module")
+def grey_flair_png(test_patient, tmp_path_factory):
+    """The FLAIR channel of the test patient's largest-lesion slice, saved as a one-channel PNG."""
+    pid, images, truth = test_patient
+    z = int(np.argmax(truth.reshape(len(truth), -1).sum(1)))
+    path = tmp_path_factory.mktemp("grey") / f"{pid}_{z + 1}_flair.png"
+    cv2.imwrite(str(path), np.ascontiguousarray(images[z][:, :, 1]))
+    assert cv2.imread(str(path), cv2.IMREAD_UNCHANGED).ndim == 2
+    return path, truth[z]
+
+
+def test_default_finds_the_lesion_on_a_grey_flair_image_through_predict(grey_flair_png, tmp_path):
+    path, truth = grey_flair_png
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, "-m", "brainseg.cli", "predict", str(path), "--out", str(out), "--model-dir", str(MODELS)], check=True, capture_output=True, timeout=300)
+    mask = cv2.imread(str(out / f"{path.stem}_mask.png"), cv2.IMREAD_UNCHANGED) > 0
+    assert dice(mask, truth) > 0.5
+    info = json.loads((out / f"{path.stem}_lesions.json").read_text())
+    assert "flair" in json.dumps(info).lower()
+
+
+def test_default_finds_the_lesion_on_a_grey_flair_image_through_the_api(grey_flair_png, tmp_path):
+    from conftest import start_api, stop
+
+    path, truth = grey_flair_png
+    url, proc, log = start_api(MODELS, tmp_path / "uvicorn.log")
+    try:
+        r = httpx.post(url + "/v1/segment", files={"files": (path.name, path.read_bytes(), "image/png")}, timeout=120)
+    finally:
+        stop(proc)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["input"]["condition"] == "flair_only"
+    mask = cv2.imdecode(np.frombuffer(base64.b64decode(body["mask_png"]), np.uint8), cv2.IMREAD_UNCHANGED) > 0
+    assert dice(mask, truth) > 0.5

@@ -73,6 +73,7 @@ class PostprocessConfig:
     threshold: float = 0.5
     min_size: int = 0  # connected components smaller than this (pixels at native size) are removed
     components_3d: bool = False  # for stacks of slices (volumes): measure components in 3D, not per slice
+    slice_min_size: int | None = None  # for one slice on its own (no stack); None: min_size
 
 
 @dataclass(frozen=True)

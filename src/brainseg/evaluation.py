@@ -139,7 +139,7 @@ def _mean(values) -> float:
 def evaluate_predictions(preds: list[PatientPrediction], post: PostprocessConfig) -> dict:
     per_patient = {p.patient: score_patient(binarize_volume(p.prob, post), p.truth) for p in preds}
     report = aggregate(per_patient)
-    report["postprocess"] = {"threshold": post.threshold, "min_size": post.min_size, "components_3d": post.components_3d}
+    report["postprocess"] = {"threshold": post.threshold, "min_size": post.min_size, "components_3d": post.components_3d, "slice_min_size": post.slice_min_size}
     report["per_patient"] = {pid: round(s["dice"], 4) for pid, s in per_patient.items()}
     return report
 
@@ -152,7 +152,7 @@ def evaluate_conditions(segmenter, patients: list[Patient], post: PostprocessCon
 
 def sweep_postprocess(
     preds: list[PatientPrediction] | dict[str, list[PatientPrediction]],
-    thresholds=(0.3, 0.4, 0.5, 0.6, 0.7),
+    thresholds=(0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6),
     min_sizes=(0, 30, 100, 200, 400),
     components_3d=(False, True),
 ) -> tuple[PostprocessConfig, list[dict]]:
@@ -182,8 +182,14 @@ def sweep_postprocess(
                 row["per_patient_dice"] = float(np.mean([row[f"dice_{c}"] for c in by_cond]))
                 row["fp_slice_rate"] = float(np.mean([row[f"fp_slice_rate_{c}"] for c in by_cond]))
                 table.append(row)
-    best = max(table, key=lambda r: (round(r["per_patient_dice"], 4), r["min_size"], not r["components_3d"]))
-    return PostprocessConfig(best["threshold"], best["min_size"], best["components_3d"]), table
+    def rank(r):
+        return (round(r["per_patient_dice"], 4), r["min_size"], not r["components_3d"])
+
+    best = max(table, key=rank)
+    # One slice on its own has no neighbours: its minimum size is the best 2D one at this threshold.
+    slice_rows = [r for r in table if not r["components_3d"] and r["threshold"] == best["threshold"]]
+    slice_min = max(slice_rows, key=rank)["min_size"] if slice_rows else best["min_size"]
+    return PostprocessConfig(best["threshold"], best["min_size"], best["components_3d"], slice_min), table
 
 
 METRIC_ROWS = [

@@ -120,7 +120,8 @@ class Ensemble:
         ts = [m.postprocess.threshold for m in self.members]
         ms = [m.postprocess.min_size for m in self.members]
         c3 = all(m.postprocess.components_3d for m in self.members)
-        return PostprocessConfig(threshold=float(np.mean(ts)), min_size=int(np.median(ms)), components_3d=c3)
+        sm = [m.postprocess.slice_min_size if m.postprocess.slice_min_size is not None else m.postprocess.min_size for m in self.members]
+        return PostprocessConfig(threshold=float(np.mean(ts)), min_size=int(np.median(ms)), components_3d=c3, slice_min_size=int(np.median(sm)))
 
     @property
     def config(self) -> ExperimentConfig:
@@ -132,22 +133,29 @@ class Ensemble:
 
 
 def binarize(prob: np.ndarray, post: PostprocessConfig) -> np.ndarray:
-    """Probabilities (H, W) or (Z, H, W) -> bool mask: threshold, then drop small components."""
-    mask = prob >= post.threshold
-    if post.min_size > 0:
-        mask = remove_small_components(mask, post.min_size)
-    return mask
+    """Probabilities -> bool mask: threshold, then drop small components.
+
+    A (H, W) slice on its own uses ``post.slice_min_size`` where set (the minimum size
+    calibrated for single slices); a (Z, H, W) array uses ``post.min_size`` with 3D components.
+    """
+    min_size = post.slice_min_size if prob.ndim == 2 and post.slice_min_size is not None else post.min_size
+    return _clean(prob >= post.threshold, min_size)
+
+
+def _clean(mask: np.ndarray, min_size: int) -> np.ndarray:
+    return remove_small_components(mask, min_size) if min_size > 0 else mask
 
 
 def binarize_stack(probs: np.ndarray, post: PostprocessConfig) -> np.ndarray:
     """Probabilities of a stack of slices (Z, H, W) -> bool mask.
 
     Small components are removed by their 3D size when ``post.components_3d``, else slice
-    by slice (as a single uploaded slice is treated).
+    by slice with the same ``min_size``.
     """
+    mask = probs >= post.threshold
     if post.components_3d:
-        return binarize(probs, post)
-    return np.stack([binarize(p, post) for p in probs]) if len(probs) else probs >= post.threshold
+        return _clean(mask, post.min_size)
+    return np.stack([_clean(m, post.min_size) for m in mask]) if len(mask) else mask
 
 
 def load_segmenter(path: os.PathLike | str, name: str | None = None, prefer_onnx: bool = True) -> Segmenter:
