@@ -47,7 +47,9 @@ def api_request(base: str, method: str, path: str, timeout: float = 30.0, **kwar
     try:
         r = httpx.request(method, base + path, timeout=timeout, **kwargs)
     except httpx.ConnectError:
-        raise ApiError(f"Cannot reach the API at {base}. Start it with `uvicorn app:app` from the repository root (or `scripts/run_app.sh`), or correct the API URL in the sidebar.") from None
+        raise ApiError(
+            f"Cannot reach the API at {base}. Start it with `uvicorn app:app` from the repository root (or `scripts/run_app.sh`), or correct the API URL in the sidebar."
+        ) from None
     except httpx.TimeoutException:
         raise ApiError(f"The API at {base} did not answer within {timeout:.0f} s.") from None
     except (httpx.HTTPError, ValueError) as exc:
@@ -130,12 +132,21 @@ def sidebar() -> dict:
 
     sb.subheader("Segmentation")
     calibrated = float(m.get("threshold") or 0.5)
-    use_cal = sb.checkbox(f"Calibrated threshold ({calibrated:.2f})", value=True, key="use_calibrated", help="Chosen on validation patients when the model was trained")
+    use_cal = sb.checkbox(
+        f"Calibrated threshold ({calibrated:.2f})", value=True, key="use_calibrated", help="Chosen on validation patients when the model was trained"
+    )
     threshold = None if use_cal else sb.slider("Probability threshold", 0.01, 0.99, value=calibrated, step=0.01, key="threshold")
     tta = sb.checkbox("Test-time augmentation (flip)", value=False, key="tta", help="Averages with the horizontally flipped image; about twice as slow")
 
     sb.subheader("Display")
-    channel = sb.radio("Channel", list(CHANNELS), index=1, key="channel", horizontal=True, help="LGG slices hold pre-contrast, FLAIR and post-contrast; BraTS t1n, t2f, t1c map to them")
+    channel = sb.radio(
+        "Channel",
+        list(CHANNELS),
+        index=1,
+        key="channel",
+        horizontal=True,
+        help="LGG slices hold pre-contrast, FLAIR and post-contrast; BraTS t1n, t2f, t1c map to them",
+    )
     alpha = sb.slider("Overlay opacity", 0.0, 1.0, 0.4, 0.05, key="alpha")
     opts.update(ok=True, model=name, threshold=threshold, tta=tta, channel=CHANNELS[channel], channel_name=channel, alpha=alpha, models=models)
     return opts
@@ -207,9 +218,26 @@ def lesion_rows(res: dict) -> list[dict]:
         b = les["bbox"]
         if res["kind"] == "slice":
             area_mm2 = {"Area (mm²)": les["area_mm2"]} if les.get("area_mm2") is not None else {}
-            rows.append({"Lesion": les["id"], "Area (px)": les["area_px"], **area_mm2, "Centroid (row, col)": ", ".join(map(str, les["centroid"])), "Bounding box (row, col → row, col)": f"{b[0]}, {b[1]} → {b[2]}, {b[3]}"})
+            rows.append(
+                {
+                    "Lesion": les["id"],
+                    "Area (px)": les["area_px"],
+                    **area_mm2,
+                    "Centroid (row, col)": ", ".join(map(str, les["centroid"])),
+                    "Bounding box (row, col → row, col)": f"{b[0]}, {b[1]} → {b[2]}, {b[3]}",
+                }
+            )
         else:
-            rows.append({"Lesion": les["id"], "Voxels": les["voxels"], "Volume (mm³)": les["volume_mm3"], "Slices": f"{b[0]}–{b[3] - 1}", "Centroid (z, row, col)": ", ".join(map(str, les["centroid"])), "Bounding box (z, row, col → z, row, col)": f"{b[0]}, {b[1]}, {b[2]} → {b[3]}, {b[4]}, {b[5]}"})
+            rows.append(
+                {
+                    "Lesion": les["id"],
+                    "Voxels": les["voxels"],
+                    "Volume (mm³)": les["volume_mm3"],
+                    "Slices": f"{b[0]}–{b[3] - 1}",
+                    "Centroid (z, row, col)": ", ".join(map(str, les["centroid"])),
+                    "Bounding box (z, row, col → z, row, col)": f"{b[0]}, {b[1]}, {b[2]} → {b[3]}, {b[4]}, {b[5]}",
+                }
+            )
     return rows
 
 
@@ -231,7 +259,15 @@ def slice_navigation(res: dict) -> int:
     c1, c2, c3, c4 = st.columns([6, 3, 1, 1], vertical_alignment="bottom")
     c1.slider(f"Axial slice (0–{n - 1})", 0, n - 1, key="z")
     if with_lesion:
-        c2.selectbox("Jump to a slice with lesion", with_lesion, index=None, key="jump", on_change=jump, placeholder=f"{len(with_lesion)} slices with lesion", format_func=lambda z: f"slice {z} — {areas[z]} px")
+        c2.selectbox(
+            "Jump to a slice with lesion",
+            with_lesion,
+            index=None,
+            key="jump",
+            on_change=jump,
+            placeholder=f"{len(with_lesion)} slices with lesion",
+            format_func=lambda z: f"slice {z} — {areas[z]} px",
+        )
         c3.button("◀", key="prev_lesion", help="Previous slice with lesion", on_click=step, args=(-1,), width="stretch")
         c4.button("▶", key="next_lesion", help="Next slice with lesion", on_click=step, args=(1,), width="stretch")
     else:
@@ -270,7 +306,9 @@ def show_result(opts: dict, res: dict, label: str, synthetic: bool) -> None:
     cols[0].metric("Lesions", res["lesion_count"])
     if is_volume:
         sp = res["input"]["spacing_mm"]
-        cols[1].metric("Lesion volume", f"{res['lesion_volume_mm3']:,.0f} mm³", help=f"{res['lesion_voxels']:,} voxels of {' × '.join(f'{v:g}' for v in sp)} mm")
+        cols[1].metric(
+            "Lesion volume", f"{res['lesion_volume_mm3']:,.0f} mm³", help=f"{res['lesion_voxels']:,} voxels of {' × '.join(f'{v:g}' for v in sp)} mm"
+        )
         cols[2].metric("Slices with lesion", f"{len(res['slices_with_lesion'])} / {res['slices']}")
         cols[3].metric("Volume", " × ".join(map(str, res["input"]["shape"])), help=f"voxel size {' × '.join(f'{v:g}' for v in sp)} mm")
         z = slice_navigation(res)
@@ -295,7 +333,11 @@ def show_result(opts: dict, res: dict, label: str, synthetic: bool) -> None:
         area = res["slice_lesion_area_px"][z]
         o = res["input"].get("orientation")
         orient = f" · orientation from the header: top {o['top']}, left {o['left']}, right {o['right']}" if o else ""
-        st.markdown(f"**Slice {z}** of {res['slices']} · " + (f"lesion area {area:,} px = {res['slice_lesion_area_mm2'][z]:,.0f} mm²" if area else "no lesion on this slice") + orient)
+        st.markdown(
+            f"**Slice {z}** of {res['slices']} · "
+            + (f"lesion area {area:,} px = {res['slice_lesion_area_mm2'][z]:,.0f} mm²" if area else "no lesion on this slice")
+            + orient
+        )
     c1, c2, c3 = st.columns(3)
     c1.image(original, caption=f"Original ({opts['channel_name']}){where}", width="stretch")
     c2.image(over, caption=f"Overlay (lesion in red, opacity {opts['alpha']:.2f}){where}", width="stretch")
@@ -321,14 +363,48 @@ def show_result(opts: dict, res: dict, label: str, synthetic: bool) -> None:
         if is_volume:
             try:
                 nii = fetch_bytes(base, res["mask_url"])
-                st.download_button("NIfTI mask (.nii.gz)", nii, f"{stem}_mask.nii.gz", "application/gzip", key="dl_nifti", icon=":material/download:", width="stretch", type="primary", help="Same voxel grid and affine as the input")
+                st.download_button(
+                    "NIfTI mask (.nii.gz)",
+                    nii,
+                    f"{stem}_mask.nii.gz",
+                    "application/gzip",
+                    key="dl_nifti",
+                    icon=":material/download:",
+                    width="stretch",
+                    type="primary",
+                    help="Same voxel grid and affine as the input",
+                )
             except ApiError as exc:
                 st.error(str(exc))
         mask_png = mask if is_volume else base64.b64decode(res["mask_png"])
-        st.download_button("Mask PNG" + (f" (slice {z})" if is_volume else ""), mask_png, f"{stem}_mask{suffix}.png", "image/png", key="dl_mask", icon=":material/download:", width="stretch")
-        st.download_button("Overlay PNG" + (f" (slice {z})" if is_volume else ""), over, f"{stem}_overlay{suffix}.png", "image/png", key="dl_overlay", icon=":material/download:", width="stretch")
+        st.download_button(
+            "Mask PNG" + (f" (slice {z})" if is_volume else ""),
+            mask_png,
+            f"{stem}_mask{suffix}.png",
+            "image/png",
+            key="dl_mask",
+            icon=":material/download:",
+            width="stretch",
+        )
+        st.download_button(
+            "Overlay PNG" + (f" (slice {z})" if is_volume else ""),
+            over,
+            f"{stem}_overlay{suffix}.png",
+            "image/png",
+            key="dl_overlay",
+            icon=":material/download:",
+            width="stretch",
+        )
         summary = {k: v for k, v in res.items() if k not in ("mask_png", "overlay_png", "preview_png")}
-        st.download_button("Lesions JSON", json.dumps(summary, indent=2), f"{stem}_lesions.json", "application/json", key="dl_json", icon=":material/download:", width="stretch")
+        st.download_button(
+            "Lesions JSON",
+            json.dumps(summary, indent=2),
+            f"{stem}_lesions.json",
+            "application/json",
+            key="dl_json",
+            icon=":material/download:",
+            width="stretch",
+        )
 
 
 # ---------------------------------------------------------------- page

@@ -14,7 +14,6 @@ import statistics
 import time
 from pathlib import Path
 
-
 from brainseg.data import discover, labelled, load_patient
 from brainseg.inference import Segmenter, TorchBackend, load_segmenter
 from brainseg.registry import model_path, read_registry
@@ -49,7 +48,9 @@ def main() -> None:
         for label, seg in (("onnxruntime", onnx_seg), ("pytorch", torch_seg)):
             t1 = timed(lambda: seg.probabilities([one]), a.repeats)
             tb = timed(lambda: seg.probabilities(batch, batch_size=32), max(2, a.repeats // 2))
-            print(f"| {name} | {label} | {1000 * statistics.median(t1):.1f} [{1000 * min(t1):.1f}-{1000 * max(t1):.1f}] | {1000 * statistics.median(tb) / len(batch):.1f} |")
+            print(
+                f"| {name} | {label} | {1000 * statistics.median(t1):.1f} [{1000 * min(t1):.1f}-{1000 * max(t1):.1f}] | {1000 * statistics.median(tb) / len(batch):.1f} |"
+            )
 
 
 if __name__ == "__main__":

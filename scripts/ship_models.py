@@ -26,12 +26,11 @@ import numpy as np
 
 from brainseg import __version__
 from brainseg.checkpoint import load_checkpoint, save_checkpoint
-from brainseg.config import ExperimentConfig
+from brainseg.config import DISPLAY_NAMES, ExperimentConfig
 from brainseg.data import discover, labelled, write_json_atomic
 from brainseg.evaluation import PROTOCOLS, conditions_table, evaluate_predictions, markdown_table, mean_predictions, predict_patients
 from brainseg.export import export_onnx
 from brainseg.inference import Ensemble, Segmenter, TorchBackend, load_segmenter
-from brainseg.config import DISPLAY_NAMES
 from brainseg.pipeline import CALIBRATION_CONDITIONS, SELECTED_BY, calibrate, condition_summary
 from brainseg.registry import write_registry
 
@@ -110,7 +109,14 @@ def main() -> int:
             "parameters": ckpt["info"]["parameters"],
             "val_selection_score": score,
             "metrics": {k: report[k] for k in ("per_patient_dice", "positive_slice_dice", "fp_slice_rate", "lesion_sensitivity", "hd95")},
-            "conditions": {c: {"per_patient_dice": by_cond[c]["per_patient_dice"], "per_patient_dice_ci95": by_cond[c]["per_patient_dice_ci95"], "fp_slice_rate": by_cond[c]["fp_slice_rate"]} for c in CONDS},
+            "conditions": {
+                c: {
+                    "per_patient_dice": by_cond[c]["per_patient_dice"],
+                    "per_patient_dice_ci95": by_cond[c]["per_patient_dice_ci95"],
+                    "fp_slice_rate": by_cond[c]["fp_slice_rate"],
+                }
+                for c in CONDS
+            },
         }
         write_json_atomic(out / f"{name}_test_report.json", report)
 
@@ -121,18 +127,28 @@ def main() -> int:
     write_json_atomic(out / "ensemble_test_report.json", reports["ensemble"])
 
     default = max(names, key=lambda n: chosen[n]["val_score"])
-    write_registry(out, {
-        "default": default,
-        "selected_by": SELECTED_BY,
-        "brainseg_version": __version__,
-        "split": {k: split[k] for k in ("train", "val", "test")},
-        "ensemble": {
-            "metrics": {k: reports["ensemble"][k] for k in ("per_patient_dice", "positive_slice_dice", "fp_slice_rate", "lesion_sensitivity", "hd95")},
-            "conditions": {c: {"per_patient_dice": ens_by_cond[c]["per_patient_dice"], "per_patient_dice_ci95": ens_by_cond[c]["per_patient_dice_ci95"], "fp_slice_rate": ens_by_cond[c]["fp_slice_rate"]} for c in CONDS},
-            "postprocess": asdict(ens.postprocess),
+    write_registry(
+        out,
+        {
+            "default": default,
+            "selected_by": SELECTED_BY,
+            "brainseg_version": __version__,
+            "split": {k: split[k] for k in ("train", "val", "test")},
+            "ensemble": {
+                "metrics": {k: reports["ensemble"][k] for k in ("per_patient_dice", "positive_slice_dice", "fp_slice_rate", "lesion_sensitivity", "hd95")},
+                "conditions": {
+                    c: {
+                        "per_patient_dice": ens_by_cond[c]["per_patient_dice"],
+                        "per_patient_dice_ci95": ens_by_cond[c]["per_patient_dice_ci95"],
+                        "fp_slice_rate": ens_by_cond[c]["fp_slice_rate"],
+                    }
+                    for c in CONDS
+                },
+                "postprocess": asdict(ens.postprocess),
+            },
+            "models": entries,
         },
-        "models": entries,
-    })
+    )
     write_json_atomic(out / "split.json", {**{k: split[k] for k in ("train", "val", "test")}, "seed": split.get("seed", 42)})
     labels = {DISPLAY_NAMES[n]: reports[n] for n in [*names, "ensemble"]}
     table = markdown_table(labels)
@@ -151,7 +167,10 @@ def main() -> int:
     write_json_atomic(out / "shipping.json", {"chosen": chosen, "default": default})
     print(cond_table)
     print(table)
-    print(f"default: {default}; ONNX vs PyTorch per-patient Dice difference: " + ", ".join(f"{n} {reports[n]['onnx_vs_torch_dice_difference']:.4f}" for n in names))
+    print(
+        f"default: {default}; ONNX vs PyTorch per-patient Dice difference: "
+        + ", ".join(f"{n} {reports[n]['onnx_vs_torch_dice_difference']:.4f}" for n in names)
+    )
     return 0
 
 
@@ -193,7 +212,9 @@ def make_figure(test_patients, members, path: Path, n: int = 4) -> None:
             axes[r, c].set_title(title, fontsize=7)
             axes[r, c].axis("off")
         axes[r, 0].text(2, 12, pid, color="yellow", fontsize=6)
-    fig.suptitle("Test patients (never trained or tuned on): largest-lesion slice of each; 'FLAIR only' = the grey FLAIR image in all three channels", fontsize=8)
+    fig.suptitle(
+        "Test patients (never trained or tuned on): largest-lesion slice of each; 'FLAIR only' = the grey FLAIR image in all three channels", fontsize=8
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -213,14 +234,22 @@ def model_card(name: str, ckpt: dict, report: dict, split: dict, training_note: 
     hist = ckpt.get("history", [])
     cal = ckpt.get("calibration", {})
     top = sorted(cal.get("table", []), key=lambda r: -r["per_patient_dice"])[:8]
-    cal_rows = "\n".join(f"| {r['threshold']} | {r['min_size']} | {'3D' if r['components_3d'] else '2D'} | {r['dice_all']:.3f} | {r['dice_flair_only']:.3f} | {_fmt(r['fp_slice_rate_all'])} |" for r in top)
+    cal_rows = "\n".join(
+        f"| {r['threshold']} | {r['min_size']} | {'3D' if r['components_3d'] else '2D'} | {r['dice_all']:.3f} | {r['dice_flair_only']:.3f} | {_fmt(r['fp_slice_rate_all'])} |"
+        for r in top
+    )
     metric_rows = "\n".join(f"| {k} | {_ci(report, k)} | {PROTOCOLS[k]} |" for k in PROTOCOLS)
-    size_rows = "\n".join(f"| {label} | {b['lesions']} | {_fmt(b['sensitivity'])} | {_fmt(b['lesion_dice'])} |" for label, b in report["by_lesion_size_voxels"].items())
+    size_rows = "\n".join(
+        f"| {label} | {b['lesions']} | {_fmt(b['sensitivity'])} | {_fmt(b['lesion_dice'])} |" for label, b in report["by_lesion_size_voxels"].items()
+    )
     conds = report["conditions"]
-    cond_rows = "\n".join(f"| {c} | {_ci(conds[c], 'per_patient_dice')} | {_fmt(conds[c]['per_patient_dice_median'])} | {_ci(conds[c], 'fp_slice_rate')} | {_fmt(conds[c]['lesion_sensitivity'])} | {conds[c]['empty_on_large_lesion']} |" for c in CONDS)
+    cond_rows = "\n".join(
+        f"| {c} | {_ci(conds[c], 'per_patient_dice')} | {_fmt(conds[c]['per_patient_dice_median'])} | {_ci(conds[c], 'fp_slice_rate')} | {_fmt(conds[c]['lesion_sensitivity'])} | {conds[c]['empty_on_large_lesion']} |"
+        for c in CONDS
+    )
     per_patient = "\n".join(f"| {pid} | " + " | ".join(f"{conds[c]['per_patient'][pid]:.3f}" for c in CONDS) + " |" for pid in conds["all"]["per_patient"])
     post = cfg.postprocess
-    return f"""# Model card: {DISPLAY_NAMES[name]} (`{name}`){' (default model)' if is_default else ''}
+    return f"""# Model card: {DISPLAY_NAMES[name]} (`{name}`){" (default model)" if is_default else ""}
 
 ## Summary
 2D {DISPLAY_NAMES[name]} that segments the FLAIR abnormality of lower-grade glioma in axial brain MRI
@@ -228,7 +257,7 @@ slices. Input: 3 channels (pre-contrast T1, FLAIR, post-contrast T1); a missing 
 post-contrast sequence is given as a copy of FLAIR, and one grey FLAIR image as FLAIR in all
 three channels: the model was trained for all four conditions. **Research software, not a medical device.**
 
-Per-patient 3D Dice on {report['patients']} test patients (never trained, tuned or thresholded on), 95% bootstrap interval over patients:
+Per-patient 3D Dice on {report["patients"]} test patients (never trained, tuned or thresholded on), 95% bootstrap interval over patients:
 
 | input | per-patient Dice | median | FP rate, lesion-free slices | lesion sensitivity | empty on lesion >10,000 voxels |
 |---|---|---|---|---|---|
@@ -239,10 +268,10 @@ Per-patient 3D Dice on {report['patients']} test patients (never trained, tuned 
 
 - widths per level {list(cfg.model.features)}, {len(cfg.model.features)} levels, BatchNorm + ReLU, bilinear upsampling;
   deep supervision: {cfg.model.deep_supervision}; returns logits.
-- parameters: {ckpt['info']['parameters']:,}
+- parameters: {ckpt["info"]["parameters"]:,}
 - files: `{name}.pt` (PyTorch weights + resolved configuration), `{name}.onnx` (ONNX Runtime,
   configuration embedded as metadata). Per-patient Dice on the test patients: ONNX
-  {report['onnx_per_patient_dice']:.4f}, PyTorch {report['torch_per_patient_dice']:.4f} (difference {report['onnx_vs_torch_dice_difference']:.4f}).
+  {report["onnx_per_patient_dice"]:.4f}, PyTorch {report["torch_per_patient_dice"]:.4f} (difference {report["onnx_vs_torch_dice_difference"]:.4f}).
 
 ## Data
 LGG MRI Segmentation (kaggle_3m): 81 TCGA-LGG patients available to the project (axial slices
@@ -253,10 +282,10 @@ shape features automatically extracted by a deep learning algorithm.* Computers 
 Medicine, 2019. Mazurowski M.A. et al. *Radiogenomics of lower-grade glioma.* Journal of
 Neuro-Oncology, 2017. Images from TCIA (TCGA-LGG).
 
-### Split (by patient, seeded {split.get('seed', 42)}, stratified by institution)
-- train ({len(split['train'])}): {', '.join(split['train'])}
-- validation ({len(split['val'])}, model selection, threshold calibration, choice of the default): {', '.join(split['val'])}
-- test ({len(split['test'])}, never trained, tuned or thresholded on): {', '.join(split['test'])}
+### Split (by patient, seeded {split.get("seed", 42)}, stratified by institution)
+- train ({len(split["train"])}): {", ".join(split["train"])}
+- validation ({len(split["val"])}, model selection, threshold calibration, choice of the default): {", ".join(split["val"])}
+- test ({len(split["test"])}, never trained, tuned or thresholded on): {", ".join(split["test"])}
 
 ## Preprocessing (saved in the model; `brainseg.preprocessing.preprocess_slice`)
 whole slice -> CLAHE per channel (clip {cfg.preprocess.clahe_clip_limit}, grid {cfg.preprocess.clahe_tile_grid}x{cfg.preprocess.clahe_tile_grid}, on={cfg.preprocess.clahe})
@@ -266,18 +295,18 @@ Probabilities are resized back (bilinear) to the input's size before thresholdin
 ## Training
 {training_note}
 
-- shipped checkpoint: `{chosen['path']}`, chosen among {', '.join(f'`{c}`' for c in chosen['candidates'])} by validation score {chosen['val_score']:.4f}
+- shipped checkpoint: `{chosen["path"]}`, chosen among {", ".join(f"`{c}`" for c in chosen["candidates"])} by validation score {chosen["val_score"]:.4f}
 - seed {cfg.train.seed}; batch {cfg.train.batch_size}, {int(cfg.train.positive_fraction * 100)}% lesion-positive slices per epoch (foreground-aware sampling);
-  loss BCE + soft Dice; AdamW (lr {cfg.train.lr}, weight decay {cfg.train.weight_decay}), linear warm-up {cfg.train.warmup_epochs} epoch then cosine decay; EMA {cfg.train.ema_decay or 'off'}.
+  loss BCE + soft Dice; AdamW (lr {cfg.train.lr}, weight decay {cfg.train.weight_decay}), linear warm-up {cfg.train.warmup_epochs} epoch then cosine decay; EMA {cfg.train.ema_decay or "off"}.
 - augmentation (albumentations, seeded per sample): flips, affine (rotation +-{cfg.augment.rotate} deg, scale +-{cfg.augment.scale}, shift), elastic, brightness/contrast, gamma, Gaussian noise;
   **sequence dropout**: pre-contrast replaced by FLAIR with probability {cfg.augment.missing_pre}, post-contrast with {cfg.augment.missing_post}, independently.
 - best epoch chosen on validation: mean per-patient Dice with all sequences and with FLAIR only (network resolution, threshold 0.5); {len(hist)} epochs in this stage.
-- code: brainseg {ckpt['info'].get('brainseg_version')}, torch {ckpt['info'].get('torch')}, trained on {ckpt['info'].get('device', 'cpu')}
+- code: brainseg {ckpt["info"].get("brainseg_version")}, torch {ckpt["info"].get("torch")}, trained on {ckpt["info"].get("device", "cpu")}
 
 ![training curves]({name}_training_curves.png)
 
 ## Post-processing calibration (validation patients only)
-Chosen: probability >= **{post.threshold}**, components smaller than **{post.min_size}** px removed, measured in **{'3D (over the stacked slices of a volume)' if post.components_3d else '2D (per slice)'}**;
+Chosen: probability >= **{post.threshold}**, components smaller than **{post.min_size}** px removed, measured in **{"3D (over the stacked slices of a volume)" if post.components_3d else "2D (per slice)"}**;
 a slice uploaded on its own (no neighbours) drops components smaller than **{post.slice_min_size if post.slice_min_size is not None else post.min_size}** px (the best 2D setting at this threshold).
 Score = mean of the per-patient Dice with all sequences and with FLAIR only. Best settings:
 
@@ -285,7 +314,7 @@ Score = mean of the per-patient Dice with all sequences and with FLAIR only. Bes
 |---|---|---|---|---|---|
 {cal_rows}
 
-## Test results, all three sequences ({report['patients']} patients, {report['slices']} slices, ONNX model)
+## Test results, all three sequences ({report["patients"]} patients, {report["slices"]} slices, ONNX model)
 | metric | value [95% CI] | protocol |
 |---|---|---|
 {metric_rows}
@@ -303,12 +332,12 @@ Per patient (3D Dice):
 {per_patient}
 
 ## Known limits
-- Trained on lower-grade glioma FLAIR abnormality from 5 TCGA institutions, {len(split['train'])} training patients. Brain
+- Trained on lower-grade glioma FLAIR abnormality from 5 TCGA institutions, {len(split["train"])} training patients. Brain
   metastases look different (ring enhancement, oedema) and are often much smaller; on metastasis
   data (e.g. BraTS-METS) the output is only a starting point and has not been validated.
 - A single T1, T1 post-contrast or T2 image is outside what it was trained for (the API, the page and the CLI warn).
 - 2D, slice by slice, at {cfg.preprocess.input_size}x{cfg.preprocess.input_size}: lesions of a few pixels at 256x256 are at the limit of what it can see.
-- {report['patients']} test patients: see the intervals above. The held-out patients of the dataset will measure it independently.
+- {report["patients"]} test patients: see the intervals above. The held-out patients of the dataset will measure it independently.
 - Not a medical device; not for diagnosis.
 """
 

@@ -129,7 +129,11 @@ def tiny_model_dir(tmp_path_factory) -> Path:
             save_checkpoint(out / f"{name}.pt", {"config": cfg.to_dict(), "model": model.state_dict(), "info": info})
             export_onnx(out / f"{name}.pt", out / f"{name}.onnx")
             (out / f"{name}.md").write_text(f"# {name} (test model)\n\nTiny, fitted to synthetic blobs for tests only.\n")
-            entries[name] = {"checkpoint": f"{name}.pt", "onnx": f"{name}.onnx", "metrics": {"per_patient_dice": None, "lesion_sensitivity": None, "fp_slice_rate": None}}
+            entries[name] = {
+                "checkpoint": f"{name}.pt",
+                "onnx": f"{name}.onnx",
+                "metrics": {"per_patient_dice": None, "lesion_sensitivity": None, "fp_slice_rate": None},
+            }
     finally:
         torch.set_num_threads(threads)
     write_registry(out, {"default": "attention_unet", "selected_by": "test fixture", "models": entries})

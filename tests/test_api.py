@@ -342,7 +342,13 @@ BAD_INPUTS = [
     ("truncated tiff", [("cut.tif", _truncated_tiff())], {}, 422, ["cut.tif"]),
     ("truncated nifti", [("cut.nii.gz", nifti(np.random.default_rng(0).random((40, 40, 20), np.float32))[:5000])], {}, 422, ["cut.nii.gz", "truncated"]),
     ("garbage nifti", [("junk.nii", b"x" * 400)], {}, 422, ["junk.nii", "not a NIfTI"]),
-    ("two channels", [("two.tif", tiff(np.zeros((64, 64, 2), np.uint8), photometric="minisblack", planarconfig="contig"))], {}, 422, ["2 channels", "3 channels"]),
+    (
+        "two channels",
+        [("two.tif", tiff(np.zeros((64, 64, 2), np.uint8), photometric="minisblack", planarconfig="contig"))],
+        {},
+        422,
+        ["2 channels", "3 channels"],
+    ),
     ("five channels", [("five.tif", tiff(np.zeros((64, 64, 5), np.uint8), photometric="minisblack", planarconfig="contig"))], {}, 422, ["channels"]),
     ("multi-page tiff", [("pages.tif", tiff(np.zeros((64, 64, 2), np.uint8)))], {}, 422, ["64 pages", "one slice"]),
     ("4-D volume with 5 channels", [("v.nii.gz", nifti(np.zeros((16, 16, 4, 5), np.float32)))], {}, 422, ["3 channels"]),
@@ -359,9 +365,21 @@ BAD_INPUTS = [
     ("tta not a bool", [("s.png", synthetic_png())], {"tta": "maybe"}, 422, ["tta"]),
     ("two slices", [("a.png", synthetic_png()), ("b.png", synthetic_png())], {}, 422, ["one slice"]),
     ("image and volume", [("a.png", synthetic_png()), ("v.nii.gz", _nan_nifti())], {}, 422, ["mixed"]),
-    ("BraTS set without FLAIR", [("P-t1n.nii.gz", nifti(np.ones((16, 16, 4), np.float32))), ("P-t1c.nii.gz", nifti(np.ones((16, 16, 4), np.float32)))], {}, 422, ["no FLAIR (t2f)"]),
+    (
+        "BraTS set without FLAIR",
+        [("P-t1n.nii.gz", nifti(np.ones((16, 16, 4), np.float32))), ("P-t1c.nii.gz", nifti(np.ones((16, 16, 4), np.float32)))],
+        {},
+        422,
+        ["no FLAIR (t2f)"],
+    ),
     ("unknown sequence", [("s.png", synthetic_png())], {"sequence": "dwi"}, 422, ["sequence must be one of", "flair", "t1c"]),
-    ("two unrelated volumes", [("a.nii.gz", nifti(np.ones((16, 16, 4), np.float32))), ("b.nii.gz", nifti(np.ones((16, 16, 4), np.float32)))], {}, 422, ["BraTS"]),
+    (
+        "two unrelated volumes",
+        [("a.nii.gz", nifti(np.ones((16, 16, 4), np.float32))), ("b.nii.gz", nifti(np.ones((16, 16, 4), np.float32)))],
+        {},
+        422,
+        ["BraTS"],
+    ),
 ]
 
 
@@ -409,7 +427,11 @@ def test_chunked_upload_over_the_limit_is_cut_off(tiny_model_dir):
     """No Content-Length (chunked body): the middleware counts bytes and answers 413."""
     with make_client(tiny_model_dir, max_upload_mb=0.05) as c:
         boundary = "XyZ"
-        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n").encode() + os.urandom(1_300_000) + f"\r\n--{boundary}--\r\n".encode()
+        body = (
+            (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n').encode()
+            + os.urandom(1_300_000)
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
 
         def chunks():
             for i in range(0, len(body), 65536):
@@ -438,6 +460,7 @@ def test_result_routes_reject_unknown_ids_and_bad_params(client):
 def test_server_fault_is_a_500_with_an_id_logged_once(tiny_model_dir, caplog):
     """A fault in inference (not in the upload) is the server's: 500, an error id and nothing else."""
     with make_client(tiny_model_dir) as c:
+
         def boom(*a, **k):
             raise RuntimeError("something odd in this file")
 

@@ -265,14 +265,32 @@ VOLUME_CASES = [
     ("5-D", "v.nii.gz", lambda: nifti(np.zeros((16, 16, 4, 3, 2), np.float32)), 422, ["expected 3-D"]),
     ("1x1x1", "dot.nii.gz", lambda: nifti(np.zeros((1, 1, 1), np.float32)), 422, ["1x1 in-plane", "at least 16"]),
     ("16x8 in-plane", "thin.nii.gz", lambda: nifti(np.zeros((16, 8, 4), np.float32)), 422, ["at least 16"]),
-    ("zero affine", "a.nii.gz", lambda: nifti(small_volume(), edit=_edit(qform_code=0, sform_code=2, srow_x=[0] * 4, srow_y=[0] * 4, srow_z=[0] * 4)), 422, ["degenerate", "affine"]),
+    (
+        "zero affine",
+        "a.nii.gz",
+        lambda: nifti(small_volume(), edit=_edit(qform_code=0, sform_code=2, srow_x=[0] * 4, srow_y=[0] * 4, srow_z=[0] * 4)),
+        422,
+        ["degenerate", "affine"],
+    ),
     ("NaN affine", "a.nii.gz", lambda: nifti(small_volume(), edit=_edit(srow_x=[np.nan, 0, 0, 0])), 422, ["degenerate"]),
-    ("singular affine", "a.nii.gz", lambda: nifti(small_volume(), affine=np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])), 422, ["singular"]),
+    (
+        "singular affine",
+        "a.nii.gz",
+        lambda: nifti(small_volume(), affine=np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])),
+        422,
+        ["singular"],
+    ),
     ("scl_slope inf", "s.nii.gz", lambda: nifti(small_volume().astype(np.int16), edit=_edit(scl_slope=np.inf)), 422, ["scaling"]),
     ("scl_inter NaN", "s.nii.gz", lambda: nifti(small_volume().astype(np.int16), edit=_edit(scl_slope=2.0, scl_inter=np.nan)), 422, ["scaling"]),
     ("vox_offset 0", "o.nii", lambda: nifti(small_volume(), gz=False, edit=_edit(vox_offset=0)), 422, ["offset"]),
     ("ni1 pair header", "p.nii", lambda: nifti(small_volume(), gz=False, edit=_edit(magic=b"ni1")), 422, [".img"]),
-    ("huge declared, tiny file", "h.nii.gz", lambda: nifti(np.zeros((16, 16, 1), np.uint8), edit=_edit(dim=[3, 4000, 4000, 4000, 1, 1, 1, 1])), 413, ["BRAINSEG_MAX_VOXELS"]),
+    (
+        "huge declared, tiny file",
+        "h.nii.gz",
+        lambda: nifti(np.zeros((16, 16, 1), np.uint8), edit=_edit(dim=[3, 4000, 4000, 4000, 1, 1, 1, 1])),
+        413,
+        ["BRAINSEG_MAX_VOXELS"],
+    ),
     ("declared larger than data", "t.nii", lambda: nifti(small_volume(), gz=False, edit=_edit(dim=[3, 32, 32, 40, 1, 1, 1, 1])), 422, ["truncated"]),
     ("gzip CRC wrong", "crc.nii.gz", lambda: _bad_crc(), 422, ["corrupt"]),
     ("gzip byte flipped", "flip.nii.gz", lambda: _flipped_stored_gzip(), 422, ["corrupt"]),
@@ -418,7 +436,6 @@ def test_decompression_bombs_keep_the_server_under_its_memory_budget(tiny_model_
     """A real uvicorn: small uploads that decode to about 1 GB each get a 4xx at once, and the
     server's peak RSS (VmHWM) stays under 1.5 GB over all of them."""
     import httpx
-
     from conftest import start_api, stop
 
     GiB = 1 << 30
@@ -509,11 +526,28 @@ def test_a_queued_request_whose_client_left_is_never_run(tiny_model_dir):
         first.start()
         time.sleep(0.4)  # the first holds the only worker
         boundary = "qq"
-        body = (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="b.png"\r\n\r\n').encode() + synthetic_png(size=64) + f"\r\n--{boundary}--\r\n".encode()
+        body = (
+            (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="b.png"\r\n\r\n').encode()
+            + synthetic_png(size=64)
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
         scope = {
-            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http", "path": "/v1/segment",
-            "raw_path": b"/v1/segment", "root_path": "", "query_string": b"", "client": ("127.0.0.1", 1), "server": ("testserver", 80),
-            "headers": [(b"host", b"testserver"), (b"content-type", f"multipart/form-data; boundary={boundary}".encode()), (b"content-length", str(len(body)).encode())],
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/segment",
+            "raw_path": b"/v1/segment",
+            "root_path": "",
+            "query_string": b"",
+            "client": ("127.0.0.1", 1),
+            "server": ("testserver", 80),
+            "headers": [
+                (b"host", b"testserver"),
+                (b"content-type", f"multipart/form-data; boundary={boundary}".encode()),
+                (b"content-length", str(len(body)).encode()),
+            ],
         }
 
         async def call():
@@ -556,9 +590,8 @@ def test_api_key_guards_everything_but_health_and_results_stay_with_their_key(ti
 
 
 def test_streamlit_page_sends_its_api_key(tiny_model_dir, tmp_path, monkeypatch):
-    from streamlit.testing.v1 import AppTest
-
     from conftest import REPO, start_api, stop
+    from streamlit.testing.v1 import AppTest
 
     url, proc, log = start_api(tiny_model_dir, tmp_path / "uvicorn.log", BRAINSEG_API_KEY="page-key")
     try:

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, free_port, start_api, stop, wait_http
 
 pytestmark = pytest.mark.browser
@@ -46,8 +45,27 @@ def streamlit_url(e2e_api, tmp_path_factory):
         pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium) to run the browser tests")
     port = free_port()
     log = tmp_path_factory.mktemp("streamlit") / "streamlit.log"
-    env = dict(os.environ, BRAINSEG_API_URL=e2e_api, STREAMLIT_BROWSER_GATHER_USAGE_STATS="false", PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true", "--server.port", str(port), "--server.address", "127.0.0.1", "--server.fileWatcherType", "none"]
+    env = dict(
+        os.environ,
+        BRAINSEG_API_URL=e2e_api,
+        STREAMLIT_BROWSER_GATHER_USAGE_STATS="false",
+        PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        "streamlit_app.py",
+        "--server.headless",
+        "true",
+        "--server.port",
+        str(port),
+        "--server.address",
+        "127.0.0.1",
+        "--server.fileWatcherType",
+        "none",
+    ]
     import subprocess
 
     with open(log, "wb") as out:
@@ -126,7 +144,17 @@ def test_upload_real_slice(browser, streamlit_url, shared_data):
         SHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SHOTS / "app_slice.png"), full_page=True)
         text = page.inner_text("body")
-        for words in ("Research software", "not for diagnosis", "Attention U-Net", "Lesions", "Original (FLAIR)", "Predicted mask", "Mask PNG", "Overlay PNG", "Per-patient Dice"):
+        for words in (
+            "Research software",
+            "not for diagnosis",
+            "Attention U-Net",
+            "Lesions",
+            "Original (FLAIR)",
+            "Predicted mask",
+            "Mask PNG",
+            "Overlay PNG",
+            "Per-patient Dice",
+        ):
             assert words in text, f"{words!r} missing from the page"
         assert "Traceback" not in text and "Cannot reach" not in text
     finally:

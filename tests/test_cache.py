@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from helpers import synthetic_dataset
 
 from brainseg import pipeline
 from brainseg.cache import build_cache, cache_matches, dataset_fingerprint, load_cache
 from brainseg.cli import main
 from brainseg.config import ExperimentConfig, PreprocessConfig
 from brainseg.data import DataError, default_holdout, discover, read_split, split_patients
-
-from helpers import synthetic_dataset
 
 CFG = ExperimentConfig(preprocess=PreprocessConfig(input_size=32))
 PRE = ["--size", "32"]

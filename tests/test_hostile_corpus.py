@@ -14,11 +14,10 @@ import zlib
 
 import numpy as np
 import pytest
-
 from test_api_hardening import (
+    IMAGE_CASES,
     MARK,
     VOLUME_CASES,
-    IMAGE_CASES,
     _edit,
     assert_plain,
     make_client,
@@ -27,6 +26,7 @@ from test_api_hardening import (
     small_volume,
     tiff,
 )
+
 from brainseg.synthetic import synthetic_png
 
 UPLOAD_LIMIT_MB = 4  # the corpus client's BRAINSEG_MAX_UPLOAD_MB, so an oversized body is cheap
@@ -375,7 +375,6 @@ REAL_SAMPLE = [
 
 def test_a_sample_against_a_real_uvicorn(tiny_model_dir, tmp_path):
     import httpx
-
     from conftest import start_api, stop
 
     by_id = {c[0]: c[1:] for c in CORPUS}

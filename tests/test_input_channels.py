@@ -16,12 +16,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from test_api import BRATS, LESION_SLICE, make_client, nifti, png, segment, tiff
 
 from brainseg.channels import IDENTICAL, POST_MISSING, PRE_MISSING, SEQUENCES, channel_condition, parse_sequence
 from brainseg.cli import SEQUENCE_CHOICES, main
 from brainseg.data import read_image
 from brainseg.synthetic import synthetic_slice
-from test_api import BRATS, LESION_SLICE, make_client, nifti, png, segment, tiff
 
 UNRELIABLE = "outside what it was trained for and the mask is unreliable"
 
@@ -146,10 +146,13 @@ def test_real_slice_reads_all_three_and_ignores_the_sequence(client, shared_data
     assert any("sequence 't2' does not apply" in n and "own channels" in n for n in said["notes"])
 
 
-@pytest.mark.parametrize("copy_into, condition, note, read_as", [
-    (0, "pre_missing", PRE_MISSING, ["FLAIR", "FLAIR", "post-contrast T1"]),
-    (2, "post_missing", POST_MISSING, ["pre-contrast T1", "FLAIR", "FLAIR"]),
-])
+@pytest.mark.parametrize(
+    "copy_into, condition, note, read_as",
+    [
+        (0, "pre_missing", PRE_MISSING, ["FLAIR", "FLAIR", "post-contrast T1"]),
+        (2, "post_missing", POST_MISSING, ["pre-contrast T1", "FLAIR", "FLAIR"]),
+    ],
+)
 def test_real_slice_with_a_sequence_replaced_by_flair(client, shared_data, copy_into, condition, note, read_as):
     img = _lgg(shared_data).copy()
     img[:, :, copy_into] = img[:, :, 1]
@@ -194,12 +197,15 @@ def _small(value: float = 1.0, shape=(32, 32, 3)) -> bytes:
     return nifti((rng.random(shape) * 100 * value).astype(np.float32))
 
 
-@pytest.mark.parametrize("seqs, condition, present", [
-    (("t1n", "t2f"), "post_missing", ["t1n", "t2f"]),
-    (("t2f", "t1c"), "pre_missing", ["t2f", "t1c"]),
-    (("t2f", "t2w"), "flair_only", ["t2f"]),
-    (("t1n", "t2f", "t1c", "t2w"), "all", ["t1n", "t2f", "t1c"]),
-])
+@pytest.mark.parametrize(
+    "seqs, condition, present",
+    [
+        (("t1n", "t2f"), "post_missing", ["t1n", "t2f"]),
+        (("t2f", "t1c"), "pre_missing", ["t2f", "t1c"]),
+        (("t2f", "t2w"), "flair_only", ["t2f"]),
+        (("t1n", "t2f", "t1c", "t2w"), "all", ["t1n", "t2f", "t1c"]),
+    ],
+)
 def test_small_brats_sets(client, seqs, condition, present):
     files = [(f"P-{s}.nii.gz", _small(i + 1)) for i, s in enumerate(seqs)]
     inp = ok(segment(client, files))["input"]

@@ -9,11 +9,10 @@ import cv2
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import BRATS, LGG, REPO, require
 
 from brainseg.cli import main
 from brainseg.data import discover
-
-from helpers import BRATS, LGG, REPO, require
 
 SMALL = ["--size", "64", "--features", "4", "8", "16", "32"]
 
@@ -39,7 +38,28 @@ def test_full_pipeline_on_real_patients(three_patients, tmp_path, capsys):
     split = json.loads((cache / "split.json").read_text())
     assert len(split["train"]) == 1 and len(split["val"]) == 1 and len(split["test"]) == 1
 
-    assert main(["train", "--data", str(three_patients), "--cache", str(cache), "--out", str(run), "--epochs", "1", "--max-steps", "2", "--batch-size", "4", "--quiet", *SMALL]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(three_patients),
+                "--cache",
+                str(cache),
+                "--out",
+                str(run),
+                "--epochs",
+                "1",
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--quiet",
+                *SMALL,
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "Nested U-Net DICE Score: " in out and "Attention U-Net DICE Score: " in out and "per-patient 3D Dice" in out
     registry = json.loads((run / "registry.json").read_text())
@@ -55,12 +75,42 @@ def test_full_pipeline_on_real_patients(three_patients, tmp_path, capsys):
     assert table.count("| Per-patient 3D Dice |") == 1 and "Nested U-Net" in table and "Attention U-Net" in table
 
     report = tmp_path / "report.json"
-    assert main(["evaluate", "--data", str(three_patients), "--model-dir", str(run), "--model", "ensemble", "--split", str(cache / "split.json"), "--conditions", "every", "--out", str(report)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--data",
+                str(three_patients),
+                "--model-dir",
+                str(run),
+                "--model",
+                "ensemble",
+                "--split",
+                str(cache / "split.json"),
+                "--conditions",
+                "every",
+                "--out",
+                str(report),
+            ]
+        )
+        == 0
+    )
     rep = json.loads(report.read_text())
     assert set(rep["conditions"]) == {"all", "pre_missing", "post_missing", "flair_only"} and rep["condition"] == "all"
     assert "FLAIR only" in report.with_suffix(".md").read_text()
     assert rep["patients"] == 1 and list(rep["per_patient"]) == split["test"]
-    for key in ["per_patient_dice", "per_patient_iou", "hd95", "positive_slice_dice", "per_slice_dice", "fp_slice_rate", "lesion_sensitivity", "fp_lesions_per_patient", "lesionwise_dice", "by_lesion_size_voxels"]:
+    for key in [
+        "per_patient_dice",
+        "per_patient_iou",
+        "hd95",
+        "positive_slice_dice",
+        "per_slice_dice",
+        "fp_slice_rate",
+        "lesion_sensitivity",
+        "fp_lesions_per_patient",
+        "lesionwise_dice",
+        "by_lesion_size_voxels",
+    ]:
         assert key in rep, key
     assert report.with_suffix(".md").is_file()
 
@@ -92,7 +142,9 @@ def test_root_wrappers_work_verbatim_and_fail_with_one_line(tmp_path):
         r = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0 and "--data" in r.stdout
     missing = tmp_path / "nope"
-    r = subprocess.run([sys.executable, "preprocess.py", "--data", str(missing), "--cache", str(tmp_path / "c")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "preprocess.py", "--data", str(missing), "--cache", str(tmp_path / "c")], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and str(missing) in r.stderr and "not found" in r.stderr
     assert not (tmp_path / "c").exists()
@@ -103,5 +155,10 @@ def test_cli_bad_slice_names_the_file(tmp_path):
     bad.write_bytes(b"II*\x00garbage")
     r = subprocess.run([sys.executable, "-m", "brainseg.cli", "data", "stats", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0  # stats only lists; no masks -> zero labelled slices
-    r = subprocess.run([sys.executable, "-m", "brainseg.cli", "predict", str(bad), "--out", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "none.pt")], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "brainseg.cli", "predict", str(bad), "--out", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "none.pt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "none.pt" in r.stderr and r.stderr.strip().count("\n") == 0

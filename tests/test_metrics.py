@@ -29,10 +29,7 @@ def test_module_does_not_import_torch() -> None:
     from pathlib import Path
 
     src = str(Path(M.__file__).resolve().parents[1])
-    code = (
-        f"import sys; sys.path.insert(0, {src!r}); import brainseg.metrics; "
-        "assert 'torch' not in sys.modules, 'metrics imported torch'"
-    )
+    code = f"import sys; sys.path.insert(0, {src!r}); import brainseg.metrics; assert 'torch' not in sys.modules, 'metrics imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -96,9 +93,7 @@ def test_dice_3d() -> None:
     assert M.dice(a, b) == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize(
-    "fn", [M.confusion, M.dice, M.iou, M.hd95, M.match_lesions]
-)
+@pytest.mark.parametrize("fn", [M.confusion, M.dice, M.iou, M.hd95, M.match_lesions])
 def test_shape_mismatch_raises_with_both_shapes(fn) -> None:
     a = np.zeros((4, 5), dtype=bool)
     b = np.zeros((5, 4), dtype=bool)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import synthetic_dataset
 
 from brainseg.cache import build_cache, load_cache
 from brainseg.checkpoint import load_checkpoint
@@ -14,8 +15,6 @@ from brainseg.evaluation import PatientPrediction, aggregate, evaluate_predictio
 from brainseg.metrics import bootstrap_ci
 from brainseg.preprocessing import apply_condition, drop_sequences
 from brainseg.training import SliceDataset, Trainer, update_ema
-
-from helpers import synthetic_dataset
 
 
 def _image():

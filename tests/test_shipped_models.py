@@ -9,13 +9,12 @@ import cv2
 import httpx
 import numpy as np
 import pytest
+from helpers import LGG, REPO, require
 
 from brainseg import registry
 from brainseg.data import discover, labelled, load_patient
 from brainseg.inference import Segmenter, TorchBackend, binarize
 from brainseg.metrics import dice
-
-from helpers import LGG, REPO, require
 
 MODELS = REPO / "models"
 
@@ -94,7 +93,12 @@ def grey_flair_png(test_patient, tmp_path_factory):
 def test_default_finds_the_lesion_on_a_grey_flair_image_through_predict(grey_flair_png, tmp_path):
     path, truth = grey_flair_png
     out = tmp_path / "out"
-    subprocess.run([sys.executable, "-m", "brainseg.cli", "predict", str(path), "--out", str(out), "--model-dir", str(MODELS)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "brainseg.cli", "predict", str(path), "--out", str(out), "--model-dir", str(MODELS)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     mask = cv2.imread(str(out / f"{path.stem}_mask.png"), cv2.IMREAD_UNCHANGED) > 0
     assert dice(mask, truth) > 0.5
     info = json.loads((out / f"{path.stem}_lesions.json").read_text())

@@ -11,10 +11,10 @@ import numpy as np
 
 warnings.filterwarnings("ignore", message=".*ScriptRunContext.*")
 
+from conftest import REPO, free_port  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from brainseg.synthetic import SYNTHETIC_LABEL  # noqa: E402
-from conftest import REPO, free_port  # noqa: E402
 
 APP = str(REPO / "streamlit_app.py")
 LESION_SLICE = "lgg/kaggle_3m/TCGA_CS_4941_19960909/TCGA_CS_4941_19960909_15.tif"

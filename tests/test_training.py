@@ -7,14 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import synthetic_dataset
 
 from brainseg.cache import build_cache, load_cache
 from brainseg.checkpoint import load_checkpoint
 from brainseg.config import ExperimentConfig, ModelConfig, PreprocessConfig, TrainConfig
 from brainseg.data import discover, read_split, split_patients, write_json_atomic
 from brainseg.training import Trainer, dice_bce_loss, epoch_indices, lr_factor
-
-from helpers import synthetic_dataset
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +84,18 @@ def test_ddp_two_gloo_processes_agree(tiny_cache, tmp_path, model):
     out = tmp_path / "ddp"
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(Path(__file__).with_name("ddp_worker.py")), str(tiny_cache), str(out), model]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(Path(__file__).with_name("ddp_worker.py")),
+        str(tiny_cache),
+        str(out),
+        model,
+    ]
     subprocess.run(cmd, check=True, env=env, timeout=240, capture_output=True)
     a, b = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
     start = ExperimentConfig(model=ModelConfig(name=model, features=(4, 8, 16), deep_supervision=True))

@@ -35,7 +35,13 @@ def pack(cache_dir: str, out: str) -> None:
     offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
     meta = {**index, "patients": [index["patients"][r] for r in rows], "slices": [index["slices"][r] for r in rows], "split": split}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out, blob=np.frombuffer(b"".join(blobs), np.uint8), offsets=offsets, masks=np.asarray(masks[rows]), meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+    np.savez_compressed(
+        out,
+        blob=np.frombuffer(b"".join(blobs), np.uint8),
+        offsets=offsets,
+        masks=np.asarray(masks[rows]),
+        meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+    )
     print(f"{out}: {len(rows)} slices of {len(keep)} patients, {Path(out).stat().st_size / 2**20:.1f} MiB")
 
 

@@ -49,7 +49,9 @@ def run_config(name: str, budget: float, max_steps: int, workers: int):
         preprocess=replace(base.preprocess, **pre),
         augment=replace(base.augment, **aug),
         model=replace(base.model, name=model, **mod),
-        train=replace(base.train, epochs=200, batch_size=32, lr=2e-3, workers=workers, time_budget_s=budget * factor, max_steps=max_steps, num_threads=2, **train),
+        train=replace(
+            base.train, epochs=200, batch_size=32, lr=2e-3, workers=workers, time_budget_s=budget * factor, max_steps=max_steps, num_threads=2, **train
+        ),
     )
 
 
@@ -78,7 +80,13 @@ def one(args) -> None:
     summary = {
         "run": args.one,
         "model": cfg.model.name,
-        "config": {"augment": {k: getattr(cfg.augment, k) for k in ("missing_pre", "missing_post")}, "normalization": cfg.preprocess.normalization, "ema_decay": cfg.train.ema_decay, "deep_supervision": cfg.model.deep_supervision, "budget_s": cfg.train.time_budget_s},
+        "config": {
+            "augment": {k: getattr(cfg.augment, k) for k in ("missing_pre", "missing_post")},
+            "normalization": cfg.preprocess.normalization,
+            "ema_decay": cfg.train.ema_decay,
+            "deep_supervision": cfg.model.deep_supervision,
+            "budget_s": cfg.train.time_budget_s,
+        },
         "wall_s": round(wall, 1),
         "epochs": res["epochs"],
         "best_epoch": ckpt["epoch"],
@@ -111,7 +119,23 @@ def main() -> None:
     names = args.runs.split(",")
     procs = {}
     for name in names:
-        cmd = [sys.executable, "-u", __file__, "--one", name, "--cache", args.cache, "--out", args.out, "--budget", str(args.budget), "--max-steps", str(args.max_steps), "--workers", str(args.workers)]
+        cmd = [
+            sys.executable,
+            "-u",
+            __file__,
+            "--one",
+            name,
+            "--cache",
+            args.cache,
+            "--out",
+            args.out,
+            "--budget",
+            str(args.budget),
+            "--max-steps",
+            str(args.max_steps),
+            "--workers",
+            str(args.workers),
+        ]
         procs[name] = subprocess.Popen(cmd, stdout=open(out / f"{name}.log", "w"), stderr=subprocess.STDOUT)
     deadline = time.time() + 1.3 * args.budget + 40
     while any(pr.poll() is None for pr in procs.values()) and time.time() < deadline:
@@ -132,7 +156,9 @@ def main() -> None:
     print(f"{'run':22s} {'ep':>4s} {'best':>4s} {'wall':>6s}  all    pre-   post-  flair  select")
     for r in rows:
         v = r["val_mean"]
-        print(f"{r['run']:22s} {r['epochs']:4d} {r['best_epoch']:4d} {r['wall_s']:6.0f}  {v['all']:.3f}  {v['pre_missing']:.3f}  {v['post_missing']:.3f}  {v['flair_only']:.3f}  {r['selection_score']:.3f}")
+        print(
+            f"{r['run']:22s} {r['epochs']:4d} {r['best_epoch']:4d} {r['wall_s']:6.0f}  {v['all']:.3f}  {v['pre_missing']:.3f}  {v['post_missing']:.3f}  {v['flair_only']:.3f}  {r['selection_score']:.3f}"
+        )
     if args.results:
         res = Path(args.results)
         res.mkdir(parents=True, exist_ok=True)

@@ -87,7 +87,9 @@ def channel_condition(image: np.ndarray) -> str:
     return "all"
 
 
-def input_block(condition: str, *, sequence: str | None = None, requested: str | None = None, what: str = "image", grey: bool = False, notes: list[str] | None = None) -> dict:
+def input_block(
+    condition: str, *, sequence: str | None = None, requested: str | None = None, what: str = "image", grey: bool = False, notes: list[str] | None = None
+) -> dict:
     """The ``input`` description the API, the CLI (``X_lesions.json``) and the page report.
 
     ``condition``: one of CONDITIONS. ``sequence``: the sequence of a single image, decided by

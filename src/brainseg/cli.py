@@ -35,7 +35,9 @@ def _add_preprocess_args(p: argparse.ArgumentParser) -> None:
 
 def _preprocess_cfg(a) -> ExperimentConfig:
     base = ExperimentConfig()
-    pre = replace(base.preprocess, input_size=a.size, clahe=not a.no_clahe, clahe_clip_limit=a.clahe_clip, clahe_tile_grid=a.clahe_grid, normalization=a.normalization)
+    pre = replace(
+        base.preprocess, input_size=a.size, clahe=not a.no_clahe, clahe_clip_limit=a.clahe_clip, clahe_tile_grid=a.clahe_grid, normalization=a.normalization
+    )
     return replace(base, preprocess=pre)
 
 
@@ -83,7 +85,20 @@ def cmd_train(a) -> int:
 
     cfg = _preprocess_cfg(a)
     t = cfg.train
-    train = replace(t, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, max_steps=a.max_steps, samples_per_epoch=a.samples_per_epoch, num_threads=a.threads, seed=a.seed, positive_fraction=a.positive_fraction, workers=a.workers, ema_decay=a.ema_decay, time_budget_s=a.time_budget)
+    train = replace(
+        t,
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        max_steps=a.max_steps,
+        samples_per_epoch=a.samples_per_epoch,
+        num_threads=a.threads,
+        seed=a.seed,
+        positive_fraction=a.positive_fraction,
+        workers=a.workers,
+        ema_decay=a.ema_decay,
+        time_budget_s=a.time_budget,
+    )
     model = replace(cfg.model, features=tuple(a.features), deep_supervision=a.deep_supervision)
     augment = replace(cfg.augment, missing_pre=a.missing_pre, missing_post=a.missing_post)
     cfg = replace(cfg, train=train, model=model, augment=augment)
@@ -131,10 +146,9 @@ def _post(a, seg):
 
 
 def cmd_evaluate(a) -> int:
+    from .config import CONDITIONS, DISPLAY_NAMES
     from .data import read_split, write_json_atomic
-    from .config import CONDITIONS
     from .evaluation import conditions_table, markdown_table
-    from .config import DISPLAY_NAMES
     from .pipeline import evaluate
 
     seg = _load_model(a)
@@ -148,7 +162,9 @@ def cmd_evaluate(a) -> int:
         md += "\n" + conditions_table({DISPLAY_NAMES.get(seg.name, seg.name): report["conditions"]})
     Path(a.out).with_suffix(".md").write_text(md)
     print(md)
-    print(f"{DISPLAY_NAMES.get(seg.name, seg.name)} DICE Score: {report['per_patient_dice']:.2f}  (per-patient 3D Dice, {report['patients']} patients, input: {report['condition']})")
+    print(
+        f"{DISPLAY_NAMES.get(seg.name, seg.name)} DICE Score: {report['per_patient_dice']:.2f}  (per-patient 3D Dice, {report['patients']} patients, input: {report['condition']})"
+    )
     print(f"report: {a.out} and {Path(a.out).with_suffix('.md')}")
     return 0
 
@@ -243,7 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default=None, help="split JSON; default: every labelled patient in --data")
     ev.add_argument("--subset", default="test", choices=["train", "val", "test"])
     ev.add_argument("--sweep", action="store_true", help="also report a threshold x min-size sweep")
-    ev.add_argument("--conditions", nargs="+", default=["all"], choices=["all", "pre_missing", "post_missing", "flair_only", "every"], help="input conditions to evaluate (missing sequences as FLAIR copies); 'every' = all four")
+    ev.add_argument(
+        "--conditions",
+        nargs="+",
+        default=["all"],
+        choices=["all", "pre_missing", "post_missing", "flair_only", "every"],
+        help="input conditions to evaluate (missing sequences as FLAIR copies); 'every' = all four",
+    )
     ev.add_argument("--out", required=True, help="REPORT.json (a .md table is written beside it)")
     ev.set_defaults(func=cmd_evaluate)
 

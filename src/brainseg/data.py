@@ -269,9 +269,7 @@ def default_holdout(n_patients: int) -> tuple[int, int]:
     return n_val, n_test
 
 
-def split_patients(
-    patient_ids: list[str], n_val: int, n_test: int, seed: int = 42
-) -> dict[str, list[str]]:
+def split_patients(patient_ids: list[str], n_val: int, n_test: int, seed: int = 42) -> dict[str, list[str]]:
     """Seeded split by patient (never by slice), stratified by institution.
 
     Each institution's patients are shuffled and dealt round-robin in a global order, so
@@ -292,9 +290,7 @@ def split_patients(
     for ids in by_site.values():
         rng.shuffle(ids)
     # Interleave sites proportionally: patient k of a site with n patients gets key (k + 0.5) / n.
-    order = sorted(
-        ((k + 0.5) / len(ids), rng.random(), pid) for ids in by_site.values() for k, pid in enumerate(ids)
-    )
+    order = sorted(((k + 0.5) / len(ids), rng.random(), pid) for ids in by_site.values() for k, pid in enumerate(ids))
     ranked = [pid for _, _, pid in order]
     test, val, train = ranked[:n_test], ranked[n_test : n_test + n_val], ranked[n_test + n_val :]
     return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}

@@ -144,7 +144,9 @@ def evaluate_predictions(preds: list[PatientPrediction], post: PostprocessConfig
     return report
 
 
-def evaluate_conditions(segmenter, patients: list[Patient], post: PostprocessConfig, conditions=tuple(CONDITIONS), tta: bool = False, progress: bool = True) -> tuple[dict[str, dict], dict[str, list[PatientPrediction]]]:
+def evaluate_conditions(
+    segmenter, patients: list[Patient], post: PostprocessConfig, conditions=tuple(CONDITIONS), tta: bool = False, progress: bool = True
+) -> tuple[dict[str, dict], dict[str, list[PatientPrediction]]]:
     """A full report per input condition (see ``config.CONDITIONS``), and the predictions behind them."""
     preds = {c: predict_patients(segmenter, patients, tta=tta, progress=progress, condition=c) for c in conditions}
     return {c: evaluate_predictions(p, post) for c, p in preds.items()}, preds
@@ -182,6 +184,7 @@ def sweep_postprocess(
                 row["per_patient_dice"] = float(np.mean([row[f"dice_{c}"] for c in by_cond]))
                 row["fp_slice_rate"] = float(np.mean([row[f"fp_slice_rate_{c}"] for c in by_cond]))
                 table.append(row)
+
     def rank(r):
         return (round(r["per_patient_dice"], 4), r["min_size"], not r["components_3d"])
 
@@ -233,7 +236,10 @@ def conditions_table(reports: dict[str, dict[str, dict]]) -> str:
     conds = [c for c in CONDITIONS if all(c in r for r in reports.values())]
     lines = ["| Model | " + " | ".join(CONDITION_NAMES[c] for c in conds) + " |", "|---|" + "---|" * len(conds)]
     for name, by_cond in reports.items():
-        cells = [f"{_fmt_ci(by_cond[c], 'per_patient_dice')}; FP {_fmt(by_cond[c]['fp_slice_rate'])}; empty {by_cond[c].get('empty_on_large_lesion', 'n/a')}" for c in conds]
+        cells = [
+            f"{_fmt_ci(by_cond[c], 'per_patient_dice')}; FP {_fmt(by_cond[c]['fp_slice_rate'])}; empty {by_cond[c].get('empty_on_large_lesion', 'n/a')}"
+            for c in conds
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

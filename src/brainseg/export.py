@@ -23,7 +23,16 @@ def export_onnx(checkpoint: os.PathLike | str, out: os.PathLike | str, opset: in
     size = ckpt["config"]["preprocess"]["input_size"]
     x = torch.zeros(1, ckpt["config"]["model"]["in_channels"], size, size)
     buf = io.BytesIO()
-    torch.onnx.export(model, (x,), buf, input_names=["image"], output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset, dynamo=False)
+    torch.onnx.export(
+        model,
+        (x,),
+        buf,
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=opset,
+        dynamo=False,
+    )
     proto = onnx.load_from_string(buf.getvalue())
     meta = proto.metadata_props.add()
     meta.key = ONNX_METADATA_KEY

@@ -218,9 +218,7 @@ def hd95(
 # --------------------------------------------------------------------------
 
 
-def connected_components(
-    mask: np.ndarray, connectivity: int | None = None
-) -> tuple[np.ndarray, int]:
+def connected_components(mask: np.ndarray, connectivity: int | None = None) -> tuple[np.ndarray, int]:
     """Label the connected components of a binary mask.
 
     Args:

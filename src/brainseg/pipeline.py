@@ -10,16 +10,24 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from .cache import build_cache, load_cache, reusable_split
-from .config import CONDITIONS, ExperimentConfig, PostprocessConfig
+from .config import CONDITIONS, DISPLAY_NAMES, ExperimentConfig, PostprocessConfig
 from .data import DataError, default_holdout, discover, labelled, read_split, split_patients, write_json_atomic
 from .evaluation import evaluate_conditions, markdown_table, predict_patients, sweep_postprocess
-from .config import DISPLAY_NAMES
 from .registry import REGISTRY, write_registry
 
 log = logging.getLogger(__name__)
 
 
-def preprocess(data_root: str, cache_dir: str, cfg: ExperimentConfig, n_val: int | None = None, n_test: int | None = None, seed: int = 42, split_file: str | None = None, overview: bool = True) -> dict:
+def preprocess(
+    data_root: str,
+    cache_dir: str,
+    cfg: ExperimentConfig,
+    n_val: int | None = None,
+    n_test: int | None = None,
+    seed: int = 42,
+    split_file: str | None = None,
+    overview: bool = True,
+) -> dict:
     """Cache + split (kept if it exists and names only patients of this dataset) + overview PNG.
 
     ``n_val`` / ``n_test`` None: ``data.default_holdout`` (15 % / 25 % of the patients). The
@@ -55,10 +63,27 @@ def preprocess(data_root: str, cache_dir: str, cfg: ExperimentConfig, n_val: int
         from .visualize import preprocessing_overview
 
         preprocessing_overview(lab, cfg, out / "preprocessing_overview.png", seed=seed)
-    return {"cache": str(out), "split": str(split_path), "patients": len(lab.patients), "slices": lab.n_slices, "images_without_mask": len(ds.images_without_mask), "split_sizes": {k: len(split[k]) for k in ("train", "val", "test")}}
+    return {
+        "cache": str(out),
+        "split": str(split_path),
+        "patients": len(lab.patients),
+        "slices": lab.n_slices,
+        "images_without_mask": len(ds.images_without_mask),
+        "split_sizes": {k: len(split[k]) for k in ("train", "val", "test")},
+    }
 
 
-def train_models(names: list[str], cache_dir: str, out_dir: str, base: ExperimentConfig, data_root: str | None = None, resume: bool = False, progress: bool = True, export_onnx: bool = True, init_from: str | None = None) -> dict:
+def train_models(
+    names: list[str],
+    cache_dir: str,
+    out_dir: str,
+    base: ExperimentConfig,
+    data_root: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    export_onnx: bool = True,
+    init_from: str | None = None,
+) -> dict:
     """Train each model, calibrate post-processing on validation, evaluate on test, write the registry."""
     from .checkpoint import load_checkpoint, save_checkpoint
     from .inference import Segmenter, TorchBackend
@@ -95,7 +120,13 @@ def train_models(names: list[str], cache_dir: str, out_dir: str, base: Experimen
         report["val_selection_score"] = val_score
         reports[name] = report
         write_json_atomic(run / "test_report.json", report)
-        entry = {"checkpoint": f"{name}/best.pt", "val_selection_score": val_score, "metrics": {k: report.get(k) for k in ("per_patient_dice", "lesion_sensitivity", "fp_slice_rate")}, "train_wall_seconds": round(wall, 1), **result}
+        entry = {
+            "checkpoint": f"{name}/best.pt",
+            "val_selection_score": val_score,
+            "metrics": {k: report.get(k) for k in ("per_patient_dice", "lesion_sensitivity", "fp_slice_rate")},
+            "train_wall_seconds": round(wall, 1),
+            **result,
+        }
         if export_onnx:
             from .export import export_onnx as _export
 
@@ -142,11 +173,29 @@ def report_with_conditions(segmenter, patients, post: PostprocessConfig, conditi
 
 
 def condition_summary(report: dict) -> dict:
-    keys = ("per_patient_dice", "per_patient_dice_ci95", "per_patient_dice_median", "fp_slice_rate", "fp_slice_rate_ci95", "lesion_sensitivity", "empty_on_large_lesion", "per_patient")
+    keys = (
+        "per_patient_dice",
+        "per_patient_dice_ci95",
+        "per_patient_dice_median",
+        "fp_slice_rate",
+        "fp_slice_rate_ci95",
+        "lesion_sensitivity",
+        "empty_on_large_lesion",
+        "per_patient",
+    )
     return {k: report.get(k) for k in keys}
 
 
-def evaluate(segmenter, data_root: str, patient_ids: list[str] | None, post: PostprocessConfig | None = None, tta: bool = False, sweep: bool = False, progress: bool = True, conditions: tuple[str, ...] = ("all",)) -> dict:
+def evaluate(
+    segmenter,
+    data_root: str,
+    patient_ids: list[str] | None,
+    post: PostprocessConfig | None = None,
+    tta: bool = False,
+    sweep: bool = False,
+    progress: bool = True,
+    conditions: tuple[str, ...] = ("all",),
+) -> dict:
     """The full report under ``conditions[0]``; with more conditions, a summary of each under ``conditions``."""
     ds = labelled(discover(data_root))
     patients = [ds.patient(p) for p in patient_ids] if patient_ids else ds.patients

@@ -16,7 +16,7 @@ from scipy import ndimage
 
 from .channels import describe_slice, describe_volume, stored_channels
 from .config import PostprocessConfig
-from .data import DataError, IMAGE_SUFFIXES, MASK_TAG, read_image, to_three_channels, write_json_atomic
+from .data import IMAGE_SUFFIXES, MASK_TAG, DataError, read_image, to_three_channels, write_json_atomic
 from .inference import binarize, window_for_volume
 from .metrics import connected_components
 from .visualize import display_channel, overlay, save_png
@@ -71,7 +71,13 @@ class SliceResult:
     seconds: float
 
     def summary(self) -> dict:
-        return {"lesion_count": len(self.lesions), "lesion_area_px": int(self.mask.sum()), "lesions": self.lesions, "height": int(self.mask.shape[0]), "width": int(self.mask.shape[1])}
+        return {
+            "lesion_count": len(self.lesions),
+            "lesion_area_px": int(self.mask.sum()),
+            "lesions": self.lesions,
+            "height": int(self.mask.shape[0]),
+            "width": int(self.mask.shape[1]),
+        }
 
 
 @dataclass
@@ -156,13 +162,18 @@ def expand_inputs(inputs: list[str]) -> list[list[Path]]:
             jobs.append(sorted(files, key=lambda f: SEQ_ORDER.index(brats_sequence(f)[1])))
         else:
             got = ", ".join(sorted(seqs, key=SEQ_ORDER.index))
-            raise DataError(files[0], f"BraTS-style set {brats_sequence(files[0])[0]} has no FLAIR (t2f) file (got {got}); the models need FLAIR (t1n and t1c may be left out)")
+            raise DataError(
+                files[0],
+                f"BraTS-style set {brats_sequence(files[0])[0]} has no FLAIR (t2f) file (got {got}); the models need FLAIR (t1n and t1c may be left out)",
+            )
     if not jobs:
         raise DataError(inputs[0], "no slices or volumes found")
     return jobs
 
 
-def predict_inputs(inputs: list[str], out_dir: os.PathLike | str, segmenter, post: PostprocessConfig, tta: bool = False, sequence: str | None = None, report=None) -> list[Path]:
+def predict_inputs(
+    inputs: list[str], out_dir: os.PathLike | str, segmenter, post: PostprocessConfig, tta: bool = False, sequence: str | None = None, report=None
+) -> list[Path]:
     """Write masks, overlays and lesion JSON for every input; returns the files written.
 
     ``sequence`` (``channels.SEQUENCES``): what a grey slice or a single volume is (None: FLAIR,
@@ -184,7 +195,14 @@ def predict_inputs(inputs: list[str], out_dir: os.PathLike | str, segmenter, pos
             z = int(np.argmax(res.slice_areas)) if res.mask.any() else res.mask.shape[0] // 2
             ov = out / f"{vol.name}_overlay.png"
             save_png(ov, overlay(display_channel(vol.slices[z]), res.mask[z]))
-            stats = {"input": [str(f) for f in job], "read_as": read_as, "model": segmenter.name, "postprocess": {"threshold": post.threshold, "min_size": post.min_size}, "overlay_slice": z, **res.summary()}
+            stats = {
+                "input": [str(f) for f in job],
+                "read_as": read_as,
+                "model": segmenter.name,
+                "postprocess": {"threshold": post.threshold, "min_size": post.min_size},
+                "overlay_slice": z,
+                **res.summary(),
+            }
             js = out / f"{vol.name}_lesions.json"
             write_json_atomic(js, stats)
             written += [mask_path, ov, js]
@@ -197,9 +215,17 @@ def predict_inputs(inputs: list[str], out_dir: os.PathLike | str, segmenter, pos
             mp, op, js = out / f"{f.stem}_mask.png", out / f"{f.stem}_overlay.png", out / f"{f.stem}_lesions.json"
             save_png(mp, res.mask.astype(np.uint8) * 255)
             save_png(op, overlay(res.image, res.mask))
-            write_json_atomic(js, {"input": str(f), "read_as": read_as, "model": segmenter.name, "postprocess": {"threshold": post.threshold, "min_size": post.min_size}, **res.summary()})
+            write_json_atomic(
+                js,
+                {
+                    "input": str(f),
+                    "read_as": read_as,
+                    "model": segmenter.name,
+                    "postprocess": {"threshold": post.threshold, "min_size": post.min_size},
+                    **res.summary(),
+                },
+            )
             written += [mp, op, js]
         if report is not None:
             report(vol.name if is_nifti(job[0]) else job[0].name, read_as)
     return written
-

@@ -110,7 +110,9 @@ def epoch_indices(positive: np.ndarray, n: int, fraction: float, seed: int) -> n
     rng = np.random.default_rng(seed)
     pos, neg = np.flatnonzero(positive), np.flatnonzero(~positive)
     n_pos = int(round(n * fraction)) if len(pos) and len(neg) else (n if len(pos) else 0)
-    idx = np.concatenate([rng.choice(pos, n_pos, replace=True) if n_pos else np.zeros(0, int), rng.choice(neg, n - n_pos, replace=True) if n - n_pos else np.zeros(0, int)])
+    idx = np.concatenate(
+        [rng.choice(pos, n_pos, replace=True) if n_pos else np.zeros(0, int), rng.choice(neg, n - n_pos, replace=True) if n - n_pos else np.zeros(0, int)]
+    )
     rng.shuffle(idx)
     return idx
 
@@ -161,7 +163,16 @@ class Trainer:
     # shipped weights work both with all sequences and with FLAIR alone.
     SELECT_ON = ("all", "flair_only")
 
-    def __init__(self, cfg: ExperimentConfig, cache: Cache, split: dict, out_dir: os.PathLike | str, resume: bool = False, progress: bool = True, init_from: os.PathLike | str | None = None):
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        cache: Cache,
+        split: dict,
+        out_dir: os.PathLike | str,
+        resume: bool = False,
+        progress: bool = True,
+        init_from: os.PathLike | str | None = None,
+    ):
         self.cfg, self.cache, self.split = cfg, cache, split
         self.out = Path(out_dir)
         self.progress = progress
@@ -223,7 +234,13 @@ class Trainer:
             "best": self.best,
             "history": self.history,
             "split": self.split,
-            "info": {"brainseg_version": __version__, "parameters": count_parameters(self.model), "torch": torch.__version__, "device": str(self.device), "init_from": self.init_from},
+            "info": {
+                "brainseg_version": __version__,
+                "parameters": count_parameters(self.model),
+                "torch": torch.__version__,
+                "device": str(self.device),
+                "init_from": self.init_from,
+            },
         }
         if with_optimizer:
             ckpt["train_model"] = self.model.state_dict()
@@ -251,7 +268,9 @@ class Trainer:
         ckpt = load_checkpoint(path)
         theirs = ckpt["config"]["model"]
         if theirs["name"] != self.cfg.model.name or tuple(theirs["features"]) != tuple(self.cfg.model.features):
-            raise ValueError(f"{path}: weights of {theirs['name']} {tuple(theirs['features'])}, but this run trains {self.cfg.model.name} {self.cfg.model.features}")
+            raise ValueError(
+                f"{path}: weights of {theirs['name']} {tuple(theirs['features'])}, but this run trains {self.cfg.model.name} {self.cfg.model.features}"
+            )
         self.model.load_state_dict(ckpt["model"])
         if self.ema is not None:
             self.ema.load_state_dict(ckpt["model"])
@@ -292,7 +311,14 @@ class Trainer:
             save_checkpoint(self.out / "best.pt", self._ckpt(with_optimizer=False))
         save_checkpoint(self.out / "last.pt", self._ckpt(with_optimizer=True))
         write_history(self.out, self.history)
-        log.info("epoch %d/%d  loss %.4f  val per-patient Dice %.4f%s", row["epoch"], self.planned_epochs, row["loss"], row["val_dice"], "  (best)" if improved else "")
+        log.info(
+            "epoch %d/%d  loss %.4f  val per-patient Dice %.4f%s",
+            row["epoch"],
+            self.planned_epochs,
+            row["loss"],
+            row["val_dice"],
+            "  (best)" if improved else "",
+        )
 
     def fit_budget(self, started: float, epoch1_end: float) -> None:
         """With ``time_budget_s``: after epoch 2, fewer epochs if the planned ones would not fit.
@@ -337,13 +363,21 @@ class Trainer:
         while self.step < self.total_steps:
             self.epoch += 1
             t0, losses = time.time(), []
-            bar = tqdm(self.epoch_loader(), desc=f"{self.cfg.model.name} epoch {self.epoch}", unit="batch", disable=not self.progress or self.rank != 0, leave=False)
+            bar = tqdm(
+                self.epoch_loader(), desc=f"{self.cfg.model.name} epoch {self.epoch}", unit="batch", disable=not self.progress or self.rank != 0, leave=False
+            )
             for x, y in bar:
                 losses.append(self.train_step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)))
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", lr=f"{self.opt.param_groups[0]['lr']:.2e}")
                 if self.step >= self.total_steps:
                     break
-            row = {"epoch": self.epoch, "step": self.step, "loss": float(np.mean(losses)) if losses else float("nan"), "lr": self.opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 1)}
+            row = {
+                "epoch": self.epoch,
+                "step": self.step,
+                "loss": float(np.mean(losses)) if losses else float("nan"),
+                "lr": self.opt.param_groups[0]["lr"],
+                "seconds": round(time.time() - t0, 1),
+            }
             if self.epoch % self.cfg.train.val_every == 0 or self.step >= self.total_steps:
                 row.update(self.validation_step())
             else:
@@ -372,7 +406,9 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 @torch.inference_mode()
-def validation_scores(model: torch.nn.Module, cache: Cache, rows: np.ndarray, cfg: ExperimentConfig, device: torch.device, conditions=tuple(CONDITIONS), batch_size: int = 64) -> dict[str, dict[str, float]]:
+def validation_scores(
+    model: torch.nn.Module, cache: Cache, rows: np.ndarray, cfg: ExperimentConfig, device: torch.device, conditions=tuple(CONDITIONS), batch_size: int = 64
+) -> dict[str, dict[str, float]]:
     """{condition: {patient: 3D Dice}} at network resolution, threshold 0.5."""
     was_training = model.training
     model.eval()

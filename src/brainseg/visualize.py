@@ -83,7 +83,14 @@ def preprocessing_overview(ds, cfg, path: os.PathLike | str, n_samples: int = 3,
     for row, (s, img, m) in enumerate(chosen):
         prepped = prepare(img, cfg.preprocess)
         small_mask = resize_mask(m, cfg.preprocess.input_size)
-        panels = [("raw", to_uint8(img), m), (f"CLAHE {cfg.preprocess.clahe_clip_limit}/{cfg.preprocess.clahe_tile_grid}", clahe(to_uint8(img), cfg.preprocess.clahe_clip_limit, cfg.preprocess.clahe_tile_grid), m)]
+        panels = [
+            ("raw", to_uint8(img), m),
+            (
+                f"CLAHE {cfg.preprocess.clahe_clip_limit}/{cfg.preprocess.clahe_tile_grid}",
+                clahe(to_uint8(img), cfg.preprocess.clahe_clip_limit, cfg.preprocess.clahe_tile_grid),
+                m,
+            ),
+        ]
         for k in range(cols - 2):
             out = aug(image=prepped, mask=small_mask.astype(np.uint8))
             panels.append((f"augmented {k + 1}", out["image"], out["mask"].astype(bool)))

@@ -206,8 +206,17 @@ def load_volume(files: list[os.PathLike | str] | dict[str, bytes], name: str | N
     z, y, x = slices.shape[:3]
     stem = name or (brats_sequence(sources[0])[0] if is_set else nifti_stem(sources[0]))
     return Volume(
-        slices, np.asarray(affine, dtype=np.float64), tuple(float(v) for v in zooms), (x, y, z), stem, sources,
-        condition=condition, channels_given=given, name_sequence=name_seq, present=present, notes=tuple(notes),
+        slices,
+        np.asarray(affine, dtype=np.float64),
+        tuple(float(v) for v in zooms),
+        (x, y, z),
+        stem,
+        sources,
+        condition=condition,
+        channels_given=given,
+        name_sequence=name_seq,
+        present=present,
+        notes=tuple(notes),
     )
 
 

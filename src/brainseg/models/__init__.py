@@ -14,7 +14,6 @@ MODELS: dict[str, type[nn.Module]] = {
 }
 
 
-
 def build_model(cfg: ModelConfig) -> nn.Module:
     if cfg.name not in MODELS:
         raise ValueError(f"unknown model {cfg.name!r}; choose one of {sorted(MODELS)}")

@@ -38,9 +38,7 @@ class AttentionUNet(nn.Module):
         super().__init__()
         self.levels = len(features)
         self.pool = nn.MaxPool2d(2)
-        self.encoder = nn.ModuleList(
-            ConvBlock(in_channels if i == 0 else features[i - 1], features[i]) for i in range(self.levels)
-        )
+        self.encoder = nn.ModuleList(ConvBlock(in_channels if i == 0 else features[i - 1], features[i]) for i in range(self.levels))
         # Decoder level i (from coarse to fine): upsample features[i+1] -> conv to features[i],
         # gate the skip of level i with it, concatenate, ConvBlock.
         self.up_convs = nn.ModuleList()

@@ -26,18 +26,17 @@ import base64
 import hashlib
 import hmac
 import logging
-import threading
 import math
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal
+from urllib.parse import quote
 
 import anyio
 import numpy as np
-from urllib.parse import quote
-
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -125,7 +124,12 @@ class ClientGone(Exception):
 
 
 def model_block(engine: Engine, model) -> dict:
-    block = {"name": model.name, "display_name": DISPLAY_NAMES.get(model.name, model.name), "version": engine.version(model), "backend": engine.backend_kind(model)}
+    block = {
+        "name": model.name,
+        "display_name": DISPLAY_NAMES.get(model.name, model.name),
+        "version": engine.version(model),
+        "backend": engine.backend_kind(model),
+    }
     if isinstance(model, Ensemble):
         block["members"] = [m.name for m in model.members]
     return block
@@ -528,7 +532,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             seq = parse_sequence(sequence if sequence is not None else q.get("sequence"))
         except ValueError:
-            raise UploadError(422, "sequence must be one of flair (FLAIR), t1 (pre-contrast T1), t1c (T1 post-contrast), t2 (T2); it says what a grey image or a single volume is") from None
+            raise UploadError(
+                422,
+                "sequence must be one of flair (FLAIR), t1 (pre-contrast T1), t1c (T1 post-contrast), t2 (T2); it says what a grey image or a single volume is",
+            ) from None
         try:
             name = engine.resolve(model)
         except KeyError:
@@ -644,7 +651,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def result(rid: str, request: Request):
         return _result(rid, request).summary
 
-    @app.delete("/v1/results/{rid}", status_code=204, summary="Forget a result now (it is forgotten anyway after BRAINSEG_RESULT_TTL_S)", responses=RESPONSES["result"])
+    @app.delete(
+        "/v1/results/{rid}", status_code=204, summary="Forget a result now (it is forgotten anyway after BRAINSEG_RESULT_TTL_S)", responses=RESPONSES["result"]
+    )
     async def delete_result(rid: str, request: Request):
         store.delete(_result(rid, request).id)
         return Response(status_code=204)
@@ -754,7 +763,14 @@ def volume_answer(engine, store, seg, uploads, vol, res, post, tta, t, read_as: 
         "id": stored.id,
         "kind": "volume",
         **_common(engine, seg, uploads, post, tta, t),
-        "input": {"name": vol.name, "shape": s["shape"], "spacing_mm": s["spacing_mm"], "dtype": "float32", "orientation": display_orientation(vol.affine), **(read_as or {})},
+        "input": {
+            "name": vol.name,
+            "shape": s["shape"],
+            "spacing_mm": s["spacing_mm"],
+            "dtype": "float32",
+            "orientation": display_orientation(vol.affine),
+            **(read_as or {}),
+        },
         "lesion_count": s["lesion_count"],
         "lesion_voxels": s["lesion_voxels"],
         "lesion_volume_mm3": s["lesion_volume_mm3"],
@@ -766,7 +782,12 @@ def volume_answer(engine, store, seg, uploads, vol, res, post, tta, t, read_as: 
         "slices_with_lesion": s["slices_with_lesion"],
         "preview_slice": z,
         "mask_url": f"/v1/results/{stored.id}/mask.nii.gz",
-        "urls": {"result": f"/v1/results/{stored.id}", "mask_nifti": f"/v1/results/{stored.id}/mask.nii.gz", "slice_png": f"/v1/results/{stored.id}/slice/{{z}}.png", "mask_png": f"/v1/results/{stored.id}/mask.png?z={{z}}"},
+        "urls": {
+            "result": f"/v1/results/{stored.id}",
+            "mask_nifti": f"/v1/results/{stored.id}/mask.nii.gz",
+            "slice_png": f"/v1/results/{stored.id}/slice/{{z}}.png",
+            "mask_png": f"/v1/results/{stored.id}/mask.png?z={{z}}",
+        },
     }
     stored.summary = dict(body)
     body["preview_png"] = b64png(render(display[z], res.mask[z], "overlay", 1, 0.4))

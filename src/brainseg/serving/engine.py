@@ -30,7 +30,6 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 
-
 class ModelUnavailable(RuntimeError):
     """No registry, or a registered model file is missing or unreadable (a server problem, 503)."""
 

@@ -225,7 +225,9 @@ def check_image(info: ImageInfo, name: str, limits: Limits) -> None:
     if h * w > limits.max_pixels:
         raise UploadError(413, f"{name}: image is {w}x{h} = {h * w} pixels, above the limit of {limits.max_pixels} (BRAINSEG_MAX_PIXELS)")
     if info.decoded_bytes > limits.max_decoded_bytes:
-        raise UploadError(413, f"{name}: image decodes to {_mib(info.decoded_bytes)}, above the limit of {_mib(limits.max_decoded_bytes)} (BRAINSEG_MAX_DECODED_MB)")
+        raise UploadError(
+            413, f"{name}: image decodes to {_mib(info.decoded_bytes)}, above the limit of {_mib(limits.max_decoded_bytes)} (BRAINSEG_MAX_DECODED_MB)"
+        )
     if info.pages > 1:
         raise UploadError(422, f"{name}: TIFF has {info.pages} pages; send one slice per file (a volume as NIfTI)")
     if min(h, w) < MIN_SIDE:
@@ -338,7 +340,7 @@ def nifti_header(raw: bytes, name: str) -> NiftiInfo:
         shape = tuple(int(s) for s in hdr.get_data_shape())
     except Exception:
         dim = [int(d) for d in hdr["dim"]]
-        raise UploadError(422, f"{name}: NIfTI header has invalid dimensions {dim[: 8]}") from None
+        raise UploadError(422, f"{name}: NIfTI header has invalid dimensions {dim[:8]}") from None
     try:
         dtype = np.dtype(hdr.get_data_dtype())
     except Exception:
@@ -358,11 +360,14 @@ def check_nifti(info: NiftiInfo, limits: Limits) -> None:
     core = spatial_shape(shape)
     if len(core) > 4 or (len(core) == 4 and core[3] != 3):
         raise UploadError(
-            422, f"{name}: volume has shape {list(shape)}; expected 3-D, or 4-D with 3 channels last (pre-contrast, FLAIR, post-contrast); a time series is not accepted"
+            422,
+            f"{name}: volume has shape {list(shape)}; expected 3-D, or 4-D with 3 channels last (pre-contrast, FLAIR, post-contrast); a time series is not accepted",
         )
     x, y, _ = shape[:3]
     if info.voxels > limits.max_voxels:
-        raise UploadError(413, f"{name}: volume is {'x'.join(map(str, shape[:3]))} = {info.voxels} voxels, above the limit of {limits.max_voxels} (BRAINSEG_MAX_VOXELS)")
+        raise UploadError(
+            413, f"{name}: volume is {'x'.join(map(str, shape[:3]))} = {info.voxels} voxels, above the limit of {limits.max_voxels} (BRAINSEG_MAX_VOXELS)"
+        )
     if info.data_bytes > limits.max_decoded_bytes:
         raise UploadError(413, f"{name}: volume data is {_mib(info.data_bytes)}, above the limit of {_mib(limits.max_decoded_bytes)} (BRAINSEG_MAX_DECODED_MB)")
     if min(x, y) < MIN_SIDE:
