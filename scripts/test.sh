@@ -17,5 +17,9 @@ if [ ! -x /usr/bin/chromium ]; then
   fi
 fi
 
+# Lint and format first: cheap, and a failure here is a real one.
+"$PY" -m ruff check .
+"$PY" -m ruff format --check .
+
 # pytest exits 5 when it collects no test: with `set -e` that fails this script, as it should.
 exec "$PY" -m pytest -q "$@"
