@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# The schedule that produced the shipped models (CPU, 2 cores, about 80 minutes for both).
-# Safe to rerun after an interruption: --resume continues each model from its last.pt.
-# U-Net++ costs ~2.8x more per step than Attention U-Net at the same widths (measured:
-# 2.5 s vs 0.9 s per batch of 16 at 128x128 on 2 cores), so it gets fewer epochs for about the same CPU time (24 x ~92 s vs 10 x ~225 s per epoch).
+# How the shipped models were made (see docs/ablations.md and the model cards).
+#  1. cache + split of the 81 LGG patients (49 train / 12 validation / 20 test, seed 42)
+#  2. on a machine with a GPU: ten configurations side by side for 360 s each
+#     (scripts/gpu/pack_cache.py packs the train + validation slices to carry them there)
+#  3. ship: calibrate each candidate on validation, keep the better, export ONNX, evaluate
+#     on the test patients under the four input conditions, write cards and the registry.
+# Step 2 runs on CPU too, but ten runs at once on 2 cores take hours: pass --runs to pick
+# fewer (e.g. --runs att_sd30_z,upp_sd30) and a larger --budget.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/lgg/kaggle_3m}
-OUT=${OUT:-runs/main}
-python train.py --data "$DATA" --cache runs/cache --out "$OUT" --model attention_unet --epochs 24 --seed 42 --resume
-python train.py --data "$DATA" --cache runs/cache --out "$OUT" --model unetpp --epochs 10 --seed 42 --resume
+python preprocess.py --data "$DATA" --cache runs/cache81 --seed 42
+python scripts/gpu/train_ablations.py --cache runs/cache81 --out runs/gpu/abl --budget "${BUDGET:-360}" --workers "${WORKERS:-1}" ${RUNS:+--runs "$RUNS"}
+python scripts/ship_models.py --data "$DATA" --out models \
+  --candidates attention_unet=runs/gpu/abl/att_sd30_z/best.pt,runs/gpu/abl/att_sd30/best.pt unetpp=runs/gpu/abl/upp_sd30/best.pt
