@@ -299,7 +299,7 @@ def show_result(opts: dict, res: dict, label: str, synthetic: bool) -> None:
     t = res["timings_ms"]
     st.caption(
         f"{model['display_name']} · version `{model['version']}` · {model['backend']} · threshold {res['threshold']} · "
-        f"min. size {res['min_size']} px · TTA {'on' if res['tta'] else 'off'} · decode {t['decode']:.0f} ms, inference {t['inference']:.0f} ms, total {t['total']:.0f} ms"
+        f"min. size {res['min_size']} px ({res.get('components', '2D')}) · TTA {'on' if res['tta'] else 'off'} · decode {t['decode']:.0f} ms, inference {t['inference']:.0f} ms, total {t['total']:.0f} ms"
     )
     z = 0
     cols = st.columns(4)
@@ -422,7 +422,7 @@ def main() -> None:
             "like the LGG kaggle_3m slices), **one NIfTI volume**, or the **BraTS files** `*-t1n`, `*-t2f`, `*-t1c` together "
             "(`*-t2f` is needed; a missing `*-t1n` or `*-t1c` is filled with FLAIR). A grey slice or a single volume is read as FLAIR; "
             "say below the upload if it is another sequence.\n"
-            "2. Pick a model and threshold in the sidebar (the default is the best model on the test patients, at its calibrated threshold).\n"
+            "2. Pick a model and threshold in the sidebar (the default is the better model on the validation patients, at its calibrated threshold).\n"
             "3. Compare original, overlay and mask; for a volume move through the slices or jump to the slices with lesion. "
             "Download the mask (PNG, or NIfTI with the input's affine) and the lesion table."
         )

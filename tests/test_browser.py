@@ -19,7 +19,9 @@ pytestmark = pytest.mark.browser
 
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = REPO / "artifacts" / "screenshots"
-LESION_SLICE = "lgg/kaggle_3m/TCGA_DU_A5TR_19970726/TCGA_DU_A5TR_19970726_19.tif"  # a test patient of the shipped models; mask: 4568 lesion pixels
+LESION_SLICE = (
+    "lgg/kaggle_3m/TCGA_HT_7473_19970826/TCGA_HT_7473_19970826_14.tif"  # a test patient of the shipped models (models/split.json); mask: 4621 lesion pixels
+)
 BRATS = "brats-met-example/BraTS-MET-00110-000-{}.nii.gz"
 TIMEOUT_MS = 90_000
 

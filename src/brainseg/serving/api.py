@@ -692,12 +692,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 # ---------------------------------------------------------------- answers
 
 
-def _common(engine, seg, uploads, post, tta, t) -> dict:
+def _common(engine, seg, uploads, post, tta, t, single_slice: bool = False) -> dict:
+    """Fields every answer has. ``min_size`` is the one applied: a slice on its own uses the slice minimum (2D)."""
     t0, t1, t2 = t
+    use_slice_min = single_slice and post.slice_min_size is not None
     return {
         "model": model_block(engine, seg),
         "threshold": round(post.threshold, 4),
-        "min_size": post.min_size,
+        "min_size": post.slice_min_size if use_slice_min else post.min_size,
+        "components": "2D" if single_slice or not post.components_3d else "3D",
         "tta": tta,
         "files": [u.name for u in uploads],
         "timings_ms": {"decode": round((t1 - t0) * 1000, 1), "inference": round((t2 - t1) * 1000, 1)},
@@ -716,7 +719,7 @@ def slice_answer(engine, store, seg, uploads, image, res, post, tta, t, read_as:
     body = {
         "id": stored.id,
         "kind": "slice",
-        **_common(engine, seg, uploads, post, tta, t),
+        **_common(engine, seg, uploads, post, tta, t, single_slice=True),
         "input": {"height": s["height"], "width": s["width"], "dtype": str(image.dtype), "spacing_mm": None, **(read_as or {})},
         "lesion_count": s["lesion_count"],
         "lesion_area_px": s["lesion_area_px"],
