@@ -395,8 +395,10 @@ def test_bad_input_gets_4xx_with_a_message(client, files, params, status, words)
 
 
 def test_no_file_and_wrong_content_type(client):
-    r = client.post("/v1/segment", data={"model": "unetpp"})
-    assert r.status_code in (415, 422) and "files" in r.json()["detail"]
+    r = client.post("/v1/segment", data={"model": "unetpp"})  # a urlencoded form: the wrong media type
+    assert r.status_code == 415 and "multipart/form-data" in r.json()["detail"] and "files" in r.json()["detail"]
+    r = client.post("/v1/segment", files=[("model", (None, "unetpp"))])  # multipart, right media type, no file part
+    assert r.status_code == 422 and "files" in r.json()["detail"]
     r = client.post("/v1/segment", json={"image": "base64..."})
     assert r.status_code == 415 and "multipart/form-data" in r.json()["detail"]
     r = client.post("/v1/segment", files={"files": ("x", b"")}, data={})
@@ -567,7 +569,45 @@ def test_real_uvicorn_process(api_server, shared_data):
     threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
-    health = httpx.get(api_server + "/health", timeout=30)  # the event loop answers while inference runs
     for t in threads:
         t.join(60)
-    assert health.status_code == 200 and results == [200] * 4
+    assert results == [200] * 4
+
+
+class BlockingBackend:
+    """Wraps a backend; each call waits until ``release`` is set, after setting ``started``."""
+
+    def __init__(self, inner, started: threading.Event, release: threading.Event):
+        self.inner, self.started, self.release = inner, started, release
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, batch):
+        self.started.set()
+        self.release.wait(60)
+        return self.inner(batch)
+
+
+def test_health_answers_while_inference_runs(tiny_model_dir):
+    """/health is answered while a segment request is inside the model (held there until /health has answered)."""
+    started, release = threading.Event(), threading.Event()
+    safety = threading.Timer(30, release.set)  # a /health that waits for inference fails below instead of hanging
+    answer: dict = {}
+    with make_client(tiny_model_dir) as c:
+        seg = c.app.state.engine.get()
+        seg.backend = BlockingBackend(seg.backend, started, release)
+        worker = threading.Thread(target=lambda: answer.update(r=segment(c, ("s.png", synthetic_png()))))
+        safety.start()
+        worker.start()
+        try:
+            assert started.wait(30), "inference never started"
+            health = c.get("/health")
+            still_running = worker.is_alive() and not release.is_set()
+        finally:
+            release.set()
+            safety.cancel()
+            worker.join(60)
+    assert still_running, "inference had finished (or the safety timer fired) before /health answered"
+    assert health.status_code == 200 and health.json()["status"] == "ok", health.text
+    assert answer["r"].status_code == 200, answer["r"].text

@@ -241,9 +241,14 @@ def _():
     return {"files": [("files", ("s.png", _png_ok())), ("model", (None, MARK * (2 << 16)))]}
 
 
-@case("no files, only a model", (415, 422))
+@case("no files, only a model, urlencoded", 415)
 def _():
     return {"data": {"model": MARK}}
+
+
+@case("no files, only a model, multipart", 422)
+def _():
+    return {"files": [("model", (None, MARK))]}
 
 
 @case("JSON body", 415)

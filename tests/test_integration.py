@@ -1,6 +1,7 @@
 """preprocess -> train (a few steps) -> evaluate -> predict on 3 real patients, through the CLI."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -150,15 +151,18 @@ def test_root_wrappers_work_verbatim_and_fail_with_one_line(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-def test_cli_bad_slice_names_the_file(tmp_path):
+def test_cli_bad_slice_names_the_file(tmp_path, tiny_model_dir):
+    """A working model, so the error comes from reading the slice, not from loading the model."""
     bad = tmp_path / "broken.tif"
     bad.write_bytes(b"II*\x00garbage")
-    r = subprocess.run([sys.executable, "-m", "brainseg.cli", "data", "stats", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    cli = [sys.executable, "-m", "brainseg.cli"]
+    r = subprocess.run([*cli, "data", "stats", str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0  # stats only lists; no masks -> zero labelled slices
     r = subprocess.run(
-        [sys.executable, "-m", "brainseg.cli", "predict", str(bad), "--out", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "none.pt")],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [*cli, "predict", str(bad), "--out", str(tmp_path / "o"), "--model-dir", str(tiny_model_dir)], env=env, capture_output=True, text=True, timeout=120
     )
-    assert r.returncode == 2 and "none.pt" in r.stderr and r.stderr.strip().count("\n") == 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert last.startswith("brainseg: error: ") and "broken.tif" in last and "model" not in last, last
+    assert not (tmp_path / "o" / "broken_mask.png").exists()

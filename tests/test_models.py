@@ -68,3 +68,23 @@ def test_parameter_count_of_default_configuration(name, expected):
 def test_unknown_model():
     with pytest.raises(ValueError, match="unknown model"):
         build_model(ModelConfig(name="segformer"))
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_onnx_and_pytorch_give_the_same_probabilities(tiny_model_dir, model_name):
+    """The exported ONNX file and its checkpoint agree on probabilities (not only masks) on random inputs."""
+    import numpy as np
+
+    from brainseg.inference import OnnxBackend, Segmenter, TorchBackend
+
+    onnx_seg = Segmenter(OnnxBackend(tiny_model_dir / f"{model_name}.onnx", threads=1), model_name)
+    torch_seg = Segmenter(TorchBackend(tiny_model_dir / f"{model_name}.pt", device="cpu"), model_name)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(256, 256), (64, 64), (300, 200)]]
+    images.append(rng.normal(500, 200, (128, 128, 3)).astype(np.float32))  # non-uint8: windowed first
+    for tta in (False, True):
+        a, b = onnx_seg.probabilities(images, tta=tta), torch_seg.probabilities(images, tta=tta)
+        for pa, pb in zip(a, b):
+            assert pa.shape == pb.shape
+            assert float(np.abs(pa - pb).max()) < 1e-4
+        assert max(float(p.max() - p.min()) for p in a) > 0.01  # not a constant output, so agreement means something

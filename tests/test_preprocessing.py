@@ -24,14 +24,24 @@ def test_clahe_keeps_shape_dtype_and_spreads_contrast():
         clahe(img.astype(np.float32))
 
 
-def test_clahe_is_per_channel():
-    img = np.zeros((32, 32, 3), np.uint8)
-    img[..., 1] = np.arange(32, dtype=np.uint8)[None, :] * 4
-    img[..., 2] = 255 - img[..., 1]
-    out = clahe(img)
-    for c in range(3):  # each channel equalised on its own, unaffected by the others
-        assert np.array_equal(out[..., c], clahe(np.ascontiguousarray(img[..., c])))
-    assert np.ptp(out[..., 0]) == 0 and np.ptp(out[..., 1]) > 0
+def test_clahe_equalises_each_channel_on_its_own_histogram():
+    """Hand-computed: one tile and no clipping make CLAHE a histogram equalisation, out = round(255 * CDF(v)).
+
+    A quarter of the pixels at 10 and the rest at 20 gives 10 -> round(63.75) = 64, 20 -> 255; the
+    same values in the opposite proportions give 10 -> round(191.25) = 191. A constant channel maps
+    to 255. Channels mixed into one histogram would give other numbers.
+    """
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[..., 0], img[:16, :, 0] = 20, 10
+    img[..., 1], img[:16, :, 1] = 10, 20
+    img[..., 2] = 50
+    out = clahe(img, clip_limit=1000.0, tile_grid=1)
+    expected = np.zeros_like(img)
+    expected[..., 0], expected[:16, :, 0] = 255, 64
+    expected[..., 1], expected[:16, :, 1] = 191, 255
+    expected[..., 2] = 255
+    assert np.array_equal(out, expected)
+    assert np.array_equal(clahe(np.ascontiguousarray(img[..., 1]), clip_limit=1000.0, tile_grid=1), expected[..., 1])  # (H, W) too
 
 
 def test_to_uint8_passes_uint8_and_windows_others():
