@@ -1,7 +1,10 @@
-"""Shared test helpers: where the real data is, and small synthetic datasets."""
+"""Shared test helpers: where the real data is, small synthetic datasets, API clients and upload bytes."""
 
 from __future__ import annotations
 
+import gzip
+import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,3 +45,42 @@ def synthetic_dataset(root: Path, patients: int = 4, slices: int = 6, size: int 
             tifffile.imwrite(d / f"{pid}_{i}.tif", img)
             tifffile.imwrite(d / f"{pid}_{i}_mask.tif", mask)
     return root
+
+
+def make_client(model_dir, **overrides):
+    """An in-process TestClient of the API on ``model_dir`` (ONNX, one thread); ``overrides`` are Settings fields."""
+    warnings.filterwarnings("ignore", message=".*httpx2.*")  # starlette's TestClient notice
+    from fastapi.testclient import TestClient
+
+    from brainseg.serving.api import create_app
+    from brainseg.serving.settings import Settings
+
+    settings = Settings.from_env({}, model_dir=str(model_dir), backend="onnx", onnx_threads=1, **overrides)
+    return TestClient(create_app(settings))
+
+
+def segment(client, files, **params):
+    """POST /v1/segment with one ``(name, bytes)`` file or a list of them, and form fields."""
+    if isinstance(files, tuple):
+        files = [files]
+    return client.post("/v1/segment", files=[("files", f) for f in files], data={k: str(v) for k, v in params.items()})
+
+
+def tiff(arr: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, arr, **kw)
+    return buf.getvalue()
+
+
+def nifti(arr: np.ndarray, affine=None, gz: bool = True, version: int = 1, edit=None) -> bytes:
+    """NIfTI bytes; ``edit(header)`` may change fields of the header as written."""
+    import nibabel as nib
+
+    klass = nib.Nifti1Image if version == 1 else nib.Nifti2Image
+    raw = klass(arr, np.eye(4) if affine is None else affine).to_bytes()
+    if edit is not None:
+        hklass = nib.Nifti1Header if version == 1 else nib.Nifti2Header
+        hdr = hklass(raw[: hklass.sizeof_hdr], check=False)
+        edit(hdr)
+        raw = hdr.binaryblock + raw[hklass.sizeof_hdr :]
+    return gzip.compress(raw) if gz else raw

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import gzip
-import io
 import os
 import subprocess
 import sys
@@ -19,11 +18,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import tifffile
 
 warnings.filterwarnings("ignore", message=".*httpx2.*")  # starlette's TestClient notice
 
 from fastapi.testclient import TestClient  # noqa: E402
+from helpers import make_client, nifti, segment, tiff  # noqa: E402
 
 from brainseg.serving.api import create_app  # noqa: E402
 from brainseg.serving.settings import Settings  # noqa: E402
@@ -34,11 +33,6 @@ from brainseg.synthetic import synthetic_png, synthetic_slice  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 LESION_SLICE = "lgg/kaggle_3m/TCGA_CS_4941_19960909/TCGA_CS_4941_19960909_15.tif"  # mask has 1952 lesion pixels
 BRATS = "brats-met-example/BraTS-MET-00110-000-{}.nii.gz"
-
-
-def make_client(model_dir: Path, **overrides) -> TestClient:
-    settings = Settings.from_env({}, model_dir=str(model_dir), backend="onnx", onnx_threads=1, **overrides)
-    return TestClient(create_app(settings))
 
 
 @pytest.fixture(scope="module")
@@ -54,30 +48,10 @@ def png(img: np.ndarray, ext: str = ".png") -> bytes:
     return buf.tobytes()
 
 
-def tiff(arr: np.ndarray, **kw) -> bytes:
-    buf = io.BytesIO()
-    tifffile.imwrite(buf, arr, **kw)
-    return buf.getvalue()
-
-
-def nifti(arr: np.ndarray, affine: np.ndarray | None = None, gz: bool = True) -> bytes:
-    import nibabel as nib
-
-    img = nib.Nifti1Image(arr, np.eye(4) if affine is None else affine)
-    raw = img.to_bytes()
-    return gzip.compress(raw) if gz else raw
-
-
 def decode_png(b64: str) -> np.ndarray:
     arr = cv2.imdecode(np.frombuffer(base64.b64decode(b64), np.uint8), cv2.IMREAD_UNCHANGED)
     assert arr is not None, "not a PNG"
     return arr
-
-
-def segment(client, files, **params):
-    if isinstance(files, tuple):
-        files = [files]
-    return client.post("/v1/segment", files=[("files", f) for f in files], data={k: str(v) for k, v in params.items()})
 
 
 def assert_healthy(client) -> None:

@@ -18,16 +18,10 @@ import pytest
 
 warnings.filterwarnings("ignore", message=".*httpx2.*")
 
-from fastapi.testclient import TestClient  # noqa: E402
+from helpers import make_client, nifti, segment, tiff  # noqa: E402
 
-from brainseg.serving.api import content_disposition, create_app  # noqa: E402
-from brainseg.serving.settings import Settings  # noqa: E402
+from brainseg.serving.api import content_disposition  # noqa: E402
 from brainseg.synthetic import synthetic_png, synthetic_slice  # noqa: E402
-
-
-def make_client(model_dir, **overrides) -> TestClient:
-    settings = Settings.from_env({}, model_dir=str(model_dir), backend="onnx", onnx_threads=1, **overrides)
-    return TestClient(create_app(settings))
 
 
 @pytest.fixture(scope="module")
@@ -36,29 +30,9 @@ def client(tiny_model_dir):
         yield c
 
 
-def nifti(arr: np.ndarray, affine=None, gz: bool = True, version: int = 1, edit=None) -> bytes:
-    """NIfTI bytes; ``edit(header)`` may change fields of the header as written."""
-    import nibabel as nib
-
-    klass = nib.Nifti1Image if version == 1 else nib.Nifti2Image
-    raw = klass(arr, np.eye(4) if affine is None else affine).to_bytes()
-    if edit is not None:
-        hklass = nib.Nifti1Header if version == 1 else nib.Nifti2Header
-        hdr = hklass(raw[: hklass.sizeof_hdr], check=False)
-        edit(hdr)
-        raw = hdr.binaryblock + raw[hklass.sizeof_hdr :]
-    return gzip.compress(raw) if gz else raw
-
-
 def small_volume(seed: int = 2, z: int = 4) -> np.ndarray:
     img, _ = synthetic_slice(size=32, seed=seed)
     return np.stack([np.rot90(img[:, :, 1], -1).astype(np.float32)] * z, axis=2)
-
-
-def segment(client, files, **params):
-    if isinstance(files, tuple):
-        files = [files]
-    return client.post("/v1/segment", files=[("files", f) for f in files], data={k: str(v) for k, v in params.items()})
 
 
 def kept(client) -> int:
@@ -215,14 +189,6 @@ def test_health_and_503_show_no_server_paths(tiny_model_dir, tmp_path):
 
 
 # ---------------------------------------------------------------- step 3: budgets before decoding, data integrity
-
-
-def tiff(arr: np.ndarray, **kw) -> bytes:
-    import tifffile
-
-    buf = io.BytesIO()
-    tifffile.imwrite(buf, arr, **kw)
-    return buf.getvalue()
 
 
 def png(arr: np.ndarray) -> bytes:
