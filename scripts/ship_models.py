@@ -300,7 +300,7 @@ Probabilities are resized back (bilinear) to the input's size before thresholdin
   loss BCE + soft Dice; AdamW (lr {cfg.train.lr}, weight decay {cfg.train.weight_decay}), linear warm-up {cfg.train.warmup_epochs} epoch then cosine decay; EMA {cfg.train.ema_decay or "off"}.
 - augmentation (albumentations, seeded per sample): flips, affine (rotation +-{cfg.augment.rotate} deg, scale +-{cfg.augment.scale}, shift), elastic, brightness/contrast, gamma, Gaussian noise;
   **sequence dropout**: pre-contrast replaced by FLAIR with probability {cfg.augment.missing_pre}, post-contrast with {cfg.augment.missing_post}, independently.
-- best epoch chosen on validation: mean per-patient Dice with all sequences and with FLAIR only (network resolution, threshold 0.5); {len(hist)} epochs in this stage.
+- best epoch chosen on validation: mean per-patient Dice with all sequences and with FLAIR only (network resolution, threshold 0.5); shipped weights from epoch {ckpt.get("epoch", len(hist))} of this stage.
 - code: brainseg {ckpt["info"].get("brainseg_version")}, torch {ckpt["info"].get("torch")}, trained on {ckpt["info"].get("device", "cpu")}
 
 ![training curves]({name}_training_curves.png)
