@@ -197,3 +197,24 @@ def test_aggregate_by_hand():
     assert 0.0 <= lo <= rep["per_patient_dice"] <= hi <= 1.0
     rep2 = evaluate_predictions([_pred("a", t.astype(np.float32), t)], PostprocessConfig(0.5, 0))
     assert rep2["per_patient_dice"] == 1.0 and rep2["postprocess"]["components_3d"] is False
+
+
+def test_a_volume_is_post_processed_in_3d_like_the_evaluation():
+    """``predict.segment_volume`` applies the calibrated 3D minimum size, not the single-slice one."""
+    from brainseg.predict import segment_volume
+    from brainseg.volumes import Volume
+
+    prob = np.zeros((3, 10, 10), np.float32)
+    prob[:, 2:5, 2:5] = 0.9  # 9 px per slice, 27 voxels in 3D
+    prob[1, 7, 7] = 0.9  # a 1-voxel speck
+
+    class Fixed:
+        name = "fixed"
+
+        def probabilities(self, images, tta=False, window=None):
+            return list(prob)
+
+    vol = Volume(np.zeros((3, 10, 10, 3), np.float32), np.eye(4), (1.0, 1.0, 1.0), (10, 10, 3), "v", ("v.nii.gz",))
+    post = PostprocessConfig(0.5, min_size=20, components_3d=True, slice_min_size=1)
+    res = segment_volume(Fixed(), vol, post)
+    assert res.mask.sum() == 27  # the lesion stays (27 >= 20), the speck goes (1 < 20)

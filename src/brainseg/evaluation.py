@@ -66,11 +66,6 @@ def mean_predictions(per_model: list[list[PatientPrediction]]) -> list[PatientPr
     return [PatientPrediction(ps[0].patient, np.mean([p.prob for p in ps], axis=0).astype(np.float32), ps[0].truth) for ps in zip(*per_model)]
 
 
-def binarize_volume(prob: np.ndarray, post: PostprocessConfig) -> np.ndarray:
-    """A patient's stacked probabilities -> mask, as ``predict`` treats a volume (see ``inference.binarize_stack``)."""
-    return binarize_stack(prob, post)
-
-
 def score_patient(pred: np.ndarray, truth: np.ndarray) -> dict:
     """All metrics of one patient; ``pred`` and ``truth`` are (Z, H, W) bool."""
     slice_dice = [M.dice(p, t) for p, t in zip(pred, truth)]
@@ -137,7 +132,7 @@ def _mean(values) -> float:
 
 
 def evaluate_predictions(preds: list[PatientPrediction], post: PostprocessConfig) -> dict:
-    per_patient = {p.patient: score_patient(binarize_volume(p.prob, post), p.truth) for p in preds}
+    per_patient = {p.patient: score_patient(binarize_stack(p.prob, post), p.truth) for p in preds}
     report = aggregate(per_patient)
     report["postprocess"] = {"threshold": post.threshold, "min_size": post.min_size, "components_3d": post.components_3d, "slice_min_size": post.slice_min_size}
     report["per_patient"] = {pid: round(s["dice"], 4) for pid, s in per_patient.items()}
@@ -175,7 +170,7 @@ def sweep_postprocess(
                 post = PostprocessConfig(threshold=float(t), min_size=int(ms), components_3d=bool(c3))
                 row = {"threshold": t, "min_size": ms, "components_3d": c3}
                 for cond, ps in by_cond.items():
-                    masks = [binarize_volume(p.prob, post) for p in ps]
+                    masks = [binarize_stack(p.prob, post) for p in ps]
                     negatives = [~p.truth.reshape(len(p.truth), -1).any(1) for p in ps]
                     n_neg = sum(int(n.sum()) for n in negatives)
                     fp = sum(int((m.reshape(len(m), -1).any(1) & neg).sum()) for m, neg in zip(masks, negatives))

@@ -17,7 +17,7 @@ from scipy import ndimage
 from .channels import describe_slice, describe_volume, stored_channels
 from .config import PostprocessConfig
 from .data import IMAGE_SUFFIXES, MASK_TAG, DataError, read_image, to_three_channels, write_json_atomic
-from .inference import binarize, window_for_volume
+from .inference import binarize, binarize_stack, window_for_volume
 from .metrics import connected_components
 from .visualize import display_channel, overlay, save_png
 from .volumes import SEQ_ORDER, Volume, brats_sequence, is_nifti, load_volume, save_mask_nifti
@@ -120,7 +120,7 @@ def segment_volume(segmenter, vol: Volume, post: PostprocessConfig, tta: bool = 
     t0 = time.perf_counter()
     window = window_for_volume(vol.slices)
     probs = np.stack(segmenter.probabilities(list(vol.slices), tta=tta, window=window))
-    mask = np.stack([binarize(p, post) for p in probs])
+    mask = binarize_stack(probs, post)
     lesions = lesion_table(mask, voxel_volume_mm3=vol.voxel_volume_mm3)
     areas = [int(m.sum()) for m in mask]
     return VolumeResult(vol, probs, mask, lesions, time.perf_counter() - t0, areas)
