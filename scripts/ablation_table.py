@@ -17,8 +17,6 @@ import numpy as np
 
 from brainseg.metrics import bootstrap_ci
 
-CONDS = ("all", "pre_missing", "post_missing", "flair_only")
-
 
 def cell(values: list[float]) -> str:
     lo, hi = bootstrap_ci(values)
@@ -61,7 +59,6 @@ def main() -> None:
             if x
         )
         sel = [(a + b) / 2 for a, b in zip(vals(r, "all"), vals(r, "flair_only"))]
-        ref_sel = [(a + b) / 2 for a, b in zip(vals(ref, "all"), vals(ref, "flair_only"))]
         same = r["run"] == a.reference
         print(
             f"| {r['run']} | {r['model']} | {change} | {r['epochs']} | {r['wall_s'] / 60:.1f} | "
@@ -72,7 +69,6 @@ def main() -> None:
             + ("reference" if same else diff_cell(vals(r, "flair_only"), vals(ref, "flair_only")))
             + " |"
         )
-    _ = ref_sel
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import numpy as np
 
 from brainseg import __version__
 from brainseg.checkpoint import load_checkpoint, save_checkpoint
-from brainseg.config import DISPLAY_NAMES, ExperimentConfig
+from brainseg.config import CONDITIONS, DISPLAY_NAMES, ExperimentConfig
 from brainseg.data import discover, labelled, write_json_atomic
 from brainseg.evaluation import PROTOCOLS, conditions_table, evaluate_predictions, markdown_table, mean_predictions, predict_patients
 from brainseg.export import export_onnx
@@ -34,7 +34,8 @@ from brainseg.inference import Ensemble, Segmenter, TorchBackend, load_segmenter
 from brainseg.pipeline import CALIBRATION_CONDITIONS, SELECTED_BY, calibrate, condition_summary
 from brainseg.registry import write_registry
 
-CONDS = ("all", "pre_missing", "post_missing", "flair_only")
+CONDS = tuple(CONDITIONS)
+REGISTRY_METRICS = ("per_patient_dice", "positive_slice_dice", "fp_slice_rate", "lesion_sensitivity", "hd95")
 
 PAPERS = {
     "unetpp": "Zhou Z., Siddiquee M.M.R., Tajbakhsh N., Liang J. *UNet++: A Nested U-Net Architecture for Medical Image Segmentation.* DLMIA 2018 (arXiv:1807.10165).",
@@ -108,15 +109,8 @@ def main() -> int:
             "card": f"{name}.md",
             "parameters": ckpt["info"]["parameters"],
             "val_selection_score": score,
-            "metrics": {k: report[k] for k in ("per_patient_dice", "positive_slice_dice", "fp_slice_rate", "lesion_sensitivity", "hd95")},
-            "conditions": {
-                c: {
-                    "per_patient_dice": by_cond[c]["per_patient_dice"],
-                    "per_patient_dice_ci95": by_cond[c]["per_patient_dice_ci95"],
-                    "fp_slice_rate": by_cond[c]["fp_slice_rate"],
-                }
-                for c in CONDS
-            },
+            "metrics": {k: report[k] for k in REGISTRY_METRICS},
+            "conditions": registry_conditions(by_cond),
         }
         write_json_atomic(out / f"{name}_test_report.json", report)
 
@@ -135,15 +129,8 @@ def main() -> int:
             "brainseg_version": __version__,
             "split": {k: split[k] for k in ("train", "val", "test")},
             "ensemble": {
-                "metrics": {k: reports["ensemble"][k] for k in ("per_patient_dice", "positive_slice_dice", "fp_slice_rate", "lesion_sensitivity", "hd95")},
-                "conditions": {
-                    c: {
-                        "per_patient_dice": ens_by_cond[c]["per_patient_dice"],
-                        "per_patient_dice_ci95": ens_by_cond[c]["per_patient_dice_ci95"],
-                        "fp_slice_rate": ens_by_cond[c]["fp_slice_rate"],
-                    }
-                    for c in CONDS
-                },
+                "metrics": {k: reports["ensemble"][k] for k in REGISTRY_METRICS},
+                "conditions": registry_conditions(ens_by_cond),
                 "postprocess": asdict(ens.postprocess),
             },
             "models": entries,
@@ -172,6 +159,11 @@ def main() -> int:
         + ", ".join(f"{n} {reports[n]['onnx_vs_torch_dice_difference']:.4f}" for n in names)
     )
     return 0
+
+
+def registry_conditions(by_cond: dict[str, dict]) -> dict[str, dict]:
+    """What the registry keeps of each input condition's report."""
+    return {c: {k: by_cond[c][k] for k in ("per_patient_dice", "per_patient_dice_ci95", "fp_slice_rate")} for c in CONDS}
 
 
 def make_figure(test_patients, members, path: Path, n: int = 4) -> None:
