@@ -168,3 +168,20 @@ def start_api(model_dir: Path, log: Path, **env: str) -> tuple[str, subprocess.P
         stop(proc)
         raise
     return url, proc, log
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> Path:
+    """A training cache of 4 synthetic patients (6 slices, 48 px -> 32 px) with a 2/1/1 split; read-only."""
+    from helpers import synthetic_dataset
+
+    from brainseg.cache import build_cache
+    from brainseg.config import PreprocessConfig
+    from brainseg.data import discover, split_patients, write_json_atomic
+
+    root = synthetic_dataset(tmp_path_factory.mktemp("data"), patients=4, slices=6, size=48)
+    cache = tmp_path_factory.mktemp("cache") / "c"
+    ds = discover(root)
+    build_cache(ds, PreprocessConfig(input_size=32), cache, progress=False)
+    write_json_atomic(cache / "split.json", split_patients([p.id for p in ds.patients], 1, 1, seed=0))
+    return cache

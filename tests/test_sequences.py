@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import synthetic_dataset
 
-from brainseg.cache import build_cache, load_cache
+from brainseg.cache import load_cache
 from brainseg.checkpoint import load_checkpoint
 from brainseg.config import CONDITIONS, AugmentConfig, ExperimentConfig, ModelConfig, PostprocessConfig, PreprocessConfig, TrainConfig
-from brainseg.data import discover, split_patients
+from brainseg.data import read_split
 from brainseg.evaluation import PatientPrediction, aggregate, evaluate_predictions, score_patient, sweep_postprocess
 from brainseg.metrics import bootstrap_ci
 from brainseg.preprocessing import apply_condition, drop_sequences
@@ -52,12 +51,8 @@ def test_sequence_dropout_rates():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = synthetic_dataset(tmp_path_factory.mktemp("data"), patients=4, slices=6, size=48)
-    cache_dir = tmp_path_factory.mktemp("cache") / "c"
-    ds = discover(root)
-    build_cache(ds, PreprocessConfig(input_size=32), cache_dir, progress=False)
-    return load_cache(cache_dir), split_patients([p.id for p in ds.patients], 1, 1, seed=0)
+def tiny(tiny_cache):
+    return load_cache(tiny_cache), read_split(tiny_cache / "split.json")
 
 
 def _cfg(**train):

@@ -7,23 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import synthetic_dataset
 
-from brainseg.cache import build_cache, load_cache
+from brainseg.cache import load_cache
 from brainseg.checkpoint import load_checkpoint
 from brainseg.config import ExperimentConfig, ModelConfig, PreprocessConfig, TrainConfig
-from brainseg.data import discover, read_split, split_patients, write_json_atomic
+from brainseg.data import read_split
 from brainseg.training import Trainer, dice_bce_loss, epoch_indices, lr_factor
-
-
-@pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory):
-    root = synthetic_dataset(tmp_path_factory.mktemp("data"), patients=4, slices=6, size=48)
-    cache = tmp_path_factory.mktemp("cache") / "c"
-    ds = discover(root)
-    build_cache(ds, PreprocessConfig(input_size=32), cache, progress=False)
-    write_json_atomic(cache / "split.json", split_patients([p.id for p in ds.patients], 1, 1, seed=0))
-    return cache
 
 
 def _cfg(**train):
