@@ -377,24 +377,16 @@ def show_result(opts: dict, res: dict, label: str, synthetic: bool) -> None:
             except ApiError as exc:
                 st.error(str(exc))
         mask_png = mask if is_volume else base64.b64decode(res["mask_png"])
-        st.download_button(
-            "Mask PNG" + (f" (slice {z})" if is_volume else ""),
-            mask_png,
-            f"{stem}_mask{suffix}.png",
-            "image/png",
-            key="dl_mask",
-            icon=":material/download:",
-            width="stretch",
-        )
-        st.download_button(
-            "Overlay PNG" + (f" (slice {z})" if is_volume else ""),
-            over,
-            f"{stem}_overlay{suffix}.png",
-            "image/png",
-            key="dl_overlay",
-            icon=":material/download:",
-            width="stretch",
-        )
+        for what, data in (("mask", mask_png), ("overlay", over)):
+            st.download_button(
+                f"{what.capitalize()} PNG" + (f" (slice {z})" if is_volume else ""),
+                data,
+                f"{stem}_{what}{suffix}.png",
+                "image/png",
+                key=f"dl_{what}",
+                icon=":material/download:",
+                width="stretch",
+            )
         summary = {k: v for k, v in res.items() if k not in ("mask_png", "overlay_png", "preview_png")}
         st.download_button(
             "Lesions JSON",
