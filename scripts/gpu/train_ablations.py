@@ -108,6 +108,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--runs", default=",".join(RUNS))
     p.add_argument("--keep", type=int, default=3, help="best checkpoints kept per architecture")
+    p.add_argument("--deadline", type=float, default=None, help="seconds after which unfinished runs are killed (default 1.3 x budget + 40)")
     p.add_argument("--results", default=None, help="folder for the files to bring back")
     p.add_argument("--one", default=None)
     args = p.parse_args()
@@ -137,7 +138,7 @@ def main() -> None:
             str(args.workers),
         ]
         procs[name] = subprocess.Popen(cmd, stdout=open(out / f"{name}.log", "w"), stderr=subprocess.STDOUT)
-    deadline = time.time() + 1.3 * args.budget + 40
+    deadline = time.time() + (args.deadline or 1.3 * args.budget + 40)
     while any(pr.poll() is None for pr in procs.values()) and time.time() < deadline:
         time.sleep(5)
     for name, pr in procs.items():
