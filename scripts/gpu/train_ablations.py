@@ -35,6 +35,9 @@ RUNS = {
     "upp_sd30": ("unetpp", {}, {}, {}, {}, 1.0),
     "upp_sd30_ds": ("unetpp", {}, {}, {}, {"deep_supervision": True}, 1.0),
     "upp_sd30_z": ("unetpp", {}, {"normalization": "zscore"}, {}, {}, 1.0),
+    # second stage: continue the round-2 best at a low learning rate (fresh cosine schedule)
+    "att_sd30_z_ft": ("attention_unet", {}, {"normalization": "zscore"}, {"init_from": "/tmp/abl/att_sd30_z/best.pt", "lr": 3e-4}, {}, 1.0),
+    "upp_sd30_z_ft": ("unetpp", {}, {"normalization": "zscore"}, {"init_from": "/tmp/abl/upp_sd30_z/best.pt", "lr": 3e-4}, {}, 1.0),
     "upp_sd30_ds_z_ema": ("unetpp", {}, {"normalization": "zscore"}, {"ema_decay": 0.995}, {"deep_supervision": True}, 1.0),
 }
 
@@ -43,6 +46,7 @@ def run_config(name: str, budget: float, max_steps: int, workers: int):
     from brainseg.config import ExperimentConfig
 
     model, aug, pre, train, mod, factor = RUNS[name]
+    train = {k: v for k, v in train.items() if k != "init_from"}
     base = ExperimentConfig()
     return replace(
         base,
@@ -50,7 +54,8 @@ def run_config(name: str, budget: float, max_steps: int, workers: int):
         augment=replace(base.augment, **aug),
         model=replace(base.model, name=model, **mod),
         train=replace(
-            base.train, epochs=200, batch_size=32, lr=2e-3, workers=workers, time_budget_s=budget * factor, max_steps=max_steps, num_threads=2, **train
+            base.train,
+            **{"epochs": 200, "batch_size": 32, "lr": 2e-3, "workers": workers, "time_budget_s": budget * factor, "max_steps": max_steps, "num_threads": 2, **train},
         ),
     )
 
@@ -72,7 +77,8 @@ def one(args) -> None:
     cfg = run_config(args.one, args.budget, args.max_steps, args.workers)
     out = Path(args.out) / args.one
     t0 = time.time()
-    res = Trainer(cfg, cache, split, out, resume=True, progress=False).fit()
+    init = RUNS[args.one][3].get("init_from")
+    res = Trainer(cfg, cache, split, out, resume=True, progress=False, init_from=init).fit()
     wall = time.time() - t0
     ckpt = load_checkpoint(out / "best.pt")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
