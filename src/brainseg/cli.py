@@ -175,6 +175,11 @@ def _print_read_as(name: str, read_as: dict) -> None:
 
     seq = f"; sequence {read_as['sequence']}" if read_as.get("sequence") else ""
     lines = [f"{name}: read as {read_as['read_as']} (condition {read_as['condition']}{seq})"]
+    if read_as.get("dicom"):
+        lines.append(
+            f"{name}: channels read from "
+            + "; ".join(f"{ch}: {src}" for ch, src in zip(("pre-contrast", "FLAIR", "post-contrast"), read_as["dicom"]["channel_sources"]))
+        )
     lines += [f"{name}: {note}" for note in read_as["notes"]]
     lines += [f"{name}: warning: {w}" for w in read_as["warnings"]]
     for line in lines:
@@ -269,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="REPORT.json (a .md table is written beside it)")
     ev.set_defaults(func=cmd_evaluate)
 
-    pr = sub.add_parser("predict", help="masks, overlays and lesion statistics for slices, folders or NIfTI volumes")
+    pr = sub.add_parser(
+        "predict", help="masks, overlays and lesion statistics for slices, folders, NIfTI volumes or DICOM series (a folder or .zip; also a DICOM SEG)"
+    )
     pr.add_argument("inputs", nargs="+")
     pr.add_argument("--out", required=True)
     pr.add_argument(

@@ -16,7 +16,8 @@ from scipy import ndimage
 
 from .channels import describe_slice, describe_volume, stored_channels
 from .config import PostprocessConfig
-from .data import IMAGE_SUFFIXES, MASK_TAG, DataError, read_image, to_three_channels, write_json_atomic
+from .data import IMAGE_SUFFIXES, MASK_TAG, DataError, read_image, to_three_channels, write_bytes_atomic, write_json_atomic
+from .dicom import is_dicom_input, load_dicom_path, seg_bytes
 from .inference import binarize, binarize_stack, window_for_volume
 from .metrics import connected_components
 from .visualize import display_channel, overlay, save_png
@@ -137,6 +138,9 @@ def expand_inputs(inputs: list[str]) -> list[list[Path]]:
         p = Path(raw)
         if not p.exists():
             raise DataError(p, "input not found")
+        if is_dicom_input(p):  # a .zip, or a folder of DICOM files: one series or study
+            jobs.append([p])
+            continue
         files = sorted(p.iterdir()) if p.is_dir() else [p]
         for f in files:
             if f.is_dir():
@@ -171,6 +175,20 @@ def expand_inputs(inputs: list[str]) -> list[list[Path]]:
     return jobs
 
 
+def _is_dicom_job(job: list[Path]) -> bool:
+    """``expand_inputs`` makes a folder or a .zip a job only when it is DICOM."""
+    return len(job) == 1 and (job[0].is_dir() or job[0].suffix.lower() == ".zip")
+
+
+def model_version(segmenter) -> str:
+    """Names the weights a result came from: the SHA-256 prefix of each model file (``registry.file_version``)."""
+    from .registry import file_version
+
+    members = getattr(segmenter, "members", None) or [segmenter]
+    versions = [f"{m.name}:{file_version(m.path)}" if len(members) > 1 else file_version(m.path) for m in members if m.path]
+    return "+".join(versions) or "unknown"
+
+
 def predict_inputs(
     inputs: list[str], out_dir: os.PathLike | str, segmenter, post: PostprocessConfig, tta: bool = False, sequence: str | None = None, report=None
 ) -> list[Path]:
@@ -187,16 +205,19 @@ def predict_inputs(
     from tqdm import tqdm
 
     for job in tqdm(expand_inputs(inputs), desc="predict", unit="input"):
-        if is_nifti(job[0]):
-            vol = load_volume(job)
+        from_dicom = _is_dicom_job(job)
+        if is_nifti(job[0]) or from_dicom:
+            vol = load_dicom_path(job[0]) if from_dicom else load_volume(job)
             read_as = describe_volume(vol, sequence)
+            if from_dicom:
+                read_as["dicom"] = vol.dicom.block()
             res = segment_volume(segmenter, vol, post, tta)
             mask_path = save_mask_nifti(out / f"{vol.name}_mask.nii.gz", res.mask, vol)
             z = int(np.argmax(res.slice_areas)) if res.mask.any() else res.mask.shape[0] // 2
             ov = out / f"{vol.name}_overlay.png"
             save_png(ov, overlay(display_channel(vol.slices[z]), res.mask[z]))
             stats = {
-                "input": [str(f) for f in job],
+                "input": list(vol.sources) if from_dicom else [str(f) for f in job],  # DICOM: the path, unless it names the patient
                 "read_as": read_as,
                 "model": segmenter.name,
                 "postprocess": {"threshold": post.threshold, "min_size": post.min_size},
@@ -206,6 +227,10 @@ def predict_inputs(
             js = out / f"{vol.name}_lesions.json"
             write_json_atomic(js, stats)
             written += [mask_path, ov, js]
+            if from_dicom:  # the mask as a DICOM SEG beside the NIfTI one, referencing the source series
+                seg_path = out / f"{vol.name}_seg.dcm"
+                write_bytes_atomic(seg_path, seg_bytes(vol.dicom, res.mask, segmenter.name, model_version(segmenter), post.threshold))
+                written.append(seg_path)
         else:
             f = job[0]
             image = read_image(f)
@@ -227,5 +252,5 @@ def predict_inputs(
             )
             written += [mp, op, js]
         if report is not None:
-            report(vol.name if is_nifti(job[0]) else job[0].name, read_as)
+            report(vol.name if is_nifti(job[0]) or from_dicom else job[0].name, read_as)
     return written

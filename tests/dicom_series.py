@@ -1,0 +1,129 @@
+"""Write real DICOM MR series (pydicom) from a NIfTI-style volume, for the DICOM tests.
+
+The geometry is written by hand here, independently of ``brainseg.dicom`` (which uses highdicom),
+so a test compares two separate derivations. A NIfTI array ``data[i, j, k]`` with the RAS affine
+``A`` becomes slices ``P_k = rot90(data[:, :, k])`` (rows from the highest j down, columns = i),
+which is how brainseg displays a NIfTI slice; pixel (row r, column c) of slice k lies at
+``A @ (c, J - 1 - r, k, 1)``. DICOM positions are LPS: x and y of RAS negated.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+PLANTED_NAME = "Zzyzx^Quentin"  # a patient name no code or message would write by chance
+PLANTED_ID = "PID-73519"
+PLANTED_BIRTH = "19471103"
+LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def rotation(degrees_x: float, degrees_z: float) -> np.ndarray:
+    """(4, 4) rotation about x, then z: an oblique acquisition."""
+    ax, az = np.deg2rad(degrees_x), np.deg2rad(degrees_z)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    out = np.eye(4)
+    out[:3, :3] = rz @ rx
+    return out
+
+
+def study_ids() -> dict:
+    return {"study": generate_uid(), "frame": generate_uid()}
+
+
+def _ds(study: dict, series_uid: str, number: int, description: str, modality: str) -> Dataset:
+    ds = Dataset()
+    ds.PatientName = PLANTED_NAME
+    ds.PatientID = PLANTED_ID
+    ds.PatientBirthDate = PLANTED_BIRTH
+    ds.PatientSex = "O"
+    ds.StudyInstanceUID = study["study"]
+    ds.StudyDate, ds.StudyTime, ds.StudyID = "20240102", "101500", "1"
+    ds.AccessionNumber, ds.ReferringPhysicianName = "ACC1", ""
+    ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = series_uid, number, description
+    ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = study["frame"], ""
+    ds.Modality, ds.Manufacturer = modality, "test"
+    ds.SOPClassUID = MRImageStorage
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
+    ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType = "SE", "NONE", "", "2D"
+    ds.EchoTime, ds.RepetitionTime, ds.EchoTrainLength, ds.MagneticFieldStrength = 10, 500, 1, 3
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    return ds
+
+
+def write_series(
+    folder: Path,
+    data: np.ndarray,
+    affine: np.ndarray,
+    study: dict,
+    *,
+    number: int = 1,
+    description: str = "AX FLAIR",
+    modality: str = "MR",
+    slope: float = 0.5,
+    intercept: float = -1000.0,
+    window: tuple[float, float] | None = (400.0, 800.0),
+    shuffle: bool = True,
+) -> list[Path]:
+    """One file per slice of ``data`` (X, Y, Z), stored as uint16 with ``value = stored * slope + intercept``.
+
+    ``slope`` and ``intercept`` are exact in binary floating point, so the values read back equal
+    ``data``. Files are written in a shuffled order (names say nothing of the position).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    series_uid = generate_uid()
+    a = np.asarray(affine, np.float64)
+    row_dir = LPS @ a[:3, 0]  # along a row: column index c grows with i
+    col_dir = -(LPS @ a[:3, 1])  # down a column: row index r grows as j falls
+    spacing = [float(np.linalg.norm(a[:3, 1])), float(np.linalg.norm(a[:3, 0]))]  # (between rows, between columns)
+    iop = [float(v) for v in np.concatenate([row_dir / spacing[1], col_dir / spacing[0]])]
+    n_j, n_z = data.shape[1], data.shape[2]
+    order = np.random.default_rng(number).permutation(n_z) if shuffle else np.arange(n_z)
+    paths = []
+    for file_no, k in enumerate(order):
+        stored = (np.rot90(data[:, :, k]).astype(np.float64) - intercept) / slope
+        assert stored.min() >= 0 and stored.max() < 65536 and np.all(stored == np.round(stored)), "values not exact in uint16"
+        ds = _ds(study, series_uid, number, description, modality)
+        ds.SOPInstanceUID = generate_uid()
+        ds.InstanceNumber = int(k) + 1
+        ds.ImagePositionPatient = [round(float(v), 6) for v in LPS @ (a @ [0.0, n_j - 1.0, float(k), 1.0])[:3]]
+        ds.ImageOrientationPatient = [round(v, 8) for v in iop]
+        ds.PixelSpacing = [round(v, 6) for v in spacing]
+        ds.SliceThickness = ds.SpacingBetweenSlices = round(float(np.linalg.norm(a[:3, 2])), 6)
+        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = slope, intercept, "US"
+        if window is not None:
+            ds.WindowCenter, ds.WindowWidth = window
+        ds.Rows, ds.Columns = stored.shape
+        ds.PixelData = np.ascontiguousarray(stored.astype(np.uint16)).tobytes()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = folder / f"IM{file_no:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def zip_bytes(folders: list[Path], names: dict[str, bytes] | None = None) -> bytes:
+    """A .zip of every file under ``folders`` (paths kept below each folder's parent), plus ``names``."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for folder in folders:
+            for f in sorted(Path(folder).rglob("*")):
+                if f.is_file():
+                    zf.write(f, f.relative_to(Path(folder).parent).as_posix())
+        for name, data in (names or {}).items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def read(path: Path) -> Dataset:
+    return pydicom.dcmread(path)

@@ -1,0 +1,311 @@
+"""DICOM in and DICOM SEG out (``brainseg.dicom``), on real data written as DICOM by ``dicom_series``.
+
+The BraTS example study (t1n, t2f, t1c) is cut to 40 slices, tilted (12 degrees about x, 8
+about z: an oblique acquisition) and written twice: as NIfTI files with the tilted affine and
+as three DICOM MR series (shuffled files, values stored with RescaleSlope 0.5 and
+RescaleIntercept -1000). Both must give the same volume, the same mask and a SEG whose
+frames sit on the right slices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import zipfile
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from dicom_series import PLANTED_BIRTH, PLANTED_ID, PLANTED_NAME, rotation, study_ids, write_series, zip_bytes
+from helpers import BRATS, require
+
+from brainseg import dicom
+from brainseg.channels import describe_volume
+from brainseg.cli import main as cli_main
+from brainseg.volumes import load_volume
+
+Z0, Z1 = 50, 90  # slices of the example study kept (lesions are there)
+SERIES = (("t2f", 1, "AX FLAIR"), ("t1n", 2, "AX T1 PRE"), ("t1c", 3, "AX T1 POST GD"))
+LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+@pytest.fixture(scope="session")
+def study(tmp_path_factory):
+    """{"nifti": [t1n, t2f, t1c paths], "dicom": folder of 3 series, "uids": ..., "data": {seq: array}}."""
+    root = tmp_path_factory.mktemp("dicom_study")
+    ids = study_ids()
+    out = {"nifti": {}, "dicom": root / "study", "data": {}, "ids": ids}
+    for seq, number, desc in SERIES:
+        img = nib.load(require(BRATS / f"BraTS-MET-00110-000-{seq}.nii.gz"))
+        shift = np.eye(4)
+        shift[2, 3] = Z0
+        affine = rotation(12, 8) @ img.affine @ shift
+        data = np.asarray(img.dataobj)[:, :, Z0:Z1]
+        path = root / f"case-{seq}.nii.gz"
+        nib.save(nib.Nifti1Image(data, affine), path)
+        out["nifti"][seq], out["data"][seq], out["affine"] = path, data, affine
+        write_series(out["dicom"] / desc.replace(" ", "_"), data, affine, ids, number=number, description=desc)
+    return out
+
+
+def items(folder) -> list[tuple[str, bytes]]:
+    return [(str(p), p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()]
+
+
+def small_series(tmp_path, name="s", shape=(32, 32, 8), **kw) -> list:
+    """A small synthetic MR series (values 0..999) in ``tmp_path/name``; returns its files."""
+    data = np.random.default_rng(0).integers(0, 1000, shape).astype(np.int16)
+    return write_series(tmp_path / name, data, np.diag([1.0, 1.0, 2.0, 1.0]), kw.pop("ids", None) or study_ids(), **kw)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def test_dicom_series_reads_as_the_nifti_of_the_same_data(study):
+    vol = dicom.load_dicom(items(study["dicom"]), "study.zip", name="study")
+    ref = load_volume([study["nifti"][s] for s in ("t1n", "t2f", "t1c")])
+    # Identical values: slices sorted by position (the files are shuffled), rescale slope / intercept applied.
+    assert vol.slices.shape == ref.slices.shape == (Z1 - Z0, 240, 240, 3)
+    assert np.array_equal(vol.slices, ref.slices)
+    assert np.allclose(vol.affine, ref.affine, atol=1e-4), "the affine built from the DICOM geometry is the NIfTI one"
+    assert np.allclose(vol.spacing, ref.spacing, atol=1e-5) and vol.shape == ref.shape
+    assert (vol.condition, vol.present, vol.name) == ("all", ("t1n", "t2f", "t1c"), "study")
+    block = vol.dicom.block()
+    assert [s["used_as"] for s in block["series"]] == ["FLAIR", "pre-contrast T1", "post-contrast T1"]
+    assert block["channel_sources"] == ["series 2 (AX T1 PRE)", "series 1 (AX FLAIR)", "series 3 (AX T1 POST GD)"]
+    assert block["window_presets"][1] == [{"center": 400.0, "width": 800.0, "name": "header 1"}]
+
+
+def test_display_slices_are_the_stored_dicom_images(study):
+    """Slice z of the volume is the file whose position is z-th along the stack, as the scanner stored it."""
+    vol = dicom.load_dicom(items(study["dicom"] / "AX_FLAIR"), "flair")
+    refs = vol.dicom.references
+    for z in (0, 17, len(refs) - 1):
+        ds = pydicom.dcmread(next(p for p in (study["dicom"] / "AX_FLAIR").iterdir() if pydicom.dcmread(p).SOPInstanceUID == refs[z].SOPInstanceUID))
+        assert np.array_equal(vol.slices[z, :, :, 1], ds.pixel_array * 0.5 - 1000)
+    positions = np.array([r.ImagePositionPatient for r in refs], float)
+    normal = np.cross(*np.reshape(refs[0].ImageOrientationPatient, (2, 3)))
+    along = positions @ normal
+    assert np.all(np.diff(along) != 0) and (np.all(np.diff(along) > 0) or np.all(np.diff(along) < 0)), "sorted along the normal"
+    assert (LPS @ np.diff(positions, axis=0).mean(0))[2] > 0, "the stack runs towards superior, as the NIfTI does"
+
+
+def test_one_series_is_read_like_one_volume(study):
+    vol = dicom.load_dicom(items(study["dicom"] / "AX_T1_PRE"), "t1")
+    block = describe_volume(vol)
+    assert vol.condition == "flair_only" and vol.name_sequence == "t1"
+    assert block["warnings"] and "pre-contrast T1" in block["warnings"][0], "a lone T1 is outside the training: said so"
+
+
+# ---------------------------------------------------------------- series to sequences
+
+
+@pytest.mark.parametrize(
+    "desc, extra, expected",
+    [
+        ("AX FLAIR", {}, "flair"),
+        ("t2_tirm_tra_dark-fluid", {}, "flair"),
+        ("AX T1 FLAIR", {}, "t1"),  # a T1-weighted FLAIR is a T1
+        ("T1 MPRAGE POST GD", {}, "t1c"),
+        ("sag t1 mprage", {"ContrastBolusAgent": "Gadovist"}, "t1c"),
+        ("AX T1 SE", {}, "t1"),
+        ("AX T2 TSE", {}, "t2"),
+        ("ep2d_diff_3scan_trace", {}, "other"),
+        ("ADC", {}, "other"),
+        ("3-plane loc", {}, "other"),
+        ("", {"InversionTime": 2500, "EchoTime": 120, "RepetitionTime": 9000}, "flair"),
+        ("", {"EchoTime": 12, "RepetitionTime": 600}, "t1"),
+        ("series 7", {}, None),
+    ],
+)
+def test_sequence_of_a_series(desc, extra, expected):
+    ds = pydicom.Dataset()
+    ds.SeriesDescription = desc
+    for k, v in extra.items():
+        setattr(ds, k, v)
+    assert dicom.sequence_of(ds)[0] == expected
+
+
+def test_ambiguous_and_missing_sequences_are_refused_by_name(tmp_path):
+    ids = study_ids()
+    small_series(tmp_path, "a", ids=ids, number=4, description="AX FLAIR")
+    small_series(tmp_path, "b", ids=ids, number=5, description="COR FLAIR")
+    with pytest.raises(dicom.DicomError, match=r"ambiguous: series 4 \(AX FLAIR\), series 5 \(COR FLAIR\) all look like FLAIR"):
+        dicom.load_dicom(items(tmp_path), "study.zip")
+    other = tmp_path / "other"
+    small_series(other, "a", ids=ids, number=2, description="AX T1")
+    small_series(other, "b", ids=ids, number=3, description="AX T1 +C")
+    with pytest.raises(dicom.DicomError, match="no FLAIR series among 2 series"):
+        dicom.load_dicom(items(other), "study.zip")
+
+
+def test_post_contrast_missing_is_filled_with_flair_and_t2_is_noted(tmp_path):
+    ids = study_ids()
+    small_series(tmp_path, "f", ids=ids, number=1, description="AX FLAIR")
+    small_series(tmp_path, "t", ids=ids, number=2, description="AX T1")
+    small_series(tmp_path, "w", ids=ids, number=3, description="AX T2")
+    vol = dicom.load_dicom(items(tmp_path), "study.zip")
+    assert vol.condition == "post_missing" and np.array_equal(vol.slices[..., 2], vol.slices[..., 1])
+    assert "series 3 (AX T2) not used: T2 is not used by the models" in vol.notes
+    assert vol.dicom.channel_sources[2] == "series 1 (AX FLAIR), a copy of FLAIR"
+
+
+def test_a_series_on_another_grid_is_resampled_onto_flair(tmp_path):
+    """Same frame of reference, half the in-plane resolution: resampled (linear) onto the FLAIR grid."""
+    ids = study_ids()
+    ramp = np.broadcast_to(np.arange(32, dtype=np.int16)[:, None, None] * 10, (32, 32, 8))
+    write_series(tmp_path / "f", ramp, np.diag([1.0, 1.0, 2.0, 1.0]), ids, number=1, description="AX FLAIR")
+    write_series(tmp_path / "t", np.ascontiguousarray(ramp[::2, ::2]), np.diag([2.0, 2.0, 2.0, 1.0]), ids, number=2, description="AX T1")
+    vol = dicom.load_dicom(items(tmp_path), "study.zip")
+    assert vol.condition == "post_missing" and vol.slices.shape == (8, 32, 32, 3)
+    assert any("resampled onto the FLAIR grid" in n for n in vol.notes)
+    # x = column: the ramp runs along columns; the T1's voxel centres fall on even FLAIR columns.
+    assert np.allclose(vol.slices[3, 5, 0:30:2, 0], vol.slices[3, 5, 0:30:2, 1])
+
+
+# ---------------------------------------------------------------- bad DICOM
+
+
+def test_bad_dicom_gets_one_plain_line(tmp_path):
+    files = small_series(tmp_path, "ok")
+    good = items(tmp_path / "ok")
+
+    def edited(edit) -> list[tuple[str, bytes]]:
+        out = []
+        for i, p in enumerate(files):
+            ds = pydicom.dcmread(p)
+            edit(ds, i)
+            buf = io.BytesIO()
+            ds.save_as(buf)
+            out.append((p.name, buf.getvalue()))
+        return out
+
+    def no_pixels(ds, i):
+        del ds.PixelData
+
+    def tilted(ds, i):
+        if i == 3:
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 0.8, 0.6]
+
+    def ct(ds, i):
+        ds.Modality = "CT"
+
+    def jpeg_lossless(ds, i):
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEGLossless
+        ds.PixelData = pydicom.encaps.encapsulate([b"\xff\xd8" + b"\0" * 64])
+
+    cases = {
+        "no pixel data": (no_pixels, "have no pixel data"),
+        "inconsistent geometry": (tilted, "not one evenly spaced stack"),
+        "not MR": (ct, "CT, not MR"),
+        "compressed without decoder": (jpeg_lossless, r"compressed as JPEG Lossless, Non-Hierarchical \(Process 14\), and this server has no decoder"),
+    }
+    for what, (edit, words) in cases.items():
+        with pytest.raises(dicom.DicomError, match=words) as info:
+            dicom.load_dicom(edited(edit), "upload.zip")
+        assert info.value.status == 422 and "\n" not in str(info.value), what
+    missing = [it for i, it in enumerate(good) if i != 4]  # a slice missing from the stack
+    with pytest.raises(dicom.DicomError, match="not one evenly spaced stack"):
+        dicom.load_dicom(missing, "upload.zip")
+    with pytest.raises(dicom.DicomError, match="nothing usable: 2 file"):
+        dicom.load_dicom([("README.txt", b"hello"), ("x.jpg", b"\xff\xd8\xff")], "upload.zip")
+
+
+def test_zip_bomb_and_broken_zips_are_refused_before_inflating():
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("IM0001.dcm", b"\0" * (64 << 20))  # 64 MiB of zeros: ~64 KiB packed
+    bomb = buf.getvalue()
+    assert len(bomb) < 1 << 20
+    with pytest.raises(dicom.DicomTooLarge, match="possible zip bomb") as info:
+        dicom.unzip(bomb, "bomb.zip", max_bytes=256 << 20)
+    assert info.value.status == 413
+    with pytest.raises(dicom.DicomTooLarge, match="above the limit"):
+        dicom.unzip(bomb, "bomb.zip", max_bytes=32 << 20)
+    with pytest.raises(dicom.DicomError, match="not a readable .zip"):
+        dicom.unzip(bomb[: len(bomb) // 2], "cut.zip", max_bytes=256 << 20)
+
+
+# ---------------------------------------------------------------- CLI, SEG, privacy
+
+
+@pytest.fixture(scope="module")
+def cli_outputs(study, tiny_model_dir, tmp_path_factory):
+    """``brainseg predict`` on the DICOM study (a zip named after the patient) and on its NIfTI files;
+    what it printed and logged (every logger, DEBUG) is kept in ``said.txt`` beside the outputs."""
+    out = tmp_path_factory.mktemp("predict")
+    zipped = tmp_path_factory.mktemp("upload") / f"{PLANTED_NAME.replace('^', '_')}.zip"
+    zipped.write_bytes(zip_bytes([study["dicom"]]))
+    args = ["--out", str(out), "--model-dir", str(tiny_model_dir), "--threshold", "0.2"]
+    said, handler = io.StringIO(), logging.StreamHandler()
+    handler.setStream(said)
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+            assert cli_main(["predict", str(zipped), *args]) == 0
+            assert cli_main(["predict", *(str(study["nifti"][s]) for s in ("t1n", "t2f", "t1c")), *args]) == 0
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    (out / "said.txt").write_text(said.getvalue())
+    return out
+
+
+def test_cli_dicom_gives_the_mask_of_the_nifti_path(cli_outputs):
+    from_dicom = nib.load(cli_outputs / "dicom_mask.nii.gz")  # the zip's name holds the patient's name: not used
+    from_nifti = nib.load(cli_outputs / "case_mask.nii.gz")
+    a, b = np.asarray(from_dicom.dataobj), np.asarray(from_nifti.dataobj)
+    assert a.sum() > 0, "a non-empty mask, so the comparison says something"
+    assert np.array_equal(a, b), "identical voxels"
+    assert np.allclose(from_dicom.affine, from_nifti.affine, atol=1e-4)
+
+
+def test_seg_reads_back_references_the_source_and_maps_frames_to_slices(cli_outputs, study):
+    import highdicom as hd
+
+    seg_path = cli_outputs / "dicom_seg.dcm"
+    ds = pydicom.dcmread(seg_path)
+    assert ds.Modality == "SEG" and ds.SOPClassUID == pydicom.uid.SegmentationStorage and ds.SegmentationType == "BINARY"
+    assert str(ds.PatientName) == PLANTED_NAME and ds.PatientID == PLANTED_ID, "the SEG carries the study's identifiers"
+    assert ds.StudyInstanceUID == study["ids"]["study"] and ds.FrameOfReferenceUID == study["ids"]["frame"]
+    segment = ds.SegmentSequence[0]
+    assert segment.SegmentLabel == "lesion" and segment.SegmentAlgorithmType == "AUTOMATIC"
+    assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "52988006"  # SCT Lesion
+    assert segment.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "49755003"  # morphologically abnormal structure
+    algo = segment.SegmentationAlgorithmIdentificationSequence[0]
+    assert algo.AlgorithmName == "brainseg attention_unet" and len(algo.AlgorithmVersion) == 12 and "brainseg=" in algo.AlgorithmParameters
+
+    sources = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in (study["dicom"] / "AX_FLAIR").iterdir()}
+    referenced = {r.SeriesInstanceUID: {i.ReferencedSOPInstanceUID for i in r.ReferencedInstanceSequence} for r in ds.ReferencedSeriesSequence}
+    flair_series = next(iter(sources.values())).SeriesInstanceUID
+    assert referenced[flair_series] == set(sources) and len(referenced) == 3, "every FLAIR image, and the T1 series used"
+
+    # Independently of brainseg's slice order: each source image's position, through the NIfTI
+    # mask's affine, names the NIfTI slice whose display (rot90) must equal the SEG frame on it.
+    nifti = nib.load(cli_outputs / "case_mask.nii.gz")
+    mask, inv = np.asarray(nifti.dataobj).astype(bool), np.linalg.inv(nifti.affine)
+    seg = hd.seg.segread(seg_path)
+    assert seg.number_of_frames == len(sources) == mask.shape[2]
+    for uid, src in sources.items():
+        k = (inv @ np.append(LPS @ np.asarray(src.ImagePositionPatient, float), 1.0))[2]
+        assert abs(k - round(k)) < 1e-3
+        frame = seg.get_pixels_by_source_instance(source_sop_instance_uids=[uid], segment_numbers=[1])[0, :, :, 0]
+        assert np.array_equal(frame.astype(bool), np.rot90(mask[:, :, int(round(k))])), f"frame on slice {k:.0f}"
+    assert mask.any()
+
+
+def test_privacy_nothing_but_the_seg_names_the_patient(cli_outputs):
+    """Name (and its parts), id and birth date: in the SEG (to be linkable), nowhere else: file names,
+    the lesion JSON, the NIfTI mask, the overlay, what the CLI printed and logged."""
+    assert "channels read from" in (cli_outputs / "said.txt").read_text(), "the CLI's report was captured"
+    for path in cli_outputs.iterdir():
+        data = path.read_bytes()
+        if path.name == "dicom_seg.dcm":
+            assert all(p.encode() in data for p in (PLANTED_NAME, PLANTED_ID, PLANTED_BIRTH))
+            continue
+        for planted in ("Zzyzx", "Quentin", PLANTED_ID, PLANTED_BIRTH, "1947-11-03"):
+            assert planted.encode().lower() not in data.lower() and planted.lower() not in path.name.lower(), f"{planted} in {path.name}"
