@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import gzip
 import io
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -55,8 +58,15 @@ def make_client(model_dir, **overrides):
     from brainseg.serving.api import create_app
     from brainseg.serving.settings import Settings
 
+    overrides.setdefault("result_dir", _temporary_dir("brainseg-test-results-"))  # each client its own results
     settings = Settings.from_env({}, model_dir=str(model_dir), backend="onnx", onnx_threads=1, **overrides)
     return TestClient(create_app(settings))
+
+
+def _temporary_dir(prefix: str) -> str:
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def segment(client, files, **params):

@@ -26,7 +26,6 @@ from helpers import make_client, nifti, segment, tiff  # noqa: E402
 
 from brainseg.serving.api import create_app  # noqa: E402
 from brainseg.serving.settings import Settings  # noqa: E402
-from brainseg.serving.store import ResultStore, StoredResult  # noqa: E402
 from brainseg.serving.uploads import image_size  # noqa: E402
 from brainseg.synthetic import synthetic_png, synthetic_slice  # noqa: E402
 
@@ -454,22 +453,6 @@ def test_server_fault_is_a_500_with_an_id_logged_once(tiny_model_dir, caplog):
 
 
 # ---------------------------------------------------------------- pieces
-
-
-def test_result_store_evicts_least_recently_used():
-    def res(n=1):
-        return StoredResult("slice", np.zeros((n, 10, 10, 3), np.uint8), np.zeros((n, 10, 10), bool), {})
-
-    store = ResultStore(max_items=2, max_bytes=10_000)
-    a, b, c = res(), res(), res()
-    for r in (a, b):
-        store.put(r)
-    assert store.get(a.id) is a  # a is now the most recent
-    store.put(c)
-    assert store.get(b.id) is None and store.get(a.id) is a and store.get(c.id) is c
-    big = res(30)  # 30 * 400 bytes > 10 000: alone above the byte limit, it still stays
-    store.put(big)
-    assert len(store) == 1 and store.get(big.id) is big
 
 
 def test_image_size_from_headers():

@@ -423,7 +423,7 @@ async def _drain(receive, limit: int) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     engine = Engine(settings)
-    store = ResultStore(settings.max_results, int(settings.result_store_mb * 2**20), ttl_s=settings.result_ttl_s)
+    store = ResultStore.from_settings(settings)
     limits = Limits(max_pixels=settings.max_pixels, max_voxels=settings.max_voxels, max_decoded_bytes=settings.max_decoded_bytes)
 
     @asynccontextmanager

@@ -14,10 +14,14 @@ BRAINSEG_MAX_DECODED_MB     bytes one request's files decode to, as      256
                             checked from the headers before decoding
 BRAINSEG_MAX_FORM_FIELDS    form fields besides files, per request       16
 BRAINSEG_MAX_FILES          file parts per request                       8
-BRAINSEG_MAX_RESULTS        results kept for download (LRU)              16
-BRAINSEG_RESULT_STORE_MB    memory the kept results may use, in MiB      1024
+BRAINSEG_RESULT_DIR         folder the results are kept in, one file     <temp>/brainseg-
+                            each; every worker and replica that shares   results-<uid>
+                            it serves every result (see store.py)
+BRAINSEG_MAX_RESULTS        results kept for download (oldest go first)  16
+BRAINSEG_RESULT_STORE_MB    disk the kept results may use, in MiB (a     1024
+                            240x240x155 volume takes about 5)
 BRAINSEG_RESULT_TTL_S       seconds a result stays readable (also        3600
-                            DELETE /v1/results/{id}); memory only
+                            DELETE /v1/results/{id})
 BRAINSEG_MAX_CONCURRENT     inferences running at once                   2
 BRAINSEG_MAX_QUEUE          segment requests waiting beyond those; more  8
                             get 503 with Retry-After at once
@@ -54,6 +58,7 @@ class Settings(BaseModel):
     max_decoded_mb: float = Field(256.0, gt=0)
     max_form_fields: int = Field(16, ge=1)
     max_files: int = Field(8, ge=1)
+    result_dir: str | None = None  # None: store.default_result_dir() at use time
     max_results: int = Field(16, ge=1)
     result_store_mb: float = Field(1024.0, gt=0)
     result_ttl_s: float = Field(3600.0, gt=0)
