@@ -127,3 +127,31 @@ def zip_bytes(folders: list[Path], names: dict[str, bytes] | None = None) -> byt
 
 def read(path: Path) -> Dataset:
     return pydicom.dcmread(path)
+
+
+BRATS_SERIES = (("t2f", 1, "AX FLAIR"), ("t1n", 2, "AX T1 PRE"), ("t1c", 3, "AX T1 POST GD"))
+BRATS_SLICES = (50, 90)  # slices of the example study kept (lesions are there)
+
+
+def write_brats_study(root: Path, brats_dir: Path) -> dict:
+    """The BraTS example (t2f, t1n, t1c), cut to 40 slices and tilted (12 degrees about x, 8 about z),
+    written as NIfTI (``case-<seq>.nii.gz``, the tilted affine) and as three DICOM series under ``study/``.
+
+    Returns {"nifti": {seq: path}, "dicom": folder, "ids": study uids, "affine": the tilted affine}.
+    """
+    import nibabel as nib
+
+    z0, z1 = BRATS_SLICES
+    ids = study_ids()
+    out = {"nifti": {}, "dicom": root / "study", "ids": ids}
+    for seq, number, desc in BRATS_SERIES:
+        img = nib.load(brats_dir / f"BraTS-MET-00110-000-{seq}.nii.gz")
+        shift = np.eye(4)
+        shift[2, 3] = z0
+        affine = rotation(12, 8) @ img.affine @ shift
+        data = np.asarray(img.dataobj)[:, :, z0:z1]
+        out["nifti"][seq] = root / f"case-{seq}.nii.gz"
+        nib.save(nib.Nifti1Image(data, affine), out["nifti"][seq])
+        out["affine"] = affine
+        write_series(out["dicom"] / desc.replace(" ", "_"), data, affine, ids, number=number, description=desc)
+    return out

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from dicom_series import PLANTED_BIRTH, PLANTED_ID, PLANTED_NAME, rotation, study_ids, write_series, zip_bytes
+from dicom_series import BRATS_SLICES, PLANTED_BIRTH, PLANTED_ID, PLANTED_NAME, study_ids, write_brats_study, write_series, zip_bytes
 from helpers import BRATS, require
 
 from brainseg import dicom
@@ -26,28 +26,14 @@ from brainseg.channels import describe_volume
 from brainseg.cli import main as cli_main
 from brainseg.volumes import load_volume
 
-Z0, Z1 = 50, 90  # slices of the example study kept (lesions are there)
-SERIES = (("t2f", 1, "AX FLAIR"), ("t1n", 2, "AX T1 PRE"), ("t1c", 3, "AX T1 POST GD"))
+Z0, Z1 = BRATS_SLICES
 LPS = np.diag([-1.0, -1.0, 1.0])
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    """{"nifti": [t1n, t2f, t1c paths], "dicom": folder of 3 series, "uids": ..., "data": {seq: array}}."""
-    root = tmp_path_factory.mktemp("dicom_study")
-    ids = study_ids()
-    out = {"nifti": {}, "dicom": root / "study", "data": {}, "ids": ids}
-    for seq, number, desc in SERIES:
-        img = nib.load(require(BRATS / f"BraTS-MET-00110-000-{seq}.nii.gz"))
-        shift = np.eye(4)
-        shift[2, 3] = Z0
-        affine = rotation(12, 8) @ img.affine @ shift
-        data = np.asarray(img.dataobj)[:, :, Z0:Z1]
-        path = root / f"case-{seq}.nii.gz"
-        nib.save(nib.Nifti1Image(data, affine), path)
-        out["nifti"][seq], out["data"][seq], out["affine"] = path, data, affine
-        write_series(out["dicom"] / desc.replace(" ", "_"), data, affine, ids, number=number, description=desc)
-    return out
+    require(BRATS)
+    return write_brats_study(tmp_path_factory.mktemp("dicom_study"), BRATS)
 
 
 def items(folder) -> list[tuple[str, bytes]]:
