@@ -295,3 +295,47 @@ def test_privacy_nothing_but_the_seg_names_the_patient(cli_outputs):
             continue
         for planted in ("Zzyzx", "Quentin", PLANTED_ID, PLANTED_BIRTH, "1947-11-03"):
             assert planted.encode().lower() not in data.lower() and planted.lower() not in path.name.lower(), f"{planted} in {path.name}"
+
+
+def test_real_world_quirks_are_read(tmp_path):
+    """Files without the 128-byte preamble and file meta (old exports), ImageOrientationPatient that
+    differs in the 7th decimal between slices, a RescaleSlope that changes per slice (as Philips
+    writes), and a series with no description (TR / TE say it is a T1)."""
+    data = np.random.default_rng(1).integers(0, 1000, (32, 32, 8)).astype(np.int16)
+    files = write_series(tmp_path / "s", data, np.diag([1.0, 1.0, 2.0, 1.0]), study_ids(), description="AX FLAIR", slope=1.0, intercept=0.0)
+    raw = []
+    for i, p in enumerate(files):
+        ds = pydicom.dcmread(p)
+        ds.ImageOrientationPatient = [v + (1e-7 if i % 2 else 0.0) for v in ds.ImageOrientationPatient]
+        if i % 3 == 0:  # same values, stored at twice the numbers with half the slope
+            ds.PixelData = (ds.pixel_array.astype(np.uint16) * 2).tobytes()
+            ds.RescaleSlope = 0.5
+        buf = io.BytesIO()
+        if i % 2:
+            del ds.file_meta
+            ds.preamble = None
+            pydicom.dcmwrite(buf, ds, implicit_vr=True, little_endian=True)  # no preamble, no file meta
+        else:
+            ds.save_as(buf)
+        raw.append((p.name, buf.getvalue()))
+    assert raw[1][1][128:132] != b"DICM" and raw[1][1][:2] == b"\x08\x00"
+    vol = dicom.load_dicom(raw, "old.zip")
+    ref = dicom.load_dicom(items(tmp_path / "s"), "new.zip")
+    assert np.array_equal(vol.slices, ref.slices)
+    assert np.array_equal(vol.slices[:, :, :, 1], np.stack([np.rot90(data[:, :, k]) for k in range(8)]).astype(np.float32))
+    ds = pydicom.Dataset()
+    ds.EchoTime, ds.RepetitionTime = 9, 450
+    assert dicom.sequence_of(ds) == ("t1", "TR 450 ms, TE 9 ms")
+
+
+def test_several_echoes_in_one_series_are_refused(tmp_path):
+    files = small_series(tmp_path, "a")
+    twice = items(tmp_path / "a")
+    for p in files[:3]:  # a second echo at the same positions, in the same series
+        ds = pydicom.dcmread(p)
+        ds.SOPInstanceUID, ds.EchoNumbers = pydicom.uid.generate_uid(), 2
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        twice.append((p.name + "e2", buf.getvalue()))
+    with pytest.raises(dicom.DicomError, match="several echoes"):
+        dicom.load_dicom(twice, "upload.zip")
