@@ -24,6 +24,16 @@ from .preprocessing import intensity_window, preprocess_slice, restore_size
 log = logging.getLogger(__name__)
 
 ONNX_METADATA_KEY = "brainseg_config"
+PRECISIONS = ("fp32", "int8")
+INT8_SUFFIX = ".int8.onnx"
+
+
+def int8_path(path: os.PathLike | str) -> Path:
+    """Where the INT8 model of a model file lives: ``X.pt`` / ``X.onnx`` -> ``X.int8.onnx`` beside it."""
+    path = Path(path)
+    if path.name.endswith(INT8_SUFFIX):
+        return path
+    return path.with_name(path.name[: -len(path.suffix)] + INT8_SUFFIX if path.suffix else path.name + INT8_SUFFIX)
 
 
 class OnnxBackend:
@@ -40,6 +50,8 @@ class OnnxBackend:
         payload = json.loads(meta[ONNX_METADATA_KEY])
         self.config = ExperimentConfig.from_dict(payload["config"])
         self.info = payload.get("info", {})
+        self.precision = payload.get("precision", "fp32")  # "int8" for a file written by ``export.quantize_int8``
+        self.calibration = payload.get("calibration")
         self.input_name = self.session.get_inputs()[0].name
         self.kind = "onnx"
 
@@ -59,6 +71,7 @@ class TorchBackend:
         self.model = model_from_checkpoint(ckpt).to(self.device).eval()
         self.config = ExperimentConfig.from_dict(ckpt["config"])
         self.info = ckpt.get("info", {})
+        self.precision = "fp32"
         self.kind = "torch"
         self._torch = torch
 
@@ -88,6 +101,11 @@ class Segmenter:
     @property
     def postprocess(self) -> PostprocessConfig:
         return self.config.postprocess
+
+    @property
+    def precision(self) -> str:
+        """``fp32`` or ``int8`` (a quantised ONNX file)."""
+        return getattr(self.backend, "precision", "fp32")
 
     def probabilities(self, images: list[np.ndarray], tta: bool = False, batch_size: int = 16, window: tuple | None = None) -> list[np.ndarray]:
         """Raw (H, W, 3) slices -> (H, W) float32 lesion probabilities, one per slice.
