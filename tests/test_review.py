@@ -30,3 +30,24 @@ def test_window_level_in_the_inputs_units():
     assert display_window(None) == {"low": [0.0, 0.0, 0.0], "high": [255.0, 255.0, 255.0]}
     with pytest.raises(ValueError):
         window_level(display, window, center=1.0, width=0.0)
+
+
+def test_the_result_store_keeps_probabilities_and_the_dicom_seg(tmp_path):
+    from brainseg.serving.store import ResultStore, StoredResult
+
+    rng = np.random.default_rng(0)
+    display = rng.integers(0, 255, (3, 20, 24, 3), dtype=np.uint8)
+    mask = rng.random((3, 20, 24)) > 0.7
+    prob = rng.integers(0, 255, (3, 20, 24), dtype=np.uint8)
+    store = ResultStore(tmp_path)
+    with_both = StoredResult("volume", display, mask, {"kind": "volume"}, affine=np.eye(4), prob=prob, seg_dicom=b"\0" * 128 + b"DICM seg")
+    plain = StoredResult("volume", display, mask, {"kind": "volume"}, affine=np.eye(4))
+    store.put(with_both)
+    store.put(plain)
+    back = store.get(with_both.id)
+    assert np.array_equal(back.prob[2], prob[2]) and np.array_equal(np.asarray(back.prob), prob)
+    assert back.dicom_seg() == b"\0" * 128 + b"DICM seg"
+    other = store.get(plain.id)
+    assert other.prob is None and other.dicom_seg() is None
+    with pytest.raises(ValueError, match="prob must be"):
+        store.put(StoredResult("volume", display, mask, {}, prob=prob[:2]))

@@ -10,6 +10,8 @@ The file is an ordinary ``.npz`` (``np.load`` opens it)::
     meta.json           kind, name, owner, summary, affine, shapes
     mask_bits.npy       (Z, H, ceil(W / 8)) uint8, the mask packed along W (np.packbits)
     display_0000.npy    (H, W, 3) uint8, one member per slice, deflated (level 1)
+    prob_0000.npy       (H, W) uint8, the lesion probability x 255, one member per slice (optional)
+    seg.dcm             the DICOM SEG of a DICOM input (optional; it carries the study's identifiers)
 
 A 240x240x155 BraTS result takes about 5 MB on disk (33 MB as arrays). A result read back
 holds only its metadata and packed mask in memory; display slices are read one at a time
@@ -65,6 +67,15 @@ class StoredResult:
     owner: str | None = None  # which API key made it (a hash); only that key reads it back
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: float = field(default_factory=time.time)  # seconds since the epoch
+    prob: np.ndarray | None = None  # (Z, H, W) uint8, lesion probability x 255 (``review.probability_u8``); read lazily once stored
+    seg_dicom: bytes | None = None  # the DICOM SEG (DICOM input only); once stored, read from the file by ``dicom_seg()``
+    _member: object = field(default=None, repr=False, compare=False)  # reads a member of the stored file by name
+
+    def dicom_seg(self) -> bytes | None:
+        """The DICOM SEG of a DICOM input, None for any other result."""
+        if self.seg_dicom is None and self._member is not None:
+            return self._member("seg.dcm")
+        return self.seg_dicom
 
     def nifti(self) -> bytes:
         """The mask as .nii.gz on the input's voxel grid and affine (volumes only)."""
@@ -106,7 +117,10 @@ def encode_result(result: StoredResult) -> bytes:
         "affine": None if result.affine is None else np.asarray(result.affine, float).tolist(),
         "mask_shape": list(mask.shape),
         "display_shape": list(display.shape),
+        "prob_shape": None if result.prob is None else list(np.shape(result.prob)),
     }
+    if result.prob is not None and (np.shape(result.prob) != mask.shape or np.asarray(result.prob[:1]).dtype != np.uint8):
+        raise ValueError(f"prob must be (Z, H, W) uint8 like the mask {mask.shape}")
     buf = io.BytesIO()
     # Level 1: nearly the size of level 6 on these images at two thirds of the time.
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
@@ -114,6 +128,11 @@ def encode_result(result: StoredResult) -> bytes:
         zf.writestr("mask_bits.npy", _npy(np.packbits(mask, axis=-1)))
         for z in range(display.shape[0]):
             zf.writestr(f"display_{z:04d}.npy", _npy(display[z]))
+        for z in range(mask.shape[0] if result.prob is not None else 0):
+            zf.writestr(f"prob_{z:04d}.npy", _npy(np.asarray(result.prob[z])))
+        seg = result.dicom_seg()
+        if seg is not None:
+            zf.writestr("seg.dcm", seg)
     return buf.getvalue()
 
 
@@ -124,8 +143,8 @@ class LazySlices:
     The file stays open while this object lives, so an eviction meanwhile does not break a reader.
     """
 
-    def __init__(self, zf: zipfile.ZipFile, rid: str, shape: tuple[int, ...], gone):
-        self._zf, self._rid, self.shape, self._gone = zf, rid, shape, gone
+    def __init__(self, zf: zipfile.ZipFile, rid: str, shape: tuple[int, ...], gone, prefix: str = "display_"):
+        self._zf, self._rid, self.shape, self._gone, self._prefix = zf, rid, shape, gone, prefix
         self.dtype, self.ndim = np.dtype(np.uint8), len(shape)
 
     def __len__(self) -> int:
@@ -138,7 +157,7 @@ class LazySlices:
         if not 0 <= z < self.shape[0]:
             raise IndexError(f"slice {z} out of range 0..{self.shape[0] - 1}")
         try:
-            arr = np.load(io.BytesIO(self._zf.read(f"display_{z:04d}.npy")), allow_pickle=False)
+            arr = np.load(io.BytesIO(self._zf.read(f"{self._prefix}{z:04d}.npy")), allow_pickle=False)
         except Exception:  # CRC error, missing member, bad header: the file was damaged after it was written
             arr = None
         if arr is None or arr.shape != self.shape[1:] or arr.dtype != np.uint8:
@@ -187,6 +206,10 @@ def decode_result(rid: str, zf: zipfile.ZipFile, created: float, gone=lambda rid
     if sum(n.startswith("display_") for n in zf.namelist()) != dshape[0]:
         raise ValueError("display slices missing")
     affine = None if meta["affine"] is None else np.asarray(meta["affine"], float)
+    pshape = meta.get("prob_shape")
+    if pshape is not None and (tuple(pshape) != mshape or sum(n.startswith("prob_") for n in zf.namelist()) != mshape[0]):
+        raise ValueError("probability slices missing")
+    names = set(zf.namelist())
     return StoredResult(
         meta["kind"],
         LazySlices(zf, rid, dshape, gone),
@@ -197,6 +220,8 @@ def decode_result(rid: str, zf: zipfile.ZipFile, created: float, gone=lambda rid
         owner=meta["owner"],
         id=rid,
         created=created,
+        prob=None if pshape is None else LazySlices(zf, rid, tuple(pshape), gone, prefix="prob_"),
+        _member=lambda name: zf.read(name) if name in names else None,
     )
 
 
