@@ -32,7 +32,7 @@ from brainseg.evaluation import PROTOCOLS, conditions_table, evaluate_prediction
 from brainseg.export import export_onnx
 from brainseg.inference import Ensemble, Segmenter, TorchBackend, load_segmenter
 from brainseg.pipeline import CALIBRATION_CONDITIONS, SELECTED_BY, calibrate, condition_summary
-from brainseg.registry import write_registry
+from brainseg.registry import EnsembleEntry, ModelEntry, Registry, write_registry
 
 CONDS = tuple(CONDITIONS)
 REGISTRY_METRICS = ("per_patient_dice", "positive_slice_dice", "fp_slice_rate", "lesion_sensitivity", "hd95")
@@ -103,15 +103,16 @@ def main() -> int:
         reports[name] = report
         test_preds[name] = preds
         members.append(onnx_seg)
-        entries[name] = {
-            "checkpoint": f"{name}.pt",
-            "onnx": f"{name}.onnx",
-            "card": f"{name}.md",
-            "parameters": ckpt["info"]["parameters"],
-            "val_selection_score": score,
-            "metrics": {k: report[k] for k in REGISTRY_METRICS},
-            "conditions": registry_conditions(by_cond),
-        }
+        entries[name] = ModelEntry(
+            checkpoint=f"{name}.pt",
+            onnx=f"{name}.onnx",
+            card=f"{name}.md",
+            parameters=ckpt["info"]["parameters"],
+            val_selection_score=score,
+            metrics={k: report[k] for k in REGISTRY_METRICS},
+            conditions=registry_conditions(by_cond),
+            postprocess=post,
+        )
         write_json_atomic(out / f"{name}_test_report.json", report)
 
     ens = Ensemble(members)
@@ -123,18 +124,18 @@ def main() -> int:
     default = max(names, key=lambda n: chosen[n]["val_score"])
     write_registry(
         out,
-        {
-            "default": default,
-            "selected_by": SELECTED_BY,
-            "brainseg_version": __version__,
-            "split": {k: split[k] for k in ("train", "val", "test")},
-            "ensemble": {
-                "metrics": {k: reports["ensemble"][k] for k in REGISTRY_METRICS},
-                "conditions": registry_conditions(ens_by_cond),
-                "postprocess": asdict(ens.postprocess),
-            },
-            "models": entries,
-        },
+        Registry(
+            default=default,
+            selected_by=SELECTED_BY,
+            brainseg_version=__version__,
+            split={k: split[k] for k in ("train", "val", "test")},
+            ensemble=EnsembleEntry(
+                metrics={k: reports["ensemble"][k] for k in REGISTRY_METRICS},
+                conditions=registry_conditions(ens_by_cond),
+                postprocess=ens.postprocess,
+            ),
+            models=entries,
+        ),
     )
     write_json_atomic(out / "split.json", {**{k: split[k] for k in ("train", "val", "test")}, "seed": split.get("seed", 42)})
     labels = {DISPLAY_NAMES[n]: reports[n] for n in [*names, "ensemble"]}

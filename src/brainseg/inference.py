@@ -1,8 +1,9 @@
 """Inference engine: a model loaded once, the preprocessing saved with it, probabilities out.
 
-Backends: ONNX Runtime (``.onnx``, CPU default, no torch import) and PyTorch (``.pt``
-checkpoints, CUDA when available). ``Segmenter`` wraps one model, ``Ensemble`` averages
-the probabilities of several. All return probabilities in [0, 1] at the input's size.
+Backends: ONNX Runtime (``.onnx``, fp32 or INT8, CPU, no torch import) and PyTorch (``.pt``
+checkpoints, CUDA when available); which one runs is decided by ``registry.pick_backend``.
+``Segmenter`` wraps one model, ``Ensemble`` averages the probabilities of several. All return
+probabilities in [0, 1] at the input's size.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from .cache import build_cache, load_cache, reusable_split
 from .config import CONDITIONS, DISPLAY_NAMES, ExperimentConfig, PostprocessConfig
 from .data import DataError, default_holdout, discover, labelled, read_split, split_patients, write_json_atomic
 from .evaluation import evaluate_conditions, markdown_table, predict_patients, sweep_postprocess
-from .registry import REGISTRY, write_registry
+from .registry import REGISTRY, ModelEntry, Registry, read, write_registry
 
 log = logging.getLogger(__name__)
 
@@ -120,29 +120,30 @@ def train_models(
         report["val_selection_score"] = val_score
         reports[name] = report
         write_json_atomic(run / "test_report.json", report)
-        entry = {
-            "checkpoint": f"{name}/best.pt",
-            "val_selection_score": val_score,
-            "metrics": {k: report.get(k) for k in ("per_patient_dice", "lesion_sensitivity", "fp_slice_rate")},
-            "train_wall_seconds": round(wall, 1),
+        entry = ModelEntry(
+            checkpoint=f"{name}/best.pt",
+            val_selection_score=val_score,
+            metrics={k: report.get(k) for k in ("per_patient_dice", "lesion_sensitivity", "fp_slice_rate")},
+            postprocess=post,
+            train_wall_seconds=round(wall, 1),
             **result,
-        }
+        )
         if export_onnx:
             from .export import export_onnx as _export
 
             _export(run / "best.pt", run / "best.onnx")
-            entry["onnx"] = f"{name}/best.onnx"
+            entry.onnx = f"{name}/best.onnx"
         entries[name] = entry
     if int(os.environ.get("RANK", "0")) != 0 or not reports:
         return {}
     # Models trained earlier into the same folder stay in the comparison and the registry.
     if (out / REGISTRY).is_file():
-        for name, entry in json.loads((out / REGISTRY).read_text())["models"].items():
+        for name, entry in read(out).models.items():
             if name not in entries and (out / name / "test_report.json").is_file():
                 entries[name] = entry
                 reports[name] = json.loads((out / name / "test_report.json").read_text())
-    best = max(entries, key=lambda n: entries[n].get("val_selection_score") or -1.0)
-    write_registry(out, {"default": best, "selected_by": SELECTED_BY, "models": entries})
+    best = max(entries, key=lambda n: entries[n].val_selection_score or -1.0)
+    write_registry(out, Registry(default=best, selected_by=SELECTED_BY, models=entries))
     (out / "comparison.md").write_text(markdown_table({DISPLAY_NAMES[n]: r for n, r in reports.items()}))
     write_json_atomic(out / "comparison.json", reports)
     return {"reports": reports, "best": best, "test_patients": len(test_patients)}
