@@ -135,7 +135,13 @@ class Ensemble:
     name: str = "ensemble"
 
     @property
+    def precision(self) -> str:
+        return self.members[0].precision
+
+    @property
     def postprocess(self) -> PostprocessConfig:
+        """The ensemble's rule, written only here: the mean of the members' thresholds, the median
+        of their minimum sizes (3D and single-slice), 3D components when every member uses them."""
         ts = [m.postprocess.threshold for m in self.members]
         ms = [m.postprocess.min_size for m in self.members]
         c3 = all(m.postprocess.components_3d for m in self.members)
@@ -177,19 +183,29 @@ def binarize_stack(probs: np.ndarray, post: PostprocessConfig) -> np.ndarray:
     return np.stack([_clean(m, post.min_size) for m in mask]) if len(mask) else mask
 
 
-def load_segmenter(path: os.PathLike | str, name: str | None = None, prefer_onnx: bool = True) -> Segmenter:
+def load_backend(path: os.PathLike | str, kind: str, name: str | None = None, threads: int = 0) -> Segmenter:
+    """A Segmenter running ``path`` with ``kind`` = ``onnx`` (ONNX Runtime, CPU; fp32 or INT8) or ``torch``."""
+    backend = OnnxBackend(path, threads) if kind == "onnx" else TorchBackend(path)
+    return Segmenter(backend, name or backend.config.model.name, str(path))
+
+
+def load_segmenter(path: os.PathLike | str, name: str | None = None, prefer_onnx: bool = True, *, backend: str | None = None) -> Segmenter:
     """Load a ``.pt`` checkpoint or ``.onnx`` file.
 
-    Given a ``.pt`` with an ``.onnx`` beside it, ONNX Runtime is used on CPU-only machines
-    (``prefer_onnx``), PyTorch where CUDA is available.
+    A ``.pt`` with an ``.onnx`` beside it follows the backend rule of ``registry.pick_backend``
+    (ONNX Runtime on CPU-only machines, PyTorch where CUDA is available; ``prefer_onnx=False``
+    or ``backend="torch"``: PyTorch). An ``.onnx`` file runs with ONNX Runtime.
     """
+    from .registry import pick_backend
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model file not found")
-    onnx_path = path if path.suffix == ".onnx" else path.with_suffix(".onnx")
-    use_onnx = path.suffix == ".onnx" or (prefer_onnx and onnx_path.is_file() and not gpu_present())
-    backend = OnnxBackend(onnx_path) if use_onnx else TorchBackend(path)
-    return Segmenter(backend, name or backend.config.model.name, str(onnx_path if use_onnx else path))
+    if path.suffix == ".onnx":
+        return load_backend(path, "onnx", name)
+    onnx_path = path.with_suffix(".onnx")
+    kind = pick_backend(onnx_path.is_file(), True, backend if prefer_onnx else "torch")
+    return load_backend(onnx_path if kind == "onnx" else path, kind, name)
 
 
 def gpu_present() -> bool:
