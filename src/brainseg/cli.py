@@ -15,6 +15,7 @@ log = logging.getLogger("brainseg")
 
 DEFAULT_CACHE = "runs/cache"
 SEQUENCE_CHOICES = ("flair", "t1", "t1c", "t2")  # = channels.SEQUENCES (not imported here: no numpy for --help)
+PRECISION_CHOICES = ("fp32", "int8")  # = inference.PRECISIONS
 DEFAULT_RUN = "runs/train"
 
 
@@ -120,7 +121,14 @@ def cmd_train(a) -> int:
 def _load_model(a):
     from .registry import load
 
-    return load(name=a.model, model_dir=a.model_dir, checkpoint=a.checkpoint, prefer_onnx=not a.torch)
+    checkpoint = a.checkpoint
+    if checkpoint and a.precision == "int8":
+        from .inference import int8_path
+
+        checkpoint = int8_path(checkpoint)  # X.pt / X.onnx -> X.int8.onnx beside it
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"{checkpoint}: no INT8 model beside {a.checkpoint}; make it with `brainseg export --checkpoint {a.checkpoint} --int8`")
+    return load(name=a.model, model_dir=a.model_dir, checkpoint=checkpoint, prefer_onnx=not a.torch, precision=a.precision)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -129,6 +137,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint", default=None, help="a .pt checkpoint or .onnx file")
     p.add_argument("--model-dir", default=None, help="folder with registry.json (default: the shipped models/)")
     p.add_argument("--torch", action="store_true", help="use PyTorch even where an ONNX file exists")
+    p.add_argument(
+        "--precision",
+        choices=PRECISION_CHOICES,
+        default="fp32",
+        help="fp32, or int8: the quantised ONNX model (the registry's onnx_int8 file, or X.int8.onnx beside --checkpoint X)",
+    )
     p.add_argument("--threshold", type=float, default=None, help="probability threshold (default: calibrated, saved in the model)")
     p.add_argument("--min-size", type=int, default=None, help="drop predicted components smaller than this many pixels")
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped slice")
@@ -156,6 +170,7 @@ def cmd_evaluate(a) -> int:
     conditions = tuple(CONDITIONS) if a.conditions == ["every"] else tuple(a.conditions)
     report = evaluate(seg, a.data, ids, post=_post(a, seg), tta=a.tta, sweep=a.sweep, conditions=conditions)
     report["split"] = f"{a.split}:{a.subset}" if a.split else "all labelled patients in the folder"
+    report["precision"] = seg.precision
     write_json_atomic(a.out, report)
     md = markdown_table({DISPLAY_NAMES.get(seg.name, seg.name): report})
     if "conditions" in report:
@@ -196,11 +211,35 @@ def cmd_predict(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from .export import export_onnx
+    src = Path(a.checkpoint)
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: checkpoint not found")
+    if src.suffix == ".onnx":
+        if not a.int8:
+            raise ValueError(f"{src}: already ONNX; pass --int8 to quantise it, or a .pt checkpoint to export")
+        onnx_path = src
+    else:
+        from .export import export_onnx
 
-    out = a.out or str(Path(a.checkpoint).with_suffix(".onnx"))
-    export_onnx(a.checkpoint, out)
-    print(f"wrote {out}")
+        onnx_path = export_onnx(src, a.out or src.with_suffix(".onnx"))
+        print(f"wrote {onnx_path}")
+    if a.int8:
+        from .data import read_split
+        from .export import export_int8
+
+        if a.split:
+            patients, source = read_split(a.split)["train"], f"the training patients of {a.split}"
+        elif src.suffix == ".pt":
+            from .checkpoint import load_checkpoint
+
+            patients, source = load_checkpoint(src).get("split", {}).get("train"), f"the training patients of {src.name}"
+        else:
+            patients, source = None, None
+        if not patients:
+            patients, source = None, "every labelled patient (pass --split to calibrate on training patients only)"
+            log.warning("calibrating on every labelled patient in %s: pass --split split.json to use the training patients only", a.data)
+        out = export_int8(onnx_path, a.data, patients, n_slices=a.calibration_slices, seed=a.seed, method=a.calibration_method)
+        print(f"wrote {out} (INT8, calibrated on {a.calibration_slices} slices of {source} in {a.data})")
     return 0
 
 
@@ -291,9 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(pr)
     pr.set_defaults(func=cmd_predict)
 
-    ex = sub.add_parser("export", help="export a checkpoint to ONNX")
-    ex.add_argument("--checkpoint", required=True)
-    ex.add_argument("--out", default=None)
+    ex = sub.add_parser("export", help="export a checkpoint to ONNX; --int8 also writes the quantised X.int8.onnx")
+    ex.add_argument("--checkpoint", required=True, help="a .pt checkpoint (exported to .onnx), or an exported .onnx file to quantise (with --int8)")
+    ex.add_argument("--out", default=None, help="fp32 ONNX file (default: the checkpoint's name with .onnx); the INT8 file goes beside it")
+    ex.add_argument("--int8", action="store_true", help="static INT8 quantisation (ONNX Runtime, QDQ, per-channel weights), calibrated on training slices")
+    ex.add_argument("--data", default=None, help="dataset root for the calibration slices (default: $BRAINSEG_DATA or ../shared/data/lgg/kaggle_3m)")
+    ex.add_argument("--split", default=None, help="split JSON: calibrate on its training patients (default: the checkpoint's split, else every patient)")
+    # = export.CALIBRATION_SLICES and CALIBRATION_METHODS (not imported here: no numpy for --help)
+    ex.add_argument("--calibration-slices", type=int, default=300, help="slices to calibrate on (default 300)")
+    ex.add_argument("--calibration-method", choices=["percentile", "minmax"], default="percentile", help="how activation ranges are set (default percentile)")
+    ex.add_argument("--seed", type=int, default=0, help="seed of the calibration slice choice")
     ex.set_defaults(func=cmd_export)
 
     se = sub.add_parser("serve", help="start the FastAPI service")
@@ -306,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
-    if getattr(args, "command", None) == "evaluate" and args.data is None:
+    if getattr(args, "command", None) in ("evaluate", "export") and args.data is None:
         args.data = default_data_root()
     try:
         return args.func(args)

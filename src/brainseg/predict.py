@@ -220,6 +220,7 @@ def predict_inputs(
                 "input": list(vol.sources) if from_dicom else [str(f) for f in job],  # DICOM: the path, unless it names the patient
                 "read_as": read_as,
                 "model": segmenter.name,
+                "precision": segmenter.precision,
                 "postprocess": {"threshold": post.threshold, "min_size": post.min_size},
                 "overlay_slice": z,
                 **res.summary(),
@@ -246,6 +247,7 @@ def predict_inputs(
                     "input": str(f),
                     "read_as": read_as,
                     "model": segmenter.name,
+                    "precision": segmenter.precision,
                     "postprocess": {"threshold": post.threshold, "min_size": post.min_size},
                     **res.summary(),
                 },
