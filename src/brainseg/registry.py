@@ -39,12 +39,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .config import PostprocessConfig
 from .data import write_json_atomic
+from .inference import PRECISIONS
 
 REGISTRY = "registry.json"
 ENSEMBLE = "ensemble"
 SCHEMA_VERSION = 1
 BACKENDS = ("auto", "onnx", "torch")
-PRECISIONS = ("fp32", "int8")
 
 Backend = Literal["auto", "onnx", "torch"]
 Precision = Literal["fp32", "int8"]

@@ -1,15 +1,15 @@
 """The inference engine behind the service: each model loaded once, reused by every request.
 
-Backend per model: ONNX Runtime on CPU by default (no torch import, so the serving process
-stays small), PyTorch where a CUDA GPU is present or no ``.onnx`` file exists
-(``BRAINSEG_BACKEND`` = auto | onnx | torch). ``ensemble`` averages the probabilities of
-every registered model, reusing the same loaded members. Thread-safe: requests run in
-worker threads, ONNX Runtime sessions may be run concurrently, loading happens once under a lock.
+Models come from the registry through the one loader (``registry.load_member``), so the backend
+rules are the CLI's (``registry.pick_backend``: ONNX Runtime on CPU, PyTorch where a CUDA GPU is
+present or no ``.onnx`` file exists; ``BRAINSEG_BACKEND`` = auto | onnx | torch overrides). Each
+(model, precision) pair is loaded once; ``ensemble`` averages the probabilities of every registered
+model (``Registry.ensemble_members``), reusing the same loaded members. Thread-safe: requests run
+in worker threads, ONNX Runtime sessions may be run concurrently, loading happens once under a lock.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import threading
@@ -21,35 +21,28 @@ import numpy as np
 
 from .. import registry
 from ..config import DISPLAY_NAMES, PostprocessConfig
-from ..inference import Ensemble, OnnxBackend, Segmenter, TorchBackend, gpu_present, window_for_volume
+from ..inference import Ensemble, Segmenter
 from ..predict import SliceResult, VolumeResult, segment_slice, segment_volume
-from ..preprocessing import to_uint8
+from ..registry import PrecisionUnavailable, Registry, RegistryError, file_version
 from ..volumes import Volume
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+
+__all__ = ["DISPLAY_NAMES", "Engine", "ModelUnavailable", "PrecisionUnavailable", "file_version"]
 
 
 class ModelUnavailable(RuntimeError):
     """No registry, or a registered model file is missing or unreadable (a server problem, 503)."""
 
 
-def file_version(path: Path) -> str:
-    """First 12 hex digits of the file's SHA-256: names the exact weights a result came from."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:12]
-
-
 class Engine:
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or Settings.from_env()
-        self._models: dict[str, Segmenter] = {}
-        self._versions: dict[str, str] = {}
+        self._models: dict[tuple[str, str], Segmenter] = {}
+        self._versions: dict[tuple[str, str], str] = {}
         self._lock = threading.RLock()  # get() -> registry() re-enters
-        self._registry: dict | None = None
+        self._registry: Registry | None = None
         self._registry_mtime: float | None = None
 
     # ------------------------------------------------------------ registry
@@ -58,7 +51,7 @@ class Engine:
     def model_dir(self) -> Path:
         return Path(self.settings.model_dir) if self.settings.model_dir else registry.default_model_dir()
 
-    def registry(self) -> dict:
+    def registry(self) -> Registry:
         """registry.json, re-read when the file changes (so a newly trained model is picked up)."""
         path = self.model_dir / registry.REGISTRY
         try:
@@ -69,8 +62,8 @@ class Engine:
         with self._lock:
             if self._registry is None or mtime != self._registry_mtime:
                 try:
-                    self._registry = registry.read_registry(self.model_dir)
-                except ValueError as exc:
+                    self._registry = registry.read(self.model_dir)
+                except (RegistryError, OSError) as exc:
                     log.warning("unreadable registry %s: %s", path, exc)
                     raise ModelUnavailable("the model registry (registry.json) is unreadable; see the server log") from None
                 if self._registry_mtime is not None:
@@ -80,67 +73,71 @@ class Engine:
             return self._registry
 
     def names(self) -> list[str]:
-        return sorted(self.registry()["models"])
+        return self.registry().names
 
     def default_name(self) -> str:
-        return self.registry()["default"]
+        return self.registry().default
 
     def resolve(self, name: str | None) -> str:
         """A registry name (``None`` -> the default); KeyError with the choices if unknown."""
         reg = self.registry()
-        if name in (None, ""):
-            return reg["default"]
-        if name == registry.ENSEMBLE or name in reg["models"]:
-            return name
-        raise KeyError(f"unknown model {name!r}; choose one of {', '.join(sorted(reg['models']) + [registry.ENSEMBLE])}")
+        members = reg.resolve(name)
+        return registry.ENSEMBLE if name == registry.ENSEMBLE else members[0]
+
+    def require_precision(self, name: str, precision: str) -> None:
+        """PrecisionUnavailable when ``name`` (or a member of the ensemble) has no file of that precision."""
+        if precision == "fp32":
+            return
+        reg = self.registry()
+        for member in reg.resolve(name):
+            registry.choose_file(reg, member, self.settings.backend, precision)
 
     # ------------------------------------------------------------ loading
 
-    def _paths(self, name: str) -> tuple[Path | None, Path | None]:
+    def _load_one(self, name: str, precision: str) -> Segmenter:
         reg = self.registry()
-        entry = reg["models"][name]
-        base = Path(reg["_dir"])
-        onnx = base / entry["onnx"] if entry.get("onnx") and (base / entry["onnx"]).is_file() else None
-        ckpt = base / entry["checkpoint"] if entry.get("checkpoint") and (base / entry["checkpoint"]).is_file() else None
-        return onnx, ckpt
-
-    def _load_one(self, name: str) -> Segmenter:
-        onnx, ckpt = self._paths(name)
-        want = self.settings.backend
-        if want == "auto":
-            want = "torch" if (ckpt is not None and (onnx is None or gpu_present())) else "onnx"
-        path = onnx if want == "onnx" else ckpt
-        if path is None:
-            log.warning("model %s: no %s file in %s (backend %s)", name, ".onnx" if want == "onnx" else ".pt", self.model_dir, self.settings.backend)
-            raise ModelUnavailable(f"model {name!r}: no {'.onnx' if want == 'onnx' else '.pt'} file in the model folder (backend {self.settings.backend})")
+        backend = self.settings.backend
         t0 = time.perf_counter()
         try:
-            backend = OnnxBackend(path, self.settings.onnx_threads) if want == "onnx" else TorchBackend(path)
+            seg = registry.load_member(reg, name, backend, precision, self.settings.onnx_threads)
+        except (PrecisionUnavailable, KeyError):
+            raise
+        except FileNotFoundError:
+            path, kind = registry.choose_file(reg, name, backend, precision)
+            what = ".onnx (INT8)" if precision == "int8" else (".onnx" if kind == "onnx" else ".pt")
+            log.warning("model %s: no %s file in %s (backend %s)", name, what, self.model_dir, backend)
+            raise ModelUnavailable(f"model {name!r}: no {what} file in the model folder (backend {backend})") from None
         except Exception as exc:
-            log.warning("model %s: cannot load %s: %r", name, path, exc)
+            log.warning("model %s (%s): cannot load it: %r", name, precision, exc)
             raise ModelUnavailable(f"model {name!r}: cannot load its model file; see the server log") from exc
-        self._versions[name] = self.registry()["models"][name].get("version") or file_version(ckpt or path)
-        log.info("loaded %s from %s (%s) in %.2f s", name, path, want, time.perf_counter() - t0)
-        return Segmenter(backend, name, str(path))
+        weights = reg.file(name, "checkpoint") if precision == "fp32" else None
+        fixed = reg.entry(name).version if precision == "fp32" else None
+        self._versions[(name, precision)] = fixed or file_version(weights or seg.path)
+        log.info("loaded %s (%s) from %s (%s) in %.2f s", name, precision, seg.path, seg.backend.kind, time.perf_counter() - t0)
+        return seg
 
-    def get(self, name: str | None = None):
-        """The loaded Segmenter (or an Ensemble of the loaded members) for a registry name."""
+    def get(self, name: str | None = None, precision: str = "fp32"):
+        """The loaded Segmenter (or an Ensemble of the loaded members) for a registry name.
+
+        KeyError for an unknown name, PrecisionUnavailable when a model has no file of that
+        precision (both the client's doing), ModelUnavailable when a file is missing or broken.
+        """
         name = self.resolve(name)
         if name == registry.ENSEMBLE:
-            return Ensemble([self.get(n) for n in self.names()])
+            return Ensemble([self.get(n, precision) for n in self.registry().ensemble_members])
         with self._lock:
-            seg = self._models.get(name)
+            seg = self._models.get((name, precision))
             if seg is None:
-                seg = self._models[name] = self._load_one(name)
+                seg = self._models[(name, precision)] = self._load_one(name, precision)
             return seg
 
     def loaded(self) -> list[str]:
-        return sorted(self._models)
+        return sorted({name for name, _ in self._models})
 
     def version(self, model) -> str:
         if isinstance(model, Ensemble):
-            return "+".join(f"{m.name}:{self._versions.get(m.name, '?')}" for m in model.members)
-        return self._versions.get(model.name, "?")
+            return "+".join(f"{m.name}:{self.version(m)}" for m in model.members)
+        return self._versions.get((model.name, model.precision), "?")
 
     def backend_kind(self, model) -> str:
         if isinstance(model, Ensemble):
@@ -153,24 +150,11 @@ class Engine:
         """Name, parameters, metrics, calibrated post-processing, version and model card of one model."""
         reg = self.registry()
         if name == registry.ENSEMBLE:
-            members = [self.describe(n) for n in self.names()]
-            params = [m["parameters"] for m in members]
-            return {
-                "name": name,
-                "display_name": DISPLAY_NAMES[name],
-                "members": [m["name"] for m in members],
-                "parameters": sum(params) if all(p is not None for p in params) else None,
-                "threshold": round(float(np.mean([m["threshold"] for m in members])), 4),
-                "min_size": int(np.median([m["min_size"] for m in members])),
-                "metrics": (reg.get("ensemble") or {}).get("metrics") or {},
-                "backend": "+".join(sorted({m["backend"] for m in members})),
-                "version": "+".join(f"{m['name']}:{m['version']}" for m in members),
-                "card": None,
-            }
-        entry = reg["models"][name]
+            return self._describe_ensemble(reg)
+        entry = reg.entry(name)
         seg = self.get(name)
-        params = seg.backend.info.get("parameters") or entry.get("parameters") or _onnx_parameters(seg.path)
-        card = Path(reg["_dir"]) / (entry.get("card") or f"{name}.md")
+        params = seg.backend.info.get("parameters") or entry.parameters or _onnx_parameters(seg.path)
+        card = Path(reg.directory) / (entry.card or f"{name}.md")
         return {
             "name": name,
             "display_name": DISPLAY_NAMES.get(name, name),
@@ -178,10 +162,29 @@ class Engine:
             "threshold": seg.postprocess.threshold,
             "min_size": seg.postprocess.min_size,
             "input_size": seg.config.preprocess.input_size,
-            "metrics": entry.get("metrics") or {},
+            "metrics": entry.metrics,
             "backend": seg.backend.kind,
-            "version": self._versions.get(name, "?"),
+            "version": self.version(seg),
+            "precisions": ["fp32", "int8"] if entry.onnx_int8 else ["fp32"],
             "card": card.read_text(errors="replace") if card.is_file() else None,
+        }
+
+    def _describe_ensemble(self, reg: Registry) -> dict:
+        members = [self.describe(n) for n in reg.ensemble_members]
+        params = [m["parameters"] for m in members]
+        post = self.get(registry.ENSEMBLE).postprocess
+        return {
+            "name": registry.ENSEMBLE,
+            "display_name": DISPLAY_NAMES[registry.ENSEMBLE],
+            "members": [m["name"] for m in members],
+            "parameters": sum(params) if all(p is not None for p in params) else None,
+            "threshold": round(post.threshold, 4),
+            "min_size": post.min_size,
+            "metrics": reg.ensemble.metrics if reg.ensemble else {},
+            "backend": "+".join(sorted({m["backend"] for m in members})),
+            "version": "+".join(f"{m['name']}:{m['version']}" for m in members),
+            "precisions": ["fp32", "int8"] if all("int8" in m["precisions"] for m in members) else ["fp32"],
+            "card": None,
         }
 
     # ------------------------------------------------------------ running
@@ -197,20 +200,6 @@ class Engine:
     def run_volume(self, model, vol: Volume, threshold: float | None = None, tta: bool = False) -> tuple[VolumeResult, PostprocessConfig]:
         post = self.postprocess(model, threshold)
         return segment_volume(model, vol, post, tta=tta), post
-
-
-def display_volume(slices: np.ndarray) -> np.ndarray:
-    """(Z, H, W, 3) any dtype -> uint8 for display, with the same volume-wide window the model saw.
-
-    Windowed one slice at a time, so the float temporaries stay one slice large.
-    """
-    window = window_for_volume(slices)
-    if window is None:
-        return slices
-    out = np.empty(slices.shape, np.uint8)
-    for k in range(slices.shape[0]):
-        out[k] = to_uint8(slices[k], *window)
-    return out
 
 
 def _onnx_parameters(path: str) -> int | None:

@@ -1,0 +1,174 @@
+"""The JSON answers of ``POST /v1/segment`` (and the result each one stores for later download)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+
+from ..config import DISPLAY_NAMES, PostprocessConfig
+from ..inference import Ensemble
+from ..predict import SliceResult, VolumeResult
+from ..volumes import Volume
+from .render import b64png, display_slice, display_volume, render
+from .store import StoredResult
+
+MAX_LESIONS_LISTED = 1000  # the count is always exact; the list is cut for garbage masks
+_OPPOSITE = {"L": "R", "R": "L", "A": "P", "P": "A", "S": "I", "I": "S"}
+
+
+@dataclass(frozen=True)
+class Timings:
+    """``time.perf_counter()`` when the work began, when the input was decoded, when inference ended."""
+
+    started: float
+    decoded: float
+    inferred: float
+
+    def as_ms(self) -> dict:
+        return {"decode": round((self.decoded - self.started) * 1000, 1), "inference": round((self.inferred - self.decoded) * 1000, 1)}
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """How one segmentation was made: what every answer reports besides its result."""
+
+    model: dict  # ``model_block``
+    post: PostprocessConfig  # as applied (the threshold may be the client's)
+    tta: bool
+    files: list[str]  # cleaned upload names
+    timings: Timings
+    read_as: dict  # how the input's channels were read (``channels.describe_*``)
+    owner: str | None = None  # API key hash of the client
+
+
+def model_block(model, version: str, backend: str) -> dict:
+    """Name, display name, version, backend and precision of the model (and an ensemble's members)."""
+    block = {
+        "name": model.name,
+        "display_name": DISPLAY_NAMES.get(model.name, model.name),
+        "version": version,
+        "backend": backend,
+        "precision": model.precision,
+    }
+    if isinstance(model, Ensemble):
+        block["members"] = [m.name for m in model.members]
+    return block
+
+
+def content_disposition(filename: str) -> str:
+    """``attachment`` with an ASCII ``filename`` (anything else, and ``"`` ``\\`` ``;`` ``%``, as ``_``)
+    and the exact name as RFC 5987 ``filename*=UTF-8''...``: no header injection, any script."""
+    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\;%' else "_" for c in filename) or "download"
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
+def _common(run: RunInfo, single_slice: bool) -> dict:
+    """Fields every answer has. ``min_size`` is the one applied: a slice on its own uses the slice minimum (2D)."""
+    post = run.post
+    use_slice_min = single_slice and post.slice_min_size is not None
+    return {
+        "model": run.model,
+        "threshold": round(post.threshold, 4),
+        "min_size": post.slice_min_size if use_slice_min else post.min_size,
+        "components": "2D" if single_slice or not post.components_3d else "3D",
+        "tta": run.tta,
+        "files": list(run.files),
+        "timings_ms": run.timings.as_ms(),
+    }
+
+
+def _lesions(rows: list[dict]) -> tuple[list[dict], bool]:
+    return rows[:MAX_LESIONS_LISTED], len(rows) > MAX_LESIONS_LISTED
+
+
+def slice_answer(run: RunInfo, image: np.ndarray, res: SliceResult, store) -> dict:
+    """The answer for one slice, with its mask and overlay as base64 PNG; the result is stored."""
+    display = display_slice(image)
+    stored = StoredResult("slice", display[None], res.mask[None], {}, name=Path(run.files[0]).stem, owner=run.owner)
+    s = res.summary()
+    lesions, cut = _lesions(s["lesions"])
+    body = {
+        "id": stored.id,
+        "kind": "slice",
+        **_common(run, single_slice=True),
+        "input": {"height": s["height"], "width": s["width"], "dtype": str(image.dtype), "spacing_mm": None, **run.read_as},
+        "lesion_count": s["lesion_count"],
+        "lesion_area_px": s["lesion_area_px"],
+        "lesion_area_mm2": None,  # pixel spacing is unknown for TIFF / PNG / JPEG slices
+        "lesions": lesions,
+        "lesions_truncated": cut,
+        "urls": {"result": f"/v1/results/{stored.id}", "mask_png": f"/v1/results/{stored.id}/mask.png", "slice_png": f"/v1/results/{stored.id}/slice/0.png"},
+    }
+    stored.summary = dict(body)
+    body["mask_png"] = b64png(res.mask.astype(np.uint8) * 255)
+    body["overlay_png"] = b64png(render(display, res.mask, "overlay", 1, 0.4))
+    store.put(stored)
+    return body
+
+
+def display_orientation(affine: np.ndarray) -> dict | None:
+    """Patient directions at the edges of a displayed slice, from the affine (as the header states them).
+
+    A displayed slice is ``rot90(data[:, :, z])``: row 0 holds the largest y index, column j
+    holds x = j. So the top is where +y points, the right is where +x points.
+    """
+    import nibabel as nib
+
+    try:
+        x, y, _ = nib.aff2axcodes(affine)
+    except Exception:
+        return None
+    if x is None or y is None:
+        return None
+    return {"top": y, "bottom": _OPPOSITE[y], "left": _OPPOSITE[x], "right": x}
+
+
+def _volume_urls(rid: str) -> dict:
+    return {
+        "result": f"/v1/results/{rid}",
+        "mask_nifti": f"/v1/results/{rid}/mask.nii.gz",
+        "slice_png": f"/v1/results/{rid}/slice/{{z}}.png",
+        "mask_png": f"/v1/results/{rid}/mask.png?z={{z}}",
+    }
+
+
+def volume_answer(run: RunInfo, vol: Volume, res: VolumeResult, store) -> dict:
+    """The answer for a volume, with per-slice lesion areas, a preview and download links; the result is stored."""
+    display = display_volume(vol.slices)
+    stored = StoredResult("volume", display, res.mask, {}, affine=vol.affine, name=vol.name, owner=run.owner)
+    s = res.summary()
+    areas = s["slice_lesion_area_px"]
+    z = int(np.argmax(areas)) if res.mask.any() else res.mask.shape[0] // 2
+    lesions, cut = _lesions(s["lesions"])
+    body = {
+        "id": stored.id,
+        "kind": "volume",
+        **_common(run, single_slice=False),
+        "input": {
+            "name": vol.name,
+            "shape": s["shape"],
+            "spacing_mm": s["spacing_mm"],
+            "dtype": "float32",
+            "orientation": display_orientation(vol.affine),
+            **run.read_as,
+        },
+        "lesion_count": s["lesion_count"],
+        "lesion_voxels": s["lesion_voxels"],
+        "lesion_volume_mm3": s["lesion_volume_mm3"],
+        "lesions": lesions,
+        "lesions_truncated": cut,
+        "slices": s["slices"],
+        "slice_lesion_area_px": areas,
+        "slice_lesion_area_mm2": [round(a * vol.pixel_area_mm2, 2) for a in areas],
+        "slices_with_lesion": s["slices_with_lesion"],
+        "preview_slice": z,
+        "mask_url": f"/v1/results/{stored.id}/mask.nii.gz",
+        "urls": _volume_urls(stored.id),
+    }
+    stored.summary = dict(body)
+    body["preview_png"] = b64png(render(display[z], res.mask[z], "overlay", 1, 0.4))
+    store.put(stored)
+    return body

@@ -1,0 +1,222 @@
+"""ASGI middleware of the service, outermost first: ServerErrors -> CORS -> ApiKey -> RateLimit
+-> Shed -> UploadLimit -> routes (``install_middleware`` adds them in that order).
+
+Each one answers early, before a request body is read where it can: a 401 without a key, a 429
+over the rate limit, a 503 with Retry-After when too many segmentations are in the server, a 413
+for a body over the upload limit. A fault nothing else handled becomes a 500 with an error id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import time
+import uuid
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from .errors import error
+from .settings import Settings
+
+log = logging.getLogger("brainseg.serving")
+
+MULTIPART_SLACK = 1 << 20  # boundaries and form fields around the files
+
+
+class ServerErrors:
+    """ASGI middleware, outermost: an exception nothing else handled is a server fault.
+
+    It is logged once, with its traceback and a short id, and the client gets a 500 with
+    ``{"detail": "internal error", "error_id": ID}``: nothing of the exception itself.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked_send(msg):
+            nonlocal started
+            if msg["type"] == "http.response.start":
+                started = True
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception:
+            eid = uuid.uuid4().hex[:12]
+            log.exception("internal error %s on %s %s", eid, scope.get("method"), scope.get("path"))
+            if not started:
+                await error(500, "internal error; quote the error id to the operator", error_id=eid)(scope, receive, send)
+
+
+class UploadLimit:
+    """ASGI middleware: answers 413 to a POST whose body is larger than ``max_bytes``.
+
+    Checks Content-Length first; a body sent without it (chunked) is counted as it arrives
+    and the request is cut off once over the limit.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        limit = self.max_bytes + MULTIPART_SLACK
+        message = f"upload is larger than the limit of {self.max_bytes / 2**20:.0f} MiB (BRAINSEG_MAX_UPLOAD_MB)"
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            await _drain(receive, limit)
+            return await error(413, message)(scope, receive, send)
+        state = {"seen": 0, "over": False, "sent": False}
+
+        async def counted_receive():
+            msg = await receive()
+            if msg["type"] == "http.request":
+                state["seen"] += len(msg.get("body", b""))
+                if state["seen"] > limit:
+                    state["over"] = True
+                    return {"type": "http.disconnect"}
+            return msg
+
+        async def guarded_send(msg):
+            if state["over"]:
+                if not state["sent"]:
+                    state["sent"] = True
+                    await error(413, message)(scope, receive, send)
+                return
+            await send(msg)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            if not state["over"]:
+                raise
+            await guarded_send({})
+
+
+OPEN_PATHS = frozenset({"/", "/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+def key_owner(key: str) -> str:
+    """What a result remembers of the key that made it: a hash, never the key."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+class ApiKey:
+    """ASGI middleware: with keys configured, every route but OPEN_PATHS needs one of them
+    (``X-API-Key: KEY`` or ``Authorization: Bearer KEY``); otherwise 401. The matching key's
+    hash goes into ``request.state.owner`` so results stay with the key that made them."""
+
+    def __init__(self, app, keys: list[str]):
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+
+    def _match(self, headers: dict) -> str | None:
+        given = headers.get(b"x-api-key")
+        auth = headers.get(b"authorization", b"")
+        if given is None and auth[:7].lower() == b"bearer ":
+            given = auth[7:].strip()
+        if given is None:
+            return None
+        found = None
+        for k in self.keys:  # compare with every key, in constant time each
+            if hmac.compare_digest(given, k):
+                found = k
+        return key_owner(found.decode()) if found is not None else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.keys or scope["method"] == "OPTIONS" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        owner = self._match(dict(scope["headers"]))
+        if owner is None:
+            await _drain(receive, 1 << 20)
+            msg = "missing or wrong API key: send it in the X-API-Key header (or Authorization: Bearer)"
+            return await error(401, msg, headers={"WWW-Authenticate": 'Bearer realm="brainseg"'})(scope, receive, send)
+        scope.setdefault("state", {})["owner"] = owner
+        await self.app(scope, receive, send)
+
+
+class Shed:
+    """ASGI middleware: at most ``capacity`` segment requests in the server at once (running,
+    waiting for a worker, or still sending their body); the next gets 503 with Retry-After at
+    once, before its body is read. One event loop: a plain counter is enough."""
+
+    def __init__(self, app, capacity: int, retry_after_s: int):
+        self.app = app
+        self.capacity = capacity
+        self.retry_after = str(int(retry_after_s))
+        self.active = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/v1/segment":
+            return await self.app(scope, receive, send)
+        if self.active >= self.capacity:
+            log.warning("shed a segment request: %d in progress", self.active)
+            await _drain(receive, 1 << 20)
+            msg = "the server is busy: too many segmentations queued; retry after the time in the Retry-After header"
+            return await error(503, msg, headers={"Retry-After": self.retry_after})(scope, receive, send)
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
+class RateLimit:
+    """ASGI middleware: at most ``per_min`` segment requests per client in any 60 s (a sliding
+    window); the client is its API key (hash) when keys are set, else its IP address."""
+
+    WINDOW_S = 60.0
+
+    def __init__(self, app, per_min: int):
+        self.app = app
+        self.per_min = per_min
+        self.seen: dict[str, list[float]] = {}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.per_min or scope["method"] != "POST" or scope["path"] != "/v1/segment":
+            return await self.app(scope, receive, send)
+        who = scope.get("state", {}).get("owner") or (scope.get("client") or ("?",))[0]
+        now = time.monotonic()
+        if len(self.seen) > 10_000:  # forget clients idle for a window
+            self.seen = {k: v for k, v in self.seen.items() if v and v[-1] > now - self.WINDOW_S}
+        times = [t for t in self.seen.get(who, []) if t > now - self.WINDOW_S]
+        if len(times) >= self.per_min:
+            self.seen[who] = times
+            wait = max(1, int(times[0] + self.WINDOW_S - now + 1))
+            await _drain(receive, 1 << 20)
+            msg = f"rate limit: at most {self.per_min} segmentations per minute per client (BRAINSEG_RATE_PER_MIN); retry after the time in Retry-After"
+            return await error(429, msg, headers={"Retry-After": str(wait)})(scope, receive, send)
+        self.seen[who] = times + [now]
+        await self.app(scope, receive, send)
+
+
+async def _drain(receive, limit: int) -> None:
+    """Read (and drop) a little of an oversized body so clients see the 413, not a reset."""
+    seen = 0
+    while seen < min(limit, 1 << 20):
+        msg = await receive()
+        if msg["type"] != "http.request":
+            return
+        seen += len(msg.get("body", b""))
+        if not msg.get("more_body"):
+            return
+
+
+def install_middleware(app: FastAPI, settings: Settings) -> None:
+    """Added innermost first: ServerErrors -> CORS -> ApiKey -> RateLimit -> Shed -> UploadLimit -> routes."""
+    app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(Shed, capacity=settings.max_concurrent + settings.max_queue, retry_after_s=settings.retry_after_s)
+    app.add_middleware(RateLimit, per_min=settings.rate_per_min)
+    app.add_middleware(ApiKey, keys=settings.api_keys)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"], allow_headers=["*"])
+    app.add_middleware(ServerErrors)  # outermost: added last

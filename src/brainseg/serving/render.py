@@ -1,0 +1,54 @@
+"""What the service draws: display slices, overlays and masks as PNG (or base64 PNG for JSON)."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+
+from ..inference import window_for_volume
+from ..preprocessing import to_uint8
+from ..visualize import display_channel, overlay, png_bytes
+
+VIEWS = ("overlay", "image", "mask")
+
+
+def b64png(img: np.ndarray) -> str:
+    return base64.b64encode(png_bytes(img)).decode("ascii")
+
+
+def render(display: np.ndarray, mask: np.ndarray, view: str = "overlay", channel: int = 1, alpha: float = 0.4) -> np.ndarray:
+    """One display slice (H, W, 3) uint8 as ``image``, ``overlay`` or ``mask`` (RGB / grey uint8).
+
+    ``channel`` 0 / 1 / 2 shows pre-contrast / FLAIR / post-contrast in grey; -1 shows the three as RGB.
+    """
+    if view == "mask":
+        return mask.astype(np.uint8) * 255
+    base = display if channel < 0 else display_channel(display, channel)
+    if view == "image":
+        return np.ascontiguousarray(base)
+    return overlay(base, mask, alpha=alpha)
+
+
+def mask_png(mask: np.ndarray) -> bytes:
+    """A (H, W) bool mask as a 0 / 255 grey PNG."""
+    return png_bytes(np.asarray(mask).astype(np.uint8) * 255)
+
+
+def display_slice(image: np.ndarray) -> np.ndarray:
+    """One (H, W, 3) input slice of any dtype -> uint8 for display."""
+    return to_uint8(image)
+
+
+def display_volume(slices: np.ndarray) -> np.ndarray:
+    """(Z, H, W, 3) any dtype -> uint8 for display, with the same volume-wide window the model saw.
+
+    Windowed one slice at a time, so the float temporaries stay one slice large.
+    """
+    window = window_for_volume(slices)
+    if window is None:
+        return slices
+    out = np.empty(slices.shape, np.uint8)
+    for k in range(slices.shape[0]):
+        out[k] = to_uint8(slices[k], *window)
+    return out

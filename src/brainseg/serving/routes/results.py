@@ -1,0 +1,94 @@
+"""``/v1/results/{rid}``: an earlier answer, its NIfTI mask, mask and rendered slices as PNG, and delete."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import anyio
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import Response
+
+from ...visualize import png_bytes
+from ..answers import content_disposition
+from ..deps import get_owner, get_settings, get_store
+from ..errors import RESPONSES
+from ..render import mask_png as mask_png_bytes
+from ..render import render
+from ..settings import Settings
+from ..store import StoredResult
+from ..uploads import UploadError
+
+router = APIRouter(prefix="/v1/results")
+PNG_HEADERS = {"Cache-Control": "private, max-age=3600"}
+
+
+@dataclass(frozen=True)
+class Results:
+    """The results the caller may read: those made with its API key (another key's are as if they did not exist)."""
+
+    store: object
+    owner: str | None
+    settings: Settings
+
+    def find(self, rid: str) -> StoredResult:
+        res = self.store.get(rid)
+        if res is not None and res.owner != self.owner:
+            res = None
+        if res is None:
+            keeps = f"the server keeps the last {self.settings.max_results} results, for {self.settings.result_ttl_s:.0f} s"
+            raise UploadError(404, f"result not found: it never existed, was deleted, expired or was evicted ({keeps})")
+        return res
+
+
+def get_results(store=Depends(get_store), owner: str | None = Depends(get_owner), settings: Settings = Depends(get_settings)) -> Results:
+    return Results(store, owner, settings)
+
+
+def slice_index(res: StoredResult, z: int) -> int:
+    n = res.mask.shape[0]
+    if not 0 <= z < n:
+        raise UploadError(404, f"slice out of range: this result has slices 0..{n - 1}")
+    return z
+
+
+@router.get("/{rid}", summary="The JSON answer of an earlier segmentation (without images)", responses=RESPONSES["result"])
+async def result(rid: str, results: Results = Depends(get_results)):
+    return results.find(rid).summary
+
+
+@router.delete("/{rid}", status_code=204, summary="Forget a result now (it is forgotten anyway after BRAINSEG_RESULT_TTL_S)", responses=RESPONSES["result"])
+async def delete_result(rid: str, results: Results = Depends(get_results)):
+    results.store.delete(results.find(rid).id)
+    return Response(status_code=204)
+
+
+@router.get("/{rid}/mask.nii.gz", summary="Volume mask as NIfTI, on the input's grid and affine", responses=RESPONSES["nifti"])
+async def mask_nifti(rid: str, results: Results = Depends(get_results)):
+    res = results.find(rid)
+    if res.kind != "volume":
+        raise UploadError(404, "this result is a slice: download its mask as /mask.png")
+    data = await anyio.to_thread.run_sync(res.nifti)
+    return Response(data, media_type="application/gzip", headers={"Content-Disposition": content_disposition(f"{res.name}_mask.nii.gz")})
+
+
+@router.get("/{rid}/mask.png", summary="Mask of one slice as a PNG (0 / 255)", responses=RESPONSES["png"])
+async def mask_png(rid: str, results: Results = Depends(get_results), z: int = Query(0, ge=0, description="slice index (volumes)")):
+    res = results.find(rid)
+    z = slice_index(res, z)
+    return Response(mask_png_bytes(res.mask[z]), media_type="image/png", headers=PNG_HEADERS)
+
+
+@router.get("/{rid}/slice/{z}.png", summary="One slice rendered: image, overlay or mask", responses=RESPONSES["png"])
+async def slice_png(
+    rid: str,
+    z: int,
+    results: Results = Depends(get_results),
+    channel: int = Query(1, ge=-1, le=2, description="0 pre-contrast, 1 FLAIR, 2 post-contrast, -1 all three as RGB"),
+    alpha: float = Query(0.4, ge=0.0, le=1.0, description="opacity of the lesion tint"),
+    view: Literal["overlay", "image", "mask"] = Query("overlay"),
+):
+    res = results.find(rid)
+    z = slice_index(res, z)
+    img = render(res.display[z], res.mask[z], view, channel, alpha)
+    return Response(png_bytes(img), media_type="image/png", headers=PNG_HEADERS)

@@ -1,0 +1,155 @@
+"""``POST /v1/segment``: parse the request, run the model in a worker thread, answer.
+
+The work runs in a worker thread (at most ``BRAINSEG_MAX_CONCURRENT`` at once, the rest wait;
+``middleware.Shed`` turns away what is beyond ``BRAINSEG_MAX_QUEUE``) so the event loop keeps
+serving. A request whose client disconnects while it waits is dropped before it runs (499).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import anyio
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+
+from ...registry import PrecisionUnavailable
+from ..answers import RunInfo, Timings, model_block, slice_answer, volume_answer
+from ..deps import get_engine, get_limiter, get_limits, get_owner, get_settings, get_store
+from ..engine import Engine, ModelUnavailable
+from ..errors import RESPONSES, error
+from ..parsing import SegmentOptions, check_declared_size, decode_input, read_uploads, segment_options
+from ..settings import Settings
+from ..uploads import Limits, UploadError
+
+log = logging.getLogger("brainseg.serving")
+router = APIRouter()
+
+DISCONNECT_POLL_S = 0.25
+FILES_HELP = "one slice (TIFF/PNG/JPEG), one NIfTI volume, or the BraTS t1n, t2f and t1c files"
+MODEL_HELP = "unetpp, attention_unet or ensemble (default: the registry's best)"
+THRESHOLD_HELP = "probability threshold in (0, 1) (default: the model's calibrated one)"
+TTA_HELP = "true: average with the horizontally flipped input"
+SEQUENCE_HELP = (
+    "what a grey (one-channel) slice or a single NIfTI volume is: flair (default), t1 (pre-contrast T1), t1c (T1 post-contrast) or t2. "
+    "It is always given to the model in all 3 channels (the FLAIR-only condition); t1, t1c and t2 get a warning (outside what the model was trained for). "
+    "Ignored, and said so, for 3-channel slices and BraTS sets"
+)
+PRECISION_HELP = "fp32 (default) or int8: the quantised ONNX model, where the registry lists one (GET /v1/models says which)"
+
+
+class ClientGone(Exception):
+    """The client of a segment request disconnected before its work began."""
+
+
+@dataclass(frozen=True)
+class SegmentJob:
+    """One segmentation, run in a worker thread: read the files, decode, run the model, answer."""
+
+    engine: Engine
+    store: object
+    limits: Limits
+    max_upload_bytes: int
+    files: list[UploadFile]
+    options: SegmentOptions
+    model_name: str
+    owner: str | None
+
+    def __call__(self, gone: threading.Event) -> dict:
+        if gone.is_set():
+            raise ClientGone
+        t0 = time.perf_counter()
+        uploads, kind = read_uploads(self.files, self.max_upload_bytes)
+        opts = self.options
+        model = self.engine.get(self.model_name, opts.precision)
+        data, read_as = decode_input(kind, uploads, self.limits, opts.sequence)
+        if gone.is_set():
+            raise ClientGone
+        t1 = time.perf_counter()
+        run = self.engine.run_slice if kind == "slice" else self.engine.run_volume
+        res, post = run(model, data, opts.threshold, opts.tta)
+        block = model_block(model, self.engine.version(model), self.engine.backend_kind(model))
+        info = RunInfo(block, post, opts.tta, [u.name for u in uploads], Timings(t0, t1, time.perf_counter()), read_as, self.owner)
+        return (slice_answer if kind == "slice" else volume_answer)(info, data, res, self.store)
+
+
+def choose_model(engine: Engine, options: SegmentOptions) -> str:
+    """The registry name to run; 422 for an unknown name or a precision the model lacks, 503 without models."""
+    try:
+        name = engine.resolve(options.model)
+        engine.require_precision(name, options.precision)
+    except KeyError:
+        raise UploadError(422, f"unknown model; choose one of {', '.join(engine.names() + ['ensemble'])}") from None
+    except PrecisionUnavailable as exc:
+        raise UploadError(422, str(exc)) from None
+    except ModelUnavailable as exc:
+        raise UploadError(503, str(exc)) from None
+    return name
+
+
+async def run_in_worker(request: Request, job: SegmentJob, limiter: anyio.CapacityLimiter) -> dict | None:
+    """``job`` in a worker thread under ``limiter``; None when the client went away before it ran.
+
+    A watcher polls for the client's disconnect: it cancels a wait for a worker, and a running
+    job sees ``gone`` at its next check. Failures are raised here, outside the task group.
+    """
+    gone = threading.Event()
+    body, failure = None, None
+    async with anyio.create_task_group() as tg:
+
+        async def watch():
+            while True:
+                if await request.is_disconnected():
+                    gone.set()
+                    tg.cancel_scope.cancel()
+                    return
+                await anyio.sleep(DISCONNECT_POLL_S)
+
+        tg.start_soon(watch)
+        try:
+            body = await anyio.to_thread.run_sync(job, gone, limiter=limiter)
+        except Exception as exc:
+            failure = exc
+        finally:
+            tg.cancel_scope.cancel()
+    if isinstance(failure, ModelUnavailable):
+        raise UploadError(503, str(failure)) from None
+    if isinstance(failure, PrecisionUnavailable):
+        raise UploadError(422, str(failure)) from None
+    if isinstance(failure, MemoryError):
+        raise UploadError(413, "the upload is too large to process on this server") from None
+    if failure is not None and not isinstance(failure, ClientGone):
+        raise failure
+    return body
+
+
+@router.post("/v1/segment", summary="Segment one slice, one NIfTI volume or a BraTS t1n/t2f/t1c set", responses=RESPONSES["segment"])
+async def segment(
+    request: Request,
+    files: list[UploadFile] = File(..., description=FILES_HELP),
+    model: str | None = Form(None, description=MODEL_HELP),
+    threshold: str | None = Form(None, description=THRESHOLD_HELP),
+    tta: str | None = Form(None, description=TTA_HELP),
+    sequence: str | None = Form(None, description=SEQUENCE_HELP),
+    precision: str | None = Form(None, description=PRECISION_HELP),
+    engine: Engine = Depends(get_engine),
+    store=Depends(get_store),
+    settings: Settings = Depends(get_settings),
+    limits: Limits = Depends(get_limits),
+    limiter: anyio.CapacityLimiter = Depends(get_limiter),
+    owner: str | None = Depends(get_owner),
+):
+    t_start = time.perf_counter()
+    fields = {"model": model, "threshold": threshold, "tta": tta, "sequence": sequence, "precision": precision}
+    options = await segment_options(request, fields)
+    name = choose_model(engine, options)
+    check_declared_size(files, settings.max_upload_bytes, settings.max_upload_mb)
+    job = SegmentJob(engine, store, limits, settings.max_upload_bytes, files, options, name, owner)
+    body = await run_in_worker(request, job, limiter)
+    if body is None:  # nobody is listening any more
+        log.info("client went away; its segmentation was skipped")
+        return error(499, "client closed the request")
+    body["timings_ms"]["total"] = round((time.perf_counter() - t_start) * 1000, 1)
+    return body
