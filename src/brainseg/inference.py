@@ -20,7 +20,7 @@ import numpy as np
 
 from .config import ExperimentConfig, PostprocessConfig
 from .metrics import remove_small_components
-from .preprocessing import intensity_window, preprocess_slice, restore_size
+from .preprocessing import intensity_window, preprocess_slice, restore_size, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -175,12 +175,27 @@ def binarize_stack(probs: np.ndarray, post: PostprocessConfig) -> np.ndarray:
     """Probabilities of a stack of slices (Z, H, W) -> bool mask.
 
     Small components are removed by their 3D size when ``post.components_3d``, else slice
-    by slice with the same ``min_size``.
+    by slice with the same ``min_size``. Components are labelled inside the bounding box of
+    the thresholded voxels only (the same components, a fraction of a volume's voxels).
     """
     mask = probs >= post.threshold
-    if post.components_3d:
-        return _clean(mask, post.min_size)
-    return np.stack([_clean(m, post.min_size) for m in mask]) if len(mask) else mask
+    box = bounding_box(mask)
+    if box is None:
+        return mask
+    inside = mask[box]
+    mask[box] = _clean(inside, post.min_size) if post.components_3d else np.stack([_clean(m, post.min_size) for m in inside])
+    return mask
+
+
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box (one slice per axis) holding every True voxel of ``mask``; None if there is none."""
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hit.size == 0:
+            return None
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
 
 
 def load_backend(path: os.PathLike | str, kind: str, name: str | None = None, threads: int = 0) -> Segmenter:
@@ -222,3 +237,17 @@ def window_for_volume(volume: np.ndarray) -> tuple | None:
     if volume.dtype == np.uint8:
         return None
     return intensity_window(volume)
+
+
+def volume_to_uint8(volume: np.ndarray, window: tuple | None, chunk: int = 16) -> np.ndarray:
+    """(Z, H, W, 3) any dtype -> uint8 with one volume-wide ``window`` (``window_for_volume``).
+
+    ``preprocessing.to_uint8`` on ``chunk`` slices at a time, so the float temporaries stay small;
+    uint8 input (``window`` None) is returned as is.
+    """
+    if window is None:
+        return volume
+    out = np.empty(volume.shape, np.uint8)
+    for start in range(0, len(volume), chunk):
+        out[start : start + chunk] = to_uint8(volume[start : start + chunk], *window)
+    return out

@@ -18,7 +18,7 @@ from .channels import describe_slice, describe_volume, stored_channels
 from .config import PostprocessConfig
 from .data import IMAGE_SUFFIXES, MASK_TAG, DataError, read_image, to_three_channels, write_bytes_atomic, write_json_atomic
 from .dicom import is_dicom_input, load_dicom_path, seg_bytes
-from .inference import binarize, binarize_stack, window_for_volume
+from .inference import binarize, binarize_stack, bounding_box, volume_to_uint8, window_for_volume
 from .metrics import connected_components
 from .visualize import display_channel, overlay, save_png
 from .volumes import SEQ_ORDER, Volume, brats_sequence, is_nifti, load_volume, save_mask_nifti
@@ -36,12 +36,16 @@ def lesion_table(mask: np.ndarray, pixel_area_mm2: float | None = None, voxel_vo
     ``[row0, col0, row1, col1]`` (2-D) or ``[z0, row0, col0, z1, row1, col1]`` (3-D),
     end-exclusive, in the slice orientation.
     """
-    labels, n = connected_components(mask)
-    if n == 0:
+    crop = bounding_box(mask)  # labelled inside the box around the lesion voxels, positions shifted back
+    if crop is None:
         return []
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    boxes = ndimage.find_objects(labels)
-    centroids = ndimage.center_of_mass(mask, labels, range(1, n + 1))
+    origin = np.array([s.start for s in crop])
+    labels, n = connected_components(mask[crop])
+    coords = np.nonzero(labels)
+    which = labels[coords]
+    sizes = np.bincount(which, minlength=n + 1)[1:]
+    boxes = [tuple(slice(s.start + o, s.stop + o) for s, o in zip(b, origin)) for b in ndimage.find_objects(labels)]
+    centroids = np.stack([np.bincount(which, weights=c, minlength=n + 1)[1:] for c in coords], axis=1) / sizes[:, None] + origin
     rows = []
     for i in range(n):
         box = boxes[i]
@@ -84,11 +88,14 @@ class SliceResult:
 @dataclass
 class VolumeResult:
     volume: Volume
-    prob: np.ndarray  # (Z, H, W) float32
+    prob: np.ndarray  # (Z, H, W) float32; 0 on skipped slices
     mask: np.ndarray  # (Z, H, W) bool
     lesions: list[dict]
     seconds: float
     slice_areas: list[int] = field(default_factory=list)
+    display: np.ndarray | None = None  # (Z, H, W, 3) uint8: the volume in the volume-wide window the model saw
+    window: tuple | None = None  # that window (``inference.window_for_volume``; None for uint8 input)
+    skipped: list[int] = field(default_factory=list)  # background slices not sent to the network
 
     def summary(self) -> dict:
         v = self.volume
@@ -101,6 +108,7 @@ class VolumeResult:
             "slices": int(self.mask.shape[0]),
             "slice_lesion_area_px": self.slice_areas,
             "slices_with_lesion": [i for i, a in enumerate(self.slice_areas) if a > 0],
+            "background_slices_skipped": self.skipped,
             "lesions": self.lesions,
         }
 
@@ -116,15 +124,40 @@ def segment_slice(segmenter, image: np.ndarray, post: PostprocessConfig, tta: bo
     return SliceResult(img, prob, mask, lesion_table(mask, pixel_area_mm2), time.perf_counter() - t0)
 
 
-def segment_volume(segmenter, vol: Volume, post: PostprocessConfig, tta: bool = False) -> VolumeResult:
-    """Every axial slice of a volume, with one intensity window for the whole volume."""
+# A slice with fewer non-zero pixels than this share of its area (after the volume's intensity
+# window) holds no brain worth segmenting: the empty slices above and below a skull-stripped
+# brain. It is not sent to the network; its probability is 0 and answers list it.
+BACKGROUND_MAX_FRACTION = 0.005
+VOLUME_BATCH = 16  # slices per network call
+
+
+def background_slices(display: np.ndarray, max_fraction: float = BACKGROUND_MAX_FRACTION) -> np.ndarray:
+    """(Z, H, W, C) uint8 -> (Z,) bool: slices whose non-zero pixels (any channel) cover less than ``max_fraction``."""
+    z, h, w = display.shape[:3]
+    nonzero = np.count_nonzero(display.reshape(z, h * w, -1).any(axis=2), axis=1)
+    return nonzero < max_fraction * h * w
+
+
+def segment_volume(segmenter, vol: Volume, post: PostprocessConfig, tta: bool = False, skip_background: bool = True) -> VolumeResult:
+    """Every axial slice of a volume, with one intensity window for the whole volume.
+
+    The volume is windowed to uint8 once (kept as ``display``); background slices
+    (``background_slices``) are skipped unless ``skip_background`` is False; the others go to
+    the network in batches and back into one preallocated (Z, H, W) array.
+    """
     t0 = time.perf_counter()
     window = window_for_volume(vol.slices)
-    probs = np.stack(segmenter.probabilities(list(vol.slices), tta=tta, window=window))
+    display = volume_to_uint8(vol.slices, window)
+    skipped = background_slices(display) if skip_background else np.zeros(len(display), bool)
+    keep = np.flatnonzero(~skipped)
+    probs = np.zeros(display.shape[:3], np.float32)
+    for start in range(0, len(keep), VOLUME_BATCH):
+        batch = keep[start : start + VOLUME_BATCH]
+        probs[batch] = segmenter.probabilities([display[k] for k in batch], tta=tta, batch_size=VOLUME_BATCH)
     mask = binarize_stack(probs, post)
     lesions = lesion_table(mask, voxel_volume_mm3=vol.voxel_volume_mm3)
-    areas = [int(m.sum()) for m in mask]
-    return VolumeResult(vol, probs, mask, lesions, time.perf_counter() - t0, areas)
+    areas = np.count_nonzero(mask.reshape(len(mask), -1), axis=1).tolist()
+    return VolumeResult(vol, probs, mask, lesions, time.perf_counter() - t0, areas, display, window, np.flatnonzero(skipped).tolist())
 
 
 # ---------------------------------------------------------------- files in, files out

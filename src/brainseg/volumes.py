@@ -104,22 +104,40 @@ def _read_slabs(img) -> np.ndarray:
     return out
 
 
-def _load_nifti(data: bytes | None, path: os.PathLike | str):
-    """(nibabel image, float32 array) of one NIfTI file (a path) or its uncompressed bytes.
+def _unscaled_view(img, raw: bytes) -> np.ndarray | None:
+    """The voxels as a view of ``raw`` (no copy, stored type) when no intensity scaling applies
+    (slope 1, intercept 0) and the data lies whole in ``raw``; None otherwise. Reads where
+    nibabel's own array proxy reads (its dtype, offset, shape and order). Trailing length-1 axes
+    beyond the third are dropped."""
+    proxy = img.dataobj
+    dtype = np.dtype(proxy.dtype)
+    if float(proxy.slope) != 1.0 or float(proxy.inter) != 0.0 or dtype.kind not in "iuf":
+        return None
+    shape = tuple(int(s) for s in proxy.shape)
+    count, offset = int(np.prod(shape)), int(proxy.offset)
+    if offset + count * dtype.itemsize > len(raw):
+        return None  # truncated: the slab reader says so in its own words
+    data = np.frombuffer(raw, dtype, count=count, offset=offset).reshape(shape, order=proxy.order)
+    return data.reshape(_squeeze_shape(shape), order="F")
 
+
+def _load_nifti(data: bytes | None, path: os.PathLike | str):
+    """(nibabel image, voxel array) of one NIfTI file (a path) or its bytes (gzipped or not).
+
+    The file is inflated once and its voxels are used where they lie: without intensity scaling
+    the array is a view of the bytes in the stored type (``_to_slices`` converts it to float32
+    while orienting it); with scaling, float32 read one slab at a time (``_read_slabs``).
     Errors are plain DataErrors; what the library said goes to the debug log only.
     """
-    import nibabel as nib
-
     try:
         if data is None:
-            img = nib.load(str(path))
-            arr = np.asarray(img.dataobj, dtype=np.float32)
-        else:
-            raw = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
-            img = _nifti_from_bytes(raw)
-            if len(img.shape) < 3:
-                raise DataError(path, f"expected a 3-D volume, got shape {tuple(img.shape)}")
+            data = Path(path).read_bytes()
+        raw = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+        img = _nifti_from_bytes(raw)
+        if len(img.shape) < 3:
+            raise DataError(path, f"expected a 3-D volume, got shape {tuple(img.shape)}")
+        arr = _unscaled_view(img, raw)
+        if arr is None:
             arr = _read_slabs(img)
     except DataError:
         raise
@@ -128,18 +146,21 @@ def _load_nifti(data: bytes | None, path: os.PathLike | str):
     except Exception as exc:
         log.debug("reading NIfTI %s failed: %r", path, exc)
         raise DataError(path, "cannot read NIfTI: the file is corrupt, truncated or not NIfTI-1 / NIfTI-2") from None
-    if not np.isfinite(arr).all():
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise DataError(path, f"volume contains {int((~np.isfinite(arr)).sum())} NaN or infinite voxels")
     return img, arr
 
 
 def _to_slices(channels: list[np.ndarray]) -> np.ndarray:
-    """Three (X, Y, Z) float32 arrays -> (Z, Y, X, 3) display-oriented slices, filled in place."""
+    """Three (X, Y, Z) arrays (any real type) -> (Z, Y, X, 3) float32 display-oriented slices.
+
+    Slice k of channel c is ``rot90(arr[:, :, k])``, i.e. ``out[k, i, j, c] = arr[j, Y - 1 - i, k]``:
+    one strided copy (and conversion to float32) per channel.
+    """
     x, y, z = channels[0].shape
     out = np.empty((z, y, x, 3), np.float32)
     for c, arr in enumerate(channels):
-        for k in range(z):
-            out[k, :, :, c] = np.rot90(arr[:, :, k])
+        out[..., c] = np.transpose(arr[:, ::-1, :], (2, 1, 0))
     return out
 
 
@@ -221,8 +242,8 @@ def load_volume(files: list[os.PathLike | str] | dict[str, bytes], name: str | N
 
 
 def mask_to_volume(mask: np.ndarray) -> np.ndarray:
-    """(Z, H, W) display-oriented slices -> (X, Y, Z) array on the file's grid."""
-    return np.stack([np.rot90(m, -1) for m in mask], axis=2)
+    """(Z, H, W) display-oriented slices -> (X, Y, Z) array on the file's grid (the inverse of ``_to_slices``)."""
+    return np.ascontiguousarray(np.transpose(mask, (2, 1, 0))[:, ::-1, :])
 
 
 def nifti_bytes(mask: np.ndarray, affine: np.ndarray) -> bytes:
