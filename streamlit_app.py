@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
 import sys
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -26,7 +28,10 @@ DEFAULT_API = os.environ.get("BRAINSEG_API_URL", "http://127.0.0.1:8000").rstrip
 CHANNELS = {"Pre-contrast": 0, "FLAIR": 1, "Post-contrast": 2}
 # What a grey slice or a single volume is (the API's ``sequence`` field; brainseg.channels.SEQUENCES).
 SEQUENCES = {"flair": "FLAIR (default)", "t1": "Pre-contrast T1", "t1c": "T1 post-contrast", "t2": "T2"}
-UPLOAD_TYPES = ["tif", "tiff", "png", "jpg", "jpeg", "nii", "nii.gz", "gz"]
+UPLOAD_TYPES = ["tif", "tiff", "png", "jpg", "jpeg", "nii", "nii.gz", "gz", "zip", "dcm"]
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".zip", ".dcm")
+AUTO_WINDOW = "Auto (the window the model saw)"
+CUSTOM_WINDOW = "Custom"
 METRIC_NAMES = {
     "per_patient_dice": "Per-patient Dice",
     "positive_slice_dice": "Dice on lesion slices",
@@ -159,7 +164,8 @@ def current_input() -> tuple[list[tuple[str, bytes, str]] | None, str, bool]:
     """(files, label, synthetic) from the uploader or the synthetic example button."""
     up_col, ex_col = st.columns([3, 1], vertical_alignment="center")
     uploaded = up_col.file_uploader(
-        "Upload one slice (TIFF, PNG, JPEG), one NIfTI volume, or the three BraTS files (t1n, t2f, t1c)",
+        "Upload one slice (TIFF, PNG, JPEG), one NIfTI volume, the three BraTS files (t1n, t2f, t1c), "
+        "or a DICOM MR series or study (a .zip of the folder, or its .dcm files)",
         type=UPLOAD_TYPES,
         accept_multiple_files=True,
         key="uploads",
@@ -176,14 +182,26 @@ def current_input() -> tuple[list[tuple[str, bytes, str]] | None, str, bool]:
             list(SEQUENCES),
             format_func=SEQUENCES.get,
             key="sequence",
-            help="A grey (one-channel) slice or one NIfTI volume is given to the model in all 3 channels, the FLAIR-only condition "
-            "it was trained for. Say here if it is another sequence: T1, T1 post-contrast and T2 are outside what the model was "
-            "trained for, so you get a warning. A 3-channel slice (pre-contrast T1, FLAIR, post-contrast T1) or a BraTS set "
-            "carries its own sequences and ignores this.",
+            help="A grey (one-channel) slice or one NIfTI volume (or one DICOM series) is given to the model in all 3 channels, the "
+            "FLAIR-only condition it was trained for. Say here if it is another sequence: T1, T1 post-contrast and T2 are outside "
+            "what the model was trained for, so you get a warning. A 3-channel slice (pre-contrast T1, FLAIR, post-contrast T1), "
+            "a BraTS set or a DICOM series whose description names its sequence carries its own and ignores this.",
         )
-        files = [(f.name, f.getvalue(), f.type or "application/octet-stream") for f in uploaded]
+        files = zip_dicom_files([(f.name, f.getvalue(), f.type or "application/octet-stream") for f in uploaded])
         return files, ", ".join(f[0] for f in files), False
     return None, "", False
+
+
+def zip_dicom_files(files: list[tuple[str, bytes, str]]) -> list[tuple[str, bytes, str]]:
+    """Several .dcm files go to the API as one zip (it takes at most a few files per request)."""
+    dcm = [f for f in files if f[0].lower().endswith(".dcm")]
+    if len(dcm) < 2:
+        return files
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for name, data, _ in dcm:
+            zf.writestr(name, data)
+    return [f for f in files if f not in dcm] + [(f"{len(dcm)}_dicom_files.zip", buf.getvalue(), "application/zip")]
 
 
 def segment(opts: dict, files: list[tuple[str, bytes, str]], sequence: str | None = None) -> None:
@@ -199,7 +217,7 @@ def segment(opts: dict, files: list[tuple[str, bytes, str]], sequence: str | Non
         form["threshold"] = str(opts["threshold"])
     if sequence and sequence != "flair":  # FLAIR is the API's default; a 3-channel slice is not told it is ignored
         form["sequence"] = sequence
-    volume = any(n.lower().endswith((".nii", ".nii.gz")) for n, _, _ in files)
+    volume = any(n.lower().endswith(VOLUME_SUFFIXES) for n, _, _ in files)
     with st.spinner("Segmenting the volume, slice by slice…" if volume else "Segmenting…"):
         try:
             r = api_request(opts["base"], "POST", "/v1/segment", timeout=600, files=[("files", f) for f in files], data=form)
@@ -276,127 +294,170 @@ def slice_navigation(res: dict) -> int:
 
 
 def show_read_as(inp: dict) -> None:
-    """How the API read the channels: one line, its notes, and a warning where the input is outside the training."""
+    """How the API read the channels: one line, its notes, a warning where the input is outside the training,
+    and for a volume the sequence each channel was read as (and from which DICOM series)."""
     if not inp.get("read_as"):
         return
     notes = inp.get("notes") or []
     st.markdown("  \n".join([f"**Read as:** {inp['read_as']}", *notes]))
     for w in inp.get("warnings") or []:
         st.warning(w, icon=":material/warning:")
+    dicom = inp.get("dicom")
+    if inp.get("channels_read_as") and (dicom or inp.get("sequences_present")):
+        sources = dicom["channel_sources"] if dicom else [None] * 3
+        rows = [{"Channel": ch, "Read as": seq, **({"From": src} if src else {})} for ch, seq, src in zip(CHANNELS, inp["channels_read_as"], sources)]
+        st.dataframe(rows, hide_index=True, width="content", key="channels_table")
+    if dicom:
+        with st.expander(f"DICOM series in the upload ({len(dicom['series'])})", expanded=False):
+            st.dataframe(dicom["series"], hide_index=True, width="stretch")
 
 
-def show_result(opts: dict, res: dict, label: str, synthetic: bool) -> None:
-    base, rid = opts["base"], res["id"]
-    model = res["model"]
-    is_volume = res["kind"] == "volume"
+def result_header(res: dict, label: str, synthetic: bool) -> None:
+    model, inp, t = res["model"], res["input"], res["timings_ms"]
     if synthetic:
         st.warning(f"**{SYNTHETIC_LABEL}.** The lesion is drawn by the program; use it to see how the page works.", icon=":material/science:")
-    inp = res["input"]
-    if is_volume and len(res["files"]) > 1:
+    if res["kind"] == "volume" and inp.get("dicom"):
+        label = f"{inp['name']} (DICOM: {len(inp['dicom']['series'])} series)"
+    elif res["kind"] == "volume" and len(res["files"]) > 1:
         label = f"{inp['name']} (BraTS set: {', '.join(inp.get('sequences_present') or ['t1n', 't2f', 't1c'])})"
     st.subheader(f"Result · {label}")
     show_read_as(inp)
-    t = res["timings_ms"]
     st.caption(
         f"{model['display_name']} · version `{model['version']}` · {model['backend']} · threshold {res['threshold']} · "
         f"min. size {res['min_size']} px ({res.get('components', '2D')}) · TTA {'on' if res['tta'] else 'off'} · decode {t['decode']:.0f} ms, inference {t['inference']:.0f} ms, total {t['total']:.0f} ms"
     )
-    z = 0
-    cols = st.columns(4)
-    cols[0].metric("Lesions", res["lesion_count"])
-    if is_volume:
-        sp = res["input"]["spacing_mm"]
-        cols[1].metric(
-            "Lesion volume", f"{res['lesion_volume_mm3']:,.0f} mm³", help=f"{res['lesion_voxels']:,} voxels of {' × '.join(f'{v:g}' for v in sp)} mm"
-        )
-        cols[2].metric("Slices with lesion", f"{len(res['slices_with_lesion'])} / {res['slices']}")
-        cols[3].metric("Volume", " × ".join(map(str, res["input"]["shape"])), help=f"voxel size {' × '.join(f'{v:g}' for v in sp)} mm")
-        z = slice_navigation(res)
-    else:
-        cols[1].metric("Lesion area", f"{res['lesion_area_px']:,} px", help="Pixel spacing is unknown for image files, so no mm²")
-        cols[2].metric("Image", f"{res['input']['width']} × {res['input']['height']}", help=f"pixel type {res['input']['dtype']}")
-        cols[3].metric("Inference", f"{t['inference']:.0f} ms")
 
-    q = f"channel={opts['channel']}&alpha={opts['alpha']}"
+
+def result_metrics(res: dict) -> int:
+    """The metric row (and, for a volume, the slice navigation); returns the slice to show."""
+    cols, t, inp = st.columns(4), res["timings_ms"], res["input"]
+    cols[0].metric("Lesions", res["lesion_count"])
+    if res["kind"] != "volume":
+        cols[1].metric("Lesion area", f"{res['lesion_area_px']:,} px", help="Pixel spacing is unknown for image files, so no mm²")
+        cols[2].metric("Image", f"{inp['width']} × {inp['height']}", help=f"pixel type {inp['dtype']}")
+        cols[3].metric("Inference", f"{t['inference']:.0f} ms")
+        return 0
+    sp = " × ".join(f"{v:g}" for v in inp["spacing_mm"])
+    cols[1].metric("Lesion volume", f"{res['lesion_volume_mm3']:,.0f} mm³", help=f"{res['lesion_voxels']:,} voxels of {sp} mm")
+    cols[2].metric("Slices with lesion", f"{len(res['slices_with_lesion'])} / {res['slices']}")
+    cols[3].metric("Volume", " × ".join(map(str, inp["shape"])), help=f"voxel size {sp} mm")
+    return slice_navigation(res)
+
+
+def window_query(res: dict, channel: int) -> str:
+    """Window / level for the displayed channel: auto, the DICOM header's presets, or custom; as query parameters."""
+    inp = res["input"]
+    window = inp.get("display_window")
+    if not window:
+        return ""
+    presets = ((inp.get("dicom") or {}).get("window_presets") or [[], [], []])[channel]
+    named = {f"{p['name']}: centre {p['center']:g}, width {p['width']:g}": (p["center"], p["width"]) for p in presets}
+    c1, c2, c3 = st.columns([3, 1, 1], vertical_alignment="bottom")
+    choice = c1.selectbox(
+        "Window / level of the displayed sequence",
+        [AUTO_WINDOW, *named, CUSTOM_WINDOW],
+        key="window_choice",
+        help="Presets come from the DICOM header (WindowCenter / WindowWidth) where present; values are in the input's units",
+    )
+    if choice == AUTO_WINDOW:
+        return ""
+    lo, hi = window["low"][channel], window["high"][channel]
+    centre, width = named.get(choice, ((lo + hi) / 2, max(hi - lo, 1.0)))
+    if choice == CUSTOM_WINDOW:
+        centre = c2.number_input("Centre", value=float(centre), key="window_center")
+        width = c3.number_input("Width", value=float(width), min_value=1e-3, key="window_width")
+    return f"&wc={centre:g}&ww={width:g}"
+
+
+def fetch_views(opts: dict, res: dict, z: int, window: str) -> dict | None:
+    """The four PNGs of one slice (original, overlay, mask, probability); None (and a message) when the result is gone."""
+    base, rid = opts["base"], res["id"]
+    q = f"channel={opts['channel']}&alpha={opts['alpha']}{window}"
     try:
-        original = fetch_bytes(base, f"/v1/results/{rid}/slice/{z}.png?view=image&{q}")
-        over = fetch_bytes(base, f"/v1/results/{rid}/slice/{z}.png?view=overlay&{q}")
-        mask = fetch_bytes(base, f"/v1/results/{rid}/slice/{z}.png?view=mask")
+        views = {v: fetch_bytes(base, f"/v1/results/{rid}/slice/{z}.png?view={v}&{q}") for v in ("image", "overlay")}
+        views["mask"] = fetch_bytes(base, f"/v1/results/{rid}/slice/{z}.png?view=mask")
+        views["probability"] = fetch_bytes(base, f"/v1/results/{rid}/slice/{z}.png?view=probability")
+        return views
     except ApiError as exc:
-        st.error(f"{exc}  \nThe server keeps only recent results in memory (and forgets them when it restarts).")
+        st.error(f"{exc}  \nThe server keeps only recent results (and may have forgotten this one).")
         if st.button("Segment again", key="resegment", icon=":material/refresh:"):
             st.session_state.request_key = None
             st.rerun()
-        return
-    where = f" · slice {z}" if is_volume else ""
-    if is_volume:
-        area = res["slice_lesion_area_px"][z]
-        o = res["input"].get("orientation")
+        return None
+
+
+def show_images(opts: dict, res: dict, z: int, views: dict) -> None:
+    where = f" · slice {z}" if res["kind"] == "volume" else ""
+    if res["kind"] == "volume":
+        area, o = res["slice_lesion_area_px"][z], res["input"].get("orientation")
         orient = f" · orientation from the header: top {o['top']}, left {o['left']}, right {o['right']}" if o else ""
-        st.markdown(
-            f"**Slice {z}** of {res['slices']} · "
-            + (f"lesion area {area:,} px = {res['slice_lesion_area_mm2'][z]:,.0f} mm²" if area else "no lesion on this slice")
-            + orient
-        )
-    c1, c2, c3 = st.columns(3)
-    c1.image(original, caption=f"Original ({opts['channel_name']}){where}", width="stretch")
-    c2.image(over, caption=f"Overlay (lesion in red, opacity {opts['alpha']:.2f}){where}", width="stretch")
-    c3.image(mask, caption=f"Predicted mask (threshold {res['threshold']}){where}", width="stretch")
-    if is_volume:
+        lesion = f"lesion area {area:,} px = {res['slice_lesion_area_mm2'][z]:,.0f} mm²" if area else "no lesion on this slice"
+        st.markdown(f"**Slice {z}** of {res['slices']} · {lesion}{orient}")
+    c1, c2, c3, c4 = st.columns(4)
+    c1.image(views["image"], caption=f"Original ({opts['channel_name']}){where}", width="stretch")
+    c2.image(views["overlay"], caption=f"Overlay (lesion in red, opacity {opts['alpha']:.2f}){where}", width="stretch")
+    c3.image(views["mask"], caption=f"Predicted mask (threshold {res['threshold']}){where}", width="stretch")
+    c4.image(views["probability"], caption=f"Probability (black 0 → purple → yellow 1){where}", width="stretch")
+    if res["kind"] == "volume":
         with st.expander("Lesion area per slice", expanded=False):
             st.bar_chart({"lesion area (px)": res["slice_lesion_area_px"]}, height=160, x_label="slice", y_label="px")
 
+
+def show_lesions(res: dict) -> None:
+    st.markdown("##### Lesions")
+    rows = lesion_rows(res)
+    if not rows:
+        st.info("No lesion found at this threshold.")
+        return
+    note = f" (the {len(rows)} largest)" if res.get("lesions_truncated") else ""
+    st.caption(f"Connected components of the predicted mask, largest first{note}. Boxes are end-exclusive, in the displayed orientation.")
+    st.dataframe(rows, hide_index=True, width="stretch", height=min(38 + 35 * len(rows), 320))
+
+
+def download_volume_files(base: str, res: dict, stem: str) -> None:
+    """The NIfTI mask, and the DICOM SEG for DICOM input."""
+    files = [("NIfTI mask (.nii.gz)", res["mask_url"], f"{stem}_mask.nii.gz", "application/gzip", "dl_nifti", "Same voxel grid and affine as the input")]
+    if res["urls"].get("seg_dicom"):
+        help_seg = "A DICOM Segmentation referencing the source series: open it with the study in a DICOM viewer or send it to PACS. It carries the study's patient identifiers."
+        files.append(("DICOM SEG (.dcm)", res["urls"]["seg_dicom"], f"{stem}_seg.dcm", "application/dicom", "dl_seg", help_seg))
+    for label, url, name, mime, key, help_text in files:
+        try:
+            data = fetch_bytes(base, url)
+        except ApiError as exc:
+            st.error(str(exc))
+            continue
+        st.download_button(label, data, name, mime, key=key, icon=":material/download:", width="stretch", type="primary", help=help_text)
+
+
+def show_downloads(opts: dict, res: dict, z: int, views: dict) -> None:
+    st.markdown("##### Downloads")
+    is_volume = res["kind"] == "volume"
+    stem = res["input"].get("name") or (Path(res["files"][0]).name.split(".")[0] if res["files"] else "result")
+    suffix = f"_z{z}" if is_volume else ""
+    if is_volume:
+        download_volume_files(opts["base"], res, stem)
+    mask_png = views["mask"] if is_volume else base64.b64decode(res["mask_png"])
+    for what, data in (("mask", mask_png), ("overlay", views["overlay"])):
+        label = f"{what.capitalize()} PNG" + (f" (slice {z})" if is_volume else "")
+        st.download_button(label, data, f"{stem}_{what}{suffix}.png", "image/png", key=f"dl_{what}", icon=":material/download:", width="stretch")
+    summary = {k: v for k, v in res.items() if k not in ("mask_png", "overlay_png", "preview_png")}
+    st.download_button(
+        "Lesions JSON", json.dumps(summary, indent=2), f"{stem}_lesions.json", "application/json", key="dl_json", icon=":material/download:", width="stretch"
+    )
+
+
+def show_result(opts: dict, res: dict, label: str, synthetic: bool) -> None:
+    result_header(res, label, synthetic)
+    z = result_metrics(res)
+    views = fetch_views(opts, res, z, window_query(res, opts["channel"]))
+    if views is None:
+        return
+    show_images(opts, res, z, views)
     table_col, dl_col = st.columns([3, 1])
     with table_col:
-        st.markdown("##### Lesions")
-        rows = lesion_rows(res)
-        if rows:
-            note = f" (the {len(rows)} largest)" if res.get("lesions_truncated") else ""
-            st.caption(f"Connected components of the predicted mask, largest first{note}. Boxes are end-exclusive, in the displayed orientation.")
-            st.dataframe(rows, hide_index=True, width="stretch", height=min(38 + 35 * len(rows), 320))
-        else:
-            st.info("No lesion found at this threshold.")
+        show_lesions(res)
     with dl_col:
-        st.markdown("##### Downloads")
-        stem = res["input"].get("name") or (Path(res["files"][0]).name.split(".")[0] if res["files"] else "result")
-        suffix = f"_z{z}" if is_volume else ""
-        if is_volume:
-            try:
-                nii = fetch_bytes(base, res["mask_url"])
-                st.download_button(
-                    "NIfTI mask (.nii.gz)",
-                    nii,
-                    f"{stem}_mask.nii.gz",
-                    "application/gzip",
-                    key="dl_nifti",
-                    icon=":material/download:",
-                    width="stretch",
-                    type="primary",
-                    help="Same voxel grid and affine as the input",
-                )
-            except ApiError as exc:
-                st.error(str(exc))
-        mask_png = mask if is_volume else base64.b64decode(res["mask_png"])
-        for what, data in (("mask", mask_png), ("overlay", over)):
-            st.download_button(
-                f"{what.capitalize()} PNG" + (f" (slice {z})" if is_volume else ""),
-                data,
-                f"{stem}_{what}{suffix}.png",
-                "image/png",
-                key=f"dl_{what}",
-                icon=":material/download:",
-                width="stretch",
-            )
-        summary = {k: v for k, v in res.items() if k not in ("mask_png", "overlay_png", "preview_png")}
-        st.download_button(
-            "Lesions JSON",
-            json.dumps(summary, indent=2),
-            f"{stem}_lesions.json",
-            "application/json",
-            key="dl_json",
-            icon=":material/download:",
-            width="stretch",
-        )
+        show_downloads(opts, res, z, views)
 
 
 # ---------------------------------------------------------------- page
@@ -411,12 +472,14 @@ def main() -> None:
     with st.expander("How to use", expanded=not st.session_state.get("result")):
         st.markdown(
             "1. Upload **one slice** (TIFF/PNG/JPEG, 8 or 16 bit, grey or 3 channels: pre-contrast, FLAIR, post-contrast, "
-            "like the LGG kaggle_3m slices), **one NIfTI volume**, or the **BraTS files** `*-t1n`, `*-t2f`, `*-t1c` together "
-            "(`*-t2f` is needed; a missing `*-t1n` or `*-t1c` is filled with FLAIR). A grey slice or a single volume is read as FLAIR; "
-            "say below the upload if it is another sequence.\n"
+            "like the LGG kaggle_3m slices), **one NIfTI volume**, the **BraTS files** `*-t1n`, `*-t2f`, `*-t1c` together "
+            "(`*-t2f` is needed; a missing `*-t1n` or `*-t1c` is filled with FLAIR), or a **DICOM MR series or study** as a .zip "
+            "(FLAIR, pre- and post-contrast T1 are recognised from the series descriptions). A grey slice or a single volume is read "
+            "as FLAIR; say below the upload if it is another sequence.\n"
             "2. Pick a model and threshold in the sidebar (the default is the better model on the validation patients, at its calibrated threshold).\n"
-            "3. Compare original, overlay and mask; for a volume move through the slices or jump to the slices with lesion. "
-            "Download the mask (PNG, or NIfTI with the input's affine) and the lesion table."
+            "3. Compare original, overlay, mask and the model's probability; set the window / level (DICOM header presets where "
+            "present); for a volume move through the slices or jump to the slices with lesion. Download the mask (PNG, NIfTI with "
+            "the input's affine, DICOM SEG for DICOM input) and the lesion table."
         )
     files, label, synthetic = current_input()
     if not opts["ok"]:

@@ -309,7 +309,7 @@ BAD_INPUTS = [
     # (id, files, params, status, words expected in the message)
     ("text file", [("notes.txt", b"hello, not an image")], {}, 415, ["unsupported file type", "notes.txt"]),
     ("pdf without suffix", [("scan", b"%PDF-1.4 not an image")], {}, 415, ["unsupported file type"]),
-    ("dicom", [("img.dcm", b"\0" * 128 + b"DICM" + b"\0" * 64)], {}, 415, ["DICOM", "NIfTI"]),
+    ("dicom without a dataset", [("img.dcm", b"\0" * 128 + b"DICM" + b"\0" * 64)], {}, 422, ["img.dcm", "nothing usable", "DICOM"]),
     ("empty file", [("empty.png", b"")], {}, 400, ["empty.png", "empty"]),
     ("corrupt png", [("bad.png", b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)], {}, 422, ["bad.png", "cannot read the image"]),
     ("truncated tiff", [("cut.tif", _truncated_tiff())], {}, 422, ["cut.tif"]),

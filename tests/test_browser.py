@@ -181,3 +181,29 @@ def test_upload_brats_volume(browser, streamlit_url, shared_data):
         assert "Traceback" not in text
     finally:
         page.close()
+
+
+def test_upload_zipped_dicom_study(browser, streamlit_url, shared_data, tmp_path):
+    """A zipped DICOM study (the BraTS example as three oblique MR series): result, channel sources,
+    probability view, window / level presets from the header, and the DICOM SEG download."""
+    from dicom_series import write_brats_study, zip_bytes
+
+    study = write_brats_study(tmp_path, shared_data / "brats-met-example")
+    zipped = tmp_path / "study.zip"
+    zipped.write_bytes(zip_bytes([study["dicom"]]))
+    page = open_page(browser, streamlit_url)
+    try:
+        page.set_input_files("input[type=file]", str(zipped))
+        page.get_by_text("Result · study (DICOM: 3 series)").first.wait_for()
+        page.get_by_text("Axial slice (0–39)").first.wait_for()
+        wait_for_images(page, 4)
+        page.get_by_text("DICOM SEG (.dcm)").first.wait_for()
+        page.wait_for_timeout(500)
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "app_dicom.png"), full_page=True)
+        text = page.inner_text("body")
+        for words in ("Probability (black 0", "Window / level of the displayed sequence", "NIfTI mask", "DICOM SEG", "Lesion volume"):
+            assert words in text, f"{words!r} missing from the page"
+        assert "Traceback" not in text and "Zzyzx" not in text
+    finally:
+        page.close()

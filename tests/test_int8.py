@@ -13,7 +13,7 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import LGG, require
+from helpers import LGG, REPO, require
 
 from brainseg.cli import main
 from brainseg.data import discover, labelled, load_patient
@@ -160,3 +160,37 @@ def test_precision_int8_without_int8_file_is_a_clear_error(tiny_model_dir, tmp_p
     rc = main(["evaluate", "--data", str(tmp_path), "--model-dir", str(tiny_model_dir), "--precision", "int8", "--out", str(tmp_path / "r.json")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "INT8" in err and "\n" not in err
+
+
+def test_ship_int8_registers_int8_with_its_dice_cost(tiny_model_dir, tmp_path, capsys):
+    """scripts/ship_int8.py on the tiny models, 2 calibration and 2 test patients: files, registry, card, printout."""
+    import importlib.util
+
+    from brainseg.registry import read_registry
+
+    require(LGG)
+    spec = importlib.util.spec_from_file_location("ship_int8", REPO / "scripts" / "ship_int8.py")
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    models = _int8_dir(tiny_model_dir, tmp_path)
+    ids = [p.id for p in labelled(discover(LGG)).patients]
+    (models / "split.json").write_text(json.dumps({"train": ids[:3], "val": ids[3:4], "test": ids[10:13]}))
+    assert ship.main(["--data", str(LGG), "--model-dir", str(models), "--limit", "2", "--calibration-slices", "40"]) == 0
+    out = capsys.readouterr().out
+    reg = read_registry(models)
+    for name in ("unetpp", "attention_unet"):
+        entry = reg["models"][name]
+        assert entry["onnx_int8"] == f"{name}.int8.onnx" and (models / entry["onnx_int8"]).is_file()
+        block = entry["int8"]
+        assert block["calibration"]["patients"] == 2 and block["calibration"]["slices"] == 40 and block["test_patients"] == 2
+        assert set(block["test"]) == {"all", "pre_missing", "post_missing", "flair_only"}
+        for r in block["test"].values():
+            assert r["drop"] == pytest.approx(r["fp32"] - r["int8"], abs=2e-4)
+        holds = all(r["drop"] <= ship.MAX_DROP for r in block["test"].values())
+        assert entry["default_precision"] == ("int8" if holds else "fp32")
+        card = (models / f"{name}.md").read_text()
+        assert card.count("<!-- int8 -->") == 1 and "| flair_only |" in card
+    assert "flair_only" in out and "default precision" in out
+    # Run again: the card keeps one INT8 section.
+    assert ship.main(["--data", str(LGG), "--model-dir", str(models), "--limit", "2", "--calibration-slices", "40", "--models", "unetpp"]) == 0
+    assert (models / "unetpp.md").read_text().count("<!-- int8 -->") == 1

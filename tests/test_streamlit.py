@@ -167,3 +167,35 @@ def test_page_process_does_not_import_torch(api_server):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "CLEAN" in out.stdout, out.stdout
+
+
+def test_zipped_dicom_study_shows_its_series_presets_and_seg(monkeypatch, api_server, tmp_path):
+    """Three small DICOM series zipped: the channel table names the series, the header's window preset
+    re-renders the image, the probability view and the DICOM SEG download are there."""
+    from dicom_series import study_ids, write_series, zip_bytes
+
+    from brainseg.synthetic import synthetic_slice
+
+    flair = np.stack([np.rot90(synthetic_slice(size=64, seed=k)[0][:, :, 1], -1).astype(np.int16) for k in range(6)], axis=2)
+    ids = study_ids()
+    for number, desc in ((1, "AX FLAIR"), (2, "AX T1"), (3, "AX T1 +C")):
+        write_series(tmp_path / "study" / desc.replace(" ", "_"), flair, np.diag([2.0, 2.0, 4.0, 1.0]), ids, number=number, description=desc, window=(120, 200))
+    at = run_app(monkeypatch, api_server)
+    at.file_uploader(key="uploads").upload("study.zip", zip_bytes([tmp_path / "study"]), "application/zip").run()
+    no_page_crash(at)
+    assert not at.error, texts(at.error)
+    assert "Result · study (DICOM: 3 series)" in texts(at.subheader)
+    channels = next(d.value for d in at.dataframe if "From" in d.value.columns)
+    assert list(channels["From"]) == ["series 2 (AX T1)", "series 1 (AX FLAIR)", "series 3 (AX T1 +C)"]
+    labels = {b.label for b in at.get("download_button")}
+    assert {"NIfTI mask (.nii.gz)", "DICOM SEG (.dcm)"} <= labels
+    captions = [c for img in at.get("image") for c in img.captions]
+    assert any(c.startswith("Probability (black 0") for c in captions), captions
+    window = at.selectbox(key="window_choice")
+    preset = next(o for o in window.options if "centre 120, width 200" in o)
+    window.set_value(preset).run()
+    no_page_crash(at)
+    window.set_value("Custom").run()
+    at.number_input(key="window_width").set_value(50.0).run()
+    no_page_crash(at)
+    assert not at.error, texts(at.error)

@@ -9,8 +9,10 @@ from urllib.parse import quote
 import numpy as np
 
 from ..config import DISPLAY_NAMES, PostprocessConfig
-from ..inference import Ensemble
+from ..inference import Ensemble, window_for_volume
 from ..predict import SliceResult, VolumeResult
+from ..preprocessing import intensity_window
+from ..review import display_window, probability_u8
 from ..volumes import Volume
 from .render import b64png, display_slice, display_volume, render
 from .store import StoredResult
@@ -87,14 +89,15 @@ def _lesions(rows: list[dict]) -> tuple[list[dict], bool]:
 def slice_answer(run: RunInfo, image: np.ndarray, res: SliceResult, store) -> dict:
     """The answer for one slice, with its mask and overlay as base64 PNG; the result is stored."""
     display = display_slice(image)
-    stored = StoredResult("slice", display[None], res.mask[None], {}, name=Path(run.files[0]).stem, owner=run.owner)
+    window = display_window(None if image.dtype == np.uint8 else intensity_window(image))  # what display_slice applied
+    stored = StoredResult("slice", display[None], res.mask[None], {}, name=Path(run.files[0]).stem, owner=run.owner, prob=probability_u8(res.prob)[None])
     s = res.summary()
     lesions, cut = _lesions(s["lesions"])
     body = {
         "id": stored.id,
         "kind": "slice",
         **_common(run, single_slice=True),
-        "input": {"height": s["height"], "width": s["width"], "dtype": str(image.dtype), "spacing_mm": None, **run.read_as},
+        "input": {"height": s["height"], "width": s["width"], "dtype": str(image.dtype), "spacing_mm": None, "display_window": window, **run.read_as},
         "lesion_count": s["lesion_count"],
         "lesion_area_px": s["lesion_area_px"],
         "lesion_area_mm2": None,  # pixel spacing is unknown for TIFF / PNG / JPEG slices
@@ -135,10 +138,21 @@ def _volume_urls(rid: str) -> dict:
     }
 
 
+def dicom_seg(run: RunInfo, vol: Volume, mask: np.ndarray) -> bytes | None:
+    """The DICOM SEG of a volume read from DICOM (``dicom.DicomVolume``), else None."""
+    if getattr(vol, "dicom", None) is None:
+        return None
+    from ..dicom import seg_bytes
+
+    return seg_bytes(vol.dicom, np.asarray(mask), run.model["name"], run.model["version"], run.post.threshold)
+
+
 def volume_answer(run: RunInfo, vol: Volume, res: VolumeResult, store) -> dict:
     """The answer for a volume, with per-slice lesion areas, a preview and download links; the result is stored."""
-    display = display_volume(vol.slices)
-    stored = StoredResult("volume", display, res.mask, {}, affine=vol.affine, name=vol.name, owner=run.owner)
+    window = window_for_volume(vol.slices)
+    display = display_volume(vol.slices, window)
+    seg = dicom_seg(run, vol, res.mask)
+    stored = StoredResult("volume", display, res.mask, {}, affine=vol.affine, name=vol.name, owner=run.owner, prob=probability_u8(res.prob), seg_dicom=seg)
     s = res.summary()
     areas = s["slice_lesion_area_px"]
     z = int(np.argmax(areas)) if res.mask.any() else res.mask.shape[0] // 2
@@ -153,6 +167,7 @@ def volume_answer(run: RunInfo, vol: Volume, res: VolumeResult, store) -> dict:
             "spacing_mm": s["spacing_mm"],
             "dtype": "float32",
             "orientation": display_orientation(vol.affine),
+            "display_window": display_window(window),
             **run.read_as,
         },
         "lesion_count": s["lesion_count"],
@@ -166,7 +181,7 @@ def volume_answer(run: RunInfo, vol: Volume, res: VolumeResult, store) -> dict:
         "slices_with_lesion": s["slices_with_lesion"],
         "preview_slice": z,
         "mask_url": f"/v1/results/{stored.id}/mask.nii.gz",
-        "urls": _volume_urls(stored.id),
+        "urls": _volume_urls(stored.id) | ({"seg_dicom": f"/v1/results/{stored.id}/seg.dcm"} if seg is not None else {}),
     }
     stored.summary = dict(body)
     body["preview_png"] = b64png(render(display[z], res.mask[z], "overlay", 1, 0.4))

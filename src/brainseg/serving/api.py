@@ -3,13 +3,15 @@
 Routes (OpenAPI docs at ``/docs``):
 
 - ``POST /v1/segment``: multipart field ``files`` = one slice (TIFF / PNG / JPEG, 8 or 16 bit,
-  grey or 3-channel), one NIfTI volume, or a BraTS set (``*-t1n``, ``*-t2f``, ``*-t1c``);
+  grey or 3-channel), one NIfTI volume, a BraTS set (``*-t1n``, ``*-t2f``, ``*-t1c``), or a DICOM
+  MR series or study (a ``.zip``, or ``.dcm`` files; see ``brainseg.dicom``);
   form or query parameters ``model``, ``threshold``, ``tta``, ``sequence`` (what a grey slice or a
   single volume is: flair (default), t1, t1c, t2) and ``precision`` (fp32 (default) or int8, where
   the model has an INT8 file). The answer's ``input`` block says how the channels were read
   (``condition``: all / pre_missing / post_missing / flair_only, ``warnings``); its ``model``
   block names the model, version, backend and precision used.
-- ``GET /v1/results/{id}``, ``.../mask.nii.gz``, ``.../mask.png?z=``, ``.../slice/{z}.png``;
+- ``GET /v1/results/{id}``, ``.../mask.nii.gz``, ``.../seg.dcm`` (DICOM input), ``.../mask.png?z=``,
+  ``.../slice/{z}.png`` (``view`` image / overlay / mask / probability, ``wc`` + ``ww`` window / level);
   ``DELETE /v1/results/{id}``. Results are kept by the result store (``store``) for
   ``BRAINSEG_RESULT_TTL_S``.
 - ``GET /v1/models``, ``GET /health``.

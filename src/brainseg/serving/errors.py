@@ -58,7 +58,7 @@ RESPONSES = {
             "over BRAINSEG_RATE_PER_MIN segmentations in the last minute from this client",
             headers={"Retry-After": {"description": "seconds until the next request is accepted", "schema": {"type": "integer"}}},
         ),
-        415: _err("not multipart/form-data, or a file type that is not a slice (TIFF / PNG / JPEG) or NIfTI"),
+        415: _err("not multipart/form-data, or a file type that is not a slice (TIFF / PNG / JPEG), NIfTI or DICOM (.zip, .dcm)"),
         422: _err("a file that cannot be read or used (corrupt, wrong shape, type or header), or a bad parameter"),
         499: _err("the client closed the connection before its segmentation ran; nothing was done"),
         503: _err(
@@ -69,6 +69,7 @@ RESPONSES = {
     "result": _RESULT,
     "nifti": {**_RESULT, 200: {"content": {"application/gzip": {}}, "description": "the mask as .nii.gz"}},
     "png": {**_RESULT, 200: {"content": {"image/png": {}}, "description": "a PNG"}},
+    "seg": {**_RESULT, 200: {"content": {"application/dicom": {}}, "description": "the mask as a DICOM SEG (it carries the study's identifiers)"}},
 }
 
 

@@ -40,12 +40,13 @@ def display_slice(image: np.ndarray) -> np.ndarray:
     return to_uint8(image)
 
 
-def display_volume(slices: np.ndarray) -> np.ndarray:
-    """(Z, H, W, 3) any dtype -> uint8 for display, with the same volume-wide window the model saw.
+def display_volume(slices: np.ndarray, window: tuple | None = None) -> np.ndarray:
+    """(Z, H, W, 3) any dtype -> uint8 for display, with the same volume-wide window the model saw
+    (``window``: ``inference.window_for_volume(slices)`` when the caller has it already).
 
     Windowed one slice at a time, so the float temporaries stay one slice large.
     """
-    window = window_for_volume(slices)
+    window = window_for_volume(slices) if window is None else window
     if window is None:
         return slices
     out = np.empty(slices.shape, np.uint8)

@@ -8,6 +8,9 @@ Budgets come first, from the headers, through the libraries: tifffile for every 
 TIFF, Pillow for PNG / JPEG, nibabel for NIfTI-1 and NIfTI-2. Only then is anything decoded:
 ``.nii.gz`` is inflated with a byte cap taken from its own header (a small file that expands
 without end is cut off) and its CRC is checked; multi-member gzip is read member by member.
+DICOM (a ``.zip`` of a series or study, or ``.dcm`` files) is bounded the same way: the zip's
+directory (sizes, member count, compression ratio) before inflating, the DICOM headers (voxels,
+decoded bytes) before any pixel data is decoded (see ``brainseg.dicom``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..channels import stored_channels
+from .. import dicom
+from ..channels import describe_volume, stored_channels
 from ..data import IMAGE_SUFFIXES, DataError, decode_image, to_three_channels
 from ..volumes import is_nifti
 
@@ -32,7 +36,10 @@ MAX_NAME = 100  # characters of a file name kept for messages and downloads
 MAX_TIFF_PAGES = 64  # more pages are refused without looking at each
 GZIP_SLACK = 1 << 16
 MAX_DATA_OFFSET = 1 << 24  # header extensions beyond 16 MiB are not accepted  # bytes a .nii.gz may inflate to beyond what its header declares
-ACCEPTED = "a slice (.tif, .tiff, .png, .jpg, .jpeg), a NIfTI volume (.nii, .nii.gz), or a BraTS set (*-t1n, *-t2f, *-t1c .nii.gz)"
+ACCEPTED = (
+    "a slice (.tif, .tiff, .png, .jpg, .jpeg), a NIfTI volume (.nii, .nii.gz), a BraTS set (*-t1n, *-t2f, *-t1c .nii.gz), "
+    "or a DICOM MR series or study (a .zip of the files, or .dcm files)"
+)
 
 
 class UploadError(Exception):
@@ -83,18 +90,19 @@ def sniff(data: bytes) -> str | None:
 
 
 def kind_of(up: Upload) -> str:
-    """``image`` or ``nifti``, from the name's suffix, else from the content; 415 otherwise."""
+    """``image``, ``nifti`` or ``dicom`` (a .zip, or a DICOM file), from the name's suffix, else from the content; 415 otherwise."""
     name = up.name.lower()
     if is_nifti(name):
         return "nifti"
     if any(name.endswith(s) for s in IMAGE_SUFFIXES):
         return "image"
+    if dicom.is_zip(up.data[:4], name) or dicom.looks_like_dicom(up.data[:132], name):
+        return "dicom"
     sniffed = sniff(up.data)
     if sniffed:
         return sniffed
     suffix = name.rsplit(".", 1)[-1][:12] if "." in name else "(none)"
-    hint = " DICOM must be converted to NIfTI first (e.g. dcm2niix)." if name.endswith(".dcm") or up.data[128:132] == b"DICM" else ""
-    raise UploadError(415, f"{up.name}: unsupported file type '{suffix}'; send {ACCEPTED}.{hint}")
+    raise UploadError(415, f"{up.name}: unsupported file type '{suffix}'; send {ACCEPTED}")
 
 
 def classify(uploads: list[Upload], max_bytes: int) -> str:
@@ -116,7 +124,9 @@ def classify(uploads: list[Upload], max_bytes: int) -> str:
         if len(uploads) > 4:
             raise UploadError(422, f"{len(uploads)} NIfTI files uploaded; send one volume or one BraTS set (t1n, t2f, t1c)")
         return "volume"
-    raise UploadError(422, "images and NIfTI volumes mixed in one request; send one slice, or one volume")
+    if all(k == "dicom" for k in kinds):
+        return "dicom"
+    raise UploadError(422, "images, NIfTI volumes and DICOM mixed in one request; send one slice, one volume, or one DICOM series or study")
 
 
 def _mib(n: int) -> str:
@@ -478,3 +488,44 @@ def read_volume_payloads(uploads: list[Upload], limits: Limits) -> dict[str, byt
     if total > limits.max_decoded_bytes:
         raise UploadError(413, f"the volumes decode to {_mib(total)} together, above the limit of {_mib(limits.max_decoded_bytes)} (BRAINSEG_MAX_DECODED_MB)")
     return {u.name: nifti_payload(u, limits, info) for u, info in zip(uploads, infos)}
+
+
+# ---------------------------------------------------------------- DICOM
+
+
+def dicom_items(uploads: list[Upload], limits: Limits) -> list[tuple[str, bytes]]:
+    """(name, bytes) of every file: .dcm uploads as they are, zips unpacked within the decoded-bytes budget."""
+    items, budget = [], limits.max_decoded_bytes
+    for u in uploads:
+        if dicom.is_zip(u.data[:4], u.name):
+            members = dicom.unzip(u.data, u.name, max_bytes=budget)
+            budget -= sum(len(m) for _, m in members)
+            items += members
+        else:
+            items.append((u.name, u.data))
+    return items
+
+
+def decode_dicom(uploads: list[Upload], limits: Limits, sequence: str | None = None):
+    """(``dicom.DicomVolume``, input block) of a DICOM upload; 413 / 422 with a plain message.
+
+    The uploads' names are redacted in place when they hold the patient's name, id or birth
+    date (they are echoed in answers); the input block gains a ``dicom`` part (series, the
+    series each channel was read from, window presets) with nothing identifying.
+    """
+    label = uploads[0].name if len(uploads) == 1 else f"{len(uploads)} DICOM files"
+    stem = uploads[0].name[:-4] if len(uploads) == 1 and uploads[0].name.lower().endswith(".zip") else "dicom"
+    try:
+        vol = dicom.load_dicom(dicom_items(uploads, limits), label, name=stem, max_voxels=limits.max_voxels, max_decoded_bytes=limits.max_decoded_bytes)
+    except dicom.DicomError as exc:
+        raise UploadError(exc.status, str(exc)) from None
+    except MemoryError:
+        raise UploadError(413, "the DICOM series is too large to decode on this server") from None
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError, EOFError) as exc:  # an unusual file pydicom trips on
+        log.debug("DICOM unreadable: %s", type(exc).__name__)  # the type only: a message may quote header values
+        raise UploadError(422, "the DICOM files could not be read (corrupt, or an encoding brainseg does not handle)") from None
+    for u in uploads:
+        u.name = vol.dicom.redactor.file_name(u.name)
+    block = describe_volume(vol, sequence)
+    block["dicom"] = vol.dicom.block()
+    return vol, block

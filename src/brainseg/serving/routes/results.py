@@ -1,4 +1,5 @@
-"""``/v1/results/{rid}``: an earlier answer, its NIfTI mask, mask and rendered slices as PNG, and delete."""
+"""``/v1/results/{rid}``: an earlier answer, its NIfTI mask (and DICOM SEG for DICOM input), mask and
+rendered slices as PNG (image, overlay, mask or probability heat map, with window / level), and delete."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import anyio
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import Response
 
+from ...review import heatmap, window_level
 from ...visualize import png_bytes
 from ..answers import content_disposition
 from ..deps import get_owner, get_settings, get_store
@@ -72,6 +74,15 @@ async def mask_nifti(rid: str, results: Results = Depends(get_results)):
     return Response(data, media_type="application/gzip", headers={"Content-Disposition": content_disposition(f"{res.name}_mask.nii.gz")})
 
 
+@router.get("/{rid}/seg.dcm", summary="The mask as a DICOM SEG referencing the source series (DICOM input only)", responses=RESPONSES["seg"])
+async def seg_dicom(rid: str, results: Results = Depends(get_results)):
+    res = results.find(rid)
+    data = await anyio.to_thread.run_sync(res.dicom_seg)
+    if data is None:
+        raise UploadError(404, "this result was not made from DICOM, so it has no DICOM SEG; download the mask as /mask.nii.gz or /mask.png")
+    return Response(data, media_type="application/dicom", headers={"Content-Disposition": content_disposition(f"{res.name}_seg.dcm")})
+
+
 @router.get("/{rid}/mask.png", summary="Mask of one slice as a PNG (0 / 255)", responses=RESPONSES["png"])
 async def mask_png(rid: str, results: Results = Depends(get_results), z: int = Query(0, ge=0, description="slice index (volumes)")):
     res = results.find(rid)
@@ -86,9 +97,26 @@ async def slice_png(
     results: Results = Depends(get_results),
     channel: int = Query(1, ge=-1, le=2, description="0 pre-contrast, 1 FLAIR, 2 post-contrast, -1 all three as RGB"),
     alpha: float = Query(0.4, ge=0.0, le=1.0, description="opacity of the lesion tint"),
-    view: Literal["overlay", "image", "mask"] = Query("overlay"),
+    view: Literal["overlay", "image", "mask", "probability"] = Query("overlay", description="probability: the model's probabilities as a heat map"),
+    wc: float | None = Query(None, allow_inf_nan=False, description="window centre, in the input's units (with ww; e.g. a DICOM WindowCenter)"),
+    ww: float | None = Query(None, gt=0, allow_inf_nan=False, description="window width, in the input's units (with wc)"),
 ):
     res = results.find(rid)
     z = slice_index(res, z)
-    img = render(res.display[z], res.mask[z], view, channel, alpha)
+    if view == "probability":
+        if res.prob is None:
+            raise UploadError(404, "this result has no probabilities kept; segment the input again")
+        img = heatmap(res.prob[z])
+    else:
+        img = render(windowed(res, z, channel, wc, ww), res.mask[z], view, channel, alpha)
     return Response(png_bytes(img), media_type="image/png", headers=PNG_HEADERS)
+
+
+def windowed(res: StoredResult, z: int, channel: int, wc: float | None, ww: float | None):
+    """Display slice ``z``, re-windowed to ``wc`` +- ``ww`` / 2 (input units) on the shown channel(s) when asked."""
+    if wc is None and ww is None:
+        return res.display[z]
+    window = (res.summary.get("input") or {}).get("display_window")
+    if wc is None or ww is None or window is None:
+        raise UploadError(422, "wc and ww go together (window centre and width, in the input's units)")
+    return window_level(res.display[z], window, wc, ww, (0, 1, 2) if channel < 0 else (channel,))

@@ -28,7 +28,7 @@ log = logging.getLogger("brainseg.serving")
 router = APIRouter()
 
 DISCONNECT_POLL_S = 0.25
-FILES_HELP = "one slice (TIFF/PNG/JPEG), one NIfTI volume, or the BraTS t1n, t2f and t1c files"
+FILES_HELP = "one slice (TIFF/PNG/JPEG), one NIfTI volume, the BraTS t1n, t2f and t1c files, or a DICOM MR series or study (a .zip, or .dcm files)"
 MODEL_HELP = "unetpp, attention_unet or ensemble (default: the registry's best)"
 THRESHOLD_HELP = "probability threshold in (0, 1) (default: the model's calibrated one)"
 TTA_HELP = "true: average with the horizontally flipped input"
@@ -125,7 +125,7 @@ async def run_in_worker(request: Request, job: SegmentJob, limiter: anyio.Capaci
     return body
 
 
-@router.post("/v1/segment", summary="Segment one slice, one NIfTI volume or a BraTS t1n/t2f/t1c set", responses=RESPONSES["segment"])
+@router.post("/v1/segment", summary="Segment one slice, one NIfTI volume, a BraTS t1n/t2f/t1c set or a DICOM series or study", responses=RESPONSES["segment"])
 async def segment(
     request: Request,
     files: list[UploadFile] = File(..., description=FILES_HELP),

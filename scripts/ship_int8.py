@@ -1,0 +1,146 @@
+"""INT8 versions of the shipped models: quantise, measure the Dice cost on the test patients, register.
+
+    python scripts/ship_int8.py --data ../shared/data/lgg/kaggle_3m --model-dir models
+    python scripts/ship_int8.py --data ../shared/data/lgg/kaggle_3m --model-dir /tmp/models --limit 2   # smoke test
+
+For each model of ``registry.json``: ``X.onnx`` -> ``X.int8.onnx`` (``brainseg.export.export_int8``,
+calibrated on seeded slices of the split's *training* patients, some with FLAIR copied into the
+pre- / post-contrast channels); the fp32 and the INT8 model are evaluated on the *test* patients
+under the four input conditions, with the model's calibrated post-processing. The registry entry
+gets ``onnx_int8``, an ``int8`` block (calibration, both per-patient Dice under every condition,
+the drop) and ``default_precision``: ``int8`` only where the per-patient Dice drops by at most
+``MAX_DROP`` under every condition (all sequences, pre- or post-contrast missing, FLAIR only),
+else ``fp32``. The model card gets an "INT8" section. Prints the Dice difference per condition.
+
+The split is the registry's ``split`` (else ``--split``, else ``split.json`` in the model folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from brainseg.config import CONDITIONS, DISPLAY_NAMES
+from brainseg.data import discover, labelled, read_split, write_bytes_atomic
+from brainseg.evaluation import evaluate_predictions, predict_patients
+from brainseg.export import CALIBRATION_METHODS, CALIBRATION_SLICES, export_int8
+from brainseg.inference import int8_path, load_segmenter
+from brainseg.registry import read_registry, write_registry
+
+MAX_DROP = 0.005  # per-patient Dice, test patients, under each input condition
+RULE = (
+    f"served by default (default_precision int8) only where the per-patient Dice of the test patients drops by at most {MAX_DROP} under every input condition"
+)
+CARD_START, CARD_END = "<!-- int8 -->", "<!-- /int8 -->"
+
+
+def split_of(reg: dict, model_dir: Path, split_file: str | None) -> dict:
+    if reg.get("split"):
+        return reg["split"]
+    return read_split(split_file or model_dir / "split.json")
+
+
+def compare(fp32, int8, patients) -> dict:
+    """Per-patient Dice (and FP rate) of both models under every condition, and the drop."""
+    out = {}
+    for cond in CONDITIONS:
+        reports = {
+            p: evaluate_predictions(predict_patients(m, patients, condition=cond, progress=False), m.postprocess) for p, m in (("fp32", fp32), ("int8", int8))
+        }
+        per_patient_drop = [reports["fp32"]["per_patient"][pid] - reports["int8"]["per_patient"][pid] for pid in reports["fp32"]["per_patient"]]
+        out[cond] = {
+            "fp32": round(reports["fp32"]["per_patient_dice"], 4),
+            "int8": round(reports["int8"]["per_patient_dice"], 4),
+            "drop": round(reports["fp32"]["per_patient_dice"] - reports["int8"]["per_patient_dice"], 4),
+            "largest_patient_drop": round(max(per_patient_drop), 4),
+            "int8_ci95": [round(v, 4) for v in reports["int8"]["per_patient_dice_ci95"]],
+            "fp_slice_rate": {"fp32": round(reports["fp32"]["fp_slice_rate"], 4), "int8": round(reports["int8"]["fp_slice_rate"], 4)},
+        }
+    return out
+
+
+def card_section(name: str, block: dict) -> str:
+    rows = "\n".join(
+        f"| {c} | {r['fp32']:.3f} | {r['int8']:.3f} | {r['drop']:+.3f} | {r['largest_patient_drop']:+.3f} | {r['fp_slice_rate']['fp32']:.3f} / {r['fp_slice_rate']['int8']:.3f} |"
+        for c, r in block["test"].items()
+    )
+    cal = block["calibration"]
+    served = "INT8" if block["default_precision"] == "int8" else "fp32 (INT8 available with precision int8)"
+    return (
+        f"{CARD_START}\n## INT8 (`{block['file']}`)\n\n"
+        f"Static quantisation with ONNX Runtime (QDQ, int8 weights per channel, uint8 activations), calibrated on "
+        f"{cal['slices']} seeded slices of {cal['patients']} training patients ({cal['method']}; conditions {cal['conditions']}). "
+        f"Test patients ({block['test_patients']}), same post-processing as fp32; drop = fp32 - INT8.\n\n"
+        "| condition | per-patient Dice fp32 | INT8 | drop | largest drop of one patient | FP rate fp32 / INT8 |\n|---|---|---|---|---|---|\n"
+        f"{rows}\n\nServed by default: **{served}** ({RULE}).\n{CARD_END}\n"
+    )
+
+
+def update_card(path: Path, section: str) -> None:
+    text = path.read_text() if path.is_file() else ""
+    if CARD_START in text and CARD_END in text:
+        head, rest = text.split(CARD_START, 1)
+        text = head + section + rest.split(CARD_END, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    write_bytes_atomic(path, text.encode())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, help="the LGG dataset root (kaggle_3m layout)")
+    ap.add_argument("--model-dir", type=Path, default=Path("models"))
+    ap.add_argument("--split", default=None, help="split JSON when the registry has none (default: MODEL_DIR/split.json)")
+    ap.add_argument("--models", nargs="+", default=None, help="only these registered models (default: all)")
+    ap.add_argument("--calibration-slices", type=int, default=CALIBRATION_SLICES)
+    ap.add_argument("--method", choices=CALIBRATION_METHODS, default=CALIBRATION_METHODS[0])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--limit", type=int, default=0, help="smoke test: only this many training (calibration) and test patients")
+    a = ap.parse_args(argv)
+
+    reg = read_registry(a.model_dir)
+    split = split_of(reg, a.model_dir, a.split)
+    ds = labelled(discover(a.data))
+    train_ids = split["train"][: a.limit or None]
+    test = [ds.patient(pid) for pid in split["test"][: a.limit or None]]
+    names = a.models or sorted(reg["models"])
+    print(f"INT8: calibrating on {len(train_ids)} training patients, testing on {len(test)} test patients; rule: {RULE}", flush=True)
+    for name in names:
+        entry = reg["models"][name]
+        fp32_path = a.model_dir / entry["onnx"]
+        t0 = time.perf_counter()
+        out = export_int8(fp32_path, a.data, train_ids, a.calibration_slices, a.seed, int8_path(fp32_path), a.method)
+        quantise_s = time.perf_counter() - t0
+        fp32, int8 = load_segmenter(fp32_path, name), load_segmenter(out, name)
+        result = compare(fp32, int8, test)
+        holds = all(r["drop"] <= MAX_DROP for r in result.values())
+        block = {
+            "file": out.name,
+            "calibration": int8.backend.calibration,
+            "test_patients": len(test),
+            "test": result,
+            "default_precision": "int8" if holds else "fp32",
+            "rule": RULE,
+        }
+        entry["onnx_int8"] = out.name
+        entry["default_precision"] = block["default_precision"]
+        entry["int8"] = block
+        card = a.model_dir / (entry.get("card") or f"{name}.md")
+        if card.is_file():
+            update_card(card, card_section(name, block))
+        print(f"\n{DISPLAY_NAMES.get(name, name)}: {out} (quantised in {quantise_s:.0f} s)")
+        print(f"  {'condition':14s} {'fp32':>7s} {'int8':>7s} {'drop':>7s} {'worst patient':>14s}")
+        for cond, r in result.items():
+            print(f"  {cond:14s} {r['fp32']:7.4f} {r['int8']:7.4f} {r['drop']:+7.4f} {r['largest_patient_drop']:+14.4f}")
+        print(f"  -> default precision {block['default_precision']} ({'every drop <= ' if holds else 'a drop > '}{MAX_DROP})", flush=True)
+    write_registry(a.model_dir, reg)
+    print(f"\nregistry: {a.model_dir / 'registry.json'}")
+    print(json.dumps({n: reg["models"][n]["default_precision"] for n in names}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
