@@ -149,8 +149,8 @@ def dicom_seg(run: RunInfo, vol: Volume, mask: np.ndarray) -> bytes | None:
 
 def volume_answer(run: RunInfo, vol: Volume, res: VolumeResult, store) -> dict:
     """The answer for a volume, with per-slice lesion areas, a preview and download links; the result is stored."""
-    window = window_for_volume(vol.slices)
-    display = display_volume(vol.slices, window)
+    window = res.window if res.display is not None else window_for_volume(vol.slices)  # segment_volume windows the volume once
+    display = res.display if res.display is not None else display_volume(vol.slices, window)
     seg = dicom_seg(run, vol, res.mask)
     stored = StoredResult("volume", display, res.mask, {}, affine=vol.affine, name=vol.name, owner=run.owner, prob=probability_u8(res.prob), seg_dicom=seg)
     s = res.summary()
