@@ -339,3 +339,18 @@ def test_several_echoes_in_one_series_are_refused(tmp_path):
         twice.append((p.name + "e2", buf.getvalue()))
     with pytest.raises(dicom.DicomError, match="several echoes"):
         dicom.load_dicom(twice, "upload.zip")
+
+
+def test_a_compressed_series_with_a_decoder_reads_the_same(tmp_path):
+    """RLE Lossless (decoded by pydicom itself; JPEG-LS and JPEG 2000 have decoders here too) gives the same volume."""
+    small_series(tmp_path, "s")
+    plain = items(tmp_path / "s")
+    packed = []
+    for name, raw in plain:
+        ds = pydicom.dcmread(io.BytesIO(raw))
+        ds.compress(pydicom.uid.RLELossless)
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        packed.append((name, buf.getvalue()))
+    assert pydicom.dcmread(io.BytesIO(packed[0][1])).file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
+    assert np.array_equal(dicom.load_dicom(packed, "rle.zip").slices, dicom.load_dicom(plain, "plain.zip").slices)
