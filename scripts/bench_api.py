@@ -1,9 +1,16 @@
 #!/usr/bin/env python
-"""API latency for one slice and one volume, server start time and memory.
+"""API latency for one slice and one volume, server start time and memory; slices under concurrent clients.
 
     python scripts/bench_api.py                      # starts `uvicorn app:app` itself (models/ or $BRAINSEG_MODEL_DIR)
     python scripts/bench_api.py --url http://127.0.0.1:8000   # an already running server (no start time / RSS)
     python scripts/bench_api.py --in-process         # FastAPI TestClient, no HTTP
+    python scripts/bench_api.py --clients 1 8 --duration 20 --no-volume   # slices/s, p50 / p99 at 1 and 8 clients
+    python scripts/bench_api.py --src /path/to/other/checkout --clients 1 8   # the same, served by another checkout
+
+With ``--clients``, each count C runs C client threads that send the slice case back to back for
+``--duration`` seconds (after a warm-up); it prints the throughput (slices answered per second)
+and the median and 99th percentile of the request latency. The load generator runs on the same
+machine as the server, so it takes CPU from it: compare runs made the same way.
 
 Inputs default to a real LGG slice and the BraTS example (t1n, t2f, t1c) under ../shared/data;
 with --synthetic (or if those are missing) a synthetic slice and a synthetic 64x64x32 volume.
@@ -67,13 +74,15 @@ def rss_mib(pid: int) -> float | None:
     return None
 
 
-def start_server(host: str, port: int, log) -> tuple[subprocess.Popen, float]:
+def start_server(host: str, port: int, log, src: Path = REPO, env: dict | None = None) -> tuple[subprocess.Popen, float]:
+    """``uvicorn app:app`` of the checkout ``src`` (its app.py and src/ first on the path)."""
     import httpx
 
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "app:app", "--host", host, "--port", str(port), "--log-level", "warning"],
-        cwd=REPO,
+        cwd=src,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(src / "src"), os.environ.get("PYTHONPATH", "")]), **(env or {})},
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -104,6 +113,49 @@ def measure(post, files, n: int, params: dict) -> tuple[list[float], dict]:
     return times, body
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (nearest rank) of ``values``."""
+    ranked = sorted(values)
+    return ranked[min(len(ranked) - 1, max(0, int(round(q / 100 * len(ranked) + 0.5)) - 1))]
+
+
+def concurrent_slices(base: str, files, params: dict, clients: int, duration_s: float) -> dict:
+    """``clients`` threads, each with its own connection, sending ``files`` back to back for ``duration_s``."""
+    import threading
+
+    import httpx
+
+    latencies: list[float] = []
+    failures: list[int] = []
+    lock = threading.Lock()
+    start = threading.Barrier(clients + 1)
+    stop_at = [0.0]
+
+    def client():
+        with httpx.Client(base_url=base, timeout=600) as c:
+            c.post("/v1/segment", files=[("files", f) for f in files], data=params)  # warm-up of this connection
+            start.wait()
+            while time.perf_counter() < stop_at[0]:
+                t0 = time.perf_counter()
+                r = c.post("/v1/segment", files=[("files", f) for f in files], data=params)
+                took = time.perf_counter() - t0
+                with lock:
+                    (latencies if r.status_code == 200 else failures).append(took if r.status_code == 200 else r.status_code)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    stop_at[0] = time.perf_counter() + 3600
+    start.wait()
+    t0 = time.perf_counter()
+    stop_at[0] = t0 + duration_s
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ms = [x * 1000 for x in latencies]
+    return {"clients": clients, "answered": len(ms), "failed": len(failures), "per_s": len(ms) / wall, "p50": percentile(ms, 50), "p99": percentile(ms, 99)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = ap.add_mutually_exclusive_group()
@@ -113,10 +165,19 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="unetpp, attention_unet or ensemble (default: the registry's)")
     ap.add_argument("--tta", action="store_true")
     ap.add_argument("--synthetic", action="store_true", help="synthetic inputs instead of ../shared/data")
+    ap.add_argument("--clients", type=int, nargs="*", default=[], help="also measure slices under this many concurrent clients (e.g. 1 8)")
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds per --clients count (default 20)")
+    ap.add_argument("--no-volume", action="store_true", help="skip the volume case")
+    ap.add_argument("--src", type=Path, default=REPO, help="start the server from this checkout (default: this one)")
+    ap.add_argument("--server-env", nargs="*", default=[], metavar="NAME=VALUE", help="environment of the started server (e.g. BRAINSEG_BATCH_SIZE=1)")
     a = ap.parse_args()
+    if a.clients and a.in_process:
+        ap.error("--clients needs HTTP (a started server or --url)")
 
     params = {"tta": str(a.tta).lower(), **({"model": a.model} if a.model else {})}
     cases = inputs(a.synthetic)
+    if a.no_volume:
+        cases = {k: v for k, v in cases.items() if k.startswith("slice")}
     proc, start_s, log = None, None, None
     if a.in_process:
         import warnings
@@ -138,7 +199,7 @@ def main() -> int:
             port = free_port()
             (REPO / "artifacts").mkdir(exist_ok=True)
             log = open(REPO / "artifacts" / "bench_server.log", "wb")
-            proc, start_s = start_server("127.0.0.1", port, log)
+            proc, start_s = start_server("127.0.0.1", port, log, a.src.resolve(), dict(kv.split("=", 1) for kv in a.server_env))
             base = f"http://127.0.0.1:{port}"
         client = httpx.Client(base_url=base, timeout=600)
         where = base
@@ -155,6 +216,7 @@ def main() -> int:
         for name, files in cases.items():
             times, body = measure(post, files, a.n, params)
             rows.append((name, statistics.median(times), min(times), max(times), body["timings_ms"]["inference"], body["model"]["name"]))
+        load = [concurrent_slices(base, next(iter(cases.values())), params, n, a.duration) for n in a.clients]
         rss_after = rss_mib(proc.pid) if proc else None
     finally:
         if proc:
@@ -168,6 +230,11 @@ def main() -> int:
     for name, med, lo, hi, inf, model in rows:
         print(f"{name:34s} {med:10.1f} {lo:9.1f} {hi:9.1f} {inf:13.1f}  {model}")
     print(f"(median of {a.n} requests each, after one warm-up request; inference = server-side model time of the last request)")
+    if load:
+        print(f"\n{next(iter(cases))} under concurrent clients ({a.duration:.0f} s each, after one warm-up request per client):")
+        print(f"{'clients':>8s} {'slices/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'answered':>9s} {'failed':>7s}")
+        for r in load:
+            print(f"{r['clients']:8d} {r['per_s']:9.1f} {r['p50']:8.1f} {r['p99']:8.1f} {r['answered']:9d} {r['failed']:7d}")
     if start_s is not None:
         print(f"server start (launch -> /health OK): {start_s:.2f} s")
     if rss_warm is not None:

@@ -34,6 +34,7 @@ from fastapi import FastAPI
 
 from .. import __version__
 from .answers import content_disposition
+from .deps import Limiters
 from .engine import Engine
 from .errors import install_error_handlers
 from .middleware import install_middleware
@@ -78,7 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = Engine(settings)
     app.state.store = ResultStore.from_settings(settings)
     app.state.limits = limits_of(settings)
-    app.state.limiter = anyio.CapacityLimiter(settings.max_concurrent)
+    app.state.limiters = Limiters.of(settings)
     install_middleware(app, settings)
     install_error_handlers(app)
     for module in (system, segment, results):

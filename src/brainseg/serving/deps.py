@@ -6,6 +6,8 @@ over ``create_app``'s variables, so each route module stands alone and tests can
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import anyio
 from fastapi import Request
 
@@ -31,9 +33,29 @@ def get_limits(request: Request) -> Limits:
     return request.app.state.limits
 
 
-def get_limiter(request: Request) -> anyio.CapacityLimiter:
-    """At most ``BRAINSEG_MAX_CONCURRENT`` segmentations in worker threads at once."""
-    return request.app.state.limiter
+@dataclass(frozen=True)
+class Limiters:
+    """Tokens a segmentation holds while it is worked on: one of ``BRAINSEG_MAX_CONCURRENT`` always,
+    and first one of ``BRAINSEG_MAX_CONCURRENT_VOLUMES`` for a volume (taken before the worker's)."""
+
+    worker: anyio.CapacityLimiter
+    volume: anyio.CapacityLimiter
+
+    @classmethod
+    def of(cls, settings: Settings) -> Limiters:
+        return cls(anyio.CapacityLimiter(settings.max_concurrent), anyio.CapacityLimiter(settings.max_concurrent_volumes))
+
+    @property
+    def volume_and_worker(self) -> list[anyio.CapacityLimiter]:
+        return [self.volume, self.worker]
+
+    @property
+    def worker_only(self) -> list[anyio.CapacityLimiter]:
+        return [self.worker]
+
+
+def get_limiters(request: Request) -> Limiters:
+    return request.app.state.limiters
 
 
 def get_owner(request: Request) -> str | None:

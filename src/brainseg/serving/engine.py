@@ -6,6 +6,10 @@ present or no ``.onnx`` file exists; ``BRAINSEG_BACKEND`` = auto | onnx | torch 
 (model, precision) pair is loaded once; ``ensemble`` averages the probabilities of every registered
 model (``Registry.ensemble_members``), reusing the same loaded members. Thread-safe: requests run
 in worker threads, ONNX Runtime sessions may be run concurrently, loading happens once under a lock.
+
+Slices of concurrent requests are micro-batched (``batching.MicroBatcher``; ``BRAINSEG_BATCH_SIZE``
+rows at most, ``BRAINSEG_BATCH_WAIT_MS``): each request preprocesses and post-processes its own
+slice, and the network runs once for all of them. Volumes run their own batches directly.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from ..inference import Ensemble, Segmenter
 from ..predict import SliceResult, VolumeResult, segment_slice, segment_volume
 from ..registry import PrecisionUnavailable, Registry, RegistryError, file_version
 from ..volumes import Volume
+from .batching import BatchedBackend, MicroBatcher
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,6 +49,13 @@ class Engine:
         self._lock = threading.RLock()  # get() -> registry() re-enters
         self._registry: Registry | None = None
         self._registry_mtime: float | None = None
+        s = self.settings
+        self.batcher = MicroBatcher(s.batch_size, s.batch_wait_ms / 1000, max_pending=4 * s.batch_size) if s.batch_size > 1 else None
+
+    def close(self) -> None:
+        """Stops the batcher's thread (requests still waiting get an error)."""
+        if self.batcher is not None:
+            self.batcher.close()
 
     # ------------------------------------------------------------ registry
 
@@ -194,8 +206,19 @@ class Engine:
         return replace(post, threshold=float(threshold)) if threshold is not None else post
 
     def run_slice(self, model, image: np.ndarray, threshold: float | None = None, tta: bool = False) -> tuple[SliceResult, PostprocessConfig]:
+        """One slice; its network input is batched with those of concurrent requests (same model, precision, TTA)."""
         post = self.postprocess(model, threshold)
-        return segment_slice(model, image, post, tta=tta), post
+        if self.batcher is None:
+            return segment_slice(model, image, post, tta=tta), post
+        with self.batcher.expecting():
+            return segment_slice(self.batched(model, tta), image, post, tta=tta), post
+
+    def batched(self, model, tta: bool):
+        """``model`` with its backend calls going through the batcher (an Ensemble: each member's)."""
+        if isinstance(model, Ensemble):
+            return Ensemble([self.batched(m, tta) for m in model.members])
+        key = (model.name, model.precision, tta, id(model.backend))
+        return Segmenter(BatchedBackend(model.backend, self.batcher, key), model.name, model.path)
 
     def run_volume(self, model, vol: Volume, threshold: float | None = None, tta: bool = False) -> tuple[VolumeResult, PostprocessConfig]:
         post = self.postprocess(model, threshold)

@@ -19,7 +19,7 @@ from ..channels import describe_slice, describe_volume, parse_sequence
 from ..data import DataError
 from ..registry import PRECISIONS
 from ..volumes import Volume, load_volume
-from .uploads import Limits, Upload, UploadError, classify, clean_name, decode_slice_channels, read_volume_payloads
+from .uploads import Limits, Upload, UploadError, classify, clean_name, decode_slice_channels, kind_of, read_volume_payloads
 
 log = logging.getLogger("brainseg.serving")
 
@@ -103,6 +103,21 @@ def check_declared_size(files: list[UploadFile], max_bytes: int, max_mb: float) 
     declared = sum(f.size or 0 for f in files)
     if declared > max_bytes:
         raise UploadError(413, f"upload is {declared / 2**20:.1f} MiB, above the limit of {max_mb:.0f} MiB (BRAINSEG_MAX_UPLOAD_MB)")
+
+
+def is_volume_request(files: list[UploadFile]) -> bool:
+    """Whether a request is a volume (or DICOM), from the file names and first bytes only: volumes
+    also wait for one of ``BRAINSEG_MAX_CONCURRENT_VOLUMES`` slots. Whatever it really is is checked later."""
+    if len(files) != 1:
+        return len(files) > 1
+    f = files[0]
+    f.file.seek(0)
+    head = f.file.read(512)
+    f.file.seek(0)
+    try:
+        return kind_of(Upload(clean_name(f.filename), head)) != "image"
+    except UploadError:
+        return False
 
 
 def read_uploads(files: list[UploadFile], max_bytes: int) -> tuple[list[Upload], str]:

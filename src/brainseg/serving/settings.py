@@ -22,7 +22,11 @@ BRAINSEG_RESULT_STORE_MB    disk the kept results may use, in MiB (a     1024
                             240x240x155 volume takes about 5)
 BRAINSEG_RESULT_TTL_S       seconds a result stays readable (also        3600
                             DELETE /v1/results/{id})
-BRAINSEG_MAX_CONCURRENT     inferences running at once                   2
+BRAINSEG_MAX_CONCURRENT     segmentations worked on at once (decoding,   8
+                            in the model, answering); the slices among
+                            them are run through the network together
+BRAINSEG_MAX_CONCURRENT_    of those, volumes (each may take hundreds    2
+VOLUMES                     of MB while it runs)
 BRAINSEG_MAX_QUEUE          segment requests waiting beyond those; more  8
                             get 503 with Retry-After at once
 BRAINSEG_RETRY_AFTER_S      the Retry-After of that 503, in seconds      5
@@ -34,6 +38,11 @@ BRAINSEG_API_KEY            if set: the key(s) (comma-separated) every   unset
                             X-API-Key or Authorization: Bearer; a result
                             is readable only with the key that made it
 BRAINSEG_ONNX_THREADS       ONNX Runtime intra-op threads (0: default)   0
+BRAINSEG_BATCH_SIZE         slices of concurrent requests run through    16
+                            the network together, at most (1: no
+                            micro-batching)
+BRAINSEG_BATCH_WAIT_MS      how long the first slice of a batch waits    5
+                            for others, while more requests are coming
 BRAINSEG_CORS_ORIGINS       comma-separated origins, or *                localhost:8501
 BRAINSEG_PRELOAD            load the default model at start-up           1
 ==========================  ===========================================  =========
@@ -62,12 +71,15 @@ class Settings(BaseModel):
     max_results: int = Field(16, ge=1)
     result_store_mb: float = Field(1024.0, gt=0)
     result_ttl_s: float = Field(3600.0, gt=0)
-    max_concurrent: int = Field(2, ge=1)
+    max_concurrent: int = Field(8, ge=1)
+    max_concurrent_volumes: int = Field(2, ge=1)
     max_queue: int = Field(8, ge=0)
     retry_after_s: int = Field(5, ge=1)
     api_key: str | None = Field(None, repr=False)
     rate_per_min: int = Field(0, ge=0)
     onnx_threads: int = Field(0, ge=0)
+    batch_size: int = Field(16, ge=1)
+    batch_wait_ms: float = Field(5.0, ge=0, le=1000)
     cors_origins: list[str] = Field(default_factory=lambda: ["http://localhost:8501", "http://127.0.0.1:8501"])
     preload: bool = True
 

@@ -1,8 +1,9 @@
 """``POST /v1/segment``: parse the request, run the model in a worker thread, answer.
 
-The work runs in a worker thread (at most ``BRAINSEG_MAX_CONCURRENT`` at once, the rest wait;
-``middleware.Shed`` turns away what is beyond ``BRAINSEG_MAX_QUEUE``) so the event loop keeps
-serving. A request whose client disconnects while it waits is dropped before it runs (499).
+The work runs in a worker thread (at most ``BRAINSEG_MAX_CONCURRENT`` at once, of them at most
+``BRAINSEG_MAX_CONCURRENT_VOLUMES`` volumes; the rest wait, and ``middleware.Shed`` turns away
+what is beyond ``BRAINSEG_MAX_QUEUE``) so the event loop keeps serving; the engine batches the
+slices of concurrent requests. A request whose client disconnects while it waits is dropped before it runs (499).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 import anyio
@@ -17,10 +19,10 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
 from ...registry import PrecisionUnavailable
 from ..answers import RunInfo, Timings, model_block, slice_answer, volume_answer
-from ..deps import get_engine, get_limiter, get_limits, get_owner, get_settings, get_store
+from ..deps import Limiters, get_engine, get_limiters, get_limits, get_owner, get_settings, get_store
 from ..engine import Engine, ModelUnavailable
 from ..errors import RESPONSES, error
-from ..parsing import SegmentOptions, check_declared_size, decode_input, read_uploads, segment_options
+from ..parsing import SegmentOptions, check_declared_size, decode_input, is_volume_request, read_uploads, segment_options
 from ..settings import Settings
 from ..uploads import Limits, UploadError
 
@@ -89,15 +91,15 @@ def choose_model(engine: Engine, options: SegmentOptions) -> str:
     return name
 
 
-async def run_in_worker(request: Request, job: SegmentJob, limiter: anyio.CapacityLimiter) -> dict | None:
-    """``job`` in a worker thread under ``limiter``; None when the client went away before it ran.
+async def run_in_worker(request: Request, job: SegmentJob, limiters: list[anyio.CapacityLimiter]) -> dict | None:
+    """``job`` in a worker thread holding a token of each limiter; None when the client went away before it ran.
 
     A watcher polls for the client's disconnect: it cancels a wait for a worker, and a running
     job sees ``gone`` at its next check. Failures are raised here, outside the task group.
     """
     gone = threading.Event()
     body, failure = None, None
-    async with anyio.create_task_group() as tg:
+    async with anyio.create_task_group() as tg, AsyncExitStack() as held:
 
         async def watch():
             while True:
@@ -109,7 +111,9 @@ async def run_in_worker(request: Request, job: SegmentJob, limiter: anyio.Capaci
 
         tg.start_soon(watch)
         try:
-            body = await anyio.to_thread.run_sync(job, gone, limiter=limiter)
+            for limiter in limiters[:-1]:
+                await held.enter_async_context(limiter)
+            body = await anyio.to_thread.run_sync(job, gone, limiter=limiters[-1])
         except Exception as exc:
             failure = exc
         finally:
@@ -138,7 +142,7 @@ async def segment(
     store=Depends(get_store),
     settings: Settings = Depends(get_settings),
     limits: Limits = Depends(get_limits),
-    limiter: anyio.CapacityLimiter = Depends(get_limiter),
+    limiters: Limiters = Depends(get_limiters),
     owner: str | None = Depends(get_owner),
 ):
     t_start = time.perf_counter()
@@ -147,7 +151,7 @@ async def segment(
     name = choose_model(engine, options)
     check_declared_size(files, settings.max_upload_bytes, settings.max_upload_mb)
     job = SegmentJob(engine, store, limits, settings.max_upload_bytes, files, options, name, owner)
-    body = await run_in_worker(request, job, limiter)
+    body = await run_in_worker(request, job, limiters.volume_and_worker if is_volume_request(files) else limiters.worker_only)
     if body is None:  # nobody is listening any more
         log.info("client went away; its segmentation was skipped")
         return error(499, "client closed the request")
