@@ -182,8 +182,13 @@ def test_bad_dicom_gets_one_plain_line(tmp_path):
         ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEGLossless
         ds.PixelData = pydicom.encaps.encapsulate([b"\xff\xd8" + b"\0" * 64])
 
+    def truncated(ds, i):
+        if i == 5:
+            ds.PixelData = ds.PixelData[:100]
+
     cases = {
         "no pixel data": (no_pixels, "have no pixel data"),
+        "truncated pixel data": (truncated, "the pixel data cannot be decoded"),
         "inconsistent geometry": (tilted, "not one evenly spaced stack"),
         "not MR": (ct, "CT, not MR"),
         "compressed without decoder": (jpeg_lossless, r"compressed as JPEG Lossless, Non-Hierarchical \(Process 14\), and this server has no decoder"),

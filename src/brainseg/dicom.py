@@ -4,8 +4,8 @@
 parsed with pydicom and grouped by series; each series is checked (MR, pixel data, a decoder
 for its transfer syntax, one orientation and size) and stacked with highdicom:
 ``get_series_volume_positions`` orders the slices along the normal of ImageOrientationPatient
-and refuses gaps, duplicates and tilted stacks; ``get_volume_from_series`` applies
-RescaleSlope / RescaleIntercept and gives the LPS affine. The stack then runs towards the
+and refuses gaps, duplicates and tilted stacks; ``VolumeGeometry`` gives the LPS affine; pydicom's
+``apply_modality_lut`` applies RescaleSlope / RescaleIntercept (or a modality LUT). The stack then runs towards the
 patient direction it is closest to (R, A or S), as NIfTI files usually do, and each slice stays
 as the scanner stored it (row 0 at the top), which is how brainseg displays a slice. The
 NIfTI-style affine (RAS, the convention of nibabel and ``volumes``) describes those voxels as
@@ -444,9 +444,11 @@ def window_presets(ds) -> list[dict]:
 
 
 def stack_series(s: Series, label: str) -> Stack:
-    """Sort, check the spacing and decode one checked series (highdicom)."""
+    """Sort and check one checked series (highdicom: slice order, spacing, geometry), then decode it
+    with the modality LUT / RescaleSlope and RescaleIntercept applied (pydicom), slice by slice."""
     import highdicom as hd
     from highdicom.spatial import get_series_volume_positions
+    from pydicom.pixels import apply_modality_lut
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -462,29 +464,40 @@ def stack_series(s: Series, label: str) -> Stack:
                 "several echoes or a tilted stack); inconsistent geometry",
             )
         ordered = [s.datasets[positions.index(i)] for i in range(len(s.datasets))]
+        first = ordered[0]
+        if any(not np.allclose(ds.PixelSpacing, first.PixelSpacing, rtol=1e-4) for ds in ordered):
+            raise DicomError(label, f"{s.label}: slices differ in pixel spacing; inconsistent geometry")
+        if len({str(ds.get("FrameOfReferenceUID", "")) for ds in ordered}) > 1:
+            raise DicomError(label, f"{s.label}: slices differ in frame of reference; inconsistent geometry")
+        if str(first.get("PhotometricInterpretation", "MONOCHROME2")).strip() != "MONOCHROME2":
+            raise DicomError(label, f"{s.label}: PhotometricInterpretation {first.PhotometricInterpretation} is not read (MR is MONOCHROME2)")
+        geometry = hd.VolumeGeometry.from_attributes(
+            image_position=first.ImagePositionPatient,
+            image_orientation=first.ImageOrientationPatient,
+            rows=int(first.Rows),
+            columns=int(first.Columns),
+            pixel_spacing=first.PixelSpacing,
+            spacing_between_slices=spacing,
+            number_of_frames=len(ordered),
+            coordinate_system="PATIENT",
+            frame_of_reference_uid=first.get("FrameOfReferenceUID"),
+        )
+        array = np.empty(geometry.spatial_shape, np.float32)
         try:
-            vol = hd.get_volume_from_series(
-                ordered,
-                dtype=np.float32,
-                apply_real_world_transform=False,
-                apply_voi_transform=False,
-                rtol=SPACING_RTOL,
-                orientation_tol=ORIENTATION_TOL,
-            )
+            for k, ds in enumerate(ordered):
+                array[k] = apply_modality_lut(ds.pixel_array, ds)
+                del ds.PixelData  # the SEG needs the headers only
         except MemoryError:
             raise
         except Exception as exc:
-            log.debug("series not stackable: %s", type(exc).__name__)
-            raise DicomError(label, f"{s.label}: the pixel data cannot be decoded or the slices differ in spacing or frame of reference") from None
-    along = vol.get_affine("RAS")[:3, 0]
+            log.debug("pixel data not decodable: %s", type(exc).__name__)
+            raise DicomError(label, f"{s.label}: the pixel data cannot be decoded (truncated or corrupt)") from None
+    along = geometry.get_affine("RAS")[:3, 0]
     if along[int(np.argmax(np.abs(along)))] < 0:  # run towards R, A or S, as NIfTI stacks usually do
-        vol, ordered = vol.flip_spatial(0), ordered[::-1]
-    array = np.ascontiguousarray(vol.array, dtype=np.float32)
+        geometry, ordered, array = geometry.flip_spatial(0), ordered[::-1], np.ascontiguousarray(array[::-1])
     if not np.isfinite(array).all():
         raise DicomError(label, f"{s.label}: the pixel data holds NaN or infinite values")
-    for ds in ordered:  # the SEG needs the headers only
-        del ds.PixelData
-    return Stack(array, vol.get_geometry(), ordered, window_presets(ordered[len(ordered) // 2]))
+    return Stack(array, geometry, ordered, window_presets(ordered[len(ordered) // 2]))
 
 
 def onto_grid(stack: Stack, grid: Stack, s: Series, label: str) -> tuple[np.ndarray, str | None]:
