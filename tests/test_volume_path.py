@@ -145,3 +145,21 @@ def test_lesion_table_sizes_boxes_and_centroids(shape):
     assert sorted(map(tuple, (r["bbox"] for r in rows))) == sorted(map(tuple, (w["bbox"] for w in want)))
     assert sorted(map(tuple, (r["centroid"] for r in rows))) == sorted(map(tuple, (w["centroid"] for w in want)))
     assert lesion_table(np.zeros(shape, bool)) == []
+
+
+def test_api_volume_answer_lists_skipped_background_slices(tiny_model_dir):
+    """The answer says which slices were not sent to the network, and their mask is empty."""
+    from helpers import make_client, segment
+
+    from brainseg.synthetic import synthetic_slice
+
+    img, _ = synthetic_slice(size=64)
+    vol = np.stack([np.rot90(img[:, :, 1], -1).astype(np.float32)] * 10, axis=2)  # (X, Y, Z), display = rot90
+    vol[:, :, [0, 1, 9]] = 0
+    with make_client(tiny_model_dir) as client:
+        r = segment(client, ("vol.nii.gz", nifti(vol)))
+        assert r.status_code == 200, r.text
+        body = r.json()
+    assert body["background_slices_skipped"] == [0, 1, 9]
+    assert body["slices"] == 10 and all(body["slice_lesion_area_px"][z] == 0 for z in (0, 1, 9))
+    assert sum(body["slice_lesion_area_px"]) > 0  # the other slices were segmented

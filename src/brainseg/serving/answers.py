@@ -179,6 +179,7 @@ def volume_answer(run: RunInfo, vol: Volume, res: VolumeResult, store) -> dict:
         "slice_lesion_area_px": areas,
         "slice_lesion_area_mm2": [round(a * vol.pixel_area_mm2, 2) for a in areas],
         "slices_with_lesion": s["slices_with_lesion"],
+        "background_slices_skipped": s["background_slices_skipped"],  # no brain there: not sent to the network, probability 0
         "preview_slice": z,
         "mask_url": f"/v1/results/{stored.id}/mask.nii.gz",
         "urls": _volume_urls(stored.id) | ({"seg_dicom": f"/v1/results/{stored.id}/seg.dcm"} if seg is not None else {}),
