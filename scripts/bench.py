@@ -1,0 +1,545 @@
+#!/usr/bin/env python
+"""One benchmark, one run, the same inputs: networks, the API, memory, and the theoretical bound.
+
+    python scripts/bench.py                                  # shipped models/, real data -> docs/benchmarks.md
+    python scripts/bench.py --quick --model-dir DIR --out /tmp/bench.md    # smoke test (e.g. the tiny test models)
+
+Measures, per registered model: PyTorch eager, ONNX Runtime fp32 and ONNX Runtime INT8, on the same
+preprocessed LGG slices at batch 1 and 32 (network only), and one slice end to end (preprocessing,
+network, resize back); FLOPs of each network at its input size against the CPU's peak. Then the API
+(``uvicorn app:app``, started here): launch to /health and to the first answer, one and eight
+concurrent clients sending slices (throughput, p50 / p99), the BraTS example volume (fp32 and INT8),
+resident memory idle, after 100 slices and after 20 volumes, and the peak of one volume request.
+Medians over ``--repeats``; backends are interleaved within each repeat so that load from other
+processes spreads over all of them. Writes the Markdown table to ``--out`` and the numbers to a
+``.json`` beside it.
+
+INT8 files: the registry's ``onnx_int8`` where set; otherwise quantised here
+(``export.export_int8``, calibrated on the split's training patients) into ``artifacts/bench/``.
+The load generator (the clients) runs on the same cores as the server, as the header says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from brainseg import __version__  # noqa: E402
+from brainseg.data import discover, labelled, load_patient, read_split, write_bytes_atomic, write_json_atomic  # noqa: E402
+from brainseg.inference import OnnxBackend, Segmenter, int8_path  # noqa: E402
+from brainseg.preprocessing import preprocess_slice  # noqa: E402
+from brainseg.registry import read_registry, write_registry  # noqa: E402
+
+SHARED = REPO / ".." / "shared" / "data"
+LGG = SHARED / "lgg" / "kaggle_3m"
+BENCH_PATIENT = "TCGA_CS_4941_19960909"  # slices of one patient, the same for every backend
+WORK = REPO / "artifacts" / "bench"
+
+
+def _load_bench_api():
+    spec = importlib.util.spec_from_file_location("bench_api", REPO / "scripts" / "bench_api.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+bench_api = _load_bench_api()  # free_port, rss_mib, start_server, inputs
+
+
+# ---------------------------------------------------------------- the machine
+
+
+def cpu_info() -> dict:
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    first = text.split("\n\n")[0]
+    fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    mhz = float(fields.get("cpu MHz", 0) or 0)
+    return {
+        "model": fields.get("model name", platform.processor()),
+        "cores": cores,
+        "mhz": mhz,
+        "flags": sorted(f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16") if f in flags),
+    }
+
+
+def peak_gflops(cpu: dict) -> dict:
+    """Theoretical peak: cores x clock x operations per cycle, from the vector units the flags name.
+
+    fp32: an FMA is 2 FLOPs per lane; AVX-512 has 16 fp32 lanes, AVX2 8; two FMA units per core
+    (server cores; one on some client parts). int8: VNNI ``vpdpbusd`` does 4 multiply-adds per
+    32-bit lane (8 operations), two per cycle assumed likewise. The clock is /proc/cpuinfo's
+    ``cpu MHz`` (what the hypervisor reports; turbo not counted). AMX tiles are not counted:
+    ONNX Runtime's CPU kernels used here do not use them.
+    """
+    ghz = cpu["mhz"] / 1000
+    lanes = 16 if "avx512f" in cpu["flags"] else 8 if "avx2" in cpu["flags"] else 4
+    fp32_per_cycle = lanes * 2 * 2
+    int8_per_cycle = lanes * 8 * 2 if ({"avx512_vnni", "avx_vnni"} & set(cpu["flags"])) else lanes * 4
+    return {
+        "fp32": cpu["cores"] * ghz * fp32_per_cycle,
+        "int8": cpu["cores"] * ghz * int8_per_cycle,
+        "how": f"{cpu['cores']} cores x {ghz:.2f} GHz x {fp32_per_cycle} fp32 FLOP/cycle ({lanes} lanes, FMA, 2 units) "
+        f"= {cpu['cores'] * ghz * fp32_per_cycle:.0f} GFLOP/s; int8 {int8_per_cycle} op/cycle (VNNI) = {cpu['cores'] * ghz * int8_per_cycle:.0f} GOP/s",
+    }
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "brainseg": __version__, "os": platform.platform()}
+    for mod in ("numpy", "onnxruntime", "onnx", "torch", "cv2", "fastapi", "uvicorn"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:
+            out[mod] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        out["commit"] = commit + (" (with uncommitted changes in the tree)" if dirty else "")
+    except Exception:
+        out["commit"] = None
+    return out
+
+
+def machine_load() -> dict:
+    """Load average and the busiest other processes: what else ran during the benchmark."""
+    load = os.getloadavg()
+    ps = subprocess.run(["ps", "-eo", "pid,pcpu,rss,args", "--sort=-pcpu"], capture_output=True, text=True).stdout.splitlines()[1:]
+    mine = {os.getpid()}
+    busy = []
+    for line in ps:
+        pid, pcpu, rss, args = line.split(None, 3)
+        if int(pid) not in mine and float(pcpu) >= 5.0:
+            busy.append(f"{args[:90]} ({float(pcpu):.0f}% CPU)")
+    return {"loadavg": [round(v, 2) for v in load], "busy": busy[:5]}
+
+
+# ---------------------------------------------------------------- networks
+
+
+def conv_flops(onnx_path: Path, size: int) -> float:
+    """FLOPs of one (1, C, size, size) input: 2 x multiply-adds of every Conv (from ONNX shape inference).
+
+    Element-wise operations, pooling and resizing are left out (well under 1% here)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    inp = model.graph.input[0].type.tensor_type.shape.dim
+    inp[0].dim_value, inp[2].dim_value, inp[3].dim_value = 1, size, size
+    model = onnx.shape_inference.infer_shapes(model)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in list(model.graph.value_info) + list(model.graph.output)}
+    weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    total = 0
+    for node in model.graph.node:
+        if node.op_type != "Conv":
+            continue
+        out = shapes.get(node.output[0])
+        w = weights.get(node.input[1])
+        if not out or not w:
+            raise ValueError(f"{onnx_path}: no shape for {node.name}")
+        total += 2 * int(np.prod(out)) * int(np.prod(w[1:]))  # out elements x (C_in / groups x kH x kW)
+    return float(total)
+
+
+def int8_file(name: str, entry: dict, reg: dict, data: Path, quick: bool) -> Path | None:
+    """The registry's INT8 file, else one quantised now (kept in artifacts/bench/ and reused while newer than the fp32 file)."""
+    base = Path(reg["_dir"])
+    if entry.get("onnx_int8") and (base / entry["onnx_int8"]).is_file():
+        return base / entry["onnx_int8"]
+    from brainseg.export import export_int8
+
+    fp32 = base / entry["onnx"]
+    out = WORK / ("quick" if quick else "") / int8_path(fp32).name
+    if out.is_file() and out.stat().st_mtime > fp32.stat().st_mtime:
+        return out
+    try:
+        split = reg.get("split") or read_split(base / "split.json")
+        train = split["train"]
+    except (OSError, KeyError, ValueError):
+        train = None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"  quantising {fp32} -> {out} (calibration on {'the split training patients' if train else 'every patient'})", flush=True)
+    return export_int8(fp32, data, train[:3] if quick and train else train, n_slices=40 if quick else 300, out=out)
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_networks(reg: dict, images: list[np.ndarray], repeats: int, data: Path, quick: bool) -> tuple[list[dict], dict]:
+    """Per model and backend: ms per slice at batch 1 and 32 (network), one slice end to end, agreement with fp32."""
+    rows, int8_paths = [], {}
+    base = Path(reg["_dir"])
+    threads = len(os.sched_getaffinity(0))
+    for name, entry in sorted(reg["models"].items()):
+        backends = {}
+        ckpt = base / entry["checkpoint"] if entry.get("checkpoint") else None
+        if ckpt is not None and ckpt.is_file() and importlib.util.find_spec("torch"):
+            import torch
+
+            from brainseg.inference import TorchBackend
+
+            torch.set_num_threads(threads)
+            backends["PyTorch eager (fp32)"] = TorchBackend(ckpt, device="cpu")
+        backends["ONNX Runtime fp32"] = OnnxBackend(base / entry["onnx"], threads)
+        q = int8_file(name, entry, reg, data, quick)
+        if q is not None:
+            int8_paths[name] = q
+            backends["ONNX Runtime INT8"] = OnnxBackend(q, threads)
+        cfg = backends["ONNX Runtime fp32"].config.preprocess
+        segs = {label: Segmenter(b, name) for label, b in backends.items()}
+        x32 = np.stack([preprocess_slice(img, cfg) for img in images[:32]])  # the same inputs for every backend
+        x1 = x32[:1]
+        for b in backends.values():  # warm-up (first-run allocations, lazy initialisation)
+            b(x1), b(x32)
+        t1 = {k: [] for k in backends}
+        t32 = {k: [] for k in backends}
+        e2e = {k: [] for k in backends}
+        for _ in range(repeats):
+            for label, b in backends.items():
+                t1[label].append(timed(lambda: b(x1)))
+                t32[label].append(timed(lambda: b(x32)) / len(x32))
+                e2e[label].append(timed(lambda: segs[label].probabilities(images[:1])))
+        ref = 1 / (1 + np.exp(-backends["ONNX Runtime fp32"](x32)))
+        flops = conv_flops(base / entry["onnx"], cfg.input_size)
+        for label, b in backends.items():
+            prob = 1 / (1 + np.exp(-b(x32)))
+            rows.append(
+                {
+                    "model": name,
+                    "backend": label,
+                    "batch1_ms": 1000 * statistics.median(t1[label]),
+                    "batch1_ms_range": [1000 * min(t1[label]), 1000 * max(t1[label])],
+                    "batch32_ms_per_slice": 1000 * statistics.median(t32[label]),
+                    "end_to_end_ms": 1000 * statistics.median(e2e[label]),
+                    "mean_abs_prob_diff_vs_fp32": float(np.abs(prob - ref).mean()),
+                    "gflop_per_slice": flops / 1e9,
+                    "input_size": cfg.input_size,
+                }
+            )
+        print(
+            f"  {name}: " + ", ".join(f"{r['backend']} {r['batch1_ms']:.1f} / {r['batch32_ms_per_slice']:.1f} ms" for r in rows if r["model"] == name),
+            flush=True,
+        )
+    return rows, int8_paths
+
+
+# ---------------------------------------------------------------- the API
+
+
+def bench_model_dir(reg: dict, int8_paths: dict[str, Path], into: Path) -> Path:
+    """A model folder for the server: the registered files (linked) plus the INT8 files, registered as onnx_int8."""
+    base = Path(reg["_dir"])
+    into.mkdir(parents=True, exist_ok=True)
+    for name, entry in reg["models"].items():
+        for key in ("checkpoint", "onnx", "card"):
+            if entry.get(key) and (base / entry[key]).is_file():
+                (into / entry[key]).symlink_to((base / entry[key]).resolve())
+        if name in int8_paths and not (into / int8_paths[name].name).exists():
+            (into / int8_paths[name].name).symlink_to(int8_paths[name].resolve())
+            entry["onnx_int8"] = int8_paths[name].name
+    write_registry(into, reg)
+    return into
+
+
+def vm_hwm_reset(pid: int) -> bool:
+    """Reset the peak resident memory (VmHWM) of a process we started (Linux: clear_refs 5)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def vm_hwm_mib(pid: int) -> float | None:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def load_test(url: str, files, params: dict, clients: int, per_client: int) -> dict:
+    """``clients`` threads, each with its own connection, sending ``per_client`` requests back to back."""
+    import httpx
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(clients + 1)
+
+    def client():
+        with httpx.Client(base_url=url, timeout=300) as c:
+            start.wait()
+            for _ in range(per_client):
+                t0 = time.perf_counter()
+                r = c.post("/v1/segment", files=[("files", f) for f in files], data=params)
+                dt = time.perf_counter() - t0
+                with lock:
+                    (latencies if r.status_code == 200 else errors).append(dt if r.status_code == 200 else f"HTTP {r.status_code}")
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "errors": errors[:5],
+        "throughput_per_s": len(latencies) / wall,
+        "p50_ms": 1000 * percentile(latencies, 50),
+        "p99_ms": 1000 * percentile(latencies, 99),
+    }
+
+
+def bench_server(model_dir: Path, cases: dict, repeats: int, quick: bool, precisions: list[str]) -> dict:
+    import httpx
+
+    slice_files = next(v for k, v in cases.items() if k.startswith("slice"))
+    volume_files = next(v for k, v in cases.items() if k.startswith("volume"))
+    results_dir = Path(tempfile.mkdtemp(prefix="brainseg-bench-results-"))
+    env = {"BRAINSEG_MODEL_DIR": str(model_dir), "BRAINSEG_RESULT_DIR": str(results_dir), "BRAINSEG_RATE_PER_MIN": "0"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    WORK.mkdir(parents=True, exist_ok=True)
+    log = open(WORK / "bench_server.log", "wb")
+    out: dict = {"precisions": precisions}
+    proc = None
+    try:
+        port = bench_api.free_port()
+        t_launch = time.perf_counter()
+        proc, out["start_to_health_s"] = bench_api.start_server("127.0.0.1", port, log)
+        url = f"http://127.0.0.1:{port}"
+        out["rss_idle_mib"] = bench_api.rss_mib(proc.pid)
+        with httpx.Client(base_url=url, timeout=300) as c:
+            r = c.post("/v1/segment", files=[("files", f) for f in slice_files])
+            out["start_to_first_answer_s"] = time.perf_counter() - t_launch
+            if r.status_code != 200:
+                raise SystemExit(f"first slice request failed: HTTP {r.status_code}: {r.text[:300]}")
+            out["rss_after_first_answer_mib"] = bench_api.rss_mib(proc.pid)
+            slices_sent = 1
+            out["slices"] = []
+            n1, n8 = (8, 3) if quick else (60, 25)
+            for precision in precisions:
+                params = {"precision": precision}
+                c.post("/v1/segment", files=[("files", f) for f in slice_files], data=params)  # loads that precision
+                for clients, per_client in ((1, n1), (8, n8)):
+                    res = load_test(url, slice_files, params, clients, per_client)
+                    res["precision"] = precision
+                    out["slices"].append(res)
+                    slices_sent += res["requests"] + 1
+                    print(
+                        f"  API slices {precision}, {clients} client(s): {res['throughput_per_s']:.1f}/s, p50 {res['p50_ms']:.0f} ms, p99 {res['p99_ms']:.0f} ms",
+                        flush=True,
+                    )
+            while slices_sent < 100:
+                c.post("/v1/segment", files=[("files", f) for f in slice_files])
+                slices_sent += 1
+            out["rss_after_100_slices_mib"] = bench_api.rss_mib(proc.pid)
+            out["volumes"] = []
+            volumes_sent = 0
+            for precision in precisions:
+                times, server, peaks, skipped = [], [], [], None
+                for _ in range(repeats):
+                    before = bench_api.rss_mib(proc.pid)
+                    reset = vm_hwm_reset(proc.pid)
+                    t0 = time.perf_counter()
+                    r = c.post("/v1/segment", files=[("files", f) for f in volume_files], data={"precision": precision})
+                    times.append(time.perf_counter() - t0)
+                    volumes_sent += 1
+                    if r.status_code != 200:
+                        raise SystemExit(f"volume request failed: HTTP {r.status_code}: {r.text[:300]}")
+                    body = r.json()
+                    server.append(body["timings_ms"])
+                    skipped = len(body.get("background_slices_skipped", []))
+                    if reset:
+                        peaks.append(vm_hwm_mib(proc.pid) - before)
+                row = {
+                    "precision": precision,
+                    "median_s": statistics.median(times),
+                    "range_s": [min(times), max(times)],
+                    "server_inference_ms": statistics.median(t["inference"] for t in server),
+                    "server_decode_ms": statistics.median(t["decode"] for t in server),
+                    "peak_above_before_mib": max(peaks) if peaks else None,
+                    "slices_skipped": skipped,
+                    "repeats": repeats,
+                }
+                out["volumes"].append(row)
+                print(f"  API volume {precision}: {row['median_s']:.2f} s (server inference {row['server_inference_ms']:.0f} ms)", flush=True)
+            while volumes_sent < 20:
+                c.post("/v1/segment", files=[("files", f) for f in volume_files])
+                volumes_sent += 1
+            out["volumes_sent"] = volumes_sent
+            out["rss_after_20_volumes_mib"] = bench_api.rss_mib(proc.pid)
+            out["load_during"] = machine_load()
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+        log.close()
+        shutil.rmtree(results_dir, ignore_errors=True)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return out
+
+
+# ---------------------------------------------------------------- the report
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if a and b else "n/a"
+
+
+def markdown(res: dict) -> str:
+    m, v, cpu, peak = res["machine"], res["versions"], res["machine"]["cpu"], res["peak"]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Written by `python scripts/bench.py{' --quick' if res['quick'] else ''}` on {res['date']} "
+        f"(models: `{res['model_dir']}`{'; QUICK smoke run: few repeats, fewer requests, not for quoting' if res['quick'] else ''}).",
+        "",
+        f"- **Machine**: {cpu['model']}, {cpu['cores']} cores at {cpu['mhz']:.0f} MHz ({', '.join(cpu['flags'])}); {m['os']}",
+        f"- **Versions**: Python {v['python']}, brainseg {v['brainseg']} at {v['commit']}, numpy {v['numpy']}, onnxruntime {v['onnxruntime']}, "
+        f"torch {v['torch']}, OpenCV {v['cv2']}, FastAPI {v['fastapi']}, uvicorn {v['uvicorn']}",
+        f"- **Load**: load average {m['load_start']['loadavg']} at the start, {m['load_end']['loadavg']} at the end; "
+        f"other busy processes: {'; '.join(m['load_start']['busy'] + m['load_end']['busy']) or 'none'}",
+        f"- Medians of {res['repeats']} repeats (backends interleaved in each); threads: ONNX Runtime and PyTorch {cpu['cores']}. "
+        "The API clients run on the same cores as the server.",
+        "",
+        "## Networks (same preprocessed LGG slices, 128 x 128 x 3)",
+        "",
+        "| model | backend | batch 1, ms | batch 32, ms / slice | 1 slice end to end, ms | mean abs. probability difference vs ONNX fp32 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in res["networks"]:
+        lines.append(
+            f"| {r['model']} | {r['backend']} | {r['batch1_ms']:.1f} [{r['batch1_ms_range'][0]:.1f}-{r['batch1_ms_range'][1]:.1f}] | "
+            f"{r['batch32_ms_per_slice']:.1f} | {r['end_to_end_ms']:.1f} | {r['mean_abs_prob_diff_vs_fp32']:.4f} |"
+        )
+    lines += ["", "| model | ONNX fp32 vs PyTorch (batch 1 / 32) | INT8 vs ONNX fp32 (batch 1 / 32) |", "|---|---|---|"]
+    for name in sorted({r["model"] for r in res["networks"]}):
+        by = {r["backend"]: r for r in res["networks"] if r["model"] == name}
+        t, f, q = by.get("PyTorch eager (fp32)"), by.get("ONNX Runtime fp32"), by.get("ONNX Runtime INT8")
+        fvt = f"{ratio(t['batch1_ms'], f['batch1_ms'])} / {ratio(t['batch32_ms_per_slice'], f['batch32_ms_per_slice'])}" if t else "n/a"
+        qvf = f"{ratio(f['batch1_ms'], q['batch1_ms'])} / {ratio(f['batch32_ms_per_slice'], q['batch32_ms_per_slice'])}" if q else "n/a"
+        lines.append(f"| {name} | {fvt} faster | {qvf} faster |")
+    lines += [
+        "",
+        "## How close to the hardware (batch 32)",
+        "",
+        f"Peak: {peak['how']}. FLOPs: 2 x the multiply-adds of every convolution at the model's input size "
+        "(ONNX shape inference; element-wise operations, pooling and resizing left out).",
+        "",
+        "| model | GFLOP / slice | backend | achieved | share of peak |",
+        "|---|---|---|---|---|",
+    ]
+    for r in res["networks"]:
+        achieved = r["gflop_per_slice"] / (r["batch32_ms_per_slice"] / 1000)
+        top = peak["int8"] if "INT8" in r["backend"] else peak["fp32"]
+        unit = "GOP/s" if "INT8" in r["backend"] else "GFLOP/s"
+        lines.append(f"| {r['model']} | {r['gflop_per_slice']:.2f} | {r['backend']} | {achieved:.0f} {unit} | {100 * achieved / top:.1f}% of {top:.0f} |")
+    a = res["api"]
+    lines += [
+        "",
+        "## API (`uvicorn app:app`, one worker, default settings)",
+        "",
+        f"- Launch to `/health` OK: **{a['start_to_health_s']:.2f} s**; launch to the first slice answered: **{a['start_to_first_answer_s']:.2f} s**",
+        "",
+        "| slices (LGG TIFF 256 x 256) | precision | clients | requests | throughput, slices / s | p50, ms | p99, ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in a["slices"]:
+        lines.append(f"| | {s['precision']} | {s['clients']} | {s['requests']} | {s['throughput_per_s']:.1f} | {s['p50_ms']:.0f} | {s['p99_ms']:.0f} |")
+    lines += [
+        "",
+        "| volume (BraTS 3 x 240 x 240 x 155) | precision | end to end, s (median [min-max]) | server inference, ms | server decode, ms | background slices skipped | peak memory of one request above the RSS before it |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for w in a["volumes"]:
+        peak_mem = f"{w['peak_above_before_mib']:.0f} MiB" if w["peak_above_before_mib"] is not None else "n/a"
+        lines.append(
+            f"| | {w['precision']} | {w['median_s']:.2f} [{w['range_s'][0]:.2f}-{w['range_s'][1]:.2f}] | {w['server_inference_ms']:.0f} | {w['server_decode_ms']:.0f} | "
+            f"{w['slices_skipped']} | {peak_mem} |"
+        )
+    lines += [
+        "",
+        "| server memory (VmRSS) | MiB |",
+        "|---|---|",
+        f"| idle (after /health) | {a['rss_idle_mib']:.0f} |",
+        f"| after the first answer (model loaded) | {a['rss_after_first_answer_mib']:.0f} |",
+        f"| after 100 slices | {a['rss_after_100_slices_mib']:.0f} |",
+        f"| after {a['volumes_sent']} volumes | {a['rss_after_20_volumes_mib']:.0f} |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir", type=Path, default=REPO / "models")
+    ap.add_argument("--data", type=Path, default=LGG, help="LGG data: the benchmark slices and the INT8 calibration slices")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--quick", action="store_true", help="smoke test: 2 repeats, few requests, small calibration")
+    ap.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    ap.add_argument("--skip-api", action="store_true", help="networks only")
+    a = ap.parse_args()
+    repeats = 2 if a.quick else a.repeats
+
+    res = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "quick": a.quick, "repeats": repeats, "model_dir": str(a.model_dir)}
+    cpu = cpu_info()
+    res["machine"] = {"cpu": cpu, "os": platform.platform(), "load_start": machine_load()}
+    res["versions"] = versions()
+    res["peak"] = peak_gflops(cpu)
+    print(f"machine: {cpu['model']}, {cpu['cores']} cores; load {res['machine']['load_start']['loadavg']}", flush=True)
+
+    reg = read_registry(a.model_dir)
+    ds = labelled(discover(a.data))
+    images, _ = load_patient(ds.patient(BENCH_PATIENT) if BENCH_PATIENT in {p.id for p in ds.patients} else ds.patients[0])
+    images = (images * (1 + 32 // len(images)))[:32]
+    print("networks:", flush=True)
+    res["networks"], int8_paths = bench_networks(reg, images, repeats, a.data, a.quick)
+    if not a.skip_api:
+        print("API:", flush=True)
+        with tempfile.TemporaryDirectory(prefix="brainseg-bench-models-") as tmp:
+            model_dir = bench_model_dir(reg, int8_paths, Path(tmp) / "models")
+            precisions = ["fp32", "int8"] if len(int8_paths) == len(reg["models"]) else ["fp32"]
+            res["api"] = bench_server(model_dir, bench_api.inputs(False), max(3, repeats), a.quick, precisions)
+    res["machine"]["load_end"] = machine_load()
+    write_json_atomic(a.out.with_suffix(".json"), res)
+    if not a.skip_api:
+        write_bytes_atomic(a.out, markdown(res).encode())
+        print(f"wrote {a.out} and {a.out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
