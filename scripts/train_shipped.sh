@@ -1,19 +1,28 @@
 #!/usr/bin/env bash
 # How the shipped models were made (see docs/ablations.md and the model cards).
 #  1. cache + split of the 81 LGG patients (49 train / 12 validation / 20 test, seed 42)
-#  2. on a machine with a GPU: ten configurations side by side for 360 s each
-#     (scripts/gpu/pack_cache.py packs the train + validation slices to carry them there)
-#  3. continue the Attention U-Net on the CPU at a low learning rate (35 min on 2 cores)
-#  4. ship: calibrate each candidate on validation, keep the better, export ONNX, evaluate
-#     on the test patients under the four input conditions, write cards and the registry.
-# Step 2 runs on CPU too, but ten runs at once on 2 cores take hours: pass --runs to pick
-# fewer (e.g. --runs att_sd30_z,upp_sd30) and a larger --budget.
+#  2. on a machine with a GPU (one lent NVIDIA H200, two calls):
+#     a. four configurations side by side for 430 s each (50-79 epochs)
+#     b. the two z-score runs continued from their best epoch at lr 3e-4 for 240 s (45-53 epochs)
+#     (scripts/gpu/pack_cache.py packs the train + validation slices to carry them there;
+#      the test patients never travel)
+#  3. ship: calibrate every candidate on validation, keep the better per architecture, export
+#     ONNX, evaluate on the test patients under the four input conditions, write cards and the
+#     registry; the default is the architecture with the higher validation score.
+# Step 2 runs on CPU too, but slowly: on 2 cores one run needs hours for the same epochs
+# (pass --runs to pick fewer and a larger --budget).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/lgg/kaggle_3m}
+OUT=${OUT:-runs/gpu/abl2}
 python preprocess.py --data "$DATA" --cache runs/cache81 --seed 42
-python scripts/gpu/train_ablations.py --cache runs/cache81 --out runs/gpu/abl --budget "${BUDGET:-360}" --workers "${WORKERS:-1}" ${RUNS:+--runs "$RUNS"}
-python train.py --data "$DATA" --cache runs/cache81 --out runs/ship2 --model attention_unet --init-from runs/gpu/abl/att_sd30_z/best.pt \
-  --normalization zscore --epochs 30 --lr 3e-4 --batch-size 32 --threads 2 --time-budget 2100 --quiet
-python scripts/ship_models.py --data "$DATA" --out models \
-  --candidates attention_unet=runs/gpu/abl/att_sd30_z/best.pt,runs/ship2/attention_unet/best.pt unetpp=runs/gpu/abl/upp_sd30/best.pt
+python scripts/gpu/train_ablations.py --cache runs/cache81 --out "$OUT/abl" --budget "${BUDGET:-430}" --workers "${WORKERS:-3}" \
+  --runs att_sd30_z,att_sd30,upp_sd30,upp_sd30_z --keep 2 --results "$OUT"
+# the second stage reads its starting weights from /tmp/abl (where the first stage ran on the GPU machine)
+mkdir -p /tmp/abl/att_sd30_z /tmp/abl/upp_sd30_z
+cp "$OUT/att_sd30_z.pt" /tmp/abl/att_sd30_z/best.pt && cp "$OUT/upp_sd30_z.pt" /tmp/abl/upp_sd30_z/best.pt
+python scripts/gpu/train_ablations.py --cache runs/cache81 --out "$OUT/ft" --budget "${FT_BUDGET:-240}" --workers "${WORKERS:-3}" \
+  --runs att_sd30_z_ft,upp_sd30_z_ft --keep 1 --results "$OUT"
+python scripts/ship_models.py --data "$DATA" --out models --training-note "$(cat docs/ablations/round2_note.txt)" \
+  --candidates attention_unet="$OUT/att_sd30_z.pt,$OUT/att_sd30_z_ft.pt,$OUT/att_sd30.pt" \
+  unetpp="$OUT/upp_sd30_z.pt,$OUT/upp_sd30_z_ft.pt,$OUT/upp_sd30.pt"
