@@ -18,7 +18,8 @@ version existed and has the same keys, so it is read as version 1)::
                            "onnx_int8": "unetpp_int8.onnx",   # optional
                            "card": "unetpp.md", "parameters": 2291969,
                            "val_selection_score": 0.71, "metrics": {"per_patient_dice": 0.61, ...},
-                           "conditions": {"all": {...}, ...}, "postprocess": {...}}, ...}}
+                           "conditions": {"all": {...}, ...}, "postprocess": {...},
+                           "default_precision": "fp32", "int8": {...}}, ...}}
 
 Only ``default`` and ``models`` are required. Training runs add facts of their own to an entry
 (``train_wall_seconds``, ``epochs``, ...); unknown keys are kept and ignored.
@@ -73,6 +74,8 @@ class ModelEntry(BaseModel):
     metrics: dict[str, float | None] = Field(default_factory=dict)  # test patients, all sequences
     conditions: dict[str, dict[str, Any]] = Field(default_factory=dict)  # test patients, per input condition
     postprocess: PostprocessConfig | None = None  # as calibrated; a copy of what the model file carries
+    default_precision: Precision | None = None  # what the INT8 measurement recommends serving (None: fp32)
+    int8: dict[str, Any] | None = None  # how the INT8 file was made and what it costs (scripts/ship_int8.py)
 
 
 class EnsembleEntry(BaseModel):
@@ -194,9 +197,12 @@ def read(model_dir: os.PathLike | str | None = None) -> Registry:
 
 
 def read_registry(model_dir: os.PathLike | str | None = None) -> dict:
-    """``read`` as a plain dict (every key of the file, and ``_dir``): for scripts and tests that index it."""
+    """``read`` as a plain dict (the keys of the file, and ``_dir``): for scripts and tests that index it.
+
+    ``write_registry`` of this dict (``_dir`` is dropped) writes the same file back.
+    """
     reg = read(model_dir)
-    return {**reg.model_dump(mode="json", exclude={"directory"}), "_dir": str(reg.directory)}
+    return {**reg.to_json(), "_dir": str(reg.directory)}
 
 
 def write_registry(model_dir: os.PathLike | str, reg: Registry | dict) -> Path:
