@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +84,22 @@ class TorchBackend:
             return self.model(x)[:, 0].float().cpu().numpy()
 
 
+def _prefetched(fn, items: list):
+    """``fn(item)`` for each item, in order, the next one computed in a background thread while the
+    caller works on the current one: a batch is preprocessed (OpenCV and numpy release the GIL)
+    while the network runs the one before."""
+    if len(items) < 2:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(fn, items[0])
+        for item in items[1:]:
+            current = pending.result()
+            pending = pool.submit(fn, item)
+            yield current
+        yield pending.result()
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
 
@@ -115,10 +132,9 @@ class Segmenter:
         intensity window for non-uint8 input (see ``preprocessing.to_uint8``).
         """
         cfg = self.config.preprocess
+        chunks = [images[start : start + batch_size] for start in range(0, len(images), batch_size)]
         out: list[np.ndarray] = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            x = np.stack([preprocess_slice(img, cfg, window) for img in chunk])
+        for chunk, x in zip(chunks, _prefetched(lambda chunk: np.stack([preprocess_slice(img, cfg, window) for img in chunk]), chunks)):
             prob = _sigmoid(self.backend(x))
             if tta:
                 prob = 0.5 * (prob + _sigmoid(self.backend(np.ascontiguousarray(x[..., ::-1])))[..., ::-1])

@@ -151,9 +151,8 @@ def segment_volume(segmenter, vol: Volume, post: PostprocessConfig, tta: bool = 
     skipped = background_slices(display) if skip_background else np.zeros(len(display), bool)
     keep = np.flatnonzero(~skipped)
     probs = np.zeros(display.shape[:3], np.float32)
-    for start in range(0, len(keep), VOLUME_BATCH):
-        batch = keep[start : start + VOLUME_BATCH]
-        probs[batch] = segmenter.probabilities([display[k] for k in batch], tta=tta, batch_size=VOLUME_BATCH)
+    for k, prob in zip(keep, segmenter.probabilities([display[k] for k in keep], tta=tta, batch_size=VOLUME_BATCH)):
+        probs[k] = prob
     mask = binarize_stack(probs, post)
     lesions = lesion_table(mask, voxel_volume_mm3=vol.voxel_volume_mm3)
     areas = np.count_nonzero(mask.reshape(len(mask), -1), axis=1).tolist()
