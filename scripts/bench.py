@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -59,7 +58,7 @@ def _load_bench_api():
     return mod
 
 
-bench_api = _load_bench_api()  # free_port, rss_mib, start_server, inputs
+bench_api = _load_bench_api()  # free_port, rss_mib, start_server, concurrent_slices, inputs
 
 
 # ---------------------------------------------------------------- the machine
@@ -277,47 +276,6 @@ def vm_hwm_mib(pid: int) -> float | None:
     return None
 
 
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
-
-
-def load_test(url: str, files, params: dict, clients: int, per_client: int) -> dict:
-    """``clients`` threads, each with its own connection, sending ``per_client`` requests back to back."""
-    import httpx
-
-    latencies: list[float] = []
-    errors: list[str] = []
-    lock = threading.Lock()
-    start = threading.Barrier(clients + 1)
-
-    def client():
-        with httpx.Client(base_url=url, timeout=300) as c:
-            start.wait()
-            for _ in range(per_client):
-                t0 = time.perf_counter()
-                r = c.post("/v1/segment", files=[("files", f) for f in files], data=params)
-                dt = time.perf_counter() - t0
-                with lock:
-                    (latencies if r.status_code == 200 else errors).append(dt if r.status_code == 200 else f"HTTP {r.status_code}")
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    return {
-        "clients": clients,
-        "requests": len(latencies),
-        "errors": errors[:5],
-        "throughput_per_s": len(latencies) / wall,
-        "p50_ms": 1000 * percentile(latencies, 50),
-        "p99_ms": 1000 * percentile(latencies, 99),
-    }
-
-
 def bench_server(model_dir: Path, cases: dict, repeats: int, quick: bool, precisions: list[str]) -> dict:
     import httpx
 
@@ -325,8 +283,6 @@ def bench_server(model_dir: Path, cases: dict, repeats: int, quick: bool, precis
     volume_files = next(v for k, v in cases.items() if k.startswith("volume"))
     results_dir = Path(tempfile.mkdtemp(prefix="brainseg-bench-results-"))
     env = {"BRAINSEG_MODEL_DIR": str(model_dir), "BRAINSEG_RESULT_DIR": str(results_dir), "BRAINSEG_RATE_PER_MIN": "0"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     WORK.mkdir(parents=True, exist_ok=True)
     log = open(WORK / "bench_server.log", "wb")
     out: dict = {"precisions": precisions}
@@ -334,7 +290,7 @@ def bench_server(model_dir: Path, cases: dict, repeats: int, quick: bool, precis
     try:
         port = bench_api.free_port()
         t_launch = time.perf_counter()
-        proc, out["start_to_health_s"] = bench_api.start_server("127.0.0.1", port, log)
+        proc, out["start_to_health_s"] = bench_api.start_server("127.0.0.1", port, log, env=env)
         url = f"http://127.0.0.1:{port}"
         out["rss_idle_mib"] = bench_api.rss_mib(proc.pid)
         with httpx.Client(base_url=url, timeout=300) as c:
@@ -345,19 +301,16 @@ def bench_server(model_dir: Path, cases: dict, repeats: int, quick: bool, precis
             out["rss_after_first_answer_mib"] = bench_api.rss_mib(proc.pid)
             slices_sent = 1
             out["slices"] = []
-            n1, n8 = (8, 3) if quick else (60, 25)
+            duration = 2.0 if quick else 15.0
             for precision in precisions:
                 params = {"precision": precision}
                 c.post("/v1/segment", files=[("files", f) for f in slice_files], data=params)  # loads that precision
-                for clients, per_client in ((1, n1), (8, n8)):
-                    res = load_test(url, slice_files, params, clients, per_client)
-                    res["precision"] = precision
+                for clients in (1, 8):
+                    res = bench_api.concurrent_slices(url, slice_files, params, clients, duration)
+                    res["precision"], res["seconds"] = precision, duration
                     out["slices"].append(res)
-                    slices_sent += res["requests"] + 1
-                    print(
-                        f"  API slices {precision}, {clients} client(s): {res['throughput_per_s']:.1f}/s, p50 {res['p50_ms']:.0f} ms, p99 {res['p99_ms']:.0f} ms",
-                        flush=True,
-                    )
+                    slices_sent += res["answered"] + clients + 1
+                    print(f"  API slices {precision}, {clients} client(s): {res['per_s']:.1f}/s, p50 {res['p50']:.0f} ms, p99 {res['p99']:.0f} ms", flush=True)
             while slices_sent < 100:
                 c.post("/v1/segment", files=[("files", f) for f in slice_files])
                 slices_sent += 1
@@ -404,11 +357,6 @@ def bench_server(model_dir: Path, cases: dict, repeats: int, quick: bool, precis
             proc.wait(timeout=30)
         log.close()
         shutil.rmtree(results_dir, ignore_errors=True)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return out
 
 
@@ -474,11 +422,13 @@ def markdown(res: dict) -> str:
         "",
         f"- Launch to `/health` OK: **{a['start_to_health_s']:.2f} s**; launch to the first slice answered: **{a['start_to_first_answer_s']:.2f} s**",
         "",
-        "| slices (LGG TIFF 256 x 256) | precision | clients | requests | throughput, slices / s | p50, ms | p99, ms |",
-        "|---|---|---|---|---|---|---|",
+        "| slices (LGG TIFF 256 x 256) | precision | clients | answered | throughput, slices / s | p50, ms | p99, ms | failed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for s in a["slices"]:
-        lines.append(f"| | {s['precision']} | {s['clients']} | {s['requests']} | {s['throughput_per_s']:.1f} | {s['p50_ms']:.0f} | {s['p99_ms']:.0f} |")
+        lines.append(
+            f"| | {s['precision']} | {s['clients']} | {s['answered']} in {s['seconds']:.0f} s | {s['per_s']:.1f} | {s['p50']:.0f} | {s['p99']:.0f} | {s['failed']} |"
+        )
     lines += [
         "",
         "| volume (BraTS 3 x 240 x 240 x 155) | precision | end to end, s (median [min-max]) | server inference, ms | server decode, ms | background slices skipped | peak memory of one request above the RSS before it |",
