@@ -5,6 +5,7 @@ No torch import: with an ONNX model this runs in a torch-free process.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -134,8 +135,9 @@ VOLUME_BATCH = 16  # slices per network call
 def background_slices(display: np.ndarray, max_fraction: float = BACKGROUND_MAX_FRACTION) -> np.ndarray:
     """(Z, H, W, C) uint8 -> (Z,) bool: slices whose non-zero pixels (any channel) cover less than ``max_fraction``."""
     z, h, w = display.shape[:3]
-    nonzero = np.count_nonzero(display.reshape(z, h * w, -1).any(axis=2), axis=1)
-    return nonzero < max_fraction * h * w
+    channels = [display[..., c] for c in range(display.shape[3])] if display.ndim == 4 else [display]
+    anything = functools.reduce(np.bitwise_or, channels)  # not .any(axis=-1): a reduction over a short last axis is slow
+    return np.count_nonzero(anything.reshape(z, h * w), axis=1) < max_fraction * h * w
 
 
 def segment_volume(segmenter, vol: Volume, post: PostprocessConfig, tta: bool = False, skip_background: bool = True) -> VolumeResult:
