@@ -1,4 +1,4 @@
-"""The ``precision`` form field of POST /v1/segment: fp32 (default) or the model's INT8 file.
+"""The ``precision`` form field of POST /v1/segment: fp32, the model's INT8 file, or (left out) the registry's default.
 
 The tiny test models are quantised here (static INT8, calibrated on synthetic slices) for the
 Attention U-Net only, so the Nested U-Net shows what a model without an INT8 file answers.
@@ -78,7 +78,7 @@ def test_unknown_precision_is_a_422_without_echo(client, value):
     r = segment(client, ("s.png", synthetic_png()), precision=value)
     assert r.status_code == 422
     detail = r.json()["detail"]
-    assert detail.startswith("precision must be fp32 (default) or int8") and value not in detail
+    assert detail.startswith("precision must be fp32 or int8") and value not in detail
 
 
 @pytest.mark.parametrize("model", ["unetpp", "ensemble"])
@@ -92,6 +92,36 @@ def test_models_lists_the_precisions_of_each_model(client):
     by_name = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
     assert by_name["attention_unet"]["precisions"] == ["fp32", "int8"]
     assert by_name["unetpp"]["precisions"] == ["fp32"] and by_name["ensemble"]["precisions"] == ["fp32"]
+    assert {m["default_precision"] for m in by_name.values()} == {"fp32"}  # the registry recommends no INT8 here
+
+
+@pytest.fixture(scope="module")
+def int8_default_dir(int8_model_dir, tmp_path_factory):
+    """The same models, the registry recommending INT8 for the Attention U-Net (as scripts/ship_int8.py does)."""
+    out = tmp_path_factory.mktemp("int8_default")
+    for f in int8_model_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    reg = registry.read(out)
+    reg.models["attention_unet"].default_precision = "int8"
+    reg.models["unetpp"].default_precision = "int8"  # recommended, but it has no INT8 file: fp32
+    registry.write_registry(out, reg)
+    return out
+
+
+def test_a_request_without_precision_gets_the_registry_default(int8_default_dir):
+    with make_client(int8_default_dir) as c:
+        served = {m: segment(c, ("s.png", synthetic_png()), model=m).json()["model"]["precision"] for m in ("attention_unet", "unetpp", "ensemble")}
+        assert served == {"attention_unet": "int8", "unetpp": "fp32", "ensemble": "fp32"}
+        assert segment(c, ("s.png", synthetic_png())).json()["model"]["precision"] == "int8"  # the default model
+        assert segment(c, ("s.png", synthetic_png()), precision="fp32").json()["model"]["precision"] == "fp32"
+        by_name = {m["name"]: m for m in c.get("/v1/models").json()["models"]}
+        assert by_name["attention_unet"]["default_precision"] == "int8" and by_name["unetpp"]["default_precision"] == "fp32"
+
+
+def test_int8_is_not_the_default_where_the_fp32_model_runs_on_pytorch(int8_default_dir):
+    reg = registry.read(int8_default_dir)
+    assert registry.served_precision(reg, "attention_unet", "onnx") == "int8"
+    assert registry.served_precision(reg, "attention_unet", "torch") == "fp32"  # e.g. a GPU machine
 
 
 def test_fp32_and_int8_of_one_model_are_loaded_side_by_side(client):

@@ -57,6 +57,7 @@ def test_concurrent_requests_over_http_get_the_masks_of_sequential_ones(server):
 
         alone = run_all(post, jobs, threads=1)
         together = run_all(post, jobs, threads=8)
+        assert c.get("/health").json()["slice_batches"] == {"runs": batcher.batches, "rows": batcher.rows}
     assert together == alone
     assert any(a[2] > 0 for a in alone), "the tiny models find the blobs: the comparison is not of empty masks"
     assert len({a[3] for a in alone}) > 1, "different slices give different masks"
@@ -74,6 +75,7 @@ def test_requests_share_network_runs_in_process(tiny_model_dir):
         runs_alone = batcher.batches
         assert runs_alone == len(jobs) and batcher.rows == len(jobs), "a lone client never waits for a batch"
         together = run_all(post, jobs, threads=8)
+        assert c.get("/health").json()["slice_batches"] == {"runs": batcher.batches, "rows": batcher.rows}
     assert together == alone
     assert batcher.batches - runs_alone < len(jobs), "concurrent slices were batched together"
 

@@ -39,12 +39,17 @@ def int8_path(path: os.PathLike | str) -> Path:
 
 
 class OnnxBackend:
-    def __init__(self, path: os.PathLike | str, threads: int = 0):
+    """``threads``: intra-op threads (0: ONNX Runtime's default, one per core). ``spinning=False``: idle
+    threads sleep between runs instead of spinning, which leaves the CPU to other work in the process."""
+
+    def __init__(self, path: os.PathLike | str, threads: int = 0, spinning: bool = True):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        if not spinning:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
         meta = self.session.get_modelmeta().custom_metadata_map
         if ONNX_METADATA_KEY not in meta:
@@ -214,9 +219,9 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     return tuple(box)
 
 
-def load_backend(path: os.PathLike | str, kind: str, name: str | None = None, threads: int = 0) -> Segmenter:
+def load_backend(path: os.PathLike | str, kind: str, name: str | None = None, threads: int = 0, spinning: bool = True) -> Segmenter:
     """A Segmenter running ``path`` with ``kind`` = ``onnx`` (ONNX Runtime, CPU; fp32 or INT8) or ``torch``."""
-    backend = OnnxBackend(path, threads) if kind == "onnx" else TorchBackend(path)
+    backend = OnnxBackend(path, threads, spinning) if kind == "onnx" else TorchBackend(path)
     return Segmenter(backend, name or backend.config.model.name, str(path))
 
 

@@ -272,15 +272,32 @@ def choose_file(reg: Registry, name: str, backend: str | None = None, precision:
     return (onnx if kind == "onnx" else ckpt), kind
 
 
-def load_member(reg: Registry, name: str, backend: str | None = None, precision: str = "fp32", threads: int = 0):
-    """One registered model, loaded (a ``Segmenter``). FileNotFoundError when its file is missing."""
+def served_precision(reg: Registry, name: str | None, backend: str | None = None) -> str:
+    """The precision a server uses when a request names none.
+
+    ``int8`` where the registry recommends it (``default_precision``: ``scripts/ship_int8.py`` sets it
+    only where the INT8 model's Dice cost on the test patients is within its limit), the model has an
+    ``onnx_int8`` file and its fp32 model would run on ONNX Runtime (with a GPU, PyTorch fp32 is
+    faster); else ``fp32``. An ensemble serves ``int8`` only when every member does.
+    """
+
+    def one(member: str) -> bool:
+        entry = reg.entry(member)
+        return entry.default_precision == "int8" and bool(entry.onnx_int8) and choose_file(reg, member, backend, "fp32")[1] == "onnx"
+
+    return "int8" if all(one(m) for m in reg.resolve(name)) else "fp32"
+
+
+def load_member(reg: Registry, name: str, backend: str | None = None, precision: str = "fp32", threads: int = 0, spinning: bool = True):
+    """One registered model, loaded (a ``Segmenter``; ``threads`` / ``spinning``: ONNX Runtime's, see
+    ``inference.OnnxBackend``). FileNotFoundError when its file is missing."""
     from .inference import load_backend
 
     path, kind = choose_file(reg, name, backend, precision)
     if path is None:
         key = "onnx_int8" if precision == "int8" else ("onnx" if kind == "onnx" else "checkpoint")
         raise FileNotFoundError(f"model {name!r}: its {key} file is not in {reg.directory} (backend {requested_backend(backend)})")
-    seg = load_backend(path, kind, name, threads=threads)
+    seg = load_backend(path, kind, name, threads=threads, spinning=spinning)
     if precision == "int8" and seg.precision != "int8":
         seg.backend.precision = "int8"  # registered as INT8; a file quantised by other tools carries no marker
     return seg

@@ -96,6 +96,10 @@ class Engine:
         members = reg.resolve(name)
         return registry.ENSEMBLE if name == registry.ENSEMBLE else members[0]
 
+    def default_precision(self, name: str | None) -> str:
+        """What a request that names no precision gets (``registry.served_precision``)."""
+        return registry.served_precision(self.registry(), name, self.settings.backend)
+
     def require_precision(self, name: str, precision: str) -> None:
         """PrecisionUnavailable when ``name`` (or a member of the ensemble) has no file of that precision."""
         if precision == "fp32":
@@ -111,7 +115,7 @@ class Engine:
         backend = self.settings.backend
         t0 = time.perf_counter()
         try:
-            seg = registry.load_member(reg, name, backend, precision, self.settings.onnx_threads)
+            seg = registry.load_member(reg, name, backend, precision, self.settings.onnx_intra_threads, self.settings.onnx_spinning)
         except (PrecisionUnavailable, KeyError):
             raise
         except FileNotFoundError:
@@ -178,6 +182,7 @@ class Engine:
             "backend": seg.backend.kind,
             "version": self.version(seg),
             "precisions": ["fp32", "int8"] if entry.onnx_int8 else ["fp32"],
+            "default_precision": self.default_precision(name),
             "card": card.read_text(errors="replace") if card.is_file() else None,
         }
 
@@ -196,6 +201,7 @@ class Engine:
             "backend": "+".join(sorted({m["backend"] for m in members})),
             "version": "+".join(f"{m['name']}:{m['version']}" for m in members),
             "precisions": ["fp32", "int8"] if all("int8" in m["precisions"] for m in members) else ["fp32"],
+            "default_precision": self.default_precision(registry.ENSEMBLE),
             "card": None,
         }
 

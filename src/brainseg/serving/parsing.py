@@ -35,7 +35,7 @@ class SegmentOptions:
     threshold: float | None  # None: the model's calibrated one
     tta: bool
     sequence: str | None  # what a grey slice or a single volume is (None: FLAIR)
-    precision: str  # "fp32" or "int8"
+    precision: str | None  # "fp32" or "int8"; None: the model's served default (``Engine.default_precision``)
 
 
 def parse_threshold(raw: str | None) -> float | None:
@@ -62,13 +62,13 @@ def parse_bool(name: str, raw: str | None) -> bool:
     raise UploadError(422, f"{name} must be true or false")
 
 
-def parse_precision(raw: str | None) -> str:
-    """``fp32`` (default) or ``int8``."""
+def parse_precision(raw: str | None) -> str | None:
+    """``fp32``, ``int8``, or None when not given."""
     v = "" if raw is None else str(raw).strip().lower()
     if v == "":
-        return "fp32"
+        return None
     if v not in PRECISIONS:
-        raise UploadError(422, "precision must be fp32 (default) or int8 (the quantised model, where one is shipped)")
+        raise UploadError(422, "precision must be fp32 or int8 (the quantised model, where one is shipped); leave it out for the model's default")
     return v
 
 

@@ -37,7 +37,11 @@ BRAINSEG_API_KEY            if set: the key(s) (comma-separated) every   unset
                             route but /health and the docs needs, in
                             X-API-Key or Authorization: Bearer; a result
                             is readable only with the key that made it
-BRAINSEG_ONNX_THREADS       ONNX Runtime intra-op threads (0: default)   0
+BRAINSEG_ONNX_THREADS       ONNX Runtime intra-op threads (0: one per    0
+                            CPU this process may use)
+BRAINSEG_ONNX_SPINNING      ONNX Runtime threads spin between runs (a    0
+                            little faster alone; slower when requests
+                            share the CPU)
 BRAINSEG_BATCH_SIZE         slices of concurrent requests run through    16
                             the network together, at most (1: no
                             micro-batching)
@@ -78,6 +82,7 @@ class Settings(BaseModel):
     api_key: str | None = Field(None, repr=False)
     rate_per_min: int = Field(0, ge=0)
     onnx_threads: int = Field(0, ge=0)
+    onnx_spinning: bool = False
     batch_size: int = Field(16, ge=1)
     batch_wait_ms: float = Field(5.0, ge=0, le=1000)
     cors_origins: list[str] = Field(default_factory=lambda: ["http://localhost:8501", "http://127.0.0.1:8501"])
@@ -89,6 +94,13 @@ class Settings(BaseModel):
         if isinstance(v, str):
             return [o.strip() for o in v.split(",") if o.strip()]
         return v
+
+    @property
+    def onnx_intra_threads(self) -> int:
+        """``onnx_threads``, or (0) one per CPU this process may run on."""
+        if self.onnx_threads:
+            return self.onnx_threads
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
     @property
     def max_upload_bytes(self) -> int:

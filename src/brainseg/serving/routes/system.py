@@ -25,6 +25,8 @@ async def root():
 @router.get("/health", summary="Liveness, and whether models are available", responses=RESPONSES["health"])
 async def health(engine: Engine = Depends(get_engine), store=Depends(get_store)):
     body = {"status": "ok", "version": __version__, "loaded_models": engine.loaded(), "results_kept": len(store)}
+    if engine.batcher is not None:  # network runs for slices since start, and the slices (rows) they held
+        body["slice_batches"] = {"runs": engine.batcher.batches, "rows": engine.batcher.rows}
     try:
         body.update(models_ready=True, default_model=engine.default_name(), models=engine.names())
     except ModelUnavailable as exc:
