@@ -26,6 +26,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 DEFAULT_API = os.environ.get("BRAINSEG_API_URL", "http://127.0.0.1:8000").rstrip("/")
 CHANNELS = {"Pre-contrast": 0, "FLAIR": 1, "Post-contrast": 2}
+PRECISIONS = {"fp32": "fp32", "int8": "INT8"}  # the API's ``precision`` field
 # What a grey slice or a single volume is (the API's ``sequence`` field; brainseg.channels.SEQUENCES).
 SEQUENCES = {"flair": "FLAIR (default)", "t1": "Pre-contrast T1", "t1c": "T1 post-contrast", "t2": "T2"}
 UPLOAD_TYPES = ["tif", "tiff", "png", "jpg", "jpeg", "nii", "nii.gz", "gz", "zip", "dcm"]
@@ -142,6 +143,17 @@ def sidebar() -> dict:
     )
     threshold = None if use_cal else sb.slider("Probability threshold", 0.01, 0.99, value=calibrated, step=0.01, key="threshold")
     tta = sb.checkbox("Test-time augmentation (flip)", value=False, key="tta", help="Averages with the horizontally flipped image; about twice as slow")
+    precisions = m.get("precisions") or ["fp32"]
+    served = m.get("default_precision") if m.get("default_precision") in precisions else precisions[0]
+    precision = sb.radio(
+        "Precision",
+        precisions,
+        index=precisions.index(served),
+        key=f"precision_{name}",
+        horizontal=True,
+        format_func=lambda p: PRECISIONS.get(p, p) + ("  (served default)" if p == served else ""),
+        help="INT8 is the quantised network: faster on a CPU, Dice within 0.005 of fp32 on the test patients (see the model card)",
+    )
 
     sb.subheader("Display")
     channel = sb.radio(
@@ -153,7 +165,9 @@ def sidebar() -> dict:
         help="LGG slices hold pre-contrast, FLAIR and post-contrast; BraTS t1n, t2f, t1c map to them",
     )
     alpha = sb.slider("Overlay opacity", 0.0, 1.0, 0.4, 0.05, key="alpha")
-    opts.update(ok=True, model=name, threshold=threshold, tta=tta, channel=CHANNELS[channel], channel_name=channel, alpha=alpha, models=models)
+    opts.update(
+        ok=True, model=name, threshold=threshold, tta=tta, precision=precision, channel=CHANNELS[channel], channel_name=channel, alpha=alpha, models=models
+    )
     return opts
 
 
@@ -209,10 +223,12 @@ def segment(opts: dict, files: list[tuple[str, bytes, str]], sequence: str | Non
     h = hashlib.sha1()
     for name, data, _ in files:
         h.update(name.encode() + hashlib.sha1(data).digest())
-    key = json.dumps([h.hexdigest(), opts["base"], opts["model"], opts["threshold"], opts["tta"], sequence])
+    key = json.dumps([h.hexdigest(), opts["base"], opts["model"], opts["threshold"], opts["tta"], opts.get("precision"), sequence])
     if st.session_state.get("request_key") == key:
         return
     form = {"model": opts["model"], "tta": str(opts["tta"]).lower()}
+    if opts.get("precision"):
+        form["precision"] = opts["precision"]
     if opts["threshold"] is not None:
         form["threshold"] = str(opts["threshold"])
     if sequence and sequence != "flair":  # FLAIR is the API's default; a 3-channel slice is not told it is ignored
@@ -323,7 +339,7 @@ def result_header(res: dict, label: str, synthetic: bool) -> None:
     st.subheader(f"Result · {label}")
     show_read_as(inp)
     st.caption(
-        f"{model['display_name']} · version `{model['version']}` · {model['backend']} · threshold {res['threshold']} · "
+        f"{model['display_name']} · version `{model['version']}` · {model['backend']} {PRECISIONS.get(model.get('precision'), '')} · threshold {res['threshold']} · "
         f"min. size {res['min_size']} px ({res.get('components', '2D')}) · TTA {'on' if res['tta'] else 'off'} · decode {t['decode']:.0f} ms, inference {t['inference']:.0f} ms, total {t['total']:.0f} ms"
     )
 

@@ -8,6 +8,7 @@ import sys
 import warnings
 
 import numpy as np
+import pytest
 
 warnings.filterwarnings("ignore", message=".*ScriptRunContext.*")
 
@@ -199,3 +200,26 @@ def test_zipped_dicom_study_shows_its_series_presets_and_seg(monkeypatch, api_se
     at.number_input(key="window_width").set_value(50.0).run()
     no_page_crash(at)
     assert not at.error, texts(at.error)
+
+
+def test_precision_choice_reaches_the_api_with_the_shipped_int8_models(monkeypatch, tmp_path):
+    from conftest import start_api, stop
+
+    models = REPO / "models"
+    if not (models / "attention_unet.int8.onnx").is_file():
+        pytest.skip("the shipped INT8 models are not in models/")
+    url, proc, _ = start_api(models, tmp_path / "uvicorn.log")
+    try:
+        at = run_app(monkeypatch, url)
+        radio = at.sidebar.radio(key="precision_attention_unet")
+        assert radio.options == ["fp32", "INT8  (served default)"]
+        assert radio.value == "int8"
+        at.button(key="synthetic").click().run()
+        no_page_crash(at)
+        assert at.session_state["result"]["model"]["precision"] == "int8"
+        assert any("INT8" in c for c in texts(at.caption))
+        at.sidebar.radio(key="precision_attention_unet").set_value("fp32").run()
+        no_page_crash(at)
+        assert at.session_state["result"]["model"]["precision"] == "fp32"
+    finally:
+        stop(proc)
