@@ -215,7 +215,7 @@ def test_damaged_results_through_http_are_clean_404s(tiny_model_dir, tmp_path):
 
 def test_a_brats_volume_is_small_on_disk_and_in_memory(tmp_path):
     """Issue 8: each stored 240x240x155 result cost ~33 MB of RAM. Now a few MB of disk, ~1 MB to read a slice."""
-    from brainseg.serving.engine import display_volume
+    from brainseg.serving.render import display_volume
     from brainseg.volumes import load_volume
 
     vol = load_volume([require(BRATS / f"BraTS-MET-00110-000-{s}.nii.gz") for s in ("t1n", "t2f", "t1c")])
