@@ -10,7 +10,6 @@ from brainseg.cache import load_cache
 from brainseg.checkpoint import load_checkpoint
 from brainseg.config import CONDITIONS, AugmentConfig, ExperimentConfig, ModelConfig, PostprocessConfig, PreprocessConfig, TrainConfig
 from brainseg.data import read_split
-from brainseg.evaluation import PatientPrediction, aggregate, evaluate_predictions, score_patient, sweep_postprocess
 from brainseg.metrics import bootstrap_ci
 from brainseg.preprocessing import apply_condition, drop_sequences
 from brainseg.training import SliceDataset, Trainer, update_ema
@@ -139,28 +138,6 @@ def test_bootstrap_ci():
     assert bootstrap_ci([0.1, 0.9, float("nan"), 0.5], seed=1) == bootstrap_ci([0.1, 0.9, 0.5], seed=1)
 
 
-def _pred(pid, prob, truth):
-    return PatientPrediction(pid, np.asarray(prob, np.float32), np.asarray(truth, bool))
-
-
-def test_sweep_chooses_3d_components_when_specks_span_slices():
-    # truth: a 3-slice lesion of 3x3x3 = 27 voxels. Prediction: the lesion plus a speck of 2 px
-    # on each of the 3 slices at the same place (6 voxels in 3D, 2 px per slice).
-    truth = np.zeros((3, 10, 10), bool)
-    truth[:, 1:4, 1:4] = True
-    prob = truth.astype(np.float32) * 0.9
-    prob[:, 7, 7:9] = 0.9
-    pred = _pred("p", prob, truth)
-    post, table = sweep_postprocess([pred], thresholds=(0.5,), min_sizes=(0, 5), components_3d=(False, True))
-    by_key = {(r["min_size"], r["components_3d"]): r["per_patient_dice"] for r in table}
-    # 2D: the 9-px lesion slices survive min 5, and so do... no: 2-px specks go too -> perfect
-    assert by_key[(5, False)] == pytest.approx(1.0)
-    assert by_key[(0, False)] == pytest.approx(2 * 27 / (27 + 33))
-    # 3D: the speck is 6 voxels >= 5, so it stays
-    assert by_key[(5, True)] == pytest.approx(2 * 27 / (27 + 33))
-    assert post == PostprocessConfig(0.5, 5, False, 5)
-
-
 def test_a_slice_on_its_own_uses_the_slice_minimum_size():
     from brainseg.inference import binarize, binarize_stack
 
@@ -171,27 +148,6 @@ def test_a_slice_on_its_own_uses_the_slice_minimum_size():
     assert binarize(prob[0], post).sum() == 9  # one slice: 9 >= 5 stays
     assert binarize_stack(prob, PostprocessConfig(0.5, min_size=20)).sum() == 0  # 2D: 9 < 20 goes
     assert binarize(prob[0], PostprocessConfig(0.5, min_size=20)).sum() == 0
-
-
-def test_aggregate_by_hand():
-    # patient a: perfect; patient b: prediction empty on a 12,000-voxel lesion
-    t = np.zeros((2, 100, 100), bool)
-    t[0, :60, :100] = True
-    t[1, :60, :100] = True  # 12,000 voxels
-    a = score_patient(t.copy(), t)
-    b = score_patient(np.zeros_like(t), t)
-    fp_truth = np.zeros((2, 10, 10), bool)
-    fp_pred = np.zeros((2, 10, 10), bool)
-    fp_pred[1, 0, 0] = True
-    c = score_patient(fp_pred, fp_truth)  # 2 lesion-free slices, 1 with a false positive
-    rep = aggregate({"a": a, "b": b, "c": c})
-    assert rep["per_patient_dice"] == pytest.approx((1.0 + 0.0 + 0.0) / 3)
-    assert rep["empty_on_large_lesion"] == 1
-    assert rep["fp_slice_rate"] == pytest.approx(1 / 2)
-    lo, hi = rep["per_patient_dice_ci95"]
-    assert 0.0 <= lo <= rep["per_patient_dice"] <= hi <= 1.0
-    rep2 = evaluate_predictions([_pred("a", t.astype(np.float32), t)], PostprocessConfig(0.5, 0))
-    assert rep2["per_patient_dice"] == 1.0 and rep2["postprocess"]["components_3d"] is False
 
 
 def test_a_volume_is_post_processed_in_3d_like_the_evaluation():
@@ -206,10 +162,10 @@ def test_a_volume_is_post_processed_in_3d_like_the_evaluation():
     class Fixed:
         name = "fixed"
 
-        def probabilities(self, images, tta=False, window=None):
+        def probabilities(self, images, tta=False, batch_size=16, window=None):
             return list(prob)
 
     vol = Volume(np.zeros((3, 10, 10, 3), np.float32), np.eye(4), (1.0, 1.0, 1.0), (10, 10, 3), "v", ("v.nii.gz",))
     post = PostprocessConfig(0.5, min_size=20, components_3d=True, slice_min_size=1)
-    res = segment_volume(Fixed(), vol, post)
+    res = segment_volume(Fixed(), vol, post, skip_background=False)  # the volume is blank: every slice would be skipped
     assert res.mask.sum() == 27  # the lesion stays (27 >= 20), the speck goes (1 < 20)
