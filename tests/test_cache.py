@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from helpers import synthetic_dataset
+from helpers import require, synthetic_dataset
 
 from brainseg import pipeline
 from brainseg.cache import build_cache, cache_matches, dataset_fingerprint, load_cache
@@ -220,3 +220,65 @@ def test_incomplete_cache_folder_counts_as_no_cache(tmp_path, monkeypatch, lefto
     assert main(["train", "--data", str(data), "--cache", str(cache), "--out", str(tmp_path / "runs" / "train"), "--quiet", *PRE]) == 0
     assert len(calls) == 1 and _split_ids(calls[0]) == _ids(data)
     assert cache_matches(cache, data, CFG.preprocess)
+
+
+# ---------------------------------------------------------------- one preprocessing path
+
+# Real slices of four patients: complete input, post-contrast missing (a FLAIR copy), FLAIR only;
+# slices with and without lesion.
+REAL_SLICES = {
+    "TCGA_CS_4941_19960909": (1, 11, 15, 20),
+    "TCGA_DU_6407_19860514": (5, 20, 30),
+    "TCGA_HT_7877_19980917": (10, 20, 30),
+    "TCGA_FG_7634_20000128": (12, 25),
+}
+
+
+class RecordingBackend:
+    """Keeps every batch the server hands to the network and answers 'no lesion' without running it.
+
+    ``config`` replaces the model's own, so the server preprocesses with the settings under test."""
+
+    def __init__(self, inner, config):
+        self.inner, self.config, self.batches = inner, config, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, batch):
+        self.batches.append(np.array(batch))
+        return np.full((len(batch), batch.shape[2], batch.shape[3]), -10.0, np.float32)
+
+
+@pytest.mark.parametrize("normalization", ["minmax", "zscore"])  # the tiny test models' and the shipped models' setting
+def test_training_cache_and_serving_feed_the_network_the_same_tensors(normalization, shared_data, tiny_model_dir, tmp_path):
+    """The tensor a training step reads from the cache (``SliceDataset``, not augmented) equals, bit for bit,
+    the one the API gives the network for the same real TIFF uploaded."""
+    pytest.importorskip("torch")
+    from helpers import make_client, segment
+
+    from brainseg.training import SliceDataset
+
+    lgg = shared_data / "lgg" / "kaggle_3m"
+    root = tmp_path / "data"
+    for pid, numbers in REAL_SLICES.items():
+        (root / pid).mkdir(parents=True)
+        for n in numbers:
+            for name in (f"{pid}_{n}.tif", f"{pid}_{n}_mask.tif"):
+                (root / pid / name).symlink_to(require(lgg / pid / name))
+    cfg = ExperimentConfig(preprocess=PreprocessConfig(normalization=normalization))
+    cache = load_cache(build_cache(discover(root), cfg.preprocess, tmp_path / "cache", progress=False))
+    training = SliceDataset(cache, np.arange(len(cache.patients)), cfg, augment=False)
+    assert len(training) == sum(len(v) for v in REAL_SLICES.values())
+
+    with make_client(tiny_model_dir) as client:
+        seg = client.app.state.engine.get()
+        seg.backend = recorder = RecordingBackend(seg.backend, cfg)
+        for pos, (pid, n) in enumerate(zip(cache.patients, cache.slices)):
+            name = f"{pid}_{n}.tif"
+            r = segment(client, (name, (root / pid / name).read_bytes(), "image/tiff"))
+            assert r.status_code == 200, r.text
+            served = recorder.batches[-1]
+            assert served.shape == (1, 3, cfg.preprocess.input_size, cfg.preprocess.input_size) and served.dtype == np.float32
+            assert np.array_equal(served[0], training[pos][0].numpy()), name
+    assert len(recorder.batches) == len(training)
