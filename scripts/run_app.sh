@@ -34,7 +34,7 @@ cleanup() {
 }
 trap cleanup INT TERM EXIT
 
-"$PY" -m uvicorn app:app --host 127.0.0.1 --port "$API_PORT" &
+"$PY" -m uvicorn app:app --host 127.0.0.1 --port "$API_PORT" --http brainseg.serving.protocol:H11WithHeaderTimeout &
 pids+=($!)
 
 echo "waiting for the API at ${API_URL}/health ..."

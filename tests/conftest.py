@@ -151,12 +151,14 @@ def api_server(tiny_model_dir, tmp_path_factory) -> str:
 
 
 def start_api(model_dir: Path, log: Path, **env: str) -> tuple[str, subprocess.Popen, Path]:
-    """Start ``uvicorn app:app`` (output to ``log``, never to an unread pipe) and wait for /health."""
+    """Start ``uvicorn app:app`` as the README says (with the request-head timeout protocol; output
+    to ``log``, never to an unread pipe) and wait for /health."""
     port = free_port()
     env.setdefault("BRAINSEG_RESULT_DIR", str(log.parent / "results"))  # not the user's shared default folder
+    http = "brainseg.serving.protocol:H11WithHeaderTimeout"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+            [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--http", http],
             cwd=REPO,
             env=server_env(model_dir, **env),
             stdout=out,

@@ -246,7 +246,9 @@ def cmd_export(a) -> int:
 def cmd_serve(a) -> int:
     import uvicorn
 
-    uvicorn.run("brainseg.serving.api:app", host=a.host, port=a.port, log_level="info")
+    from .serving.protocol import SPEC  # uvicorn's h11 protocol with a request-head timeout
+
+    uvicorn.run("brainseg.serving.api:app", host=a.host, port=a.port, log_level="info", http=SPEC)
     return 0
 
 

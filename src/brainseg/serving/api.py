@@ -19,9 +19,11 @@ Routes (OpenAPI docs at ``/docs``):
 ``create_app`` only wires the pieces together, each in its own module: ``routes/`` (one router per
 concern; shared objects reach them as dependencies, ``deps``), ``parsing`` (request parameters
 and files), ``answers`` (the JSON answers), ``render`` (PNG), ``middleware`` (API key, rate limit,
-load shedding, upload limit, server faults), ``errors`` (error bodies, documented status codes,
-handlers), ``engine`` (the models). Every problem with a user's input is a 4xx with a plain
-message; a server fault is a 500 with an error id. No torch import when the models are ONNX.
+load shedding, upload limit, body timeout, server faults), ``errors`` (error bodies, documented
+status codes, handlers), ``engine`` (the models), ``cancel`` (stopping the work of a client that has
+gone), ``protocol`` (uvicorn's HTTP protocol with a request-head timeout). Every problem with a
+user's input is a 4xx with a plain message; a server fault is a 500 with an error id. No torch
+import when the models are ONNX.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = ResultStore.from_settings(settings)
     app.state.limits = limits_of(settings)
     app.state.limiters = Limiters.of(settings)
+    app.state.cancelled = 0  # segmentations stopped because their client disconnected (routes.segment)
     install_middleware(app, settings)
     install_error_handlers(app)
     for module in (system, segment, results):

@@ -30,6 +30,7 @@ from ..predict import SliceResult, VolumeResult, segment_slice, segment_volume
 from ..registry import PrecisionUnavailable, Registry, RegistryError, file_version
 from ..volumes import Volume
 from .batching import BatchedBackend, MicroBatcher
+from .cancel import cancellable
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -226,9 +227,12 @@ class Engine:
         key = (model.name, model.precision, tta, id(model.backend))
         return Segmenter(BatchedBackend(model.backend, self.batcher, key), model.name, model.path)
 
-    def run_volume(self, model, vol: Volume, threshold: float | None = None, tta: bool = False) -> tuple[VolumeResult, PostprocessConfig]:
+    def run_volume(
+        self, model, vol: Volume, threshold: float | None = None, tta: bool = False, cancel: threading.Event | None = None
+    ) -> tuple[VolumeResult, PostprocessConfig]:
+        """Every slice of ``vol``; once ``cancel`` is set, the next batch raises ``cancel.Cancelled`` instead of running."""
         post = self.postprocess(model, threshold)
-        return segment_volume(model, vol, post, tta=tta), post
+        return segment_volume(model if cancel is None else cancellable(model, cancel), vol, post, tta=tta), post
 
 
 def _onnx_parameters(path: str) -> int | None:

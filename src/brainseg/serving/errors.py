@@ -53,6 +53,7 @@ RESPONSES = {
     "segment": {
         **_COMMON,
         400: _err("empty file, too many form fields / files, a plain field over 64 KiB, or a body that is not multipart/form-data"),
+        408: _err("the request body did not arrive within BRAINSEG_BODY_TIMEOUT_S; the connection is closed"),
         413: _err("over a limit: upload bytes, pixels, voxels or decoded bytes (the message names the BRAINSEG_* setting)"),
         429: _err(
             "over BRAINSEG_RATE_PER_MIN segmentations in the last minute from this client",

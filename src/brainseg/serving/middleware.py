@@ -1,9 +1,10 @@
-"""ASGI middleware of the service, outermost first: ServerErrors -> CORS -> ApiKey -> RateLimit
--> Shed -> UploadLimit -> routes (``install_middleware`` adds them in that order).
+"""ASGI middleware of the service, outermost first: ServerErrors -> BodyTimeout -> CORS -> ApiKey
+-> RateLimit -> Shed -> UploadLimit -> routes (``install_middleware`` adds them in that order).
 
 Each one answers early, before a request body is read where it can: a 401 without a key, a 429
 over the rate limit, a 503 with Retry-After when too many segmentations are in the server, a 413
-for a body over the upload limit. A fault nothing else handled becomes a 500 with an error id.
+for a body over the upload limit, a 408 for a body that takes too long to arrive. A fault nothing
+else handled becomes a 500 with an error id.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import time
 import uuid
 
+import anyio
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
@@ -98,6 +100,54 @@ class UploadLimit:
             await self.app(scope, counted_receive, guarded_send)
         except Exception:
             if not state["over"]:
+                raise
+            await guarded_send({})
+
+
+class BodyTimeout:
+    """ASGI middleware: a request's whole body must arrive within ``timeout_s`` of its head;
+    otherwise the app reads the end of the body (as if the client had gone) and the client gets a
+    408 with ``Connection: close``. So a client trickling its upload cannot hold a place among the
+    segmentations (``Shed``) for long. Once the body is in, the request may take as long as it takes.
+    """
+
+    def __init__(self, app, timeout_s: float):
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        deadline = anyio.current_time() + self.timeout_s
+        state = {"in": False, "late": False, "sent": False}
+
+        async def timed_receive():
+            if state["late"]:
+                return {"type": "http.disconnect"}
+            if state["in"]:
+                return await receive()
+            msg = None
+            with anyio.move_on_after(deadline - anyio.current_time()):
+                msg = await receive()
+            if msg is None:
+                state["late"] = True
+                log.warning("a request body did not arrive within %.0f s (BRAINSEG_BODY_TIMEOUT_S); answered 408", self.timeout_s)
+                return {"type": "http.disconnect"}
+            state["in"] = msg["type"] != "http.request" or not msg.get("more_body", False)
+            return msg
+
+        async def guarded_send(msg):
+            if not state["late"]:
+                return await send(msg)
+            if not state["sent"]:
+                state["sent"] = True
+                text = "the request body did not arrive in time (BRAINSEG_BODY_TIMEOUT_S); send it faster or in smaller files"
+                await error(408, text, headers={"Connection": "close"})(scope, receive, send)
+
+        try:
+            await self.app(scope, timed_receive, guarded_send)
+        except Exception:
+            if not state["late"]:
                 raise
             await guarded_send({})
 
@@ -212,11 +262,12 @@ async def _drain(receive, limit: int) -> None:
 
 
 def install_middleware(app: FastAPI, settings: Settings) -> None:
-    """Added innermost first: ServerErrors -> CORS -> ApiKey -> RateLimit -> Shed -> UploadLimit -> routes."""
+    """Added innermost first: ServerErrors -> BodyTimeout -> CORS -> ApiKey -> RateLimit -> Shed -> UploadLimit -> routes."""
     app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(Shed, capacity=settings.max_concurrent + settings.max_queue, retry_after_s=settings.retry_after_s)
     app.add_middleware(RateLimit, per_min=settings.rate_per_min)
     app.add_middleware(ApiKey, keys=settings.api_keys)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"], allow_headers=["*"])
+    app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout_s)
     app.add_middleware(ServerErrors)  # outermost: added last

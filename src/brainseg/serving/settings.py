@@ -30,6 +30,13 @@ VOLUMES                     of MB while it runs)
 BRAINSEG_MAX_QUEUE          segment requests waiting beyond those; more  8
                             get 503 with Retry-After at once
 BRAINSEG_RETRY_AFTER_S      the Retry-After of that 503, in seconds      5
+BRAINSEG_HEADER_TIMEOUT_S   seconds a connection has to send a whole     10
+                            request head (from connecting, or from its
+                            last answer); then 408 and closed. Needs
+                            the protocol in protocol.py (uvicorn --http)
+BRAINSEG_BODY_TIMEOUT_S     seconds a request has to send its whole      120
+                            body once its head is in; then 408 and
+                            closed (200 MiB in 120 s: about 14 Mbit/s)
 BRAINSEG_RATE_PER_MIN       segment requests one client (API key, else    0 (off)
                             IP address) may send per minute; more get
                             429 with Retry-After
@@ -79,6 +86,8 @@ class Settings(BaseModel):
     max_concurrent_volumes: int = Field(2, ge=1)
     max_queue: int = Field(8, ge=0)
     retry_after_s: int = Field(5, ge=1)
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(120.0, gt=0)
     api_key: str | None = Field(None, repr=False)
     rate_per_min: int = Field(0, ge=0)
     onnx_threads: int = Field(0, ge=0)

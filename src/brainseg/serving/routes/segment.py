@@ -3,7 +3,9 @@
 The work runs in a worker thread (at most ``BRAINSEG_MAX_CONCURRENT`` at once, of them at most
 ``BRAINSEG_MAX_CONCURRENT_VOLUMES`` volumes; the rest wait, and ``middleware.Shed`` turns away
 what is beyond ``BRAINSEG_MAX_QUEUE``) so the event loop keeps serving; the engine batches the
-slices of concurrent requests. A request whose client disconnects while it waits is dropped before it runs (499).
+slices of concurrent requests. When the client disconnects, its work stops (``cancel``): a request
+still waiting is dropped before it runs, a running one stops after decoding or before its next
+batch of slices; the log says so with a count (``segmentation cancelled ...``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
 from ...registry import PrecisionUnavailable
 from ..answers import RunInfo, Timings, model_block, slice_answer, volume_answer
+from ..cancel import Cancelled
 from ..deps import Limiters, get_engine, get_limiters, get_limits, get_owner, get_settings, get_store
 from ..engine import Engine, ModelUnavailable
 from ..errors import RESPONSES, error
@@ -45,10 +48,6 @@ PRECISION_HELP = (
 )
 
 
-class ClientGone(Exception):
-    """The client of a segment request disconnected before its work began."""
-
-
 @dataclass(frozen=True)
 class SegmentJob:
     """One segmentation, run in a worker thread: read the files, decode, run the model, answer."""
@@ -65,17 +64,19 @@ class SegmentJob:
 
     def __call__(self, gone: threading.Event) -> dict:
         if gone.is_set():
-            raise ClientGone
+            raise Cancelled("queued")
         t0 = time.perf_counter()
         uploads, kind = read_uploads(self.files, self.max_upload_bytes)
         opts = self.options
         model = self.engine.get(self.model_name, self.precision)
         data, read_as = decode_input(kind, uploads, self.limits, opts.sequence)
         if gone.is_set():
-            raise ClientGone
+            raise Cancelled("running")
         t1 = time.perf_counter()
-        run = self.engine.run_slice if kind == "slice" else self.engine.run_volume
-        res, post = run(model, data, opts.threshold, opts.tta)
+        if kind == "slice":
+            res, post = self.engine.run_slice(model, data, opts.threshold, opts.tta)
+        else:  # stops before its next batch of slices once the client has gone
+            res, post = self.engine.run_volume(model, data, opts.threshold, opts.tta, cancel=gone)
         block = model_block(model, self.engine.version(model), self.engine.backend_kind(model))
         info = RunInfo(block, post, opts.tta, [u.name for u in uploads], Timings(t0, t1, time.perf_counter()), read_as, self.owner)
         return (slice_answer if kind == "slice" else volume_answer)(info, data, res, self.store)
@@ -96,8 +97,8 @@ def choose_model(engine: Engine, options: SegmentOptions) -> tuple[str, str]:
     return name, precision
 
 
-async def run_in_worker(request: Request, job: SegmentJob, limiters: list[anyio.CapacityLimiter]) -> dict | None:
-    """``job`` in a worker thread holding a token of each limiter; None when the client went away before it ran.
+async def run_in_worker(request: Request, job: SegmentJob, limiters: list[anyio.CapacityLimiter]) -> dict:
+    """``job`` in a worker thread holding a token of each limiter; ``Cancelled`` when the client went away.
 
     A watcher polls for the client's disconnect: it cancels a wait for a worker, and a running
     job sees ``gone`` at its next check. Failures are raised here, outside the task group.
@@ -129,8 +130,10 @@ async def run_in_worker(request: Request, job: SegmentJob, limiters: list[anyio.
         raise UploadError(422, str(failure)) from None
     if isinstance(failure, MemoryError):
         raise UploadError(413, "the upload is too large to process on this server") from None
-    if failure is not None and not isinstance(failure, ClientGone):
+    if failure is not None:
         raise failure
+    if body is None:  # the wait for a worker was cancelled by the watcher
+        raise Cancelled("queued")
     return body
 
 
@@ -156,9 +159,11 @@ async def segment(
     name, precision = choose_model(engine, options)
     check_declared_size(files, settings.max_upload_bytes, settings.max_upload_mb)
     job = SegmentJob(engine, store, limits, settings.max_upload_bytes, files, options, name, precision, owner)
-    body = await run_in_worker(request, job, limiters.volume_and_worker if is_volume_request(files) else limiters.worker_only)
-    if body is None:  # nobody is listening any more
-        log.info("client went away; its segmentation was skipped")
+    try:
+        body = await run_in_worker(request, job, limiters.volume_and_worker if is_volume_request(files) else limiters.worker_only)
+    except Cancelled as gone:  # nobody is listening any more
+        request.app.state.cancelled += 1
+        log.warning("segmentation cancelled while %s: its client disconnected (%d cancelled since start)", gone.stage, request.app.state.cancelled)
         return error(499, "client closed the request")
     body["timings_ms"]["total"] = round((time.perf_counter() - t_start) * 1000, 1)
     return body
