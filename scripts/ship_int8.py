@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from brainseg.config import CONDITIONS, DISPLAY_NAMES
-from brainseg.data import discover, labelled, read_split, write_bytes_atomic
+from brainseg.data import discover, labelled, read_split, write_text_atomic
 from brainseg.evaluation import evaluate_predictions, predict_patients
 from brainseg.export import CALIBRATION_METHODS, CALIBRATION_SLICES, export_int8
 from brainseg.inference import int8_path, load_segmenter
@@ -61,9 +61,10 @@ def compare(fp32, int8, patients) -> dict:
     return out
 
 
-def card_section(name: str, block: dict) -> str:
+def card_section(block: dict) -> str:
     rows = "\n".join(
-        f"| {c} | {r['fp32']:.3f} | {r['int8']:.3f} | {r['drop']:+.3f} | {r['largest_patient_drop']:+.3f} | {r['fp_slice_rate']['fp32']:.3f} / {r['fp_slice_rate']['int8']:.3f} |"
+        f"| {c} | {r['fp32']:.3f} | {r['int8']:.3f} | {r['drop']:+.3f} | {r['largest_patient_drop']:+.3f} "
+        f"| {r['fp_slice_rate']['fp32']:.3f} / {r['fp_slice_rate']['int8']:.3f} |"
         for c, r in block["test"].items()
     )
     cal = block["calibration"]
@@ -85,7 +86,7 @@ def update_card(path: Path, section: str) -> None:
         text = head + section + rest.split(CARD_END, 1)[1].lstrip("\n")
     else:
         text = text.rstrip("\n") + "\n\n" + section
-    write_bytes_atomic(path, text.encode())
+    write_text_atomic(path, text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         entry["int8"] = block
         card = a.model_dir / (entry.get("card") or f"{name}.md")
         if card.is_file():
-            update_card(card, card_section(name, block))
+            update_card(card, card_section(block))
         print(f"\n{DISPLAY_NAMES.get(name, name)}: {out} (quantised in {quantise_s:.0f} s)")
         print(f"  {'condition':14s} {'fp32':>7s} {'int8':>7s} {'drop':>7s} {'worst patient':>14s}")
         for cond, r in result.items():

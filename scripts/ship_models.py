@@ -26,19 +26,21 @@ import numpy as np
 
 from brainseg import __version__
 from brainseg.checkpoint import load_checkpoint, save_checkpoint
-from brainseg.config import CONDITIONS, DISPLAY_NAMES, ExperimentConfig
-from brainseg.data import discover, labelled, write_json_atomic
+from brainseg.config import CONDITIONS, DISPLAY_NAMES, SPLIT_SEED, ExperimentConfig
+from brainseg.data import discover, labelled, write_json_atomic, write_text_atomic
 from brainseg.evaluation import PROTOCOLS, conditions_table, evaluate_predictions, markdown_table, mean_predictions, predict_patients
 from brainseg.export import export_onnx
 from brainseg.inference import Ensemble, Segmenter, TorchBackend, load_segmenter
 from brainseg.pipeline import CALIBRATION_CONDITIONS, SELECTED_BY, calibrate, condition_summary
 from brainseg.registry import EnsembleEntry, ModelEntry, Registry, write_registry
+from brainseg.visualize import save_figure
 
 CONDS = tuple(CONDITIONS)
 REGISTRY_METRICS = ("per_patient_dice", "positive_slice_dice", "fp_slice_rate", "lesion_sensitivity", "hd95")
 
 PAPERS = {
-    "unetpp": "Zhou Z., Siddiquee M.M.R., Tajbakhsh N., Liang J. *UNet++: A Nested U-Net Architecture for Medical Image Segmentation.* DLMIA 2018 (arXiv:1807.10165).",
+    "unetpp": "Zhou Z., Siddiquee M.M.R., Tajbakhsh N., Liang J. "
+    "*UNet++: A Nested U-Net Architecture for Medical Image Segmentation.* DLMIA 2018 (arXiv:1807.10165).",
     "attention_unet": "Oktay O., Schlemper J., Le Folgoc L., et al. *Attention U-Net: Learning Where to Look for the Pancreas.* MIDL 2018 (arXiv:1804.03999).",
 }
 
@@ -137,21 +139,26 @@ def main() -> int:
             models=entries,
         ),
     )
-    write_json_atomic(out / "split.json", {**{k: split[k] for k in ("train", "val", "test")}, "seed": split.get("seed", 42)})
+    write_json_atomic(out / "split.json", {**{k: split[k] for k in ("train", "val", "test")}, "seed": split.get("seed", SPLIT_SEED)})
     labels = {DISPLAY_NAMES[n]: reports[n] for n in [*names, "ensemble"]}
     table = markdown_table(labels)
     cond_table = conditions_table({k: v["conditions"] for k, v in labels.items()})
-    split_note = f"Split (seed {split.get('seed', 42)}, by patient, stratified by institution): {len(split['train'])} train, {len(split['val'])} validation, {len(split['test'])} test patients."
-    (out / "results.md").write_text(
+    split_note = (
+        f"Split (seed {split.get('seed', SPLIT_SEED)}, by patient, stratified by institution): "
+        f"{len(split['train'])} train, {len(split['val'])} validation, {len(split['test'])} test patients."
+    )
+    write_text_atomic(
+        out / "results.md",
         f"# Test-set results of the shipped models\n\n{split_note}\n\nDefault model: **{DISPLAY_NAMES[default]}** (`{default}`), {SELECTED_BY}.\n\n"
         f"## Under the four input conditions\n\nPer-patient 3D Dice [95% bootstrap interval]; FP = share of lesion-free slices with any predicted lesion; "
-        f"empty = patients with a lesion over 10,000 voxels and an empty prediction. A missing sequence is given as a copy of FLAIR, as the dataset stores it.\n\n{cond_table}\n"
-        f"## Every metric, all three sequences\n\n{table}\n"
+        "empty = patients with a lesion over 10,000 voxels and an empty prediction. "
+        f"A missing sequence is given as a copy of FLAIR, as the dataset stores it.\n\n{cond_table}\n"
+        f"## Every metric, all three sequences\n\n{table}\n",
     )
     make_figure(test, members, out / "test_examples.png")
     for name in names:
         card = model_card(name, load_checkpoint(out / f"{name}.pt"), reports[name], split, a.training_note, default == name, chosen[name])
-        (out / f"{name}.md").write_text(card)
+        write_text_atomic(out / f"{name}.md", card)
     write_json_atomic(out / "shipping.json", {"chosen": chosen, "default": default})
     print(cond_table)
     print(table)
@@ -209,8 +216,7 @@ def make_figure(test_patients, members, path: Path, n: int = 4) -> None:
         "Test patients (never trained or tuned on): largest-lesion slice of each; 'FLAIR only' = the grey FLAIR image in all three channels", fontsize=8
     )
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _fmt(v) -> str:
@@ -228,7 +234,8 @@ def model_card(name: str, ckpt: dict, report: dict, split: dict, training_note: 
     cal = ckpt.get("calibration", {})
     top = sorted(cal.get("table", []), key=lambda r: -r["per_patient_dice"])[:8]
     cal_rows = "\n".join(
-        f"| {r['threshold']} | {r['min_size']} | {'3D' if r['components_3d'] else '2D'} | {r['dice_all']:.3f} | {r['dice_flair_only']:.3f} | {_fmt(r['fp_slice_rate_all'])} |"
+        f"| {r['threshold']} | {r['min_size']} | {'3D' if r['components_3d'] else '2D'} "
+        f"| {r['dice_all']:.3f} | {r['dice_flair_only']:.3f} | {_fmt(r['fp_slice_rate_all'])} |"
         for r in top
     )
     metric_rows = "\n".join(f"| {k} | {_ci(report, k)} | {PROTOCOLS[k]} |" for k in PROTOCOLS)
@@ -237,11 +244,23 @@ def model_card(name: str, ckpt: dict, report: dict, split: dict, training_note: 
     )
     conds = report["conditions"]
     cond_rows = "\n".join(
-        f"| {c} | {_ci(conds[c], 'per_patient_dice')} | {_fmt(conds[c]['per_patient_dice_median'])} | {_ci(conds[c], 'fp_slice_rate')} | {_fmt(conds[c]['lesion_sensitivity'])} | {conds[c]['empty_on_large_lesion']} |"
+        f"| {c} | {_ci(conds[c], 'per_patient_dice')} | {_fmt(conds[c]['per_patient_dice_median'])} | {_ci(conds[c], 'fp_slice_rate')} "
+        f"| {_fmt(conds[c]['lesion_sensitivity'])} | {conds[c]['empty_on_large_lesion']} |"
         for c in CONDS
     )
     per_patient = "\n".join(f"| {pid} | " + " | ".join(f"{conds[c]['per_patient'][pid]:.3f}" for c in CONDS) + " |" for pid in conds["all"]["per_patient"])
     post = cfg.postprocess
+    pre, train, aug = cfg.preprocess, cfg.train, cfg.augment
+    clahe = f"CLAHE per channel (clip {pre.clahe_clip_limit}, grid {pre.clahe_tile_grid}x{pre.clahe_tile_grid}, on={pre.clahe})"
+    optimiser = (
+        f"AdamW (lr {train.lr}, weight decay {train.weight_decay}), linear warm-up {train.warmup_epochs} epoch then cosine decay; "
+        f"EMA {train.ema_decay or 'off'}"
+    )
+    best_epoch = "mean per-patient Dice with all sequences and with FLAIR only (network resolution, threshold 0.5)"
+    affine = f"affine (rotation +-{aug.rotate} deg, scale +-{aug.scale}, shift)"
+    shipped_epoch = ckpt.get("epoch", len(hist))
+    measured_in = "3D (over the stacked slices of a volume)" if post.components_3d else "2D (per slice)"
+    slice_min = post.slice_min_size if post.slice_min_size is not None else post.min_size
     return f"""# Model card: {DISPLAY_NAMES[name]} (`{name}`){" (default model)" if is_default else ""}
 
 ## Summary
@@ -275,13 +294,13 @@ shape features automatically extracted by a deep learning algorithm.* Computers 
 Medicine, 2019. Mazurowski M.A. et al. *Radiogenomics of lower-grade glioma.* Journal of
 Neuro-Oncology, 2017. Images from TCIA (TCGA-LGG).
 
-### Split (by patient, seeded {split.get("seed", 42)}, stratified by institution)
+### Split (by patient, seeded {split.get("seed", SPLIT_SEED)}, stratified by institution)
 - train ({len(split["train"])}): {", ".join(split["train"])}
 - validation ({len(split["val"])}, model selection, threshold calibration, choice of the default): {", ".join(split["val"])}
 - test ({len(split["test"])}, never trained, tuned or thresholded on): {", ".join(split["test"])}
 
 ## Preprocessing (saved in the model; `brainseg.preprocessing.preprocess_slice`)
-whole slice -> CLAHE per channel (clip {cfg.preprocess.clahe_clip_limit}, grid {cfg.preprocess.clahe_tile_grid}x{cfg.preprocess.clahe_tile_grid}, on={cfg.preprocess.clahe})
+whole slice -> {clahe}
 -> resize to {cfg.preprocess.input_size}x{cfg.preprocess.input_size} (area) -> {cfg.preprocess.normalization} normalisation over the whole slice.
 Probabilities are resized back (bilinear) to the input's size before thresholding.
 
@@ -290,17 +309,17 @@ Probabilities are resized back (bilinear) to the input's size before thresholdin
 
 - shipped checkpoint: `{chosen["path"]}`, chosen among {", ".join(f"`{c}`" for c in chosen["candidates"])} by validation score {chosen["val_score"]:.4f}
 - seed {cfg.train.seed}; batch {cfg.train.batch_size}, {int(cfg.train.positive_fraction * 100)}% lesion-positive slices per epoch (foreground-aware sampling);
-  loss BCE + soft Dice; AdamW (lr {cfg.train.lr}, weight decay {cfg.train.weight_decay}), linear warm-up {cfg.train.warmup_epochs} epoch then cosine decay; EMA {cfg.train.ema_decay or "off"}.
-- augmentation (albumentations, seeded per sample): flips, affine (rotation +-{cfg.augment.rotate} deg, scale +-{cfg.augment.scale}, shift), elastic, brightness/contrast, gamma, Gaussian noise;
+  loss BCE + soft Dice; {optimiser}.
+- augmentation (albumentations, seeded per sample): flips, {affine}, elastic, brightness/contrast, gamma, Gaussian noise;
   **sequence dropout**: pre-contrast replaced by FLAIR with probability {cfg.augment.missing_pre}, post-contrast with {cfg.augment.missing_post}, independently.
-- best epoch chosen on validation: mean per-patient Dice with all sequences and with FLAIR only (network resolution, threshold 0.5); shipped weights from epoch {ckpt.get("epoch", len(hist))} of this stage.
+- best epoch chosen on validation: {best_epoch}; shipped weights from epoch {shipped_epoch} of this stage.
 - code: brainseg {ckpt["info"].get("brainseg_version")}, torch {ckpt["info"].get("torch")}, trained on {ckpt["info"].get("device", "cpu")}
 
 ![training curves]({name}_training_curves.png)
 
 ## Post-processing calibration (validation patients only)
-Chosen: probability >= **{post.threshold}**, components smaller than **{post.min_size}** px removed, measured in **{"3D (over the stacked slices of a volume)" if post.components_3d else "2D (per slice)"}**;
-a slice uploaded on its own (no neighbours) drops components smaller than **{post.slice_min_size if post.slice_min_size is not None else post.min_size}** px (the best 2D setting at this threshold).
+Chosen: probability >= **{post.threshold}**, components smaller than **{post.min_size}** px removed, measured in **{measured_in}**;
+a slice uploaded on its own (no neighbours) drops components smaller than **{slice_min}** px (the best 2D setting at this threshold).
 Score = mean of the per-patient Dice with all sequences and with FLAIR only. Best settings:
 
 | threshold | min size | components | val Dice, all | val Dice, FLAIR only | val FP-slice rate, all |

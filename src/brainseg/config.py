@@ -26,6 +26,12 @@ CONDITIONS = {
 # Display names (the original description prints "Nested U-Net DICE Score: ...").
 DISPLAY_NAMES = {"unetpp": "Nested U-Net", "attention_unet": "Attention U-Net", "ensemble": "Ensemble (mean probability)"}
 
+# The patient split (``data.split_patients``): its seed, and hold-out shares of the patients
+# that scale with the dataset (``data.default_holdout``).
+SPLIT_SEED = 42
+VAL_FRACTION = 0.15
+TEST_FRACTION = 0.25
+
 # Where the data usually lives relative to the repository root (CI has it there too).
 DEFAULT_DATA_CANDIDATES = ("../shared/data/lgg/kaggle_3m", "data/kaggle_3m")
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import math
 import os
 import random
@@ -26,7 +25,7 @@ import cv2
 import numpy as np
 import tifffile
 
-log = logging.getLogger(__name__)
+from .config import SPLIT_SEED, TEST_FRACTION, VAL_FRACTION
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 MASK_TAG = "_mask"
@@ -242,10 +241,6 @@ def load_patient(patient: Patient) -> tuple[list[np.ndarray], np.ndarray]:
 # ---------------------------------------------------------------- split
 
 
-VAL_FRACTION = 0.15
-TEST_FRACTION = 0.25
-
-
 def _round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
@@ -269,12 +264,17 @@ def default_holdout(n_patients: int) -> tuple[int, int]:
     return n_val, n_test
 
 
-def split_patients(patient_ids: list[str], n_val: int, n_test: int, seed: int = 42) -> dict[str, list[str]]:
+def split_patients(patient_ids: list[str], n_val: int | None = None, n_test: int | None = None, seed: int = SPLIT_SEED) -> dict[str, list[str]]:
     """Seeded split by patient (never by slice), stratified by institution.
 
-    Each institution's patients are shuffled and dealt round-robin in a global order, so
-    every site contributes to test / val in proportion to its size (largest remainders).
+    ``n_val`` / ``n_test`` None: ``default_holdout`` (15 % / 25 % of the patients). Each
+    institution's patients are shuffled and dealt round-robin in a global order, so every site
+    contributes to test / val in proportion to its size (largest remainders).
     """
+    if n_val is None or n_test is None:
+        default_val, default_test = default_holdout(len(patient_ids))
+        n_val = default_val if n_val is None else n_val
+        n_test = default_test if n_test is None else n_test
     if n_val < 0 or n_test < 0:
         raise ValueError(f"validation and test patient counts must be 0 or more, got {n_val} and {n_test}")
     if n_val + n_test >= len(patient_ids):
@@ -301,7 +301,14 @@ def write_json_atomic(path: os.PathLike | str, obj) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
+def write_text_atomic(path: os.PathLike | str, text: str) -> None:
+    """``write_bytes_atomic`` of ``text`` in UTF-8."""
+    write_bytes_atomic(path, text.encode())
+
+
 def write_bytes_atomic(path: os.PathLike | str, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path`` and rename it into place: a reader (or a
+    crash) never sees half a file. Every file the project writes goes through here."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -10,8 +10,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from .cache import build_cache, load_cache, reusable_split
-from .config import CONDITIONS, DISPLAY_NAMES, ExperimentConfig, PostprocessConfig
-from .data import DataError, default_holdout, discover, labelled, read_split, split_patients, write_json_atomic
+from .config import CONDITIONS, DISPLAY_NAMES, SPLIT_SEED, ExperimentConfig, PostprocessConfig
+from .data import DataError, discover, labelled, read_split, split_patients, write_json_atomic, write_text_atomic
 from .evaluation import evaluate_conditions, markdown_table, predict_patients, sweep_postprocess
 from .registry import REGISTRY, ModelEntry, Registry, read, write_registry
 
@@ -24,7 +24,7 @@ def preprocess(
     cfg: ExperimentConfig,
     n_val: int | None = None,
     n_test: int | None = None,
-    seed: int = 42,
+    seed: int = SPLIT_SEED,
     split_file: str | None = None,
     overview: bool = True,
 ) -> dict:
@@ -49,8 +49,6 @@ def preprocess(
         split = reusable_split(Path(cache_dir) / "split.json", ids)
     made_split = split is None
     if made_split:
-        dv, dt = default_holdout(len(ids))
-        n_val, n_test = (dv if n_val is None else n_val), (dt if n_test is None else n_test)
         split = split_patients(ids, n_val=n_val, n_test=n_test, seed=seed)
         split["seed"] = seed
         for part, what in (("val", "nothing to choose the threshold and the best epoch on"), ("test", "no test score")):
@@ -144,7 +142,7 @@ def train_models(
                 reports[name] = json.loads((out / name / "test_report.json").read_text())
     best = max(entries, key=lambda n: entries[n].val_selection_score or -1.0)
     write_registry(out, Registry(default=best, selected_by=SELECTED_BY, models=entries))
-    (out / "comparison.md").write_text(markdown_table({DISPLAY_NAMES[n]: r for n, r in reports.items()}))
+    write_text_atomic(out / "comparison.md", markdown_table({DISPLAY_NAMES[n]: r for n, r in reports.items()}))
     write_json_atomic(out / "comparison.json", reports)
     return {"reports": reports, "best": best, "test_patients": len(test_patients)}
 

@@ -10,6 +10,7 @@ Works on CPU, one GPU (mixed precision), or several GPUs / processes under ``tor
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import os
@@ -26,10 +27,11 @@ from . import __version__
 from .cache import Cache
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import CONDITIONS, ExperimentConfig
-from .data import write_json_atomic
+from .data import write_json_atomic, write_text_atomic
 from .metrics import dice
 from .models import build_model, count_parameters
 from .preprocessing import apply_condition, build_augmentation, drop_sequences, normalize
+from .visualize import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -432,8 +434,8 @@ def validation_scores(
 
 
 def remove_orphan_temporaries(folder: Path) -> None:
-    """Temporary files of checkpoint / history writes that a kill left behind."""
-    for tmp in list(folder.glob(".*.tmp")) + list(folder.glob(".*.tmp.png")):
+    """Temporary files of checkpoint / history / curve writes (``data.write_bytes_atomic``) that a kill left behind."""
+    for tmp in folder.glob(".*.tmp"):
         tmp.unlink(missing_ok=True)
 
 
@@ -451,12 +453,11 @@ class Heads(torch.nn.Module):
 def write_history(out: Path, history: list[dict]) -> None:
     """history.csv and training_curves.png."""
     keys = list(dict.fromkeys(k for row in history for k in row))
-    tmp = out / ".history.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(history)
-    os.replace(tmp, out / "history.csv")
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=keys)
+    w.writeheader()
+    w.writerows(history)
+    write_text_atomic(out / "history.csv", text.getvalue())
     plot_curves(history, out / "training_curves.png")
 
 
@@ -477,7 +478,4 @@ def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
     ax2.set_ylim(0, 1)
     ax1.set_title(title or "training curves")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)

@@ -50,6 +50,21 @@ def save_png(path: os.PathLike | str, rgb_or_grey: np.ndarray) -> None:
     write_bytes_atomic(path, png_bytes(rgb_or_grey))
 
 
+def save_figure(fig, path: os.PathLike | str) -> Path:
+    """Write a matplotlib figure as PNG atomically, then close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from .data import write_bytes_atomic
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
+    return Path(path)
+
+
 def preprocessing_overview(ds, cfg, path: os.PathLike | str, n_samples: int = 3, seed: int = 0) -> Path:
     """Raw vs CLAHE vs augmented samples (mask outlined) for a few lesion-positive slices."""
     import matplotlib
@@ -103,9 +118,4 @@ def preprocessing_overview(ds, cfg, path: os.PathLike | str, n_samples: int = 3,
         axes[row, 0].set_ylabel(Path(s.image_path).stem[-12:], fontsize=7)
     fig.suptitle("Preprocessing: raw vs CLAHE vs training augmentation (lesion outlined in red)", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
