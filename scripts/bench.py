@@ -158,7 +158,7 @@ def conv_flops(onnx_path: Path, size: int) -> float:
     return float(total)
 
 
-def int8_file(name: str, entry: dict, reg: dict, data: Path, quick: bool) -> Path | None:
+def int8_file(entry: dict, reg: dict, data: Path, quick: bool) -> Path | None:
     """The registry's INT8 file, else one quantised now (kept in artifacts/bench/ and reused while newer than the fp32 file)."""
     base = Path(reg["_dir"])
     if entry.get("onnx_int8") and (base / entry["onnx_int8"]).is_file():
@@ -201,7 +201,7 @@ def bench_networks(reg: dict, images: list[np.ndarray], repeats: int, data: Path
             torch.set_num_threads(threads)
             backends["PyTorch eager (fp32)"] = TorchBackend(ckpt, device="cpu")
         backends["ONNX Runtime fp32"] = OnnxBackend(base / entry["onnx"], threads)
-        q = int8_file(name, entry, reg, data, quick)
+        q = int8_file(entry, reg, data, quick)
         if q is not None:
             int8_paths[name] = q
             backends["ONNX Runtime INT8"] = OnnxBackend(q, threads)

@@ -332,7 +332,7 @@ def test_match_lesions_empty_cases() -> None:
     assert math.isnan(r2.sensitivity)
 
 
-# ---------------------------------------------------------------- size_bin / summarise
+# ---------------------------------------------------------------- size_bin
 
 
 @pytest.mark.parametrize(
@@ -358,23 +358,3 @@ def test_size_bin_bad_edges() -> None:
         M.size_bin(5, ())
     with pytest.raises(ValueError):
         M.size_bin(5, (100, 100))
-
-
-def test_summarise_ignores_nans() -> None:
-    s = M.summarise([1.0, float("nan"), 2.0, 3.0])
-    assert s["mean"] == pytest.approx(2.0)
-    assert s["std"] == pytest.approx(math.sqrt(2 / 3))  # population std
-    assert s["median"] == pytest.approx(2.0)
-    assert s["min"] == 1.0
-    assert s["max"] == 3.0
-    assert s["n"] == 3
-    assert s["n_nan"] == 1
-    assert M.summarise([1.0, 2.0, 3.0], ddof=1)["std"] == pytest.approx(1.0)
-
-
-def test_summarise_all_nan_or_empty() -> None:
-    s = M.summarise([float("nan"), float("nan")])
-    assert s["n"] == 0 and s["n_nan"] == 2
-    assert all(math.isnan(s[k]) for k in ("mean", "std", "median", "min", "max"))
-    e = M.summarise([])
-    assert e["n"] == 0 and e["n_nan"] == 0 and math.isnan(e["mean"])

@@ -60,7 +60,6 @@ class PreprocessConfig:
     clahe_clip_limit: float = 2.0
     clahe_tile_grid: int = 8
     normalization: str = "minmax"  # "minmax": /255 to [0, 1]; "zscore": per image, per channel
-    channels: tuple[str, ...] = CHANNELS
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -22,8 +21,6 @@ import numpy as np
 from .config import ExperimentConfig, PostprocessConfig
 from .metrics import remove_small_components
 from .preprocessing import intensity_window, preprocess_slice, restore_size, to_uint8
-
-log = logging.getLogger(__name__)
 
 ONNX_METADATA_KEY = "brainseg_config"
 PRECISIONS = ("fp32", "int8")

@@ -19,7 +19,7 @@ Conventions used throughout:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +36,6 @@ __all__ = [
     "match_lesions",
     "remove_small_components",
     "size_bin",
-    "summarise",
 ]
 
 
@@ -192,8 +191,8 @@ def hd95(
     Returns:
         The distance as a float. 0.0 when both masks are empty (perfect
         agreement); ``float('nan')`` when exactly one is empty, because the
-        distance is undefined -- aggregate with ``nanmean`` and report the
-        number of NaNs (see :func:`summarise`).
+        distance is undefined -- aggregate over the defined cases and report
+        how many were undefined (as ``evaluation.aggregate`` does).
     """
     p, t = _pair(pred, truth)
     sp = _spacing(spacing, p.ndim)
@@ -399,37 +398,6 @@ def size_bin(n_voxels: int, edges: Sequence[int] = (100, 1000)) -> str:
         if n_voxels < hi:
             return f"{lo}-{hi - 1}"
     return f">={e[-1]}"
-
-
-def summarise(values: Iterable[float], ddof: int = 0) -> dict[str, float | int]:
-    """Summary statistics of per-case numbers, ignoring NaNs.
-
-    Args:
-        values: per-patient (or per-slice) scores; NaNs mark undefined cases
-            (e.g. :func:`hd95` with one empty mask) and are counted, not used.
-        ddof: delta degrees of freedom for the standard deviation (0 =
-            population std, 1 = sample std).
-
-    Returns:
-        ``{"mean", "std", "median", "min", "max", "n", "n_nan"}`` where ``n``
-        is the number of non-NaN values used and ``n_nan`` the number skipped.
-        The statistics are NaN when ``n == 0`` (and ``std`` when
-        ``n <= ddof``).
-    """
-    arr = np.asarray(list(values), dtype=float).ravel()
-    nan_mask = np.isnan(arr)
-    x = arr[~nan_mask]
-    n = int(x.size)
-    nan = float("nan")
-    return {
-        "mean": float(x.mean()) if n else nan,
-        "std": float(x.std(ddof=ddof)) if n > ddof else nan,
-        "median": float(np.median(x)) if n else nan,
-        "min": float(x.min()) if n else nan,
-        "max": float(x.max()) if n else nan,
-        "n": n,
-        "n_nan": int(nan_mask.sum()),
-    }
 
 
 def bootstrap_ci(values: Sequence[float], statistic=np.mean, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:

@@ -6,7 +6,6 @@ No torch import: with an ONNX model this runs in a torch-free process.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,9 +22,6 @@ from .inference import binarize, binarize_stack, bounding_box, volume_to_uint8, 
 from .metrics import connected_components
 from .visualize import display_channel, overlay, save_png
 from .volumes import SEQ_ORDER, Volume, brats_sequence, is_nifti, load_volume, save_mask_nifti
-
-log = logging.getLogger(__name__)
-
 
 # ---------------------------------------------------------------- lesion statistics
 

@@ -32,7 +32,13 @@ class AttentionGate(nn.Module):
 
 
 class AttentionUNet(nn.Module):
-    """Attention U-Net returning logits (B, out_channels, H, W) for any H, W."""
+    """Attention U-Net returning logits (B, out_channels, H, W) for any H, W.
+
+    ``features`` gives the width at each of the L levels; the input is padded to a multiple of
+    2^(L-1) and the output cropped back (``blocks.pad_to_multiple``). ``deep_supervision`` is
+    accepted so that every network in ``models.MODELS`` has the same constructor, and ignored:
+    there is one head.
+    """
 
     def __init__(self, in_channels: int = 3, out_channels: int = 1, features=(16, 32, 64, 128, 256), deep_supervision: bool = False):
         super().__init__()
