@@ -54,7 +54,8 @@ def api_request(base: str, method: str, path: str, timeout: float = 30.0, **kwar
         r = httpx.request(method, base + path, timeout=timeout, **kwargs)
     except httpx.ConnectError:
         raise ApiError(
-            f"Cannot reach the API at {base}. Start it with `uvicorn app:app` from the repository root (or `scripts/run_app.sh`), or correct the API URL in the sidebar."
+            f"Cannot reach the API at {base}. Start it with `uvicorn app:app` from the repository root (or `scripts/run_app.sh`), "
+            "or correct the API URL in the sidebar."
         ) from None
     except httpx.TimeoutException:
         raise ApiError(f"The API at {base} did not answer within {timeout:.0f} s.") from None
@@ -339,8 +340,9 @@ def result_header(res: dict, label: str, synthetic: bool) -> None:
     st.subheader(f"Result · {label}")
     show_read_as(inp)
     st.caption(
-        f"{model['display_name']} · version `{model['version']}` · {model['backend']} {PRECISIONS.get(model.get('precision'), '')} · threshold {res['threshold']} · "
-        f"min. size {res['min_size']} px ({res.get('components', '2D')}) · TTA {'on' if res['tta'] else 'off'} · decode {t['decode']:.0f} ms, inference {t['inference']:.0f} ms, total {t['total']:.0f} ms"
+        f"{model['display_name']} · version `{model['version']}` · {model['backend']} {PRECISIONS.get(model.get('precision'), '')} · "
+        f"threshold {res['threshold']} · min. size {res['min_size']} px ({res.get('components', '2D')}) · TTA {'on' if res['tta'] else 'off'} · "
+        f"decode {t['decode']:.0f} ms, inference {t['inference']:.0f} ms, total {t['total']:.0f} ms"
     )
 
 
@@ -434,7 +436,10 @@ def download_volume_files(base: str, res: dict, stem: str) -> None:
     """The NIfTI mask, and the DICOM SEG for DICOM input."""
     files = [("NIfTI mask (.nii.gz)", res["mask_url"], f"{stem}_mask.nii.gz", "application/gzip", "dl_nifti", "Same voxel grid and affine as the input")]
     if res["urls"].get("seg_dicom"):
-        help_seg = "A DICOM Segmentation referencing the source series: open it with the study in a DICOM viewer or send it to PACS. It carries the study's patient identifiers."
+        help_seg = (
+            "A DICOM Segmentation referencing the source series: open it with the study in a DICOM viewer or send it to PACS. "
+            "It carries the study's patient identifiers."
+        )
         files.append(("DICOM SEG (.dcm)", res["urls"]["seg_dicom"], f"{stem}_seg.dcm", "application/dicom", "dl_seg", help_seg))
     for label, url, name, mime, key, help_text in files:
         try:

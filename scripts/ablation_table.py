@@ -42,7 +42,8 @@ def main() -> None:
         return [r["val_per_patient"][c][p] for p in patients]
 
     print(
-        "| run | model | change | epochs | minutes | all three | FLAIR only | pre missing | post missing | selection (mean of all, FLAIR only) | vs reference: all | vs reference: FLAIR only |"
+        "| run | model | change | epochs | minutes | all three | FLAIR only | pre missing | post missing "
+        "| selection (mean of all, FLAIR only) | vs reference: all | vs reference: FLAIR only |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["model"], -r["selection_score"])):

@@ -477,17 +477,20 @@ def markdown(res: dict) -> str:
     ]
     for s in a["slices"]:
         lines.append(
-            f"| | {s['precision']} | {s['clients']} | {s['answered']} in {s['seconds']:.0f} s | {s['per_s']:.1f} | {s['p50']:.0f} | {s['p99']:.0f} | {s['failed']} |"
+            f"| | {s['precision']} | {s['clients']} | {s['answered']} in {s['seconds']:.0f} s | {s['per_s']:.1f} "
+            f"| {s['p50']:.0f} | {s['p99']:.0f} | {s['failed']} |"
         )
     lines += [
         "",
-        "| volume (BraTS 3 x 240 x 240 x 155) | precision | end to end, s (median [min-max]) | server inference, ms | server decode, ms | background slices skipped | peak memory of one request above the RSS before it |",
+        "| volume (BraTS 3 x 240 x 240 x 155) | precision | end to end, s (median [min-max]) | server inference, ms | server decode, ms "
+        "| background slices skipped | peak memory of one request above the RSS before it |",
         "|---|---|---|---|---|---|---|",
     ]
     for w in a["volumes"]:
         peak_mem = f"{w['peak_above_before_mib']:.0f} MiB" if w["peak_above_before_mib"] is not None else "n/a"
         lines.append(
-            f"| | {w['precision']} | {w['median_s']:.2f} [{w['range_s'][0]:.2f}-{w['range_s'][1]:.2f}] | {w['server_inference_ms']:.0f} | {w['server_decode_ms']:.0f} | "
+            f"| | {w['precision']} | {w['median_s']:.2f} [{w['range_s'][0]:.2f}-{w['range_s'][1]:.2f}] "
+            f"| {w['server_inference_ms']:.0f} | {w['server_decode_ms']:.0f} | "
             f"{w['slices_skipped']} | {peak_mem} |"
         )
     lines += [

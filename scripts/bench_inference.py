@@ -49,7 +49,8 @@ def main() -> None:
             t1 = timed(lambda: seg.probabilities([one]), a.repeats)
             tb = timed(lambda: seg.probabilities(batch, batch_size=32), max(2, a.repeats // 2))
             print(
-                f"| {name} | {label} | {1000 * statistics.median(t1):.1f} [{1000 * min(t1):.1f}-{1000 * max(t1):.1f}] | {1000 * statistics.median(tb) / len(batch):.1f} |"
+                f"| {name} | {label} | {1000 * statistics.median(t1):.1f} [{1000 * min(t1):.1f}-{1000 * max(t1):.1f}] "
+                f"| {1000 * statistics.median(tb) / len(batch):.1f} |"
             )
 
 

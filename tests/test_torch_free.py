@@ -101,7 +101,8 @@ print("TORCH-FREE OK")
 
 def test_evaluate_predict_api_and_page_run_without_torch(tiny_model_dir, tmp_path):
     data = synthetic_dataset(tmp_path / "data", patients=2, slices=3)
-    consts = f"SRC = {str(REPO / 'src')!r}\nDATA, MODELS, OUT, PAGE, PORT = {str(data)!r}, {str(tiny_model_dir)!r}, {str(tmp_path)!r}, {str(REPO / 'streamlit_app.py')!r}, {free_port()}\n"
+    paths = ", ".join(repr(str(p)) for p in (data, tiny_model_dir, tmp_path, REPO / "streamlit_app.py"))
+    consts = f"SRC = {str(REPO / 'src')!r}\nDATA, MODELS, OUT, PAGE, PORT = {paths}, {free_port()}\n"
     code = textwrap.dedent(BLOCK) + consts + textwrap.dedent(SCRIPT)
     r = run_blocked(code, tmp_path)
     assert r.returncode == 0 and "TORCH-FREE OK" in r.stdout, (r.stdout[-3000:], r.stderr[-5000:])

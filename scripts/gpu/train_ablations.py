@@ -55,7 +55,8 @@ def run_config(name: str, budget: float, max_steps: int, workers: int):
         model=replace(base.model, name=model, **mod),
         train=replace(
             base.train,
-            **{"epochs": 200, "batch_size": 32, "lr": 2e-3, "workers": workers, "time_budget_s": budget * factor, "max_steps": max_steps, "num_threads": 2, **train},
+            **{"epochs": 200, "batch_size": 32, "lr": 2e-3, "workers": workers, "time_budget_s": budget * factor, "max_steps": max_steps, "num_threads": 2}
+            | train,
         ),
     )
 
@@ -164,7 +165,8 @@ def main() -> None:
     for r in rows:
         v = r["val_mean"]
         print(
-            f"{r['run']:22s} {r['epochs']:4d} {r['best_epoch']:4d} {r['wall_s']:6.0f}  {v['all']:.3f}  {v['pre_missing']:.3f}  {v['post_missing']:.3f}  {v['flair_only']:.3f}  {r['selection_score']:.3f}"
+            f"{r['run']:22s} {r['epochs']:4d} {r['best_epoch']:4d} {r['wall_s']:6.0f}  "
+            f"{v['all']:.3f}  {v['pre_missing']:.3f}  {v['post_missing']:.3f}  {v['flair_only']:.3f}  {r['selection_score']:.3f}"
         )
     if args.results:
         res = Path(args.results)

@@ -278,7 +278,8 @@ def read_series(items: list[tuple[str, bytes]], label: str) -> tuple[list[Series
 # ---------------------------------------------------------------- which sequence a series is
 
 _WORDS = {
-    "other": r"\bdwi|diff|\badc\b|trace|\bdti\b|\bswi\b|swan|perf|\bdsc\b|\bdce\b|\basl\b|\btof\b|\bmra\b|spectro|\bloc\b|locali[sz]er|scout|survey|3[-_ ]?plane|calibration",
+    "other": r"\bdwi|diff|\badc\b|trace|\bdti\b|\bswi\b|swan|perf|\bdsc\b|\bdce\b|\basl\b|\btof\b|\bmra\b|spectro|"
+    r"\bloc\b|locali[sz]er|scout|survey|3[-_ ]?plane|calibration",
     "flair": r"flair|\bt2f\b|dark[-_ ]?fluid|tirm|fluid[-_ ]?att",
     "t1": r"\bt1|mprage|spgr|bravo|\btfl|fl3d|vibe",
     "post": r"\bt1c|t1ce|t1gd|\bpost|\+\s*c\b|\bc\s*\+|\bgd\b|gado|\bgad\b|contrast|\bce\b|kontrast|\bkm\b|\+gd",

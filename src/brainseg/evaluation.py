@@ -24,11 +24,13 @@ SIZE_EDGES = (100, 1000, 10000)  # lesion size bins, voxels at native resolution
 PROTOCOLS = {
     "per_patient_dice": "3D Dice of each patient's stacked slices at native resolution, averaged over patients (Buda et al. 2019's protocol)",
     "per_patient_iou": "3D IoU of each patient's stacked slices, averaged over patients",
-    "hd95": "95th-percentile Hausdorff distance per patient in 3D (pixels in-plane; slice index as the third axis, spacing unknown), mean over patients where both masks are non-empty",
+    "hd95": "95th-percentile Hausdorff distance per patient in 3D (pixels in-plane; slice index as the third axis, spacing unknown), "
+    "mean over patients where both masks are non-empty",
     "positive_slice_dice": "mean 2D Dice over lesion-positive slices only",
     "per_slice_dice": "mean 2D Dice over all slices, a slice where truth and prediction are both empty scores 1",
     "fp_slice_rate": "share of lesion-free slices on which the model predicts any lesion pixel",
-    "lesion_sensitivity": "share of ground-truth lesions (3D connected components, 26-connectivity) overlapped by any predicted component, pooled over patients",
+    "lesion_sensitivity": "share of ground-truth lesions (3D connected components, 26-connectivity) overlapped by any predicted component, "
+    "pooled over patients",
     "fp_lesions_per_patient": "predicted components touching no ground-truth lesion, mean per patient",
     "lesionwise_dice": "per patient, sum of Dice of each GT lesion with the predicted components it touches / (GT lesions + FP components); mean over patients",
     "empty_on_large_lesion": "patients whose lesion has over 10,000 voxels but whose prediction is empty",
