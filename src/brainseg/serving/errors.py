@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from .uploads import UploadError
 
@@ -141,8 +142,19 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
         else:
             msg = "the request body is not valid multipart/form-data"
         return error(400, msg)
-    words = {404: "not found", 405: "method not allowed"}
+    if exc.status_code == 405:
+        return error(405, "method not allowed", headers={"Allow": allowed_methods(request)})
+    words = {404: "not found"}
     return error(exc.status_code, words.get(exc.status_code, "request not accepted"), headers=getattr(exc, "headers", None))
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method some route takes at this path (the router's own 405 names only the first route's)."""
+    methods = set()
+    for route in request.app.router.routes:
+        if route.matches(request.scope)[0] != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -140,7 +140,7 @@ async def run_in_worker(request: Request, job: SegmentJob, limiters: list[anyio.
 @router.post("/v1/segment", summary="Segment one slice, one NIfTI volume, a BraTS t1n/t2f/t1c set or a DICOM series or study", responses=RESPONSES["segment"])
 async def segment(
     request: Request,
-    files: list[UploadFile] = File(..., description=FILES_HELP),
+    files: list[UploadFile] = File(..., min_length=1, description=FILES_HELP),
     model: str | None = Form(None, description=MODEL_HELP),
     threshold: str | None = Form(None, description=THRESHOLD_HELP),
     tta: str | None = Form(None, description=TTA_HELP),
