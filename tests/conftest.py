@@ -151,26 +151,31 @@ def api_server(tiny_model_dir, tmp_path_factory) -> str:
 
 
 def start_api(model_dir: Path, log: Path, **env: str) -> tuple[str, subprocess.Popen, Path]:
-    """Start ``uvicorn app:app`` as the README says (with the request-head timeout protocol; output
-    to ``log``, never to an unread pipe) and wait for /health."""
-    port = free_port()
+    """Start ``uvicorn app:app`` as the README says (with the request-head timeout protocol) and wait for /health."""
     env.setdefault("BRAINSEG_RESULT_DIR", str(log.parent / "results"))  # not the user's shared default folder
-    http = "brainseg.serving.protocol:H11WithHeaderTimeout"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--http", http],
-            cwd=REPO,
-            env=server_env(model_dir, **env),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    url, proc = start_uvicorn("app:app", server_env(model_dir, **env), log, "--http", "brainseg.serving.protocol:H11WithHeaderTimeout")
+    return url, proc, log
+
+
+def start_uvicorn(app: str, env: dict, log: Path, *args: str) -> tuple[str, subprocess.Popen]:
+    """``uvicorn APP ARGS`` from the repository root on a free loopback port; its URL once /health answers."""
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *args]
+    return url, start_process(cmd, env, log, url + "/health")
+
+
+def start_process(cmd: list[str], env: dict, log: Path, health_url: str) -> subprocess.Popen:
+    """Start ``cmd`` from the repository root, its output appended to ``log`` (never an unread pipe),
+    and wait until ``health_url`` answers 200; the process is stopped again if it never does."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_http(url + "/health", proc, log=log)
+        wait_http(health_url, proc, log=log)
     except BaseException:
         stop(proc)
         raise
-    return url, proc, log
+    return proc
 
 
 @pytest.fixture(scope="session")

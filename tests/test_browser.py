@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port, start_api, stop, wait_http
+from conftest import REPO, free_port, start_api, start_process, stop
 
 pytestmark = pytest.mark.browser
 
@@ -68,13 +68,9 @@ def streamlit_url(e2e_api, tmp_path_factory):
         "--server.fileWatcherType",
         "none",
     ]
-    import subprocess
-
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    proc = start_process(cmd, env, log, url + "/_stcore/health")
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/_stcore/health", proc, log=log)
         yield url
     finally:
         stop(proc)

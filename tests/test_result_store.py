@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, free_port, server_env, stop, wait_http
+from conftest import REPO, server_env, start_uvicorn, stop
 from helpers import BRATS, make_client, nifti, require, segment
 
 from brainseg.serving.settings import Settings
@@ -290,19 +290,9 @@ def test_settings_choose_the_folder(tmp_path):
 
 def start_workers(model_dir: Path, result_dir: Path, log: Path, workers: int) -> tuple[str, subprocess.Popen]:
     """``uvicorn`` with ``workers`` processes serving ``app:app`` (plus a PID header, tests/pid_app.py)."""
-    port = free_port()
     env = server_env(model_dir, BRAINSEG_RESULT_DIR=str(result_dir), BRAINSEG_API_KEY="k1,k2")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env["PYTHONPATH"]])
-    cmd = [sys.executable, "-m", "uvicorn", "pid_app:app", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd + ["--log-level", "warning"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(url + "/health", proc, log=log)
-    except BaseException:
-        stop(proc)
-        raise
-    return url, proc
+    return start_uvicorn("pid_app:app", env, log, "--workers", str(workers))
 
 
 def answers_from(url: str, path: str, pids: set[str], tries: int = 300, **kw) -> dict[str, list]:
