@@ -129,6 +129,59 @@ def read(path: Path) -> Dataset:
     return pydicom.dcmread(path)
 
 
+def small_series(folder: Path, shape: tuple[int, int, int] = (32, 32, 8), ids: dict | None = None, **kw) -> list[Path]:
+    """A small synthetic MR series (values 0..999, seed 0; voxels 1 x 1 x 2 mm) in ``folder``; its files."""
+    data = np.random.default_rng(0).integers(0, 1000, shape).astype(np.int16)
+    return write_series(folder, data, np.diag([1.0, 1.0, 2.0, 1.0]), ids or study_ids(), **kw)
+
+
+def edited(files: list[Path], edit=None) -> list[tuple[str, bytes]]:
+    """``(name, bytes)`` of each file, after ``edit(dataset, file_index)`` where given."""
+    out = []
+    for i, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        if edit is not None:
+            edit(ds, i)
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        out.append((path.name, buf.getvalue()))
+    return out
+
+
+def _no_pixel_data(ds: Dataset, i: int) -> None:
+    del ds.PixelData
+
+
+def _one_slice_tilted(ds: Dataset, i: int) -> None:
+    if i == 3:
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 0.8, 0.6]
+
+
+def _ct(ds: Dataset, i: int) -> None:
+    ds.Modality = "CT"
+
+
+def _jpeg_lossless(ds: Dataset, i: int) -> None:
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEGLossless
+    ds.PixelData = pydicom.encaps.encapsulate([b"\xff\xd8" + b"\0" * 64])
+
+
+def _one_slice_truncated(ds: Dataset, i: int) -> None:
+    if i == 5:
+        ds.PixelData = ds.PixelData[:100]
+
+
+# Ways a series of at least 6 files can be broken, as ``edited`` edits: the library's and the API's tests
+# give each its expected message.
+BROKEN_SERIES = {
+    "no pixel data": _no_pixel_data,
+    "truncated pixel data": _one_slice_truncated,
+    "inconsistent geometry": _one_slice_tilted,
+    "not MR": _ct,
+    "compressed without a decoder": _jpeg_lossless,
+}
+
+
 BRATS_SERIES = (("t2f", 1, "AX FLAIR"), ("t1n", 2, "AX T1 PRE"), ("t1c", 3, "AX T1 POST GD"))
 BRATS_SLICES = (50, 90)  # slices of the example study kept (lesions are there)
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gzip
 import io
+import logging
 import shutil
 import tempfile
 import warnings
@@ -24,6 +26,21 @@ def require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"real data not found at {path} (the project keeps it in ../shared/data)")
     return path
+
+
+@contextlib.contextmanager
+def every_log_line():
+    """Everything any logger says, at DEBUG and above, while the block runs: a StringIO."""
+    said, handler = io.StringIO(), logging.StreamHandler()
+    handler.setStream(said)
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield said
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
 
 
 def synthetic_dataset(root: Path, patients: int = 4, slices: int = 6, size: int = 64, seed: int = 0, first: int = 0) -> Path:

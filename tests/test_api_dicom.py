@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import logging
 import zipfile
 
 import cv2
@@ -18,8 +17,8 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from dicom_series import PLANTED_BIRTH, PLANTED_ID, PLANTED_NAME, study_ids, write_brats_study, write_series, zip_bytes
-from helpers import BRATS, make_client, require, segment
+from dicom_series import BROKEN_SERIES, PLANTED_BIRTH, PLANTED_ID, PLANTED_NAME, edited, small_series, write_brats_study, zip_bytes
+from helpers import BRATS, every_log_line, make_client, require, segment
 
 PLANTED = ("Zzyzx", "Quentin", PLANTED_ID, PLANTED_BIRTH, "1947-11-03")
 ZIP_NAME = f"{PLANTED_NAME.replace('^', ' ')} MRI.zip"  # a zip named after the patient, as people do
@@ -42,20 +41,12 @@ def study(tmp_path_factory):
 @pytest.fixture(scope="module")
 def answers(client, study):
     """The DICOM zip and the NIfTI set of the same data, segmented at threshold 0.2; what was logged meanwhile (DEBUG)."""
-    said, handler = io.StringIO(), logging.StreamHandler()
-    handler.setStream(said)
-    root, level = logging.getLogger(), logging.getLogger().level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
+    with every_log_line() as said:
         dcm = segment(client, (ZIP_NAME, study["zip"]), threshold=0.2)
         nii = segment(client, [(p.name, p.read_bytes()) for p in study["nifti"].values()], threshold=0.2)
         assert dcm.status_code == 200, dcm.text
         assert nii.status_code == 200, nii.text
         downloads = {what: client.get(dcm.json()["urls"][key]) for what, key in (("seg", "seg_dicom"), ("mask", "mask_nifti"), ("result", "result"))}
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
     return {"dicom": dcm, "nifti": nii, "log": said.getvalue(), **downloads}
 
 
@@ -138,16 +129,7 @@ def test_slice_and_nifti_results_have_the_review_views_but_no_seg(client, answer
 
 
 def _series_files(tmp_path, edit=None, **kw) -> list[tuple[str, bytes]]:
-    data = np.random.default_rng(0).integers(0, 1000, (32, 32, 8)).astype(np.int16)
-    out = []
-    for i, p in enumerate(write_series(tmp_path / "s", data, np.diag([1.0, 1.0, 2.0, 1.0]), study_ids(), **kw)):
-        ds = pydicom.dcmread(p)
-        if edit is not None:
-            edit(ds, i)
-        buf = io.BytesIO()
-        ds.save_as(buf)
-        out.append((f"IM{i}.dcm", buf.getvalue()))
-    return out
+    return edited(small_series(tmp_path / "s", **kw), edit)
 
 
 def _zip(files: list[tuple[str, bytes]]) -> bytes:
@@ -158,35 +140,18 @@ def _zip(files: list[tuple[str, bytes]]) -> bytes:
     return buf.getvalue()
 
 
-def _no_pixels(ds, i):
-    del ds.PixelData
-
-
-def _tilted(ds, i):
-    if i == 2:
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 0.8, 0.6]
-
-
-def _ct(ds, i):
-    ds.Modality = "CT"
-
-
-def _jpeg_lossless(ds, i):
-    ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEGLossless
-    ds.PixelData = pydicom.encaps.encapsulate([b"\xff\xd8" + b"\0" * 64])
-
-
 @pytest.mark.parametrize(
-    "case, edit, status, words",
+    "case, status, words",
     [
-        ("no pixel data", _no_pixels, 422, "have no pixel data"),
-        ("mixed geometry", _tilted, 422, "not one evenly spaced stack"),
-        ("compressed without a decoder", _jpeg_lossless, 422, "no decoder for it"),
-        ("not MR", _ct, 422, "CT, not MR"),
+        ("no pixel data", 422, "have no pixel data"),
+        ("truncated pixel data", 422, "the pixel data cannot be decoded"),
+        ("inconsistent geometry", 422, "not one evenly spaced stack"),
+        ("compressed without a decoder", 422, "no decoder for it"),
+        ("not MR", 422, "CT, not MR"),
     ],
 )
-def test_bad_dicom_series_gets_its_4xx(client, tmp_path, case, edit, status, words):
-    r = segment(client, ("study.zip", _zip(_series_files(tmp_path, edit))))
+def test_bad_dicom_series_gets_its_4xx(client, tmp_path, case, status, words):
+    r = segment(client, ("study.zip", _zip(_series_files(tmp_path, BROKEN_SERIES[case]))))
     assert r.status_code == status, (case, r.text)
     detail = r.json()["detail"]
     assert words in detail and detail.startswith("study.zip: ") and "\n" not in detail

@@ -11,15 +11,26 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import zipfile
 
 import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from dicom_series import BRATS_SLICES, PLANTED_BIRTH, PLANTED_ID, PLANTED_NAME, study_ids, write_brats_study, write_series, zip_bytes
-from helpers import BRATS, require
+from dicom_series import (
+    BRATS_SLICES,
+    BROKEN_SERIES,
+    PLANTED_BIRTH,
+    PLANTED_ID,
+    PLANTED_NAME,
+    edited,
+    small_series,
+    study_ids,
+    write_brats_study,
+    write_series,
+    zip_bytes,
+)
+from helpers import BRATS, every_log_line, require
 
 from brainseg import dicom
 from brainseg.channels import describe_volume
@@ -38,12 +49,6 @@ def study(tmp_path_factory):
 
 def items(folder) -> list[tuple[str, bytes]]:
     return [(str(p), p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()]
-
-
-def small_series(tmp_path, name="s", shape=(32, 32, 8), **kw) -> list:
-    """A small synthetic MR series (values 0..999) in ``tmp_path/name``; returns its files."""
-    data = np.random.default_rng(0).integers(0, 1000, shape).astype(np.int16)
-    return write_series(tmp_path / name, data, np.diag([1.0, 1.0, 2.0, 1.0]), kw.pop("ids", None) or study_ids(), **kw)
 
 
 # ---------------------------------------------------------------- reading
@@ -116,22 +121,22 @@ def test_sequence_of_a_series(desc, extra, expected):
 
 def test_ambiguous_and_missing_sequences_are_refused_by_name(tmp_path):
     ids = study_ids()
-    small_series(tmp_path, "a", ids=ids, number=4, description="AX FLAIR")
-    small_series(tmp_path, "b", ids=ids, number=5, description="COR FLAIR")
+    small_series(tmp_path / "a", ids=ids, number=4, description="AX FLAIR")
+    small_series(tmp_path / "b", ids=ids, number=5, description="COR FLAIR")
     with pytest.raises(dicom.DicomError, match=r"ambiguous: series 4 \(AX FLAIR\), series 5 \(COR FLAIR\) all look like FLAIR"):
         dicom.load_dicom(items(tmp_path), "study.zip")
     other = tmp_path / "other"
-    small_series(other, "a", ids=ids, number=2, description="AX T1")
-    small_series(other, "b", ids=ids, number=3, description="AX T1 +C")
+    small_series(other / "a", ids=ids, number=2, description="AX T1")
+    small_series(other / "b", ids=ids, number=3, description="AX T1 +C")
     with pytest.raises(dicom.DicomError, match="no FLAIR series among 2 series"):
         dicom.load_dicom(items(other), "study.zip")
 
 
 def test_post_contrast_missing_is_filled_with_flair_and_t2_is_noted(tmp_path):
     ids = study_ids()
-    small_series(tmp_path, "f", ids=ids, number=1, description="AX FLAIR")
-    small_series(tmp_path, "t", ids=ids, number=2, description="AX T1")
-    small_series(tmp_path, "w", ids=ids, number=3, description="AX T2")
+    small_series(tmp_path / "f", ids=ids, number=1, description="AX FLAIR")
+    small_series(tmp_path / "t", ids=ids, number=2, description="AX T1")
+    small_series(tmp_path / "w", ids=ids, number=3, description="AX T2")
     vol = dicom.load_dicom(items(tmp_path), "study.zip")
     assert vol.condition == "post_missing" and np.array_equal(vol.slices[..., 2], vol.slices[..., 1])
     assert "series 3 (AX T2) not used: T2 is not used by the models" in vol.notes
@@ -155,47 +160,19 @@ def test_a_series_on_another_grid_is_resampled_onto_flair(tmp_path):
 
 
 def test_bad_dicom_gets_one_plain_line(tmp_path):
-    files = small_series(tmp_path, "ok")
+    files = small_series(tmp_path / "ok")
     good = items(tmp_path / "ok")
-
-    def edited(edit) -> list[tuple[str, bytes]]:
-        out = []
-        for i, p in enumerate(files):
-            ds = pydicom.dcmread(p)
-            edit(ds, i)
-            buf = io.BytesIO()
-            ds.save_as(buf)
-            out.append((p.name, buf.getvalue()))
-        return out
-
-    def no_pixels(ds, i):
-        del ds.PixelData
-
-    def tilted(ds, i):
-        if i == 3:
-            ds.ImageOrientationPatient = [1, 0, 0, 0, 0.8, 0.6]
-
-    def ct(ds, i):
-        ds.Modality = "CT"
-
-    def jpeg_lossless(ds, i):
-        ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEGLossless
-        ds.PixelData = pydicom.encaps.encapsulate([b"\xff\xd8" + b"\0" * 64])
-
-    def truncated(ds, i):
-        if i == 5:
-            ds.PixelData = ds.PixelData[:100]
-
-    cases = {
-        "no pixel data": (no_pixels, "have no pixel data"),
-        "truncated pixel data": (truncated, "the pixel data cannot be decoded"),
-        "inconsistent geometry": (tilted, "not one evenly spaced stack"),
-        "not MR": (ct, "CT, not MR"),
-        "compressed without decoder": (jpeg_lossless, r"compressed as JPEG Lossless, Non-Hierarchical \(Process 14\), and this server has no decoder"),
+    expected = {
+        "no pixel data": "have no pixel data",
+        "truncated pixel data": "the pixel data cannot be decoded",
+        "inconsistent geometry": "not one evenly spaced stack",
+        "not MR": "CT, not MR",
+        "compressed without a decoder": r"compressed as JPEG Lossless, Non-Hierarchical \(Process 14\), and this server has no decoder",
     }
-    for what, (edit, words) in cases.items():
+    assert set(expected) == set(BROKEN_SERIES)
+    for what, words in expected.items():
         with pytest.raises(dicom.DicomError, match=words) as info:
-            dicom.load_dicom(edited(edit), "upload.zip")
+            dicom.load_dicom(edited(files, BROKEN_SERIES[what]), "upload.zip")
         assert info.value.status == 422 and "\n" not in str(info.value), what
     missing = [it for i, it in enumerate(good) if i != 4]  # a slice missing from the stack
     with pytest.raises(dicom.DicomError, match="not one evenly spaced stack"):
@@ -230,18 +207,9 @@ def cli_outputs(study, tiny_model_dir, tmp_path_factory):
     zipped = tmp_path_factory.mktemp("upload") / f"{PLANTED_NAME.replace('^', '_')}.zip"
     zipped.write_bytes(zip_bytes([study["dicom"]]))
     args = ["--out", str(out), "--model-dir", str(tiny_model_dir), "--threshold", "0.2"]
-    said, handler = io.StringIO(), logging.StreamHandler()
-    handler.setStream(said)
-    root, level = logging.getLogger(), logging.getLogger().level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
-        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
-            assert cli_main(["predict", str(zipped), *args]) == 0
-            assert cli_main(["predict", *(str(study["nifti"][s]) for s in ("t1n", "t2f", "t1c")), *args]) == 0
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
+    with every_log_line() as said, contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+        assert cli_main(["predict", str(zipped), *args]) == 0
+        assert cli_main(["predict", *(str(study["nifti"][s]) for s in ("t1n", "t2f", "t1c")), *args]) == 0
     (out / "said.txt").write_text(said.getvalue())
     return out
 
@@ -334,7 +302,7 @@ def test_real_world_quirks_are_read(tmp_path):
 
 
 def test_several_echoes_in_one_series_are_refused(tmp_path):
-    files = small_series(tmp_path, "a")
+    files = small_series(tmp_path / "a")
     twice = items(tmp_path / "a")
     for p in files[:3]:  # a second echo at the same positions, in the same series
         ds = pydicom.dcmread(p)
@@ -348,7 +316,7 @@ def test_several_echoes_in_one_series_are_refused(tmp_path):
 
 def test_a_compressed_series_with_a_decoder_reads_the_same(tmp_path):
     """RLE Lossless (decoded by pydicom itself; JPEG-LS and JPEG 2000 have decoders here too) gives the same volume."""
-    small_series(tmp_path, "s")
+    small_series(tmp_path / "s")
     plain = items(tmp_path / "s")
     packed = []
     for name, raw in plain:
