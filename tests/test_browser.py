@@ -109,6 +109,20 @@ def open_page(browser, url):
     return page
 
 
+def upload(page, files, headings: tuple[str, ...], images: int, ready, shot: str) -> str:
+    """Upload ``files``; wait for each of ``headings``, ``images`` decoded images, then ``ready`` (a
+    locator); save a full-page screenshot as ``SHOTS/shot``; return the page's text."""
+    page.set_input_files("input[type=file]", files)
+    for heading in headings:
+        page.get_by_text(heading).first.wait_for()
+    wait_for_images(page, images)
+    ready.wait_for(state="visible")
+    page.wait_for_timeout(500)  # let the data grid and the images paint
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / shot), full_page=True)
+    return page.inner_text("body")
+
+
 def test_landing_page_and_synthetic_example(browser, streamlit_url):
     page = open_page(browser, streamlit_url)
     try:
@@ -133,15 +147,8 @@ def test_upload_real_slice(browser, streamlit_url, shared_data):
     path = shared_data / LESION_SLICE
     page = open_page(browser, streamlit_url)
     try:
-        page.set_input_files("input[type=file]", str(path))
-        page.get_by_text(f"Result · {path.name}").wait_for()
-        page.get_by_text("Overlay (lesion in red").first.wait_for()
-        wait_for_images(page, 3)
-        page.locator('[data-testid="stDataFrame"]').first.wait_for(state="visible")
-        page.wait_for_timeout(500)  # let the data grid paint
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(SHOTS / "app_slice.png"), full_page=True)
-        text = page.inner_text("body")
+        table = page.locator('[data-testid="stDataFrame"]').first
+        text = upload(page, str(path), (f"Result · {path.name}", "Overlay (lesion in red"), 3, table, "app_slice.png")
         for words in (
             "Research software",
             "not for diagnosis",
@@ -163,15 +170,8 @@ def test_upload_brats_volume(browser, streamlit_url, shared_data):
     files = [str(shared_data / BRATS.format(s)) for s in ("t1n", "t2f", "t1c")]
     page = open_page(browser, streamlit_url)
     try:
-        page.set_input_files("input[type=file]", files)
-        page.get_by_text("Result · BraTS-MET-00110-000").first.wait_for()
-        page.get_by_text("Axial slice (0–154)").first.wait_for()
-        wait_for_images(page, 3)
-        page.get_by_text("NIfTI mask (.nii.gz)").first.wait_for()
-        page.wait_for_timeout(500)
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(SHOTS / "app_volume.png"), full_page=True)
-        text = page.inner_text("body")
+        download = page.get_by_text("NIfTI mask (.nii.gz)").first
+        text = upload(page, files, ("Result · BraTS-MET-00110-000", "Axial slice (0–154)"), 3, download, "app_volume.png")
         for words in ("Lesion volume", "mm³", "Original (FLAIR) · slice", "NIfTI mask"):
             assert words in text, f"{words!r} missing from the page"
         assert "Traceback" not in text
@@ -189,15 +189,8 @@ def test_upload_zipped_dicom_study(browser, streamlit_url, shared_data, tmp_path
     zipped.write_bytes(zip_bytes([study["dicom"]]))
     page = open_page(browser, streamlit_url)
     try:
-        page.set_input_files("input[type=file]", str(zipped))
-        page.get_by_text("Result · study (DICOM: 3 series)").first.wait_for()
-        page.get_by_text("Axial slice (0–39)").first.wait_for()
-        wait_for_images(page, 4)
-        page.get_by_text("DICOM SEG (.dcm)").first.wait_for()
-        page.wait_for_timeout(500)
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(SHOTS / "app_dicom.png"), full_page=True)
-        text = page.inner_text("body")
+        download = page.get_by_text("DICOM SEG (.dcm)").first
+        text = upload(page, str(zipped), ("Result · study (DICOM: 3 series)", "Axial slice (0–39)"), 4, download, "app_dicom.png")
         for words in ("Probability (black 0", "Window / level of the displayed sequence", "NIfTI mask", "DICOM SEG", "Lesion volume"):
             assert words in text, f"{words!r} missing from the page"
         assert "Traceback" not in text and "Zzyzx" not in text
