@@ -34,39 +34,44 @@ def _add_preprocess_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default=None, help="existing split JSON to reuse")
 
 
-def _preprocess_cfg(a) -> ExperimentConfig:
+def _preprocess_cfg(args) -> ExperimentConfig:
     base = ExperimentConfig()
     pre = replace(
-        base.preprocess, input_size=a.size, clahe=not a.no_clahe, clahe_clip_limit=a.clahe_clip, clahe_tile_grid=a.clahe_grid, normalization=a.normalization
+        base.preprocess,
+        input_size=args.size,
+        clahe=not args.no_clahe,
+        clahe_clip_limit=args.clahe_clip,
+        clahe_tile_grid=args.clahe_grid,
+        normalization=args.normalization,
     )
     return replace(base, preprocess=pre)
 
 
-def cmd_stats(a) -> int:
+def cmd_stats(args) -> int:
     from .data import dataset_stats, discover
 
-    print(json.dumps(dataset_stats(discover(a.root)), indent=2))
+    print(json.dumps(dataset_stats(discover(args.root)), indent=2))
     return 0
 
 
-def cmd_split(a) -> int:
+def cmd_split(args) -> int:
     from .data import default_holdout, discover, labelled, split_patients, write_json_atomic
 
-    ds = labelled(discover(a.data or default_data_root()))
+    ds = labelled(discover(args.data or default_data_root()))
     n_val, n_test = default_holdout(len(ds.patients))
-    n_val, n_test = (n_val if a.val is None else a.val), (n_test if a.test is None else a.test)
-    split = split_patients([p.id for p in ds.patients], n_val, n_test, a.seed)
-    split["seed"] = a.seed
-    write_json_atomic(a.out, split)
-    print(f"wrote {a.out}: " + ", ".join(f"{k} {len(split[k])}" for k in ("train", "val", "test")))
+    n_val, n_test = (n_val if args.val is None else args.val), (n_test if args.test is None else args.test)
+    split = split_patients([p.id for p in ds.patients], n_val, n_test, args.seed)
+    split["seed"] = args.seed
+    write_json_atomic(args.out, split)
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {len(split[k])}" for k in ("train", "val", "test")))
     return 0
 
 
-def cmd_preprocess(a) -> int:
+def cmd_preprocess(args) -> int:
     from .pipeline import preprocess
 
-    cfg = _preprocess_cfg(a)
-    res = preprocess(a.data or default_data_root(), a.cache, cfg, n_val=a.val, n_test=a.test, seed=a.seed, split_file=a.split)
+    cfg = _preprocess_cfg(args)
+    res = preprocess(args.data or default_data_root(), args.cache, cfg, n_val=args.val, n_test=args.test, seed=args.seed, split_file=args.split)
     print(f"cached {res['slices']} slices of {res['patients']} patients in {res['cache']} ({res['images_without_mask']} images without mask left out)")
     print(f"split {res['split']}: " + ", ".join(f"{k} {v}" for k, v in res["split_sizes"].items()))
     print(f"overview: {Path(res['cache']) / 'preprocessing_overview.png'}")
@@ -80,55 +85,57 @@ def cache_matches(cache_dir, ds_root, preprocess_cfg) -> bool:
     return matches(cache_dir, ds_root, preprocess_cfg)
 
 
-def cmd_train(a) -> int:
+def cmd_train(args) -> int:
     from .models import DISPLAY_NAMES, MODELS
     from .pipeline import preprocess, train_models
 
-    cfg = _preprocess_cfg(a)
+    cfg = _preprocess_cfg(args)
     t = cfg.train
     train = replace(
         t,
-        epochs=a.epochs,
-        batch_size=a.batch_size,
-        lr=a.lr,
-        max_steps=a.max_steps,
-        samples_per_epoch=a.samples_per_epoch,
-        num_threads=a.threads,
-        seed=a.seed,
-        positive_fraction=a.positive_fraction,
-        workers=a.workers,
-        ema_decay=a.ema_decay,
-        time_budget_s=a.time_budget,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_steps=args.max_steps,
+        samples_per_epoch=args.samples_per_epoch,
+        num_threads=args.threads,
+        seed=args.seed,
+        positive_fraction=args.positive_fraction,
+        workers=args.workers,
+        ema_decay=args.ema_decay,
+        time_budget_s=args.time_budget,
     )
-    model = replace(cfg.model, features=tuple(a.features), deep_supervision=a.deep_supervision)
-    augment = replace(cfg.augment, missing_pre=a.missing_pre, missing_post=a.missing_post)
+    model = replace(cfg.model, features=tuple(args.features), deep_supervision=args.deep_supervision)
+    augment = replace(cfg.augment, missing_pre=args.missing_pre, missing_post=args.missing_post)
     cfg = replace(cfg, train=train, model=model, augment=augment)
-    data = a.data or default_data_root()
-    cache_ok = cache_matches(a.cache, data, cfg.preprocess)
+    data = args.data or default_data_root()
+    cache_ok = cache_matches(args.cache, data, cfg.preprocess)
     if not cache_ok:
-        log.info("no matching cache in %s: preprocessing %s first", a.cache, data)
-        preprocess(data, a.cache, cfg, n_val=a.val, n_test=a.test, seed=a.seed, split_file=a.split, overview=False)
-    names = sorted(MODELS) if a.model == "all" else [a.model]
-    res = train_models(names, a.cache, a.out, cfg, data_root=a.data, resume=a.resume, progress=not a.quiet, init_from=a.init_from)
+        log.info("no matching cache in %s: preprocessing %s first", args.cache, data)
+        preprocess(data, args.cache, cfg, n_val=args.val, n_test=args.test, seed=args.seed, split_file=args.split, overview=False)
+    names = sorted(MODELS) if args.model == "all" else [args.model]
+    res = train_models(names, args.cache, args.out, cfg, data_root=args.data, resume=args.resume, progress=not args.quiet, init_from=args.init_from)
     if res:
         n = res["test_patients"]
         for name, rep in res["reports"].items():
             print(f"{DISPLAY_NAMES[name]} DICE Score: {rep['per_patient_dice']:.2f}  (per-patient 3D Dice, {n} test patients never trained or tuned on)")
-        print(f"best model: {res['best']} -> {Path(a.out) / 'registry.json'}; comparison: {Path(a.out) / 'comparison.md'}")
+        print(f"best model: {res['best']} -> {Path(args.out) / 'registry.json'}; comparison: {Path(args.out) / 'comparison.md'}")
     return 0
 
 
-def _load_model(a):
+def _load_model(args):
     from .registry import load
 
-    checkpoint = a.checkpoint
-    if checkpoint and a.precision == "int8":
+    checkpoint = args.checkpoint
+    if checkpoint and args.precision == "int8":
         from .inference import int8_path
 
         checkpoint = int8_path(checkpoint)  # X.pt / X.onnx -> X.int8.onnx beside it
         if not checkpoint.is_file():
-            raise FileNotFoundError(f"{checkpoint}: no INT8 model beside {a.checkpoint}; make it with `brainseg export --checkpoint {a.checkpoint} --int8`")
-    return load(name=a.model, model_dir=a.model_dir, checkpoint=checkpoint, prefer_onnx=not a.torch, precision=a.precision)
+            raise FileNotFoundError(
+                f"{checkpoint}: no INT8 model beside {args.checkpoint}; make it with `brainseg export --checkpoint {args.checkpoint} --int8`"
+            )
+    return load(name=args.model, model_dir=args.model_dir, checkpoint=checkpoint, prefer_onnx=not args.torch, precision=args.precision)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -148,39 +155,39 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped slice")
 
 
-def _post(a, seg):
+def _post(args, seg):
     post = seg.postprocess
-    if a.threshold is not None:
-        if not 0.0 < a.threshold < 1.0:
-            raise ValueError(f"--threshold must be in (0, 1), got {a.threshold}")
-        post = replace(post, threshold=a.threshold)
-    if a.min_size is not None:
-        post = replace(post, min_size=a.min_size)
+    if args.threshold is not None:
+        if not 0.0 < args.threshold < 1.0:
+            raise ValueError(f"--threshold must be in (0, 1), got {args.threshold}")
+        post = replace(post, threshold=args.threshold)
+    if args.min_size is not None:
+        post = replace(post, min_size=args.min_size)
     return post
 
 
-def cmd_evaluate(a) -> int:
+def cmd_evaluate(args) -> int:
     from .config import CONDITIONS, DISPLAY_NAMES
     from .data import read_split, write_json_atomic
     from .evaluation import conditions_table, markdown_table
     from .pipeline import evaluate
 
-    seg = _load_model(a)
-    ids = read_split(a.split)[a.subset] if a.split else None
-    conditions = tuple(CONDITIONS) if a.conditions == ["every"] else tuple(a.conditions)
-    report = evaluate(seg, a.data, ids, post=_post(a, seg), tta=a.tta, sweep=a.sweep, conditions=conditions)
-    report["split"] = f"{a.split}:{a.subset}" if a.split else "all labelled patients in the folder"
+    seg = _load_model(args)
+    ids = read_split(args.split)[args.subset] if args.split else None
+    conditions = tuple(CONDITIONS) if args.conditions == ["every"] else tuple(args.conditions)
+    report = evaluate(seg, args.data, ids, post=_post(args, seg), tta=args.tta, sweep=args.sweep, conditions=conditions)
+    report["split"] = f"{args.split}:{args.subset}" if args.split else "all labelled patients in the folder"
     report["precision"] = seg.precision
-    write_json_atomic(a.out, report)
+    write_json_atomic(args.out, report)
     md = markdown_table({DISPLAY_NAMES.get(seg.name, seg.name): report})
     if "conditions" in report:
         md += "\n" + conditions_table({DISPLAY_NAMES.get(seg.name, seg.name): report["conditions"]})
-    Path(a.out).with_suffix(".md").write_text(md)
+    Path(args.out).with_suffix(".md").write_text(md)
     print(md)
     print(
         f"{DISPLAY_NAMES.get(seg.name, seg.name)} DICE Score: {report['per_patient_dice']:.2f}  (per-patient 3D Dice, {report['patients']} patients, input: {report['condition']})"
     )
-    print(f"report: {a.out} and {Path(a.out).with_suffix('.md')}")
+    print(f"report: {args.out} and {Path(args.out).with_suffix('.md')}")
     return 0
 
 
@@ -201,34 +208,34 @@ def _print_read_as(name: str, read_as: dict) -> None:
         tqdm.write(line, file=sys.stdout)
 
 
-def cmd_predict(a) -> int:
+def cmd_predict(args) -> int:
     from .predict import predict_inputs
 
-    seg = _load_model(a)
-    written = predict_inputs(a.inputs, a.out, seg, _post(a, seg), tta=a.tta, sequence=a.sequence, report=_print_read_as)
-    print(f"wrote {len(written)} files to {a.out}")
+    seg = _load_model(args)
+    written = predict_inputs(args.inputs, args.out, seg, _post(args, seg), tta=args.tta, sequence=args.sequence, report=_print_read_as)
+    print(f"wrote {len(written)} files to {args.out}")
     return 0
 
 
-def cmd_export(a) -> int:
-    src = Path(a.checkpoint)
+def cmd_export(args) -> int:
+    src = Path(args.checkpoint)
     if not src.is_file():
         raise FileNotFoundError(f"{src}: checkpoint not found")
     if src.suffix == ".onnx":
-        if not a.int8:
+        if not args.int8:
             raise ValueError(f"{src}: already ONNX; pass --int8 to quantise it, or a .pt checkpoint to export")
         onnx_path = src
     else:
         from .export import export_onnx
 
-        onnx_path = export_onnx(src, a.out or src.with_suffix(".onnx"))
+        onnx_path = export_onnx(src, args.out or src.with_suffix(".onnx"))
         print(f"wrote {onnx_path}")
-    if a.int8:
+    if args.int8:
         from .data import read_split
         from .export import export_int8
 
-        if a.split:
-            patients, source = read_split(a.split)["train"], f"the training patients of {a.split}"
+        if args.split:
+            patients, source = read_split(args.split)["train"], f"the training patients of {args.split}"
         elif src.suffix == ".pt":
             from .checkpoint import load_checkpoint
 
@@ -237,18 +244,18 @@ def cmd_export(a) -> int:
             patients, source = None, None
         if not patients:
             patients, source = None, "every labelled patient (pass --split to calibrate on training patients only)"
-            log.warning("calibrating on every labelled patient in %s: pass --split split.json to use the training patients only", a.data)
-        out = export_int8(onnx_path, a.data, patients, n_slices=a.calibration_slices, seed=a.seed, method=a.calibration_method)
-        print(f"wrote {out} (INT8, calibrated on {a.calibration_slices} slices of {source} in {a.data})")
+            log.warning("calibrating on every labelled patient in %s: pass --split split.json to use the training patients only", args.data)
+        out = export_int8(onnx_path, args.data, patients, n_slices=args.calibration_slices, seed=args.seed, method=args.calibration_method)
+        print(f"wrote {out} (INT8, calibrated on {args.calibration_slices} slices of {source} in {args.data})")
     return 0
 
 
-def cmd_serve(a) -> int:
+def cmd_serve(args) -> int:
     import uvicorn
 
     from .serving.protocol import SPEC  # uvicorn's h11 protocol with a request-head timeout
 
-    uvicorn.run("brainseg.serving.api:app", host=a.host, port=a.port, log_level="info", http=SPEC)
+    uvicorn.run("brainseg.serving.api:app", host=args.host, port=args.port, log_level="info", http=SPEC)
     return 0
 
 
