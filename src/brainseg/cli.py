@@ -9,7 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .config import ExperimentConfig, default_data_root
+from .config import SPLIT_SEED, ExperimentConfig, default_data_root
 
 log = logging.getLogger("brainseg")
 
@@ -30,7 +30,7 @@ def _add_preprocess_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normalization", choices=["minmax", "zscore"], default=d.normalization)
     p.add_argument("--val", type=int, default=None, help="validation patients (new split only; default: 15%% of the patients, at least 1)")
     p.add_argument("--test", type=int, default=None, help="test patients (new split only; default: 25%% of the patients, at least 1)")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=SPLIT_SEED, help="seed of the patient split (train: of the training run too)")
     p.add_argument("--split", default=None, help="existing split JSON to reuse")
 
 
@@ -55,12 +55,10 @@ def cmd_stats(args) -> int:
 
 
 def cmd_split(args) -> int:
-    from .data import default_holdout, discover, labelled, split_patients, write_json_atomic
+    from .data import discover, labelled, split_patients, write_json_atomic
 
     ds = labelled(discover(args.data or default_data_root()))
-    n_val, n_test = default_holdout(len(ds.patients))
-    n_val, n_test = (n_val if args.val is None else args.val), (n_test if args.test is None else args.test)
-    split = split_patients([p.id for p in ds.patients], n_val, n_test, args.seed)
+    split = split_patients([p.id for p in ds.patients], args.val, args.test, args.seed)
     split["seed"] = args.seed
     write_json_atomic(args.out, split)
     print(f"wrote {args.out}: " + ", ".join(f"{k} {len(split[k])}" for k in ("train", "val", "test")))
@@ -168,7 +166,7 @@ def _post(args, seg):
 
 def cmd_evaluate(args) -> int:
     from .config import CONDITIONS, DISPLAY_NAMES
-    from .data import read_split, write_json_atomic
+    from .data import read_split, write_json_atomic, write_text_atomic
     from .evaluation import conditions_table, markdown_table
     from .pipeline import evaluate
 
@@ -182,10 +180,11 @@ def cmd_evaluate(args) -> int:
     md = markdown_table({DISPLAY_NAMES.get(seg.name, seg.name): report})
     if "conditions" in report:
         md += "\n" + conditions_table({DISPLAY_NAMES.get(seg.name, seg.name): report["conditions"]})
-    Path(args.out).with_suffix(".md").write_text(md)
+    write_text_atomic(Path(args.out).with_suffix(".md"), md)
     print(md)
     print(
-        f"{DISPLAY_NAMES.get(seg.name, seg.name)} DICE Score: {report['per_patient_dice']:.2f}  (per-patient 3D Dice, {report['patients']} patients, input: {report['condition']})"
+        f"{DISPLAY_NAMES.get(seg.name, seg.name)} DICE Score: {report['per_patient_dice']:.2f}  "
+        f"(per-patient 3D Dice, {report['patients']} patients, input: {report['condition']})"
     )
     print(f"report: {args.out} and {Path(args.out).with_suffix('.md')}")
     return 0
@@ -275,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.add_argument("--val", type=int, default=None, help="validation patients (default: 15%% of the patients, at least 1)")
     sp.add_argument("--test", type=int, default=None, help="test patients (default: 25%% of the patients, at least 1)")
-    sp.add_argument("--seed", type=int, default=42)
+    sp.add_argument("--seed", type=int, default=SPLIT_SEED, help="seed of the patient split")
     sp.set_defaults(func=cmd_split)
 
     pp = sub.add_parser("preprocess", help="CLAHE + resize + cache, split, overview PNG")
