@@ -124,18 +124,7 @@ def sidebar() -> dict:
         label_visibility="collapsed",
     )
     m = models[name]
-    metrics = m.get("metrics") or {}
-    if metrics:
-        sb.caption("Metrics on held-out test patients", help=f"Default model chosen by {info['selected_by']}" if info.get("selected_by") else None)
-        sb.markdown("\n".join(f"- {METRIC_NAMES.get(k, k)}: **{fmt(v)}**" for k, v in metrics.items()))
-    else:
-        sb.caption("No metrics recorded for this model.")
-    sb.caption(f"{fmt_params(m.get('parameters'))} parameters · backend {m.get('backend')} · version `{m.get('version')}`")
-    if m.get("members"):
-        sb.caption("Averages the probabilities of " + " and ".join(models[x]["display_name"] for x in m["members"] if x in models) + ".")
-    if m.get("card"):
-        with sb.expander("Model card"):
-            st.markdown(m["card"])
+    model_details(sb, m, models, info)
 
     sb.subheader("Segmentation")
     calibrated = float(m.get("threshold") or 0.5)
@@ -144,17 +133,7 @@ def sidebar() -> dict:
     )
     threshold = None if use_cal else sb.slider("Probability threshold", 0.01, 0.99, value=calibrated, step=0.01, key="threshold")
     tta = sb.checkbox("Test-time augmentation (flip)", value=False, key="tta", help="Averages with the horizontally flipped image; about twice as slow")
-    precisions = m.get("precisions") or ["fp32"]
-    served = m.get("default_precision") if m.get("default_precision") in precisions else precisions[0]
-    precision = sb.radio(
-        "Precision",
-        precisions,
-        index=precisions.index(served),
-        key=f"precision_{name}",
-        horizontal=True,
-        format_func=lambda p: PRECISIONS.get(p, p) + ("  (served default)" if p == served else ""),
-        help="INT8 is the quantised network: faster on a CPU, Dice within 0.005 of fp32 on the test patients (see the model card)",
-    )
+    precision = precision_choice(sb, m, name)
 
     sb.subheader("Display")
     channel = sb.radio(
@@ -170,6 +149,38 @@ def sidebar() -> dict:
         ok=True, model=name, threshold=threshold, tta=tta, precision=precision, channel=CHANNELS[channel], channel_name=channel, alpha=alpha, models=models
     )
     return opts
+
+
+def model_details(sb, m: dict, models: dict, info: dict) -> None:
+    """Test metrics, size, backend, version, ensemble members and model card of the chosen model."""
+    metrics = m.get("metrics") or {}
+    if metrics:
+        sb.caption("Metrics on held-out test patients", help=f"Default model chosen by {info['selected_by']}" if info.get("selected_by") else None)
+        sb.markdown("\n".join(f"- {METRIC_NAMES.get(k, k)}: **{fmt(v)}**" for k, v in metrics.items()))
+    else:
+        sb.caption("No metrics recorded for this model.")
+    sb.caption(f"{fmt_params(m.get('parameters'))} parameters · backend {m.get('backend')} · version `{m.get('version')}`")
+    if m.get("members"):
+        sb.caption("Averages the probabilities of " + " and ".join(models[x]["display_name"] for x in m["members"] if x in models) + ".")
+    if m.get("card"):
+        with sb.expander("Model card"):
+            st.markdown(m["card"])
+
+
+def precision_choice(sb, m: dict, name: str) -> str:
+    """fp32 / INT8 where the model has both; the model's served default preselected."""
+    precisions = m.get("precisions") or ["fp32"]
+    served = m.get("default_precision") if m.get("default_precision") in precisions else precisions[0]
+    precision = sb.radio(
+        "Precision",
+        precisions,
+        index=precisions.index(served),
+        key=f"precision_{name}",
+        horizontal=True,
+        format_func=lambda p: PRECISIONS.get(p, p) + ("  (served default)" if p == served else ""),
+        help="INT8 is the quantised network: faster on a CPU, Dice within 0.005 of fp32 on the test patients (see the model card)",
+    )
+    return precision
 
 
 # ---------------------------------------------------------------- input and request
