@@ -164,6 +164,7 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=5, help="requests per case (default 5)")
     ap.add_argument("--model", default=None, help="unetpp, attention_unet or ensemble (default: the registry's)")
     ap.add_argument("--tta", action="store_true")
+    ap.add_argument("--precision", default=None, help="fp32 or int8 (default: the server's default for the model)")
     ap.add_argument("--synthetic", action="store_true", help="synthetic inputs instead of ../shared/data")
     ap.add_argument("--clients", type=int, nargs="*", default=[], help="also measure slices under this many concurrent clients (e.g. 1 8)")
     ap.add_argument("--duration", type=float, default=20.0, help="seconds per --clients count (default 20)")
@@ -174,7 +175,7 @@ def main() -> int:
     if a.clients and a.in_process:
         ap.error("--clients needs HTTP (a started server or --url)")
 
-    params = {"tta": str(a.tta).lower(), **({"model": a.model} if a.model else {})}
+    params = {"tta": str(a.tta).lower(), **({"model": a.model} if a.model else {}), **({"precision": a.precision} if a.precision else {})}
     cases = inputs(a.synthetic)
     if a.no_volume:
         cases = {k: v for k, v in cases.items() if k.startswith("slice")}
@@ -215,7 +216,16 @@ def main() -> int:
         rows = []
         for name, files in cases.items():
             times, body = measure(post, files, a.n, params)
-            rows.append((name, statistics.median(times), min(times), max(times), body["timings_ms"]["inference"], body["model"]["name"]))
+            rows.append(
+                (
+                    name,
+                    statistics.median(times),
+                    min(times),
+                    max(times),
+                    body["timings_ms"]["inference"],
+                    f"{body['model']['name']} {body['model'].get('precision', '')}",
+                )
+            )
         load = [concurrent_slices(base, next(iter(cases.values())), params, n, a.duration) for n in a.clients]
         rss_after = rss_mib(proc.pid) if proc else None
     finally:
