@@ -57,6 +57,28 @@ class ServerErrors:
                 await error(500, "internal error; quote the error id to the operator", error_id=eid)(scope, receive, send)
 
 
+async def answer_instead_once_tripped(app, scope, app_receive, receive, send, tripped, answer) -> None:
+    """Run ``app`` with ``app_receive``; once ``tripped()`` is true, what the app sends is dropped and
+    the ASGI response ``answer()`` goes out once in its place. An exception the app raises after the
+    trip is the expected end of a cut-off request, not a fault (raised otherwise)."""
+    sent = False
+
+    async def guarded_send(msg):
+        nonlocal sent
+        if not tripped():
+            return await send(msg)
+        if not sent:
+            sent = True
+            await answer()(scope, receive, send)
+
+    try:
+        await app(scope, app_receive, guarded_send)
+    except Exception:
+        if not tripped():
+            raise
+        await guarded_send({})
+
+
 class UploadLimit:
     """ASGI middleware: answers 413 to a POST whose body is larger than ``max_bytes``.
 
@@ -77,7 +99,7 @@ class UploadLimit:
         if length is not None and length.isdigit() and int(length) > limit:
             await _drain(receive, limit)
             return await error(413, message)(scope, receive, send)
-        state = {"seen": 0, "over": False, "sent": False}
+        state = {"seen": 0, "over": False}
 
         async def counted_receive():
             msg = await receive()
@@ -88,20 +110,7 @@ class UploadLimit:
                     return {"type": "http.disconnect"}
             return msg
 
-        async def guarded_send(msg):
-            if state["over"]:
-                if not state["sent"]:
-                    state["sent"] = True
-                    await error(413, message)(scope, receive, send)
-                return
-            await send(msg)
-
-        try:
-            await self.app(scope, counted_receive, guarded_send)
-        except Exception:
-            if not state["over"]:
-                raise
-            await guarded_send({})
+        await answer_instead_once_tripped(self.app, scope, counted_receive, receive, send, lambda: state["over"], lambda: error(413, message))
 
 
 class BodyTimeout:
@@ -119,7 +128,7 @@ class BodyTimeout:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         deadline = anyio.current_time() + self.timeout_s
-        state = {"in": False, "late": False, "sent": False}
+        state = {"in": False, "late": False}
 
         async def timed_receive():
             if state["late"]:
@@ -136,20 +145,10 @@ class BodyTimeout:
             state["in"] = msg["type"] != "http.request" or not msg.get("more_body", False)
             return msg
 
-        async def guarded_send(msg):
-            if not state["late"]:
-                return await send(msg)
-            if not state["sent"]:
-                state["sent"] = True
-                text = "the request body did not arrive in time (BRAINSEG_BODY_TIMEOUT_S); send it faster or in smaller files"
-                await error(408, text, headers={"Connection": "close"})(scope, receive, send)
-
-        try:
-            await self.app(scope, timed_receive, guarded_send)
-        except Exception:
-            if not state["late"]:
-                raise
-            await guarded_send({})
+        text = "the request body did not arrive in time (BRAINSEG_BODY_TIMEOUT_S); send it faster or in smaller files"
+        await answer_instead_once_tripped(
+            self.app, scope, timed_receive, receive, send, lambda: state["late"], lambda: error(408, text, headers={"Connection": "close"})
+        )
 
 
 OPEN_PATHS = frozenset({"/", "/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
