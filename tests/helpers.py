@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
 LGG = SHARED_DATA / "lgg" / "kaggle_3m"
 BRATS = SHARED_DATA / "brats-met-example"
+BRATS_FORMAT = SHARED_DATA / "brats-format"  # two LGG patients in BraTS format, with reference masks
 
 
 def require(path: Path) -> Path:

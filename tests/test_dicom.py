@@ -70,12 +70,19 @@ def test_dicom_series_reads_as_the_nifti_of_the_same_data(study):
 
 
 def test_display_slices_are_the_stored_dicom_images(study):
-    """Slice z of the volume is the file whose position is z-th along the stack, as the scanner stored it."""
+    """Slice z of the volume as stored is the file whose position is z-th along the stack, as the scanner stored it;
+    what is shown is that put into the display orientation (anterior up, the patient's right on the left)."""
+    import nibabel as nib
+
+    from brainseg.volumes import DISPLAY_AXCODES
+
     vol = dicom.load_dicom(items(study["dicom"] / "AX_FLAIR"), "flair")
+    assert nib.aff2axcodes(vol.display_affine) == DISPLAY_AXCODES
     refs = vol.dicom.references
+    stored = vol.to_stored(vol.slices)
     for z in (0, 17, len(refs) - 1):
         ds = pydicom.dcmread(next(p for p in (study["dicom"] / "AX_FLAIR").iterdir() if pydicom.dcmread(p).SOPInstanceUID == refs[z].SOPInstanceUID))
-        assert np.array_equal(vol.slices[z, :, :, 1], ds.pixel_array * 0.5 - 1000)
+        assert np.array_equal(stored[z, :, :, 1], ds.pixel_array * 0.5 - 1000)
     positions = np.array([r.ImagePositionPatient for r in refs], float)
     normal = np.cross(*np.reshape(refs[0].ImageOrientationPatient, (2, 3)))
     along = positions @ normal
@@ -152,8 +159,9 @@ def test_a_series_on_another_grid_is_resampled_onto_flair(tmp_path):
     vol = dicom.load_dicom(items(tmp_path), "study.zip")
     assert vol.condition == "post_missing" and vol.slices.shape == (8, 32, 32, 3)
     assert any("resampled onto the FLAIR grid" in n for n in vol.notes)
-    # x = column: the ramp runs along columns; the T1's voxel centres fall on even FLAIR columns.
-    assert np.allclose(vol.slices[3, 5, 0:30:2, 0], vol.slices[3, 5, 0:30:2, 1])
+    # x = column: the ramp runs along the stored columns; the T1's voxel centres fall on even FLAIR columns.
+    stored = vol.to_stored(vol.slices)
+    assert np.allclose(stored[3, 5, 0:30:2, 0], stored[3, 5, 0:30:2, 1])
 
 
 # ---------------------------------------------------------------- bad DICOM
@@ -295,7 +303,7 @@ def test_real_world_quirks_are_read(tmp_path):
     vol = dicom.load_dicom(raw, "old.zip")
     ref = dicom.load_dicom(items(tmp_path / "s"), "new.zip")
     assert np.array_equal(vol.slices, ref.slices)
-    assert np.array_equal(vol.slices[:, :, :, 1], np.stack([np.rot90(data[:, :, k]) for k in range(8)]).astype(np.float32))
+    assert np.array_equal(vol.to_stored(vol.slices)[:, :, :, 1], np.stack([np.rot90(data[:, :, k]) for k in range(8)]).astype(np.float32))
     ds = pydicom.Dataset()
     ds.EchoTime, ds.RepetitionTime = 9, 450
     assert dicom.sequence_of(ds) == ("t1", "TR 450 ms, TE 9 ms")

@@ -1,6 +1,8 @@
 """The preprocessed training cache: memory-mapped arrays that training reads fast.
 
 ``CACHE/images.npy``  (N, S, S, 3) uint8, output of ``preprocessing.prepare``
+``CACHE/images_stripped.npy``  (N, S, S, 3) uint8, the same slices skull-stripped first
+                      (``preprocessing.skull_strip``), for training on other hospitals' data
 ``CACHE/masks.npy``   (N, S, S) bool, masks resized to S
 ``CACHE/index.json``  patient id and slice number of every row, the preprocessing config,
                       and the fingerprint of the dataset it was built from
@@ -28,7 +30,7 @@ from tqdm import tqdm
 
 from .config import PreprocessConfig
 from .data import DataError, Dataset, discover, labelled, read_pair, read_split, write_json_atomic
-from .preprocessing import prepare, resize_mask
+from .preprocessing import prepare, resize_mask, skull_strip
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Cache:
     images: np.ndarray  # (N, S, S, 3) uint8
+    images_stripped: np.ndarray  # (N, S, S, 3) uint8, skull-stripped before CLAHE
     masks: np.ndarray  # (N, S, S) bool
     patients: list[str]  # length N
     slices: list[int]  # length N
@@ -72,7 +75,7 @@ def dataset_fingerprint(ds: Dataset) -> str:
 def cache_complete(cache_dir: os.PathLike | str) -> bool:
     """True if the folder holds a whole cache: arrays, ``index.json`` and ``split.json``."""
     d = Path(cache_dir)
-    return all((d / f).is_file() for f in ("index.json", "split.json", "images.npy", "masks.npy"))
+    return all((d / f).is_file() for f in ("index.json", "split.json", "images.npy", "images_stripped.npy", "masks.npy"))
 
 
 def cache_matches(cache_dir: os.PathLike | str, ds_root: os.PathLike | str, preprocess_cfg: PreprocessConfig) -> bool:
@@ -144,14 +147,16 @@ def build_cache(ds: Dataset, cfg: PreprocessConfig, out: os.PathLike | str, prog
         raise
     try:
         images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+        stripped = np.lib.format.open_memmap(tmp / "images_stripped.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
         masks = np.lib.format.open_memmap(tmp / "masks.npy", mode="w+", dtype=np.bool_, shape=(n, size, size))
         for i, rec in enumerate(tqdm(records, desc="preprocess", unit="slice", disable=not progress)):
             image, mask = read_pair(rec.image_path, rec.mask_path)
             images[i] = prepare(image, cfg)
+            stripped[i] = prepare(skull_strip(image), cfg)
             masks[i] = resize_mask(mask, size)
-        images.flush()
-        masks.flush()
-        del images, masks
+        for arr in (images, stripped, masks):
+            arr.flush()
+        del images, stripped, masks
         index = {
             "root": str(ds.root),
             "preprocess": asdict(cfg),
@@ -201,6 +206,7 @@ def load_cache(path: os.PathLike | str) -> Cache:
 
     return Cache(
         images=np.load(path / "images.npy", mmap_mode="r"),
+        images_stripped=np.load(path / "images_stripped.npy", mmap_mode="r"),
         masks=np.load(path / "masks.npy", mmap_mode="r"),
         patients=index["patients"],
         slices=index["slices"],

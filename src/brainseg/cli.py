@@ -83,6 +83,18 @@ def cache_matches(cache_dir, ds_root, preprocess_cfg) -> bool:
     return matches(cache_dir, ds_root, preprocess_cfg)
 
 
+# Domain-shift augmentation (``config.AugmentConfig``): flag -> what its probability is of.
+DOMAIN_SHIFT_FLAGS = {
+    "skull_strip": "training on the skull-stripped slice",
+    "zoom_out": "a smaller brain in the canvas (another field of view)",
+    "bias_field": "a smooth bias field",
+    "low_resolution": "lower resolution",
+    "blur": "blur",
+}
+# What ``--domain-shift`` switches on (the recipe of the models shipped for other hospitals' data).
+DOMAIN_SHIFT_PRESET = {"skull_strip": 0.4, "zoom_out": 0.3, "bias_field": 0.3, "low_resolution": 0.2, "blur": 0.1}
+
+
 def cmd_train(args) -> int:
     from .models import DISPLAY_NAMES, MODELS
     from .pipeline import preprocess, train_models
@@ -102,9 +114,13 @@ def cmd_train(args) -> int:
         workers=args.workers,
         ema_decay=args.ema_decay,
         time_budget_s=args.time_budget,
+        checkpoint_every_s=args.checkpoint_every * 60.0,
     )
     model = replace(cfg.model, features=tuple(args.features), deep_supervision=args.deep_supervision)
-    augment = replace(cfg.augment, missing_pre=args.missing_pre, missing_post=args.missing_post)
+    shift = {k: getattr(args, k) for k in DOMAIN_SHIFT_FLAGS if getattr(args, k) is not None}
+    if args.domain_shift:
+        shift = {**DOMAIN_SHIFT_PRESET, **shift}
+    augment = replace(cfg.augment, missing_pre=args.missing_pre, missing_post=args.missing_post, **shift)
     cfg = replace(cfg, train=train, model=model, augment=augment)
     data = args.data or default_data_root()
     cache_ok = cache_matches(args.cache, data, cfg.preprocess)
@@ -300,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--time-budget", type=float, default=0.0, help="seconds: after epoch 2, fewer epochs if --epochs would not fit")
     tr.add_argument("--missing-pre", type=float, default=d.augment.missing_pre, help="sequence dropout: probability that pre-contrast is replaced by FLAIR")
     tr.add_argument("--missing-post", type=float, default=d.augment.missing_post, help="sequence dropout: probability that post-contrast is replaced by FLAIR")
+    tr.add_argument("--domain-shift", action="store_true", help=f"train for other hospitals' data: {DOMAIN_SHIFT_PRESET} (each flag below overrides)")
+    for k, what in DOMAIN_SHIFT_FLAGS.items():
+        tr.add_argument(f"--{k.replace('_', '-')}", type=float, default=None, help=f"probability of {what} (default {getattr(d.augment, k)})")
+    tr.add_argument("--checkpoint-every", type=float, default=d.train.checkpoint_every_s / 60, help="minutes between checkpoints within an epoch (0: epoch ends only)")
     tr.add_argument("--init-from", default=None, help="start from these weights (a .pt, or a folder with <model>.pt) with a fresh schedule")
     tr.add_argument("--resume", action="store_true", help="continue from RUN/<model>/last.pt")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")

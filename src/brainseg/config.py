@@ -23,6 +23,18 @@ CONDITIONS = {
     "flair_only": (1, 1, 1),
 }
 
+# Input conditions that reproduce other hospitals' data on the LGG slices (``preprocessing.shift_condition``):
+# (channel condition, skull stripped, zoom of the brain in the same canvas). Skull stripping is
+# ``preprocessing.brain_mask`` (threshold, erosion, largest component, fill); "brats_like" also
+# shrinks the brain to 0.78 of its size (a 240 mm field of view at 1 mm, as BraTS volumes have,
+# against the ~200 mm of the LGG slices), and the prediction is mapped back before scoring.
+SHIFT_CONDITIONS = {
+    "skull_stripped": ("all", True, 1.0),
+    "skull_stripped_flair_only": ("flair_only", True, 1.0),
+    "brats_like": ("all", True, 0.78),
+}
+EVERY_CONDITION = (*CONDITIONS, *SHIFT_CONDITIONS)
+
 # Display names (the original description prints "Nested U-Net DICE Score: ...").
 DISPLAY_NAMES = {"unetpp": "Nested U-Net", "attention_unet": "Attention U-Net", "ensemble": "Ensemble (mean probability)"}
 
@@ -97,6 +109,7 @@ class TrainConfig:
     workers: int = 0  # DataLoader worker processes (augmentation); 0: in the training process
     ema_decay: float = 0.0  # >0: validate and ship an exponential moving average of the weights
     time_budget_s: float = 0.0  # >0: after epoch 2, shorten ``epochs`` so training fits this many seconds
+    checkpoint_every_s: float = 600.0  # >0: also write last.pt within an epoch this often, so a kill loses at most this
 
 
 @dataclass(frozen=True)
@@ -115,6 +128,16 @@ class AugmentConfig:
     # channel (as the LGG dataset stores it). Each is applied independently per sample.
     missing_pre: float = 0.3
     missing_post: float = 0.3
+    # Domain shift (other hospitals' data): probability of training on the skull-stripped slice
+    # (``preprocessing.skull_strip``, cached beside the plain one), of a smaller brain in the
+    # canvas (zoom in [zoom_min, 1]: another field of view), of a smooth illumination (bias)
+    # field, of lower resolution (downscale then upscale) and of blur. 0 = off (earlier models).
+    skull_strip: float = 0.0
+    zoom_out: float = 0.0
+    zoom_min: float = 0.65
+    bias_field: float = 0.0
+    low_resolution: float = 0.0
+    blur: float = 0.0
 
 
 @dataclass(frozen=True)

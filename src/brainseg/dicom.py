@@ -41,7 +41,7 @@ import numpy as np
 
 from . import __version__
 from .data import DataError
-from .volumes import Volume
+from .volumes import Volume, canonicalize
 
 log = logging.getLogger(__name__)
 logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every module it copies into a SEG at INFO
@@ -600,7 +600,7 @@ def load_dicom(items: list[tuple[str, bytes]], label: str, name: str | None = No
     )
     further = [ds for q, st in stacks.items() if q != "flair" for ds in st.datasets]
     vol.dicom = DicomSource(grid.datasets, further, series_table(series, chosen), *_channels(chosen, stacks), redactor)
-    return vol
+    return canonicalize(vol)
 
 
 def series_table(series: list[Series], chosen: dict[str, Series]) -> list[dict]:

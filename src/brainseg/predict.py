@@ -260,7 +260,7 @@ def predict_inputs(
             written += [mask_path, ov, js]
             if from_dicom:  # the mask as a DICOM SEG beside the NIfTI one, referencing the source series
                 seg_path = out / f"{vol.name}_seg.dcm"
-                write_bytes_atomic(seg_path, seg_bytes(vol.dicom, res.mask, segmenter.name, model_version(segmenter), post.threshold))
+                write_bytes_atomic(seg_path, seg_bytes(vol.dicom, vol.to_stored(res.mask), segmenter.name, model_version(segmenter), post.threshold))
                 written.append(seg_path)
         else:
             f = job[0]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .config import CONDITIONS, AugmentConfig, PreprocessConfig
+from .config import CONDITIONS, SHIFT_CONDITIONS, AugmentConfig, PreprocessConfig
 
 
 def to_uint8(image: np.ndarray, lo: np.ndarray | float | None = None, hi: np.ndarray | float | None = None) -> np.ndarray:
@@ -119,8 +119,71 @@ def restore_size(prob: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.clip(cv2.resize(prob.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
 
 
+def brain_mask(image: np.ndarray, erosion: float = 0.04) -> np.ndarray:
+    """A simple brain mask of one raw (H, W[, C]) slice: (H, W) bool.
+
+    Threshold (half of Otsu's on the brightest channel) -> erosion by ``erosion`` x the image
+    height (cuts the scalp off the brain) -> the largest component -> dilation by half that
+    (back to the brain's edge, not the scalp's) -> holes filled. The "threshold + erosion"
+    skull stripping that tools without a brain-extraction model do; good on mid-brain slices,
+    rough at the skull base and the vertex. Used to measure (the ``skull_stripped`` conditions)
+    and to train for skull-stripped data; the network never depends on it at inference.
+    """
+    from scipy import ndimage
+
+    grey = to_uint8(image)
+    grey = grey.max(axis=-1) if grey.ndim == 3 else grey
+    if not grey.any():
+        return np.zeros(grey.shape, bool)
+    otsu, _ = cv2.threshold(grey, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    head = (grey > 0.5 * otsu).astype(np.uint8)
+    r = max(1, int(round(erosion * grey.shape[0])))
+    core = cv2.erode(head, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
+    labels, n = ndimage.label(core)
+    if n == 0:
+        return np.zeros(grey.shape, bool)
+    core = (labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))).astype(np.uint8)
+    brain = cv2.dilate(core, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (r + 1, r + 1))) & head
+    return ndimage.binary_fill_holes(brain)
+
+
+def skull_strip(image: np.ndarray, erosion: float = 0.04) -> np.ndarray:
+    """``image`` with everything outside ``brain_mask`` set to 0 (same shape and dtype)."""
+    keep = brain_mask(image, erosion)
+    return image * (keep[..., None] if image.ndim == 3 else keep).astype(image.dtype)
+
+
+def zoom_about_centre(image: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """Shrink (factor < 1) or enlarge an (H, W[, C]) image about its centre on the same canvas
+    (zero outside): another field of view. Returns the image and its 2x3 affine (``cv2.warpAffine``)."""
+    h, w = image.shape[:2]
+    m = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), 0.0, factor)
+    return cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0), m
+
+
+def unzoom(prob: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """(H, W) probabilities on a ``zoom_about_centre`` canvas -> back onto the original pixels."""
+    h, w = prob.shape
+    return cv2.warpAffine(prob.astype(np.float32), m, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def shift_condition(image: np.ndarray, condition: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """One raw (H, W, 3) slice as under a domain-shift condition (``config.SHIFT_CONDITIONS``):
+    its channel condition, then skull stripping, then (BraTS-like) a smaller brain in the same
+    canvas. Returns the image and the 2x3 affine to undo on the prediction (None: same pixels)."""
+    channels, strip, zoom = SHIFT_CONDITIONS[condition]
+    img = apply_condition(image, channels)
+    if strip:
+        img = skull_strip(img)
+    if zoom == 1.0:
+        return img, None
+    return zoom_about_centre(img, zoom)
+
+
 def apply_condition(image: np.ndarray, condition: str) -> np.ndarray:
     """(..., 3) channel-last image(s) as under ``condition`` (missing sequences become FLAIR copies)."""
+    if condition in SHIFT_CONDITIONS and image.ndim == 3 and SHIFT_CONDITIONS[condition][2] == 1.0:
+        return shift_condition(image, condition)[0]
     if condition not in CONDITIONS:
         raise ValueError(f"unknown input condition {condition!r}; choose one of {sorted(CONDITIONS)}")
     order = CONDITIONS[condition]
@@ -158,5 +221,24 @@ def build_augmentation(cfg: AugmentConfig):
             A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=cfg.brightness_contrast),
             A.RandomGamma(gamma_limit=(80, 120), p=cfg.gamma),
             A.GaussNoise(std_range=(0.01, 0.04), p=cfg.noise),
+            *_domain_shift_transforms(cfg),
         ]
     )
+
+
+def _domain_shift_transforms(cfg: AugmentConfig) -> list:
+    """The augmentations for other scanners and protocols (nnU-Net's defaults and SynthSeg in
+    spirit): a smaller brain in the canvas, a smooth bias field, lower resolution, blur.
+    Only those switched on are added, after the others, so older configurations draw the same."""
+    import albumentations as A
+
+    out = []
+    if cfg.zoom_out > 0:
+        out.append(A.Affine(scale=(cfg.zoom_min, 1.0), border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=cfg.zoom_out))
+    if cfg.bias_field > 0:
+        out.append(A.OneOf([A.Illumination(mode="linear", intensity_range=(0.05, 0.2)), A.Illumination(mode="gaussian", intensity_range=(0.05, 0.2))], p=cfg.bias_field))
+    if cfg.low_resolution > 0:
+        out.append(A.Downscale(scale_range=(0.4, 0.8), interpolation_pair={"downscale": cv2.INTER_AREA, "upscale": cv2.INTER_LINEAR}, p=cfg.low_resolution))
+    if cfg.blur > 0:
+        out.append(A.GaussianBlur(sigma_limit=(0.3, 1.2), p=cfg.blur))
+    return out

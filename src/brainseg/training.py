@@ -26,7 +26,7 @@ from tqdm import tqdm
 from . import __version__
 from .cache import Cache
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import CONDITIONS, ExperimentConfig
+from .config import CONDITIONS, SHIFT_CONDITIONS, ExperimentConfig
 from .data import write_json_atomic, write_text_atomic
 from .metrics import dice
 from .models import build_model, count_parameters
@@ -59,7 +59,9 @@ class SliceDataset(torch.utils.data.Dataset):
 
     def sample(self, pos: int, seed: int | None):
         r = self.rows[pos]
-        image = np.asarray(self.cache.images[r])
+        a = self.cfg.augment
+        stripped = self.augment is not None and seed is not None and a.skull_strip > 0 and np.random.default_rng([seed, 2]).random() < a.skull_strip
+        image = np.asarray((self.cache.images_stripped if stripped else self.cache.images)[r])
         mask = np.asarray(self.cache.masks[r]).astype(np.uint8)
         if self.augment is not None and seed is not None:
             seed_augmentation(self.augment, seed)
@@ -212,6 +214,7 @@ class Trainer:
         self.warmup = max(1, self.steps_per_epoch * tc.warmup_epochs)
 
         self.epoch, self.step, self.best, self.history = 0, 0, -1.0, []
+        self.resume_batches, self.resume_losses, self.epoch_start_step = 0, [], 0
         self.out.mkdir(parents=True, exist_ok=True)
         remove_orphan_temporaries(self.out)
         self.init_from = str(init_from) if init_from else None
@@ -260,6 +263,8 @@ class Trainer:
         self.opt.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt.get("scaler", {}))
         self.epoch, self.step, self.best, self.history = ckpt["epoch"], ckpt["step"], ckpt["best"], ckpt["history"]
+        within = ckpt.get("within_epoch") or {}
+        self.resume_batches, self.resume_losses = int(within.get("batches", 0)), list(within.get("losses", []))
         if ckpt["config"]["train"]["epochs"] == self.cfg.train.epochs:  # same run: keep a budget-shortened plan
             self.planned_epochs = ckpt.get("planned_epochs", self.planned_epochs)
             self.total_steps = ckpt.get("total_steps", self.total_steps)
@@ -296,8 +301,13 @@ class Trainer:
         return float(loss.detach())
 
     @torch.inference_mode()
-    def validation_step(self, conditions=SELECT_ON) -> dict:
-        """Per-patient 3D Dice at network resolution (threshold 0.5) on the validation patients, per input condition."""
+    def validation_step(self, conditions=None) -> dict:
+        """Per-patient 3D Dice at network resolution (threshold 0.5) on the validation patients, per input condition.
+
+        ``val_dice`` (what picks ``best.pt``) is the mean over ``SELECT_ON``, plus the skull-stripped
+        slices when the run trains on them (``augment.skull_strip`` > 0)."""
+        if conditions is None:
+            conditions = self.SELECT_ON + (("skull_stripped",) if self.cfg.augment.skull_strip > 0 else ())
         scores = validation_scores(self.eval_model, self.cache, self.val_rows, self.cfg, self.device, conditions)
         row = {f"val_dice_{c}": float(np.mean(list(v.values()))) if v else float("nan") for c, v in scores.items()}
         row["val_dice"] = float(np.mean([row[f"val_dice_{c}"] for c in conditions]))
@@ -339,12 +349,31 @@ class Trainer:
 
     # -- loop
 
+    def save_within_epoch(self, losses: list[float]) -> None:
+        """``last.pt`` in the middle of an epoch (``checkpoint_every_s``): a kill loses at most that much.
+
+        The epoch's draw is fixed by (seed, epoch), so ``--resume`` skips the batches already
+        trained on and the run ends where an uninterrupted one ends."""
+        if self.rank != 0:
+            return
+        done = self.step - self.epoch_start_step
+        ckpt = self._ckpt(with_optimizer=True)
+        ckpt["epoch"] = self.epoch - 1  # the epoch is not finished: resume re-enters it
+        ckpt["within_epoch"] = {"batches": done, "losses": [float(v) for v in losses]}
+        save_checkpoint(self.out / "last.pt", ckpt)
+        log.info("checkpoint within epoch %d after %d batches", self.epoch, done)
+
     def epoch_loader(self) -> torch.utils.data.DataLoader:
-        """This epoch's samples: foreground-aware draw, each with its own augmentation seed."""
+        """This epoch's samples: foreground-aware draw, each with its own augmentation seed
+        (without the first ``resume_batches`` when resuming within the epoch)."""
         tc = self.cfg.train
         n = self.steps_per_epoch * tc.batch_size * self.world
         idx = epoch_indices(self.positive, n, tc.positive_fraction, tc.seed * 1000 + self.epoch)
         seeds = sample_seeds(tc.seed, self.epoch, n)
+        skip = self.resume_batches * tc.batch_size * self.world
+        idx, seeds = idx[skip:], seeds[skip:]
+        self.epoch_start_step = self.step - self.resume_batches
+        self.resume_batches = 0
         mine = slice(self.rank, None, self.world)  # this rank's share
         return torch.utils.data.DataLoader(
             EpochSamples(self.train_set, idx[mine], seeds[mine]),
@@ -368,11 +397,16 @@ class Trainer:
             bar = tqdm(
                 self.epoch_loader(), desc=f"{self.cfg.model.name} epoch {self.epoch}", unit="batch", disable=not self.progress or self.rank != 0, leave=False
             )
+            losses, last_save = list(self.resume_losses), time.time()
             for x, y in bar:
                 losses.append(self.train_step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)))
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", lr=f"{self.opt.param_groups[0]['lr']:.2e}")
                 if self.step >= self.total_steps:
                     break
+                if self.cfg.train.checkpoint_every_s > 0 and time.time() - last_save >= self.cfg.train.checkpoint_every_s:
+                    self.save_within_epoch(losses)
+                    last_save = time.time()
+            self.resume_losses = []
             row = {
                 "epoch": self.epoch,
                 "step": self.step,
@@ -423,7 +457,11 @@ def validation_scores(
         preds: dict[str, list] = {}
         for s in range(0, len(rows), batch_size):
             chunk = rows[s : s + batch_size]
-            x = np.stack([normalize(apply_condition(np.asarray(cache.images[r]), cond), cfg.preprocess) for r in chunk])
+            if cond in SHIFT_CONDITIONS:  # skull-stripped: the cached stripped slices, then the channel condition
+                channels = SHIFT_CONDITIONS[cond][0]
+                x = np.stack([normalize(apply_condition(np.asarray(cache.images_stripped[r]), channels), cfg.preprocess) for r in chunk])
+            else:
+                x = np.stack([normalize(apply_condition(np.asarray(cache.images[r]), cond), cfg.preprocess) for r in chunk])
             with torch.autocast(device.type, enabled=amp):
                 logits = model(torch.from_numpy(x).to(device)).float()
             for r, p in zip(chunk, (logits[:, 0] >= 0).cpu().numpy()):

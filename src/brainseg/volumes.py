@@ -4,9 +4,13 @@ A BraTS set needs its FLAIR (t2f) file; a missing t1n and / or t1c is filled wit
 volume (the "pre_missing" / "post_missing" / "flair_only" conditions of ``channels``), as the
 LGG dataset stores a missing sequence. A single grey file is repeated into the 3 channels.
 
-Axial slices are shown the way the LGG slices are stored: ``image = rot90(data[:, :, z])``
-(rows = anterior-posterior, columns = left-right), and masks go back with the inverse,
-so the written mask shares the input's voxel grid and affine. No torch here.
+Geometry comes from the file, not from the order in which it stores its voxels: every volume
+is put into one anatomical orientation from its affine before anything else (``canonicalize``),
+the orientation of the LGG slices the models learnt from and of DICOM viewers: axial slices from
+inferior to superior, each with anterior at the top and the patient's right on the left of the
+image (radiological convention). Storing the same volume as RAS, LPS, sagittal, ... gives the
+same slices and the same mask; masks go back onto the file's own voxel grid and affine
+(``Volume.file_mask``). No torch here.
 """
 
 from __future__ import annotations
@@ -51,11 +55,17 @@ def brats_sequence(path: os.PathLike | str) -> tuple[str, str] | None:
     return m.group("stem"), _ALIASES.get(seq, seq)
 
 
+# The (slice, row, column) axes of ``Volume.slices`` point to these patient directions (nibabel
+# axis codes: the index grows towards S, P, L): axial slices from the feet up, anterior at the
+# top of each image, the patient's right on its left, as the LGG slices and DICOM viewers show them.
+DISPLAY_AXCODES = ("S", "P", "L")
+
+
 @dataclass
 class Volume:
-    slices: np.ndarray  # (Z, H, W, 3) float32, axial slices in display orientation
-    affine: np.ndarray  # (4, 4) voxel -> world (mm)
-    spacing: tuple[float, float, float]  # voxel size (mm) along the file's x, y, z
+    slices: np.ndarray  # (Z, H, W, 3) float32, axial slices in the display orientation (DISPLAY_AXCODES)
+    affine: np.ndarray  # (4, 4) voxel -> world (mm) of the file's own grid
+    spacing: tuple[float, float, float]  # voxel size (mm) along the displayed columns, rows and slices
     shape: tuple[int, int, int]  # the file's (X, Y, Z)
     name: str
     sources: tuple[str, ...]
@@ -65,6 +75,22 @@ class Volume:
     name_sequence: str | None = None  # sequence named by the file name (``X-t2f.nii.gz`` -> "flair")
     present: tuple[str, ...] = ()  # BraTS sequences in the set (t1n, t2f, t1c), empty for one file
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # nibabel orientation (3 x 2) of the slices as read from the file (``stored_slices``), before
+    # ``canonicalize``; None: they were stored in the display orientation already.
+    stored_orientation: np.ndarray | None = None
+
+    def to_stored(self, arr: np.ndarray) -> np.ndarray:
+        """(Z, H, W, ...) in the display orientation -> the same layout as the file stores it (before ``canonicalize``)."""
+        return from_display(arr, self.stored_orientation)
+
+    def file_mask(self, mask_zhw: np.ndarray) -> np.ndarray:
+        """(Z, H, W) display-oriented mask -> (X, Y, Z) uint8 on the file's voxel grid (write it with ``affine``)."""
+        return mask_to_volume(self.to_stored(mask_zhw)).astype(np.uint8, copy=False)
+
+    @property
+    def display_affine(self) -> np.ndarray:
+        """(4, 4) voxel -> world (mm) of ``slices`` indexed (slice, row, column)."""
+        return display_affine(self.affine, self.shape, self.stored_orientation)
 
     @property
     def pixel_area_mm2(self) -> float:
@@ -226,7 +252,7 @@ def load_volume(files: list[os.PathLike | str] | dict[str, bytes], name: str | N
         affine, zooms, sources, is_set = img.affine, img.header.get_zooms()[:3], tuple(by_seq[s][0] for s in present), True
     z, y, x = slices.shape[:3]
     stem = name or (brats_sequence(sources[0])[0] if is_set else nifti_stem(sources[0]))
-    return Volume(
+    vol = Volume(
         slices,
         np.asarray(affine, dtype=np.float64),
         tuple(float(v) for v in zooms),
@@ -239,6 +265,78 @@ def load_volume(files: list[os.PathLike | str] | dict[str, bytes], name: str | N
         present=present,
         notes=tuple(notes),
     )
+    return canonicalize(vol)
+
+
+# ---------------------------------------------------------------- orientation from the file
+
+
+def stored_slices_affine(affine: np.ndarray, shape_xyz: tuple[int, int, int]) -> np.ndarray:
+    """Affine of the slices as ``_to_slices`` lays them out from the file: (k, i, j) = (z, Y - 1 - y, x)."""
+    y = shape_xyz[1]
+    to_file = np.array([[0, 0, 1, 0], [0, -1, 0, y - 1], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
+    return np.asarray(affine, np.float64) @ to_file
+
+
+def _transform(stored_orientation: np.ndarray):
+    from nibabel.orientations import axcodes2ornt, ornt_transform
+
+    return ornt_transform(stored_orientation, axcodes2ornt(DISPLAY_AXCODES))
+
+
+def to_display(arr: np.ndarray, stored_orientation: np.ndarray | None) -> np.ndarray:
+    """(Z, H, W, ...) as stored -> the display orientation (a contiguous copy unless nothing moves)."""
+    if stored_orientation is None:
+        return arr
+    from nibabel.orientations import apply_orientation
+
+    t = _transform(stored_orientation)
+    if np.array_equal(t, [[0, 1], [1, 1], [2, 1]]):
+        return arr
+    return np.ascontiguousarray(apply_orientation(arr, t))
+
+
+def from_display(arr: np.ndarray, stored_orientation: np.ndarray | None) -> np.ndarray:
+    """The inverse of ``to_display``: display orientation -> the file's own layout."""
+    if stored_orientation is None:
+        return arr
+    from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
+
+    t = ornt_transform(axcodes2ornt(DISPLAY_AXCODES), stored_orientation)
+    if np.array_equal(t, [[0, 1], [1, 1], [2, 1]]):
+        return arr
+    return np.ascontiguousarray(apply_orientation(arr, t))
+
+
+def display_affine(affine: np.ndarray, shape_xyz: tuple[int, int, int], stored_orientation: np.ndarray | None) -> np.ndarray:
+    """Affine of the display-oriented slices (slice, row, column) of a file with ``affine`` and ``shape_xyz``."""
+    from nibabel.orientations import inv_ornt_aff
+
+    stored = stored_slices_affine(affine, shape_xyz)
+    if stored_orientation is None:
+        return stored
+    x, y, z = shape_xyz
+    return stored @ inv_ornt_aff(_transform(stored_orientation), (z, y, x))
+
+
+def canonicalize(vol: Volume) -> Volume:
+    """Put ``vol.slices`` (as read from the file, ``stored_slices_affine``) into the display
+    orientation (``DISPLAY_AXCODES``) from its affine, whatever the storage order, and set
+    ``spacing`` to the voxel size along the displayed columns, rows and slices (mm).
+
+    An oblique volume goes to its closest orientation (no resampling). Idempotent.
+    """
+    from nibabel.orientations import io_orientation
+
+    if vol.stored_orientation is not None:
+        return vol
+    stored = stored_slices_affine(vol.affine, vol.shape)
+    ornt = io_orientation(stored)
+    vol.slices = to_display(vol.slices, ornt)
+    vol.stored_orientation = ornt
+    zooms = np.sqrt((vol.display_affine[:3, :3] ** 2).sum(axis=0))  # along (slice, row, column)
+    vol.spacing = (float(zooms[2]), float(zooms[1]), float(zooms[0]))
+    return vol
 
 
 def mask_to_volume(mask: np.ndarray) -> np.ndarray:
@@ -256,5 +354,5 @@ def nifti_bytes(mask: np.ndarray, affine: np.ndarray) -> bytes:
 
 
 def save_mask_nifti(path: os.PathLike | str, mask_zhw: np.ndarray, vol: Volume) -> Path:
-    write_bytes_atomic(path, nifti_bytes(mask_to_volume(mask_zhw), vol.affine))
+    write_bytes_atomic(path, nifti_bytes(vol.file_mask(mask_zhw), vol.affine))
     return Path(path)

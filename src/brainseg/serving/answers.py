@@ -113,20 +113,18 @@ def slice_answer(run: RunInfo, image: np.ndarray, res: SliceResult, store) -> di
 
 
 def display_orientation(affine: np.ndarray) -> dict | None:
-    """Patient directions at the edges of a displayed slice, from the affine (as the header states them).
-
-    A displayed slice is ``rot90(data[:, :, z])``: row 0 holds the largest y index, column j
-    holds x = j. So the top is where +y points, the right is where +x points.
-    """
+    """Patient directions at the edges of a displayed slice, from the affine of the displayed
+    (slice, row, column) array (``Volume.display_affine``): rows grow towards the bottom edge,
+    columns towards the right edge."""
     import nibabel as nib
 
     try:
-        x, y, _ = nib.aff2axcodes(affine)
+        _, row, col = nib.aff2axcodes(affine)
     except Exception:
         return None
-    if x is None or y is None:
+    if row is None or col is None:
         return None
-    return {"top": y, "bottom": _OPPOSITE[y], "left": _OPPOSITE[x], "right": x}
+    return {"top": _OPPOSITE[row], "bottom": row, "left": _OPPOSITE[col], "right": col}
 
 
 def _volume_urls(rid: str) -> dict:
@@ -144,7 +142,7 @@ def dicom_seg(run: RunInfo, vol: Volume, mask: np.ndarray) -> bytes | None:
         return None
     from ..dicom import seg_bytes
 
-    return seg_bytes(vol.dicom, np.asarray(mask), run.model["name"], run.model["version"], run.post.threshold)
+    return seg_bytes(vol.dicom, vol.to_stored(np.asarray(mask)), run.model["name"], run.model["version"], run.post.threshold)
 
 
 def volume_answer(run: RunInfo, vol: Volume, res: VolumeResult, store) -> dict:
@@ -152,7 +150,7 @@ def volume_answer(run: RunInfo, vol: Volume, res: VolumeResult, store) -> dict:
     window = res.window if res.display is not None else window_for_volume(vol.slices)  # segment_volume windows the volume once
     display = res.display if res.display is not None else display_volume(vol.slices, window)
     seg = dicom_seg(run, vol, res.mask)
-    stored = StoredResult("volume", display, res.mask, {}, affine=vol.affine, name=vol.name, owner=run.owner, prob=probability_u8(res.prob), seg_dicom=seg)
+    stored = StoredResult("volume", display, res.mask, {}, affine=vol.affine, orientation=vol.stored_orientation, name=vol.name, owner=run.owner, prob=probability_u8(res.prob), seg_dicom=seg)
     s = res.summary()
     areas = s["slice_lesion_area_px"]
     z = int(np.argmax(areas)) if res.mask.any() else res.mask.shape[0] // 2
@@ -166,7 +164,7 @@ def volume_answer(run: RunInfo, vol: Volume, res: VolumeResult, store) -> dict:
             "shape": s["shape"],
             "spacing_mm": s["spacing_mm"],
             "dtype": "float32",
-            "orientation": display_orientation(vol.affine),
+            "orientation": display_orientation(vol.display_affine),
             "display_window": display_window(window),
             **run.read_as,
         },

@@ -7,7 +7,7 @@ server, or N replicas on one shared filesystem all read the same results.
 
 The file is an ordinary ``.npz`` (``np.load`` opens it)::
 
-    meta.json           kind, name, owner, summary, affine, shapes
+    meta.json           kind, name, owner, summary, affine, orientation, shapes
     mask_bits.npy       (Z, H, ceil(W / 8)) uint8, the mask packed along W (np.packbits)
     display_0000.npy    (H, W, 3) uint8, one member per slice, deflated (level 1)
     prob_0000.npy       (H, W) uint8, the lesion probability x 255, one member per slice (optional)
@@ -63,6 +63,7 @@ class StoredResult:
     mask: np.ndarray  # (Z, H, W) bool; unpacked slice by slice once stored
     summary: dict  # the JSON answer without its images
     affine: np.ndarray | None = None  # (4, 4) of the input volume
+    orientation: np.ndarray | None = None  # (3, 2) ``Volume.stored_orientation``: how the file stored the displayed slices
     name: str = "result"
     owner: str | None = None  # which API key made it (a hash); only that key reads it back
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -79,11 +80,11 @@ class StoredResult:
 
     def nifti(self) -> bytes:
         """The mask as .nii.gz on the input's voxel grid and affine (volumes only)."""
-        from ..volumes import mask_to_volume, nifti_bytes
+        from ..volumes import from_display, mask_to_volume, nifti_bytes
 
         if self.affine is None:
             raise ValueError("only volume results have a NIfTI mask")
-        return nifti_bytes(mask_to_volume(np.asarray(self.mask)), self.affine)
+        return nifti_bytes(mask_to_volume(from_display(np.asarray(self.mask), self.orientation)), self.affine)
 
 
 # ---------------------------------------------------------------- the file format
@@ -115,6 +116,7 @@ def encode_result(result: StoredResult) -> bytes:
         "owner": result.owner,
         "summary": result.summary,
         "affine": None if result.affine is None else np.asarray(result.affine, float).tolist(),
+        "orientation": None if result.orientation is None else np.asarray(result.orientation, float).tolist(),
         "mask_shape": list(mask.shape),
         "display_shape": list(display.shape),
         "prob_shape": None if result.prob is None else list(np.shape(result.prob)),
@@ -216,6 +218,7 @@ def decode_result(rid: str, zf: zipfile.ZipFile, created: float, gone=lambda rid
         PackedMask(bits, mshape[2]),
         meta["summary"],
         affine=affine,
+        orientation=None if meta.get("orientation") is None else np.asarray(meta["orientation"], float),
         name=meta["name"],
         owner=meta["owner"],
         id=rid,

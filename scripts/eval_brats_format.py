@@ -1,0 +1,76 @@
+"""Whole-tumour Dice on ``../shared/data/brats-format`` (the same LGG patients in BraTS format).
+
+    python scripts/eval_brats_format.py [--root ../shared/data/brats-format] [--model NAME | --checkpoint PATH]
+        [--precision fp32|int8] [--json out.json]
+
+Each case is read as ``brainseg predict`` reads a BraTS set (t1n / t2f / t1c; and FLAIR alone),
+segmented with the model's calibrated post-processing, written back onto the file's grid and
+compared with the reference (fusion label > 0, whole tumour). The same patients' kaggle_3m
+Dice comes from ``brainseg evaluate``; the two formats side by side say what a change of
+format costs. These patients may sit in the training split: this measures format, not
+generalisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from brainseg.data import write_json_atomic
+from brainseg.metrics import dice
+from brainseg.predict import segment_volume
+from brainseg.registry import load
+from brainseg.volumes import load_volume
+
+
+def case_scores(segmenter, post, case_dir: Path, label: Path) -> dict:
+    ref = np.asarray(nib.load(label).dataobj) > 0
+    files = sorted(case_dir.glob("*.nii.gz"))
+    out = {}
+    for cond, picked in (("all", files), ("flair_only", [f for f in files if "-t2f" in f.name])):
+        vol = load_volume(picked)
+        res = segment_volume(segmenter, vol, post)
+        pred = vol.file_mask(res.mask) > 0
+        tp = int((pred & ref).sum())
+        out[cond] = {
+            "dice": round(float(dice(pred, ref)), 4),
+            "precision": round(tp / max(int(pred.sum()), 1), 4),
+            "recall": round(tp / max(int(ref.sum()), 1), 4),
+            "pred_ml": round(float(pred.sum()) * vol.voxel_volume_mm3 / 1000, 2),
+            "ref_ml": round(float(ref.sum()) * vol.voxel_volume_mm3 / 1000, 2),
+        }
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", type=Path, default=Path("../shared/data/brats-format"))
+    ap.add_argument("--model", default=None, help="registered model name (default: the registry's default)")
+    ap.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint or ONNX file instead of a registered model")
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args()
+    if not a.root.is_dir():
+        print(f"eval_brats_format: error: {a.root}: no such folder", file=sys.stderr)
+        return 2
+    segmenter = load(a.model, checkpoint=a.checkpoint, precision=a.precision)
+    post = segmenter.postprocess
+    results = {}
+    for case in sorted(p for p in a.root.iterdir() if p.is_dir() and p.name != "labels"):
+        label = a.root / "labels" / f"{case.name}-fusion.nii.gz"
+        results[case.name] = case_scores(segmenter, post, case, label)
+        r = results[case.name]
+        print(f"{case.name}: all {r['all']['dice']:.3f} (P {r['all']['precision']:.2f} R {r['all']['recall']:.2f}); FLAIR only {r['flair_only']['dice']:.3f}")
+    for cond in ("all", "flair_only"):
+        print(f"mean {cond}: {np.mean([r[cond]['dice'] for r in results.values()]):.3f}")
+    if a.json:
+        write_json_atomic(a.json, {"model": segmenter.name, "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
