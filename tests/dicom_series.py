@@ -182,6 +182,107 @@ BROKEN_SERIES = {
 }
 
 
+def _drop(*keywords: str):
+    def edit(ds: Dataset, i: int) -> None:
+        for k in keywords:
+            if k in ds:
+                delattr(ds, k)
+
+    return edit
+
+
+def _set(**values):
+    def edit(ds: Dataset, i: int) -> None:
+        for k, v in values.items():
+            setattr(ds, k, v)
+
+    return edit
+
+
+# Headers as anonymisers, PACS exports and old scanners leave them, as ``edited`` edits: each must still
+# give a DICOM SEG. Values: (edit, {attribute: what the SEG must carry}); attributes not named keep the source's value.
+TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyDate",
+    "StudyTime",
+)
+ANONYMISED_HEADERS = {
+    "no PatientSex": (_drop("PatientSex"), {"PatientSex": ""}),
+    "PatientSex Female": (_set(PatientSex="Female"), {"PatientSex": "F"}),
+    "PatientSex male, lower case": (_set(PatientSex="male"), {"PatientSex": "M"}),
+    "PatientSex unknown word": (_set(PatientSex="unknown"), {"PatientSex": ""}),
+    "no PatientID": (_drop("PatientID"), {"PatientID": ""}),
+    "no PatientBirthDate": (_drop("PatientBirthDate"), {"PatientBirthDate": ""}),
+    "no StudyID, AccessionNumber, ReferringPhysicianName": (
+        _drop("StudyID", "AccessionNumber", "ReferringPhysicianName"),
+        {"StudyID": "", "AccessionNumber": ""},
+    ),
+    "no StudyDate, StudyTime": (_drop("StudyDate", "StudyTime"), {"StudyDate": "", "StudyTime": ""}),
+    "dates and times written with separators": (_set(StudyDate="2024-01-02", StudyTime="10:15:00"), {"StudyDate": "20240102", "StudyTime": "101500"}),
+    "no SliceThickness": (_drop("SliceThickness"), {}),
+    "empty SliceThickness": (_set(SliceThickness=""), {}),
+    "every Type 2 patient and study attribute gone": (
+        _drop(*TYPE2_PATIENT_STUDY, "SliceThickness"),
+        {k: "" for k in TYPE2_PATIENT_STUDY if k != "ReferringPhysicianName"},
+    ),
+}
+
+# A header a DICOM SEG cannot be written from (its Type 1 FrameOfReferenceUID is gone): the mask must be kept anyway.
+NO_FRAME_OF_REFERENCE = _drop("FrameOfReferenceUID")
+
+PAD_ROWS = slice(0, 6)  # the band of every slice that ``padding`` fills
+
+
+def padding(value: int | None, signed: bool = False):
+    """An ``edited`` edit: rows PAD_ROWS of every slice stored as ``value``, declared as PixelPaddingValue
+    (None: they hold the stored value of 0 instead, which is what padding must read as, and nothing is declared).
+    ``signed``: pixels stored as int16 (PixelRepresentation 1)."""
+
+    def edit(ds: Dataset, i: int) -> None:
+        stored = ds.pixel_array.astype(np.int64)
+        stored[PAD_ROWS] = round(-float(ds.RescaleIntercept) / float(ds.RescaleSlope)) if value is None else value
+        if signed:
+            ds.PixelRepresentation = 1
+        ds.PixelData = np.ascontiguousarray(stored.astype(np.int16 if signed else np.uint16)).tobytes()
+        if value is not None:
+            ds.add_new("PixelPaddingValue", "SS" if signed else "US", value)
+
+    return edit
+
+
+def monochrome1(files: list[Path]):
+    """An ``edited`` edit: the series stored inverted (max + min - value over the series) and said to be MONOCHROME1."""
+    stored = [pydicom.dcmread(p).pixel_array for p in files]
+    hi, lo = int(max(a.max() for a in stored)), int(min(a.min() for a in stored))
+
+    def edit(ds: Dataset, i: int) -> None:
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.PixelData = np.ascontiguousarray((hi + lo - ds.pixel_array.astype(np.int64)).astype(np.uint16)).tobytes()
+        if "WindowCenter" in ds:
+            ds.WindowCenter = float(ds.RescaleSlope) * (hi + lo) + 2 * float(ds.RescaleIntercept) - float(ds.WindowCenter)
+
+    return edit
+
+
+def bare(files: list[Path], folder: Path, implicit: bool = True) -> list[Path]:
+    """The files re-written as old exports do: no 128-byte preamble, no file meta, no .dcm name (``IM0000``, ...)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, p in enumerate(files):
+        ds = pydicom.dcmread(p)
+        del ds.file_meta
+        ds.preamble = None
+        out.append(folder / f"IM{i:04d}")
+        pydicom.dcmwrite(out[-1], ds, implicit_vr=implicit, little_endian=True)
+    return out
+
+
 BRATS_SERIES = (("t2f", 1, "AX FLAIR"), ("t1n", 2, "AX T1 PRE"), ("t1c", 3, "AX T1 POST GD"))
 BRATS_SLICES = (50, 90)  # slices of the example study kept (lesions are there)
 

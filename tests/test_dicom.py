@@ -18,12 +18,18 @@ import numpy as np
 import pydicom
 import pytest
 from dicom_series import (
+    ANONYMISED_HEADERS,
     BRATS_SLICES,
     BROKEN_SERIES,
+    NO_FRAME_OF_REFERENCE,
+    PAD_ROWS,
     PLANTED_BIRTH,
     PLANTED_ID,
     PLANTED_NAME,
+    bare,
     edited,
+    monochrome1,
+    padding,
     small_series,
     study_ids,
     write_brats_study,
@@ -335,3 +341,113 @@ def test_a_compressed_series_with_a_decoder_reads_the_same(tmp_path):
         packed.append((name, buf.getvalue()))
     assert pydicom.dcmread(io.BytesIO(packed[0][1])).file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
     assert np.array_equal(dicom.load_dicom(packed, "rle.zip").slices, dicom.load_dicom(plain, "plain.zip").slices)
+
+
+# ---------------------------------------------------------------- DICOM as hospitals export it
+
+
+@pytest.fixture(scope="module")
+def plain_series(tmp_path_factory) -> list:
+    """The files of a small series (32 x 32 x 8, values 0..999 stored with slope 0.5, intercept -1000)."""
+    return small_series(tmp_path_factory.mktemp("plain") / "s")
+
+
+@pytest.mark.parametrize("case", list(ANONYMISED_HEADERS))
+def test_seg_is_written_from_anonymised_headers(plain_series, case):
+    """Type 2 attributes missing, empty or non-standard: the SEG carries the values the standard allows
+    (empty, or PatientSex mapped to M / F / O), keeps the identifiers that exist, and the caller's headers are not changed."""
+    import highdicom as hd
+
+    edit, expected = ANONYMISED_HEADERS[case]
+    source = pydicom.dcmread(plain_series[0])
+    vol = dicom.load_dicom(edited(plain_series, edit), "anon.zip")
+    refs = vol.dicom.references
+    before = [ds.to_json_dict() for ds in refs]
+    mask = np.zeros((len(refs), 32, 32), bool)
+    mask[3, 10:20, 12:18] = True
+    raw = dicom.seg_bytes(vol.dicom, mask, "unetpp", "abc123")
+    seg = pydicom.dcmread(io.BytesIO(raw))
+    assert [ds.to_json_dict() for ds in refs] == before, "the caller's headers are untouched"
+    for key in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber", "StudyDate", "StudyTime", "StudyInstanceUID"):
+        want = expected.get(key, str(source.get(key, "")))
+        assert str(seg.get(key, "") or "") == want, key
+    assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SliceThickness) == 2.0, "the source's thickness, else the spacing between its slices"
+    back = hd.seg.segread(io.BytesIO(raw))
+    assert back.number_of_frames == len(refs)
+    assert np.array_equal(back.get_pixels_by_source_instance([refs[3].SOPInstanceUID], segment_numbers=[1])[0, :, :, 0].astype(bool), mask[3])
+
+
+def test_a_seg_that_cannot_be_written_is_a_plain_warning(plain_series):
+    """No FrameOfReferenceUID (Type 1, which the SEG must share): the volume is read, the SEG is refused with a plain sentence."""
+    vol = dicom.load_dicom(edited(plain_series, NO_FRAME_OF_REFERENCE), "nofor.zip")
+    mask = np.zeros(vol.slices.shape[:3], bool)
+    with pytest.raises(dicom.SegError, match="FrameOfReferenceUID") as info:
+        dicom.seg_bytes(vol.dicom, mask, "unetpp", "abc")
+    assert "\n" not in str(info.value)
+    data, warning = dicom.write_seg(vol.dicom, mask, "unetpp", "abc")
+    assert data is None and warning.startswith("the DICOM SEG could not be written") and "FrameOfReferenceUID" in warning
+    data, warning = dicom.write_seg(vol.dicom, mask[:2], "unetpp", "abc")  # any other failure: the same kind of sentence, no library text
+    assert data is None and warning.startswith("the DICOM SEG could not be written") and "Error" not in warning
+
+
+@pytest.mark.parametrize("value, signed", [(65535, False), (-32768, True)], ids=["uint16 65535", "int16 -32768"])
+def test_pixel_padding_is_background(plain_series, value, signed):
+    """Padding pixels read as 0 (background), exactly as if the scanner had stored 0 there, and the volume window ignores them."""
+    from brainseg.inference import window_for_volume
+
+    padded = dicom.load_dicom(edited(plain_series, padding(value, signed)), "padded.zip")
+    zero = dicom.load_dicom(edited(plain_series, padding(None, signed)), "zero.zip")
+    assert np.array_equal(padded.slices, zero.slices)
+    assert (padded.to_stored(padded.slices)[:, PAD_ROWS] == 0).all()
+    lo, hi = window_for_volume(padded.slices)
+    assert np.all(np.asarray(hi) < 1000), "the padding value did not reach the intensity window"
+
+
+def test_pixel_padding_range_and_negative_values(tmp_path):
+    """PixelPaddingRangeLimit pads a range; real values below 0 are shifted up (and the header's window with them) so
+    that background, 0, is the lowest value."""
+    data = np.random.default_rng(2).integers(0, 1000, (32, 32, 8)).astype(np.int16) - 500
+    files = write_series(tmp_path / "s", data, np.diag([1.0, 1.0, 2.0, 1.0]), study_ids())  # slope 0.5, intercept -1000, window 400 / 800
+
+    def ranged(ds, i):
+        stored = ds.pixel_array.astype(np.int64)
+        stored[PAD_ROWS] = 60000 + (np.arange(32) % 5000)
+        ds.PixelData = stored.astype(np.uint16).tobytes()
+        ds.add_new("PixelPaddingValue", "US", 65000)  # the limit may lie on either side
+        ds.add_new("PixelPaddingRangeLimit", "US", 60000)
+
+    vol = dicom.load_dicom(edited(files, ranged), "ranged.zip")
+    stored = vol.to_stored(vol.slices)[..., 1]
+    real = np.stack([np.rot90(data[:, :, k]) for k in range(8)]).astype(np.float32)
+    keep = np.ones(real.shape, bool)
+    keep[:, PAD_ROWS] = False
+    shift = -real[keep].min()
+    assert shift > 0 and (stored[:, PAD_ROWS] == 0).all()
+    assert np.array_equal(stored[keep], real[keep] + shift) and stored.min() == 0
+    assert vol.dicom.window_presets[1][0]["center"] == 400.0 + shift
+
+
+def test_monochrome1_is_inverted_with_a_note(plain_series):
+    vol = dicom.load_dicom(edited(plain_series, monochrome1(plain_series)), "mono1.zip")
+    ref = dicom.load_dicom(edited(plain_series), "mono2.zip")
+    assert np.array_equal(vol.slices, ref.slices), "max + min - value gives back the MONOCHROME2 values"
+    assert any("MONOCHROME1" in n and "inverted" in n for n in vol.notes)
+    assert vol.dicom.window_presets == ref.dicom.window_presets
+
+
+def test_files_without_preamble_or_dcm_name_are_recognised_by_content(plain_series, tmp_path):
+    from brainseg.predict import expand_inputs
+
+    implicit = bare(plain_series, tmp_path / "implicit")
+    explicit = bare(plain_series, tmp_path / "explicit", implicit=False)
+    for f in (implicit[0], explicit[0]):
+        head = f.read_bytes()[:256]
+        assert head[128:132] != b"DICM" and dicom.looks_like_dicom(head, f.name), f
+    for junk in (b"\x89PNG\r\n\x1a\n" + b"\0" * 200, b"just text " * 30, b"\0" * 256, b"\x08\x00" + b"\xff" * 254, b"II*\x00" + b"\0" * 252):
+        assert not dicom.looks_like_dicom(junk, "IM0001")
+    assert dicom.is_dicom_input(tmp_path / "implicit") and dicom.is_dicom_input(tmp_path / "explicit")
+    assert expand_inputs([str(tmp_path / "implicit")]) == [[tmp_path / "implicit"]]
+    vol = dicom.load_dicom_path(tmp_path / "implicit")
+    assert np.array_equal(vol.slices, dicom.load_dicom(edited(plain_series), "x").slices)

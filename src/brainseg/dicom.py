@@ -1,11 +1,20 @@
 """DICOM MR series in, DICOM SEG out (pydicom + highdicom).
 
 **In**: a folder or ``.zip`` of one MR series, or of several series of one study. Files are
-parsed with pydicom and grouped by series; each series is checked (MR, pixel data, a decoder
-for its transfer syntax, one orientation and size) and stacked with highdicom:
-``get_series_volume_positions`` orders the slices along the normal of ImageOrientationPatient
-and refuses gaps, duplicates and tilted stacks; ``VolumeGeometry`` gives the LPS affine; pydicom's
-``apply_modality_lut`` applies RescaleSlope / RescaleIntercept (or a modality LUT). The stack then runs towards the
+recognised by content (``looks_like_dicom``: the Part 10 preamble, or a data set from byte 0 as
+old exports write ``IM0000`` without preamble or suffix), parsed with pydicom and grouped by series;
+each series is checked (MR, pixel data, a decoder for its transfer syntax, one orientation and
+size) and stacked with highdicom: ``get_series_volume_positions`` orders the slices along the
+normal of ImageOrientationPatient and refuses gaps, duplicates and tilted stacks; ``VolumeGeometry``
+gives the LPS affine; pydicom's ``apply_modality_lut`` applies RescaleSlope / RescaleIntercept (or a
+modality LUT).
+
+**Values** (``to_monochrome2_background``), after the modality LUT and before any windowing: a
+MONOCHROME1 series is inverted (``max + min - value`` over its real pixels, noted in the answer);
+pixels stored as PixelPaddingValue (or in the range to PixelPaddingRangeLimit) are background and
+read as exactly 0; when a padded series has real values below 0, they are raised so that the lowest
+is 0, so background is always the lowest value and the intensity window (percentiles of the non-zero
+voxels) sees tissue only. The header's window presets follow the values. The stack then runs towards the
 patient direction it is closest to (R, A or S), as NIfTI files usually do, and each slice stays
 as the scanner stored it (row 0 at the top), which is how brainseg displays a slice. The
 NIfTI-style affine (RAS, the convention of nibabel and ``volumes``) describes those voxels as
@@ -20,7 +29,12 @@ same frame of reference on another grid are resampled onto the FLAIR grid (linea
 
 **Out**: ``seg_bytes`` writes a binary DICOM SEG (highdicom): segment "lesion" (SCT 52988006,
 a morphologically abnormal structure, in the brain), the algorithm (brainseg, model name and
-version), referencing the source series image by image.
+version), referencing the source series image by image. It works on copies of the source headers
+made fit for it (``seg_headers``): Type 2 patient / study attributes that are missing become empty,
+PatientSex is mapped to M / F / O or empty, dates and times written with separators are rewritten
+(else emptied), a missing SliceThickness is the spacing between the slices; identifiers that exist
+are kept. What it still cannot write (no FrameOfReferenceUID, ...) is ``SegError`` with a plain
+sentence; ``write_seg`` turns any failure into a warning, so a mask is never lost with its SEG.
 
 **Privacy**: patient name, id and birth date reach nothing but the SEG. Every text this module
 hands back (names, series descriptions, messages) goes through ``Redactor``, and pydicom's
@@ -130,9 +144,57 @@ class Redactor:
 # ---------------------------------------------------------------- files
 
 
+HEAD_BYTES = 256  # what ``looks_like_dicom`` reads of a file (132 suffice for the preamble)
+_VRS = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split())
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())  # explicit VRs with a 4-byte length
+
+
 def looks_like_dicom(head: bytes, name: str = "") -> bool:
-    """A DICOM file (Part 10 preamble, or a .dcm / .ima name) from its first 132 bytes."""
-    return head[128:132] == b"DICM" or name.lower().endswith((".dcm", ".dicom", ".ima"))
+    """A DICOM file from its first bytes (``HEAD_BYTES``; 132 will do): the Part 10 preamble ("DICM" at
+    byte 128), a data set that starts at byte 0 as old exports write it (``bare_dataset_start``), or a
+    .dcm / .dicom / .ima name."""
+    return head[128:132] == b"DICM" or bare_dataset_start(head) or name.lower().endswith((".dcm", ".dicom", ".ima"))
+
+
+def bare_dataset_start(head: bytes) -> bool:
+    """A DICOM data set without preamble or file meta (``IM0000`` from an old scanner or PACS export):
+    little-endian elements, implicit or explicit VR, from byte 0, the first of group 0002 or 0008.
+
+    The elements that fit in ``head`` are walked: tags must increase, an explicit VR must be a DICOM
+    VR, lengths must fit a header (below 16 MiB); at least two elements are checked (the second's
+    value may run past ``head``). A sequence of undefined length after the first ends the walk.
+    """
+    import struct
+
+    if len(head) < 8 or head[:2] not in (b"\x02\x00", b"\x08\x00"):
+        return False
+    explicit = head[4:6] in _VRS
+    pos, last, seen = 0, -1, 0
+    while pos + 8 <= len(head):
+        group, element = struct.unpack_from("<HH", head, pos)
+        tag = group << 16 | element
+        if tag <= last or group < 2 or group > 0x7FE0 or group in (3, 5, 7):
+            return False
+        if explicit:
+            vr = head[pos + 4 : pos + 6]
+            if vr not in _VRS:
+                return False
+            if vr in _LONG_VRS:
+                if pos + 12 > len(head):
+                    break
+                length, pos = struct.unpack_from("<I", head, pos + 8)[0], pos + 12
+            else:
+                length, pos = struct.unpack_from("<H", head, pos + 6)[0], pos + 8
+        else:
+            length, pos = struct.unpack_from("<I", head, pos + 4)[0], pos + 8
+        if length == 0xFFFFFFFF:  # a sequence of undefined length: its items are not walked
+            return seen >= 1
+        if length >= 1 << 24:
+            return False
+        last, seen, pos = tag, seen + 1, pos + length
+        if pos > len(head):
+            return seen >= 2  # a value longer than what was read, after one that fitted
+    return seen >= 2
 
 
 def is_zip(head: bytes, name: str = "") -> bool:
@@ -189,7 +251,8 @@ def files_in(path: Path, max_members: int = MAX_MEMBERS) -> list[tuple[str, byte
 
 
 def is_dicom_input(path: Path, probe: int = 16) -> bool:
-    """A .zip, or a folder with DICOM files in it or below (its first ``probe`` files looked at)."""
+    """A .zip, or a folder with DICOM files in it or below (its first ``probe`` files looked at, by
+    content or name: ``looks_like_dicom``, so ``IM0000`` without preamble counts)."""
     path = Path(path)
     if path.is_file():
         return path.suffix.lower() == ".zip"
@@ -200,7 +263,7 @@ def is_dicom_input(path: Path, probe: int = 16) -> bool:
         if not f.is_file() or f.name.startswith("."):
             continue
         with open(f, "rb") as fh:
-            if looks_like_dicom(fh.read(132), f.name):
+            if looks_like_dicom(fh.read(HEAD_BYTES), f.name):
                 return True
         seen += 1
         if seen >= probe:
@@ -219,7 +282,7 @@ def _parse(raw: bytes):
     try:
         return pydicom.dcmread(io.BytesIO(raw))
     except InvalidDicomError:
-        if raw[:2] not in (b"\x08\x00", b"\x02\x00"):  # no preamble: old files start with group 0008
+        if not bare_dataset_start(raw[:HEAD_BYTES]):  # no preamble: old files start with group 0008
             return None
         try:
             return pydicom.dcmread(io.BytesIO(raw), force=True)
@@ -418,6 +481,7 @@ class Stack:
     geometry: object  # highdicom VolumeGeometry of (slice, row, column), LPS
     datasets: list
     presets: list[dict]  # window presets (center, width, name) from the header, in the values' units
+    notes: list[str] = field(default_factory=list)  # what was done to the values (MONOCHROME1 inverted, padding, shift)
 
     @property
     def nifti_affine(self) -> np.ndarray:
@@ -470,8 +534,12 @@ def stack_series(s: Series, label: str) -> Stack:
             raise DicomError(label, f"{s.label}: slices differ in pixel spacing; inconsistent geometry")
         if len({str(ds.get("FrameOfReferenceUID", "")) for ds in ordered}) > 1:
             raise DicomError(label, f"{s.label}: slices differ in frame of reference; inconsistent geometry")
-        if str(first.get("PhotometricInterpretation", "MONOCHROME2")).strip() != "MONOCHROME2":
-            raise DicomError(label, f"{s.label}: PhotometricInterpretation {first.PhotometricInterpretation} is not read (MR is MONOCHROME2)")
+        photometric = {str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").strip().upper() for ds in ordered}
+        if len(photometric) > 1:
+            raise DicomError(label, f"{s.label}: slices differ in PhotometricInterpretation ({', '.join(sorted(photometric))})")
+        photometric = photometric.pop()
+        if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+            raise DicomError(label, f"{s.label}: PhotometricInterpretation {photometric[:16]} is not read (MR is MONOCHROME2, or MONOCHROME1)")
         geometry = hd.VolumeGeometry.from_attributes(
             image_position=first.ImagePositionPatient,
             image_orientation=first.ImageOrientationPatient,
@@ -484,21 +552,96 @@ def stack_series(s: Series, label: str) -> Stack:
             frame_of_reference_uid=first.get("FrameOfReferenceUID"),
         )
         array = np.empty(geometry.spatial_shape, np.float32)
+        padded = None  # (Z, rows, columns) bool, once a slice declares PixelPaddingValue
         try:
             for k, ds in enumerate(ordered):
-                array[k] = apply_modality_lut(ds.pixel_array, ds)
+                stored = ds.pixel_array
+                pad = padding_mask(stored, ds)
+                if pad is not None:
+                    padded = np.zeros(array.shape, bool) if padded is None else padded
+                    padded[k] = pad
+                array[k] = apply_modality_lut(stored, ds)
                 del ds.PixelData  # the SEG needs the headers only
         except MemoryError:
             raise
         except Exception as exc:
             log.debug("pixel data not decodable: %s", type(exc).__name__)
             raise DicomError(label, f"{s.label}: the pixel data cannot be decoded (truncated or corrupt)") from None
+    if not np.isfinite(array).all():
+        raise DicomError(label, f"{s.label}: the pixel data holds NaN or infinite values")
+    presets = window_presets(ordered[len(ordered) // 2])
+    notes = to_monochrome2_background(array, padded, presets, photometric == "MONOCHROME1", s, label)
     along = geometry.get_affine("RAS")[:3, 0]
     if along[int(np.argmax(np.abs(along)))] < 0:  # run towards R, A or S, as NIfTI stacks usually do
         geometry, ordered, array = geometry.flip_spatial(0), ordered[::-1], np.ascontiguousarray(array[::-1])
-    if not np.isfinite(array).all():
-        raise DicomError(label, f"{s.label}: the pixel data holds NaN or infinite values")
-    return Stack(array, geometry, ordered, window_presets(ordered[len(ordered) // 2]))
+    return Stack(array, geometry, ordered, presets, notes)
+
+
+def _padding_number(ds, keyword: str) -> int | None:
+    """PixelPaddingValue / PixelPaddingRangeLimit as a stored pixel value (signed or not as the pixels are), else None."""
+    import struct
+
+    value = ds.get(keyword)
+    signed = int(_number(ds.get("PixelRepresentation"), 0)) == 1
+    bits = int(_number(ds.get("BitsAllocated"), 16))
+    if isinstance(value, bytes):  # an ambiguous VR (US or SS) pydicom left undecoded
+        value = struct.unpack("<h" if signed else "<H", value[:2])[0] if len(value) >= 2 else None
+    try:
+        value = int(_values(value)[0])
+    except (IndexError, TypeError, ValueError, OverflowError):
+        return None
+    if bits in (8, 16, 32):  # written with the other signedness than the pixels: the same bits
+        if signed and value >= 1 << (bits - 1):
+            value -= 1 << bits
+        elif not signed and value < 0:
+            value += 1 << bits
+    return value
+
+
+def padding_mask(stored: np.ndarray, ds) -> np.ndarray | None:
+    """Pixels of one slice (stored values, before the modality LUT) that are padding: PixelPaddingValue,
+    or the range from it to PixelPaddingRangeLimit (inclusive, either order); None when none is declared."""
+    value = _padding_number(ds, "PixelPaddingValue")
+    if value is None:
+        return None
+    limit = _padding_number(ds, "PixelPaddingRangeLimit")
+    if limit is None:
+        return stored == value
+    lo, hi = sorted((value, limit))
+    return (stored >= lo) & (stored <= hi)
+
+
+def to_monochrome2_background(array: np.ndarray, padded: np.ndarray | None, presets: list[dict], monochrome1: bool, s: Series, label: str) -> list[str]:
+    """Make the values of one series (after the modality LUT) read as MONOCHROME2 with background 0, in place.
+
+    The rule, in this order: a MONOCHROME1 series (low values shown white) is inverted, ``max + min - value``
+    over its real (non-padding) values; padding pixels become background, exactly 0, and when real values go
+    below 0 they are all shifted up so the lowest is 0, so background is the lowest value and the volume's
+    intensity window (percentiles of the non-zero voxels, ``preprocessing.intensity_window``) sees tissue only.
+    The header's window presets follow the values. Returns the notes saying what was done.
+    """
+    notes = []
+    real = None if padded is None or not padded.any() else ~padded
+    if real is not None and not real.any():
+        raise DicomError(label, f"{s.label}: every pixel is padding (PixelPaddingValue); the series holds no image")
+    if monochrome1:
+        values = array if real is None else array[real]
+        total = np.float32(values.max()) + np.float32(values.min())
+        np.subtract(total, array, out=array)
+        for p in presets:
+            p["center"] = round(float(total) - p["center"], 3)
+        notes.append(f"{s.label} is MONOCHROME1 (inverted greyscale): its values were inverted (max + min - value) to read as MONOCHROME2")
+    if real is not None:
+        low = float(array[real].min())
+        shift = ""
+        if low < 0:
+            array[real] -= np.float32(low)
+            for p in presets:
+                p["center"] = round(p["center"] - low, 3)
+            shift = f"; its values were raised by {-low:g} so that background is the lowest value"
+        array[padded] = 0.0
+        notes.append(f"{s.label}: {int(padded.sum())} padding pixels (PixelPaddingValue) read as background (0){shift}")
+    return notes
 
 
 def onto_grid(stack: Stack, grid: Stack, s: Series, label: str) -> tuple[np.ndarray, str | None]:
@@ -531,6 +674,7 @@ class DicomSource:
     channel_sources: list[str]  # per channel
     window_presets: list[list[dict]]  # per channel
     redactor: Redactor = field(default_factory=Redactor)
+    slice_spacing: float = 0.0  # mm between the references' slices (a SEG's SliceThickness when the headers have none)
 
     def block(self) -> dict:
         return {"series": self.series, "channel_sources": self.channel_sources, "window_presets": self.window_presets}
@@ -566,6 +710,7 @@ def load_dicom(items: list[tuple[str, bytes]], label: str, name: str | None = No
     if max_decoded_bytes is not None and total > max_decoded_bytes:
         raise DicomTooLarge(label, f"the series decode to {_mib(total)}, above the limit of {_mib(max_decoded_bytes)} (BRAINSEG_MAX_DECODED_MB)")
     stacks = {seq: stack_series(s, label) for seq, s in chosen.items()}
+    notes += [n for st in stacks.values() for n in st.notes]
     grid = stacks["flair"]
     channels = []
     for seq in ("t1", "flair", "t1c"):
@@ -599,7 +744,7 @@ def load_dicom(items: list[tuple[str, bytes]], label: str, name: str | None = No
         notes=tuple(notes),
     )
     further = [ds for q, st in stacks.items() if q != "flair" for ds in st.datasets]
-    vol.dicom = DicomSource(grid.datasets, further, series_table(series, chosen), *_channels(chosen, stacks), redactor)
+    vol.dicom = DicomSource(grid.datasets, further, series_table(series, chosen), *_channels(chosen, stacks), redactor, float(grid.geometry.spacing[0]))
     return canonicalize(vol)
 
 
@@ -637,12 +782,95 @@ def load_dicom_path(path: Path, max_voxels: int | None = None) -> DicomVolume:
 
 # ---------------------------------------------------------------- SEG out
 
+TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyDate",
+    "StudyTime",
+)
+SEX_VALUES = {"M": "M", "MALE": "M", "MAN": "M", "F": "F", "FEMALE": "F", "WOMAN": "F", "W": "F", "O": "O", "OTHER": "O"}
+SEG_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")  # Type 1: nothing to fill them with
+
+
+class SegError(Exception):
+    """A DICOM SEG cannot be written from these headers; ``str()`` is a plain sentence (no values, no library text)."""
+
+
+def dicom_date(value) -> str:
+    """A DA value (YYYYMMDD) from what exports write (also YYYY-MM-DD, YYYY.MM.DD, DD.MM.YYYY); "" when it is not a date."""
+    text = str(value or "").strip()
+    if m := re.fullmatch(r"(\d{4})[-./]?(\d{2})[-./]?(\d{2})", text):
+        y, mo, d = m.groups()
+    elif m := re.fullmatch(r"(\d{2})[./](\d{2})[./](\d{4})", text):
+        d, mo, y = m.groups()
+    else:
+        return ""
+    import datetime
+
+    try:
+        datetime.date(int(y), int(mo), int(d))
+    except ValueError:
+        return ""
+    return y + mo + d
+
+
+def dicom_time(value) -> str:
+    """A TM value (HH[MM[SS[.FFFFFF]]]) from what exports write (also HH:MM[:SS]); "" when it is not a time."""
+    text = str(value or "").strip()
+    m = re.fullmatch(r"(\d{2})(?::?(\d{2})(?::?(\d{2})(\.\d{1,6})?)?)?", text)
+    if not m:
+        return ""
+    h, mi, sec, frac = m.groups()
+    if int(h) > 23 or (mi and int(mi) > 59) or (sec and int(sec) > 60):
+        return ""
+    return h + (mi or "") + (sec or "") + (frac or "")
+
+
+def seg_headers(datasets: list, slice_spacing: float = 0.0) -> list:
+    """Copies of source headers fit for a DICOM SEG (the caller's are not changed).
+
+    Type 2 patient / study attributes that are missing become empty (what the standard allows);
+    PatientSex becomes M / F / O, or empty for anything else ("Female" -> F); StudyDate / StudyTime /
+    PatientBirthDate written with separators are rewritten, else emptied; a missing or empty
+    SliceThickness becomes ``slice_spacing``; a SpacingBetweenSlices that is not positive is dropped;
+    a missing SOPClassUID is MR Image Storage (only MR is read). Values that exist are kept.
+    """
+    import copy
+
+    out = []
+    for ds in datasets:
+        ds = copy.deepcopy(ds)
+        for key in TYPE2_PATIENT_STUDY:
+            if key not in ds or ds[key].value is None:
+                setattr(ds, key, "")
+        sex = str(ds.PatientSex or "")
+        if sex not in ("M", "F", "O", ""):
+            ds.PatientSex = SEX_VALUES.get(sex.strip().upper(), "")
+        for key, fix in (("StudyDate", dicom_date), ("PatientBirthDate", dicom_date), ("StudyTime", dicom_time)):
+            text = str(ds[key].value or "").strip()
+            if text and fix(text) != text:
+                setattr(ds, key, fix(text))
+        if not _number(ds.get("SliceThickness"), 0.0) > 0 and slice_spacing > 0:
+            ds.SliceThickness = round(float(slice_spacing), 6)
+        if "SpacingBetweenSlices" in ds and not _number(ds.get("SpacingBetweenSlices"), 0.0) > 0:
+            del ds.SpacingBetweenSlices
+        if not ds.get("SOPClassUID"):
+            ds.SOPClassUID = MR_IMAGE
+        out.append(ds)
+    return out
+
 
 def seg_bytes(source: DicomSource, mask: np.ndarray, model_name: str, model_version: str, threshold: float | None = None) -> bytes:
     """A binary DICOM SEG of ``mask`` (Z, rows, columns), frame z on ``source.references[z]``.
 
-    It carries the study's identifiers (copied by highdicom from the source headers), so a
-    viewer or PACS files it with its study; nothing else brainseg writes does.
+    It carries the study's identifiers (copied by highdicom from the source headers, made fit by
+    ``seg_headers``), so a viewer or PACS files it with its study; nothing else brainseg writes does.
+    Raises ``SegError`` (a plain sentence) when the headers cannot give a SEG.
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -650,6 +878,12 @@ def seg_bytes(source: DicomSource, mask: np.ndarray, model_name: str, model_vers
     refs = source.references
     if mask.shape != (len(refs), int(refs[0].Rows), int(refs[0].Columns)):
         raise ValueError(f"mask shape {mask.shape} does not match the source series ({len(refs)} slices of {refs[0].Rows}x{refs[0].Columns})")
+    for key in SEG_UIDS:
+        if any(not str(ds.get(key, "") or "").strip() for ds in refs):
+            raise SegError(f"the source series has no {key}, which a DICOM SEG must carry")
+    refs = seg_headers(refs, source.slice_spacing)
+    further = [ds for ds in source.further if all(str(ds.get(k, "") or "").strip() for k in SEG_UIDS[:3])]  # references only: one without ids is left out
+    further = seg_headers(further, 0.0) or None
     params = {"brainseg": __version__} | ({"threshold": f"{threshold:.4g}"} if threshold is not None else {})
     algorithm = hd.AlgorithmIdentificationSequence(
         name=f"brainseg {model_name}"[:64], family=codes.cid7162.ArtificialIntelligence, version=str(model_version)[:64], source="brainseg", parameters=params
@@ -666,25 +900,48 @@ def seg_bytes(source: DicomSource, mask: np.ndarray, model_name: str, model_vers
     number = int(_number(refs[0].get("SeriesNumber")))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        seg = hd.seg.Segmentation(
-            source_images=refs,
-            pixel_array=mask.astype(np.uint8),
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=[lesion],
-            series_instance_uid=hd.UID(),
-            series_number=number + 1000 if 0 <= number < 2**31 - 1000 else 1000,
-            sop_instance_uid=hd.UID(),
-            instance_number=1,
-            manufacturer="brainseg",
-            manufacturer_model_name=f"brainseg {model_name}"[:64],
-            software_versions=__version__,
-            device_serial_number="none",
-            content_label="LESION",
-            content_description="brainseg lesion mask; research software, not for diagnosis",
-            series_description=f"brainseg lesion SEG ({model_name})"[:64],
-            further_source_images=source.further or None,
-            omit_empty_frames=False,
-        )
-        buf = io.BytesIO()
-        seg.save_as(buf)
+        try:
+            seg = hd.seg.Segmentation(
+                source_images=refs,
+                pixel_array=mask.astype(np.uint8),
+                segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                segment_descriptions=[lesion],
+                series_instance_uid=hd.UID(),
+                series_number=number + 1000 if 0 <= number < 2**31 - 1000 else 1000,
+                sop_instance_uid=hd.UID(),
+                instance_number=1,
+                manufacturer="brainseg",
+                manufacturer_model_name=f"brainseg {model_name}"[:64],
+                software_versions=__version__,
+                device_serial_number="none",
+                content_label="LESION",
+                content_description="brainseg lesion mask; research software, not for diagnosis",
+                series_description=f"brainseg lesion SEG ({model_name})"[:64],
+                further_source_images=further,
+                omit_empty_frames=False,
+            )
+            buf = io.BytesIO()
+            seg.save_as(buf)
+        except MemoryError:
+            raise
+        except Exception as exc:  # highdicom's and pydicom's messages may quote header values: never passed on
+            log.debug("DICOM SEG not written: %s", type(exc).__name__)
+            raise SegError("the source headers hold values a DICOM SEG cannot carry") from None
     return buf.getvalue()
+
+
+SEG_FAILED = "the DICOM SEG could not be written"
+
+
+def write_seg(source: DicomSource, mask: np.ndarray, model_name: str, model_version: str, threshold: float | None = None) -> tuple[bytes | None, str | None]:
+    """(SEG bytes, None), or (None, a plain warning) when it cannot be written: the caller keeps the mask either way."""
+    try:
+        return seg_bytes(source, mask, model_name, model_version, threshold), None
+    except MemoryError:
+        raise
+    except SegError as exc:
+        why = str(exc)
+    except Exception as exc:
+        log.warning("DICOM SEG not written: unexpected %s", type(exc).__name__)
+        why = "an unexpected failure while writing it"
+    return None, f"{SEG_FAILED} ({why}); the mask is kept: NIfTI mask, PNGs and lesion table as usual"
