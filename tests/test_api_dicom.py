@@ -17,7 +17,20 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from dicom_series import BROKEN_SERIES, PLANTED_BIRTH, PLANTED_ID, PLANTED_NAME, edited, small_series, write_brats_study, zip_bytes
+from dicom_series import (
+    ANONYMISED_HEADERS,
+    BROKEN_SERIES,
+    NO_FRAME_OF_REFERENCE,
+    PLANTED_BIRTH,
+    PLANTED_ID,
+    PLANTED_NAME,
+    edited,
+    monochrome1,
+    padding,
+    small_series,
+    write_brats_study,
+    zip_bytes,
+)
 from helpers import BRATS, every_log_line, make_client, require, segment
 
 PLANTED = ("Zzyzx", "Quentin", PLANTED_ID, PLANTED_BIRTH, "1947-11-03")
@@ -175,3 +188,51 @@ def test_bad_zips_and_files_get_their_4xx(client, tmp_path):
     files = _series_files(tmp_path / "few", shuffle=False)[:3]  # .dcm files sent as they are (a few: the form takes at most 8 files)
     r = segment(client, files)
     assert r.status_code == 200 and r.json()["input"]["shape"] == [32, 32, 3], r.text
+
+
+# ---------------------------------------------------------------- DICOM as hospitals export it
+
+
+@pytest.mark.parametrize("case", ["PatientSex Female", "every Type 2 patient and study attribute gone", "no SliceThickness"])
+def test_anonymised_exports_get_their_seg(client, tmp_path, case):
+    edit, expected = ANONYMISED_HEADERS[case]
+    r = segment(client, ("anon.zip", _zip(_series_files(tmp_path, edit))))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert not any("DICOM SEG" in w for w in body["input"]["warnings"])
+    seg = client.get(body["urls"]["seg_dicom"])
+    assert seg.status_code == 200
+    ds = pydicom.dcmread(io.BytesIO(seg.content))
+    assert ds.Modality == "SEG" and int(ds.NumberOfFrames) == 8
+    for key, value in expected.items():
+        assert str(ds.get(key, "") or "") == value, key
+
+
+def test_a_seg_that_cannot_be_written_keeps_the_mask(client, tmp_path):
+    """No FrameOfReferenceUID: 200 with the mask and a plain warning; seg.dcm is a 404 that says why."""
+    r = segment(client, ("nofor.zip", _zip(_series_files(tmp_path, NO_FRAME_OF_REFERENCE))))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert "seg_dicom" not in body["urls"] and body["kind"] == "volume" and body["slices"] == 8
+    said = [w for w in body["input"]["warnings"] if w.startswith("the DICOM SEG could not be written")]
+    assert len(said) == 1 and "FrameOfReferenceUID" in said[0], body["input"]["warnings"]
+    assert "highdicom" not in said[0].lower() and "Error" not in said[0] and "Traceback" not in said[0]
+    assert client.get(body["urls"]["mask_nifti"]).status_code == 200
+    assert client.get(body["urls"]["result"]).json()["input"]["warnings"] == body["input"]["warnings"]
+    r = client.get(f"/v1/results/{body['id']}/seg.dcm")
+    assert r.status_code == 404 and "could not be written" in r.json()["detail"]
+
+
+def test_padding_and_monochrome1_are_read_as_tissue_and_background(client, tmp_path):
+    """PixelPaddingValue (uint16 65535 here) is background, not a bright frame in the window; MONOCHROME1 is inverted with a note."""
+    files = small_series(tmp_path / "s")
+    plain = segment(client, ("plain.zip", _zip(edited(files))))
+    padded = segment(client, ("padded.zip", _zip(edited(files, padding(65535)))))
+    mono1 = segment(client, ("mono1.zip", _zip(edited(files, monochrome1(files)))))
+    assert plain.status_code == padded.status_code == mono1.status_code == 200, (padded.text, mono1.text)
+    high = padded.json()["input"]["display_window"]["high"][1]
+    assert high <= plain.json()["input"]["display_window"]["high"][1] < 1000, "the padding value is not in the intensity window"
+    assert any("padding" in n for n in padded.json()["input"]["notes"])
+    assert any("MONOCHROME1" in n for n in mono1.json()["input"]["notes"])
+    assert mono1.json()["input"]["display_window"] == plain.json()["input"]["display_window"]
+    assert mono1.json()["slice_lesion_area_px"] == plain.json()["slice_lesion_area_px"]

@@ -7,13 +7,19 @@ Every case runs through TestClient; a sample runs against a real uvicorn process
 
 from __future__ import annotations
 
+import atexit
+import functools
 import gzip
 import re
+import shutil
 import struct
+import tempfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
+from dicom_series import ANONYMISED_HEADERS, NO_FRAME_OF_REFERENCE, bare, edited, monochrome1, padding, small_series, zip_bytes
 from test_api_hardening import (
     IMAGE_CASES,
     MARK,
@@ -66,6 +72,20 @@ def _inf_tiff() -> bytes:
     img = np.ones((32, 32, 3), np.float32)
     img[3, 3, 1] = np.inf
     return tiff(img, photometric="rgb")
+
+
+def _huge_tiff() -> bytes:
+    """Finite float32 values of +-3e38: windowing them to 8 bits overflowed to a meaningless mask and a 200."""
+    img = np.full((64, 64), 120.0, np.float32)
+    img[10:30, 10:30], img[40:50, 40:50] = 3e38, -3e38
+    return tiff(img)
+
+
+def _huge_volume() -> bytes:
+    v = small_volume()
+    v[4:12, 4:12, 1] = 3e38
+    v[0, 0, 0] = -3e38
+    return nifti(v)
 
 
 def _nan_volume() -> bytes:
@@ -136,6 +156,7 @@ _FILES = {
     "tiff two channels": (("c.tif", tiff(np.zeros((32, 32, 2), np.uint8), photometric="minisblack", planarconfig="contig")), 422),
     "tiff NaN pixel": (("n.tif", _nan_tiff()), 422),
     "tiff inf pixel": (("i.tif", _inf_tiff()), 422),
+    "tiff float +-3e38": (("h.tif", _huge_tiff()), 422),
     "gif bytes": (("g.png", b"GIF89a" + b"\0" * 64), 422),
     "bmp bytes as jpg": (("b.jpg", b"BM" + b"\0" * 64), 422),
     "pdf, no suffix": (("scan", b"%PDF-1.4 not an image"), 415),
@@ -148,6 +169,7 @@ _FILES = {
     "garbage nii": (("g.nii", b"x" * 400), 422),
     "short nii": (("s.nii", b"\x5c\x01\x00\x00" + b"\0" * 96), 422),
     "NaN voxels": (("n.nii.gz", _nan_volume()), 422),
+    "float voxels +-3e38": (("h.nii.gz", _huge_volume()), 422),
     "scaling overflows to inf": (("o.nii.gz", _overflowing_volume()), 422),
     "negative dimension": (("d.nii", nifti(small_volume(), gz=False, edit=_edit(dim=[3, -32, 32, 4, 1, 1, 1, 1]))), 422),
     "dim[0] = 9": (("d.nii", nifti(small_volume(), gz=False, edit=_edit(dim=[9, 32, 32, 4, 1, 1, 1, 1]))), 422),
@@ -305,6 +327,43 @@ for _url, _status in [
 ]:
     case(f"GET {_url[:50]}", _status, method="GET", url=_url)(lambda: {})
 
+
+@functools.cache
+def _series() -> tuple[Path, ...]:
+    """A small DICOM series (32 x 32 x 8) written once, for the DICOM cases."""
+    folder = Path(tempfile.mkdtemp(prefix="brainseg-corpus-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return tuple(small_series(folder / "s"))
+
+
+def _dicom_zip(edit=None) -> dict:
+    return _files(("study.zip", zip_bytes([], dict(edited(list(_series()), edit)))))
+
+
+def _all_padding(ds, i):
+    ds.PixelData = np.full((int(ds.Rows), int(ds.Columns)), 65535, np.uint16).tobytes()
+    ds.add_new("PixelPaddingValue", "US", 65535)
+
+
+def _half_monochrome1(ds, i):
+    if i % 2:
+        ds.PhotometricInterpretation = "MONOCHROME1"
+
+
+def _bare_head() -> bytes:
+    folder = Path(tempfile.mkdtemp(prefix="brainseg-corpus-"))
+    try:
+        return bare(list(_series())[:1], folder)[0].read_bytes()[:200]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+case("dicom: every pixel is padding", 422)(lambda: _dicom_zip(_all_padding))
+case("dicom: slices mix MONOCHROME1 and MONOCHROME2", 422)(lambda: _dicom_zip(_half_monochrome1))
+# An old export's file (no preamble, no .dcm name) is recognised as DICOM by its content: cut, it is a 422, not a 415.
+case("dicom: IM0000 without preamble, cut after its first elements", 422)(lambda: _files(("IM0000", _bare_head())))
+
+
 case("DELETE /v1/segment", 405, method="DELETE")(lambda: {})
 case("PUT /health", 405, method="PUT", url="/health")(lambda: {})
 
@@ -365,8 +424,42 @@ def test_openapi_documents_every_status_with_its_error_schema(openapi):
     assert body["required"] == ["files"]
 
 
+def _bare_zip() -> bytes:
+    folder = Path(tempfile.mkdtemp(prefix="brainseg-corpus-"))
+    try:
+        bare(list(_series()), folder / "old")
+        return zip_bytes([folder / "old"])
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# DICOM as hospitals export it: anonymised or non-standard headers, padding, MONOCHROME1, old files. Each is a 200
+# with its mask, never a 5xx; a SEG that cannot be written (no FrameOfReferenceUID) is a warning in the answer.
+HOSPITAL_EXPORTS = {
+    **{f"headers: {cid}": (lambda e=e: _dicom_zip(e)) for cid, (e, _) in ANONYMISED_HEADERS.items()},
+    "headers: no FrameOfReferenceUID": lambda: _dicom_zip(NO_FRAME_OF_REFERENCE),
+    "padding: uint16 65535": lambda: _dicom_zip(padding(65535)),
+    "padding: int16 -32768": lambda: _dicom_zip(padding(-32768, signed=True)),
+    "MONOCHROME1": lambda: _dicom_zip(monochrome1(list(_series()))),
+    "old files: no preamble, no .dcm name": lambda: _files(("old.zip", _bare_zip())),
+}
+
+
+@pytest.mark.parametrize("cid", list(HOSPITAL_EXPORTS))
+def test_dicom_as_hospitals_export_it_is_answered(corpus_client, cid):
+    r = corpus_client.post("/v1/segment", **HOSPITAL_EXPORTS[cid]())
+    assert r.status_code == 200, (r.status_code, r.text[:300])
+    body = r.json()
+    assert body["kind"] == "volume" and body["slices"] == 8
+    warned = [w for w in body["input"]["warnings"] if w.startswith("the DICOM SEG could not be written")]
+    assert ("seg_dicom" in body["urls"]) != bool(warned), body["input"]["warnings"]
+    assert bool(warned) == (cid == "headers: no FrameOfReferenceUID")
+    assert corpus_client.get(f"/v1/results/{body['id']}/seg.dcm").status_code == (404 if warned else 200)
+
+
 REAL_SAMPLE = [
     "file: text as tif",
+    "file: tiff float +-3e38",
     "file: gzip CRC wrong",
     "file: gzip bomb past its header",
     "file: png declaring 100000x100000",

@@ -136,21 +136,34 @@ def _volume_urls(rid: str) -> dict:
     }
 
 
-def dicom_seg(run: RunInfo, vol: Volume, mask: np.ndarray) -> bytes | None:
-    """The DICOM SEG of a volume read from DICOM (``dicom.DicomVolume``), else None."""
+def dicom_seg(run: RunInfo, vol: Volume, mask: np.ndarray) -> tuple[bytes | None, str | None]:
+    """(the DICOM SEG, None) of a volume read from DICOM (``dicom.DicomVolume``); (None, None) for other volumes;
+    (None, a plain warning) when the SEG cannot be written from its headers: the mask is answered all the same."""
     if getattr(vol, "dicom", None) is None:
-        return None
-    from ..dicom import seg_bytes
+        return None, None
+    from ..dicom import write_seg
 
-    return seg_bytes(vol.dicom, vol.to_stored(np.asarray(mask)), run.model["name"], run.model["version"], run.post.threshold)
+    return write_seg(vol.dicom, vol.to_stored(np.asarray(mask)), run.model["name"], run.model["version"], run.post.threshold)
 
 
 def volume_answer(run: RunInfo, vol: Volume, res: VolumeResult, store) -> dict:
     """The answer for a volume, with per-slice lesion areas, a preview and download links; the result is stored."""
     window = res.window if res.display is not None else window_for_volume(vol.slices)  # segment_volume windows the volume once
     display = res.display if res.display is not None else display_volume(vol.slices, window)
-    seg = dicom_seg(run, vol, res.mask)
-    stored = StoredResult("volume", display, res.mask, {}, affine=vol.affine, orientation=vol.stored_orientation, name=vol.name, owner=run.owner, prob=probability_u8(res.prob), seg_dicom=seg)
+    seg, seg_warning = dicom_seg(run, vol, res.mask)
+    read_as = {**run.read_as, "warnings": [*run.read_as.get("warnings", []), seg_warning]} if seg_warning else run.read_as
+    stored = StoredResult(
+        "volume",
+        display,
+        res.mask,
+        {},
+        affine=vol.affine,
+        orientation=vol.stored_orientation,
+        name=vol.name,
+        owner=run.owner,
+        prob=probability_u8(res.prob),
+        seg_dicom=seg,
+    )
     s = res.summary()
     areas = s["slice_lesion_area_px"]
     z = int(np.argmax(areas)) if res.mask.any() else res.mask.shape[0] // 2
@@ -166,7 +179,7 @@ def volume_answer(run: RunInfo, vol: Volume, res: VolumeResult, store) -> dict:
             "dtype": "float32",
             "orientation": display_orientation(vol.display_affine),
             "display_window": display_window(window),
-            **run.read_as,
+            **read_as,
         },
         "lesion_count": s["lesion_count"],
         "lesion_voxels": s["lesion_voxels"],

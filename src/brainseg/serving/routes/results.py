@@ -78,6 +78,10 @@ async def mask_nifti(rid: str, results: Results = Depends(get_results)):
 async def seg_dicom(rid: str, results: Results = Depends(get_results)):
     res = results.find(rid)
     data = await anyio.to_thread.run_sync(res.dicom_seg)
+    if data is None and (res.summary.get("input") or {}).get("dicom"):
+        raise UploadError(
+            404, "the DICOM SEG of this result could not be written from its series' headers (see the answer's warnings); download the mask as /mask.nii.gz"
+        )
     if data is None:
         raise UploadError(404, "this result was not made from DICOM, so it has no DICOM SEG; download the mask as /mask.nii.gz or /mask.png")
     return Response(data, media_type="application/dicom", headers={"Content-Disposition": content_disposition(f"{res.name}_seg.dcm")})
