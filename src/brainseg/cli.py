@@ -224,12 +224,28 @@ def _print_read_as(name: str, read_as: dict) -> None:
 
 
 def cmd_predict(args) -> int:
+    """Every input in turn: one that fails is one line on stderr (``brainseg: error: PATH: message``; the
+    traceback too with -v) and the others go on; exit status 2 at the end when any failed, with a count
+    ("brainseg: 2 of 5 inputs failed") when there was more than one input."""
+    import traceback
+
+    from tqdm import tqdm
+
     from .predict import predict_inputs
 
+    def failed(line: str, exc: BaseException) -> None:
+        if args.verbose:
+            tqdm.write("".join(traceback.format_exception(exc)).rstrip(), file=sys.stderr)
+        tqdm.write(f"brainseg: error: {line}", file=sys.stderr)
+
     seg = _load_model(args)
-    written = predict_inputs(args.inputs, args.out, seg, _post(args, seg), tta=args.tta, sequence=args.sequence, report=_print_read_as)
-    print(f"wrote {len(written)} files to {args.out}")
-    return 0
+    batch = predict_inputs(args.inputs, args.out, seg, _post(args, seg), tta=args.tta, sequence=args.sequence, report=_print_read_as, on_error=failed)
+    print(f"wrote {len(batch.written)} files to {args.out}")
+    if not batch.failures:
+        return 0
+    if batch.inputs > 1:
+        print(f"brainseg: {len(batch.failures)} of {batch.inputs} inputs failed", file=sys.stderr)
+    return 2
 
 
 def cmd_export(args) -> int:

@@ -17,7 +17,7 @@ from scipy import ndimage
 from .channels import describe_slice, describe_volume, stored_channels
 from .config import PostprocessConfig
 from .data import IMAGE_SUFFIXES, MASK_TAG, DataError, read_image, to_three_channels, write_bytes_atomic, write_json_atomic
-from .dicom import is_dicom_input, load_dicom_path, seg_bytes
+from .dicom import is_dicom_input, load_dicom_path, write_seg
 from .inference import binarize, binarize_stack, bounding_box, volume_to_uint8, window_for_volume
 from .metrics import connected_components
 from .visualize import display_channel, overlay, save_png
@@ -160,31 +160,47 @@ def segment_volume(segmenter, vol: Volume, post: PostprocessConfig, tta: bool = 
 # ---------------------------------------------------------------- files in, files out
 
 
-def expand_inputs(inputs: list[str]) -> list[list[Path]]:
-    """Group inputs into jobs: one slice, or one volume (a NIfTI file or a BraTS set)."""
+def expand_inputs(inputs: list[str], on_error=None) -> list[list[Path]]:
+    """Group inputs into jobs: one slice, or one volume (a NIfTI file, a BraTS set, or a DICOM folder / .zip).
+
+    An input that is missing, of an unsupported type, yields nothing, or a BraTS set without FLAIR, is
+    a ``DataError``: raised, or given to ``on_error(exc)`` (the other inputs are grouped all the same).
+    """
+
+    def fail(exc: DataError) -> None:
+        if on_error is None:
+            raise exc
+        on_error(exc)
+
     jobs: list[list[Path]] = []
     brats: dict[tuple[str, str], list[Path]] = {}
     for raw in inputs:
         p = Path(raw)
-        if not p.exists():
-            raise DataError(p, "input not found")
-        if is_dicom_input(p):  # a .zip, or a folder of DICOM files: one series or study
-            jobs.append([p])
-            continue
-        files = sorted(p.iterdir()) if p.is_dir() else [p]
-        for f in files:
-            if f.is_dir():
+        before = len(jobs) + sum(map(len, brats.values()))
+        try:
+            if not p.exists():
+                raise DataError(p, "input not found")
+            if is_dicom_input(p):  # a .zip, or a folder of DICOM files (recognised by content): one series or study
+                jobs.append([p])
                 continue
-            if is_nifti(f):
-                tag = brats_sequence(f)
-                if tag:
-                    brats.setdefault((str(f.parent), tag[0]), []).append(f)
-                else:
+            files = sorted(p.iterdir()) if p.is_dir() else [p]
+            for f in files:
+                if f.is_dir():
+                    continue
+                if is_nifti(f):
+                    tag = brats_sequence(f)
+                    if tag:
+                        brats.setdefault((str(f.parent), tag[0]), []).append(f)
+                    else:
+                        jobs.append([f])
+                elif f.suffix.lower() in IMAGE_SUFFIXES and not f.stem.endswith(MASK_TAG):
                     jobs.append([f])
-            elif f.suffix.lower() in IMAGE_SUFFIXES and not f.stem.endswith(MASK_TAG):
-                jobs.append([f])
-            elif not p.is_dir():
-                raise DataError(f, f"unsupported file type (use {', '.join(IMAGE_SUFFIXES)}, .nii or .nii.gz)")
+                elif not p.is_dir():
+                    raise DataError(f, f"unsupported file type (use {', '.join(IMAGE_SUFFIXES)}, .nii or .nii.gz, or a DICOM folder or .zip)")
+            if len(jobs) + sum(map(len, brats.values())) == before:
+                raise DataError(p, "no slices or volumes found")
+        except DataError as exc:
+            fail(exc)
     for files in brats.values():
         # One set per (folder, stem): read together when it has FLAIR (t2f), missing t1n / t1c
         # filled with FLAIR by load_volume; a lone file is one grey volume of the sequence
@@ -196,12 +212,14 @@ def expand_inputs(inputs: list[str]) -> list[list[Path]]:
             jobs.append(sorted(files, key=lambda f: SEQ_ORDER.index(brats_sequence(f)[1])))
         else:
             got = ", ".join(sorted(seqs, key=SEQ_ORDER.index))
-            raise DataError(
-                files[0],
-                f"BraTS-style set {brats_sequence(files[0])[0]} has no FLAIR (t2f) file (got {got}); the models need FLAIR (t1n and t1c may be left out)",
+            fail(
+                DataError(
+                    files[0],
+                    f"BraTS-style set {brats_sequence(files[0])[0]} has no FLAIR (t2f) file (got {got}); the models need FLAIR (t1n and t1c may be left out)",
+                )
             )
-    if not jobs:
-        raise DataError(inputs[0], "no slices or volumes found")
+    if not jobs and not inputs:
+        raise DataError(".", "no slices or volumes found")
     return jobs
 
 
@@ -219,70 +237,127 @@ def model_version(segmenter) -> str:
     return "+".join(versions) or "unknown"
 
 
+@dataclass
+class Batch:
+    """What ``predict_inputs`` did: the files written, how many inputs (jobs) it had, and one line per input that failed."""
+
+    written: list[Path] = field(default_factory=list)
+    inputs: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+def failure_line(exc: BaseException, label: str, quote: bool = True) -> str:
+    """One line naming the input: a ``DataError`` as it reads ("PATH: message"), anything else as
+    "LABEL: unexpected TypeName" (with its first message line when ``quote``; never for DICOM, whose
+    library messages may quote header values)."""
+    if isinstance(exc, DataError):
+        return " ".join(str(exc).split())
+    text = " ".join(str(exc).split())[:200] if quote else ""
+    return f"{label}: unexpected {type(exc).__name__}" + (f": {text}" if text else "")
+
+
 def predict_inputs(
-    inputs: list[str], out_dir: os.PathLike | str, segmenter, post: PostprocessConfig, tta: bool = False, sequence: str | None = None, report=None
-) -> list[Path]:
-    """Write masks, overlays and lesion JSON for every input; returns the files written.
+    inputs: list[str],
+    out_dir: os.PathLike | str,
+    segmenter,
+    post: PostprocessConfig,
+    tta: bool = False,
+    sequence: str | None = None,
+    report=None,
+    on_error=None,
+) -> Batch:
+    """Write masks, overlays and lesion JSON for every input; returns the ``Batch`` (files written, failures).
 
     ``sequence`` (``channels.SEQUENCES``): what a grey slice or a single volume is (None: FLAIR,
     or what a BraTS file name says). Each ``X_lesions.json`` holds how the input was read
     (``read_as``: condition, channels, sequence, warnings); ``report(name, read_as)`` is
-    called for each input as well.
+    called for each input as well. An input that fails (bad data, or anything unexpected) is
+    reported to ``on_error(line, exc)`` (``failure_line``) and the others go on; without
+    ``on_error`` the first failure is raised. A DICOM SEG that cannot be written is a warning
+    in ``read_as`` (the mask is written all the same), not a failure.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
+    batch = Batch()
     from tqdm import tqdm
 
-    for job in tqdm(expand_inputs(inputs), desc="predict", unit="input"):
+    def failed(exc: BaseException, label: str, quote: bool = True) -> None:
+        if on_error is None:
+            raise exc
+        batch.failures.append(failure_line(exc, label, quote))
+        on_error(batch.failures[-1], exc)
+
+    jobs = expand_inputs(inputs, on_error=None if on_error is None else lambda exc: failed(exc, exc.path))
+    batch.inputs = len(jobs) + len(batch.failures)
+    for job in tqdm(jobs, desc="predict", unit="input", disable=len(jobs) < 2):
         from_dicom = _is_dicom_job(job)
-        if is_nifti(job[0]) or from_dicom:
-            vol = load_dicom_path(job[0]) if from_dicom else load_volume(job)
-            read_as = describe_volume(vol, sequence)
-            if from_dicom:
-                read_as["dicom"] = vol.dicom.block()
-            res = segment_volume(segmenter, vol, post, tta)
-            mask_path = save_mask_nifti(out / f"{vol.name}_mask.nii.gz", res.mask, vol)
-            z = int(np.argmax(res.slice_areas)) if res.mask.any() else res.mask.shape[0] // 2
-            ov = out / f"{vol.name}_overlay.png"
-            save_png(ov, overlay(display_channel(vol.slices[z]), res.mask[z]))
-            stats = {
-                "input": list(vol.sources) if from_dicom else [str(f) for f in job],  # DICOM: the path, unless it names the patient
-                "read_as": read_as,
-                "model": segmenter.name,
-                "precision": segmenter.precision,
-                "postprocess": {"threshold": post.threshold, "min_size": post.min_size},
-                "overlay_slice": z,
-                **res.summary(),
-            }
-            js = out / f"{vol.name}_lesions.json"
-            write_json_atomic(js, stats)
-            written += [mask_path, ov, js]
-            if from_dicom:  # the mask as a DICOM SEG beside the NIfTI one, referencing the source series
-                seg_path = out / f"{vol.name}_seg.dcm"
-                write_bytes_atomic(seg_path, seg_bytes(vol.dicom, vol.to_stored(res.mask), segmenter.name, model_version(segmenter), post.threshold))
-                written.append(seg_path)
-        else:
-            f = job[0]
-            image = read_image(f)
-            img3 = to_three_channels(image, f)
-            read_as = describe_slice(img3, stored_channels(image), sequence)
-            res = segment_slice(segmenter, img3, post, tta)
-            mp, op, js = out / f"{f.stem}_mask.png", out / f"{f.stem}_overlay.png", out / f"{f.stem}_lesions.json"
-            save_png(mp, res.mask.astype(np.uint8) * 255)
-            save_png(op, overlay(res.image, res.mask))
-            write_json_atomic(
-                js,
-                {
-                    "input": str(f),
-                    "read_as": read_as,
-                    "model": segmenter.name,
-                    "precision": segmenter.precision,
-                    "postprocess": {"threshold": post.threshold, "min_size": post.min_size},
-                    **res.summary(),
-                },
-            )
-            written += [mp, op, js]
+        label = str(job[0])
+        try:
+            if is_nifti(job[0]) or from_dicom:
+                vol = load_dicom_path(job[0]) if from_dicom else load_volume(job)
+                label = vol.sources[0] if from_dicom else label  # a DICOM path that names the patient is not repeated
+                name, read_as = vol.name, _predict_volume(vol, job, from_dicom, out, segmenter, post, tta, sequence, batch.written)
+            else:
+                name, read_as = job[0].name, _predict_slice(job[0], out, segmenter, post, tta, sequence, batch.written)
+        except Exception as exc:  # one input's failure, reported by name; the others go on
+            failed(exc, label, quote=not from_dicom)
+            continue
         if report is not None:
-            report(vol.name if is_nifti(job[0]) or from_dicom else job[0].name, read_as)
-    return written
+            report(name, read_as)
+    return batch
+
+
+def _predict_volume(vol: Volume, job: list[Path], from_dicom: bool, out: Path, segmenter, post: PostprocessConfig, tta: bool, sequence, written: list) -> dict:
+    read_as = describe_volume(vol, sequence)
+    if from_dicom:
+        read_as["dicom"] = vol.dicom.block()
+    res = segment_volume(segmenter, vol, post, tta)
+    mask_path = save_mask_nifti(out / f"{vol.name}_mask.nii.gz", res.mask, vol)
+    z = int(np.argmax(res.slice_areas)) if res.mask.any() else res.mask.shape[0] // 2
+    ov = out / f"{vol.name}_overlay.png"
+    save_png(ov, overlay(display_channel(vol.slices[z]), res.mask[z]))
+    written += [mask_path, ov]
+    seg = None
+    if from_dicom:  # the mask as a DICOM SEG beside the NIfTI one, referencing the source series; a failure is a warning
+        seg, warning = write_seg(vol.dicom, vol.to_stored(res.mask), segmenter.name, model_version(segmenter), post.threshold)
+        if warning:
+            read_as["warnings"] = [*read_as.get("warnings", []), warning]
+    stats = {
+        "input": list(vol.sources) if from_dicom else [str(f) for f in job],  # DICOM: the path, unless it names the patient
+        "read_as": read_as,
+        "model": segmenter.name,
+        "precision": segmenter.precision,
+        "postprocess": {"threshold": post.threshold, "min_size": post.min_size},
+        "overlay_slice": z,
+        **res.summary(),
+    }
+    js = out / f"{vol.name}_lesions.json"
+    write_json_atomic(js, stats)
+    written.append(js)
+    if seg is not None:
+        write_bytes_atomic(out / f"{vol.name}_seg.dcm", seg)
+        written.append(out / f"{vol.name}_seg.dcm")
+    return read_as
+
+
+def _predict_slice(f: Path, out: Path, segmenter, post: PostprocessConfig, tta: bool, sequence, written: list) -> dict:
+    image = read_image(f)
+    img3 = to_three_channels(image, f)
+    read_as = describe_slice(img3, stored_channels(image), sequence)
+    res = segment_slice(segmenter, img3, post, tta)
+    mp, op, js = out / f"{f.stem}_mask.png", out / f"{f.stem}_overlay.png", out / f"{f.stem}_lesions.json"
+    save_png(mp, res.mask.astype(np.uint8) * 255)
+    save_png(op, overlay(res.image, res.mask))
+    write_json_atomic(
+        js,
+        {
+            "input": str(f),
+            "read_as": read_as,
+            "model": segmenter.name,
+            "precision": segmenter.precision,
+            "postprocess": {"threshold": post.threshold, "min_size": post.min_size},
+            **res.summary(),
+        },
+    )
+    written += [mp, op, js]
+    return read_as
