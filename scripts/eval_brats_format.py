@@ -46,6 +46,19 @@ def case_scores(segmenter, post, case_dir: Path, label: Path) -> dict:
     return out
 
 
+def brats_format_scores(segmenter, root: Path, progress: bool = True) -> dict:
+    """{case: {"all" | "flair_only": {dice, precision, recall, pred_ml, ref_ml}}} for every case folder under ``root``."""
+    out = {}
+    for case in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "labels"):
+        out[case.name] = case_scores(segmenter, segmenter.postprocess, case, root / "labels" / f"{case.name}-fusion.nii.gz")
+        r = out[case.name]
+        if progress:
+            print(
+                f"{case.name}: all {r['all']['dice']:.3f} (P {r['all']['precision']:.2f} R {r['all']['recall']:.2f}); FLAIR only {r['flair_only']['dice']:.3f}"
+            )
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, default=Path("../shared/data/brats-format"))
@@ -58,13 +71,7 @@ def main() -> int:
         print(f"eval_brats_format: error: {a.root}: no such folder", file=sys.stderr)
         return 2
     segmenter = load(a.model, checkpoint=a.checkpoint, precision=a.precision)
-    post = segmenter.postprocess
-    results = {}
-    for case in sorted(p for p in a.root.iterdir() if p.is_dir() and p.name != "labels"):
-        label = a.root / "labels" / f"{case.name}-fusion.nii.gz"
-        results[case.name] = case_scores(segmenter, post, case, label)
-        r = results[case.name]
-        print(f"{case.name}: all {r['all']['dice']:.3f} (P {r['all']['precision']:.2f} R {r['all']['recall']:.2f}); FLAIR only {r['flair_only']['dice']:.3f}")
+    results = brats_format_scores(segmenter, a.root)
     for cond in ("all", "flair_only"):
         print(f"mean {cond}: {np.mean([r[cond]['dice'] for r in results.values()]):.3f}")
     if a.json:

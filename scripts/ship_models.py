@@ -26,16 +26,20 @@ import numpy as np
 
 from brainseg import __version__
 from brainseg.checkpoint import load_checkpoint, save_checkpoint
-from brainseg.config import CONDITIONS, DISPLAY_NAMES, SPLIT_SEED, ExperimentConfig
+from brainseg.config import DISPLAY_NAMES, EVERY_CONDITION, SPLIT_SEED, ExperimentConfig
 from brainseg.data import discover, labelled, write_json_atomic, write_text_atomic
-from brainseg.evaluation import PROTOCOLS, conditions_table, evaluate_predictions, markdown_table, mean_predictions, predict_patients
+from brainseg.evaluation import CONDITION_NAMES, PROTOCOLS, conditions_table, evaluate_predictions, markdown_table, mean_predictions, predict_patients
 from brainseg.export import export_onnx
 from brainseg.inference import Ensemble, Segmenter, TorchBackend, load_segmenter
 from brainseg.pipeline import CALIBRATION_CONDITIONS, SELECTED_BY, calibrate, condition_summary
 from brainseg.registry import EnsembleEntry, ModelEntry, Registry, write_registry
 from brainseg.visualize import save_figure
 
-CONDS = tuple(CONDITIONS)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eval_brats_format import brats_format_scores  # noqa: E402
+
+CONDS = EVERY_CONDITION  # the four channel conditions and the three of other hospitals' data (skull stripped, BraTS-like)
+BRATS_FORMAT = Path("../shared/data/brats-format")
 REGISTRY_METRICS = ("per_patient_dice", "positive_slice_dice", "fp_slice_rate", "lesion_sensitivity", "hd95")
 
 PAPERS = {
@@ -52,6 +56,7 @@ def main() -> int:
     ap.add_argument("--candidates", nargs="+", required=True, help="NAME=CKPT[,CKPT...] per architecture")
     ap.add_argument("--training-note", default="", help="how the candidates were trained, for the model cards")
     ap.add_argument("--limit", type=int, default=0, help="smoke test: only this many validation and test patients")
+    ap.add_argument("--brats-format", type=Path, default=BRATS_FORMAT, help="LGG patients in BraTS format with reference masks (skipped if absent)")
     a = ap.parse_args()
 
     out: Path = a.out
@@ -101,7 +106,9 @@ def main() -> int:
         report["onnx_per_patient_dice"] = by_cond["all"]["per_patient_dice"]
         report["torch_per_patient_dice"] = torch_report["per_patient_dice"]
         report["onnx_vs_torch_dice_difference"] = abs(by_cond["all"]["per_patient_dice"] - torch_report["per_patient_dice"])
-        report["onnx_predict_seconds_test_set_4_conditions"] = round(onnx_seconds, 1)
+        report[f"onnx_predict_seconds_test_set_{len(CONDS)}_conditions"] = round(onnx_seconds, 1)
+        if a.brats_format.is_dir():
+            report["brats_format"] = brats_format_scores(onnx_seg, a.brats_format)
         reports[name] = report
         test_preds[name] = preds
         members.append(onnx_seg)
@@ -150,9 +157,12 @@ def main() -> int:
     write_text_atomic(
         out / "results.md",
         f"# Test-set results of the shipped models\n\n{split_note}\n\nDefault model: **{DISPLAY_NAMES[default]}** (`{default}`), {SELECTED_BY}.\n\n"
-        f"## Under the four input conditions\n\nPer-patient 3D Dice [95% bootstrap interval]; FP = share of lesion-free slices with any predicted lesion; "
+        f"## Under every input condition\n\nPer-patient 3D Dice [95% bootstrap interval]; FP = share of lesion-free slices with any predicted lesion; "
         "empty = patients with a lesion over 10,000 voxels and an empty prediction. "
-        f"A missing sequence is given as a copy of FLAIR, as the dataset stores it.\n\n{cond_table}\n"
+        "A missing sequence is given as a copy of FLAIR, as the dataset stores it. Skull stripped = `preprocessing.brain_mask` "
+        "(threshold, erosion, largest component, fill) applied to the raw slice; BraTS-like = skull stripped and the brain shrunk to 0.78 "
+        f"of its size in the canvas (a 240 mm field of view at 1 mm), the prediction mapped back before scoring.\n\n{cond_table}\n"
+        f"{brats_format_section({DISPLAY_NAMES[n]: reports[n] for n in names})}"
         f"## Every metric, all three sequences\n\n{table}\n",
     )
     make_figure(test, members, out / "test_examples.png")
@@ -167,6 +177,27 @@ def main() -> int:
         + ", ".join(f"{n} {reports[n]['onnx_vs_torch_dice_difference']:.4f}" for n in names)
     )
     return 0
+
+
+def brats_format_section(reports: dict[str, dict]) -> str:
+    """The same LGG patients in BraTS format (skull-stripped, 1 mm, atlas space) against their kaggle_3m slices."""
+    rows = []
+    for label, r in reports.items():
+        for case, res in (r.get("brats_format") or {}).items():
+            rows.append(
+                f"| {label} | {case} | {res['all']['dice']:.3f} (precision {res['all']['precision']:.2f}, recall {res['all']['recall']:.2f}) "
+                f"| {res['flair_only']['dice']:.3f} | {res['all']['pred_ml']:.1f} / {res['all']['ref_ml']:.1f} |"
+            )
+    if not rows:
+        return ""
+    return (
+        "## The same patients in BraTS format\n\n`../shared/data/brats-format`: two of the LGG patients (they may be in the training split: this measures "
+        "what a change of format costs, not generalisation) registered to the SRI-24 atlas, 1 mm, skull-stripped; reference = fusion of five BraTS "
+        "algorithms, whole tumour. Volume read as `brainseg predict` reads a BraTS set, mask compared on the file's grid "
+        "(`python scripts/eval_brats_format.py`).\n\n| Model | case | Dice, t1n + t2f + t1c | Dice, t2f only | predicted / reference mL |\n|---|---|---|---|---|\n"
+        + "\n".join(rows)
+        + "\n"
+    )
 
 
 def registry_conditions(by_cond: dict[str, dict]) -> dict[str, dict]:
@@ -233,9 +264,12 @@ def model_card(name: str, ckpt: dict, report: dict, split: dict, training_note: 
     hist = ckpt.get("history", [])
     cal = ckpt.get("calibration", {})
     top = sorted(cal.get("table", []), key=lambda r: -r["per_patient_dice"])[:8]
+    cal_conds = cal.get("conditions", ["all", "flair_only"])
+    cal_head = "| threshold | min size | components | " + " | ".join(f"val Dice, {CONDITION_NAMES[c]}" for c in cal_conds) + " | val FP-slice rate, all |"
     cal_rows = "\n".join(
-        f"| {r['threshold']} | {r['min_size']} | {'3D' if r['components_3d'] else '2D'} "
-        f"| {r['dice_all']:.3f} | {r['dice_flair_only']:.3f} | {_fmt(r['fp_slice_rate_all'])} |"
+        f"| {r['threshold']} | {r['min_size']} | {'3D' if r['components_3d'] else '2D'} | "
+        + " | ".join(f"{r[f'dice_{c}']:.3f}" for c in cal_conds)
+        + f" | {_fmt(r['fp_slice_rate_all'])} |"
         for r in top
     )
     metric_rows = "\n".join(f"| {k} | {_ci(report, k)} | {PROTOCOLS[k]} |" for k in PROTOCOLS)
@@ -244,11 +278,21 @@ def model_card(name: str, ckpt: dict, report: dict, split: dict, training_note: 
     )
     conds = report["conditions"]
     cond_rows = "\n".join(
-        f"| {c} | {_ci(conds[c], 'per_patient_dice')} | {_fmt(conds[c]['per_patient_dice_median'])} | {_ci(conds[c], 'fp_slice_rate')} "
+        f"| {CONDITION_NAMES[c]} | {_ci(conds[c], 'per_patient_dice')} | {_fmt(conds[c]['per_patient_dice_median'])} | {_ci(conds[c], 'fp_slice_rate')} "
         f"| {_fmt(conds[c]['lesion_sensitivity'])} | {conds[c]['empty_on_large_lesion']} |"
         for c in CONDS
     )
     per_patient = "\n".join(f"| {pid} | " + " | ".join(f"{conds[c]['per_patient'][pid]:.3f}" for c in CONDS) + " |" for pid in conds["all"]["per_patient"])
+    per_patient_head = "| patient | " + " | ".join(CONDITION_NAMES[c] for c in CONDS) + " |\n|---|" + "---|" * len(CONDS)
+    shift = [
+        f"skull-stripped slices (`preprocessing.skull_strip`, cached) with probability {cfg.augment.skull_strip}" if cfg.augment.skull_strip else "",
+        f"a smaller brain in the canvas (zoom {cfg.augment.zoom_min}-1) with probability {cfg.augment.zoom_out}" if cfg.augment.zoom_out else "",
+        f"a smooth bias field with probability {cfg.augment.bias_field}" if cfg.augment.bias_field else "",
+        f"lower resolution with probability {cfg.augment.low_resolution}" if cfg.augment.low_resolution else "",
+        f"blur with probability {cfg.augment.blur}" if cfg.augment.blur else "",
+    ]
+    shift_note = "; ".join(x for x in shift if x)
+    shift_line = f"\n- **domain shift** (other hospitals' data): {shift_note}." if shift_note else ""
     post = cfg.postprocess
     pre, train, aug = cfg.preprocess, cfg.train, cfg.augment
     clahe = f"CLAHE per channel (clip {pre.clahe_clip_limit}, grid {pre.clahe_tile_grid}x{pre.clahe_tile_grid}, on={pre.clahe})"
@@ -256,7 +300,11 @@ def model_card(name: str, ckpt: dict, report: dict, split: dict, training_note: 
         f"AdamW (lr {train.lr}, weight decay {train.weight_decay}), linear warm-up {train.warmup_epochs} epoch then cosine decay; "
         f"EMA {train.ema_decay or 'off'}"
     )
-    best_epoch = "mean per-patient Dice with all sequences and with FLAIR only (network resolution, threshold 0.5)"
+    best_epoch = (
+        "mean per-patient Dice with all sequences and with FLAIR only"
+        + (", and skull stripped" if aug.skull_strip else "")
+        + " (network resolution, threshold 0.5)"
+    )
     affine = f"affine (rotation +-{aug.rotate} deg, scale +-{aug.scale}, shift)"
     shipped_epoch = ckpt.get("epoch", len(hist))
     measured_in = "3D (over the stacked slices of a volume)" if post.components_3d else "2D (per slice)"
@@ -311,7 +359,7 @@ Probabilities are resized back (bilinear) to the input's size before thresholdin
 - seed {cfg.train.seed}; batch {cfg.train.batch_size}, {int(cfg.train.positive_fraction * 100)}% lesion-positive slices per epoch (foreground-aware sampling);
   loss BCE + soft Dice; {optimiser}.
 - augmentation (albumentations, seeded per sample): flips, {affine}, elastic, brightness/contrast, gamma, Gaussian noise;
-  **sequence dropout**: pre-contrast replaced by FLAIR with probability {cfg.augment.missing_pre}, post-contrast with {cfg.augment.missing_post}, independently.
+  **sequence dropout**: pre-contrast replaced by FLAIR with probability {cfg.augment.missing_pre}, post-contrast with {cfg.augment.missing_post}, independently.{shift_line}
 - best epoch chosen on validation: {best_epoch}; shipped weights from epoch {shipped_epoch} of this stage.
 - code: brainseg {ckpt["info"].get("brainseg_version")}, torch {ckpt["info"].get("torch")}, trained on {ckpt["info"].get("device", "cpu")}
 
@@ -320,10 +368,10 @@ Probabilities are resized back (bilinear) to the input's size before thresholdin
 ## Post-processing calibration (validation patients only)
 Chosen: probability >= **{post.threshold}**, components smaller than **{post.min_size}** px removed, measured in **{measured_in}**;
 a slice uploaded on its own (no neighbours) drops components smaller than **{slice_min}** px (the best 2D setting at this threshold).
-Score = mean of the per-patient Dice with all sequences and with FLAIR only. Best settings:
+Score = mean of the per-patient Dice under {", ".join(CONDITION_NAMES[c] for c in cal_conds)}. Best settings:
 
-| threshold | min size | components | val Dice, all | val Dice, FLAIR only | val FP-slice rate, all |
-|---|---|---|---|---|---|
+{cal_head}
+|---|---|---|{"---|" * len(cal_conds)}---|
 {cal_rows}
 
 ## Test results, all three sequences ({report["patients"]} patients, {report["slices"]} slices, ONNX model)
@@ -339,11 +387,14 @@ Lesion-wise by lesion size (3D components, voxels at native resolution):
 
 Per patient (3D Dice):
 
-| patient | all | pre missing | post missing | FLAIR only |
-|---|---|---|---|---|
+{per_patient_head}
 {per_patient}
 
+{brats_format_section({DISPLAY_NAMES[name]: report})}
+
 ## Known limits
+- Other hospitals' data is reproduced here only by simple skull stripping and a larger field of view on the same patients; other
+  scanners, field strengths and high-grade gliomas are measured independently, not here.
 - Trained on lower-grade glioma FLAIR abnormality from 5 TCGA institutions, {len(split["train"])} training patients. Brain
   metastases look different (ring enhancement, oedema) and are often much smaller; on metastasis
   data (e.g. BraTS-METS) the output is only a starting point and has not been validated.

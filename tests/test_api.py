@@ -252,7 +252,8 @@ def test_brats_volume_three_files(client, shared_data):
     assert body["kind"] == "volume" and body["input"]["name"] == "BraTS-MET-00110-000"
     assert body["input"]["shape"] == [240, 240, 155] and body["slices"] == 155
     assert body["input"]["condition"] == "all" and body["input"]["sequences_present"] == ["t1n", "t2f", "t1c"]
-    assert body["input"]["orientation"] == {"top": "A", "bottom": "P", "left": "L", "right": "R"}  # header: RAS
+    # stored RAS; shown as every volume is: anterior up, the patient's right on the left
+    assert body["input"]["orientation"] == {"top": "A", "bottom": "P", "left": "R", "right": "L"}
     assert len(body["slice_lesion_area_px"]) == 155 and body["input"]["spacing_mm"] == [1.0, 1.0, 1.0]
     assert body["slices_with_lesion"] == [z for z, a in enumerate(body["slice_lesion_area_px"]) if a > 0]
     assert body["lesion_voxels"] == sum(body["slice_lesion_area_px"])

@@ -13,6 +13,7 @@ import pytest
 from helpers import BRATS, LGG, REPO, require
 
 from brainseg.cli import main
+from brainseg.config import EVERY_CONDITION
 from brainseg.data import discover
 
 SMALL = ["--size", "64", "--features", "4", "8", "16", "32"]
@@ -97,7 +98,8 @@ def test_full_pipeline_on_real_patients(three_patients, tmp_path, capsys):
         == 0
     )
     rep = json.loads(report.read_text())
-    assert set(rep["conditions"]) == {"all", "pre_missing", "post_missing", "flair_only"} and rep["condition"] == "all"
+    assert set(rep["conditions"]) == set(EVERY_CONDITION) and rep["condition"] == "all"
+    assert "skull stripped" in report.with_suffix(".md").read_text()
     assert "FLAIR only" in report.with_suffix(".md").read_text()
     assert rep["patients"] == 1 and list(rep["per_patient"]) == split["test"]
     for key in [

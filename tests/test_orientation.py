@@ -33,7 +33,9 @@ def _bytes(img: nib.Nifti1Image) -> bytes:
 
 def _back_to(img_from: nib.Nifti1Image, data: np.ndarray, img_to: nib.Nifti1Image) -> np.ndarray:
     """Voxels of ``data`` (on ``img_from``'s grid) on ``img_to``'s grid (both are reorientations of one image)."""
-    return np.asarray(nib.Nifti1Image(data, img_from.affine).as_reoriented(ornt_transform(io_orientation(img_from.affine), io_orientation(img_to.affine))).dataobj)
+    return np.asarray(
+        nib.Nifti1Image(data, img_from.affine).as_reoriented(ornt_transform(io_orientation(img_from.affine), io_orientation(img_to.affine))).dataobj
+    )
 
 
 def test_synthetic_volume_is_shown_anterior_up_patient_right_on_the_left():

@@ -9,7 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .config import SPLIT_SEED, ExperimentConfig, default_data_root
+from .config import EVERY_CONDITION, SPLIT_SEED, ExperimentConfig, default_data_root
 
 log = logging.getLogger("brainseg")
 
@@ -188,7 +188,8 @@ def cmd_evaluate(args) -> int:
 
     seg = _load_model(args)
     ids = read_split(args.split)[args.subset] if args.split else None
-    conditions = tuple(CONDITIONS) if args.conditions == ["every"] else tuple(args.conditions)
+    named = {"every": EVERY_CONDITION, "channels": tuple(CONDITIONS)}
+    conditions = tuple(dict.fromkeys(c for arg in args.conditions for c in named.get(arg, (arg,))))
     report = evaluate(seg, args.data, ids, post=_post(args, seg), tta=args.tta, sweep=args.sweep, conditions=conditions)
     report["split"] = f"{args.split}:{args.subset}" if args.split else "all labelled patients in the folder"
     report["precision"] = seg.precision
@@ -335,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--domain-shift", action="store_true", help=f"train for other hospitals' data: {DOMAIN_SHIFT_PRESET} (each flag below overrides)")
     for k, what in DOMAIN_SHIFT_FLAGS.items():
         tr.add_argument(f"--{k.replace('_', '-')}", type=float, default=None, help=f"probability of {what} (default {getattr(d.augment, k)})")
-    tr.add_argument("--checkpoint-every", type=float, default=d.train.checkpoint_every_s / 60, help="minutes between checkpoints within an epoch (0: epoch ends only)")
+    tr.add_argument(
+        "--checkpoint-every", type=float, default=d.train.checkpoint_every_s / 60, help="minutes between checkpoints within an epoch (0: epoch ends only)"
+    )
     tr.add_argument("--init-from", default=None, help="start from these weights (a .pt, or a folder with <model>.pt) with a fresh schedule")
     tr.add_argument("--resume", action="store_true", help="continue from RUN/<model>/last.pt")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -351,8 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--conditions",
         nargs="+",
         default=["all"],
-        choices=["all", "pre_missing", "post_missing", "flair_only", "every"],
-        help="input conditions to evaluate (missing sequences as FLAIR copies); 'every' = all four",
+        choices=[*EVERY_CONDITION, "channels", "every"],
+        help="input conditions to evaluate: missing sequences as FLAIR copies (all, pre_missing, post_missing, flair_only; 'channels' = these four), "
+        "other hospitals' data reproduced on these slices (skull_stripped, skull_stripped_flair_only, brats_like); 'every' = all seven",
     )
     ev.add_argument("--out", required=True, help="REPORT.json (a .md table is written beside it)")
     ev.set_defaults(func=cmd_evaluate)

@@ -14,10 +14,10 @@ import numpy as np
 from tqdm import tqdm
 
 from . import metrics as M
-from .config import CONDITIONS, PostprocessConfig
+from .config import CONDITIONS, EVERY_CONDITION, SHIFT_CONDITIONS, PostprocessConfig
 from .data import Patient, load_patient
 from .inference import binarize_stack
-from .preprocessing import apply_condition
+from .preprocessing import apply_condition, shift_condition, unzoom
 
 SIZE_EDGES = (100, 1000, 10000)  # lesion size bins, voxels at native resolution
 
@@ -43,6 +43,9 @@ CONDITION_NAMES = {
     "pre_missing": "pre-contrast missing (FLAIR copy)",
     "post_missing": "post-contrast missing (FLAIR copy)",
     "flair_only": "FLAIR only (one grey image)",
+    "skull_stripped": "skull stripped",
+    "skull_stripped_flair_only": "skull stripped, FLAIR only",
+    "brats_like": "BraTS-like (skull stripped, 240 mm field of view)",
 }
 
 
@@ -58,7 +61,12 @@ def predict_patients(segmenter, patients: list[Patient], tta: bool = False, prog
     out = []
     for p in tqdm(patients, desc=f"predict {segmenter.name} ({condition})", unit="patient", disable=not progress):
         images, truth = load_patient(p)
-        probs = segmenter.probabilities([apply_condition(img, condition) for img in images], tta=tta)
+        if condition in SHIFT_CONDITIONS:  # skull stripped / BraTS-like: the prediction goes back onto the slice's own pixels
+            shifted = [shift_condition(img, condition) for img in images]
+            probs = segmenter.probabilities([img for img, _ in shifted], tta=tta)
+            probs = [prob if m is None else unzoom(prob, m) for prob, (_, m) in zip(probs, shifted)]
+        else:
+            probs = segmenter.probabilities([apply_condition(img, condition) for img in images], tta=tta)
         out.append(PatientPrediction(p.id, np.stack(probs), truth))
     return out
 
@@ -230,7 +238,7 @@ def markdown_table(reports: dict[str, dict]) -> str:
 
 def conditions_table(reports: dict[str, dict[str, dict]]) -> str:
     """Per-patient Dice [95% CI] and lesion-free-slice FP rate of each model (rows) under each input condition (columns)."""
-    conds = [c for c in CONDITIONS if all(c in r for r in reports.values())]
+    conds = [c for c in EVERY_CONDITION if all(c in r for r in reports.values())]
     lines = ["| Model | " + " | ".join(CONDITION_NAMES[c] for c in conds) + " |", "|---|" + "---|" * len(conds)]
     for name, by_cond in reports.items():
         cells = [

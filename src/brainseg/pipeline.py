@@ -148,9 +148,12 @@ def train_models(
 
 
 # Post-processing is calibrated, and the default model chosen, on the validation patients
-# with complete input and with FLAIR alone (the most common input a user has).
-CALIBRATION_CONDITIONS = ("all", "flair_only")
-SELECTED_BY = "validation per-patient 3D Dice, mean of complete input and FLAIR only, at the calibrated post-processing (never the test patients)"
+# with complete input, with FLAIR alone (the most common input a user has) and skull stripped
+# (how other hospitals' data and BraTS-format volumes come).
+CALIBRATION_CONDITIONS = ("all", "flair_only", "skull_stripped")
+SELECTED_BY = (
+    "validation per-patient 3D Dice, mean of complete input, FLAIR only and skull-stripped input, at the calibrated post-processing (never the test patients)"
+)
 
 
 def calibrate(segmenter, val_patients, progress: bool = True) -> tuple[PostprocessConfig, list[dict], float]:

@@ -236,7 +236,11 @@ def _domain_shift_transforms(cfg: AugmentConfig) -> list:
     if cfg.zoom_out > 0:
         out.append(A.Affine(scale=(cfg.zoom_min, 1.0), border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=cfg.zoom_out))
     if cfg.bias_field > 0:
-        out.append(A.OneOf([A.Illumination(mode="linear", intensity_range=(0.05, 0.2)), A.Illumination(mode="gaussian", intensity_range=(0.05, 0.2))], p=cfg.bias_field))
+        out.append(
+            A.OneOf(
+                [A.Illumination(mode="linear", intensity_range=(0.05, 0.2)), A.Illumination(mode="gaussian", intensity_range=(0.05, 0.2))], p=cfg.bias_field
+            )
+        )
     if cfg.low_resolution > 0:
         out.append(A.Downscale(scale_range=(0.4, 0.8), interpolation_pair={"downscale": cv2.INTER_AREA, "upscale": cv2.INTER_LINEAR}, p=cfg.low_resolution))
     if cfg.blur > 0:
