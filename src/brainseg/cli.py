@@ -282,6 +282,56 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    """Every study in turn (or on Ray), resumable: finished studies are skipped, a failed one is one line on
+    stderr and a row of summary.csv; exit status 2 when any study failed."""
+    from .batch import ModelSpec, run_batch
+
+    spec = ModelSpec(
+        model=args.model,
+        checkpoint=args.checkpoint,
+        model_dir=args.model_dir,
+        torch=args.torch,
+        precision=args.precision,
+        threshold=args.threshold,
+        min_size=args.min_size,
+        tta=args.tta,
+        sequence=args.sequence,
+    )
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
+        raise ValueError(f"--threshold must be in (0, 1), got {args.threshold}")
+
+    def report(rec) -> None:
+        from tqdm import tqdm
+
+        if rec.status != "ok":
+            tqdm.write(f"brainseg: error: {rec.error}", file=sys.stderr)
+
+    run = run_batch(
+        args.inputs,
+        args.out,
+        spec,
+        ray=args.ray,
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        retry_failed=args.retry_failed,
+        progress=not args.quiet,
+        on_record=report,
+    )
+    for rec in run.records:
+        if rec.status != "ok" and not rec.key:  # inputs that gave no study (missing, unsupported) fail in every run
+            print(f"brainseg: error: {rec.error}", file=sys.stderr)
+    ok = len(run.records) - len(run.failed)
+    rate = f", {run.done_now / run.seconds * 60:.1f} studies/min" if run.done_now else ""
+    print(
+        f"batch: {len(run.records)} studies: {ok} ok, {len(run.failed)} failed; {run.done_now} done now in {run.seconds:.1f} s{rate}, {run.skipped} done before"
+    )
+    if run.nodes():
+        print("studies per Ray node: " + ", ".join(f"{node} {n}" for node, n in sorted(run.nodes().items())))
+    print(f"summary: {run.summary}")
+    return 2 if run.failed else 0
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -389,6 +439,22 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--calibration-method", choices=["percentile", "minmax"], default="percentile", help="how activation ranges are set (default percentile)")
     ex.add_argument("--seed", type=int, default=0, help="seed of the calibration slice choice")
     ex.set_defaults(func=cmd_export)
+
+    ba = sub.add_parser(
+        "batch", help="predict over many studies (inputs, or a CSV manifest with a 'path' column), in this process or on Ray; resumable, summary.csv"
+    )
+    ba.add_argument("inputs", nargs="+", help="what predict takes (slices, folders, NIfTI, BraTS sets, DICOM folders / zips), or a .csv manifest")
+    ba.add_argument("--out", required=True, help="output folder: predict's files per study, summary.csv, and the records a rerun resumes from")
+    ba.add_argument(
+        "--ray", default=None, metavar="local|auto|ADDRESS", help="run on Ray: a local instance, the running cluster (auto), or a cluster's address"
+    )
+    ba.add_argument("--workers", type=int, default=None, help="Ray workers (default: the cluster's CPUs / --cpus-per-worker); each loads the model once")
+    ba.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each Ray worker takes (and its ONNX Runtime threads)")
+    ba.add_argument("--retry-failed", action="store_true", help="try the studies that failed in an earlier run again (finished ones are always skipped)")
+    ba.add_argument("--quiet", action="store_true", help="no progress bar")
+    ba.add_argument("--sequence", type=str.lower, choices=SEQUENCE_CHOICES, default=None, help="as for predict")
+    _add_model_args(ba)
+    ba.set_defaults(func=cmd_batch)
 
     se = sub.add_parser("serve", help="start the FastAPI service")
     se.add_argument("--host", default="127.0.0.1")

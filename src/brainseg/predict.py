@@ -256,6 +256,51 @@ def failure_line(exc: BaseException, label: str, quote: bool = True) -> str:
     return f"{label}: unexpected {type(exc).__name__}" + (f": {text}" if text else "")
 
 
+@dataclass
+class Study:
+    """One input (a job of ``expand_inputs``) segmented by ``predict_job``: ``name`` as reported (a slice's file
+    name, a volume's name), ``stem`` the prefix of its output files, how it was read, the files written and the
+    lesion figures of its ``X_lesions.json``."""
+
+    name: str
+    stem: str
+    read_as: dict
+    written: list[Path]
+    lesion_count: int
+    lesion_volume_mm3: float | None  # volumes only
+    seconds: float
+
+
+class JobFailed(Exception):
+    """``predict_job``'s failure: ``line`` names the input (``failure_line``), ``exc`` is what was raised,
+    ``written`` the files written before it."""
+
+    def __init__(self, line: str, exc: BaseException, written: list[Path]):
+        super().__init__(line)
+        self.line, self.exc, self.written = line, exc, written
+
+
+def predict_job(job: list[Path], out: Path, segmenter, post: PostprocessConfig, tta: bool = False, sequence: str | None = None) -> Study:
+    """Read, segment and write one job of ``expand_inputs`` into ``out`` (every file atomically): what
+    ``brainseg predict`` and ``brainseg batch`` do per input. Anything that fails is a ``JobFailed``."""
+    t0 = time.perf_counter()
+    from_dicom = _is_dicom_job(job)
+    label = str(job[0])
+    written: list[Path] = []
+    try:
+        if is_nifti(job[0]) or from_dicom:
+            vol = load_dicom_path(job[0]) if from_dicom else load_volume(job)
+            label = vol.sources[0] if from_dicom else label  # a DICOM path that names the patient is not repeated
+            name = stem = vol.name
+            read_as, summary = _predict_volume(vol, job, from_dicom, out, segmenter, post, tta, sequence, written)
+        else:
+            name, stem = job[0].name, job[0].stem
+            read_as, summary = _predict_slice(job[0], out, segmenter, post, tta, sequence, written)
+    except Exception as exc:  # one input's failure, reported by name
+        raise JobFailed(failure_line(exc, label, quote=not from_dicom), exc, written) from exc
+    return Study(name, stem, read_as, written, summary["lesion_count"], summary.get("lesion_volume_mm3"), time.perf_counter() - t0)
+
+
 def predict_inputs(
     inputs: list[str],
     out_dir: os.PathLike | str,
@@ -281,33 +326,30 @@ def predict_inputs(
     batch = Batch()
     from tqdm import tqdm
 
-    def failed(exc: BaseException, label: str, quote: bool = True) -> None:
+    def failed(exc: BaseException, line: str) -> None:
         if on_error is None:
             raise exc
-        batch.failures.append(failure_line(exc, label, quote))
-        on_error(batch.failures[-1], exc)
+        batch.failures.append(line)
+        on_error(line, exc)
 
-    jobs = expand_inputs(inputs, on_error=None if on_error is None else lambda exc: failed(exc, exc.path))
+    jobs = expand_inputs(inputs, on_error=None if on_error is None else lambda exc: failed(exc, failure_line(exc, exc.path)))
     batch.inputs = len(jobs) + len(batch.failures)
     for job in tqdm(jobs, desc="predict", unit="input", disable=len(jobs) < 2):
-        from_dicom = _is_dicom_job(job)
-        label = str(job[0])
         try:
-            if is_nifti(job[0]) or from_dicom:
-                vol = load_dicom_path(job[0]) if from_dicom else load_volume(job)
-                label = vol.sources[0] if from_dicom else label  # a DICOM path that names the patient is not repeated
-                name, read_as = vol.name, _predict_volume(vol, job, from_dicom, out, segmenter, post, tta, sequence, batch.written)
-            else:
-                name, read_as = job[0].name, _predict_slice(job[0], out, segmenter, post, tta, sequence, batch.written)
-        except Exception as exc:  # one input's failure, reported by name; the others go on
-            failed(exc, label, quote=not from_dicom)
+            study = predict_job(job, out, segmenter, post, tta, sequence)
+        except JobFailed as err:  # the others go on
+            batch.written += err.written
+            failed(err.exc, err.line)
             continue
+        batch.written += study.written
         if report is not None:
-            report(name, read_as)
+            report(study.name, study.read_as)
     return batch
 
 
-def _predict_volume(vol: Volume, job: list[Path], from_dicom: bool, out: Path, segmenter, post: PostprocessConfig, tta: bool, sequence, written: list) -> dict:
+def _predict_volume(
+    vol: Volume, job: list[Path], from_dicom: bool, out: Path, segmenter, post: PostprocessConfig, tta: bool, sequence, written: list
+) -> tuple[dict, dict]:
     read_as = describe_volume(vol, sequence)
     if from_dicom:
         read_as["dicom"] = vol.dicom.block()
@@ -337,10 +379,10 @@ def _predict_volume(vol: Volume, job: list[Path], from_dicom: bool, out: Path, s
     if seg is not None:
         write_bytes_atomic(out / f"{vol.name}_seg.dcm", seg)
         written.append(out / f"{vol.name}_seg.dcm")
-    return read_as
+    return read_as, stats
 
 
-def _predict_slice(f: Path, out: Path, segmenter, post: PostprocessConfig, tta: bool, sequence, written: list) -> dict:
+def _predict_slice(f: Path, out: Path, segmenter, post: PostprocessConfig, tta: bool, sequence, written: list) -> tuple[dict, dict]:
     image = read_image(f)
     img3 = to_three_channels(image, f)
     read_as = describe_slice(img3, stored_channels(image), sequence)
@@ -348,16 +390,14 @@ def _predict_slice(f: Path, out: Path, segmenter, post: PostprocessConfig, tta: 
     mp, op, js = out / f"{f.stem}_mask.png", out / f"{f.stem}_overlay.png", out / f"{f.stem}_lesions.json"
     save_png(mp, res.mask.astype(np.uint8) * 255)
     save_png(op, overlay(res.image, res.mask))
-    write_json_atomic(
-        js,
-        {
-            "input": str(f),
-            "read_as": read_as,
-            "model": segmenter.name,
-            "precision": segmenter.precision,
-            "postprocess": {"threshold": post.threshold, "min_size": post.min_size},
-            **res.summary(),
-        },
-    )
+    stats = {
+        "input": str(f),
+        "read_as": read_as,
+        "model": segmenter.name,
+        "precision": segmenter.precision,
+        "postprocess": {"threshold": post.threshold, "min_size": post.min_size},
+        **res.summary(),
+    }
+    write_json_atomic(js, stats)
     written += [mp, op, js]
-    return read_as
+    return read_as, stats
