@@ -282,3 +282,87 @@ def test_training_cache_and_serving_feed_the_network_the_same_tensors(normalizat
             assert served.shape == (1, 3, cfg.preprocess.input_size, cfg.preprocess.input_size) and served.dtype == np.float32
             assert np.array_equal(served[0], training[pos][0].numpy()), name
     assert len(recorder.batches) == len(training)
+
+
+# ---------------------------------------------------------------- temporaries of killed builds
+
+SLOW_BUILD = """
+import sys, time
+import brainseg.cache as cache
+from brainseg.config import PreprocessConfig
+from brainseg.data import discover
+read = cache.read_pair
+def slow(*a, **k):
+    time.sleep(0.2)
+    return read(*a, **k)
+cache.read_pair = slow
+cache.build_cache(discover(sys.argv[1]), PreprocessConfig(input_size=32), sys.argv[2], progress=False)
+"""
+
+
+def _temporaries(folder: Path, name: str) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.name.startswith(f".{name}.")) if folder.exists() else []
+
+
+def test_sigterm_during_a_build_leaves_no_temporary_folder(tmp_path):
+    """`kill PID` (SIGTERM) while the cache is being written: the build cleans up and exits 143, as Ctrl-C does."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = synthetic_dataset(tmp_path / "data", patients=2, slices=40, size=48)
+    runs = tmp_path / "runs"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_BUILD, str(root), str(runs / "c")], env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(p.is_dir() and (p / "masks.npy").exists() for p in _temporaries(runs, "c")):  # writing has begun
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no temporary folder"
+            )
+            time.sleep(0.05)
+        (tmp,) = _temporaries(runs, "c")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, proc.stderr.read().decode()[-2000:])
+    assert _temporaries(runs, "c") == [] and not (runs / "c").exists()
+    assert tmp.name.startswith(f".c.{proc.pid}.")  # the folder named its owner (for the next build, had this been kill -9)
+
+
+def test_a_build_removes_temporaries_of_builds_that_died(tmp_path):
+    """kill -9 cannot be caught: the next build of the same cache removes what such builds left
+    (owner pid gone, pid now another process's, or an old pid-less name), and nothing else."""
+    import subprocess
+    import sys
+    import time
+
+    root = synthetic_dataset(tmp_path / "data", patients=3, slices=4, size=48)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        time.sleep(0.5)
+        hour_ago = time.time() - 7200
+        dead_owner = runs / f".c.{gone.pid}.abcd1234"
+        running_owner = runs / f".c.{alive.pid}.efgh5678"  # made after its process started: a build still running
+        reused_pid = runs / f".c.{alive.pid}.ijkl9012"  # made before that process started: its pid was reused
+        old_unnamed, fresh_unnamed = runs / ".c.mnop3456", runs / ".c.qrst7890"
+        other_cache, swap = runs / f".d.{gone.pid}.uvwx1234", runs / ".c.old"
+        for d in (dead_owner, running_owner, reused_pid, old_unnamed, fresh_unnamed, other_cache, swap):
+            d.mkdir()
+            (d / "images.npy").write_bytes(b"x" * 1000)
+        for d in (reused_pid, old_unnamed):
+            os.utime(d, (hour_ago, hour_ago))
+        build_cache(discover(root), PreprocessConfig(input_size=32), runs / "c", progress=False)
+        left = {p.name for p in runs.iterdir()}
+        assert left == {"c", running_owner.name, fresh_unnamed.name, other_cache.name, swap.name}, left
+    finally:
+        alive.kill()
+        alive.wait()

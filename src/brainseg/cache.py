@@ -16,12 +16,17 @@ was built from this dataset with these settings (otherwise it is rebuilt).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import signal
 import tempfile
+import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -128,20 +133,125 @@ def _created_dirs(path: Path) -> list[Path]:
     return made
 
 
+STALE_TEMP_AGE_S = 3600.0  # a temporary folder without an owner pid (older brainseg) this old is a dead build's
+
+
+def _temp_prefix(out: Path) -> str:
+    """``.<cache name>.<pid>.``: a build's temporary folder says which process makes it."""
+    return f".{out.name}.{os.getpid()}."
+
+
+def _process_start(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), from /proc; None where unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _owner_alive(pid: int, made: float) -> bool:
+    """Whether process ``pid`` runs and is the one that made a folder at ``made`` (not a later process given the same pid)."""
+    if pid == os.getpid():
+        return False  # this process builds one cache at a time; a folder with its pid is an older process's
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    started = _process_start(pid)
+    return started is None or started <= made + 1.0
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove the temporary folders of earlier builds of ``out`` that died without cleaning up (killed,
+    or the machine went down): those whose owner pid is gone (or now belongs to a later process), and
+    those of older brainseg versions (no pid in the name) older than ``STALE_TEMP_AGE_S``. Returns them."""
+    pattern = re.compile(re.escape(f".{out.name}.") + r"(?:(\d+)\.)?[a-z0-9_]{8}")
+    removed = []
+    try:
+        entries = list(os.scandir(out.parent))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if not m or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            made = entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        stale = not _owner_alive(int(m[1]), made) if m[1] else made < now - STALE_TEMP_AGE_S
+        if stale:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            log.warning("removed %s, left by a cache build that did not finish", entry.path)
+            removed.append(Path(entry.path))
+    return removed
+
+
+class _Terminated:
+    """While a build runs in the main thread, SIGTERM and SIGHUP (where they would kill the process)
+    raise ``SystemExit(128 + signal)`` instead, so the build's cleanup runs; ``hold()`` delays that
+    while the new cache is being swapped in."""
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+    def __init__(self):
+        self.previous, self.pending, self.holding = {}, None, False
+
+    def _handle(self, signum, frame):
+        if self.holding:
+            self.pending = signum
+            return
+        raise SystemExit(128 + signum)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                if signal.getsignal(sig) == signal.SIG_DFL:
+                    self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    @contextlib.contextmanager
+    def hold(self):
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+            if self.pending is not None:
+                raise SystemExit(128 + self.pending)
+
+
 def build_cache(ds: Dataset, cfg: PreprocessConfig, out: os.PathLike | str, progress: bool = True, split: dict | None = None) -> Path:
     """Preprocess every labelled slice of ``ds`` into ``out`` (replaced atomically).
 
     ``split`` is written as ``split.json`` into the same atomic step; without it, the old
     cache's ``split.json`` is kept if every patient it names is in ``ds``. A build that fails
-    leaves neither a partial cache nor folders it created.
+    leaves neither a partial cache nor folders it created: also when it is stopped by Ctrl-C,
+    SIGTERM or SIGHUP (``_Terminated``). Temporary folders of earlier builds that were killed
+    outright are removed first (``remove_stale_temporaries``).
     """
-    out = Path(out)
+    with _Terminated() as terminated:
+        return _build_cache(ds, cfg, Path(out), progress, split, terminated)
+
+
+def _build_cache(ds: Dataset, cfg: PreprocessConfig, out: Path, progress: bool, split: dict | None, terminated: _Terminated) -> Path:
     lab = labelled(ds)
     records = [s for p in lab.patients for s in p.slices]
     n, size = len(records), cfg.input_size
     made = _created_dirs(out.parent)
     try:
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+        remove_stale_temporaries(out)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=_temp_prefix(out)))
     except BaseException:
         _remove_empty(made)
         raise
@@ -173,14 +283,15 @@ def build_cache(ds: Dataset, cfg: PreprocessConfig, out: os.PathLike | str, prog
             old_split = reusable_split(out / "split.json", [p.id for p in lab.patients])
             if old_split is not None:
                 shutil.copy2(out / "split.json", tmp / "split.json")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        with terminated.hold():  # a signal now waits until the new cache is in place
+            if out.exists():
+                old = out.with_name(f".{out.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(made)
