@@ -6,10 +6,10 @@
 For each model of ``registry.json``: ``X.onnx`` -> ``X.int8.onnx`` (``brainseg.export.export_int8``,
 calibrated on seeded slices of the split's *training* patients, some with FLAIR copied into the
 pre- / post-contrast channels); the fp32 and the INT8 model are evaluated on the *test* patients
-under the four input conditions, with the model's calibrated post-processing. The registry entry
+under every input condition (``config.EVERY_CONDITION``: the four channel conditions, skull stripped, ...), with the model's calibrated post-processing. The registry entry
 gets ``onnx_int8``, an ``int8`` block (calibration, both per-patient Dice under every condition,
 the drop) and ``default_precision``: ``int8`` only where the per-patient Dice drops by at most
-``MAX_DROP`` under every condition (all sequences, pre- or post-contrast missing, FLAIR only),
+``MAX_DROP`` under every condition (all sequences, missing sequences, skull stripped, BraTS-like),
 else ``fp32``; the registry is written after each model. The model card gets an "INT8" section.
 Prints the Dice difference per condition. Memory: about 0.7 GB (calibration runs batch by batch).
 
@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from brainseg.config import CONDITIONS, DISPLAY_NAMES
+from brainseg.config import DISPLAY_NAMES, EVERY_CONDITION
 from brainseg.data import discover, labelled, read_split, write_text_atomic
 from brainseg.evaluation import evaluate_predictions, predict_patients
 from brainseg.export import CALIBRATION_METHODS, CALIBRATION_SLICES, export_int8
@@ -45,7 +45,7 @@ def split_of(reg: dict, model_dir: Path, split_file: str | None) -> dict:
 def compare(fp32, int8, patients) -> dict:
     """Per-patient Dice (and FP rate) of both models under every condition, and the drop."""
     out = {}
-    for cond in CONDITIONS:
+    for cond in EVERY_CONDITION:
         reports = {
             p: evaluate_predictions(predict_patients(m, patients, condition=cond, progress=False), m.postprocess) for p, m in (("fp32", fp32), ("int8", int8))
         }

@@ -293,6 +293,11 @@ def model_card(name: str, ckpt: dict, report: dict, split: dict, training_note: 
     ]
     shift_note = "; ".join(x for x in shift if x)
     shift_line = f"\n- **domain shift** (other hospitals' data): {shift_note}." if shift_note else ""
+    shift_summary = (
+        "\nIt was also trained for other hospitals' data (skull-stripped slices, another field of view, bias field, lower resolution)."
+        if shift_note
+        else "\nIt was not trained on skull-stripped slices (see the skull-stripped rows below)."
+    )
     post = cfg.postprocess
     pre, train, aug = cfg.preprocess, cfg.train, cfg.augment
     clahe = f"CLAHE per channel (clip {pre.clahe_clip_limit}, grid {pre.clahe_tile_grid}x{pre.clahe_tile_grid}, on={pre.clahe})"
@@ -315,7 +320,7 @@ def model_card(name: str, ckpt: dict, report: dict, split: dict, training_note: 
 2D {DISPLAY_NAMES[name]} that segments the FLAIR abnormality of lower-grade glioma in axial brain MRI
 slices. Input: 3 channels (pre-contrast T1, FLAIR, post-contrast T1); a missing pre- or
 post-contrast sequence is given as a copy of FLAIR, and one grey FLAIR image as FLAIR in all
-three channels: the model was trained for all four conditions. **Research software, not a medical device.**
+three channels: the model was trained for all four conditions.{shift_summary} **Research software, not a medical device.**
 
 Per-patient 3D Dice on {report["patients"]} test patients (never trained, tuned or thresholded on), 95% bootstrap interval over patients:
 
