@@ -468,7 +468,7 @@ def show_downloads(opts: dict, res: dict, z: int, views: dict) -> None:
     suffix = f"_z{z}" if is_volume else ""
     if is_volume:
         download_volume_files(opts["base"], res, stem)
-    mask_png = views["mask"] if is_volume else base64.b64decode(res["mask_png"])
+    mask_png = base64.b64decode(res["mask_png"]) if res.get("mask_png") else views["mask"]  # large slices' answers link to it instead
     for what, data in (("mask", mask_png), ("overlay", views["overlay"])):
         label = f"{what.capitalize()} PNG" + (f" (slice {z})" if is_volume else "")
         st.download_button(label, data, f"{stem}_{what}{suffix}.png", "image/png", key=f"dl_{what}", icon=":material/download:", width="stretch")

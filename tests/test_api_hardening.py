@@ -604,3 +604,298 @@ def test_rate_limit_per_client(tiny_model_dir):
         assert "BRAINSEG_RATE_PER_MIN" in assert_plain(r, 429) and 1 <= int(r.headers["retry-after"]) <= 61
         assert c.post("/v1/segment", files=one, headers={"X-API-Key": "k2"}).status_code == 200  # another client
         assert c.get("/health").status_code == 200 and c.get("/v1/models", headers={"X-API-Key": "k1"}).status_code == 200
+
+
+# ---------------------------------------------------------------- step 7: fail closed; memory bounded for every request
+
+
+def _refused_at_start(tiny_model_dir, tmp_path, *args: str, status: int | None = 3, **env: str) -> str:
+    """Start uvicorn as the README says; it must exit (with ``status``: 3 is uvicorn's start-up failure)
+    without ever answering. Returns its log. A server that starts anyway is stopped and the test fails."""
+    from conftest import server_env, start_uvicorn, stop
+
+    log = tmp_path / "uvicorn.log"
+    env.setdefault("BRAINSEG_RESULT_DIR", str(tmp_path / "results"))
+    try:
+        _, proc = start_uvicorn("app:app", server_env(tiny_model_dir, **env), log, "--http", "brainseg.serving.protocol:H11WithHeaderTimeout", *args)
+    except RuntimeError as exc:
+        assert f"exited with {'' if status is None else status}" in str(exc) and "before" in str(exc), str(exc)[-1500:]
+        return log.read_text(errors="replace")
+    stop(proc)
+    raise AssertionError(f"the server started and served with {env}")
+
+
+UNUSABLE_KEYS = [
+    ("only commas", {"BRAINSEG_API_KEY": " , "}, ["BRAINSEG_API_KEY is set but holds no key"]),
+    ("only spaces", {"BRAINSEG_API_KEY": "   "}, ["BRAINSEG_API_KEY is set but holds no key"]),
+    ("a key no header can carry", {"BRAINSEG_API_KEY": "good-key-1234567890,clé-schlüssel"}, ["key 2 of BRAINSEG_API_KEY", "printable ASCII"]),
+    ("a missing key file", {"BRAINSEG_API_KEY_FILE": "{tmp}/no-such-file"}, ["BRAINSEG_API_KEY_FILE", "cannot be read"]),
+    ("a key file of comments", {"BRAINSEG_API_KEY_FILE": "{tmp}/comments"}, ["BRAINSEG_API_KEY_FILE", "holds no key"]),
+]
+
+
+@pytest.mark.parametrize("env, words", [c[1:] for c in UNUSABLE_KEYS], ids=[c[0] for c in UNUSABLE_KEYS])
+def test_an_unusable_api_key_setting_stops_the_server(tiny_model_dir, tmp_path, env, words):
+    """A key setting that leaves no usable key used to run the service open, silently: now it does not start."""
+    (tmp_path / "comments").write_text("# keys for the lab\n\n   \n# none yet\n")
+    env = {k: v.format(tmp=tmp_path) for k, v in env.items()}
+    text = _refused_at_start(tiny_model_dir, tmp_path, **env)
+    assert "brainseg: cannot start:" in text and "Traceback" not in text, text[-2000:]
+    for w in words:
+        assert w in text, text[-2000:]
+    assert "clé" not in text and "good-key" not in text  # keys are never repeated
+
+
+def test_an_unusable_api_key_stops_every_worker_too(tiny_model_dir, tmp_path):
+    """With --workers the supervisor stops too (each worker exits with status 3, uvicorn's start-up
+    failure), instead of restarting them for ever; uvicorn's parent then exits with status 0."""
+    text = _refused_at_start(tiny_model_dir, tmp_path, "--workers", "2", status=None, BRAINSEG_API_KEY=" , ")
+    assert "BRAINSEG_API_KEY is set but holds no key" in text and "failed to start, stopping the parent process" in text
+
+
+def test_keys_from_a_file_with_comments_and_blank_lines(tiny_model_dir, tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# the lab's keys\n\n  file-key-one-0123456789  \n# retired: old-key\nfile-key-two-0123456789\n")
+    keys.chmod(0o600)
+    with make_client(tiny_model_dir, api_key_file=str(keys), api_key="env-key-0123456789") as c:
+        for key in ("file-key-one-0123456789", "file-key-two-0123456789", "env-key-0123456789"):
+            assert c.get("/v1/models", headers={"X-API-Key": key}).status_code == 200, key
+        for key in ("# retired: old-key", "old-key", "", "# the lab's keys"):
+            assert c.get("/v1/models", headers={"X-API-Key": key}).status_code == 401, key
+
+
+def test_guessing_keys_is_slowed_down_per_client(tiny_model_dir, tmp_path):
+    """The issue's 300 wrong keys in 0.58 s: now a client gets BRAINSEG_AUTH_FAILURES_PER_MIN wrong keys
+    a minute, then 429 with Retry-After for every protected request (its keys are not even checked);
+    another address is not affected, and requests without a key are not counted as guesses."""
+    import httpx
+    from conftest import start_api, stop
+
+    key = "the-right-key-0123456789abcdef"
+    url, proc, log = start_api(tiny_model_dir, tmp_path / "uvicorn.log", BRAINSEG_API_KEY=key, BRAINSEG_AUTH_FAILURES_PER_MIN="5")
+
+    def client(address: str) -> httpx.Client:
+        return httpx.Client(base_url=url, timeout=30, transport=httpx.HTTPTransport(local_address=address))
+
+    try:
+        with client("127.0.0.1") as guesser, client("127.0.0.2") as other, client("127.0.0.3") as keyless:
+            codes = [guesser.get("/v1/models", headers={"X-API-Key": f"guess-{i:04d}"}).status_code for i in range(30)]
+            assert codes == [401] * 5 + [429] * 25, codes
+            r = guesser.get("/v1/models", headers={"X-API-Key": key})  # the right key now: not looked at
+            assert "BRAINSEG_AUTH_FAILURES_PER_MIN" in assert_plain(r, 429) and 1 <= int(r.headers["retry-after"]) <= 60
+            r = guesser.post("/v1/segment", files={"files": ("s.png", synthetic_png(size=64))}, headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 429
+            assert guesser.get("/health").status_code == 200  # open routes stay open
+            assert other.get("/v1/models", headers={"X-API-Key": key}).status_code == 200
+            assert other.get("/v1/models", headers={"X-API-Key": "guess"}).status_code == 401
+            assert [keyless.get("/v1/models").status_code for _ in range(12)] == [401] * 12
+            assert keyless.get("/v1/models", headers={"X-API-Key": key}).status_code == 200
+    finally:
+        stop(proc)
+
+
+def test_the_owner_kept_with_a_result_is_a_keyed_hash(tiny_model_dir, tmp_path):
+    """A result file no longer holds sha256(key): a dictionary of hashed keys cannot find the key. The
+    HMAC secret is BRAINSEG_OWNER_SECRET, or one generated into the result folder (0600) that every
+    worker on the folder shares."""
+    import hashlib
+    import hmac
+    import json
+    import zipfile
+
+    key, folder = "key-one-0123456789abcdef", tmp_path / "results"
+
+    def owner_in_file(rid: str) -> str:
+        with zipfile.ZipFile(folder / f"{rid}.npz") as zf:
+            return json.loads(zf.read("meta.json"))["owner"]
+
+    with make_client(tiny_model_dir, api_key=key, result_dir=str(folder)) as c:
+        rid = c.post("/v1/segment", files={"files": ("s.png", synthetic_png(size=64))}, headers={"X-API-Key": key}).json()["id"]
+    owner = owner_in_file(rid)
+    assert owner not in hashlib.sha256(key.encode()).hexdigest() and key not in owner
+    secret = folder / ".owner-secret"
+    assert (secret.stat().st_mode & 0o777) == 0o600 and re.fullmatch(r"[0-9a-f]{64}", secret.read_text().strip())
+    assert owner == hmac.new(secret.read_text().strip().encode(), key.encode(), hashlib.sha256).hexdigest()[:32]
+    with make_client(tiny_model_dir, api_key=key, result_dir=str(folder)) as c:  # another worker on the folder
+        assert c.get(f"/v1/results/{rid}", headers={"X-API-Key": key}).status_code == 200
+    with make_client(tiny_model_dir, api_key=key, result_dir=str(folder), owner_secret="another-secret-0123456789") as c:
+        assert c.get(f"/v1/results/{rid}", headers={"X-API-Key": key}).status_code == 404  # another secret: another owner
+        rid2 = c.post("/v1/segment", files={"files": ("s.png", synthetic_png(size=64))}, headers={"X-API-Key": key}).json()["id"]
+    assert owner_in_file(rid2) == hmac.new(b"another-secret-0123456789", key.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def test_openapi_declares_how_to_send_the_key(tiny_model_dir):
+    """/docs can send a key: both schemes are in the spec, on every route that needs a key and no other."""
+    from brainseg.serving.middleware import OPEN_PATHS
+
+    with make_client(tiny_model_dir, api_key="k-0123456789abcdef") as c:
+        spec = c.get("/openapi.json").json()
+    schemes = spec["components"]["securitySchemes"]
+    assert schemes["APIKeyHeader"] | {"description": ""} == {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": ""}
+    assert schemes["HTTPBearer"]["type"] == "http" and schemes["HTTPBearer"]["scheme"] == "bearer"
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            if path in OPEN_PATHS:
+                assert "security" not in op, (path, method)
+            else:
+                assert op["security"] == [{"APIKeyHeader": []}, {"HTTPBearer": []}], (path, method)
+    assert "/v1/segment" in spec["paths"] and "/v1/results/{rid}/mask.png" in spec["paths"]
+    with make_client(tiny_model_dir) as c:  # no key: nothing to send, nothing declared
+        spec = c.get("/openapi.json").json()
+    assert "securitySchemes" not in spec.get("components", {}) and all("security" not in op for ops in spec["paths"].values() for op in ops.values())
+
+
+def _float_slice(side: int, seed: int = 0) -> bytes:
+    img, _ = synthetic_slice(size=side, seed=seed)
+    return tiff(img[:, :, 1].astype(np.float32) * 7.3 + 100)
+
+
+def test_one_upload_larger_than_the_memory_budget_is_a_413(tiny_model_dir, tmp_path):
+    """Admission by memory, from the headers: a 1024x1024 float32 slice needs about 90 MiB to segment."""
+    import httpx
+    from conftest import start_api, stop
+
+    url, proc, log = start_api(tiny_model_dir, tmp_path / "uvicorn.log", BRAINSEG_MEMORY_BUDGET_MB="64")
+    try:
+        with httpx.Client(base_url=url, timeout=120) as http:
+            r = http.post("/v1/segment", files={"files": ("big.tif", _float_slice(1024))})
+            detail = assert_plain(r, 413)
+            assert "BRAINSEG_MEMORY_BUDGET_MB" in detail and "64 MiB" in detail, detail
+            assert http.post("/v1/segment", files={"files": ("small.tif", _float_slice(256))}).status_code == 200
+            assert http.get("/health").json()["results_kept"] == 1
+    finally:
+        stop(proc)
+
+
+def test_requests_wait_for_memory_instead_of_running_together(tiny_model_dir):
+    """Three 512x512 float32 slices sent at once: with room for one at a time they run one after the
+    other (all answered); with room for three they overlap. Workers and queue places are plentiful."""
+    import threading
+    import time
+
+    def overlap(budget_mb: float) -> tuple[int, list[int], int]:
+        with make_client(tiny_model_dir, memory_budget_mb=budget_mb, max_concurrent=8) as c:
+            engine, running, most = c.app.state.engine, [0], [0]
+            run, lock = engine.run_slice, threading.Lock()
+
+            def slow(*a, **k):
+                with lock:
+                    running[0] += 1
+                    most[0] = max(most[0], running[0])
+                time.sleep(0.8)
+                with lock:
+                    running[0] -= 1
+                return run(*a, **k)
+
+            engine.run_slice = slow
+            data, codes = _float_slice(512), []
+            threads = [threading.Thread(target=lambda: codes.append(segment(c, ("s.tif", data)).status_code)) for _ in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            return most[0], sorted(codes), c.get("/health").json().get("memory", {})
+
+    most, codes, memory = overlap(budget_mb=30)
+    assert codes == [200, 200, 200] and most == 1, (codes, most)
+    assert memory == {"budget_mb": 30, "held_mb": 0, "waited": 2}, memory  # two waited; everything given back
+    most, codes, memory = overlap(budget_mb=200)
+    assert codes == [200, 200, 200] and most == 3 and memory["waited"] == 0, (codes, most, memory)
+
+
+def test_large_slice_answers_link_their_images_and_stay_small(tiny_model_dir, tmp_path):
+    """The issue's 16.8 MB JSON for one 2048x2048 slice: above 512x512 pixels the answer carries links."""
+    import cv2
+    import httpx
+    from conftest import start_api, stop
+
+    url, proc, log = start_api(tiny_model_dir, tmp_path / "uvicorn.log")
+    try:
+        with httpx.Client(base_url=url, timeout=120) as http:
+            r = http.post("/v1/segment", files={"files": ("big.tif", _float_slice(1024))})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert len(r.content) < 20_000 and body["images_inline"] is False and "mask_png" not in body and "overlay_png" not in body
+            for what in ("mask_png", "overlay_png"):
+                png_bytes = http.get(body["urls"][what])
+                assert png_bytes.status_code == 200 and png_bytes.headers["content-type"] == "image/png"
+                assert cv2.imdecode(np.frombuffer(png_bytes.content, np.uint8), cv2.IMREAD_UNCHANGED).shape[:2] == (1024, 1024)
+            small = http.post("/v1/segment", files={"files": ("small.png", synthetic_png(size=512))}).json()
+            assert small["images_inline"] is True and small["mask_png"] and small["overlay_png"]
+    finally:
+        stop(proc)
+
+
+def test_concurrent_large_slices_stay_within_the_memory_budget(tiny_model_dir, tmp_path):
+    """A real uvicorn, 8 clients at once each with a 2048x2048 float32 slice (before: about 330 MB each,
+    all at once, 2.3 GB): with BRAINSEG_MEMORY_BUDGET_MB=400 they run one at a time and the peak stays
+    within the idle size plus 400 MB and what the allocator keeps of earlier requests (measured: 438)."""
+    import threading
+
+    import httpx
+    from conftest import start_api, stop
+
+    url, proc, log = start_api(tiny_model_dir, tmp_path / "uvicorn.log", BRAINSEG_MEMORY_BUDGET_MB="400")
+    data, codes = _float_slice(2048), []
+    try:
+        with httpx.Client(base_url=url, timeout=120) as http:
+            assert http.post("/v1/segment", files={"files": ("warm.png", synthetic_png(size=64))}).status_code == 200
+        start = _peak_rss_mb(proc.pid)
+
+        def one(i: int) -> None:
+            with httpx.Client(base_url=url, timeout=300) as http:
+                codes.append(http.post("/v1/segment", files={"files": (f"s{i}.tif", data)}).status_code)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        peak = _peak_rss_mb(proc.pid)
+    finally:
+        stop(proc)
+    print(f"server peak RSS {peak:.0f} MB (after warm-up {start:.0f} MB)")
+    assert sorted(codes) == [200] * 8, codes
+    assert peak - start < 400 + 200, f"8 concurrent 2048x2048 slices took {peak - start:.0f} MB above the idle server"
+
+
+def test_memory_need_is_read_from_the_headers_of_spooled_uploads(tmp_path):
+    """What a request is charged, from where the form parser spooled its files (in memory or rolled
+    to disk): pixels and sample type of a slice, voxels of a NIfTI set, the largest DICOM series; a
+    file refused from its header costs only its bytes. The files are left at their start."""
+    import tempfile
+
+    from dicom_series import small_series, study_ids, zip_bytes
+
+    from brainseg.serving import uploads as u
+
+    limits = u.Limits()
+
+    def spooled(data: bytes):
+        f = tempfile.SpooledTemporaryFile(max_size=1 << 20)  # as starlette spools an upload
+        f.write(data)
+        f.seek(0)
+        return f
+
+    def need(*named, members: int = 1):
+        files = [(name, spooled(data), len(data)) for name, data in named]
+        got = u.memory_need(files, limits, members)
+        assert all(f.tell() == 0 for _, f, _ in files)
+        return got
+
+    big = tiff(np.zeros((2048, 2048), np.float32))
+    assert need(("a.tif", big)) == len(big) + 2048 * 2048 * (4 + u.SLICE_BYTES_PER_PIXEL)
+    assert need(("a.tif", big), members=2) == len(big) + 2048 * 2048 * (4 + u.SLICE_BYTES_PER_PIXEL + u.MEMBER_BYTES_PER_PIXEL)
+    grey = png(np.zeros((1024, 1024), np.uint8))
+    assert need(("g.png", grey)) == len(grey) + 1024 * 1024 * (1 + u.SLICE_BYTES_PER_PIXEL_UINT8)
+    vols = [(f"P-{s}.nii.gz", nifti(np.zeros((64, 64, 20), np.int16))) for s in ("t1n", "t2f", "t1c")]
+    raw = sum(len(d) for _, d in vols)
+    assert need(*vols) == raw + 3 * 64 * 64 * 20 * 2 + 64 * 64 * 20 * u.VOLUME_BYTES_PER_VOXEL
+    ids = study_ids()
+    for number, shape in ((1, (32, 32, 8)), (2, (48, 48, 6)), (3, (32, 32, 8))):  # the largest series: 48 x 48 x 6
+        small_series(tmp_path / "study" / f"s{number}", shape=shape, ids=ids, number=number)
+    study = zip_bytes([tmp_path / "study"])
+    inflated = sum(p.stat().st_size for p in (tmp_path / "study").rglob("*.dcm"))
+    assert need(("study.zip", study)) == len(study) + 2 * inflated + 48 * 48 * 6 * u.DICOM_BYTES_PER_VOXEL
+    for name, data in [("t.tif", b"II*\x00" + b"\xff" * 200), ("h.png", png(np.zeros((4096, 4096), np.uint8))), ("j.zip", b"PK\x03\x04" + bytes(400))]:
+        assert need((name, data)) == len(data), name  # refused from the header before anything is decoded

@@ -352,3 +352,78 @@ def test_two_workers_share_results_and_a_restart_keeps_them(tiny_model_dir, tmp_
         assert httpx.get(f"{url}/health").json()["results_kept"] == 1
     finally:
         stop(proc)
+
+
+# ---------------------------------------------------------------- who may read the results
+
+
+def test_result_files_are_private(tmp_path, monkeypatch):
+    """Result files hold the images (a DICOM SEG the patient's name): 0600 from their creation on (the
+    temporary file is renamed, never re-opened), 0660 in a folder shared with a group."""
+    import stat
+
+    seen_modes = []
+    store = ResultStore(tmp_path / "r")
+    real_replace = os.replace
+
+    def replace(src, dst):  # the temporary file's mode just before the rename
+        seen_modes.append(stat.S_IMODE(os.stat(src).st_mode))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    rid = store.put(volume_result())
+    monkeypatch.undo()
+    assert seen_modes == [0o600]
+    assert stat.S_IMODE((store.dir / f"{rid}.npz").stat().st_mode) == 0o600
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o2770)
+    rid = ResultStore(shared, shared=True).put(volume_result())
+    assert stat.S_IMODE((shared / f"{rid}.npz").stat().st_mode) == 0o660
+
+
+@pytest.mark.parametrize(
+    "mode, shared, refused",
+    [(0o700, False, None), (0o755, False, "other users"), (0o750, False, "its group"), (0o711, False, None),
+     (0o770, True, None), (0o2770, True, None), (0o775, True, "other users"), (0o777, True, "other users")],
+)  # fmt: skip
+def test_a_result_folder_others_can_read_is_refused(tmp_path, mode, shared, refused):
+    from brainseg.serving.settings import StartupError
+
+    folder = tmp_path / "results"
+    folder.mkdir()
+    folder.chmod(mode)
+    if refused is None:
+        ResultStore(folder, shared=shared)
+        return
+    with pytest.raises(StartupError) as exc:
+        ResultStore(folder, shared=shared)
+    msg = str(exc.value)
+    assert str(folder) in msg and refused in msg and f"{mode & 0o777:03o}" in msg
+    assert ("chmod o-rwx" if shared else "chmod 700") in msg and "BRAINSEG_RESULT_DIR_SHARED" in msg
+
+
+def test_the_server_does_not_start_on_a_folder_others_can_read(tiny_model_dir, tmp_path):
+    """A real uvicorn on an existing 0755 result folder: no start, a message naming the folder and the fix;
+    BRAINSEG_RESULT_DIR_SHARED=1 lets a group (not others) share it."""
+    import httpx
+
+    folder = tmp_path / "results"
+    folder.mkdir()
+    folder.chmod(0o755)
+    log = tmp_path / "uvicorn.log"
+    env = server_env(tiny_model_dir, BRAINSEG_RESULT_DIR=str(folder))
+    with pytest.raises(RuntimeError, match="exited with 3"):
+        url, proc = start_uvicorn("app:app", env, log)
+        stop(proc)
+    text = log.read_text(errors="replace")
+    assert f"brainseg: cannot start: the result folder {folder} can be read or written by other users (mode 755)" in text, text[-2000:]
+    assert f"chmod 700 {folder}" in text and "Traceback" not in text
+    folder.chmod(0o2770)
+    url, proc = start_uvicorn("app:app", {**env, "BRAINSEG_RESULT_DIR_SHARED": "1"}, log)
+    try:
+        r = httpx.post(url + "/v1/segment", files={"files": ("v.nii.gz", small_volume())}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert (os.stat(folder / f"{r.json()['id']}.npz").st_mode & 0o777) == 0o660
+    finally:
+        stop(proc)

@@ -223,3 +223,24 @@ def test_precision_choice_reaches_the_api_with_the_shipped_int8_models(monkeypat
         assert at.session_state["result"]["model"]["precision"] == "fp32"
     finally:
         stop(proc)
+
+
+def test_a_large_slice_whose_answer_links_its_images(monkeypatch, api_server):
+    """Above 512x512 pixels the API answers with links instead of base64 PNGs: the page still shows the
+    slice and offers the mask PNG, fetched from the link (the same bytes the API serves there)."""
+    import cv2
+    import httpx
+
+    from brainseg.synthetic import synthetic_slice
+
+    ok, buf = cv2.imencode(".png", synthetic_slice(size=1024)[0][:, :, 1])
+    at = run_app(monkeypatch, api_server)
+    at.file_uploader(key="uploads").upload("big.png", buf.tobytes(), "image/png").run()
+    no_page_crash(at)
+    assert not at.error, texts(at.error)
+    res = at.session_state["result"]
+    assert res["images_inline"] is False and "mask_png" not in res
+    assert {m.label: m.value for m in at.metric}["Image"] == "1024 × 1024"
+    (mask,) = [b for b in at.get("download_button") if b.label == "Mask PNG"]
+    served = httpx.get(api_server + f"/v1/results/{res['id']}/slice/0.png?view=mask", timeout=60).content
+    assert mask.proto.url and cv2.imdecode(np.frombuffer(served, np.uint8), cv2.IMREAD_UNCHANGED).shape == (1024, 1024)

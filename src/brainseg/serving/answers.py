@@ -86,8 +86,13 @@ def _lesions(rows: list[dict]) -> tuple[list[dict], bool]:
     return rows[:MAX_LESIONS_LISTED], len(rows) > MAX_LESIONS_LISTED
 
 
-def slice_answer(run: RunInfo, image: np.ndarray, res: SliceResult, store) -> dict:
-    """The answer for one slice, with its mask and overlay as base64 PNG; the result is stored."""
+INLINE_MAX_PIXELS = 512 * 512  # BRAINSEG_INLINE_PNG_MAX_PIXELS: larger slices' answers link to their PNGs
+
+
+def slice_answer(run: RunInfo, image: np.ndarray, res: SliceResult, store, inline_max_pixels: int = INLINE_MAX_PIXELS) -> dict:
+    """The answer for one slice, with its mask and overlay as base64 PNG up to ``inline_max_pixels``
+    (``images_inline``); a larger slice's answer has only their links (``urls.mask_png``,
+    ``urls.overlay_png``), so it stays small. The result is stored."""
     display = display_slice(image)
     window = display_window(None if image.dtype == np.uint8 else intensity_window(image))  # what display_slice applied
     stored = StoredResult("slice", display[None], res.mask[None], {}, name=Path(run.files[0]).stem, owner=run.owner, prob=probability_u8(res.prob)[None])
@@ -103,11 +108,18 @@ def slice_answer(run: RunInfo, image: np.ndarray, res: SliceResult, store) -> di
         "lesion_area_mm2": None,  # pixel spacing is unknown for TIFF / PNG / JPEG slices
         "lesions": lesions,
         "lesions_truncated": cut,
-        "urls": {"result": f"/v1/results/{stored.id}", "mask_png": f"/v1/results/{stored.id}/mask.png", "slice_png": f"/v1/results/{stored.id}/slice/0.png"},
+        "urls": {
+            "result": f"/v1/results/{stored.id}",
+            "mask_png": f"/v1/results/{stored.id}/mask.png",
+            "slice_png": f"/v1/results/{stored.id}/slice/0.png",
+            "overlay_png": f"/v1/results/{stored.id}/slice/0.png?view=overlay",
+        },
+        "images_inline": s["height"] * s["width"] <= inline_max_pixels,
     }
     stored.summary = dict(body)
-    body["mask_png"] = b64png(res.mask.astype(np.uint8) * 255)
-    body["overlay_png"] = b64png(render(display, res.mask, "overlay", 1, 0.4))
+    if body["images_inline"]:
+        body["mask_png"] = b64png(res.mask.astype(np.uint8) * 255)
+        body["overlay_png"] = b64png(render(display, res.mask, "overlay", 1, 0.4))
     store.put(stored)
     return body
 

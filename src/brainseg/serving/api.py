@@ -16,7 +16,8 @@ Routes (OpenAPI docs at ``/docs``):
   ``BRAINSEG_RESULT_TTL_S``.
 - ``GET /v1/models``, ``GET /health``.
 
-``create_app`` only wires the pieces together, each in its own module: ``routes/`` (one router per
+``create_app`` only wires the pieces together (and refuses to build a service it cannot run safely:
+``settings.StartupError``, then ``app`` exits with a plain message), each in its own module: ``routes/`` (one router per
 concern; shared objects reach them as dependencies, ``deps``), ``parsing`` (request parameters
 and files), ``answers`` (the JSON answers), ``render`` (PNG), ``middleware`` (API key, rate limit,
 load shedding, upload limit, body timeout, server faults), ``errors`` (error bodies, documented
@@ -29,6 +30,7 @@ import when the models are ONNX.
 from __future__ import annotations
 
 import logging
+import sys
 from contextlib import asynccontextmanager
 
 import anyio
@@ -36,12 +38,12 @@ from fastapi import FastAPI
 
 from .. import __version__
 from .answers import content_disposition
-from .deps import Limiters
+from .deps import Limiters, MemoryBudget
 from .engine import Engine
 from .errors import install_error_handlers
-from .middleware import install_middleware
+from .middleware import OPEN_PATHS, install_middleware, key_owner
 from .routes import results, segment, system
-from .settings import Settings
+from .settings import Settings, StartupError
 from .store import ResultStore
 from .uploads import Limits
 
@@ -67,7 +69,42 @@ async def lifespan(app: FastAPI):
     yield
 
 
+def key_owners(settings: Settings, store: ResultStore) -> dict[str, str]:
+    """Each API key and the owner its results are kept under; {} without keys (``StartupError`` for unusable ones)."""
+    keys = settings.load_api_keys()
+    if not keys:
+        return {}
+    secret = settings.owner_secret.encode() if settings.owner_secret else store.owner_secret()
+    return {k: key_owner(k, secret) for k in keys}
+
+
+SECURITY_SCHEMES = {
+    "APIKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "a key of BRAINSEG_API_KEY / BRAINSEG_API_KEY_FILE"},
+    "HTTPBearer": {"type": "http", "scheme": "bearer", "description": "the same key as Authorization: Bearer KEY"},
+}
+
+
+def declare_security(app: FastAPI) -> None:
+    """The OpenAPI spec names the two ways to send a key on every route that needs one (all but
+    ``middleware.OPEN_PATHS``), so /docs has an Authorize button that sends it. Only with keys set."""
+    make = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            spec = make()
+            spec.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+            for path, operations in spec.get("paths", {}).items():
+                if path not in OPEN_PATHS:
+                    for op in operations.values():
+                        op["security"] = [{name: []} for name in SECURITY_SCHEMES]  # either one
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
+    """The service; ``StartupError`` (a ``ValueError``) for settings it cannot run with safely."""
     settings = settings or Settings.from_env()
     app = FastAPI(
         title="brainseg",
@@ -77,17 +114,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Counted while the body is parsed: more parts, or a plain field over 64 KiB, is a 400 at once.
         form_limits={"max_fields": settings.max_form_fields, "max_files": settings.max_files, "max_part_size": MAX_FIELD_BYTES},
     )
+    store = ResultStore.from_settings(settings)
+    owners = key_owners(settings, store)
     app.state.settings = settings
     app.state.engine = Engine(settings)
-    app.state.store = ResultStore.from_settings(settings)
+    app.state.store = store
     app.state.limits = limits_of(settings)
     app.state.limiters = Limiters.of(settings)
+    app.state.memory = MemoryBudget(settings.memory_budget_bytes)
     app.state.cancelled = 0  # segmentations stopped because their client disconnected (routes.segment)
-    install_middleware(app, settings)
+    install_middleware(app, settings, owners)
     install_error_handlers(app)
     for module in (system, segment, results):
         app.include_router(module.router)
+    if owners:
+        declare_security(app)
     return app
 
 
-app = create_app()
+STARTUP_FAILURE = 3  # uvicorn's exit status for an app that cannot start: its --workers supervisor then stops instead of restarting
+
+
+def app_or_exit() -> FastAPI:
+    """``create_app()``, or a plain message on stderr and exit status 3: a service that cannot run
+    safely (an unusable API key setting, a result folder others can read, ...) does not serve."""
+    try:
+        return create_app()
+    except StartupError as exc:
+        print(f"brainseg: cannot start: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(STARTUP_FAILURE) from None
+
+
+app = app_or_exit()

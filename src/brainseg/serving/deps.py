@@ -6,6 +6,8 @@ over ``create_app``'s variables, so each route module stands alone and tests can
 
 from __future__ import annotations
 
+from collections import deque
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import anyio
@@ -56,6 +58,62 @@ class Limiters:
 
 def get_limiters(request: Request) -> Limiters:
     return request.app.state.limiters
+
+
+class MemoryBudget:
+    """Bytes of working memory the segmentations of this process may hold together
+    (``BRAINSEG_MEMORY_BUDGET_MB``). A request is charged what its headers say it will need
+    (``uploads.memory_need``) before anything is decoded, and waits, first come first served, until
+    that fits beside what the running ones hold; a waiter cancelled (its client gone) leaves the
+    line. Used from the event loop only: no lock.
+    """
+
+    def __init__(self, total: int):
+        self.total = total
+        self.used = 0
+        self.waited = 0  # requests that had to wait for memory, since start
+        self._line: deque[tuple[int, anyio.Event]] = deque()
+
+    @asynccontextmanager
+    async def hold(self, n: int):
+        """Hold ``n`` bytes (at most ``total``) while the block runs."""
+        n = min(int(n), self.total)
+        await self._acquire(n)
+        try:
+            yield
+        finally:
+            self._release(n)
+
+    async def _acquire(self, n: int) -> None:
+        if not self._line and self.used + n <= self.total:
+            self.used += n
+            return
+        self.waited += 1
+        entry = (n, anyio.Event())
+        self._line.append(entry)
+        try:
+            await entry[1].wait()
+        except BaseException:  # cancelled: give back what was granted meanwhile, or leave the line
+            if entry[1].is_set():
+                self._release(n)
+            else:
+                self._line.remove(entry)
+                self._grant()
+            raise
+
+    def _release(self, n: int) -> None:
+        self.used -= n
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._line and self.used + self._line[0][0] <= self.total:
+            n, ready = self._line.popleft()
+            self.used += n
+            ready.set()
+
+
+def get_memory(request: Request) -> MemoryBudget:
+    return request.app.state.memory
 
 
 def get_owner(request: Request) -> str | None:

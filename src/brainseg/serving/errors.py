@@ -39,8 +39,12 @@ def _err(text: str, body=ErrorBody, headers: dict | None = None) -> dict:
     return entry
 
 
+_RETRY_AFTER = {"Retry-After": {"description": "seconds until the next request is accepted", "schema": {"type": "integer"}}}
 _COMMON = {
     401: _err("BRAINSEG_API_KEY is set and the request has no key or a wrong one (X-API-Key or Authorization: Bearer)"),
+    429: _err(
+        "this client sent more than BRAINSEG_AUTH_FAILURES_PER_MIN wrong API keys in the last minute; its keys are not checked until then", headers=_RETRY_AFTER
+    ),
     500: _err("server fault: an error id, nothing else (the traceback is in the server log)", ServerErrorBody),
 }
 _RESULT = {
@@ -55,10 +59,13 @@ RESPONSES = {
         **_COMMON,
         400: _err("empty file, too many form fields / files, a plain field over 64 KiB, or a body that is not multipart/form-data"),
         408: _err("the request body did not arrive within BRAINSEG_BODY_TIMEOUT_S; the connection is closed"),
-        413: _err("over a limit: upload bytes, pixels, voxels or decoded bytes (the message names the BRAINSEG_* setting)"),
+        413: _err(
+            "over a limit: upload bytes, pixels, voxels, decoded bytes, or more memory to segment than the whole BRAINSEG_MEMORY_BUDGET_MB "
+            "(the message names the BRAINSEG_* setting)"
+        ),
         429: _err(
-            "over BRAINSEG_RATE_PER_MIN segmentations in the last minute from this client",
-            headers={"Retry-After": {"description": "seconds until the next request is accepted", "schema": {"type": "integer"}}},
+            "over BRAINSEG_RATE_PER_MIN segmentations in the last minute from this client, or over BRAINSEG_AUTH_FAILURES_PER_MIN wrong API keys",
+            headers=_RETRY_AFTER,
         ),
         415: _err("not multipart/form-data, or a file type that is not a slice (TIFF / PNG / JPEG), NIfTI or DICOM (.zip, .dcm)"),
         422: _err("a file that cannot be read or used (corrupt, wrong shape, type or header), or a bad parameter"),

@@ -2,16 +2,18 @@
 -> RateLimit -> Shed -> UploadLimit -> routes (``install_middleware`` adds them in that order).
 
 Each one answers early, before a request body is read where it can: a 401 without a key, a 429
-over the rate limit, a 503 with Retry-After when too many segmentations are in the server, a 413
-for a body over the upload limit, a 408 for a body that takes too long to arrive. A fault nothing
-else handled becomes a 500 with an error id.
+after too many wrong keys or over the rate limit, a 503 with Retry-After when too many segmentations
+are in the server, a 413 for a body over the upload limit, a 408 for a body that takes too long to
+arrive. A fault nothing else handled becomes a 500 with an error id.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
+import math
 import time
 import uuid
 
@@ -154,38 +156,105 @@ class BodyTimeout:
 OPEN_PATHS = frozenset({"/", "/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 
-def key_owner(key: str) -> str:
-    """What a result remembers of the key that made it: a hash, never the key."""
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+def key_owner(key: str, secret: bytes) -> str:
+    """What a result remembers of the key that made it: HMAC-SHA256 of the key under the server's
+    secret (``BRAINSEG_OWNER_SECRET`` or the generated one), never the key or its bare hash, so a
+    stolen result file does not lead back to the key by a dictionary of hashes."""
+    return hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def client_address(scope) -> str:
+    """Who a request comes from, for counting: its IP address; an IPv6 address by its /64 network
+    (one host usually holds a whole /64). Behind a reverse proxy this is the proxy, unless uvicorn
+    runs with ``--proxy-headers --forwarded-allow-ips=<the proxy>``."""
+    host = (scope.get("client") or ("?",))[0] or "?"
+    if ":" in host:
+        try:
+            return str(ipaddress.ip_network(f"{host}/64", strict=False))
+        except ValueError:
+            return host
+    return host
+
+
+class FailureCounter:
+    """Times of failed attempts per client in a sliding window; bounded: idle clients are
+    forgotten, and past ``max_clients`` the least recently failing ones go first."""
+
+    def __init__(self, limit: int, window_s: float = 60.0, max_clients: int = 10_000):
+        self.limit, self.window_s, self.max_clients = limit, window_s, max_clients
+        self.seen: dict[str, list[float]] = {}
+
+    def recent(self, who: str, now: float) -> list[float]:
+        times = [t for t in self.seen.get(who, ()) if t > now - self.window_s]
+        if times:
+            self.seen[who] = times
+        else:
+            self.seen.pop(who, None)
+        return times
+
+    def blocked_for(self, who: str, now: float) -> float:
+        """Seconds until ``who`` may try again (0: not blocked)."""
+        times = self.recent(who, now)
+        if len(times) < self.limit:
+            return 0.0
+        return times[-self.limit] + self.window_s - now
+
+    def add(self, who: str, now: float) -> int:
+        """Count a failure; the failures of ``who`` in the window."""
+        if who not in self.seen and len(self.seen) >= self.max_clients:
+            self.seen = {k: v for k, v in self.seen.items() if v and v[-1] > now - self.window_s}
+            while len(self.seen) >= self.max_clients:  # still full of active clients: drop the stalest
+                del self.seen[min(self.seen, key=lambda k: self.seen[k][-1])]
+        times = self.recent(who, now) + [now]
+        self.seen[who] = times[-self.limit :]
+        return len(times)
 
 
 class ApiKey:
     """ASGI middleware: with keys configured, every route but OPEN_PATHS needs one of them
     (``X-API-Key: KEY`` or ``Authorization: Bearer KEY``); otherwise 401. The matching key's
-    hash goes into ``request.state.owner`` so results stay with the key that made them."""
+    owner (``key_owner``) goes into ``request.state.owner`` so results stay with the key that made them.
 
-    def __init__(self, app, keys: list[str]):
+    Guessing is slowed down: a client (``client_address``) that sent ``failures_per_min`` wrong keys
+    within 60 s gets 429 with Retry-After for every protected request until the oldest of them is a
+    minute old, without its key being looked at. A request without any key is a 401 but not a guess.
+    """
+
+    def __init__(self, app, keys: dict[str, str], failures_per_min: int = 10):
         self.app = app
-        self.keys = [k.encode() for k in keys]
+        self.keys = [(k.encode(), owner) for k, owner in keys.items()]
+        self.failures = FailureCounter(failures_per_min)
 
-    def _match(self, headers: dict) -> str | None:
+    def _match(self, headers: dict) -> tuple[bool, str | None]:
+        """(whether a key was sent, the owner of the key that matched or None)."""
         given = headers.get(b"x-api-key")
         auth = headers.get(b"authorization", b"")
         if given is None and auth[:7].lower() == b"bearer ":
             given = auth[7:].strip()
         if given is None:
-            return None
+            return False, None
         found = None
-        for k in self.keys:  # compare with every key, in constant time each
+        for k, owner in self.keys:  # compare with every key, in constant time each
             if hmac.compare_digest(given, k):
-                found = k
-        return key_owner(found.decode()) if found is not None else None
+                found = owner
+        return True, found
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not self.keys or scope["method"] == "OPTIONS" or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
-        owner = self._match(dict(scope["headers"]))
+        who, now = client_address(scope), time.monotonic()
+        wait = self.failures.blocked_for(who, now)
+        if wait > 0:
+            await _drain(receive, 1 << 20)
+            msg = (
+                f"too many wrong API keys from this address: at most {self.failures.limit} a minute (BRAINSEG_AUTH_FAILURES_PER_MIN); "
+                "retry after the time in the Retry-After header"
+            )
+            return await error(429, msg, headers={"Retry-After": str(max(1, math.ceil(wait)))})(scope, receive, send)
+        sent, owner = self._match(dict(scope["headers"]))
         if owner is None:
+            if sent and self.failures.add(who, now) == self.failures.limit:
+                log.warning("a client sent %d wrong API keys within a minute; its requests get 429 for a while", self.failures.limit)
             await _drain(receive, 1 << 20)
             msg = "missing or wrong API key: send it in the X-API-Key header (or Authorization: Bearer)"
             return await error(401, msg, headers={"WWW-Authenticate": 'Bearer realm="brainseg"'})(scope, receive, send)
@@ -260,12 +329,15 @@ async def _drain(receive, limit: int) -> None:
             return
 
 
-def install_middleware(app: FastAPI, settings: Settings) -> None:
-    """Added innermost first: ServerErrors -> BodyTimeout -> CORS -> ApiKey -> RateLimit -> Shed -> UploadLimit -> routes."""
+def install_middleware(app: FastAPI, settings: Settings, key_owners: dict[str, str] | None = None) -> None:
+    """Added innermost first: ServerErrors -> BodyTimeout -> CORS -> ApiKey -> RateLimit -> Shed -> UploadLimit -> routes.
+
+    ``key_owners``: each API key and the owner its results are kept under (``key_owner``); none: no keys.
+    """
     app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(Shed, capacity=settings.max_concurrent + settings.max_queue, retry_after_s=settings.retry_after_s)
     app.add_middleware(RateLimit, per_min=settings.rate_per_min)
-    app.add_middleware(ApiKey, keys=settings.api_keys)
+    app.add_middleware(ApiKey, keys=key_owners or {}, failures_per_min=settings.auth_failures_per_min)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"], allow_headers=["*"])
     app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout_s)

@@ -19,7 +19,18 @@ from ..channels import describe_slice, describe_volume, parse_sequence
 from ..data import DataError
 from ..registry import PRECISIONS
 from ..volumes import Volume, load_volume
-from .uploads import Limits, Upload, UploadError, classify, clean_name, decode_slice_channels, kind_of, read_volume_payloads
+from .uploads import (
+    Limits,
+    Upload,
+    UploadError,
+    check_value_range,
+    classify,
+    clean_name,
+    decode_slice_channels,
+    kind_of,
+    memory_need,
+    read_volume_payloads,
+)
 
 log = logging.getLogger("brainseg.serving")
 
@@ -120,6 +131,19 @@ def is_volume_request(files: list[UploadFile]) -> bool:
         return False
 
 
+def memory_of(files: list[UploadFile], limits: Limits, members: int = 1) -> int | None:
+    """What the request will need of ``BRAINSEG_MEMORY_BUDGET_MB`` (``uploads.memory_need``; ``members``:
+    models run), from its files' headers where the form parser spooled them: nothing is read whole or decoded."""
+    items = []
+    for f in files:
+        if f.size is None:
+            f.file.seek(0, 2)
+        size = f.size if f.size is not None else f.file.tell()
+        f.file.seek(0)
+        items.append((clean_name(f.filename), f.file, size))
+    return memory_need(items, limits, members)
+
+
 def read_uploads(files: list[UploadFile], max_bytes: int) -> tuple[list[Upload], str]:
     """The files' bytes and whether they are a ``slice`` or a ``volume``.
 
@@ -167,7 +191,10 @@ def decode_input(kind: str, uploads: list[Upload], limits: Limits, sequence: str
         if kind == "dicom":
             from .uploads import decode_dicom  # a DICOM series or study, read as a volume
 
-            return decode_dicom(uploads, limits, sequence)
-        return decode_volume(uploads, limits, sequence)
+            vol, block = decode_dicom(uploads, limits, sequence)
+        else:
+            vol, block = decode_volume(uploads, limits, sequence)
+        check_value_range(vol.slices, uploads[0].name if len(uploads) == 1 else f"{len(uploads)} files", "the volume")
+        return vol, block
     except MemoryError:
         raise UploadError(413, "the upload is too large to decode on this server") from None

@@ -43,7 +43,28 @@ BRAINSEG_RATE_PER_MIN       segment requests one client (API key, else    0 (off
 BRAINSEG_API_KEY            if set: the key(s) (comma-separated) every   unset
                             route but /health and the docs needs, in
                             X-API-Key or Authorization: Bearer; a result
-                            is readable only with the key that made it
+                            is readable only with the key that made it.
+                            Set but without a usable key: no start
+BRAINSEG_API_KEY_FILE       a file of keys, one a line (blank lines and  unset
+                            # comments ignored), added to those above;
+                            unreadable or without a key: no start
+BRAINSEG_AUTH_FAILURES_     wrong keys one client (IP address, IPv6 by   10
+PER_MIN                     /64) may send in 60 s; then 429 with
+                            Retry-After, its keys are not checked
+BRAINSEG_OWNER_SECRET       HMAC key of the owner recorded with a        generated
+                            result (at least 16 characters); unset: a    once
+                            random one kept in <result dir>/.owner-secret
+BRAINSEG_RESULT_DIR_SHARED  1: the result folder may be group-readable   0
+                            and -writable (one folder shared by
+                            replicas; files 0660); 0: it must be
+                            private (0700, files 0600) or no start
+BRAINSEG_MEMORY_BUDGET_MB   memory the segmentations in this process     1024
+                            may take together, estimated from the
+                            headers before decoding; more wait in the
+                            queue, one alone above it is a 413
+BRAINSEG_INLINE_PNG_MAX_    a slice answer carries its mask and overlay  262144
+PIXELS                      as base64 PNG up to this many pixels; a
+                            larger slice's answer links to them
 BRAINSEG_ONNX_THREADS       ONNX Runtime intra-op threads (0: one per    0
                             CPU this process may use)
 BRAINSEG_ONNX_SPINNING      ONNX Runtime threads spin between runs (a    0
@@ -61,12 +82,14 @@ BRAINSEG_PRELOAD            load the default model at start-up           1
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 _PREFIX = "BRAINSEG_"
+log = logging.getLogger("brainseg.serving")
 
 
 class Settings(BaseModel):
@@ -89,6 +112,12 @@ class Settings(BaseModel):
     header_timeout_s: float = Field(10.0, gt=0)
     body_timeout_s: float = Field(120.0, gt=0)
     api_key: str | None = Field(None, repr=False)
+    api_key_file: str | None = None
+    auth_failures_per_min: int = Field(10, ge=1)
+    owner_secret: str | None = Field(None, min_length=16, repr=False)
+    result_dir_shared: bool = False
+    memory_budget_mb: float = Field(1024.0, gt=0)
+    inline_png_max_pixels: int = Field(512 * 512, ge=0)
     rate_per_min: int = Field(0, ge=0)
     onnx_threads: int = Field(0, ge=0)
     onnx_spinning: bool = False
@@ -116,8 +145,25 @@ class Settings(BaseModel):
         return int(self.max_upload_mb * 1024 * 1024)
 
     @property
-    def api_keys(self) -> list[str]:
-        return [k.strip() for k in (self.api_key or "").split(",") if k.strip()]
+    def memory_budget_bytes(self) -> int:
+        return int(self.memory_budget_mb * 1024 * 1024)
+
+    def load_api_keys(self) -> list[str]:
+        """The keys of ``BRAINSEG_API_KEY`` and ``BRAINSEG_API_KEY_FILE`` together; [] when neither is set.
+
+        Fails closed: a variable that is set but yields no usable key, an unreadable key file or a
+        key that cannot be sent in an HTTP header raises ``StartupError`` (the service does not
+        start) instead of leaving the service open. Messages never repeat a key.
+        """
+        keys: list[str] = []
+        if self.api_key is not None:
+            given = [k.strip() for k in self.api_key.split(",") if k.strip()]
+            if not given:
+                raise StartupError("BRAINSEG_API_KEY is set but holds no key (only commas or spaces); set a key, or unset the variable to run without one")
+            keys += _checked_keys(given, "BRAINSEG_API_KEY")
+        if self.api_key_file is not None:
+            keys += _checked_keys(read_key_file(self.api_key_file), f"the key file {self.api_key_file}")
+        return list(dict.fromkeys(keys))
 
     @property
     def max_decoded_bytes(self) -> int:
@@ -136,4 +182,53 @@ class Settings(BaseModel):
         try:
             return cls(**values)
         except ValidationError as exc:
-            raise ValueError(f"bad BRAINSEG_* setting: {exc}") from None
+            raise StartupError(f"bad BRAINSEG_* setting: {exc}") from None
+
+
+class StartupError(ValueError):
+    """A setting the service cannot run with safely: it says so and does not start (``api.app``)."""
+
+
+MAX_KEY_FILE_BYTES = 1 << 20
+WEAK_KEY_CHARS = 16
+
+
+def read_key_file(path: str) -> list[str]:
+    """The keys in a key file: one a line, surrounding spaces dropped, blank lines and lines
+    starting with ``#`` ignored. Unreadable, too large or without a key: ``StartupError``."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_KEY_FILE_BYTES + 1)
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise StartupError(
+            f"BRAINSEG_API_KEY_FILE {path} cannot be read ({exc.strerror or type(exc).__name__}); the service does not start without its keys"
+        ) from None
+    if len(raw) > MAX_KEY_FILE_BYTES:
+        raise StartupError(f"BRAINSEG_API_KEY_FILE {path} is larger than 1 MiB; it should hold keys, one a line")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise StartupError(f"BRAINSEG_API_KEY_FILE {path} is not UTF-8 text; write one key a line") from None
+    keys = [line.strip() for line in text.splitlines()]
+    keys = [k for k in keys if k and not k.startswith("#")]
+    if not keys:
+        raise StartupError(f"BRAINSEG_API_KEY_FILE {path} holds no key (only blank lines or # comments); the service does not start without one")
+    if mode & 0o077:
+        log.warning("the key file %s can be read by other users (mode %o); chmod 600 it", path, mode & 0o777)
+    return keys
+
+
+def _checked_keys(keys: list[str], source: str) -> list[str]:
+    """Keys a client can send: printable ASCII (spaces inside allowed); a warning for short ones."""
+    for i, key in enumerate(keys, 1):
+        if not all(32 <= ord(c) < 127 for c in key):
+            raise StartupError(
+                f"key {i} of {source} has characters an HTTP header cannot carry (only printable ASCII works); no client could send it, so the service does not start"
+            )
+    short = sum(len(k) < WEAK_KEY_CHARS for k in keys)
+    if short:
+        log.warning(
+            "%d key(s) of %s are shorter than %d characters: easy to guess; use long random keys (e.g. openssl rand -hex 32)", short, source, WEAK_KEY_CHARS
+        )
+    return keys

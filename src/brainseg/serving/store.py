@@ -20,6 +20,13 @@ from the open file when a route asks for them, so browsing a volume never loads 
 Expiry (``ttl_s``, from the file's modification time) and the caps (``max_items``,
 ``max_bytes``; oldest go first, the newest result always stays) are applied by whichever
 process writes or lists the folder next; orphaned temporary files of a crashed writer go too.
+
+Results hold patients' images (and a DICOM SEG their names), so the folder must be private:
+files are created 0600 and a folder that group or others may read or write is refused at start
+(``StartupError``), unless ``shared`` (``BRAINSEG_RESULT_DIR_SHARED``: one folder for several
+machines' service accounts in a dedicated group): then group access is allowed, files are 0660,
+and others still may not read or write the folder. ``.owner-secret`` in the folder is the
+generated HMAC key of the owners (``owner_secret``), shared by every worker that uses the folder.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ import json
 import logging
 import os
 import re
+import secrets
+import stat
 import tempfile
 import time
 import uuid
@@ -38,16 +47,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import write_bytes_atomic
+from .settings import StartupError
 from .uploads import UploadError
 
 log = logging.getLogger("brainseg.serving")
 
 _ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex: 122 random bits, and never a path
 _ENTRY = re.compile(r"([0-9a-f]{32})\.npz")
-_TEMP = re.compile(r"\.[0-9a-f]{32}\.npz\..+\.tmp")  # write_bytes_atomic's temporary name
+_TEMP = re.compile(r"\.[0-9a-f]{32}\.npz\..+\.tmp")  # ResultStore._write's temporary name
 ORPHAN_AGE_S = 600.0  # a temporary file this old belongs to a writer that died
 FORMAT = 1
+SECRET_FILE = ".owner-secret"
 
 
 def default_result_dir() -> Path:
@@ -238,20 +248,80 @@ class ResultStore:
     written always stays). ``ttl_s``: a result older than this is gone (None: kept until evicted).
     """
 
-    def __init__(self, directory: os.PathLike | str, max_items: int = 16, max_bytes: int = 1 << 30, ttl_s: float | None = None):
+    def __init__(self, directory: os.PathLike | str, max_items: int = 16, max_bytes: int = 1 << 30, ttl_s: float | None = None, shared: bool = False):
         self.dir = Path(directory)
         self.max_items = max_items
         self.max_bytes = max_bytes
         self.ttl_s = ttl_s
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # results hold the images: this user only
+        self.shared = shared
+        self.file_mode = 0o660 if shared else 0o600
+        self.dir.mkdir(mode=0o770 if shared else 0o700, parents=True, exist_ok=True)  # results hold the images: this user (group) only
+        self.check_private()
 
     @classmethod
     def from_settings(cls, settings) -> "ResultStore":
-        """The store ``BRAINSEG_RESULT_DIR`` / ``_MAX_RESULTS`` / ``_RESULT_STORE_MB`` / ``_RESULT_TTL_S`` describe."""
+        """The store ``BRAINSEG_RESULT_DIR`` / ``_MAX_RESULTS`` / ``_RESULT_STORE_MB`` / ``_RESULT_TTL_S`` / ``_RESULT_DIR_SHARED`` describe."""
         directory = Path(settings.result_dir) if settings.result_dir else default_result_dir()
         if not settings.result_dir and directory.exists() and hasattr(os, "getuid") and directory.stat().st_uid != os.getuid():
-            raise ValueError(f"{directory} belongs to another user; set BRAINSEG_RESULT_DIR to a folder of your own")
-        return cls(directory, settings.max_results, int(settings.result_store_mb * 2**20), ttl_s=settings.result_ttl_s)
+            raise StartupError(f"{directory} belongs to another user; set BRAINSEG_RESULT_DIR to a folder of your own")
+        return cls(directory, settings.max_results, int(settings.result_store_mb * 2**20), ttl_s=settings.result_ttl_s, shared=settings.result_dir_shared)
+
+    def check_private(self) -> None:
+        """``StartupError`` when others (or, unless ``shared``, the group) may read or write the folder."""
+        mode = stat.S_IMODE(self.dir.stat().st_mode)
+        others, group = mode & 0o006, mode & 0o060
+        if others or (group and not self.shared):
+            who = "other users" if others else "its group"
+            fix = f"chmod o-rwx {self.dir}" if self.shared else f"chmod 700 {self.dir}"
+            also = (
+                " (BRAINSEG_RESULT_DIR_SHARED lets a dedicated group share the folder, never other users: chmod 2770)"
+                if self.shared
+                else ", or, for one folder shared by several machines' service accounts, put them in a dedicated group, chmod 2770 and set BRAINSEG_RESULT_DIR_SHARED=1"
+            )
+            raise StartupError(
+                f"the result folder {self.dir} can be read or written by {who} (mode {mode:03o}); results hold patients' images, "
+                f"so the service does not start: run `{fix}`{also}"
+            )
+
+    def owner_secret(self) -> bytes:
+        """The HMAC key of result owners kept in the folder (``SECRET_FILE``, mode 0600 / 0660),
+        made once by whichever worker comes first; every worker on the folder reads the same one."""
+        path = self.dir / SECRET_FILE
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.file_mode)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                os.fchmod(f.fileno(), self.file_mode)
+                f.write(secrets.token_hex(32) + "\n")
+        for _ in range(100):  # another worker may have created it an instant ago and still be writing
+            try:
+                with open(path, "rb") as f:
+                    text = f.read(4096).decode("ascii", "replace").strip()
+            except OSError as exc:
+                raise StartupError(f"{path} cannot be read ({exc.strerror}); set BRAINSEG_OWNER_SECRET or fix its permissions") from None
+            if text:
+                break
+            time.sleep(0.05)
+        if not re.fullmatch(r"[0-9a-f]{64}", text):
+            raise StartupError(f"{path} is not an owner secret (64 hex digits); remove it (results kept so far become unreadable) or set BRAINSEG_OWNER_SECRET")
+        return text.encode()
+
+    def _write(self, path: Path, data: bytes) -> None:
+        """``data`` to a temporary file beside ``path`` (``self.file_mode`` from its creation on:
+        mkstemp makes it 0600), renamed into place: a reader sees a whole result or none."""
+        self.dir.mkdir(mode=0o770 if self.shared else 0o700, parents=True, exist_ok=True)  # removed under us: made again
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                if self.file_mode != 0o600:
+                    os.fchmod(f.fileno(), self.file_mode)
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def _path(self, rid: str) -> Path | None:
         return self.dir / f"{rid}.npz" if isinstance(rid, str) and _ID.fullmatch(rid) else None
@@ -263,7 +333,7 @@ class ResultStore:
         path = self._path(result.id)
         if path is None:
             raise ValueError("a result id is 32 lowercase hex digits")
-        write_bytes_atomic(path, encode_result(result))
+        self._write(path, encode_result(result))
         self._sweep(keep=result.id)
         return result.id
 

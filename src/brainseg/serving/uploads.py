@@ -156,11 +156,26 @@ class ImageInfo:
     dtype: np.dtype | None = None
 
 
-def _tiff_info(data: bytes, name: str) -> ImageInfo:
+def _stream(data):
+    """A binary stream of ``data``: bytes, or an open seekable file (read from where it stands; left open)."""
+    return data if hasattr(data, "read") else io.BytesIO(data)
+
+
+def _head(data, n: int) -> bytes:
+    """The first ``n`` bytes of bytes or of a seekable file (whose position is put back)."""
+    if not hasattr(data, "read"):
+        return data[:n]
+    pos = data.tell()
+    head = data.read(n)
+    data.seek(pos)
+    return head
+
+
+def _tiff_info(data, name: str) -> ImageInfo:
     import tifffile
 
     try:
-        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        with tifffile.TiffFile(_stream(data), name="upload.tif") as tif:  # a name: a spooled upload has none tifffile can use
             n_pages = len(tif.pages)
             if n_pages == 0:
                 raise ValueError("no pages")
@@ -186,13 +201,13 @@ def _tiff_info(data: bytes, name: str) -> ImageInfo:
     return first
 
 
-def _pillow_info(data: bytes, name: str) -> ImageInfo:
+def _pillow_info(data, name: str) -> ImageInfo:
     from PIL import Image
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(_stream(data)) as im:
                 fmt, (w, h), mode = im.format, im.size, im.mode
                 raw = str(im.tile[0][3] if im.tile and len(im.tile[0]) > 3 else "")
                 bands = len(im.getbands())
@@ -211,11 +226,13 @@ def _pillow_info(data: bytes, name: str) -> ImageInfo:
     return ImageInfo("JPEG" if fmt == "MPO" else fmt, int(h), int(w), bands, 2 if sixteen else 1, decoded_bytes=int(w) * int(h) * bands * (2 if sixteen else 1))
 
 
-def image_info(data: bytes, name: str = "image") -> ImageInfo:
-    """Size, channels, sample size and pages from the header (tifffile / Pillow), nothing decoded."""
-    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+def image_info(data, name: str = "image") -> ImageInfo:
+    """Size, channels, sample size and pages from the header (tifffile / Pillow), nothing decoded;
+    ``data`` is the file's bytes or the open file (only its headers are read)."""
+    head = _head(data, 8)
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
         return _tiff_info(data, name)
-    if data[:8] == b"\x89PNG\r\n\x1a\n" or data[:3] == b"\xff\xd8\xff":
+    if head[:8] == b"\x89PNG\r\n\x1a\n" or head[:3] == b"\xff\xd8\xff":
         return _pillow_info(data, name)
     raise UploadError(422, f"{name}: not a TIFF, PNG or JPEG image (the first bytes match none of them)")
 
@@ -291,7 +308,20 @@ def decode_slice_channels(up: Upload, limits: Limits | int) -> tuple[np.ndarray,
     stored = stored_channels(arr)
     if img.dtype.kind == "f" and not np.isfinite(img).all():
         raise UploadError(422, f"{up.name}: image contains {int((~np.isfinite(img)).sum())} NaN or infinite values")
+    check_value_range(img, up.name)
     return img, stored
+
+
+MAX_ABS_VALUE = 1e30  # beyond this, windowing to 8 bits overflows float32 (about 3.4e38) and the mask means nothing
+
+
+def check_value_range(arr: np.ndarray, label: str, what: str = "image") -> None:
+    """422 for float values of magnitude above ``MAX_ABS_VALUE`` (refused, not clipped: no scanner
+    writes them, and clipping would segment an image that is not the one sent). Min / max only: no copy."""
+    if arr.dtype.kind != "f" or arr.size == 0:
+        return
+    if max(abs(float(arr.min())), abs(float(arr.max()))) > MAX_ABS_VALUE:
+        raise UploadError(422, f"{label}: {what} holds values of magnitude above 1e30, which cannot be windowed; rescale it to the scanner's units")
 
 
 # ---------------------------------------------------------------- volumes
@@ -529,3 +559,122 @@ def decode_dicom(uploads: list[Upload], limits: Limits, sequence: str | None = N
     block = describe_volume(vol, sequence)
     block["dicom"] = vol.dicom.block()
     return vol, block
+
+
+# ---------------------------------------------------------------- memory
+
+# Peak memory one segmentation takes beyond the upload's bytes and its decoded data, per pixel of a
+# slice or per voxel (of one channel) of a volume: the peak RSS increase of a real server for one
+# request alone (scripts/bench_memory.py --clients 1, shipped models; measured 72 / 20 bytes a pixel
+# for 2048x2048 float32 / uint8 slices, 43 / 60 a voxel for the BraTS example as NIfTI / DICOM, each
+# ensemble member beyond the first 7 a pixel and 26 a voxel more), rounded up by about 15 %. uint8
+# slices skip the float32 windowing copies the other pixel types go through.
+SLICE_BYTES_PER_PIXEL_UINT8 = 24
+SLICE_BYTES_PER_PIXEL = 84
+VOLUME_BYTES_PER_VOXEL = 50
+DICOM_BYTES_PER_VOXEL = 70
+MEMBER_BYTES_PER_PIXEL = 10  # each ensemble member beyond the first
+MEMBER_BYTES_PER_VOXEL = 30
+NIFTI_HEAD_BYTES = 1 << 16  # read of a (gzipped) NIfTI file to find its header
+DICOM_HEAD_BYTES = 1 << 13  # read of each DICOM file to find rows, columns, frames and series
+
+
+def memory_need(files: list[tuple[str, object, int]], limits: Limits, members: int = 1) -> int | None:
+    """Bytes of memory a request's decoding, segmentation and answer take at most, from its files'
+    headers alone (``files``: name, open seekable file, size; only headers are read): the uploads'
+    bytes, their decoded data and the working copies (the ``*_BYTES_PER_*`` constants; ``members``:
+    the models run, more than one for the ensemble).
+
+    A request the decoding will refuse from these same headers (wrong type, mixed kinds, over a
+    limit) needs only its bytes. None when the headers cannot be read here but the full decoding
+    might still succeed (an odd gzip or DICOM header): the caller charges the whole budget.
+    """
+    try:
+        return _memory_need(files, limits, members)
+    except Exception as exc:  # a header reader tripped on something unforeseen: charge the whole budget, never a 500
+        log.warning("memory need not estimated (%s); the request is charged the whole memory budget", type(exc).__name__)
+        return None
+    finally:
+        for _, f, _ in files:
+            f.seek(0)
+
+
+def _memory_need(files: list[tuple[str, object, int]], limits: Limits, members: int) -> int | None:
+    raw = sum(size for _, _, size in files)
+    for _, f, _ in files:
+        f.seek(0)
+    try:
+        kinds = {kind_of(Upload(name, _head(f, 1024))) for name, f, _ in files}
+    except UploadError:
+        return raw
+    if kinds == {"image"} and len(files) == 1:
+        name, f, _ = files[0]
+        try:
+            info = image_info(f, name)
+            check_image(info, name, limits)
+        except UploadError:  # the same header check refuses it before decoding
+            return raw
+        uint8 = info.itemsize == 1 and (info.dtype is None or info.dtype == np.uint8)  # PNG / JPEG headers give no dtype
+        per_pixel = (SLICE_BYTES_PER_PIXEL_UINT8 if uint8 else SLICE_BYTES_PER_PIXEL) + (members - 1) * MEMBER_BYTES_PER_PIXEL
+        return raw + info.decoded_bytes + info.height * info.width * per_pixel
+    if kinds == {"nifti"} and len(files) <= 4:
+        try:
+            infos = [nifti_info(Upload(name, _head(f, NIFTI_HEAD_BYTES))) for name, f, _ in files]
+        except UploadError:  # refused for good, unless the header lies beyond the bytes read here (an odd gzip header)
+            return raw if all(size <= NIFTI_HEAD_BYTES for *_, size in files) else None
+        try:
+            for info in infos:
+                check_nifti(info, limits)
+        except UploadError:
+            return raw
+        per_voxel = VOLUME_BYTES_PER_VOXEL + (members - 1) * MEMBER_BYTES_PER_VOXEL
+        return raw + sum(i.data_bytes for i in infos) + max(i.voxels for i in infos) * per_voxel
+    if kinds == {"dicom"}:
+        return _dicom_need(files, limits, raw, DICOM_BYTES_PER_VOXEL + (members - 1) * MEMBER_BYTES_PER_VOXEL)
+    return raw  # several slices, or kinds mixed: refused before decoding
+
+
+def _dicom_need(files: list[tuple[str, object, int]], limits: Limits, raw: int, per_voxel: int) -> int | None:
+    """Uploads, inflated members (twice: as files and as parsed data sets) and the largest series'
+    voxels (the volume is built on one series' grid) times ``per_voxel``."""
+    import zipfile
+
+    heads, inflated = [], 0
+    try:
+        for name, f, size in files:
+            if not dicom.is_zip(_head(f, 4), name):
+                heads.append((_head(f, DICOM_HEAD_BYTES), size))
+                inflated += size
+                continue
+            f.seek(0)
+            zf = zipfile.ZipFile(f)
+            infos = [i for i in zf.infolist() if not i.is_dir() and not i.filename.startswith("__MACOSX/") and not i.filename.lower().endswith(".zip")]
+            total = sum(i.file_size for i in infos)
+            if total > limits.max_decoded_bytes or len(infos) > dicom.MAX_MEMBERS:
+                return raw  # refused from the zip's directory, before inflating
+            inflated += total
+            for info in infos:
+                with zf.open(info) as member:
+                    heads.append((member.read(DICOM_HEAD_BYTES), info.file_size))
+    except Exception:  # not a readable zip: refused the same way before anything is inflated
+        return raw
+    return raw + 2 * inflated + min(_largest_series_voxels(heads), limits.max_voxels) * per_voxel
+
+
+def _largest_series_voxels(heads: list[tuple[bytes, int]]) -> int:
+    """Voxels of the largest series among DICOM files given by their first bytes and sizes; a file whose
+    header is not in its first bytes counts as 16-bit pixels filling the file, in a series of its own kind."""
+    import pydicom
+
+    series: dict[str, int] = {}
+    for head, size in heads:
+        try:
+            ds = pydicom.dcmread(
+                io.BytesIO(head), stop_before_pixels=True, force=True, specific_tags=["SeriesInstanceUID", "Rows", "Columns", "NumberOfFrames"]
+            )
+            voxels = int(ds.Rows) * int(ds.Columns) * max(1, int(ds.get("NumberOfFrames") or 1))
+            key = str(ds.get("SeriesInstanceUID", ""))
+        except Exception:
+            voxels, key = size // 2, "?"
+        series[key] = series.get(key, 0) + voxels
+    return max(series.values(), default=0)

@@ -7,13 +7,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 import anyio
+import numpy as np
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import Response
 
 from ...review import heatmap, window_level
 from ...visualize import png_bytes
 from ..answers import content_disposition
-from ..deps import get_owner, get_settings, get_store
+from ..deps import MemoryBudget, get_memory, get_owner, get_settings, get_store
 from ..errors import RESPONSES
 from ..render import mask_png as mask_png_bytes
 from ..render import render
@@ -65,12 +66,16 @@ async def delete_result(rid: str, results: Results = Depends(get_results)):
     return Response(status_code=204)
 
 
+NIFTI_BYTES_PER_VOXEL = 8  # unpacked, re-oriented and written mask copies (5.2 a voxel measured with tracemalloc), rounded up
+
+
 @router.get("/{rid}/mask.nii.gz", summary="Volume mask as NIfTI, on the input's grid and affine", responses=RESPONSES["nifti"])
-async def mask_nifti(rid: str, results: Results = Depends(get_results)):
+async def mask_nifti(rid: str, results: Results = Depends(get_results), memory: MemoryBudget = Depends(get_memory)):
     res = results.find(rid)
     if res.kind != "volume":
         raise UploadError(404, "this result is a slice: download its mask as /mask.png")
-    data = await anyio.to_thread.run_sync(res.nifti)
+    async with memory.hold(int(np.prod(res.mask.shape)) * NIFTI_BYTES_PER_VOXEL):  # a share of the memory budget, like a segmentation
+        data = await anyio.to_thread.run_sync(res.nifti)
     return Response(data, media_type="application/gzip", headers={"Content-Disposition": content_disposition(f"{res.name}_mask.nii.gz")})
 
 

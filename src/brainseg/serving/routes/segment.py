@@ -19,13 +19,13 @@ from dataclasses import dataclass
 import anyio
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
-from ...registry import PrecisionUnavailable
+from ...registry import ENSEMBLE, PrecisionUnavailable
 from ..answers import RunInfo, Timings, model_block, slice_answer, volume_answer
 from ..cancel import Cancelled
-from ..deps import Limiters, get_engine, get_limiters, get_limits, get_owner, get_settings, get_store
+from ..deps import Limiters, MemoryBudget, get_engine, get_limiters, get_limits, get_memory, get_owner, get_settings, get_store
 from ..engine import Engine, ModelUnavailable
 from ..errors import RESPONSES, error
-from ..parsing import SegmentOptions, check_declared_size, decode_input, is_volume_request, read_uploads, segment_options
+from ..parsing import SegmentOptions, check_declared_size, decode_input, is_volume_request, memory_of, read_uploads, segment_options
 from ..settings import Settings
 from ..uploads import Limits, UploadError
 
@@ -61,6 +61,7 @@ class SegmentJob:
     model_name: str
     precision: str
     owner: str | None
+    inline_max_pixels: int = 512 * 512
 
     def __call__(self, gone: threading.Event) -> dict:
         if gone.is_set():
@@ -79,7 +80,9 @@ class SegmentJob:
             res, post = self.engine.run_volume(model, data, opts.threshold, opts.tta, cancel=gone)
         block = model_block(model, self.engine.version(model), self.engine.backend_kind(model))
         info = RunInfo(block, post, opts.tta, [u.name for u in uploads], Timings(t0, t1, time.perf_counter()), read_as, self.owner)
-        return (slice_answer if kind == "slice" else volume_answer)(info, data, res, self.store)
+        if kind == "slice":
+            return slice_answer(info, data, res, self.store, self.inline_max_pixels)
+        return volume_answer(info, data, res, self.store)
 
 
 def choose_model(engine: Engine, options: SegmentOptions) -> tuple[str, str]:
@@ -97,11 +100,12 @@ def choose_model(engine: Engine, options: SegmentOptions) -> tuple[str, str]:
     return name, precision
 
 
-async def run_in_worker(request: Request, job: SegmentJob, limiters: list[anyio.CapacityLimiter]) -> dict:
-    """``job`` in a worker thread holding a token of each limiter; ``Cancelled`` when the client went away.
+async def run_in_worker(request: Request, job: SegmentJob, limiters: list[anyio.CapacityLimiter], memory: MemoryBudget | None = None, need: int = 0) -> dict:
+    """``job`` in a worker thread holding ``need`` bytes of ``memory`` (taken first) and a token of each
+    limiter; ``Cancelled`` when the client went away.
 
-    A watcher polls for the client's disconnect: it cancels a wait for a worker, and a running
-    job sees ``gone`` at its next check. Failures are raised here, outside the task group.
+    A watcher polls for the client's disconnect: it cancels a wait for memory or a worker, and a
+    running job sees ``gone`` at its next check. Failures are raised here, outside the task group.
     """
     gone = threading.Event()
     body, failure = None, None
@@ -117,6 +121,8 @@ async def run_in_worker(request: Request, job: SegmentJob, limiters: list[anyio.
 
         tg.start_soon(watch)
         try:
+            if memory is not None:
+                await held.enter_async_context(memory.hold(need))
             for limiter in limiters[:-1]:
                 await held.enter_async_context(limiter)
             body = await anyio.to_thread.run_sync(job, gone, limiter=limiters[-1])
@@ -137,6 +143,21 @@ async def run_in_worker(request: Request, job: SegmentJob, limiters: list[anyio.
     return body
 
 
+async def memory_need_of(files: list[UploadFile], limits: Limits, memory: MemoryBudget, members: int) -> int:
+    """The bytes of the memory budget this request is charged (from its headers; the whole budget
+    when they cannot tell); 413 when it alone needs more than the whole budget."""
+    need = await anyio.to_thread.run_sync(memory_of, files, limits, members)
+    if need is None:
+        return memory.total
+    if need > memory.total:
+        raise UploadError(
+            413,
+            f"this upload needs about {need / 2**20:.0f} MiB of memory to segment, more than the server's whole budget of "
+            f"{memory.total / 2**20:.0f} MiB (BRAINSEG_MEMORY_BUDGET_MB); send a smaller image or volume",
+        )
+    return need
+
+
 @router.post("/v1/segment", summary="Segment one slice, one NIfTI volume, a BraTS t1n/t2f/t1c set or a DICOM series or study", responses=RESPONSES["segment"])
 async def segment(
     request: Request,
@@ -151,6 +172,7 @@ async def segment(
     settings: Settings = Depends(get_settings),
     limits: Limits = Depends(get_limits),
     limiters: Limiters = Depends(get_limiters),
+    memory: MemoryBudget = Depends(get_memory),
     owner: str | None = Depends(get_owner),
 ):
     t_start = time.perf_counter()
@@ -158,9 +180,10 @@ async def segment(
     options = await segment_options(request, fields)
     name, precision = choose_model(engine, options)
     check_declared_size(files, settings.max_upload_bytes, settings.max_upload_mb)
-    job = SegmentJob(engine, store, limits, settings.max_upload_bytes, files, options, name, precision, owner)
+    need = await memory_need_of(files, limits, memory, len(engine.registry().ensemble_members) if name == ENSEMBLE else 1)
+    job = SegmentJob(engine, store, limits, settings.max_upload_bytes, files, options, name, precision, owner, settings.inline_png_max_pixels)
     try:
-        body = await run_in_worker(request, job, limiters.volume_and_worker if is_volume_request(files) else limiters.worker_only)
+        body = await run_in_worker(request, job, limiters.volume_and_worker if is_volume_request(files) else limiters.worker_only, memory, need)
     except Cancelled as gone:  # nobody is listening any more
         request.app.state.cancelled += 1
         log.warning("segmentation cancelled while %s: its client disconnected (%d cancelled since start)", gone.stage, request.app.state.cancelled)

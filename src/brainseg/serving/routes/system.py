@@ -9,7 +9,7 @@ from fastapi.responses import RedirectResponse
 from ... import __version__
 from ...config import CHANNELS
 from ...registry import ENSEMBLE
-from ..deps import get_engine, get_store
+from ..deps import MemoryBudget, get_engine, get_memory, get_store
 from ..engine import Engine, ModelUnavailable
 from ..errors import RESPONSES
 from ..uploads import UploadError
@@ -23,8 +23,10 @@ async def root():
 
 
 @router.get("/health", summary="Liveness, and whether models are available", responses=RESPONSES["health"])
-async def health(engine: Engine = Depends(get_engine), store=Depends(get_store)):
+async def health(engine: Engine = Depends(get_engine), store=Depends(get_store), memory: MemoryBudget = Depends(get_memory)):
     body = {"status": "ok", "version": __version__, "loaded_models": engine.loaded(), "results_kept": len(store)}
+    # BRAINSEG_MEMORY_BUDGET_MB, what the segmentations in progress hold of it, and how many requests waited for it since start
+    body["memory"] = {"budget_mb": round(memory.total / 2**20), "held_mb": round(memory.used / 2**20, 1), "waited": memory.waited}
     if engine.batcher is not None:  # network runs for slices since start, and the slices (rows) they held
         body["slice_batches"] = {"runs": engine.batcher.batches, "rows": engine.batcher.rows}
     try:
