@@ -17,6 +17,17 @@ if [ ! -x /usr/bin/chromium ]; then
   fi
 fi
 
+# Orthanc with its DICOMweb plugin, for the DICOMweb round trip (tests/test_dicomweb.py starts its own on free
+# ports; the system service is not started).
+if ! command -v Orthanc >/dev/null || [ ! -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing Debian's orthanc and orthanc-dicomweb for the DICOMweb test..."
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null
+  else
+    echo "note: Orthanc or its DICOMweb plugin is missing and this is not root; the DICOMweb round trip will be skipped" >&2
+  fi
+fi
+
 # Lint and format first: cheap, and a failure here is a real one.
 "$PY" -m ruff check .
 "$PY" -m ruff format --check .

@@ -321,8 +321,10 @@ def connect(address: str, num_cpus: int | None = None, object_store_mb: int = 20
     """Initialise Ray unless it already is: ``local`` starts an instance of this process (``num_cpus``, a small
     object store: results are a few hundred bytes), ``auto`` or ``HOST:PORT`` / ``ray://...`` joins a cluster.
     True when this call initialised it (the caller shuts it down)."""
-    import ray
-
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("--ray needs Ray: pip install 'brainseg[scale]' (or -r requirements-dev.txt)") from None
     if ray.is_initialized():
         return False
     if address == "local":
@@ -333,9 +335,9 @@ def connect(address: str, num_cpus: int | None = None, object_store_mb: int = 20
 
 
 def _run_on_ray(pending, out: Path, spec: ModelSpec, address: str, workers: int | None, cpus_per_worker: float, done) -> None:
+    started = connect(address)
     import ray
 
-    started = connect(address)
     try:
         cpus = float(ray.cluster_resources().get("CPU", 1.0))
         n = workers or max(1, int(cpus // cpus_per_worker))

@@ -332,6 +332,50 @@ def cmd_batch(args) -> int:
     return 2 if run.failed else 0
 
 
+def cmd_dicomweb(args) -> int:
+    """Passes over a DICOMweb archive (``dicomweb.Node``): once, or every --poll seconds until interrupted."""
+    import time
+
+    from .dicomweb import ArchiveUnavailable, Node, client_for, default_state_path, quiet_http_logs
+    from .serving.settings import Settings
+
+    quiet_http_logs()
+    settings = Settings.from_env()  # the service's reading limits (BRAINSEG_MAX_VOXELS, BRAINSEG_MAX_DECODED_MB)
+    seg = _load_model(args)
+    state = Path(args.state) if args.state else default_state_path(args.url)
+    node = Node(
+        client_for(args.url, args.auth, args.timeout),
+        seg,
+        _post(args, seg),
+        state,
+        max_voxels=settings.max_voxels,
+        max_decoded_bytes=settings.max_decoded_bytes,
+        since=args.since,
+        tta=args.tta,
+    )
+    failed = 0
+    while True:
+        t0 = time.perf_counter()
+        try:
+            outcomes = node.run_once()
+        except ArchiveUnavailable as exc:
+            if args.poll is None:
+                raise
+            log.warning("%s; trying again in %.0f s", exc, args.poll)  # a node that polls outlives an archive's restart
+            time.sleep(args.poll)
+            continue
+        counts = {k: sum(o.status == k for o in outcomes) for k in ("segmented", "skipped", "failed", "done", "known")}
+        failed = counts["failed"]
+        print(
+            f"dicomweb pass: {len(outcomes)} MR studies: {counts['segmented']} segmented, {counts['skipped']} skipped, {failed} failed, "
+            f"{counts['done']} had a brainseg SEG, {counts['known']} skipped before ({time.perf_counter() - t0:.1f} s)",
+            flush=True,
+        )
+        if args.poll is None:
+            return 2 if failed else 0
+        time.sleep(max(0.0, args.poll - (time.perf_counter() - t0)))
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -455,6 +499,20 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--sequence", type=str.lower, choices=SEQUENCE_CHOICES, default=None, help="as for predict")
     _add_model_args(ba)
     ba.set_defaults(func=cmd_batch)
+
+    dw = sub.add_parser(
+        "dicomweb", help="segment the MR studies of a DICOMweb archive that have no brainseg SEG yet and store the SEG into each study (QIDO / WADO / STOW-RS)"
+    )
+    dw.add_argument("--url", required=True, help="the archive's DICOMweb root, e.g. http://pacs:8042/dicom-web")
+    when = dw.add_mutually_exclusive_group()
+    when.add_argument("--once", action="store_true", help="one pass, then exit (the default)")
+    when.add_argument("--poll", type=float, default=None, metavar="SECONDS", help="a pass every SECONDS until interrupted")
+    dw.add_argument("--auth", default=None, help="USER:PASSWORD (HTTP basic), bearer:TOKEN, or @FILE holding one (default: $BRAINSEG_DICOMWEB_AUTH)")
+    dw.add_argument("--state", default=None, help="state file of skipped and failed studies (default: ~/.local/state/brainseg/dicomweb-<url hash>.json)")
+    dw.add_argument("--since", default=None, metavar="YYYYMMDD", help="only studies from this StudyDate on")
+    dw.add_argument("--timeout", type=float, default=60.0, help="seconds for one HTTP request to the archive")
+    _add_model_args(dw)
+    dw.set_defaults(func=cmd_dicomweb)
 
     se = sub.add_parser("serve", help="start the FastAPI service")
     se.add_argument("--host", default="127.0.0.1")
