@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -381,7 +382,12 @@ def cmd_serve(args) -> int:
 
     from .serving.protocol import SPEC  # uvicorn's h11 protocol with a request-head timeout
 
-    uvicorn.run("brainseg.serving.api:app", host=args.host, port=args.port, log_level="info", http=SPEC)
+    extra = {}
+    if args.log_format == "json":  # one JSON object a line, uvicorn's lines and the service's (serving.metrics.log_config)
+        from .serving.metrics import log_config
+
+        extra["log_config"] = log_config("json")
+    uvicorn.run("brainseg.serving.api:app", host=args.host, port=args.port, log_level="info", http=SPEC, **extra)
     return 0
 
 
@@ -517,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     se = sub.add_parser("serve", help="start the FastAPI service")
     se.add_argument("--host", default="127.0.0.1")
     se.add_argument("--port", type=int, default=8000)
+    se.add_argument(
+        "--log-format", choices=["text", "json"], default=os.environ.get("BRAINSEG_LOG_FORMAT", "text"), help="log lines as text or JSON (BRAINSEG_LOG_FORMAT)"
+    )
     se.set_defaults(func=cmd_serve)
     return p
 

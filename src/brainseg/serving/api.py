@@ -14,7 +14,8 @@ Routes (OpenAPI docs at ``/docs``):
   ``.../slice/{z}.png`` (``view`` image / overlay / mask / probability, ``wc`` + ``ww`` window / level);
   ``DELETE /v1/results/{id}``. Results are kept by the result store (``store``) for
   ``BRAINSEG_RESULT_TTL_S``.
-- ``GET /v1/models``, ``GET /health``.
+- ``GET /v1/models``, ``GET /health``; ``GET /health/live``, ``GET /health/ready`` (probes) and ``GET /metrics``
+  (Prometheus; ``metrics``).
 
 ``create_app`` only wires the pieces together (and refuses to build a service it cannot run safely:
 ``settings.StartupError``, then ``app`` exits with a plain message), each in its own module: ``routes/`` (one router per
@@ -41,8 +42,9 @@ from .answers import content_disposition
 from .deps import Limiters, MemoryBudget
 from .engine import Engine
 from .errors import install_error_handlers
+from .metrics import install_metrics
 from .middleware import OPEN_PATHS, install_middleware, key_owner
-from .routes import results, segment, system
+from .routes import probes, results, segment, system
 from .settings import Settings, StartupError
 from .store import ResultStore
 from .uploads import Limits
@@ -124,8 +126,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.memory = MemoryBudget(settings.memory_budget_bytes)
     app.state.cancelled = 0  # segmentations stopped because their client disconnected (routes.segment)
     install_middleware(app, settings, owners)
+    install_metrics(app)  # after the others: its middleware is outermost and sees every answer
     install_error_handlers(app)
-    for module in (system, segment, results):
+    for module in (system, probes, segment, results):
         app.include_router(module.router)
     if owners:
         declare_security(app)

@@ -52,6 +52,7 @@ class Engine:
         self._registry_mtime: float | None = None
         s = self.settings
         self.batcher = MicroBatcher(s.batch_size, s.batch_wait_ms / 1000, max_pending=4 * s.batch_size) if s.batch_size > 1 else None
+        self.wrap_backend = None  # (backend, name, precision) -> backend, applied to each model loaded (metrics.install_metrics times them)
 
     def close(self) -> None:
         """Stops the batcher's thread (requests still waiting get an error)."""
@@ -145,7 +146,10 @@ class Engine:
         with self._lock:
             seg = self._models.get((name, precision))
             if seg is None:
-                seg = self._models[(name, precision)] = self._load_one(name, precision)
+                seg = self._load_one(name, precision)
+                if self.wrap_backend is not None:
+                    seg.backend = self.wrap_backend(seg.backend, name, precision)
+                self._models[(name, precision)] = seg
             return seg
 
     def loaded(self) -> list[str]:

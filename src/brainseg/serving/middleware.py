@@ -153,7 +153,7 @@ class BodyTimeout:
         )
 
 
-OPEN_PATHS = frozenset({"/", "/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+OPEN_PATHS = frozenset({"/", "/health", "/health/live", "/health/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 
 def key_owner(key: str, secret: bytes) -> str:
