@@ -378,6 +378,13 @@ def cmd_dicomweb(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    if args.ray is None and (args.replicas or args.autoscale):
+        raise ValueError("--replicas and --autoscale are for --ray (Ray Serve); for processes on one machine use uvicorn --workers N")
+    if args.ray is not None:
+        from .serving.ray_serve import run
+
+        run(args.host, args.port, args.replicas, args.autoscale, None if args.ray == "local" else args.ray, args.cpus_per_replica)
+        return 0
     import uvicorn
 
     from .serving.protocol import SPEC  # uvicorn's h11 protocol with a request-head timeout
@@ -526,6 +533,18 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument(
         "--log-format", choices=["text", "json"], default=os.environ.get("BRAINSEG_LOG_FORMAT", "text"), help="log lines as text or JSON (BRAINSEG_LOG_FORMAT)"
     )
+    se.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="serve on Ray Serve: a Ray instance started here, or join a cluster (auto, HOST:PORT); replicas load the models, results go to BRAINSEG_RESULT_DIR",
+    )
+    scale = se.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, default=None, help="Ray Serve replicas (default 1)")
+    scale.add_argument("--autoscale", default=None, metavar="MIN-MAX", help="Ray Serve autoscaling between MIN and MAX replicas on requests in flight")
+    se.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs each Ray Serve replica takes (and its ONNX Runtime threads)")
     se.set_defaults(func=cmd_serve)
     return p
 
