@@ -185,3 +185,16 @@ def test_on_ray_each_study_is_done_once_by_workers_that_load_the_model_once(loca
 def test_on_ray_a_model_that_cannot_load_is_one_message(local_ray, studies, tmp_path):
     with pytest.raises(ValueError, match="the Ray workers could not load the model"):
         run_batch([str(studies["in"])], tmp_path / "out", ModelSpec(model_dir=str(tmp_path / "no-models")), ray="local", progress=False)
+
+
+def test_two_names_of_one_file_are_two_studies(tiny_model_dir, tmp_path):
+    """Links to one file under two names (a manifest of studies sharing a template, a folder of links) are two
+    studies with their own outputs; the same path given twice is one."""
+    src = tmp_path / "one.png"
+    src.write_bytes(synthetic_png(size=64))
+    (tmp_path / "in").mkdir()
+    for name in ("a.png", "b.png"):
+        (tmp_path / "in" / name).symlink_to(src)
+    run = run_batch([str(tmp_path / "in"), str(tmp_path / "in" / "a.png")], tmp_path / "out", ModelSpec(model_dir=str(tiny_model_dir)), progress=False)
+    assert sorted(r.id for r in run.records) == ["a", "b"] and run.done_now == 2
+    assert (tmp_path / "out" / "a_mask.png").is_file() and (tmp_path / "out" / "b_mask.png").is_file()

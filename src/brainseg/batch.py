@@ -127,8 +127,9 @@ def study_stem(job: list[Path]) -> str:
 
 
 def job_key(job: list[Path], spec: ModelSpec) -> str:
-    """Names a study's record: its input paths (resolved) and the model settings; new settings, new key."""
-    text = "\n".join([*(str(p.resolve()) for p in job), spec.fingerprint()])
+    """Names a study's record: its input paths (absolute, links not followed: two names of one file are two
+    studies with their own outputs) and the model settings; new settings, new key."""
+    text = "\n".join([*(os.path.abspath(p) for p in job), spec.fingerprint()])
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 

@@ -198,7 +198,7 @@ class Node:
         out = Outcome(tag, "segmented", lesions=len(res.lesions), volume_ml=volume_ml, seconds=time.perf_counter() - t0)
         self._record(tag, {"status": "segmented", "series": fingerprint})
         audit.info(
-            "audit: study %s: segmented, SEG stored (%s; %d lesion(s), %.3f mL; %.1f s)",
+            "audit: study %s: segmented, SEG stored (%s; %d lesion(s), %.3f mL; %.2f s)",
             tag,
             vol.dicom.channel_sources[1].split(" (")[0],
             out.lesions,
