@@ -62,10 +62,14 @@ def api_request(base: str, method: str, path: str, timeout: float = 30.0, **kwar
     except (httpx.HTTPError, ValueError) as exc:
         raise ApiError(f"Cannot talk to the API at {base}: {exc}") from None
     if r.status_code >= 400:
+        error_id = None
         try:
-            detail = r.json().get("detail", r.text)
-        except ValueError:
+            body = r.json()
+            detail, error_id = body.get("detail", r.text), body.get("error_id")
+        except (ValueError, AttributeError):
             detail = r.text[:300] or r.reason_phrase
+        if error_id:  # a server fault: the id the server log files its traceback under
+            detail = f"{detail} (error id: {error_id})"
         if r.status_code == 401:
             detail += " (the page sends the key in its own environment variable BRAINSEG_API_KEY)"
         raise ApiError(f"The API refused the request (HTTP {r.status_code}): {detail}")
@@ -214,6 +218,15 @@ def current_input() -> tuple[list[tuple[str, bytes, str]] | None, str, bool]:
             "a BraTS set or a DICOM series whose description names its sequence carries its own and ignores this.",
         )
         files = zip_dicom_files([(f.name, f.getvalue(), f.type or "application/octet-stream") for f in uploaded])
+        if not any(n.lower().endswith(VOLUME_SUFFIXES) for n, _, _ in files):
+            up_col.text_input(
+                "Pixel spacing of the slice (mm)",
+                key="pixel_spacing",
+                placeholder="unknown: diameters in pixels",
+                help="TIFF, PNG and JPEG files carry no pixel size. Give one number (square pixels) or row,col (the spacing between "
+                "rows, then between columns, as DICOM PixelSpacing) to have areas and lesion diameters in mm, and the RANO-BM "
+                "measurable flags (longest diameter of 10 mm or more). Volumes take theirs from the file's header.",
+            )
         return files, ", ".join(f[0] for f in files), False
     return None, "", False
 
@@ -230,12 +243,14 @@ def zip_dicom_files(files: list[tuple[str, bytes, str]]) -> list[tuple[str, byte
     return [f for f in files if f not in dcm] + [(f"{len(dcm)}_dicom_files.zip", buf.getvalue(), "application/zip")]
 
 
-def segment(opts: dict, files: list[tuple[str, bytes, str]], sequence: str | None = None) -> None:
+def segment(opts: dict, files: list[tuple[str, bytes, str]], sequence: str | None = None, pixel_spacing: str | None = None) -> None:
     """Send the input to the API unless this exact request was already answered."""
+    volume = any(n.lower().endswith(VOLUME_SUFFIXES) for n, _, _ in files)
+    pixel_spacing = None if volume else ((pixel_spacing or "").strip() or None)  # a widget no longer shown leaves None, not ""
     h = hashlib.sha1()
     for name, data, _ in files:
         h.update(name.encode() + hashlib.sha1(data).digest())
-    key = json.dumps([h.hexdigest(), opts["base"], opts["model"], opts["threshold"], opts["tta"], opts.get("precision"), sequence])
+    key = json.dumps([h.hexdigest(), opts["base"], opts["model"], opts["threshold"], opts["tta"], opts.get("precision"), sequence, pixel_spacing])
     if st.session_state.get("request_key") == key:
         return
     form = {"model": opts["model"], "tta": str(opts["tta"]).lower()}
@@ -245,7 +260,8 @@ def segment(opts: dict, files: list[tuple[str, bytes, str]], sequence: str | Non
         form["threshold"] = str(opts["threshold"])
     if sequence and sequence != "flair":  # FLAIR is the API's default; a 3-channel slice is not told it is ignored
         form["sequence"] = sequence
-    volume = any(n.lower().endswith(VOLUME_SUFFIXES) for n, _, _ in files)
+    if pixel_spacing:
+        form["pixel_spacing_mm"] = pixel_spacing
     with st.spinner("Segmenting the volume, slice by slice…" if volume else "Segmenting…"):
         try:
             r = api_request(opts["base"], "POST", "/v1/segment", timeout=600, files=[("files", f) for f in files], data=form)
@@ -256,6 +272,24 @@ def segment(opts: dict, files: list[tuple[str, bytes, str]], sequence: str | Non
 
 
 # ---------------------------------------------------------------- result
+
+
+def yes_no(v) -> str:
+    return "n/a" if v is None else ("yes" if v else "no")
+
+
+def diameter_columns(les: dict) -> dict:
+    """RANO-BM columns: the longest axial diameter and its perpendicular (mm, or px where the pixel spacing is unknown),
+    measurable, and the model's mean probability inside the lesion."""
+    unit = "mm" if les.get("longest_diameter_mm") is not None else "px"
+    if f"longest_diameter_{unit}" not in les:  # an answer from an API without measurements
+        return {}
+    return {
+        f"Longest diameter ({unit})": les[f"longest_diameter_{unit}"],
+        f"Perpendicular ({unit})": les[f"perpendicular_diameter_{unit}"],
+        "Measurable (≥ 10 mm)": yes_no(les.get("measurable")),
+        "Confidence": les.get("confidence"),
+    }
 
 
 def lesion_rows(res: dict) -> list[dict]:
@@ -269,6 +303,7 @@ def lesion_rows(res: dict) -> list[dict]:
                     "Lesion": les["id"],
                     "Area (px)": les["area_px"],
                     **area_mm2,
+                    **diameter_columns(les),
                     "Centroid (row, col)": ", ".join(map(str, les["centroid"])),
                     "Bounding box (row, col → row, col)": f"{b[0]}, {b[1]} → {b[2]}, {b[3]}",
                 }
@@ -277,9 +312,12 @@ def lesion_rows(res: dict) -> list[dict]:
             rows.append(
                 {
                     "Lesion": les["id"],
+                    **({"Volume (mL)": les["volume_ml"]} if les.get("volume_ml") is not None else {}),
+                    **diameter_columns(les),
+                    "Slices": f"{b[0]}–{b[3] - 1}",
+                    **({"Diameters on slice": les["diameter_slice"]} if "diameter_slice" in les else {}),
                     "Voxels": les["voxels"],
                     "Volume (mm³)": les["volume_mm3"],
-                    "Slices": f"{b[0]}–{b[3] - 1}",
                     "Centroid (z, row, col)": ", ".join(map(str, les["centroid"])),
                     "Bounding box (z, row, col → z, row, col)": f"{b[0]}, {b[1]}, {b[2]} → {b[3]}, {b[4]}, {b[5]}",
                 }
@@ -362,7 +400,16 @@ def result_metrics(res: dict) -> int:
     cols, t, inp = st.columns(4), res["timings_ms"], res["input"]
     cols[0].metric("Lesions", res["lesion_count"])
     if res["kind"] != "volume":
-        cols[1].metric("Lesion area", f"{res['lesion_area_px']:,} px", help="Pixel spacing is unknown for image files, so no mm²")
+        if res.get("lesion_area_mm2") is not None:
+            cols[1].metric(
+                "Lesion area",
+                f"{res['lesion_area_mm2']:,.1f} mm²",
+                help=f"{res['lesion_area_px']:,} px of {inp['spacing_mm'][0]:g} × {inp['spacing_mm'][1]:g} mm",
+            )
+        else:
+            cols[1].metric(
+                "Lesion area", f"{res['lesion_area_px']:,} px", help="Pixel spacing is unknown for image files, so no mm² (give it below the upload)"
+            )
         cols[2].metric("Image", f"{inp['width']} × {inp['height']}", help=f"pixel type {inp['dtype']}")
         cols[3].metric("Inference", f"{t['inference']:.0f} ms")
         return 0
@@ -439,8 +486,26 @@ def show_lesions(res: dict) -> None:
         st.info("No lesion found at this threshold.")
         return
     note = f" (the {len(rows)} largest)" if res.get("lesions_truncated") else ""
-    st.caption(f"Connected components of the predicted mask, largest first{note}. Boxes are end-exclusive, in the displayed orientation.")
+    st.caption(
+        f"Connected components of the predicted mask, largest first{note}. Diameters: the longest axial one over the lesion's slices "
+        "and the longest perpendicular to it on the same slice. Confidence: the model's mean probability inside the lesion. "
+        "Boxes are end-exclusive, in the displayed orientation."
+    )
     st.dataframe(rows, hide_index=True, width="stretch", height=min(38 + 35 * len(rows), 320))
+    rano = res.get("rano_bm")
+    if rano:
+        st.markdown(rano_line(rano))
+
+
+def rano_line(rano: dict) -> str:
+    """RANO-BM in one line: the measurable lesions, the targets and the sum of their longest diameters."""
+    if rano.get("sum_longest_diameters_mm") is None:
+        return "**RANO-BM:** not assessed: the pixel spacing is unknown, so diameters are in pixels (give it below the upload)."
+    targets = ", ".join(f"#{i}" for i in rano["target_lesion_ids"]) or "none"
+    return (
+        f"**RANO-BM:** {rano['measurable_count']} measurable lesion(s) (longest diameter ≥ {rano['measurable_min_mm']:g} mm); "
+        f"target lesions {targets}: **sum of longest diameters {rano['sum_longest_diameters_mm']:g} mm**."
+    )
 
 
 def download_volume_files(base: str, res: dict, stem: str) -> None:
@@ -519,7 +584,7 @@ def main() -> None:
     if files is None:
         st.info("Upload a file above, or press **Try the synthetic example** to see the page at work.")
         return
-    segment(opts, files, None if synthetic else st.session_state.get("sequence"))
+    segment(opts, files, None if synthetic else st.session_state.get("sequence"), None if synthetic else st.session_state.get("pixel_spacing"))
     if st.session_state.get("error"):
         st.error(st.session_state.error)
         return

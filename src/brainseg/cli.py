@@ -225,6 +225,19 @@ def _print_read_as(name: str, read_as: dict) -> None:
         tqdm.write(line, file=sys.stdout)
 
 
+def _pixel_spacing(raw: str) -> tuple[float, float]:
+    """``--pixel-spacing``: the API's ``pixel_spacing_mm`` rules (one number or row,col; each in (0, 100] mm)."""
+    from .measure import PIXEL_SPACING_HELP, parse_pixel_spacing
+
+    try:
+        spacing = parse_pixel_spacing(raw)
+    except ValueError:
+        spacing = None
+    if spacing is None:
+        raise argparse.ArgumentTypeError(PIXEL_SPACING_HELP.replace("pixel_spacing_mm", "--pixel-spacing"))
+    return spacing
+
+
 def cmd_predict(args) -> int:
     """Every input in turn: one that fails is one line on stderr (``brainseg: error: PATH: message``; the
     traceback too with -v) and the others go on; exit status 2 at the end when any failed, with a count
@@ -241,7 +254,17 @@ def cmd_predict(args) -> int:
         tqdm.write(f"brainseg: error: {line}", file=sys.stderr)
 
     seg = _load_model(args)
-    batch = predict_inputs(args.inputs, args.out, seg, _post(args, seg), tta=args.tta, sequence=args.sequence, report=_print_read_as, on_error=failed)
+    batch = predict_inputs(
+        args.inputs,
+        args.out,
+        seg,
+        _post(args, seg),
+        tta=args.tta,
+        sequence=args.sequence,
+        report=_print_read_as,
+        on_error=failed,
+        pixel_spacing_mm=args.pixel_spacing,
+    )
     print(f"wrote {len(batch.written)} files to {args.out}")
     if not batch.failures:
         return 0
@@ -481,6 +504,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="what a grey (one-channel) slice or a single NIfTI volume is: flair (default), t1 (pre-contrast T1), t1c (T1 post-contrast) or t2; "
         "it is always given to the model in all 3 channels (the FLAIR-only condition), and t1 / t1c / t2 get a warning. "
         "3-channel slices and BraTS sets (named *-t1n, *-t2f, *-t1c) carry their own sequences",
+    )
+    pr.add_argument(
+        "--pixel-spacing",
+        type=_pixel_spacing,
+        default=None,
+        metavar="MM[,MM]",
+        help="pixel spacing of slice inputs (TIFF / PNG / JPEG carry none): one number, or row,col (DICOM PixelSpacing order); "
+        "their areas and lesion diameters are then in mm (RANO-BM measurable), else diameters are in pixels. Volumes use their header",
     )
     _add_model_args(pr)
     pr.set_defaults(func=cmd_predict)

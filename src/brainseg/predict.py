@@ -19,6 +19,7 @@ from .config import PostprocessConfig
 from .data import IMAGE_SUFFIXES, MASK_TAG, DataError, read_image, to_three_channels, write_bytes_atomic, write_json_atomic
 from .dicom import is_dicom_input, load_dicom_path, write_seg
 from .inference import binarize, binarize_stack, bounding_box, volume_to_uint8, window_for_volume
+from .measure import measure_components, plane_metric, rano_bm, spacing_metric
 from .metrics import connected_components
 from .visualize import display_channel, overlay, save_png
 from .volumes import SEQ_ORDER, Volume, brats_sequence, is_nifti, load_volume, save_mask_nifti
@@ -26,12 +27,23 @@ from .volumes import SEQ_ORDER, Volume, brats_sequence, is_nifti, load_volume, s
 # ---------------------------------------------------------------- lesion statistics
 
 
-def lesion_table(mask: np.ndarray, pixel_area_mm2: float | None = None, voxel_volume_mm3: float | None = None) -> list[dict]:
+def lesion_table(
+    mask: np.ndarray,
+    pixel_area_mm2: float | None = None,
+    voxel_volume_mm3: float | None = None,
+    *,
+    metric: np.ndarray | None = None,
+    prob: np.ndarray | None = None,
+    slice_spacing_mm: float | None = None,
+) -> list[dict]:
     """Connected components of a (H, W) or (Z, H, W) bool mask, largest first.
 
-    2-D: area in pixels (and mm^2); 3-D: volume in voxels (and mm^3). Bounding boxes are
+    2-D: area in pixels (and mm^2); 3-D: volume in voxels (and mm^3, mL). Bounding boxes are
     ``[row0, col0, row1, col1]`` (2-D) or ``[z0, row0, col0, z1, row1, col1]`` (3-D),
-    end-exclusive, in the slice orientation.
+    end-exclusive, in the slice orientation. Each row also has the RANO-BM measurements of
+    ``measure.measure_components``: longest axial and perpendicular diameters (mm with ``metric``,
+    the in-plane pixel geometry; else pixels), ``measurable``, the slice range and, with ``prob``,
+    ``confidence``.
     """
     crop = bounding_box(mask)  # labelled inside the box around the lesion voxels, positions shifted back
     if crop is None:
@@ -43,6 +55,7 @@ def lesion_table(mask: np.ndarray, pixel_area_mm2: float | None = None, voxel_vo
     sizes = np.bincount(which, minlength=n + 1)[1:]
     boxes = [tuple(slice(s.start + o, s.stop + o) for s, o in zip(b, origin)) for b in ndimage.find_objects(labels)]
     centroids = np.stack([np.bincount(which, weights=c, minlength=n + 1)[1:] for c in coords], axis=1) / sizes[:, None] + origin
+    measured = measure_components(labels, n, metric, None if prob is None else prob[crop], slice_spacing_mm, offset=tuple(origin))
     rows = []
     for i in range(n):
         box = boxes[i]
@@ -53,6 +66,8 @@ def lesion_table(mask: np.ndarray, pixel_area_mm2: float | None = None, voxel_vo
         else:
             row["voxels"] = int(sizes[i])
             row["volume_mm3"] = round(float(sizes[i]) * voxel_volume_mm3, 2) if voxel_volume_mm3 else None
+            row["volume_ml"] = round(float(sizes[i]) * voxel_volume_mm3 / 1000, 3) if voxel_volume_mm3 else None
+        row.update(measured[i])
         rows.append(row)
     key = "area_px" if mask.ndim == 2 else "voxels"
     rows.sort(key=lambda r: -r[key])
@@ -71,12 +86,16 @@ class SliceResult:
     mask: np.ndarray  # (H, W) bool
     lesions: list[dict]
     seconds: float
+    pixel_spacing_mm: tuple[float, float] | None = None  # (row, col) as given; None: unknown, diameters in pixels
+    rano_bm: dict | None = None  # ``measure.rano_bm`` of the lesions
 
     def summary(self) -> dict:
         return {
             "lesion_count": len(self.lesions),
             "lesion_area_px": int(self.mask.sum()),
+            "lesion_area_mm2": round(float(self.mask.sum()) * self.pixel_spacing_mm[0] * self.pixel_spacing_mm[1], 2) if self.pixel_spacing_mm else None,
             "lesions": self.lesions,
+            "rano_bm": self.rano_bm,
             "height": int(self.mask.shape[0]),
             "width": int(self.mask.shape[1]),
         }
@@ -93,6 +112,7 @@ class VolumeResult:
     display: np.ndarray | None = None  # (Z, H, W, 3) uint8: the volume in the volume-wide window the model saw
     window: tuple | None = None  # that window (``inference.window_for_volume``; None for uint8 input)
     skipped: list[int] = field(default_factory=list)  # background slices not sent to the network
+    rano_bm: dict | None = None  # ``measure.rano_bm`` of the lesions
 
     def summary(self) -> dict:
         v = self.volume
@@ -107,18 +127,23 @@ class VolumeResult:
             "slices_with_lesion": [i for i, a in enumerate(self.slice_areas) if a > 0],
             "background_slices_skipped": self.skipped,
             "lesions": self.lesions,
+            "rano_bm": self.rano_bm,
         }
 
 
-def segment_slice(segmenter, image: np.ndarray, post: PostprocessConfig, tta: bool = False, pixel_area_mm2: float | None = None) -> SliceResult:
-    """One (H, W[, C]) slice of any dtype -> probabilities, mask and lesion table."""
+def segment_slice(segmenter, image: np.ndarray, post: PostprocessConfig, tta: bool = False, pixel_spacing_mm: tuple[float, float] | None = None) -> SliceResult:
+    """One (H, W[, C]) slice of any dtype -> probabilities, mask and lesion table; ``pixel_spacing_mm``: (row, col)
+    spacing (DICOM PixelSpacing order), None when unknown (areas and diameters in pixels only)."""
     t0 = time.perf_counter()
     img = to_three_channels(image)
     if not np.issubdtype(img.dtype, np.integer) and not np.isfinite(img).all():
         raise DataError("image", "image contains NaN or infinite values")
     prob = segmenter.probabilities([img], tta=tta)[0]
     mask = binarize(prob, post)
-    return SliceResult(img, prob, mask, lesion_table(mask, pixel_area_mm2), time.perf_counter() - t0)
+    spacing = None if pixel_spacing_mm is None else (float(pixel_spacing_mm[0]), float(pixel_spacing_mm[1]))
+    metric = None if spacing is None else spacing_metric(*spacing)
+    lesions = lesion_table(mask, None if spacing is None else spacing[0] * spacing[1], metric=metric, prob=prob)
+    return SliceResult(img, prob, mask, lesions, time.perf_counter() - t0, spacing, rano_bm(lesions, spacing_known=spacing is not None))
 
 
 # A slice with fewer non-zero pixels than this share of its area (after the volume's intensity
@@ -152,9 +177,10 @@ def segment_volume(segmenter, vol: Volume, post: PostprocessConfig, tta: bool = 
     for k, prob in zip(keep, segmenter.probabilities([display[k] for k in keep], tta=tta, batch_size=VOLUME_BATCH)):
         probs[k] = prob
     mask = binarize_stack(probs, post)
-    lesions = lesion_table(mask, voxel_volume_mm3=vol.voxel_volume_mm3)
+    lesions = lesion_table(mask, voxel_volume_mm3=vol.voxel_volume_mm3, metric=plane_metric(vol.display_affine), prob=probs, slice_spacing_mm=vol.spacing[2])
     areas = np.count_nonzero(mask.reshape(len(mask), -1), axis=1).tolist()
-    return VolumeResult(vol, probs, mask, lesions, time.perf_counter() - t0, areas, display, window, np.flatnonzero(skipped).tolist())
+    rano = rano_bm(lesions, slice_spacing_mm=vol.spacing[2])
+    return VolumeResult(vol, probs, mask, lesions, time.perf_counter() - t0, areas, display, window, np.flatnonzero(skipped).tolist(), rano)
 
 
 # ---------------------------------------------------------------- files in, files out
@@ -280,9 +306,18 @@ class JobFailed(Exception):
         self.line, self.exc, self.written = line, exc, written
 
 
-def predict_job(job: list[Path], out: Path, segmenter, post: PostprocessConfig, tta: bool = False, sequence: str | None = None) -> Study:
+def predict_job(
+    job: list[Path],
+    out: Path,
+    segmenter,
+    post: PostprocessConfig,
+    tta: bool = False,
+    sequence: str | None = None,
+    pixel_spacing_mm: tuple[float, float] | None = None,
+) -> Study:
     """Read, segment and write one job of ``expand_inputs`` into ``out`` (every file atomically): what
-    ``brainseg predict`` and ``brainseg batch`` do per input. Anything that fails is a ``JobFailed``."""
+    ``brainseg predict`` and ``brainseg batch`` do per input. Anything that fails is a ``JobFailed``.
+    ``pixel_spacing_mm`` (row, col) is a slice's pixel spacing (volumes take theirs from the header)."""
     t0 = time.perf_counter()
     from_dicom = _is_dicom_job(job)
     label = str(job[0])
@@ -295,7 +330,7 @@ def predict_job(job: list[Path], out: Path, segmenter, post: PostprocessConfig, 
             read_as, summary = _predict_volume(vol, job, from_dicom, out, segmenter, post, tta, sequence, written)
         else:
             name, stem = job[0].name, job[0].stem
-            read_as, summary = _predict_slice(job[0], out, segmenter, post, tta, sequence, written)
+            read_as, summary = _predict_slice(job[0], out, segmenter, post, tta, sequence, written, pixel_spacing_mm)
     except Exception as exc:  # one input's failure, reported by name
         raise JobFailed(failure_line(exc, label, quote=not from_dicom), exc, written) from exc
     return Study(name, stem, read_as, written, summary["lesion_count"], summary.get("lesion_volume_mm3"), time.perf_counter() - t0)
@@ -310,6 +345,7 @@ def predict_inputs(
     sequence: str | None = None,
     report=None,
     on_error=None,
+    pixel_spacing_mm: tuple[float, float] | None = None,
 ) -> Batch:
     """Write masks, overlays and lesion JSON for every input; returns the ``Batch`` (files written, failures).
 
@@ -319,7 +355,8 @@ def predict_inputs(
     called for each input as well. An input that fails (bad data, or anything unexpected) is
     reported to ``on_error(line, exc)`` (``failure_line``) and the others go on; without
     ``on_error`` the first failure is raised. A DICOM SEG that cannot be written is a warning
-    in ``read_as`` (the mask is written all the same), not a failure.
+    in ``read_as`` (the mask is written all the same), not a failure. ``pixel_spacing_mm`` (row, col): the
+    pixel spacing of slice inputs (their areas and diameters in mm); volumes take theirs from their headers.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -336,7 +373,7 @@ def predict_inputs(
     batch.inputs = len(jobs) + len(batch.failures)
     for job in tqdm(jobs, desc="predict", unit="input", disable=len(jobs) < 2):
         try:
-            study = predict_job(job, out, segmenter, post, tta, sequence)
+            study = predict_job(job, out, segmenter, post, tta, sequence, pixel_spacing_mm)
         except JobFailed as err:  # the others go on
             batch.written += err.written
             failed(err.exc, err.line)
@@ -382,11 +419,11 @@ def _predict_volume(
     return read_as, stats
 
 
-def _predict_slice(f: Path, out: Path, segmenter, post: PostprocessConfig, tta: bool, sequence, written: list) -> tuple[dict, dict]:
+def _predict_slice(f: Path, out: Path, segmenter, post: PostprocessConfig, tta: bool, sequence, written: list, pixel_spacing_mm=None) -> tuple[dict, dict]:
     image = read_image(f)
     img3 = to_three_channels(image, f)
     read_as = describe_slice(img3, stored_channels(image), sequence)
-    res = segment_slice(segmenter, img3, post, tta)
+    res = segment_slice(segmenter, img3, post, tta, pixel_spacing_mm)
     mp, op, js = out / f"{f.stem}_mask.png", out / f"{f.stem}_overlay.png", out / f"{f.stem}_lesions.json"
     save_png(mp, res.mask.astype(np.uint8) * 255)
     save_png(op, overlay(res.image, res.mask))

@@ -102,12 +102,20 @@ def slice_answer(run: RunInfo, image: np.ndarray, res: SliceResult, store, inlin
         "id": stored.id,
         "kind": "slice",
         **_common(run, single_slice=True),
-        "input": {"height": s["height"], "width": s["width"], "dtype": str(image.dtype), "spacing_mm": None, "display_window": window, **run.read_as},
+        "input": {
+            "height": s["height"],
+            "width": s["width"],
+            "dtype": str(image.dtype),
+            "spacing_mm": None if res.pixel_spacing_mm is None else [res.pixel_spacing_mm[1], res.pixel_spacing_mm[0]],  # (column, row), as a volume's
+            "display_window": window,
+            **run.read_as,
+        },
         "lesion_count": s["lesion_count"],
         "lesion_area_px": s["lesion_area_px"],
-        "lesion_area_mm2": None,  # pixel spacing is unknown for TIFF / PNG / JPEG slices
+        "lesion_area_mm2": s["lesion_area_mm2"],  # None unless the client sent pixel_spacing_mm: TIFF / PNG / JPEG carry no spacing
         "lesions": lesions,
         "lesions_truncated": cut,
+        "rano_bm": s["rano_bm"],
         "urls": {
             "result": f"/v1/results/{stored.id}",
             "mask_png": f"/v1/results/{stored.id}/mask.png",
@@ -198,6 +206,7 @@ def volume_answer(run: RunInfo, vol: Volume, res: VolumeResult, store) -> dict:
         "lesion_volume_mm3": s["lesion_volume_mm3"],
         "lesions": lesions,
         "lesions_truncated": cut,
+        "rano_bm": s["rano_bm"],
         "slices": s["slices"],
         "slice_lesion_area_px": areas,
         "slice_lesion_area_mm2": [round(a * vol.pixel_area_mm2, 2) for a in areas],

@@ -6,8 +6,9 @@ Routes (OpenAPI docs at ``/docs``):
   grey or 3-channel), one NIfTI volume, a BraTS set (``*-t1n``, ``*-t2f``, ``*-t1c``), or a DICOM
   MR series or study (a ``.zip``, or ``.dcm`` files; see ``brainseg.dicom``);
   form or query parameters ``model``, ``threshold``, ``tta``, ``sequence`` (what a grey slice or a
-  single volume is: flair (default), t1, t1c, t2) and ``precision`` (fp32 (default) or int8, where
-  the model has an INT8 file). The answer's ``input`` block says how the channels were read
+  single volume is: flair (default), t1, t1c, t2), ``precision`` (fp32 (default) or int8, where
+  the model has an INT8 file) and ``pixel_spacing_mm`` (a slice's pixel size: lesion diameters in mm).
+  Each lesion carries its RANO-BM measurements (``measure``), the answer ``rano_bm``. The answer's ``input`` block says how the channels were read
   (``condition``: all / pre_missing / post_missing / flair_only, ``warnings``); its ``model``
   block names the model, version, backend and precision used.
 - ``GET /v1/results/{id}``, ``.../mask.nii.gz``, ``.../seg.dcm`` (DICOM input), ``.../mask.png?z=``,

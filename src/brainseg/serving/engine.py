@@ -216,13 +216,16 @@ class Engine:
         post = model.postprocess
         return replace(post, threshold=float(threshold)) if threshold is not None else post
 
-    def run_slice(self, model, image: np.ndarray, threshold: float | None = None, tta: bool = False) -> tuple[SliceResult, PostprocessConfig]:
-        """One slice; its network input is batched with those of concurrent requests (same model, precision, TTA)."""
+    def run_slice(
+        self, model, image: np.ndarray, threshold: float | None = None, tta: bool = False, pixel_spacing_mm: tuple[float, float] | None = None
+    ) -> tuple[SliceResult, PostprocessConfig]:
+        """One slice; its network input is batched with those of concurrent requests (same model, precision, TTA).
+        ``pixel_spacing_mm`` (row, col): for areas and diameters in mm (None: pixels only)."""
         post = self.postprocess(model, threshold)
         if self.batcher is None:
-            return segment_slice(model, image, post, tta=tta), post
+            return segment_slice(model, image, post, tta=tta, pixel_spacing_mm=pixel_spacing_mm), post
         with self.batcher.expecting():
-            return segment_slice(self.batched(model, tta), image, post, tta=tta), post
+            return segment_slice(self.batched(model, tta), image, post, tta=tta, pixel_spacing_mm=pixel_spacing_mm), post
 
     def batched(self, model, tta: bool):
         """``model`` with its backend calls going through the batcher (an Ensemble: each member's)."""

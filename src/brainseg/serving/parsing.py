@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from fastapi import Request, UploadFile
 
+from .. import measure
 from ..channels import describe_slice, describe_volume, parse_sequence
 from ..data import DataError
 from ..registry import PRECISIONS
@@ -34,7 +35,7 @@ from .uploads import (
 
 log = logging.getLogger("brainseg.serving")
 
-SEGMENT_FIELDS = ("files", "model", "threshold", "tta", "sequence", "precision")
+SEGMENT_FIELDS = ("files", "model", "threshold", "tta", "sequence", "precision", "pixel_spacing_mm")
 SEQUENCE_HELP = "sequence must be one of flair (FLAIR), t1 (pre-contrast T1), t1c (T1 post-contrast), t2 (T2); it says what a grey image or a single volume is"
 
 
@@ -47,6 +48,7 @@ class SegmentOptions:
     tta: bool
     sequence: str | None  # what a grey slice or a single volume is (None: FLAIR)
     precision: str | None  # "fp32" or "int8"; None: the model's served default (``Engine.default_precision``)
+    pixel_spacing_mm: tuple[float, float] | None = None  # a slice's (row, col) pixel spacing; None: unknown (diameters in pixels)
 
 
 def parse_threshold(raw: str | None) -> float | None:
@@ -83,6 +85,14 @@ def parse_precision(raw: str | None) -> str | None:
     return v
 
 
+def parse_pixel_spacing(raw: str | None) -> tuple[float, float] | None:
+    """``pixel_spacing_mm`` (``measure.parse_pixel_spacing``); None when not given."""
+    try:
+        return measure.parse_pixel_spacing(raw)
+    except ValueError as exc:
+        raise UploadError(422, str(exc)) from None
+
+
 def parse_sequence_field(raw: str | None) -> str | None:
     try:
         return parse_sequence(raw)
@@ -106,6 +116,7 @@ async def segment_options(request: Request, fields: dict[str, str | None]) -> Se
         tta=parse_bool("tta", value("tta")),
         sequence=parse_sequence_field(value("sequence")),
         precision=parse_precision(value("precision")),
+        pixel_spacing_mm=parse_pixel_spacing(value("pixel_spacing_mm")),
     )
 
 

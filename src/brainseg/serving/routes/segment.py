@@ -42,6 +42,11 @@ SEQUENCE_HELP = (
     "It is always given to the model in all 3 channels (the FLAIR-only condition); t1, t1c and t2 get a warning (outside what the model was trained for). "
     "Ignored, and said so, for 3-channel slices and BraTS sets"
 )
+PIXEL_SPACING_HELP = (
+    "a slice's pixel spacing in mm: one number (square pixels) or row,col (the spacing between rows, then between columns: DICOM PixelSpacing order). "
+    "With it, lesion areas are in mm^2 and diameters in mm (longest_diameter_mm, RANO-BM measurable); without it, diameters are in pixels "
+    "(longest_diameter_px). Volumes take their voxel size from the file's header: sending it with a volume is a 422"
+)
 PRECISION_HELP = (
     "fp32 or int8 (the quantised ONNX model, where the registry lists one). Left out: the model's default_precision in GET /v1/models, "
     "int8 where its accuracy cost was measured to be within 0.005 per-patient Dice and the server runs ONNX Runtime, else fp32"
@@ -70,12 +75,14 @@ class SegmentJob:
         uploads, kind = read_uploads(self.files, self.max_upload_bytes)
         opts = self.options
         model = self.engine.get(self.model_name, self.precision)
+        if kind != "slice" and opts.pixel_spacing_mm is not None:
+            raise UploadError(422, "pixel_spacing_mm is for slices (TIFF / PNG / JPEG); a volume's voxel size comes from its header")
         data, read_as = decode_input(kind, uploads, self.limits, opts.sequence)
         if gone.is_set():
             raise Cancelled("running")
         t1 = time.perf_counter()
         if kind == "slice":
-            res, post = self.engine.run_slice(model, data, opts.threshold, opts.tta)
+            res, post = self.engine.run_slice(model, data, opts.threshold, opts.tta, opts.pixel_spacing_mm)
         else:  # stops before its next batch of slices once the client has gone
             res, post = self.engine.run_volume(model, data, opts.threshold, opts.tta, cancel=gone)
         block = model_block(model, self.engine.version(model), self.engine.backend_kind(model))
@@ -167,6 +174,7 @@ async def segment(
     tta: str | None = Form(None, description=TTA_HELP),
     sequence: str | None = Form(None, description=SEQUENCE_HELP),
     precision: str | None = Form(None, description=PRECISION_HELP),
+    pixel_spacing_mm: str | None = Form(None, description=PIXEL_SPACING_HELP),
     engine: Engine = Depends(get_engine),
     store=Depends(get_store),
     settings: Settings = Depends(get_settings),
@@ -176,7 +184,7 @@ async def segment(
     owner: str | None = Depends(get_owner),
 ):
     t_start = time.perf_counter()
-    fields = {"model": model, "threshold": threshold, "tta": tta, "sequence": sequence, "precision": precision}
+    fields = {"model": model, "threshold": threshold, "tta": tta, "sequence": sequence, "precision": precision, "pixel_spacing_mm": pixel_spacing_mm}
     options = await segment_options(request, fields)
     name, precision = choose_model(engine, options)
     check_declared_size(files, settings.max_upload_bytes, settings.max_upload_mb)
