@@ -64,10 +64,11 @@ def same_outputs(a, b) -> None:
 
 def test_batch_writes_what_predict_writes_and_goes_on_past_a_broken_study(studies, tiny_model_dir, tmp_path, capsys):
     inputs = [str(studies["in"]), str(studies["dicom"])]
-    assert main(["predict", *inputs, "--out", str(tmp_path / "predicted"), "--model-dir", str(tiny_model_dir)]) == 2
+    common = ["--model-dir", str(tiny_model_dir), "--pixel-spacing", "0.5,0.75"]
+    assert main(["predict", *inputs, "--out", str(tmp_path / "predicted"), *common]) == 2
     capsys.readouterr()
     out = tmp_path / "batch"
-    assert main(["batch", *inputs, "--out", str(out), "--model-dir", str(tiny_model_dir), "--quiet"]) == 2
+    assert main(["batch", *inputs, "--out", str(out), *common, "--quiet"]) == 2
     captured = capsys.readouterr()
     same_outputs(tmp_path / "predicted", out)
     table = rows(out / "summary.csv")

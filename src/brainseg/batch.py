@@ -54,6 +54,7 @@ class ModelSpec:
     min_size: int | None = None
     tta: bool = False
     sequence: str | None = None
+    pixel_spacing: tuple[float, float] | None = None  # a slice's (row, col) mm, as predict --pixel-spacing
 
     def load(self, threads: int = 0):
         """The segmenter, loaded through ``registry.load`` as ``brainseg predict`` loads it; ``threads``: ONNX Runtime's (0: its default)."""
@@ -181,7 +182,7 @@ class Worker:
         paths = [Path(p) for p in job]
         t0 = time.perf_counter()
         try:
-            study = predict_job(paths, self.out, self.segmenter, self.post, self.spec.tta, self.spec.sequence)
+            study = predict_job(paths, self.out, self.segmenter, self.post, self.spec.tta, self.spec.sequence, self.spec.pixel_spacing)
         except JobFailed as err:
             exc = err.exc
             name = study_stem(paths)

@@ -321,6 +321,7 @@ def cmd_batch(args) -> int:
         min_size=args.min_size,
         tta=args.tta,
         sequence=args.sequence,
+        pixel_spacing=args.pixel_spacing,
     )
     if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         raise ValueError(f"--threshold must be in (0, 1), got {args.threshold}")
@@ -541,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--retry-failed", action="store_true", help="try the studies that failed in an earlier run again (finished ones are always skipped)")
     ba.add_argument("--quiet", action="store_true", help="no progress bar")
     ba.add_argument("--sequence", type=str.lower, choices=SEQUENCE_CHOICES, default=None, help="as for predict")
+    ba.add_argument("--pixel-spacing", type=_pixel_spacing, default=None, metavar="MM[,MM]", help="as for predict: the pixel spacing of slice inputs")
     _add_model_args(ba)
     ba.set_defaults(func=cmd_batch)
 
