@@ -199,3 +199,35 @@ def test_two_names_of_one_file_are_two_studies(tiny_model_dir, tmp_path):
     run = run_batch([str(tmp_path / "in"), str(tmp_path / "in" / "a.png")], tmp_path / "out", ModelSpec(model_dir=str(tiny_model_dir)), progress=False)
     assert sorted(r.id for r in run.records) == ["a", "b"] and run.done_now == 2
     assert (tmp_path / "out" / "a_mask.png").is_file() and (tmp_path / "out" / "b_mask.png").is_file()
+
+
+def test_on_ray_the_studies_of_a_killed_worker_go_to_the_other(local_ray, tiny_model_dir, tmp_path):
+    """One of the two worker processes is killed (SIGKILL, as the OOM killer or a lost node would) after the first
+    study: its studies in flight go to the other worker and every study is done."""
+    import os
+    import signal
+
+    (tmp_path / "in").mkdir()
+    for i in range(8):
+        (tmp_path / "in" / f"s{i}.png").write_bytes(synthetic_png(size=64))
+    killed = []
+
+    def kill_one_worker(rec):
+        if killed:
+            return
+        for pid in os.listdir("/proc"):  # Ray names its actor processes ray::Worker...
+            try:
+                cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+            except OSError:
+                continue
+            if pid.isdigit() and cmdline.startswith(b"ray::Worker"):
+                os.kill(int(pid), signal.SIGKILL)
+                killed.append(pid)
+                return
+
+    run = run_batch(
+        [str(tmp_path / "in")], tmp_path / "out", ModelSpec(model_dir=str(tiny_model_dir)), ray="local", workers=2, progress=False, on_record=kill_one_worker
+    )
+    assert killed, "no Ray worker process found"
+    assert (run.done_now, len(run.failed)) == (8, 0), [r.error for r in run.failed]
+    assert sorted(rows(tmp_path / "out" / "summary.csv")) == [f"s{i}" for i in range(8)]

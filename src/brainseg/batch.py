@@ -10,9 +10,10 @@ that fails is recorded with its one-line error (``predict.failure_line``) and th
 ``retry_failed`` tries the failed ones again. ``summary.csv`` has one row per study.
 
 On Ray (``ray="local"``: a Ray instance of this process; ``"auto"`` or an address: a running cluster),
-the studies go to a pool of actors (``Worker``), each of which loads the model once. The inputs and
-``OUT`` must be paths every node sees (a shared filesystem). Ray is imported only then (the ``scale``
-extra); without it nothing here needs Ray.
+the studies go to a pool of actors (``Worker``), each of which loads the model once; the studies of
+a worker that is lost (its process or its node) go to the others. The inputs and ``OUT`` must be paths
+every node sees (a shared filesystem). Ray is imported only then (the ``scale`` extra); without it
+nothing here needs Ray.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ COLUMNS = ("id", "status", "error", "lesion_count", "lesion_volume_ml", "seconds
 MANIFEST_COLUMN = "path"
 SUMMARY_EVERY_S = 10.0  # summary.csv is rewritten this often while a run goes on (and at its end)
 IN_FLIGHT_PER_WORKER = 2  # Ray: studies queued on each actor, so it never waits for the driver
+MAX_LOST_PER_STUDY = 2  # Ray: a study whose worker died under it goes to another this often (a study that kills workers stops there)
 
 
 @dataclass(frozen=True)
@@ -336,6 +338,12 @@ def connect(address: str, num_cpus: int | None = None, object_store_mb: int = 20
     return True
 
 
+def _lost(key: str, job: list[Path], why: str) -> Record:
+    """A study the machinery could not do (its worker lost): reported, not recorded, so a rerun does it."""
+    dicom = _is_dicom_job(job)
+    return Record(key, "dicom" if dicom else study_stem(job), "failed", error=f"{'dicom' if dicom else job[0]}: {why}", kept=False)
+
+
 def _run_on_ray(pending, out: Path, spec: ModelSpec, address: str, workers: int | None, cpus_per_worker: float, done) -> None:
     started = connect(address)
     import ray
@@ -345,8 +353,9 @@ def _run_on_ray(pending, out: Path, spec: ModelSpec, address: str, workers: int 
         n = workers or max(1, int(cpus // cpus_per_worker))
         n = max(1, min(n, len(pending)))
         threads = max(1, int(cpus_per_worker))
-        # A restarted actor (its node lost) loads the model again; a study in flight on it is retried.
-        remote = ray.remote(num_cpus=cpus_per_worker, max_restarts=2, max_task_retries=2)(Worker)
+        # No restarts: a lost actor's studies go to the others at once (a restarted actor could wait forever
+        # for the CPUs of a node that is gone, and so would the studies queued on it).
+        remote = ray.remote(num_cpus=cpus_per_worker, max_restarts=0, max_task_retries=0)(Worker)
         actors = [remote.remote(spec, str(out), threads) for _ in range(n)]
         try:
             ray.get([a.ready.remote() for a in actors])
@@ -356,29 +365,39 @@ def _run_on_ray(pending, out: Path, spec: ModelSpec, address: str, workers: int 
         log.info("batch on Ray: %d workers, %.1f CPUs each, cluster CPUs %.0f", n, cpus_per_worker, cpus)
         queue = list(pending)
         inflight: dict = {}
+        alive = list(actors)
+        lost_on: dict[str, int] = {}  # studies whose worker was lost under them, and how often
 
-        def submit(actor) -> None:
-            key, job = queue.pop(0)
-            inflight[actor.run.remote(key, [str(p) for p in job])] = (key, job, actor)
+        def fill() -> None:
+            for actor in alive:
+                while queue and sum(a is actor for _, _, a in inflight.values()) < IN_FLIGHT_PER_WORKER:
+                    key, job = queue.pop(0)
+                    inflight[actor.run.remote(key, [str(p) for p in job])] = (key, job, actor)
 
-        for actor in actors:
-            for _ in range(IN_FLIGHT_PER_WORKER):
-                if queue:
-                    submit(actor)
+        fill()
         while inflight:
             ready, _ = ray.wait(list(inflight), num_returns=1)
             key, job, actor = inflight.pop(ready[0])
             try:
-                rec = ray.get(ready[0])
-            except ray.exceptions.RayError as exc:  # the worker, not the study: reported, not recorded (a rerun retries it)
-                label = "dicom" if _is_dicom_job(job) else str(job[0])
-                rec = Record(
-                    key, study_stem(job) if not _is_dicom_job(job) else "dicom", "failed", error=f"{label}: worker lost ({type(exc).__name__})", kept=False
-                )
-            done(rec)
-            if queue:
-                submit(actor)
-        for actor in actors:
+                done(ray.get(ready[0]))
+            except ray.exceptions.RayTaskError as exc:  # raised in run() itself, outside predict_job: this study only
+                done(_lost(key, job, f"unexpected {type(exc.cause).__name__ if exc.cause else type(exc).__name__} in a Ray worker"))
+            except ray.exceptions.RayError as exc:  # the worker (its process or its node) is gone
+                if actor in alive:
+                    alive.remove(actor)
+                    log.warning("a Ray worker was lost (%s); %d left", type(exc).__name__, len(alive))
+                lost_on[key] = lost_on.get(key, 0) + 1
+                if alive and lost_on[key] <= MAX_LOST_PER_STUDY:
+                    queue.insert(0, (key, job))  # to another worker
+                else:
+                    why = "no Ray worker left" if not alive else f"its Ray worker was lost {lost_on[key]} times"
+                    done(_lost(key, job, f"{why} ({type(exc).__name__})"))
+            fill()
+            if not alive:
+                for key, job in queue:
+                    done(_lost(key, job, "no Ray worker left"))
+                queue.clear()
+        for actor in alive:
             ray.kill(actor)
     finally:
         if started:
