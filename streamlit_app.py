@@ -72,7 +72,8 @@ def api_request(base: str, method: str, path: str, timeout: float = 30.0, **kwar
             detail = f"{detail} (error id: {error_id})"
         if r.status_code == 401:
             detail += " (the page sends the key in its own environment variable BRAINSEG_API_KEY)"
-        raise ApiError(f"The API refused the request (HTTP {r.status_code}): {detail}")
+        what = "The API failed on the request" if r.status_code >= 500 else "The API refused the request"
+        raise ApiError(f"{what} (HTTP {r.status_code}): {detail}")
     return r
 
 
@@ -560,8 +561,25 @@ def show_result(opts: dict, res: dict, label: str, synthetic: bool) -> None:
 # ---------------------------------------------------------------- page
 
 
+def favicon():
+    """The tab's icon, drawn here (a grey brain outline with a red lesion): a Material icon name would make
+    the browser fetch its picture from fonts.gstatic.com, and the page asks nothing of the internet."""
+    import numpy as np
+
+    y, x = np.mgrid[:64, :64] + 0.5
+    brain = ((x - 32) / 27) ** 2 + ((y - 33) / 23) ** 2 <= 1
+    lesion = (x - 41) ** 2 + (y - 27) ** 2 <= 7.5**2
+    icon = np.zeros((64, 64, 4), np.uint8)
+    icon[brain] = (170, 178, 190, 255)
+    icon[brain & (((x - 32) / 23) ** 2 + ((y - 33) / 19) ** 2 <= 1)] = (92, 100, 112, 255)
+    icon[lesion] = (225, 45, 45, 255)
+    from PIL import Image  # a Streamlit dependency
+
+    return Image.fromarray(icon, "RGBA")
+
+
 def main() -> None:
-    st.set_page_config(page_title="brainseg · brain MRI lesion segmentation", page_icon=":material/neurology:", layout="wide")
+    st.set_page_config(page_title="brainseg · brain MRI lesion segmentation", page_icon=favicon(), layout="wide")
     st.html("<style>[data-testid='stMainBlockContainer']{padding-top:2.2rem;padding-bottom:2rem}</style>")
     st.title("Brain MRI lesion segmentation")
     st.caption("Research software — not a medical device and not for diagnosis. Results must be reviewed by a qualified reader.")

@@ -41,6 +41,7 @@ from fastapi import FastAPI
 from .. import __version__
 from .answers import content_disposition
 from .deps import Limiters, MemoryBudget
+from .docs import install_docs
 from .engine import Engine
 from .errors import install_error_handlers
 from .metrics import install_metrics
@@ -114,6 +115,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description="Lesion segmentation in brain MRI (Nested U-Net / Attention U-Net). Research software, not for diagnosis.",
         lifespan=lifespan,
+        docs_url=None,  # served by install_docs with the app's own copies of the Swagger UI / ReDoc assets (no CDN)
+        redoc_url=None,
         # Counted while the body is parsed: more parts, or a plain field over 64 KiB, is a 400 at once.
         form_limits={"max_fields": settings.max_form_fields, "max_files": settings.max_files, "max_part_size": MAX_FIELD_BYTES},
     )
@@ -131,6 +134,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for module in (system, probes, segment, results):
         app.include_router(module.router)
+    install_docs(app, app.title)
     if owners:
         declare_security(app)
     return app

@@ -21,6 +21,7 @@ import anyio
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from .docs import ASSET_PATHS  # the docs pages' own Swagger UI / ReDoc files
 from .errors import error
 from .settings import Settings
 
@@ -153,7 +154,7 @@ class BodyTimeout:
         )
 
 
-OPEN_PATHS = frozenset({"/", "/health", "/health/live", "/health/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+OPEN_PATHS = frozenset({"/", "/health", "/health/live", "/health/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}) | ASSET_PATHS
 
 
 def key_owner(key: str, secret: bytes) -> str:
