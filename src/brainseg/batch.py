@@ -332,7 +332,8 @@ def connect(address: str, num_cpus: int | None = None, object_store_mb: int = 20
     if ray.is_initialized():
         return False
     if address == "local":
-        ray.init(num_cpus=num_cpus, object_store_memory=object_store_mb << 20, include_dashboard=False, logging_level=logging.WARNING)
+        # address="local": a new instance even where this machine already runs a Ray cluster (ray.init() would join it)
+        ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_mb << 20, include_dashboard=False, logging_level=logging.WARNING)
     else:
         ray.init(address=address, logging_level=logging.WARNING)
     return True
