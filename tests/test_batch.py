@@ -212,15 +212,19 @@ def test_on_ray_the_studies_of_a_killed_worker_go_to_the_other(local_ray, tiny_m
         (tmp_path / "in" / f"s{i}.png").write_bytes(synthetic_png(size=64))
     killed = []
 
+    def parent(pid: str) -> str:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]
+
     def kill_one_worker(rec):
         if killed:
             return
-        for pid in os.listdir("/proc"):  # Ray names its actor processes ray::Worker...
+        for pid in os.listdir("/proc"):  # Ray names its actor processes ray::Worker...; ours: children of our raylet
             try:
                 cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+                ours = pid.isdigit() and parent(parent(pid)) == str(os.getpid())
             except OSError:
                 continue
-            if pid.isdigit() and cmdline.startswith(b"ray::Worker"):
+            if ours and cmdline.startswith(b"ray::Worker"):
                 os.kill(int(pid), signal.SIGKILL)
                 killed.append(pid)
                 return
