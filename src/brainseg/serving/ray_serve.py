@@ -95,12 +95,12 @@ def run(host: str, port: int, replicas: int | None, autoscale: str | None, addre
     def stop(signum, frame):  # SIGTERM too (a container's stop, kill): the application is deleted on the way out
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     if address:
         ray.init(address=address, logging_level="WARNING")
     else:
         ray.init(include_dashboard=False, logging_level="WARNING")
+    signal.signal(signal.SIGTERM, stop)  # after ray.init, which installs a SIGTERM handler of its own that aborts the process
+    signal.signal(signal.SIGINT, stop)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(application(replicas, autoscale, cpus), name=APP_NAME, route_prefix="/", blocking=False)
