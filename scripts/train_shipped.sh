@@ -6,7 +6,9 @@
 #     b. the two z-score runs continued from their best epoch at lr 3e-4 for 240 s (45-53 epochs)
 #     (scripts/gpu/pack_cache.py packs the train + validation slices to carry them there;
 #      the test patients never travel)
-#  3. ship: calibrate every candidate on validation, keep the better per architecture, export
+#  3. (round 3, CPU) the Attention U-Net continued with domain-shift augmentation for other hospitals' data
+#     (brainseg train --domain-shift --init-from the round-2 weights; 16 epochs, ~90 min on 2 shared cores)
+#  4. ship: calibrate every candidate on validation, keep the better per architecture, export
 #     ONNX, evaluate on the test patients under the four input conditions, write cards and the
 #     registry; the default is the architecture with the higher validation score.
 # Step 2 runs on CPU too, but slowly: on 2 cores one run needs hours for the same epochs
@@ -26,3 +28,11 @@ python scripts/gpu/train_ablations.py --cache runs/cache81 --out "$OUT/ft" --bud
 python scripts/ship_models.py --data "$DATA" --out models --training-note "$(cat docs/ablations/round2_note.txt)" \
   --candidates attention_unet="$OUT/att_sd30_z.pt,$OUT/att_sd30_z_ft.pt,$OUT/att_sd30.pt" \
   unetpp="$OUT/upp_sd30_z.pt,$OUT/upp_sd30_z_ft.pt,$OUT/upp_sd30.pt"
+# Round 3: the Attention U-Net for other hospitals' data (2 CPU cores), then ship again with it as a candidate.
+python -m brainseg.cli train --data "$DATA" --cache runs/cache81z --normalization zscore --split models/split.json --model attention_unet \
+  --init-from models/attention_unet.pt --lr 3e-4 --batch-size 16 --epochs 16 --threads 2 --checkpoint-every 5 --domain-shift --out runs/ds
+mkdir -p runs/old_models && cp models/attention_unet.pt models/unetpp.pt runs/old_models/
+python scripts/ship_models.py --data "$DATA" --out models --training-note "$(cat docs/ablations/round3_note.txt)" \
+  --candidates attention_unet=runs/old_models/attention_unet.pt,runs/ds/attention_unet/best.pt,runs/ds/attention_unet/last.pt \
+  unetpp=runs/old_models/unetpp.pt
+python scripts/ship_int8.py --data "$DATA" --model-dir models
