@@ -77,7 +77,7 @@ def test_batch_writes_what_predict_writes_and_goes_on_past_a_broken_study(studie
     assert broken["status"] == "failed" and broken["error"].startswith(f"{studies['in'] / 'broken.tif'}: "), broken
     assert f"brainseg: error: {broken['error']}" in captured.err.splitlines()
     for sid, row in table.items():
-        assert row["status"] == "ok" and row["error"] == "" and float(row["seconds"]) > 0, row
+        assert row["status"] == "ok" and row["error"] == "" and float(row["seconds"]) >= 0, row  # a tiny slice can take under 5 ms: 0.00
         lesions = json.loads((out / f"{sid}_lesions.json").read_text())
         assert int(row["lesion_count"]) == lesions["lesion_count"]
         if "lesion_volume_mm3" in lesions:  # volumes: mL; slices: no volume

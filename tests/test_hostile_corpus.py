@@ -415,6 +415,9 @@ def test_openapi_documents_every_status_with_its_error_schema(openapi):
             for code, resp in op["responses"].items():
                 if code.startswith(("4", "5")):
                     ref = resp["content"]["application/json"]["schema"]["$ref"]
+                    if (path, code) == ("/health/ready", "503"):  # not an error: the readiness answer while the model loads
+                        assert ref.endswith("/Ready"), ref
+                        continue
                     assert ref.endswith("ServerErrorBody" if code == "500" else "ErrorBody"), (path, code, ref)
             assert "500" in op["responses"], path
     seg = openapi["paths"]["/v1/segment"]["post"]

@@ -16,6 +16,7 @@ import pytest
 from helpers import LGG, REPO, require
 
 from brainseg.cli import main
+from brainseg.config import EVERY_CONDITION
 from brainseg.data import discover, labelled, load_patient
 from brainseg.inference import binarize, load_segmenter
 from brainseg.synthetic import synthetic_slice
@@ -183,7 +184,7 @@ def test_ship_int8_registers_int8_with_its_dice_cost(tiny_model_dir, tmp_path, c
         assert entry["onnx_int8"] == f"{name}.int8.onnx" and (models / entry["onnx_int8"]).is_file()
         block = entry["int8"]
         assert block["calibration"]["patients"] == 2 and block["calibration"]["slices"] == 40 and block["test_patients"] == 2
-        assert set(block["test"]) == {"all", "pre_missing", "post_missing", "flair_only"}
+        assert set(block["test"]) == set(EVERY_CONDITION)
         for r in block["test"].values():
             assert r["drop"] == pytest.approx(r["fp32"] - r["int8"], abs=2e-4)
         holds = all(r["drop"] <= ship.MAX_DROP for r in block["test"].values())

@@ -12,6 +12,7 @@ import pytest
 from helpers import LGG, REPO, require
 
 from brainseg import registry
+from brainseg.config import EVERY_CONDITION
 from brainseg.data import discover, labelled, load_patient
 from brainseg.inference import Segmenter, TorchBackend, binarize
 from brainseg.metrics import dice
@@ -52,7 +53,7 @@ def test_registry_names_both_models_and_a_default(reg):
     best = max(reg["models"], key=lambda n: reg["models"][n]["val_selection_score"])
     assert reg["default"] == best and "validation" in reg["selected_by"]
     for entry in reg["models"].values():
-        assert set(entry["conditions"]) == {"all", "pre_missing", "post_missing", "flair_only"}
+        assert set(entry["conditions"]) == set(EVERY_CONDITION)
 
 
 def test_default_finds_the_lesion_and_nothing_on_a_lesion_free_slice(reg, test_patient):

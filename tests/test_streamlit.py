@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import subprocess
 import sys
 import warnings
@@ -212,15 +213,22 @@ def test_precision_choice_reaches_the_api_with_the_shipped_int8_models(monkeypat
     try:
         at = run_app(monkeypatch, url)
         radio = at.sidebar.radio(key="precision_attention_unet")
-        assert radio.options == ["fp32", "INT8  (served default)"]
-        assert radio.value == "int8"
+        # the registry says which precision each model is served in by default (scripts/ship_int8.py's rule)
+        served = json.loads((models / "registry.json").read_text())["models"]["attention_unet"].get("default_precision") or "fp32"
+        other = "fp32" if served == "int8" else "int8"
+        label = {"fp32": "fp32", "int8": "INT8"}
+        assert radio.options == [
+            label["fp32"] + ("  (served default)" if served == "fp32" else ""),
+            label["int8"] + ("  (served default)" if served == "int8" else ""),
+        ]
+        assert radio.value == served
         at.button(key="synthetic").click().run()
         no_page_crash(at)
-        assert at.session_state["result"]["model"]["precision"] == "int8"
-        assert any("INT8" in c for c in texts(at.caption))
-        at.sidebar.radio(key="precision_attention_unet").set_value("fp32").run()
+        assert at.session_state["result"]["model"]["precision"] == served
+        assert any(label[served] in c for c in texts(at.caption))
+        at.sidebar.radio(key="precision_attention_unet").set_value(other).run()
         no_page_crash(at)
-        assert at.session_state["result"]["model"]["precision"] == "fp32"
+        assert at.session_state["result"]["model"]["precision"] == other
     finally:
         stop(proc)
 
