@@ -18,6 +18,8 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
+from brainseg.dicom import TYPE2_PATIENT_STUDY  # the attributes the SEG writer fills when missing
+
 PLANTED_NAME = "Zzyzx^Quentin"  # a patient name no code or message would write by chance
 PLANTED_ID = "PID-73519"
 PLANTED_BIRTH = "19471103"
@@ -201,17 +203,6 @@ def _set(**values):
 
 # Headers as anonymisers, PACS exports and old scanners leave them, as ``edited`` edits: each must still
 # give a DICOM SEG. Values: (edit, {attribute: what the SEG must carry}); attributes not named keep the source's value.
-TYPE2_PATIENT_STUDY = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyID",
-    "AccessionNumber",
-    "ReferringPhysicianName",
-    "StudyDate",
-    "StudyTime",
-)
 ANONYMISED_HEADERS = {
     "no PatientSex": (_drop("PatientSex"), {"PatientSex": ""}),
     "PatientSex Female": (_set(PatientSex="Female"), {"PatientSex": "F"}),

@@ -284,28 +284,27 @@ def _transform(stored_orientation: np.ndarray):
     return ornt_transform(stored_orientation, axcodes2ornt(DISPLAY_AXCODES))
 
 
-def to_display(arr: np.ndarray, stored_orientation: np.ndarray | None) -> np.ndarray:
-    """(Z, H, W, ...) as stored -> the display orientation (a contiguous copy unless nothing moves)."""
-    if stored_orientation is None:
-        return arr
+def _reoriented(arr: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """``arr``'s first three axes moved by the orientation transform ``t`` (a contiguous copy unless nothing moves)."""
     from nibabel.orientations import apply_orientation
 
-    t = _transform(stored_orientation)
     if np.array_equal(t, [[0, 1], [1, 1], [2, 1]]):
         return arr
     return np.ascontiguousarray(apply_orientation(arr, t))
+
+
+def to_display(arr: np.ndarray, stored_orientation: np.ndarray | None) -> np.ndarray:
+    """(Z, H, W, ...) as stored -> the display orientation."""
+    return arr if stored_orientation is None else _reoriented(arr, _transform(stored_orientation))
 
 
 def from_display(arr: np.ndarray, stored_orientation: np.ndarray | None) -> np.ndarray:
     """The inverse of ``to_display``: display orientation -> the file's own layout."""
     if stored_orientation is None:
         return arr
-    from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
+    from nibabel.orientations import axcodes2ornt, ornt_transform
 
-    t = ornt_transform(axcodes2ornt(DISPLAY_AXCODES), stored_orientation)
-    if np.array_equal(t, [[0, 1], [1, 1], [2, 1]]):
-        return arr
-    return np.ascontiguousarray(apply_orientation(arr, t))
+    return _reoriented(arr, ornt_transform(axcodes2ornt(DISPLAY_AXCODES), stored_orientation))
 
 
 def display_affine(affine: np.ndarray, shape_xyz: tuple[int, int, int], stored_orientation: np.ndarray | None) -> np.ndarray:
