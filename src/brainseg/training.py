@@ -458,7 +458,9 @@ def validation_scores(
         for s in range(0, len(rows), batch_size):
             chunk = rows[s : s + batch_size]
             if cond in SHIFT_CONDITIONS:  # skull-stripped: the cached stripped slices, then the channel condition
-                channels = SHIFT_CONDITIONS[cond][0]
+                channels, _, zoom = SHIFT_CONDITIONS[cond]
+                if zoom != 1.0:
+                    raise ValueError(f"validation cannot score {cond!r}: its prediction needs mapping back (use brainseg evaluate)")
                 x = np.stack([normalize(apply_condition(np.asarray(cache.images_stripped[r]), channels), cfg.preprocess) for r in chunk])
             else:
                 x = np.stack([normalize(apply_condition(np.asarray(cache.images[r]), cond), cfg.preprocess) for r in chunk])
