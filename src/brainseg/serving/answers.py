@@ -121,6 +121,7 @@ def slice_answer(run: RunInfo, image: np.ndarray, res: SliceResult, store, inlin
             "mask_png": f"/v1/results/{stored.id}/mask.png",
             "slice_png": f"/v1/results/{stored.id}/slice/0.png",
             "overlay_png": f"/v1/results/{stored.id}/slice/0.png?view=overlay",
+            "viewer": f"/v1/results/{stored.id}/viewer.npz",
         },
         "images_inline": s["height"] * s["width"] <= inline_max_pixels,
     }
@@ -153,6 +154,7 @@ def _volume_urls(rid: str) -> dict:
         "mask_nifti": f"/v1/results/{rid}/mask.nii.gz",
         "slice_png": f"/v1/results/{rid}/slice/{{z}}.png",
         "mask_png": f"/v1/results/{rid}/mask.png?z={{z}}",
+        "viewer": f"/v1/results/{rid}/viewer.npz",  # display, mask, probability, spacing and affine in one download
     }
 
 

@@ -1,8 +1,12 @@
 """``/v1/results/{rid}``: an earlier answer, its NIfTI mask (and DICOM SEG for DICOM input), mask and
-rendered slices as PNG (image, overlay, mask or probability heat map, with window / level), and delete."""
+rendered slices as PNG (image, overlay, mask or probability heat map, with window / level), the
+arrays a viewer draws from in one download (``viewer.npz``), and delete."""
 
 from __future__ import annotations
 
+import io
+import json
+import zipfile
 from dataclasses import dataclass
 from typing import Literal
 
@@ -90,6 +94,70 @@ async def seg_dicom(rid: str, results: Results = Depends(get_results)):
     if data is None:
         raise UploadError(404, "this result was not made from DICOM, so it has no DICOM SEG; download the mask as /mask.nii.gz or /mask.png")
     return Response(data, media_type="application/dicom", headers={"Content-Disposition": content_disposition(f"{res.name}_seg.dcm")})
+
+
+VIEWER_BYTES_PER_VOXEL = 12  # display (3) + probability (1) + unpacked mask (1) read back, the deflated copy and the zip, rounded up
+
+
+@router.get(
+    "/{rid}/viewer.npz",
+    summary="What a viewer draws from, in one download: display volume, packed mask, probability, spacing and affine",
+    responses={**RESPONSES["result"], 200: {"content": {"application/octet-stream": {}}, "description": "an .npz (np.load opens it)"}},
+)
+async def viewer_npz(rid: str, results: Results = Depends(get_results), memory: MemoryBudget = Depends(get_memory)):
+    """The arrays behind every rendered view, so that a client draws slices, other planes, zoom and overlays
+    itself and asks the server nothing more while the user looks around: see ``viewer_arrays``."""
+    res = results.find(rid)
+    async with memory.hold(int(np.prod(res.mask.shape)) * VIEWER_BYTES_PER_VOXEL):
+        data = await anyio.to_thread.run_sync(viewer_bytes, res)
+    name = f"{res.name}_viewer.npz"
+    return Response(data, media_type="application/octet-stream", headers={**PNG_HEADERS, "Content-Disposition": content_disposition(name)})
+
+
+def viewer_arrays(res: StoredResult) -> dict[str, np.ndarray]:
+    """``display`` (Z, H, W, 3) uint8 as windowed for display (channels pre-contrast, FLAIR, post-contrast),
+    ``mask_bits`` (Z, H, ceil(W / 8)) the mask packed along W (``np.unpackbits(..., axis=-1, count=W)``),
+    ``prob`` (Z, H, W) uint8 probability x 255 (absent when the result kept none), ``spacing_mm``
+    (column, row, slice; NaN where unknown: image files), ``affine`` (4, 4) voxel (slice, row, column)
+    -> world mm of the displayed arrays (a volume's ``display_affine``; for a slice the pixel grid)."""
+    mask = np.asarray(res.mask, dtype=bool)
+    spacing = (res.summary.get("input") or {}).get("spacing_mm")
+    if res.kind == "slice":
+        spacing = [*(spacing or [np.nan, np.nan]), np.nan]
+    out = {
+        "display": np.asarray(res.display),
+        "mask_bits": np.packbits(mask, axis=-1),
+        "spacing_mm": np.asarray(spacing, np.float64),
+        "affine": display_affine_of(res, mask.shape),
+    }
+    if res.prob is not None:
+        out["prob"] = np.asarray(res.prob)
+    return out
+
+
+def display_affine_of(res: StoredResult, shape: tuple[int, int, int]) -> np.ndarray:
+    """The displayed arrays' voxel -> mm affine, rebuilt from the input's affine and orientation as
+    ``Volume.display_affine`` makes it; a slice's (and an affine-less result's) is the identity."""
+    if res.affine is None:
+        return np.eye(4)
+    from ...volumes import display_affine, from_display, mask_to_volume
+
+    shape_xyz = mask_to_volume(from_display(np.empty(shape, dtype=bool), res.orientation)).shape
+    return display_affine(res.affine, shape_xyz, res.orientation)
+
+
+def viewer_bytes(res: StoredResult) -> bytes:
+    """``viewer_arrays`` as an ``.npz`` deflated at level 1 (as the store's files: close to level 6 in size, faster)
+    with ``meta.json`` (the shapes and the result id)."""
+    arrays = viewer_arrays(res)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for key, arr in arrays.items():
+            member = io.BytesIO()
+            np.save(member, np.ascontiguousarray(arr), allow_pickle=False)
+            zf.writestr(f"{key}.npy", member.getvalue())
+        zf.writestr("meta.json", json.dumps({"id": res.id, "kind": res.kind, "mask_shape": list(res.mask.shape)}))
+    return buf.getvalue()
 
 
 @router.get("/{rid}/mask.png", summary="Mask of one slice as a PNG (0 / 255)", responses=RESPONSES["png"])
