@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import threading
 import time
 from dataclasses import replace
@@ -47,6 +48,7 @@ class Engine:
         self.settings = settings or Settings.from_env()
         self._models: dict[tuple[str, str], Segmenter] = {}
         self._versions: dict[tuple[str, str], str] = {}
+        self._hashes: dict[tuple[str, int, int], str] = {}
         self._lock = threading.RLock()  # get() -> registry() re-enters
         self._registry: Registry | None = None
         self._registry_mtime: float | None = None
@@ -128,9 +130,7 @@ class Engine:
         except Exception as exc:
             log.warning("model %s (%s): cannot load it: %r", name, precision, exc)
             raise ModelUnavailable(f"model {name!r}: cannot load its model file; see the server log") from exc
-        weights = reg.file(name, "checkpoint") if precision == "fp32" else None
-        fixed = reg.entry(name).version if precision == "fp32" else None
-        self._versions[(name, precision)] = fixed or file_version(weights or seg.path)
+        self._versions[(name, precision)] = self.file_version_of(name, precision, seg.path)
         log.info("loaded %s (%s) from %s (%s) in %.2f s", name, precision, seg.path, seg.backend.kind, time.perf_counter() - t0)
         return seg
 
@@ -154,6 +154,26 @@ class Engine:
 
     def loaded(self) -> list[str]:
         return sorted({name for name, _ in self._models})
+
+    def file_version_of(self, name: str, precision: str, path=None) -> str:
+        """The version a result of ``name`` in ``precision`` reports, without loading it: fp32 the registry's
+        version or the checkpoint's hash (the weights its ONNX file was exported from), INT8 its own file's hash.
+        ``/v1/models`` and the answers both use it, so the two never disagree."""
+        reg = self.registry()
+        if precision == "fp32":
+            fixed, weights = reg.entry(name).version, reg.file(name, "checkpoint")
+            if fixed or weights:
+                return fixed or self._hash(weights)
+        path = path or registry.choose_file(reg, name, self.settings.backend, precision)[0]
+        return self._hash(path) if path else "?"
+
+    def _hash(self, path) -> str:
+        """``file_version``, remembered per (path, size, mtime): /v1/models asks on every call."""
+        st = os.stat(path)
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in self._hashes:
+            self._hashes[key] = file_version(path)
+        return self._hashes[key]
 
     def version(self, model) -> str:
         if isinstance(model, Ensemble):
@@ -185,7 +205,9 @@ class Engine:
             "input_size": seg.config.preprocess.input_size,
             "metrics": entry.metrics,
             "backend": seg.backend.kind,
-            "version": self.version(seg),
+            # the version of what a request naming no precision runs (an answer's model.version), and of each precision
+            "version": self.file_version_of(name, self.default_precision(name)),
+            "versions": {p: self.file_version_of(name, p) for p in (["fp32", "int8"] if entry.onnx_int8 else ["fp32"])},
             "precisions": ["fp32", "int8"] if entry.onnx_int8 else ["fp32"],
             "default_precision": self.default_precision(name),
             "card": card.read_text(errors="replace") if card.is_file() else None,
@@ -195,6 +217,7 @@ class Engine:
         members = [self.describe(n) for n in reg.ensemble_members]
         params = [m["parameters"] for m in members]
         post = self.get(registry.ENSEMBLE).postprocess
+        ensemble_precisions = ["fp32", "int8"] if all("int8" in m["precisions"] for m in members) else ["fp32"]
         return {
             "name": registry.ENSEMBLE,
             "display_name": DISPLAY_NAMES[registry.ENSEMBLE],
@@ -204,8 +227,9 @@ class Engine:
             "min_size": post.min_size,
             "metrics": reg.ensemble.metrics if reg.ensemble else {},
             "backend": "+".join(sorted({m["backend"] for m in members})),
-            "version": "+".join(f"{m['name']}:{m['version']}" for m in members),
-            "precisions": ["fp32", "int8"] if all("int8" in m["precisions"] for m in members) else ["fp32"],
+            "version": "+".join(f"{m['name']}:{m['versions'][self.default_precision(registry.ENSEMBLE)]}" for m in members),
+            "versions": {p: "+".join(f"{m['name']}:{m['versions'][p]}" for m in members) for p in ensemble_precisions},
+            "precisions": ensemble_precisions,
             "default_precision": self.default_precision(registry.ENSEMBLE),
             "card": None,
         }
