@@ -273,6 +273,15 @@ def cmd_predict(args) -> int:
     return 2
 
 
+def cmd_compare(args) -> int:
+    """Follow-up comparison (``compare.compare_paths``): both studies segmented, registered, matched; RANO-BM category."""
+    from .compare import compare_paths
+
+    seg = _load_model(args)
+    compare_paths(args.baseline, args.followup, args.out, seg, _post(args, seg), register=not args.no_register, tta=args.tta)
+    return 0
+
+
 def cmd_export(args) -> int:
     src = Path(args.checkpoint)
     if not src.is_file():
@@ -516,6 +525,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(pr)
     pr.set_defaults(func=cmd_predict)
+
+    co = sub.add_parser(
+        "compare", help="follow-up comparison of two studies: registration, lesions matched, per-lesion change, RANO-BM category (decision support)"
+    )
+    co.add_argument("baseline", help="the baseline study: what predict takes for a volume (NIfTI, a BraTS set or its folder, a DICOM folder / .zip)")
+    co.add_argument("followup", help="the follow-up study, of the same patient")
+    co.add_argument("--out", required=True, help="folder for compare.json, compare.png and followup_mask_on_baseline.nii.gz")
+    co.add_argument("--no-register", action="store_true", help="skip the rigid registration (compare in world coordinates as the files give them)")
+    _add_model_args(co)
+    co.set_defaults(func=cmd_compare)
 
     ex = sub.add_parser("export", help="export a checkpoint to ONNX; --int8 also writes the quantised X.int8.onnx")
     ex.add_argument("--checkpoint", required=True, help="a .pt checkpoint (exported to .onnx), or an exported .onnx file to quantise (with --int8)")
