@@ -264,6 +264,7 @@ def cmd_predict(args) -> int:
         report=_print_read_as,
         on_error=failed,
         pixel_spacing_mm=args.pixel_spacing,
+        reports=args.report,
     )
     print(f"wrote {len(batch.written)} files to {args.out}")
     if not batch.failures:
@@ -522,6 +523,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MM[,MM]",
         help="pixel spacing of slice inputs (TIFF / PNG / JPEG carry none): one number, or row,col (DICOM PixelSpacing order); "
         "their areas and lesion diameters are then in mm (RANO-BM measurable), else diameters are in pixels. Volumes use their header",
+    )
+    pr.add_argument(
+        "--report",
+        action="store_true",
+        help="also X_report.html (one printable page: key images, lesion table, RANO-BM, model); DICOM inputs also get "
+        "X_sr.dcm (a DICOM SR of the measurements, referencing the SEG) and X_sc.zip (a secondary-capture overlay series)",
     )
     _add_model_args(pr)
     pr.set_defaults(func=cmd_predict)

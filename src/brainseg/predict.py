@@ -314,10 +314,12 @@ def predict_job(
     tta: bool = False,
     sequence: str | None = None,
     pixel_spacing_mm: tuple[float, float] | None = None,
+    reports: bool = False,
 ) -> Study:
     """Read, segment and write one job of ``expand_inputs`` into ``out`` (every file atomically): what
     ``brainseg predict`` and ``brainseg batch`` do per input. Anything that fails is a ``JobFailed``.
-    ``pixel_spacing_mm`` (row, col) is a slice's pixel spacing (volumes take theirs from the header)."""
+    ``pixel_spacing_mm`` (row, col) is a slice's pixel spacing (volumes take theirs from the header); ``reports``: also
+    ``X_report.html`` (and ``X_sr.dcm``, ``X_sc.zip`` for DICOM, ``report.write_volume_reports``)."""
     t0 = time.perf_counter()
     from_dicom = _is_dicom_job(job)
     label = str(job[0])
@@ -327,10 +329,10 @@ def predict_job(
             vol = load_dicom_path(job[0]) if from_dicom else load_volume(job)
             label = vol.sources[0] if from_dicom else label  # a DICOM path that names the patient is not repeated
             name = stem = vol.name
-            read_as, summary = _predict_volume(vol, job, from_dicom, out, segmenter, post, tta, sequence, written)
+            read_as, summary = _predict_volume(vol, job, from_dicom, out, segmenter, post, tta, sequence, written, reports)
         else:
             name, stem = job[0].name, job[0].stem
-            read_as, summary = _predict_slice(job[0], out, segmenter, post, tta, sequence, written, pixel_spacing_mm)
+            read_as, summary = _predict_slice(job[0], out, segmenter, post, tta, sequence, written, pixel_spacing_mm, reports)
     except Exception as exc:  # one input's failure, reported by name
         raise JobFailed(failure_line(exc, label, quote=not from_dicom), exc, written) from exc
     return Study(name, stem, read_as, written, summary["lesion_count"], summary.get("lesion_volume_mm3"), time.perf_counter() - t0)
@@ -346,6 +348,7 @@ def predict_inputs(
     report=None,
     on_error=None,
     pixel_spacing_mm: tuple[float, float] | None = None,
+    reports: bool = False,
 ) -> Batch:
     """Write masks, overlays and lesion JSON for every input; returns the ``Batch`` (files written, failures).
 
@@ -356,7 +359,8 @@ def predict_inputs(
     reported to ``on_error(line, exc)`` (``failure_line``) and the others go on; without
     ``on_error`` the first failure is raised. A DICOM SEG that cannot be written is a warning
     in ``read_as`` (the mask is written all the same), not a failure. ``pixel_spacing_mm`` (row, col): the
-    pixel spacing of slice inputs (their areas and diameters in mm); volumes take theirs from their headers.
+    pixel spacing of slice inputs (their areas and diameters in mm); volumes take theirs from their headers. ``reports``:
+    also each input's ``X_report.html`` (DICOM: ``X_sr.dcm`` and ``X_sc.zip`` too; ``report``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -373,7 +377,7 @@ def predict_inputs(
     batch.inputs = len(jobs) + len(batch.failures)
     for job in tqdm(jobs, desc="predict", unit="input", disable=len(jobs) < 2):
         try:
-            study = predict_job(job, out, segmenter, post, tta, sequence, pixel_spacing_mm)
+            study = predict_job(job, out, segmenter, post, tta, sequence, pixel_spacing_mm, reports)
         except JobFailed as err:  # the others go on
             batch.written += err.written
             failed(err.exc, err.line)
@@ -385,7 +389,7 @@ def predict_inputs(
 
 
 def _predict_volume(
-    vol: Volume, job: list[Path], from_dicom: bool, out: Path, segmenter, post: PostprocessConfig, tta: bool, sequence, written: list
+    vol: Volume, job: list[Path], from_dicom: bool, out: Path, segmenter, post: PostprocessConfig, tta: bool, sequence, written: list, reports: bool = False
 ) -> tuple[dict, dict]:
     read_as = describe_volume(vol, sequence)
     if from_dicom:
@@ -416,10 +420,17 @@ def _predict_volume(
     if seg is not None:
         write_bytes_atomic(out / f"{vol.name}_seg.dcm", seg)
         written.append(out / f"{vol.name}_seg.dcm")
+    if reports:
+        from .report import write_volume_reports
+
+        read_as["warnings"] = list(read_as.get("warnings", []))
+        written += write_volume_reports(out, vol, res, stats, model_version(segmenter), seg, read_as["warnings"])
     return read_as, stats
 
 
-def _predict_slice(f: Path, out: Path, segmenter, post: PostprocessConfig, tta: bool, sequence, written: list, pixel_spacing_mm=None) -> tuple[dict, dict]:
+def _predict_slice(
+    f: Path, out: Path, segmenter, post: PostprocessConfig, tta: bool, sequence, written: list, pixel_spacing_mm=None, reports: bool = False
+) -> tuple[dict, dict]:
     image = read_image(f)
     img3 = to_three_channels(image, f)
     read_as = describe_slice(img3, stored_channels(image), sequence)
@@ -437,4 +448,8 @@ def _predict_slice(f: Path, out: Path, segmenter, post: PostprocessConfig, tta: 
     }
     write_json_atomic(js, stats)
     written += [mp, op, js]
+    if reports:
+        from .report import write_slice_report
+
+        written += write_slice_report(out, f.stem, res, stats, model_version(segmenter))
     return read_as, stats

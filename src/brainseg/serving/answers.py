@@ -121,6 +121,7 @@ def slice_answer(run: RunInfo, image: np.ndarray, res: SliceResult, store, inlin
             "mask_png": f"/v1/results/{stored.id}/mask.png",
             "slice_png": f"/v1/results/{stored.id}/slice/0.png",
             "overlay_png": f"/v1/results/{stored.id}/slice/0.png?view=overlay",
+            "report_html": f"/v1/results/{stored.id}/report.html",
             "viewer": f"/v1/results/{stored.id}/viewer.npz",
         },
         "images_inline": s["height"] * s["width"] <= inline_max_pixels,
@@ -154,8 +155,14 @@ def _volume_urls(rid: str) -> dict:
         "mask_nifti": f"/v1/results/{rid}/mask.nii.gz",
         "slice_png": f"/v1/results/{rid}/slice/{{z}}.png",
         "mask_png": f"/v1/results/{rid}/mask.png?z={{z}}",
+        "report_html": f"/v1/results/{rid}/report.html",  # one printable page (routes.reports)
         "viewer": f"/v1/results/{rid}/viewer.npz",  # display, mask, probability, spacing and affine in one download
     }
+
+
+def _dicom_urls(rid: str) -> dict:
+    """A DICOM result with its SEG: the SEG, and the SR and secondary capture that reference it (``routes.reports``)."""
+    return {"seg_dicom": f"/v1/results/{rid}/seg.dcm", "sr_dicom": f"/v1/results/{rid}/sr.dcm", "sc_zip": f"/v1/results/{rid}/sc.zip"}
 
 
 def dicom_seg(run: RunInfo, vol: Volume, mask: np.ndarray) -> tuple[bytes | None, str | None]:
@@ -216,7 +223,7 @@ def volume_answer(run: RunInfo, vol: Volume, res: VolumeResult, store) -> dict:
         "background_slices_skipped": s["background_slices_skipped"],  # no brain there: not sent to the network, probability 0
         "preview_slice": z,
         "mask_url": f"/v1/results/{stored.id}/mask.nii.gz",
-        "urls": _volume_urls(stored.id) | ({"seg_dicom": f"/v1/results/{stored.id}/seg.dcm"} if seg is not None else {}),
+        "urls": _volume_urls(stored.id) | (_dicom_urls(stored.id) if seg is not None else {}),
     }
     stored.summary = dict(body)
     body["preview_png"] = b64png(render(display[z], res.mask[z], "overlay", 1, 0.4))

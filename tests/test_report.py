@@ -1,0 +1,351 @@
+"""Reports (``brainseg.report``): the DICOM SR (TID 1500) read back with highdicom, the secondary-capture series, the
+HTML page; ``brainseg predict --report``; the API's /report.html, /sr.dcm and /sc.zip downloads.
+
+The SR is checked against a known mask on a synthetic DICOM series (``dicom_series``): an ellipse of 25 x 11 pixels
+(0.8 mm pixels, 3 mm slices) on three slices and a 3 x 3 blob, so the expected diameters and volumes are known
+without brainseg's measuring code. The CLI and API tests use the tiny models of ``conftest`` (their masks mean
+nothing; what is checked is that the reports say what the lesion table says).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import zipfile
+
+import cv2
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from dicom_series import ANONYMISED_HEADERS, PLANTED_NAME, edited, study_ids, write_series, zip_bytes
+from helpers import make_client
+from pydicom.uid import SecondaryCaptureImageStorage
+
+from brainseg import report
+from brainseg.dicom import load_dicom_path, seg_bytes
+from brainseg.measure import plane_metric, rano_bm
+from brainseg.predict import lesion_table
+from brainseg.serving.render import display_volume
+from brainseg.synthetic import synthetic_png, synthetic_slice
+
+PIXEL_MM, SLICE_MM = 0.8, 3.0
+ELLIPSE_SLICES = (3, 4, 5)
+BLOB_SLICE = 8
+MODEL, VERSION = "attention_unet", "v1-test"
+
+
+def ellipse_mask(shape: tuple[int, int, int]) -> np.ndarray:
+    """(Z, H, W): an ellipse 25 pixels wide and 11 high (semi-axes 12 and 5 around the centre pixel) on ELLIPSE_SLICES,
+    a 3 x 3 blob on BLOB_SLICE."""
+    mask = np.zeros(shape, bool)
+    for z in ELLIPSE_SLICES:
+        m = np.zeros(shape[1:], np.uint8)
+        cv2.ellipse(m, (20, 15), (12, 5), 0, 0, 360, 1, -1)
+        mask[z] = m > 0
+    mask[BLOB_SLICE, 30:33, 5:8] = True
+    return mask
+
+
+def make_study(folder, edit=None) -> dict:
+    """A synthetic MR series in ``folder`` (``edit``: an ``edited`` edit of its headers), read back, the ellipse mask, its
+    lesion table and RANO-BM, and the DICOM SEG of it."""
+    data = np.random.default_rng(0).integers(100, 300, (48, 40, 10)).astype(np.int16)
+    files = write_series(folder / "raw", data, np.diag([PIXEL_MM, PIXEL_MM, SLICE_MM, 1.0]), study_ids())
+    series = folder / "series"
+    series.mkdir()
+    for name, raw in edited(files, edit):
+        (series / name).write_bytes(raw)
+    vol = load_dicom_path(series)
+    mask = ellipse_mask(vol.slices.shape[:3])
+    lesions = lesion_table(mask, voxel_volume_mm3=vol.voxel_volume_mm3, metric=plane_metric(vol.display_affine), slice_spacing_mm=vol.spacing[2])
+    rano = rano_bm(lesions, slice_spacing_mm=vol.spacing[2])
+    seg = seg_bytes(vol.dicom, vol.to_stored(mask), MODEL, VERSION)
+    source = pydicom.dcmread(files[0])
+    return {"vol": vol, "mask": mask, "lesions": lesions, "rano": rano, "seg": seg, "source": source}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    return make_study(tmp_path_factory.mktemp("report"))
+
+
+def read_sr(data: bytes) -> hd.sr.Comprehensive3DSR:
+    sr = hd.sr.srread(io.BytesIO(data))
+    assert isinstance(sr, hd.sr.Comprehensive3DSR)
+    return sr
+
+
+def lesion_groups(sr) -> dict[str, dict]:
+    """Tracking identifier -> {values: concept meaning -> (value, unit), evaluations: meaning -> answer, ref: the
+    ReferencedSegment content items} of each TID 1411 group."""
+    out = {}
+    for g in sr.content.get_volumetric_roi_measurement_groups():
+        ref = g.referenced_segment
+        out[g.tracking_identifier] = {
+            "values": {m.name.meaning: (m.value, m.unit.value) for m in g.get_measurements()},
+            "evaluations": {q.name.meaning: q.value.meaning for q in g.get_qualitative_evaluations()},
+            "ref": ref,
+        }
+    return out
+
+
+def referenced_frames(ref) -> list[int]:
+    """The SEG frames a ReferencedSegment names (a multi-valued IS: one value reads as a number)."""
+    value = ref[0].ReferencedSOPSequence[0].get("ReferencedFrameNumber")  # ref[0]: the IMAGE item of the SEG
+    return [] if value is None else [int(f) for f in (value if isinstance(value, pydicom.multival.MultiValue) else [value])]
+
+
+def source_series_of(ref) -> str:
+    return next(str(item.UID) for item in ref if item.ValueType == "UIDREF")
+
+
+# ---------------------------------------------------------------- the SR
+
+
+def test_the_sr_reads_back_and_references_the_seg_and_the_source_series(study):
+    sr = read_sr(
+        report.sr_bytes(
+            study["seg"], study["lesions"], study["rano"], MODEL, VERSION, report.seg_frames(study["mask"], study["lesions"], study["vol"].stored_orientation)
+        )
+    )
+    seg, source = pydicom.dcmread(io.BytesIO(study["seg"])), study["source"]
+    assert sr.StudyInstanceUID == source.StudyInstanceUID and str(sr.PatientName) == PLANTED_NAME and sr.PatientID == source.PatientID
+    assert sr.SeriesInstanceUID not in (seg.SeriesInstanceUID, source.SeriesInstanceUID)
+    evidence = {
+        i.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence
+    }
+    assert evidence == {seg.SOPInstanceUID}
+    groups = lesion_groups(sr)
+    assert sorted(groups) == ["lesion 1", "lesion 2"]
+    for g in groups.values():
+        ref = g["ref"]
+        assert ref[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == seg.SOPInstanceUID
+        assert ref[0].ReferencedSOPSequence[0].ReferencedSegmentNumber == 1
+        assert source_series_of(ref) == source.SeriesInstanceUID
+    (observer,) = sr.content.get_observer_contexts()
+    assert observer.observer_identifying_attributes.model_name == "brainseg attention_unet v1-test", "the device observer names the model and version"
+
+
+def test_sr_values_are_the_lesion_table_and_the_known_shape(study):
+    lesions, rano = study["lesions"], study["rano"]
+    sr = read_sr(report.sr_bytes(study["seg"], lesions, rano, MODEL, VERSION))
+    groups = lesion_groups(sr)
+    for row in lesions:
+        g = groups[f"lesion {row['id']}"]
+        assert g["values"]["Volume"] == (pytest.approx(row["volume_mm3"]), "mm3")
+        assert g["values"]["Long axis"] == (pytest.approx(row["longest_diameter_mm"]), "mm")
+        assert g["values"]["Perpendicular Axis"] == (pytest.approx(row["perpendicular_diameter_mm"]), "mm")
+        assert g["evaluations"]["Measurable lesion (RANO-BM)"] == ("Yes" if row["measurable"] else "No")
+    big, small = groups["lesion 1"]["values"], groups["lesion 2"]["values"]
+    ellipse_voxels = int(ellipse_mask(study["mask"].shape)[list(ELLIPSE_SLICES)].sum())
+    assert big["Volume"][0] == pytest.approx(ellipse_voxels * PIXEL_MM * PIXEL_MM * SLICE_MM, abs=0.01)
+    assert abs(big["Long axis"][0] - 25 * PIXEL_MM) <= PIXEL_MM and abs(big["Perpendicular Axis"][0] - 11 * PIXEL_MM) <= PIXEL_MM
+    assert small["Volume"][0] == pytest.approx(9 * PIXEL_MM**2 * SLICE_MM)
+    # The 3 x 3 blob's outline runs through its pixels' edge midpoints (``measure``): across, 3 by 2 pixels from corner to corner.
+    assert small["Long axis"][0] == pytest.approx(np.sqrt(13) * PIXEL_MM, abs=0.01)
+    assert groups["lesion 1"]["evaluations"]["Target lesion (RANO-BM)"] == "Yes" and groups["lesion 2"]["evaluations"]["Target lesion (RANO-BM)"] == "No"
+    (summary,) = sr.content.get_image_measurement_groups()
+    (total,) = summary.get_measurements()
+    assert total.value == pytest.approx(rano["sum_longest_diameters_mm"]) == pytest.approx(big["Long axis"][0])
+    assert [q.value.meaning for q in summary.get_qualitative_evaluations()] == ["Decision support, not a diagnosis"]
+
+
+def test_each_lesion_references_the_seg_frames_it_lies_on(study):
+    """The frames named for a lesion are the SEG frames holding its voxels: the ellipse's three, the blob's one."""
+    frames = report.seg_frames(study["mask"], study["lesions"], study["vol"].stored_orientation)
+    sr = read_sr(report.sr_bytes(study["seg"], study["lesions"], study["rano"], MODEL, VERSION, frames))
+    seg = pydicom.dcmread(io.BytesIO(study["seg"]))
+    pixels = seg.pixel_array.reshape(int(seg.NumberOfFrames), -1).any(axis=1)
+    groups = lesion_groups(sr)
+    named = {k: referenced_frames(g["ref"]) for k, g in groups.items()}
+    assert len(named["lesion 1"]) == 3 and len(named["lesion 2"]) == 1
+    assert sorted(named["lesion 1"] + named["lesion 2"]) == [int(f) + 1 for f in np.flatnonzero(pixels)], "every lesion frame, nothing else"
+    assert set(named["lesion 1"]).isdisjoint(named["lesion 2"])
+
+
+def test_sr_of_an_anonymised_series_without_type2_attributes(tmp_path):
+    edit, expected = ANONYMISED_HEADERS["every Type 2 patient and study attribute gone"]
+    anon = make_study(tmp_path, edit)
+    sr = read_sr(report.sr_bytes(anon["seg"], anon["lesions"], anon["rano"], MODEL, VERSION))
+    for key, value in expected.items():
+        assert str(sr.get(key)) == value, key
+    assert sr.StudyInstanceUID == anon["source"].StudyInstanceUID and len(lesion_groups(sr)) == 2
+
+
+def test_no_lesion_still_gives_an_sr_with_the_summary_group(study):
+    sr = read_sr(report.sr_bytes(study["seg"], [], rano_bm([], 3.0), MODEL, VERSION))
+    assert lesion_groups(sr) == {} and len(sr.content.get_image_measurement_groups()) == 1
+
+
+def test_an_sr_needs_a_seg():
+    with pytest.raises(report.ReportError, match="SEG"):
+        report.source_series_uid(pydicom.Dataset())
+
+
+# ---------------------------------------------------------------- the secondary capture
+
+
+def test_secondary_capture_images_have_the_overlay_where_the_mask_is(study):
+    vol, mask = study["vol"], study["mask"]
+    display = display_volume(vol.slices)
+    files = report.secondary_capture_series(study["seg"], display, mask, MODEL, VERSION, {"right": "L", "bottom": "P"})
+    lesion_slices = [z for z in range(len(mask)) if mask[z].any()]
+    assert len(files) == len(lesion_slices) == 4
+    seg = pydicom.dcmread(io.BytesIO(study["seg"]))
+    series = set()
+    for z, raw in zip(lesion_slices, files):
+        ds = pydicom.dcmread(io.BytesIO(raw))
+        assert ds.SOPClassUID == SecondaryCaptureImageStorage and ds.PhotometricInterpretation == "RGB"
+        assert ds.StudyInstanceUID == seg.StudyInstanceUID and str(ds.PatientName) == PLANTED_NAME and list(ds.PatientOrientation) == ["L", "P"]
+        series.add(ds.SeriesInstanceUID)
+        rgb = ds.pixel_array.astype(int)
+        assert rgb.shape == (*mask.shape[1:], 3)
+        r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+        inside, outside = mask[z], ~mask[z]
+        outside[-14:] = False  # the burned-in disclaimer along the bottom edge
+        assert (r[inside] > g[inside] + 30).all(), "the lesion is tinted (or outlined) red"
+        assert (r[outside] == g[outside]).all() and (g[outside] == b[outside]).all(), "grey elsewhere"
+        grey = display[z][..., 1].astype(int)
+        assert np.array_equal(r[outside], grey[outside]), "the FLAIR slice as displayed"
+        assert ((r[-14:] > 200) & (g[-14:] > 200) & (b[-14:] < 100)).any(), "the yellow disclaimer"
+    assert len(series) == 1 and series.isdisjoint({seg.SeriesInstanceUID, study["source"].SeriesInstanceUID})
+    with zipfile.ZipFile(io.BytesIO(report.zip_files(files))) as zf:
+        assert zf.namelist() == [f"SC{i:04d}.dcm" for i in range(1, 5)]
+
+
+# ---------------------------------------------------------------- the HTML page
+
+
+def test_html_report_has_the_values_the_version_the_disclaimer_and_an_image(study):
+    summary = {
+        "kind": "volume",
+        "model": {"name": MODEL, "display_name": "Attention U-Net", "version": VERSION, "precision": "fp32"},
+        "input": {"name": "<script>alert(1)</script>", "warnings": ["a warning & more"], "read_as": "FLAIR only", "condition": "flair_only"},
+        "lesions": study["lesions"],
+        "rano_bm": study["rano"],
+        "lesion_count": 2,
+    }
+    info = report.report_info(summary)
+    page = report.html_report(info, report.key_images(display_volume(study["vol"].slices), study["mask"], info.lesions))
+    big = study["lesions"][0]
+    for text in (f"{big['volume_ml']:.3f}", f"{big['longest_diameter_mm']:.1f}", f"{big['perpendicular_diameter_mm']:.1f}", VERSION, "fp32", report.DISCLAIMER):
+        assert text in page, text
+    assert f"<b>{study['rano']['sum_longest_diameters_mm']:.1f} mm</b>" in page
+    assert "<script>" not in page and "&lt;script&gt;" in page and "a warning &amp; more" in page
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == 2, "the ellipse's slice and the blob's"
+    img = cv2.imdecode(np.frombuffer(base64.b64decode(images[0]), np.uint8), cv2.IMREAD_COLOR)
+    assert img.shape == (*study["mask"].shape[1:], 3)
+
+
+# ---------------------------------------------------------------- CLI and API
+
+
+def blob_series(folder, slices: int = 6, size: int = 64) -> None:
+    """A DICOM series of the synthetic slice (its FLAIR channel) repeated: the tiny models mark its bright blob."""
+    img, _ = synthetic_slice(size=size, seed=1)
+    data = np.stack([np.rot90(img[:, :, 1], -1)] * slices, axis=-1).astype(np.int16)
+    write_series(folder, data, np.diag([1.0, 1.0, 2.0, 1.0]), study_ids())
+
+
+def test_cli_report_writes_the_page_the_sr_and_the_secondary_capture(tmp_path, tiny_model_dir):
+    from brainseg.cli import main
+
+    blob_series(tmp_path / "blob")
+    (tmp_path / "slice.png").write_bytes(synthetic_png(size=64))
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "predict",
+                str(tmp_path / "blob"),
+                str(tmp_path / "slice.png"),
+                "--out",
+                str(out),
+                "--model-dir",
+                str(tiny_model_dir),
+                "--report",
+                "--threshold",
+                "0.3",
+            ]
+        )
+        == 0
+    )
+    stats = json.loads((out / "blob_lesions.json").read_text())
+    assert stats["lesion_count"] >= 1, "the tiny model marks the blob"
+    sr = read_sr((out / "blob_sr.dcm").read_bytes())
+    seg = pydicom.dcmread(out / "blob_seg.dcm")
+    groups = lesion_groups(sr)
+    assert len(groups) == stats["lesion_count"]
+    for row in stats["lesions"]:
+        g = groups[f"lesion {row['id']}"]
+        assert g["ref"][0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == seg.SOPInstanceUID
+        assert g["values"]["Volume"][0] == pytest.approx(row["volume_mm3"]) and g["values"]["Long axis"][0] == pytest.approx(row["longest_diameter_mm"])
+    with zipfile.ZipFile(out / "blob_sc.zip") as zf:
+        assert len(zf.namelist()) == len(stats["slices_with_lesion"])
+    page = (out / "blob_report.html").read_text()
+    assert report.DISCLAIMER in page and "data:image/png;base64," in page
+    assert (out / "slice_report.html").is_file() and not (out / "slice_sr.dcm").exists(), "a slice has no DICOM source"
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny_model_dir, tmp_path_factory):
+    with make_client(tiny_model_dir, api_key="key-one, key-two") as c:
+        folder = tmp_path_factory.mktemp("api_report") / "blob"
+        blob_series(folder)
+        r = c.post("/v1/segment", files={"files": ("study.zip", zip_bytes([folder]))}, data={"threshold": "0.3"}, headers={"X-API-Key": "key-one"})
+        assert r.status_code == 200, r.text
+        yield c, r.json()
+
+
+def test_api_downloads_the_reports_of_a_dicom_result(keyed):
+    c, body = keyed
+    one = {"X-API-Key": "key-one"}
+    assert body["lesion_count"] >= 1
+    urls = body["urls"]
+    assert urls["report_html"].endswith("/report.html") and urls["sr_dicom"].endswith("/sr.dcm") and urls["sc_zip"].endswith("/sc.zip")
+    page = c.get(urls["report_html"], headers=one)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html") and report.DISCLAIMER in page.text
+    assert body["model"]["version"] in page.text
+    r = c.get(urls["sr_dicom"], headers=one)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/dicom" and "study_sr.dcm" in r.headers["content-disposition"]
+    seg = pydicom.dcmread(io.BytesIO(c.get(urls["seg_dicom"], headers=one).content))
+    groups = lesion_groups(read_sr(r.content))
+    assert len(groups) == body["lesion_count"]
+    frames = set()
+    for row in body["lesions"]:
+        g = groups[f"lesion {row['id']}"]
+        assert g["ref"][0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == seg.SOPInstanceUID
+        assert g["values"]["Volume"][0] == pytest.approx(row["volume_mm3"]) and g["values"]["Perpendicular Axis"][0] == pytest.approx(
+            row["perpendicular_diameter_mm"]
+        )
+        frames.update(referenced_frames(g["ref"]))
+    assert len(frames) == len(body["slices_with_lesion"])
+    sc = c.get(urls["sc_zip"], headers=one)
+    assert sc.status_code == 200 and sc.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(sc.content)) as zf:
+        assert len(zf.namelist()) == len(body["slices_with_lesion"])
+        assert pydicom.dcmread(io.BytesIO(zf.read(zf.namelist()[0]))).StudyInstanceUID == seg.StudyInstanceUID
+
+
+def test_api_reports_stay_with_their_key(keyed):
+    c, body = keyed
+    for key in ("report_html", "sr_dicom", "sc_zip"):
+        r = c.get(body["urls"][key], headers={"X-API-Key": "key-two"})
+        assert r.status_code == 404 and "not found" in r.json()["detail"], key
+        assert c.get(body["urls"][key]).status_code == 401
+
+
+def test_api_a_slice_result_has_a_page_but_no_sr(keyed):
+    c, _ = keyed
+    one = {"X-API-Key": "key-one"}
+    body = c.post("/v1/segment", files={"files": ("s.png", synthetic_png(size=64))}, headers=one).json()
+    assert "sr_dicom" not in body["urls"]
+    page = c.get(body["urls"]["report_html"], headers=one)
+    assert page.status_code == 200 and "data:image/png;base64," in page.text
+    for what in ("sr.dcm", "sc.zip"):
+        r = c.get(f"/v1/results/{body['id']}/{what}", headers=one)
+        assert r.status_code == 404 and "not made from DICOM" in r.json()["detail"]
