@@ -226,6 +226,7 @@ def test_a_brats_volume_is_small_on_disk_and_in_memory(tmp_path):
     store = ResultStore(tmp_path)
     res = StoredResult("volume", display, mask, {"kind": "volume"}, affine=vol.affine, name="brats")
     store.put(res)
+    assert store.flush(60)  # written stored at once, deflated in the background
     on_disk = (tmp_path / f"{res.id}.npz").stat().st_size
     assert on_disk < 8 * 2**20, on_disk  # 26.8 MB of display and 8.9 MB of mask as arrays
     tracemalloc.start()

@@ -87,12 +87,18 @@ def _lesions(rows: list[dict]) -> tuple[list[dict], bool]:
 
 
 INLINE_MAX_PIXELS = 512 * 512  # BRAINSEG_INLINE_PNG_MAX_PIXELS: larger slices' answers link to their PNGs
+ANSWER_IMAGES = ("mask_png", "overlay_png", "preview_png")  # the ``return`` choices: base64 PNGs in an answer
+SLICE_IMAGES = frozenset({"mask_png", "overlay_png"})  # a slice answer's default
+VOLUME_IMAGES = frozenset({"preview_png"})  # a volume answer's default
 
 
-def slice_answer(run: RunInfo, image: np.ndarray, res: SliceResult, store, inline_max_pixels: int = INLINE_MAX_PIXELS) -> dict:
+def slice_answer(
+    run: RunInfo, image: np.ndarray, res: SliceResult, store, inline_max_pixels: int = INLINE_MAX_PIXELS, images: frozenset = SLICE_IMAGES
+) -> dict:
     """The answer for one slice, with its mask and overlay as base64 PNG up to ``inline_max_pixels``
     (``images_inline``); a larger slice's answer has only their links (``urls.mask_png``,
-    ``urls.overlay_png``), so it stays small. The result is stored."""
+    ``urls.overlay_png``), so it stays small. ``images``: which of them the client asked for
+    (``return``); the others are neither drawn nor encoded. The result is stored."""
     display = display_slice(image)
     window = display_window(None if image.dtype == np.uint8 else intensity_window(image))  # what display_slice applied
     stored = StoredResult("slice", display[None], res.mask[None], {}, name=Path(run.files[0]).stem, owner=run.owner, prob=probability_u8(res.prob)[None])
@@ -127,8 +133,9 @@ def slice_answer(run: RunInfo, image: np.ndarray, res: SliceResult, store, inlin
         "images_inline": s["height"] * s["width"] <= inline_max_pixels,
     }
     stored.summary = dict(body)
-    if body["images_inline"]:
+    if body["images_inline"] and "mask_png" in images:
         body["mask_png"] = b64png(res.mask.astype(np.uint8) * 255)
+    if body["images_inline"] and "overlay_png" in images:
         body["overlay_png"] = b64png(render(display, res.mask, "overlay", 1, 0.4))
     store.put(stored)
     return body
@@ -175,8 +182,9 @@ def dicom_seg(run: RunInfo, vol: Volume, mask: np.ndarray) -> tuple[bytes | None
     return write_seg(vol.dicom, vol.to_stored(np.asarray(mask)), run.model["name"], run.model["version"], run.post.threshold)
 
 
-def volume_answer(run: RunInfo, vol: Volume, res: VolumeResult, store) -> dict:
-    """The answer for a volume, with per-slice lesion areas, a preview and download links; the result is stored."""
+def volume_answer(run: RunInfo, vol: Volume, res: VolumeResult, store, images: frozenset = VOLUME_IMAGES) -> dict:
+    """The answer for a volume, with per-slice lesion areas, a preview (``preview_png`` in ``images``)
+    and download links; the result is stored."""
     window = res.window if res.display is not None else window_for_volume(vol.slices)  # segment_volume windows the volume once
     display = res.display if res.display is not None else display_volume(vol.slices, window)
     seg, seg_warning = dicom_seg(run, vol, res.mask)
@@ -226,6 +234,7 @@ def volume_answer(run: RunInfo, vol: Volume, res: VolumeResult, store) -> dict:
         "urls": _volume_urls(stored.id) | (_dicom_urls(stored.id) if seg is not None else {}),
     }
     stored.summary = dict(body)
-    body["preview_png"] = b64png(render(display[z], res.mask[z], "overlay", 1, 0.4))
+    if "preview_png" in images:
+        body["preview_png"] = b64png(render(display[z], res.mask[z], "overlay", 1, 0.4))
     store.put(stored)
     return body

@@ -35,7 +35,7 @@ from .uploads import (
 
 log = logging.getLogger("brainseg.serving")
 
-SEGMENT_FIELDS = ("files", "model", "threshold", "tta", "sequence", "precision", "pixel_spacing_mm")
+SEGMENT_FIELDS = ("files", "model", "threshold", "tta", "sequence", "precision", "pixel_spacing_mm", "return")
 SEQUENCE_HELP = "sequence must be one of flair (FLAIR), t1 (pre-contrast T1), t1c (T1 post-contrast), t2 (T2); it says what a grey image or a single volume is"
 
 

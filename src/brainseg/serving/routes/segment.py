@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import anyio
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
+from ...inference import Ensemble, Segmenter
 from ...registry import ENSEMBLE, PrecisionUnavailable
-from ..answers import RunInfo, Timings, model_block, slice_answer, volume_answer
+from ..answers import ANSWER_IMAGES, SLICE_IMAGES, VOLUME_IMAGES, RunInfo, Timings, model_block, slice_answer, volume_answer
 from ..cancel import Cancelled
 from ..deps import Limiters, MemoryBudget, get_engine, get_limiters, get_limits, get_memory, get_owner, get_settings, get_store
 from ..engine import Engine, ModelUnavailable
@@ -47,6 +48,11 @@ PIXEL_SPACING_HELP = (
     "With it, lesion areas are in mm^2 and diameters in mm (longest_diameter_mm, RANO-BM measurable); without it, diameters are in pixels "
     "(longest_diameter_px). Volumes take their voxel size from the file's header: sending it with a volume is a 422"
 )
+RETURN_HELP = (
+    "the base64 PNGs the answer carries, comma-separated: mask_png, overlay_png (slices), preview_png (volumes), or none. "
+    "Left out: mask_png,overlay_png for a slice, preview_png for a volume. What is not asked for is not drawn or encoded; "
+    "every image stays available from the result's urls"
+)
 PRECISION_HELP = (
     "fp32 or int8 (the quantised ONNX model, where the registry lists one). Left out: the model's default_precision in GET /v1/models, "
     "int8 where its accuracy cost was measured to be within 0.005 per-patient Dice and the server runs ONNX Runtime, else fp32"
@@ -67,11 +73,13 @@ class SegmentJob:
     precision: str
     owner: str | None
     inline_max_pixels: int = 512 * 512
+    images: frozenset | None = None  # the ``return`` field; None: the answer kind's default
 
     def __call__(self, gone: threading.Event) -> dict:
         if gone.is_set():
             raise Cancelled("queued")
         t0 = time.perf_counter()
+        clock = Clock()
         uploads, kind = read_uploads(self.files, self.max_upload_bytes)
         opts = self.options
         model = self.engine.get(self.model_name, self.precision)
@@ -84,12 +92,82 @@ class SegmentJob:
         if kind == "slice":
             res, post = self.engine.run_slice(model, data, opts.threshold, opts.tta, opts.pixel_spacing_mm)
         else:  # stops before its next batch of slices once the client has gone
-            res, post = self.engine.run_volume(model, data, opts.threshold, opts.tta, cancel=gone)
+            res, post = self.engine.run_volume(timed(model, clock), data, opts.threshold, opts.tta, cancel=gone)
         block = model_block(model, self.engine.version(model), self.engine.backend_kind(model))
-        info = RunInfo(block, post, opts.tta, [u.name for u in uploads], Timings(t0, t1, time.perf_counter()), read_as, self.owner)
+        t2 = time.perf_counter()
+        info = RunInfo(block, post, opts.tta, [u.name for u in uploads], Timings(t0, t1, t2), read_as, self.owner)
+        store = TimedStore(self.store, clock)
         if kind == "slice":
-            return slice_answer(info, data, res, self.store, self.inline_max_pixels)
-        return volume_answer(info, data, res, self.store)
+            body = slice_answer(info, data, res, store, self.inline_max_pixels, SLICE_IMAGES if self.images is None else self.images)
+        else:
+            body = volume_answer(info, data, res, store, VOLUME_IMAGES if self.images is None else self.images)
+        body["timings_ms"].update(clock.as_ms(kind, time.perf_counter() - t2))
+        return body
+
+
+class Clock:
+    """Seconds one request spent in the network (volumes: its own calls; a slice's batch runs on
+    the batcher's thread, so it is not split) and in the result store."""
+
+    def __init__(self):
+        self.network = 0.0
+        self.store = 0.0
+
+    def as_ms(self, kind: str, answer_s: float) -> dict:
+        """``answer``: building the answer (lesion table done, PNGs asked for, the store write) and ``store`` of it."""
+        network = {} if kind == "slice" else {"network": round(self.network * 1000, 1)}
+        return {**network, "answer": round(answer_s * 1000, 1), "store": round(self.store * 1000, 1)}
+
+
+@dataclass
+class TimedBackend:
+    inner: object
+    clock: Clock
+
+    def __call__(self, batch):
+        t = time.perf_counter()
+        try:
+            return self.inner(batch)
+        finally:
+            self.clock.network += time.perf_counter() - t
+
+    def __getattr__(self, name):  # config, info, kind, precision of the wrapped backend
+        return getattr(self.inner, name)
+
+
+def timed(model, clock: Clock):
+    """``model`` (a Segmenter or an Ensemble) whose network calls add their time to ``clock``."""
+    if isinstance(model, Ensemble):
+        return Ensemble([timed(m, clock) for m in model.members])
+    return Segmenter(TimedBackend(model.backend, clock), model.name, model.path)
+
+
+@dataclass
+class TimedStore:
+    """The result store, its ``put`` timed into ``clock`` (the answers only put)."""
+
+    inner: object
+    clock: Clock
+
+    def put(self, result) -> str:
+        t = time.perf_counter()
+        try:
+            return self.inner.put(result)
+        finally:
+            self.clock.store += time.perf_counter() - t
+
+
+def parse_return(raw: str | None) -> frozenset | None:
+    """The ``return`` field: None (left out: the defaults), or the set of answer images asked for; 422 for other names."""
+    if raw is None:
+        return None
+    names = {n.strip().lower() for n in str(raw).split(",") if n.strip()}
+    if names == {"none"} or not names:
+        return frozenset()
+    unknown = names - set(ANSWER_IMAGES)
+    if unknown:
+        raise UploadError(422, f"return takes a comma-separated list of {', '.join(ANSWER_IMAGES)}, or none")
+    return frozenset(names)
 
 
 def choose_model(engine: Engine, options: SegmentOptions) -> tuple[str, str]:
@@ -175,6 +253,7 @@ async def segment(
     sequence: str | None = Form(None, description=SEQUENCE_HELP),
     precision: str | None = Form(None, description=PRECISION_HELP),
     pixel_spacing_mm: str | None = Form(None, description=PIXEL_SPACING_HELP),
+    returns: str | None = Form(None, alias="return", description=RETURN_HELP),
     engine: Engine = Depends(get_engine),
     store=Depends(get_store),
     settings: Settings = Depends(get_settings),
@@ -186,10 +265,11 @@ async def segment(
     t_start = time.perf_counter()
     fields = {"model": model, "threshold": threshold, "tta": tta, "sequence": sequence, "precision": precision, "pixel_spacing_mm": pixel_spacing_mm}
     options = await segment_options(request, fields)
+    images = parse_return(returns if returns is not None else request.query_params.get("return"))
     name, precision = choose_model(engine, options)
     check_declared_size(files, settings.max_upload_bytes, settings.max_upload_mb)
     need = await memory_need_of(files, limits, memory, len(engine.registry().ensemble_members) if name == ENSEMBLE else 1)
-    job = SegmentJob(engine, store, limits, settings.max_upload_bytes, files, options, name, precision, owner, settings.inline_png_max_pixels)
+    job = SegmentJob(engine, store, limits, settings.max_upload_bytes, files, options, name, precision, owner, settings.inline_png_max_pixels, images)
     try:
         body = await run_in_worker(request, job, limiters.volume_and_worker if is_volume_request(files) else limiters.worker_only, memory, need)
     except Cancelled as gone:  # nobody is listening any more
