@@ -20,7 +20,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from dicom_series import ANONYMISED_HEADERS, PLANTED_NAME, edited, study_ids, write_series, zip_bytes
+from dicom_series import ANONYMISED_HEADERS, PLANTED_BIRTH, PLANTED_ID, PLANTED_NAME, edited, study_ids, write_series, zip_bytes
 from helpers import make_client
 from pydicom.uid import SecondaryCaptureImageStorage
 
@@ -148,7 +148,8 @@ def test_sr_values_are_the_lesion_table_and_the_known_shape(study):
     assert small["Long axis"][0] == pytest.approx(np.sqrt(13) * PIXEL_MM, abs=0.01)
     assert groups["lesion 1"]["evaluations"]["Target lesion (RANO-BM)"] == "Yes" and groups["lesion 2"]["evaluations"]["Target lesion (RANO-BM)"] == "No"
     (summary,) = sr.content.get_image_measurement_groups()
-    (total,) = summary.get_measurements()
+    count, total = summary.get_measurements()
+    assert count.name.value == "246206008" and count.value == 2, "SCT Number of lesions"
     assert total.value == pytest.approx(rano["sum_longest_diameters_mm"]) == pytest.approx(big["Long axis"][0])
     assert [q.value.meaning for q in summary.get_qualitative_evaluations()] == ["Decision support, not a diagnosis"]
 
@@ -173,6 +174,14 @@ def test_sr_of_an_anonymised_series_without_type2_attributes(tmp_path):
     for key, value in expected.items():
         assert str(sr.get(key)) == value, key
     assert sr.StudyInstanceUID == anon["source"].StudyInstanceUID and len(lesion_groups(sr)) == 2
+
+
+def test_the_sr_itemises_the_largest_lesions_and_counts_them_all(study, monkeypatch):
+    monkeypatch.setattr(report, "MAX_SR_LESIONS", 1)
+    sr = read_sr(report.sr_bytes(study["seg"], study["lesions"], study["rano"], MODEL, VERSION, lesion_count=7))
+    assert list(lesion_groups(sr)) == ["lesion 1"]
+    (summary,) = sr.content.get_image_measurement_groups()
+    assert summary.get_measurements()[0].value == 7
 
 
 def test_no_lesion_still_gives_an_sr_with_the_summary_group(study):
@@ -310,10 +319,14 @@ def test_api_downloads_the_reports_of_a_dicom_result(keyed):
     page = c.get(urls["report_html"], headers=one)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html") and report.DISCLAIMER in page.text
     assert body["model"]["version"] in page.text
+    for planted in ("Zzyzx", "Quentin", PLANTED_ID, PLANTED_BIRTH):
+        assert planted not in page.text, "the page names no patient (the SR and SC do, as the SEG: they file with the study)"
     r = c.get(urls["sr_dicom"], headers=one)
     assert r.status_code == 200 and r.headers["content-type"] == "application/dicom" and "study_sr.dcm" in r.headers["content-disposition"]
     seg = pydicom.dcmread(io.BytesIO(c.get(urls["seg_dicom"], headers=one).content))
-    groups = lesion_groups(read_sr(r.content))
+    sr = read_sr(r.content)
+    assert str(sr.PatientName) == PLANTED_NAME and sr.StudyInstanceUID == seg.StudyInstanceUID
+    groups = lesion_groups(sr)
     assert len(groups) == body["lesion_count"]
     frames = set()
     for row in body["lesions"]:

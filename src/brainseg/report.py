@@ -39,6 +39,7 @@ DISCLAIMER = "Decision support, not a diagnosis: research software; every findin
 SCHEME = "99BRAINSEG"  # a private coding scheme ("99" prefix, DICOM PS3.16) for what DICOM has no code for
 MAX_TABLE_ROWS = 15  # lesions listed in the HTML table (largest first); the rest are counted, so the page stays one page
 MAX_KEY_IMAGES = 2
+MAX_SR_LESIONS = 100  # lesion groups in a DICOM SR (the largest); the number of lesions found is reported as well
 
 
 class ReportError(Exception):
@@ -141,7 +142,7 @@ def _lesion_group(row: dict, seg, series_uid: str, frames: list[int] | None, tar
         (codes.SCT.LongAxis, row.get("longest_diameter_mm"), codes.UCUM.Millimeter, method),
         (codes.SCT.PerpendicularAxis, row.get("perpendicular_diameter_mm"), codes.UCUM.Millimeter, method),
     ]
-    measurements = [hd.sr.Measurement(name=n, value=float(v), unit=u, method=m, algorithm_id=algorithm) for n, v, u, m in measures if v is not None]
+    measurements = [hd.sr.Measurement(name=n, value=float(v), unit=u, method=m) for n, v, u, m in measures if v is not None]  # the group names the algorithm
     evaluations = [hd.sr.QualitativeEvaluation(_code("RANOBM-TARGET", "Target lesion (RANO-BM)"), _yes_no(row["id"] in targets))]
     if row.get("measurable") is not None:
         evaluations.insert(0, hd.sr.QualitativeEvaluation(_code("RANOBM-MEAS", "Measurable lesion (RANO-BM)"), _yes_no(row["measurable"])))
@@ -164,21 +165,17 @@ def _lesion_group(row: dict, seg, series_uid: str, frames: list[int] | None, tar
     )
 
 
-def _summary_group(rano: dict | None, algorithm):
-    """The report as a whole (TID 1501): the RANO-BM sum of the target lesions' longest diameters, and the intended use."""
+def _summary_group(rano: dict | None, lesion_count: int, algorithm):
+    """The report as a whole (TID 1501): the number of lesions found (all of them, also those without a group of their
+    own), the RANO-BM sum of the target lesions' longest diameters, and the intended use."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
+    measurements = [hd.sr.Measurement(codes.SCT.NumberOfLesions, float(lesion_count), codes.UCUM.NoUnits)]
     total = (rano or {}).get("sum_longest_diameters_mm")
-    measurements = (
-        [
-            hd.sr.Measurement(
-                _code("RANOBM-SLD", "Sum of longest diameters of target lesions (RANO-BM)"), float(total), codes.UCUM.Millimeter, method=codes.cid6147.RANO
-            )
-        ]
-        if total is not None
-        else None
-    )
+    if total is not None:
+        sld = _code("RANOBM-SLD", "Sum of longest diameters of target lesions (RANO-BM)")
+        measurements.append(hd.sr.Measurement(sld, float(total), codes.UCUM.Millimeter, method=codes.cid6147.RANO))
     use = hd.sr.QualitativeEvaluation(_code("INTENDED-USE", "Intended use"), _code("DECISION-SUPPORT", "Decision support, not a diagnosis"))
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="RANO-BM targets"),
@@ -202,9 +199,19 @@ def _observer(model_name: str, model_version: str):
     return hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(observer_type=codes.DCM.Device, observer_identifying_attributes=device))
 
 
-def sr_bytes(seg, lesions: list[dict], rano: dict | None, model_name: str, model_version: str, frames: dict[int, list[int]] | None = None) -> bytes:
-    """A Comprehensive 3D SR (TID 1500) of ``lesions`` (rows of ``predict.lesion_table``, with ``id``) and ``rano``
-    (``measure.rano_bm``), referencing ``seg`` (the result's DICOM SEG, bytes or a Dataset) and its source series.
+def sr_bytes(
+    seg,
+    lesions: list[dict],
+    rano: dict | None,
+    model_name: str,
+    model_version: str,
+    frames: dict[int, list[int]] | None = None,
+    lesion_count: int | None = None,
+) -> bytes:
+    """A Comprehensive 3D SR (TID 1500) of ``lesions`` (rows of ``predict.lesion_table``, with ``id``, largest first)
+    and ``rano`` (``measure.rano_bm``), referencing ``seg`` (the result's DICOM SEG, bytes or a Dataset) and its source
+    series. The first ``MAX_SR_LESIONS`` lesions get a group each (highdicom takes some 50 ms a group: a garbage
+    mask's thousands would take minutes); ``lesion_count`` (default: ``len(lesions)``) is reported as the number found.
 
     ``frames``: lesion id -> SEG frames (``seg_frames``); without it each lesion references the whole segment.
     Raises ``ReportError`` (a plain sentence) when the SR cannot be written."""
@@ -215,11 +222,12 @@ def sr_bytes(seg, lesions: list[dict], rano: dict | None, model_name: str, model
     series_uid = source_series_uid(seg)
     algorithm = _algorithm(model_name, model_version)
     targets = set((rano or {}).get("target_lesion_ids") or [])
-    groups = [_lesion_group(r, seg, series_uid, (frames or {}).get(r["id"]), targets, algorithm) for r in lesions]
+    groups = [_lesion_group(r, seg, series_uid, (frames or {}).get(r["id"]), targets, algorithm) for r in lesions[:MAX_SR_LESIONS]]
+    count = len(lesions) if lesion_count is None else int(lesion_count)
     report = hd.sr.MeasurementReport(
         observation_context=_observer(model_name, model_version),
         procedure_reported=codes.LN.BrainMRI,
-        imaging_measurements=[*groups, _summary_group(rano, algorithm)],
+        imaging_measurements=[*groups, _summary_group(rano, count, algorithm)],
     )
     number = int(seg.get("SeriesNumber") or 1000)
     try:
@@ -524,7 +532,8 @@ def write_volume_reports(out, vol, res, stats: dict, model_version: str, seg: by
         warnings.append("no DICOM SR or secondary capture: they reference the DICOM SEG, which could not be written")
         return paths
     try:
-        sr = sr_bytes(seg, info.lesions, info.rano, info.model["name"], model_version, seg_frames(res.mask, info.lesions, vol.stored_orientation))
+        frames = seg_frames(res.mask, info.lesions, vol.stored_orientation)
+        sr = sr_bytes(seg, info.lesions, info.rano, info.model["name"], model_version, frames, info.lesion_count)
         sc = zip_files(secondary_capture_series(seg, res.display, res.mask, info.model["name"], model_version, display_orientation(vol.display_affine)))
     except ReportError as exc:
         warnings.append(str(exc))

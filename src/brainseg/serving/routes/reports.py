@@ -68,7 +68,8 @@ def _html(res: StoredResult) -> bytes:
 def _sr(res: StoredResult, seg: bytes) -> bytes:
     name, version = _model(res)
     lesions, rano = res.summary.get("lesions") or [], res.summary.get("rano_bm")
-    return report.sr_bytes(seg, lesions, rano, name, version, report.seg_frames(np.asarray(res.mask), lesions, res.orientation))
+    frames = report.seg_frames(np.asarray(res.mask), lesions, res.orientation)
+    return report.sr_bytes(seg, lesions, rano, name, version, frames, res.summary.get("lesion_count"))
 
 
 def _sc(res: StoredResult, seg: bytes) -> bytes:
