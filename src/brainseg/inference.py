@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,33 @@ from .preprocessing import intensity_window, preprocess_slice, restore_size, to_
 ONNX_METADATA_KEY = "brainseg_config"
 PRECISIONS = ("fp32", "int8")
 INT8_SUFFIX = ".int8.onnx"
+ONNX_DEVICES = ("auto", "cpu", "cuda", "tensorrt")  # BRAINSEG_ONNX_DEVICE
+GPU_PROVIDERS = {"tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"], "cuda": ["CUDAExecutionProvider"]}
+log = logging.getLogger(__name__)
+
+
+def onnx_providers(device: str | None = None, available: list[str] | None = None) -> list[str]:
+    """The execution providers of an ONNX Runtime session, best first, CPU always last.
+
+    ``device`` (default ``BRAINSEG_ONNX_DEVICE``, else ``auto``): ``auto`` takes TensorRT and CUDA
+    where ONNX Runtime offers them (``onnxruntime-gpu`` on a machine with a GPU), ``cpu`` forces the
+    CPU, ``cuda`` / ``tensorrt`` ask for one (the CPU, with a warning, where it is not offered).
+    ``available``: ``onnxruntime.get_available_providers()`` unless given.
+    """
+    device = (device or os.environ.get("BRAINSEG_ONNX_DEVICE") or "auto").strip().lower()
+    if device not in ONNX_DEVICES:
+        raise ValueError(f"BRAINSEG_ONNX_DEVICE must be one of {', '.join(ONNX_DEVICES)}, not {device!r}")
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if available is None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+    wanted = GPU_PROVIDERS["tensorrt" if device == "auto" else device]
+    chosen = [p for p in wanted if p in available]
+    if device != "auto" and not chosen:
+        log.warning("ONNX device %s asked for, but ONNX Runtime offers only %s: running on the CPU", device, ", ".join(available))
+    return [*chosen, "CPUExecutionProvider"]
 
 
 def int8_path(path: os.PathLike | str) -> Path:
@@ -39,7 +67,7 @@ class OnnxBackend:
     """``threads``: intra-op threads (0: ONNX Runtime's default, one per core). ``spinning=False``: idle
     threads sleep between runs instead of spinning, which leaves the CPU to other work in the process."""
 
-    def __init__(self, path: os.PathLike | str, threads: int = 0, spinning: bool = True):
+    def __init__(self, path: os.PathLike | str, threads: int = 0, spinning: bool = True, device: str | None = None):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -51,7 +79,12 @@ class OnnxBackend:
             opts.intra_op_num_threads = threads
         if not spinning:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        wanted = onnx_providers(device)
+        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
+        self.providers = self.session.get_providers()
+        if self.providers[0] != wanted[0]:  # e.g. CUDA offered but its libraries missing: ONNX Runtime fell back
+            log.warning("ONNX Runtime could not start %s for %s; running on %s", wanted[0], Path(path).name, self.providers[0])
+        log.info("ONNX Runtime session for %s on %s", Path(path).name, ", ".join(self.providers))
         meta = self.session.get_modelmeta().custom_metadata_map
         if ONNX_METADATA_KEY not in meta:
             raise ValueError(f"{path}: ONNX file has no '{ONNX_METADATA_KEY}' metadata (export it with `brainseg export`)")
@@ -220,9 +253,10 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     return tuple(box)
 
 
-def load_backend(path: os.PathLike | str, kind: str, name: str | None = None, threads: int = 0, spinning: bool = True) -> Segmenter:
-    """A Segmenter running ``path`` with ``kind`` = ``onnx`` (ONNX Runtime, CPU; fp32 or INT8) or ``torch``."""
-    backend = OnnxBackend(path, threads, spinning) if kind == "onnx" else TorchBackend(path)
+def load_backend(path: os.PathLike | str, kind: str, name: str | None = None, threads: int = 0, spinning: bool = True, device: str | None = None) -> Segmenter:
+    """A Segmenter running ``path`` with ``kind`` = ``onnx`` (ONNX Runtime; fp32 or INT8; ``device``: see
+    ``onnx_providers``) or ``torch``."""
+    backend = OnnxBackend(path, threads, spinning, device) if kind == "onnx" else TorchBackend(path)
     return Segmenter(backend, name or backend.config.model.name, str(path))
 
 

@@ -288,8 +288,10 @@ def served_precision(reg: Registry, name: str | None, backend: str | None = None
     return "int8" if all(one(m) for m in reg.resolve(name)) else "fp32"
 
 
-def load_member(reg: Registry, name: str, backend: str | None = None, precision: str = "fp32", threads: int = 0, spinning: bool = True):
-    """One registered model, loaded (a ``Segmenter``; ``threads`` / ``spinning``: ONNX Runtime's, see
+def load_member(
+    reg: Registry, name: str, backend: str | None = None, precision: str = "fp32", threads: int = 0, spinning: bool = True, device: str | None = None
+):
+    """One registered model, loaded (a ``Segmenter``; ``threads`` / ``spinning`` / ``device``: ONNX Runtime's, see
     ``inference.OnnxBackend``). FileNotFoundError when its file is missing."""
     from .inference import load_backend
 
@@ -297,7 +299,7 @@ def load_member(reg: Registry, name: str, backend: str | None = None, precision:
     if path is None:
         key = "onnx_int8" if precision == "int8" else ("onnx" if kind == "onnx" else "checkpoint")
         raise FileNotFoundError(f"model {name!r}: its {key} file is not in {reg.directory} (backend {requested_backend(backend)})")
-    seg = load_backend(path, kind, name, threads=threads, spinning=spinning)
+    seg = load_backend(path, kind, name, threads=threads, spinning=spinning, device=device)
     if precision == "int8" and seg.precision != "int8":
         seg.backend.precision = "int8"  # registered as INT8; a file quantised by other tools carries no marker
     return seg

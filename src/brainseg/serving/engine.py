@@ -119,7 +119,7 @@ class Engine:
         backend = self.settings.backend
         t0 = time.perf_counter()
         try:
-            seg = registry.load_member(reg, name, backend, precision, self.settings.onnx_intra_threads, self.settings.onnx_spinning)
+            seg = registry.load_member(reg, name, backend, precision, self.settings.onnx_intra_threads, self.settings.onnx_spinning, self.settings.onnx_device)
         except (PrecisionUnavailable, KeyError):
             raise
         except FileNotFoundError:

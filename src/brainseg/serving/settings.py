@@ -70,6 +70,10 @@ BRAINSEG_ONNX_THREADS       ONNX Runtime intra-op threads (0: one per    0
 BRAINSEG_ONNX_SPINNING      ONNX Runtime threads spin between runs (a    0
                             little faster alone; slower when requests
                             share the CPU)
+BRAINSEG_ONNX_DEVICE        auto: ONNX Runtime's TensorRT / CUDA         auto
+                            execution providers where it offers them (a
+                            GPU and onnxruntime-gpu), else the CPU; cpu:
+                            always the CPU; cuda / tensorrt: that one
 BRAINSEG_BATCH_SIZE         slices of concurrent requests run through    16
                             the network together, at most (1: no
                             micro-batching)
@@ -121,6 +125,7 @@ class Settings(BaseModel):
     rate_per_min: int = Field(0, ge=0)
     onnx_threads: int = Field(0, ge=0)
     onnx_spinning: bool = False
+    onnx_device: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
     batch_size: int = Field(16, ge=1)
     batch_wait_ms: float = Field(5.0, ge=0, le=1000)
     cors_origins: list[str] = Field(default_factory=lambda: ["http://localhost:8501", "http://127.0.0.1:8501"])
