@@ -250,6 +250,44 @@ def test_html_report_has_the_values_the_version_the_disclaimer_and_an_image(stud
     assert img.shape == (*study["mask"].shape[1:], 3)
 
 
+def test_html_report_prints_on_one_a4_page(study, tmp_path):
+    """A full page (40 lesions, long warnings, a DICOM study's input lines) printed by Chromium to PDF: one page."""
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium to print the page with")
+    lesions = [dict(study["lesions"][i % 2], id=i + 1) for i in range(40)]
+    warning = "the DICOM SEG could not be written (the source headers hold values a DICOM SEG cannot carry); the mask is kept as usual"
+    summary = {
+        "kind": "volume",
+        "model": {"name": "ensemble", "display_name": "Ensemble", "version": "unetpp:1ab0959faacc+attention_unet:fd231c8049eb", "precision": "int8"},
+        "input": {
+            "name": "a-long-study-name-from-a-pacs-export",
+            "warnings": [warning] * 3,
+            "read_as": "pre-contrast T1, FLAIR, post-contrast T1",
+            "condition": "all",
+            "dicom": {"channel_sources": ["series 2 (AX T1 PRE)", "series 1 (AX FLAIR)", "series 3 (AX T1 POST GD)"]},
+            "notes": ["series 4 (DWI) not used: not recognised", "series 3 resampled onto the FLAIR grid (linear interpolation)"],
+        },
+        "lesions": lesions,
+        "rano_bm": study["rano"],
+        "lesion_count": 40,
+        "shape": [240, 240, 155],
+        "spacing_mm": [1, 1, 1],
+    }
+    display, mask = np.zeros((10, 240, 240, 3), np.uint8), np.zeros((10, 240, 240), bool)
+    mask[3, 50:120, 40:100] = mask[8, 150:160, 150:160] = True
+    page = tmp_path / "report.html"
+    page.write_text(report.html_report(report.report_info(summary), report.key_images(display, mask, lesions)))
+    pdf = tmp_path / "report.pdf"
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-pdf-header-footer", f"--print-to-pdf={pdf}", page.as_uri()]
+    subprocess.run(cmd, capture_output=True, timeout=120, check=False)
+    assert pdf.is_file(), "Chromium printed nothing"
+    assert re.findall(rb"/Count (\d+)", pdf.read_bytes())[0] == b"1"
+
+
 # ---------------------------------------------------------------- CLI and API
 
 

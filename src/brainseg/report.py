@@ -37,7 +37,7 @@ from . import __version__
 
 DISCLAIMER = "Decision support, not a diagnosis: research software; every finding must be checked by a radiologist."
 SCHEME = "99BRAINSEG"  # a private coding scheme ("99" prefix, DICOM PS3.16) for what DICOM has no code for
-MAX_TABLE_ROWS = 15  # lesions listed in the HTML table (largest first); the rest are counted, so the page stays one page
+MAX_TABLE_ROWS = 12  # lesions listed in the HTML table (largest first); the rest are counted, so the page stays one page
 MAX_KEY_IMAGES = 2
 MAX_SR_LESIONS = 100  # lesion groups in a DICOM SR (the largest); the number of lesions found is reported as well
 
@@ -407,7 +407,7 @@ def key_images(display, mask, lesions: list[dict], limit: int = MAX_KEY_IMAGES) 
                 if ends:
                     (r0, c0), (r1, c1) = ([p[-2], p[-1]] for p in ends)
                     cv2.line(rgb, (round(c0), round(r0)), (round(c1), round(r1)), colour, 1, cv2.LINE_AA)
-        ids = ", ".join(str(r["id"]) for r in here)
+        ids = ", ".join(str(r["id"]) for r in here[:4]) + (f" and {len(here) - 4} more" if len(here) > 4 else "")
         out.append((f"slice {z}" + (f": lesion {ids} (yellow: longest diameter, cyan: perpendicular)" if ids else ""), rgb))
     return out
 
@@ -470,13 +470,13 @@ def _rano_text(rano: dict | None) -> str:
 
 
 STYLE = """
-@page { size: A4; margin: 12mm; }
-body { font: 10pt/1.35 system-ui, sans-serif; margin: 0 auto; max-width: 190mm; color: #111; }
-h1 { font-size: 15pt; margin: 0 0 2mm; } h2 { font-size: 11pt; margin: 3mm 0 1mm; }
-.disclaimer { border: 1.5pt solid #b00; color: #b00; padding: 1.5mm 3mm; font-weight: 600; margin: 2mm 0; }
-.images { display: flex; gap: 4mm; } figure { margin: 0; width: 60mm; } figure img { width: 60mm; image-rendering: pixelated; }
-figcaption, .small { font-size: 8pt; color: #444; }
-table { border-collapse: collapse; width: 100%; font-size: 9pt; } td, th { border: 0.5pt solid #999; padding: 0.6mm 1.5mm; text-align: right; }
+@page { size: A4; margin: 10mm; }
+body { font: 9pt/1.3 system-ui, sans-serif; margin: 0 auto; max-width: 190mm; color: #111; }
+h1 { font-size: 13pt; margin: 0 0 1.5mm; } h2 { font-size: 10pt; margin: 2.5mm 0 1mm; } p { margin: 0.5mm 0; }
+.disclaimer { border: 1.5pt solid #b00; color: #b00; padding: 1mm 3mm; font-weight: 600; margin: 1.5mm 0; }
+.images { display: flex; gap: 4mm; } figure { margin: 0; width: 55mm; } figure img { width: 55mm; image-rendering: pixelated; }
+figcaption, .small { font-size: 7.5pt; color: #444; }
+table { border-collapse: collapse; width: 100%; font-size: 8pt; } td, th { border: 0.5pt solid #999; padding: 0.2mm 1.5mm; text-align: right; }
 th { background: #eee; } ul { margin: 0; padding-left: 5mm; }
 @media print { body { max-width: none; } }
 """
