@@ -6,22 +6,29 @@ editable in the sidebar; ``BRAINSEG_API_KEY`` when the API has a key) and never 
 
 from __future__ import annotations
 
-import base64
+import gzip
 import hashlib
 import io
 import json
 import os
 import sys
+import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
+import cv2
 import httpx
+import numpy as np
 import streamlit as st
 
 try:
+    from brainseg.review import heatmap, window_level
     from brainseg.synthetic import SYNTHETIC_LABEL, synthetic_png
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+    from brainseg.review import heatmap, window_level
     from brainseg.synthetic import SYNTHETIC_LABEL, synthetic_png
 
 DEFAULT_API = os.environ.get("BRAINSEG_API_URL", "http://127.0.0.1:8000").rstrip("/")
@@ -103,11 +110,16 @@ def fmt_params(n) -> str:
 # ---------------------------------------------------------------- sidebar
 
 
+def fmt_threshold(t: float) -> str:
+    """The threshold as the API uses it (0.225, not a rounded 0.23)."""
+    return f"{t:.4g}"
+
+
 def sidebar() -> dict:
     sb = st.sidebar
     sb.header("Settings")
     base = sb.text_input("API URL", value=DEFAULT_API, key="api_url", help="Where the brainseg API runs (env BRAINSEG_API_URL)").strip().rstrip("/")
-    opts = {"base": base, "ok": False, "model": None, "threshold": None, "tta": False}
+    opts = {"base": base, "ok": False, "model": None, "threshold": None, "tta": False, "compare": None}
     try:
         info = fetch_models(base)
     except ApiError as exc:
@@ -129,42 +141,49 @@ def sidebar() -> dict:
         label_visibility="collapsed",
     )
     m = models[name]
-    model_details(sb, m, models, info)
+    precision = precision_choice(sb, m, name)
+    model_details(sb, m, models, info, precision)
 
     sb.subheader("Segmentation")
-    calibrated = float(m.get("threshold") or 0.5)
-    use_cal = sb.checkbox(
-        f"Calibrated threshold ({calibrated:.2f})", value=True, key="use_calibrated", help="Chosen on validation patients when the model was trained"
-    )
-    threshold = None if use_cal else sb.slider("Probability threshold", 0.01, 0.99, value=calibrated, step=0.01, key="threshold")
+    threshold = threshold_choice(sb, m, name)
     tta = sb.checkbox("Test-time augmentation (flip)", value=False, key="tta", help="Averages with the horizontally flipped image; about twice as slow")
-    precision = precision_choice(sb, m, name)
-
-    sb.subheader("Display")
-    channel = sb.radio(
-        "Channel",
-        list(CHANNELS),
-        index=1,
-        key="channel",
-        horizontal=True,
-        help="LGG slices hold pre-contrast, FLAIR and post-contrast; BraTS t1n, t2f, t1c map to them",
-    )
-    alpha = sb.slider("Overlay opacity", 0.0, 1.0, 0.4, 0.05, key="alpha")
-    opts.update(
-        ok=True, model=name, threshold=threshold, tta=tta, precision=precision, channel=CHANNELS[channel], channel_name=channel, alpha=alpha, models=models
-    )
+    opts.update(ok=True, model=name, threshold=threshold, tta=tta, precision=precision, models=models, compare=compare_choice(sb, models, name))
     return opts
 
 
-def model_details(sb, m: dict, models: dict, info: dict) -> None:
-    """Test metrics, size, backend, version, ensemble members and model card of the chosen model."""
+def threshold_choice(sb, m: dict, name: str) -> float | None:
+    """The model's calibrated threshold, or the user's own: kept per model (keys carry its name), so a custom
+    threshold is never carried silently to another model. None: the API applies the calibrated one."""
+    calibrated = float(m.get("threshold") or 0.5)
+    use_cal = sb.checkbox(
+        f"Calibrated threshold ({fmt_threshold(calibrated)})",
+        value=True,
+        key=f"use_calibrated_{name}",
+        help="Chosen on validation patients when the model was trained",
+    )
+    if use_cal:
+        return None
+    return sb.slider(f"Probability threshold for {m['display_name']}", 0.01, 0.99, value=calibrated, step=0.005, format="%.3f", key=f"threshold_{name}")
+
+
+def compare_choice(sb, models: dict, name: str) -> str | None:
+    """A second model run on the same input (at its own calibrated threshold and served precision), shown beside the first."""
+    others = [n for n in models if n != name]
+    if not others or not sb.checkbox("Compare with a second model", key="compare", help="Segments the input with both models (two API requests)"):
+        return None
+    return sb.selectbox("Second model", others, format_func=lambda n: models[n]["display_name"], key="model_b")
+
+
+def model_details(sb, m: dict, models: dict, info: dict, precision: str) -> None:
+    """Test metrics, size, backend, version (of the precision that will run), ensemble members and model card."""
     metrics = m.get("metrics") or {}
     if metrics:
         sb.caption("Metrics on held-out test patients", help=f"Default model chosen by {info['selected_by']}" if info.get("selected_by") else None)
         sb.markdown("\n".join(f"- {METRIC_NAMES.get(k, k)}: **{fmt(v)}**" for k, v in metrics.items()))
     else:
         sb.caption("No metrics recorded for this model.")
-    sb.caption(f"{fmt_params(m.get('parameters'))} parameters · backend {m.get('backend')} · version `{m.get('version')}`")
+    version = (m.get("versions") or {}).get(precision, m.get("version"))
+    sb.caption(f"{fmt_params(m.get('parameters'))} parameters · backend {m.get('backend')} · version `{version}`")
     if m.get("members"):
         sb.caption("Averages the probabilities of " + " and ".join(models[x]["display_name"] for x in m["members"] if x in models) + ".")
     if m.get("card"):
@@ -207,7 +226,12 @@ def current_input() -> tuple[list[tuple[str, bytes, str]] | None, str, bool]:
     ex_col.caption("A drawn brain-like slice with one bright blob — not a real MRI.")
     if st.session_state.get("source") == "synthetic":
         return [("synthetic_example.png", synthetic_png(), "image/png")], SYNTHETIC_LABEL, True
-    if uploaded:
+    if not uploaded:
+        return None, "", False
+    files = zip_dicom_files([(f.name, f.getvalue(), f.type or "application/octet-stream") for f in uploaded])
+    if carries_its_sequences(files):
+        st.session_state.pop("sequence", None)  # a 3-channel slice or a BraTS set: the choice would be ignored
+    else:
         up_col.selectbox(
             "Sequence of a grey slice or a single volume",
             list(SEQUENCES),
@@ -215,21 +239,28 @@ def current_input() -> tuple[list[tuple[str, bytes, str]] | None, str, bool]:
             key="sequence",
             help="A grey (one-channel) slice or one NIfTI volume (or one DICOM series) is given to the model in all 3 channels, the "
             "FLAIR-only condition it was trained for. Say here if it is another sequence: T1, T1 post-contrast and T2 are outside "
-            "what the model was trained for, so you get a warning. A 3-channel slice (pre-contrast T1, FLAIR, post-contrast T1), "
-            "a BraTS set or a DICOM series whose description names its sequence carries its own and ignores this.",
+            "what the model was trained for, so you get a warning. A DICOM series whose description names its sequence carries its own.",
         )
-        files = zip_dicom_files([(f.name, f.getvalue(), f.type or "application/octet-stream") for f in uploaded])
-        if not any(n.lower().endswith(VOLUME_SUFFIXES) for n, _, _ in files):
-            up_col.text_input(
-                "Pixel spacing of the slice (mm)",
-                key="pixel_spacing",
-                placeholder="unknown: diameters in pixels",
-                help="TIFF, PNG and JPEG files carry no pixel size. Give one number (square pixels) or row,col (the spacing between "
-                "rows, then between columns, as DICOM PixelSpacing) to have areas and lesion diameters in mm, and the RANO-BM "
-                "measurable flags (longest diameter of 10 mm or more). Volumes take theirs from the file's header.",
-            )
-        return files, ", ".join(f[0] for f in files), False
-    return None, "", False
+    if not any(n.lower().endswith(VOLUME_SUFFIXES) for n, _, _ in files):
+        up_col.text_input(
+            "Pixel spacing of the slice (mm)",
+            key="pixel_spacing",
+            placeholder="unknown: diameters in pixels",
+            help="TIFF, PNG and JPEG files carry no pixel size. Give one number (square pixels) or row,col (the spacing between "
+            "rows, then between columns, as DICOM PixelSpacing) to have areas and lesion diameters in mm, and the RANO-BM "
+            "measurable flags (longest diameter of 10 mm or more). Volumes take theirs from the file's header.",
+        )
+    return files, ", ".join(f[0] for f in files), False
+
+
+def carries_its_sequences(files: list[tuple[str, bytes, str]]) -> bool:
+    """True where the sequence picker would be ignored: several NIfTI files (a BraTS set), or one 3-channel image."""
+    if sum(n.lower().endswith((".nii", ".nii.gz", ".gz")) for n, _, _ in files) > 1:
+        return True
+    if len(files) != 1 or files[0][0].lower().endswith(VOLUME_SUFFIXES + (".gz",)):
+        return False
+    img = cv2.imdecode(np.frombuffer(files[0][1], np.uint8), cv2.IMREAD_UNCHANGED)
+    return img is not None and img.ndim == 3 and img.shape[2] >= 3
 
 
 def zip_dicom_files(files: list[tuple[str, bytes, str]]) -> list[tuple[str, bytes, str]]:
@@ -244,32 +275,98 @@ def zip_dicom_files(files: list[tuple[str, bytes, str]]) -> list[tuple[str, byte
     return [f for f in files if f not in dcm] + [(f"{len(dcm)}_dicom_files.zip", buf.getvalue(), "application/zip")]
 
 
+def slice_count(files: list[tuple[str, bytes, str]]) -> int | None:
+    """Slices the API will segment, read from the upload without decoding it: the NIfTI header's third
+    dimension, or a DICOM zip's files per folder (one folder a series); None where unknown."""
+    for name, data, _ in files:
+        low = name.lower()
+        try:
+            if low.endswith((".nii", ".nii.gz")):
+                head = gzip.GzipFile(fileobj=io.BytesIO(data)).read(348) if data[:2] == b"\x1f\x8b" else data[:348]
+                import nibabel as nib
+
+                shape = nib.Nifti1Header.from_fileobj(io.BytesIO(head)).get_data_shape()
+                return int(shape[2]) if len(shape) >= 3 else None
+            if low.endswith(".zip"):
+                members = [n for n in zipfile.ZipFile(io.BytesIO(data)).namelist() if not n.endswith("/")]
+                return max(1, len(members) // max(1, len({Path(n).parent for n in members})))
+        except Exception:  # an estimate only: the API says what is wrong with the file
+            return None
+    return sum(n.lower().endswith(".dcm") for n, _, _ in files) or None
+
+
+SECONDS_PER_SLICE = 0.05  # first guess (2 CPU cores, ONNX fp32); each volume answered measures the real one
+SECONDS_PER_VOLUME = 2.0  # decoding, windowing, storing the result
+
+
 def segment(opts: dict, files: list[tuple[str, bytes, str]], sequence: str | None = None, pixel_spacing: str | None = None) -> None:
-    """Send the input to the API unless this exact request was already answered."""
+    """Send the input to the API (once for each model compared) unless this exact request was already answered."""
     volume = any(n.lower().endswith(VOLUME_SUFFIXES) for n, _, _ in files)
     pixel_spacing = None if volume else ((pixel_spacing or "").strip() or None)  # a widget no longer shown leaves None, not ""
     h = hashlib.sha1()
     for name, data, _ in files:
         h.update(name.encode() + hashlib.sha1(data).digest())
-    key = json.dumps([h.hexdigest(), opts["base"], opts["model"], opts["threshold"], opts["tta"], opts.get("precision"), sequence, pixel_spacing])
+    key = json.dumps(
+        [h.hexdigest(), opts["base"], opts["model"], opts["threshold"], opts["tta"], opts.get("precision"), sequence, pixel_spacing, opts.get("compare")]
+    )
     if st.session_state.get("request_key") == key:
         return
-    form = {"model": opts["model"], "tta": str(opts["tta"]).lower()}
-    if opts.get("precision"):
-        form["precision"] = opts["precision"]
-    if opts["threshold"] is not None:
-        form["threshold"] = str(opts["threshold"])
+    runs = [(opts["model"], opts["threshold"], opts.get("precision"))] + ([(opts["compare"], None, None)] if opts.get("compare") else [])
+    forms = [request_form(opts, model, threshold, precision, sequence, pixel_spacing) for model, threshold, precision in runs]
+
+    def send() -> list[dict]:
+        return [api_request(opts["base"], "POST", "/v1/segment", timeout=600, files=[("files", f) for f in files], data=form).json() for form in forms]
+
+    try:
+        answers = with_progress(send, slice_count(files) if volume else None, len(forms))
+        st.session_state.result, st.session_state.result_b, st.session_state.error = answers[0], (answers[1:] or [None])[0], None
+        learn_speed(answers)
+    except ApiError as exc:
+        st.session_state.result, st.session_state.result_b, st.session_state.error = None, None, str(exc)
+    st.session_state.request_key = key
+
+
+def request_form(opts: dict, model: str, threshold: float | None, precision: str | None, sequence: str | None, pixel_spacing: str | None) -> dict:
+    form = {"model": model, "tta": str(opts["tta"]).lower()}
+    if precision:
+        form["precision"] = precision
+    if threshold is not None:
+        form["threshold"] = str(threshold)
     if sequence and sequence != "flair":  # FLAIR is the API's default; a 3-channel slice is not told it is ignored
         form["sequence"] = sequence
     if pixel_spacing:
         form["pixel_spacing_mm"] = pixel_spacing
-    with st.spinner("Segmenting the volume, slice by slice…" if volume else "Segmenting…"):
+    return form
+
+
+def learn_speed(answers: list[dict]) -> None:
+    """Seconds per slice measured on the volumes just answered: the next volume's estimate."""
+    vols = [a for a in answers if a.get("kind") == "volume" and a.get("slices")]
+    if vols:
+        st.session_state.seconds_per_slice = sum(a["timings_ms"]["total"] / 1000 for a in vols) / sum(a["slices"] for a in vols)
+
+
+def with_progress(send, slices: int | None, requests: int):
+    """``send()`` in a thread; a slice gets a spinner, a volume a progress bar that advances with the elapsed time
+    against an estimate (slices x seconds per slice of the last volume, or a first guess), with the time left."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(send)
+        if slices is None:
+            with st.spinner("Segmenting…"):
+                return future.result()
+        per_slice = st.session_state.get("seconds_per_slice", SECONDS_PER_SLICE)
+        estimate = requests * (SECONDS_PER_VOLUME + slices * per_slice)
+        bar, t0 = st.progress(0.0, text=f"Segmenting {slices} slices…"), time.perf_counter()
         try:
-            r = api_request(opts["base"], "POST", "/v1/segment", timeout=600, files=[("files", f) for f in files], data=form)
-            st.session_state.result, st.session_state.error = r.json(), None
-        except ApiError as exc:
-            st.session_state.result, st.session_state.error = None, str(exc)
-    st.session_state.request_key = key
+            while True:
+                try:
+                    return future.result(timeout=0.25)
+                except FutureTimeout:
+                    elapsed = time.perf_counter() - t0
+                    left = f"about {estimate - elapsed:.0f} s left" if elapsed < estimate else "taking longer than estimated"
+                    bar.progress(min(elapsed / estimate, 0.97), text=f"Segmenting {slices} slices · {elapsed:.0f} s · {left} (estimate {estimate:.0f} s)")
+        finally:
+            bar.empty()
 
 
 # ---------------------------------------------------------------- result
@@ -326,40 +423,6 @@ def lesion_rows(res: dict) -> list[dict]:
     return rows
 
 
-def slice_navigation(res: dict) -> int:
-    n, areas, with_lesion = res["slices"], res["slice_lesion_area_px"], res["slices_with_lesion"]
-    if st.session_state.get("z_for") != res["id"]:
-        st.session_state.z, st.session_state.z_for = res["preview_slice"], res["id"]
-
-    def jump():
-        if st.session_state.get("jump") is not None:
-            st.session_state.z = st.session_state.jump
-
-    def step(direction: int):
-        z = st.session_state.z
-        cands = [s for s in with_lesion if (s > z if direction > 0 else s < z)]
-        if cands:
-            st.session_state.z = cands[0] if direction > 0 else cands[-1]
-
-    c1, c2, c3, c4 = st.columns([6, 3, 1, 1], vertical_alignment="bottom")
-    c1.slider(f"Axial slice (0–{n - 1})", 0, n - 1, key="z")
-    if with_lesion:
-        c2.selectbox(
-            "Jump to a slice with lesion",
-            with_lesion,
-            index=None,
-            key="jump",
-            on_change=jump,
-            placeholder=f"{len(with_lesion)} slices with lesion",
-            format_func=lambda z: f"slice {z} — {areas[z]} px",
-        )
-        c3.button("◀", key="prev_lesion", help="Previous slice with lesion", on_click=step, args=(-1,), width="stretch")
-        c4.button("▶", key="next_lesion", help="Next slice with lesion", on_click=step, args=(1,), width="stretch")
-    else:
-        c2.caption("No slice with lesion")
-    return int(st.session_state.z)
-
-
 def show_read_as(inp: dict) -> None:
     """How the API read the channels: one line, its notes, a warning where the input is outside the training,
     and for a volume the sequence each channel was read as (and from which DICOM series)."""
@@ -391,93 +454,9 @@ def result_header(res: dict, label: str, synthetic: bool) -> None:
     show_read_as(inp)
     st.caption(
         f"{model['display_name']} · version `{model['version']}` · {model['backend']} {PRECISIONS.get(model.get('precision'), '')} · "
-        f"threshold {res['threshold']} · min. size {res['min_size']} px ({res.get('components', '2D')}) · TTA {'on' if res['tta'] else 'off'} · "
+        f"threshold {fmt_threshold(res['threshold'])} · min. size {res['min_size']} px ({res.get('components', '2D')}) · TTA {'on' if res['tta'] else 'off'} · "
         f"decode {t['decode']:.0f} ms, inference {t['inference']:.0f} ms, total {t['total']:.0f} ms"
     )
-
-
-def result_metrics(res: dict) -> int:
-    """The metric row (and, for a volume, the slice navigation); returns the slice to show."""
-    cols, t, inp = st.columns(4), res["timings_ms"], res["input"]
-    cols[0].metric("Lesions", res["lesion_count"])
-    if res["kind"] != "volume":
-        if res.get("lesion_area_mm2") is not None:
-            cols[1].metric(
-                "Lesion area",
-                f"{res['lesion_area_mm2']:,.1f} mm²",
-                help=f"{res['lesion_area_px']:,} px of {inp['spacing_mm'][0]:g} × {inp['spacing_mm'][1]:g} mm",
-            )
-        else:
-            cols[1].metric(
-                "Lesion area", f"{res['lesion_area_px']:,} px", help="Pixel spacing is unknown for image files, so no mm² (give it below the upload)"
-            )
-        cols[2].metric("Image", f"{inp['width']} × {inp['height']}", help=f"pixel type {inp['dtype']}")
-        cols[3].metric("Inference", f"{t['inference']:.0f} ms")
-        return 0
-    sp = " × ".join(f"{v:g}" for v in inp["spacing_mm"])
-    cols[1].metric("Lesion volume", f"{res['lesion_volume_mm3']:,.0f} mm³", help=f"{res['lesion_voxels']:,} voxels of {sp} mm")
-    cols[2].metric("Slices with lesion", f"{len(res['slices_with_lesion'])} / {res['slices']}")
-    cols[3].metric("Volume", " × ".join(map(str, inp["shape"])), help=f"voxel size {sp} mm")
-    return slice_navigation(res)
-
-
-def window_query(res: dict, channel: int) -> str:
-    """Window / level for the displayed channel: auto, the DICOM header's presets, or custom; as query parameters."""
-    inp = res["input"]
-    window = inp.get("display_window")
-    if not window:
-        return ""
-    presets = ((inp.get("dicom") or {}).get("window_presets") or [[], [], []])[channel]
-    named = {f"{p['name']}: centre {p['center']:g}, width {p['width']:g}": (p["center"], p["width"]) for p in presets}
-    c1, c2, c3 = st.columns([3, 1, 1], vertical_alignment="bottom")
-    choice = c1.selectbox(
-        "Window / level of the displayed sequence",
-        [AUTO_WINDOW, *named, CUSTOM_WINDOW],
-        key="window_choice",
-        help="Presets come from the DICOM header (WindowCenter / WindowWidth) where present; values are in the input's units",
-    )
-    if choice == AUTO_WINDOW:
-        return ""
-    lo, hi = window["low"][channel], window["high"][channel]
-    centre, width = named.get(choice, ((lo + hi) / 2, max(hi - lo, 1.0)))
-    if choice == CUSTOM_WINDOW:
-        centre = c2.number_input("Centre", value=float(centre), key="window_center")
-        width = c3.number_input("Width", value=float(width), min_value=1e-3, key="window_width")
-    return f"&wc={centre:g}&ww={width:g}"
-
-
-def fetch_views(opts: dict, res: dict, z: int, window: str) -> dict | None:
-    """The four PNGs of one slice (original, overlay, mask, probability); None (and a message) when the result is gone."""
-    base, rid = opts["base"], res["id"]
-    q = f"channel={opts['channel']}&alpha={opts['alpha']}{window}"
-    try:
-        views = {v: fetch_bytes(base, f"/v1/results/{rid}/slice/{z}.png?view={v}&{q}") for v in ("image", "overlay")}
-        views["mask"] = fetch_bytes(base, f"/v1/results/{rid}/slice/{z}.png?view=mask")
-        views["probability"] = fetch_bytes(base, f"/v1/results/{rid}/slice/{z}.png?view=probability")
-        return views
-    except ApiError as exc:
-        st.error(f"{exc}  \nThe server keeps only recent results (and may have forgotten this one).")
-        if st.button("Segment again", key="resegment", icon=":material/refresh:"):
-            st.session_state.request_key = None
-            st.rerun()
-        return None
-
-
-def show_images(opts: dict, res: dict, z: int, views: dict) -> None:
-    where = f" · slice {z}" if res["kind"] == "volume" else ""
-    if res["kind"] == "volume":
-        area, o = res["slice_lesion_area_px"][z], res["input"].get("orientation")
-        orient = f" · orientation from the header: top {o['top']}, left {o['left']}, right {o['right']}" if o else ""
-        lesion = f"lesion area {area:,} px = {res['slice_lesion_area_mm2'][z]:,.0f} mm²" if area else "no lesion on this slice"
-        st.markdown(f"**Slice {z}** of {res['slices']} · {lesion}{orient}")
-    c1, c2, c3, c4 = st.columns(4)
-    c1.image(views["image"], caption=f"Original ({opts['channel_name']}){where}", width="stretch")
-    c2.image(views["overlay"], caption=f"Overlay (lesion in red, opacity {opts['alpha']:.2f}){where}", width="stretch")
-    c3.image(views["mask"], caption=f"Predicted mask (threshold {res['threshold']}){where}", width="stretch")
-    c4.image(views["probability"], caption=f"Probability (black 0 → purple → yellow 1){where}", width="stretch")
-    if res["kind"] == "volume":
-        with st.expander("Lesion area per slice", expanded=False):
-            st.bar_chart({"lesion area (px)": res["slice_lesion_area_px"]}, height=160, x_label="slice", y_label="px")
 
 
 def show_lesions(res: dict) -> None:
@@ -509,53 +488,530 @@ def rano_line(rano: dict) -> str:
     )
 
 
-def download_volume_files(base: str, res: dict, stem: str) -> None:
-    """The NIfTI mask, and the DICOM SEG for DICOM input."""
-    files = [("NIfTI mask (.nii.gz)", res["mask_url"], f"{stem}_mask.nii.gz", "application/gzip", "dl_nifti", "Same voxel grid and affine as the input")]
-    if res["urls"].get("seg_dicom"):
+def download_stem(res: dict) -> str:
+    return res["input"].get("name") or (Path(res["files"][0]).name.split(".")[0] if res["files"] else "result")
+
+
+REPORT_FILES = {  # urls of the answer -> (label, file suffix, MIME type), offered where the API has them
+    "report.html": ("Report (.html)", "_report.html", "text/html"),
+    "sr.dcm": ("DICOM SR (.dcm)", "_sr.dcm", "application/dicom"),
+    "sc.zip": ("Secondary captures (.zip)", "_sc.zip", "application/zip"),
+}
+
+
+def download_files(base: str, res: dict) -> list[tuple]:
+    """(label, url, file name, MIME type, key, help) of the result's files: NIfTI mask, DICOM SEG, reports."""
+    stem, urls = download_stem(res), res.get("urls") or {}
+    files = []
+    if res["kind"] == "volume":
+        files.append(
+            ("NIfTI mask (.nii.gz)", res["mask_url"], f"{stem}_mask.nii.gz", "application/gzip", "dl_nifti", "Same voxel grid and affine as the input")
+        )
+    if urls.get("seg_dicom"):
         help_seg = (
             "A DICOM Segmentation referencing the source series: open it with the study in a DICOM viewer or send it to PACS. "
             "It carries the study's patient identifiers."
         )
-        files.append(("DICOM SEG (.dcm)", res["urls"]["seg_dicom"], f"{stem}_seg.dcm", "application/dicom", "dl_seg", help_seg))
-    for label, url, name, mime, key, help_text in files:
-        try:
-            data = fetch_bytes(base, url)
-        except ApiError as exc:
-            st.error(str(exc))
-            continue
-        st.download_button(label, data, name, mime, key=key, icon=":material/download:", width="stretch", type="primary", help=help_text)
+        files.append(("DICOM SEG (.dcm)", urls["seg_dicom"], f"{stem}_seg.dcm", "application/dicom", "dl_seg", help_seg))
+    for key, url in urls.items():
+        for ending, (label, suffix, mime) in REPORT_FILES.items():
+            if isinstance(url, str) and url.split("?")[0].endswith(ending):
+                files.append((label, url, stem + suffix, mime, f"dl_{key}", None))
+    return files
 
 
-def show_downloads(opts: dict, res: dict, z: int, views: dict) -> None:
+def show_downloads(base: str, res: dict) -> None:
+    """The result's files, each fetched from the API only when its button is pressed (and then cached),
+    and the answer as JSON."""
     st.markdown("##### Downloads")
-    is_volume = res["kind"] == "volume"
-    stem = res["input"].get("name") or (Path(res["files"][0]).name.split(".")[0] if res["files"] else "result")
-    suffix = f"_z{z}" if is_volume else ""
-    if is_volume:
-        download_volume_files(opts["base"], res, stem)
-    mask_png = base64.b64decode(res["mask_png"]) if res.get("mask_png") else views["mask"]  # large slices' answers link to it instead
-    for what, data in (("mask", mask_png), ("overlay", views["overlay"])):
-        label = f"{what.capitalize()} PNG" + (f" (slice {z})" if is_volume else "")
-        st.download_button(label, data, f"{stem}_{what}{suffix}.png", "image/png", key=f"dl_{what}", icon=":material/download:", width="stretch")
+    for label, url, name, mime, key, help_text in download_files(base, res):
+        st.download_button(
+            label,
+            lambda url=url: fetch_bytes(base, url),
+            name,
+            mime,
+            key=key,
+            icon=":material/download:",
+            width="stretch",
+            type="primary",
+            help=help_text,
+            on_click="ignore",
+        )
     summary = {k: v for k, v in res.items() if k not in ("mask_png", "overlay_png", "preview_png")}
     st.download_button(
-        "Lesions JSON", json.dumps(summary, indent=2), f"{stem}_lesions.json", "application/json", key="dl_json", icon=":material/download:", width="stretch"
+        "Lesions JSON",
+        json.dumps(summary, indent=2),
+        f"{download_stem(res)}_lesions.json",
+        "application/json",
+        key="dl_json",
+        icon=":material/download:",
+        width="stretch",
+        on_click="ignore",
     )
 
 
-def show_result(opts: dict, res: dict, label: str, synthetic: bool) -> None:
-    result_header(res, label, synthetic)
-    z = result_metrics(res)
-    views = fetch_views(opts, res, z, window_query(res, opts["channel"]))
-    if views is None:
+def result_metrics(res: dict) -> None:
+    """The metric row: lesions, their area or volume, and the image or the slices with lesion."""
+    cols, t, inp = st.columns(4), res["timings_ms"], res["input"]
+    cols[0].metric("Lesions", res["lesion_count"])
+    if res["kind"] != "volume":
+        if res.get("lesion_area_mm2") is not None:
+            help_area = f"{res['lesion_area_px']:,} px of {inp['spacing_mm'][0]:g} × {inp['spacing_mm'][1]:g} mm"
+            cols[1].metric("Lesion area", f"{res['lesion_area_mm2']:,.1f} mm²", help=help_area)
+        else:
+            cols[1].metric(
+                "Lesion area", f"{res['lesion_area_px']:,} px", help="Pixel spacing is unknown for image files, so no mm² (give it below the upload)"
+            )
+        cols[2].metric("Image", f"{inp['width']} × {inp['height']}", help=f"pixel type {inp['dtype']}")
+        cols[3].metric("Inference", f"{t['inference']:.0f} ms")
         return
-    show_images(opts, res, z, views)
+    sp = " × ".join(f"{v:g}" for v in inp["spacing_mm"])
+    cols[1].metric("Lesion volume", f"{res['lesion_volume_mm3']:,.0f} mm³", help=f"{res['lesion_voxels']:,} voxels of {sp} mm")
+    cols[2].metric("Slices with lesion", f"{len(res['slices_with_lesion'])} / {res['slices']}")
+    cols[3].metric("Inference", f"{t['inference'] / 1000:.1f} s")
+    st.caption(f"Volume {' × '.join(map(str, inp['shape']))} voxels of {sp} mm")  # a metric box cut it off at narrower widths
+
+
+def show_result(opts: dict, results: list[dict], label: str, synthetic: bool) -> None:
+    res = results[0]
+    result_header(res, label, synthetic)
+    result_metrics(res)
+    viewer(opts["base"], results)
     table_col, dl_col = st.columns([3, 1])
     with table_col:
         show_lesions(res)
     with dl_col:
-        show_downloads(opts, res, z, views)
+        show_downloads(opts["base"], res)
+
+
+# ---------------------------------------------------------------- viewer: arrays fetched once, drawn here
+
+
+class ReferenceMismatch(ValueError):
+    """A reference mask that does not fit the result (wrong file, shape or grid): one line for the user."""
+
+
+@st.cache_resource(max_entries=6, ttl=3600, show_spinner="Loading the result for the viewer…")
+def viewer_data(base: str, rid: str) -> dict:
+    """The result's arrays from ``/v1/results/{rid}/viewer.npz``, downloaded once per result and shared by every
+    rerun (not copied: the arrays are read-only): every view, zoom and overlay is drawn from them here."""
+    data = api_request(base, "GET", f"/v1/results/{rid}/viewer.npz", timeout=300).content
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files if k != "meta.json"}
+    display = arrays["display"]
+    mask = np.unpackbits(arrays["mask_bits"], axis=-1, count=display.shape[2]).astype(bool)
+    prob = arrays.get("prob")
+    out = {"display": display, "mask": mask, "prob": prob, "spacing": tuple(float(v) for v in arrays["spacing_mm"]), "affine": arrays["affine"]}
+    for arr in (display, mask, prob):
+        if arr is not None:
+            arr.flags.writeable = False
+    return out
+
+
+PLANES = ("Axial", "Coronal", "Sagittal")
+RED, TP_COLOUR, FP_COLOUR, FN_COLOUR = (230, 40, 40), (250, 210, 40), (235, 50, 50), (40, 140, 255)
+CURSOR_COLOUR = (80, 220, 120)
+VIEW_PX = 420  # the longer side of a drawn view; the page scales it to its column
+
+
+def spacing_rc(spacing: tuple, plane: str) -> tuple[float, float]:
+    """(row, column) pixel size in mm of a plane; a slice without a known spacing has square pixels."""
+    sx, sy, sz = (1.0 if not np.isfinite(v) or v <= 0 else v for v in spacing)
+    return {"Axial": (sy, sx), "Coronal": (sz, sx), "Sagittal": (sz, sy)}[plane]
+
+
+def plane_of(arr: np.ndarray, plane: str, cursor: tuple[int, int, int]) -> np.ndarray:
+    """The 2-D cut of a (Z, H, W[, C]) display-oriented array (slices S, rows P, columns L) through the cursor
+    (z, y, x): coronal and sagittal cuts with the top slice up."""
+    z, y, x = cursor
+    if plane == "Axial":
+        return arr[z]
+    return (arr[:, y] if plane == "Coronal" else arr[:, :, x])[::-1]
+
+
+def cursor_rc(plane: str, cursor: tuple[int, int, int], n_slices: int) -> tuple[int, int]:
+    z, y, x = cursor
+    return {"Axial": (y, x), "Coronal": (n_slices - 1 - z, x), "Sagittal": (n_slices - 1 - z, y)}[plane]
+
+
+def crop_box(shape: tuple[int, int], centre: tuple[int, int], zoom: float) -> tuple[slice, slice]:
+    """Rows and columns of a 1/zoom window around ``centre``, kept inside the image."""
+    h, w = shape
+    ch, cw = max(2, round(h / zoom)), max(2, round(w / zoom))
+    r0 = int(np.clip(centre[0] - ch // 2, 0, h - ch))
+    c0 = int(np.clip(centre[1] - cw // 2, 0, w - cw))
+    return slice(r0, r0 + ch), slice(c0, c0 + cw)
+
+
+def render_view(layers: dict, mode: str, alpha: float, spacing: tuple[float, float], centre: tuple[int, int], zoom: float, crosshair: bool) -> np.ndarray:
+    """One view as RGB uint8: ``layers`` holds 2-D ``grey`` (uint8), ``mask`` (bool), ``prob`` (uint8 or None) and
+    ``ref`` (bool or None); cropped around ``centre`` by ``zoom``, scaled to the true aspect from the pixel size,
+    then overlaid (fill, contour, probability heat map, difference to the reference, or nothing) and cross-haired."""
+    rows, cols = crop_box(layers["grey"].shape, centre, zoom)
+    h, w = rows.stop - rows.start, cols.stop - cols.start
+    scale = VIEW_PX / max(h * spacing[0], w * spacing[1])
+    size = (max(1, round(w * spacing[1] * scale)), max(1, round(h * spacing[0] * scale)))  # (width, height) for OpenCV
+
+    def scaled(a, interp=cv2.INTER_NEAREST):
+        return cv2.resize(np.ascontiguousarray(a[rows, cols]).astype(np.uint8), size, interpolation=interp)
+
+    grey = scaled(layers["grey"], cv2.INTER_LINEAR)
+    img = cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB)
+    mask = scaled(layers["mask"]) > 0
+    if mode == "Probability" and layers.get("prob") is not None:
+        img = blend(img, heatmap(scaled(layers["prob"], cv2.INTER_LINEAR)), np.ones(mask.shape, bool), alpha)
+    elif mode == "Fill":
+        img = blend(img, RED, mask, alpha)
+    elif mode == "Contour":
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(img, contours, -1, RED, max(1, VIEW_PX // 280))
+    elif mode == "Difference" and layers.get("ref") is not None:
+        ref = scaled(layers["ref"]) > 0
+        for colour, where in ((TP_COLOUR, mask & ref), (FP_COLOUR, mask & ~ref), (FN_COLOUR, ~mask & ref)):
+            img = blend(img, colour, where, max(alpha, 0.5))
+    if crosshair:
+        r, c = (centre[0] - rows.start + 0.5) * size[1] / h, (centre[1] - cols.start + 0.5) * size[0] / w
+        lines = img.copy()
+        cv2.line(lines, (0, int(r)), (size[0] - 1, int(r)), CURSOR_COLOUR, 1)
+        cv2.line(lines, (int(c), 0), (int(c), size[1] - 1), CURSOR_COLOUR, 1)
+        img = cv2.addWeighted(img, 0.4, lines, 0.6, 0)
+    return img
+
+
+def blend(img: np.ndarray, colour, where: np.ndarray, alpha: float) -> np.ndarray:
+    """``img`` with ``colour`` (an RGB triple or an image) mixed in at ``alpha`` where ``where`` is set."""
+    out = img.copy()
+    tint = np.broadcast_to(np.asarray(colour, np.float32), img.shape)
+    out[where] = (img[where] * (1 - alpha) + tint[where] * alpha + 0.5).astype(np.uint8)
+    return out
+
+
+def colour_bar(threshold: float, width: int = VIEW_PX) -> np.ndarray:
+    """The probability scale under the heat maps: fixed 0 to 1 (inferno, perceptually uniform), ticks every 0.25
+    and the threshold marked."""
+    bar_h, pad = 16, 12
+    img = np.full((bar_h + 34, width + 2 * pad, 3), 255, np.uint8)
+    img[4 : 4 + bar_h, pad : pad + width] = heatmap(np.linspace(0, 255, width).round().astype(np.uint8)[None].repeat(bar_h, 0))
+    for v in (0.0, 0.25, 0.5, 0.75, 1.0):
+        x = pad + round(v * (width - 1))
+        cv2.line(img, (x, 4 + bar_h), (x, 8 + bar_h), (0, 0, 0), 1)
+        label = f"{v:g}"
+        tw = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)[0][0]
+        cv2.putText(img, label, (int(np.clip(x - tw // 2, 0, img.shape[1] - tw)), bar_h + 22), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    x = pad + round(threshold * (width - 1))
+    cv2.line(img, (x, 1), (x, 6 + bar_h), (0, 200, 255), 2)
+    cv2.putText(img, f"threshold {fmt_threshold(threshold)}", (min(x + 4, img.shape[1] - 110), bar_h + 32), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (0, 90, 160), 1)
+    return img
+
+
+def window_lut(res: dict, channel: int) -> np.ndarray | None:
+    """A lookup table on the display values for the chosen window / level (auto, DICOM presets, custom);
+    None for the automatic window (the one the model saw). Drawn here: no request to the API."""
+    inp = res["input"]
+    window = inp.get("display_window")
+    if not window:
+        return None
+    presets = ((inp.get("dicom") or {}).get("window_presets") or [[], [], []])[channel]
+    named = {f"{p['name']}: centre {p['center']:g}, width {p['width']:g}": (p["center"], p["width"]) for p in presets}
+    c1, c2, c3 = st.columns([3, 1, 1], vertical_alignment="bottom")
+    choice = c1.selectbox(
+        "Window / level of the displayed sequence",
+        [AUTO_WINDOW, *named, CUSTOM_WINDOW],
+        key="window_choice",
+        help="Presets come from the DICOM header (WindowCenter / WindowWidth) where present; values are in the input's units. "
+        "Values outside the automatic window were clipped when the result was stored, so a wider window shows them saturated.",
+    )
+    if choice == AUTO_WINDOW:
+        return None
+    lo, hi = window["low"][channel], window["high"][channel]
+    centre, width = named.get(choice, ((lo + hi) / 2, max(hi - lo, 1.0)))
+    if choice == CUSTOM_WINDOW:
+        centre = c2.number_input("Centre", value=float(centre), key="window_center")
+        width = c3.number_input("Width", value=float(width), min_value=1e-3, key="window_width")
+    levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], 3, axis=2)  # (256, 1, 3): every display value
+    return window_level(levels, window, centre, width, (channel,))[:, 0, channel]
+
+
+# ---------------------------------------------------------------- reference mask
+
+
+def reference_mask(name: str, data: bytes, data_view: dict, kind: str) -> np.ndarray:
+    """A reference mask uploaded by the user, on the result's displayed grid (bool, like the predicted mask).
+
+    A volume's NIfTI is reoriented from its own affine to the result's display affine (axis order and flips, no
+    interpolation): its grid must be the input's (same shape, origin and voxel axes within half a voxel). A slice's
+    PNG / TIFF must have the image's rows and columns. ReferenceMismatch (one line naming the file) otherwise."""
+    shape = data_view["mask"].shape
+    if kind == "slice":
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise ReferenceMismatch(f"{name}: not a PNG / TIFF / JPEG image")
+        ref = (img.max(axis=2) if img.ndim == 3 else img) > 0
+        if ref.shape != shape[1:]:
+            raise ReferenceMismatch(f"{name}: {ref.shape[0]} × {ref.shape[1]} pixels, the result has {shape[1]} × {shape[2]}")
+        return ref[None]
+    return reference_volume(name, data, data_view["affine"], shape)
+
+
+def reference_volume(name: str, data: bytes, affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    import nibabel as nib
+    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
+
+    try:
+        img = nib.Nifti1Image.from_bytes(gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data)
+        arr = np.asanyarray(img.dataobj)
+    except Exception as exc:
+        raise ReferenceMismatch(f"{name}: not a readable NIfTI file ({type(exc).__name__})") from None
+    arr = arr.reshape(arr.shape[:3]) if arr.ndim == 4 and arr.shape[3] == 1 else arr
+    if arr.ndim != 3:
+        raise ReferenceMismatch(f"{name}: a 3-D mask is needed, this one has shape {arr.shape}")
+    t = ornt_transform(io_orientation(img.affine), io_orientation(affine))
+    ref = apply_orientation(np.asarray(arr) > 0, t)
+    if ref.shape != tuple(shape):
+        raise ReferenceMismatch(f"{name}: its grid is {' × '.join(map(str, arr.shape))} voxels, the input's {' × '.join(map(str, shape[::-1]))}")
+    moved = img.affine @ inv_ornt_aff(t, arr.shape)
+    corners = np.array([[0, 0, 0, 1], [shape[0] - 1, shape[1] - 1, shape[2] - 1, 1]], float).T
+    off = np.abs((moved @ corners) - (affine @ corners))[:3].max()
+    if off > 0.5 * min(np.sqrt((affine[:3, :3] ** 2).sum(axis=0))):
+        raise ReferenceMismatch(f"{name}: same size as the input but placed {off:.1f} mm away from it (another grid); resample it to the input first")
+    return np.ascontiguousarray(ref)
+
+
+def overlap_stats(pred: np.ndarray, ref: np.ndarray, voxel_mm3: float | None) -> dict:
+    """Dice, true / false positives and negatives, and the volumes (mm³ where the voxel size is known, else voxels)."""
+    tp, fp, fn = int((pred & ref).sum()), int((pred & ~ref).sum()), int((~pred & ref).sum())
+    unit = voxel_mm3 or 1.0
+    return {
+        "dice": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "pred": (tp + fp) * unit,
+        "ref": (tp + fn) * unit,
+        "unit": "mm³" if voxel_mm3 else "px",
+    }
+
+
+def show_reference(data_view: dict, res: dict) -> np.ndarray | None:
+    """The optional reference upload and its comparison with the prediction; the reference on the result's grid, or None."""
+    volume = res["kind"] == "volume"
+    up = st.file_uploader(
+        "Reference mask (optional): " + ("a NIfTI on the input's grid" if volume else "a PNG / TIFF of the slice's size"),
+        type=["nii", "gz"] if volume else ["png", "tif", "tiff", "jpg", "jpeg"],
+        key=f"reference_{res['id']}",
+        help="A mask drawn by a reader (any value above 0 is lesion). Shows Dice, the volume difference and a difference map. "
+        "Read here in the page: nothing is sent to the API.",
+    )
+    if up is None:
+        return None
+    try:
+        ref = reference_mask(up.name, up.getvalue(), data_view, res["kind"])
+    except ReferenceMismatch as exc:
+        st.error(str(exc))
+        return None
+    sp = data_view["spacing"]
+    voxel = float(np.prod(sp)) if volume and all(np.isfinite(sp)) else (float(sp[0] * sp[1]) if np.isfinite(sp[0]) else None)
+    s = overlap_stats(data_view["mask"], ref, voxel)
+    diff = s["pred"] - s["ref"]
+    c = st.columns(4)
+    c[0].metric("Dice with the reference", f"{s['dice']:.3f}")
+    c[1].metric("Reference " + ("volume" if volume else "area"), f"{s['ref']:,.0f} {s['unit']}")
+    c[2].metric("Difference (predicted − reference)", f"{diff:+,.0f} {s['unit']}", help=f"{100 * diff / s['ref']:+.1f} %" if s["ref"] else None)
+    c[3].metric("False positive / negative", f"{s['fp']:,} / {s['fn']:,}", help="voxels (pixels) predicted but not in the reference / missed")
+    return ref
+
+
+# ---------------------------------------------------------------- the viewer fragment
+
+OVERLAYS = ("Fill", "Contour", "Probability", "Difference", "Off")
+
+
+@st.fragment
+def viewer(base: str, results: list[dict]) -> None:
+    """Views, cursor, zoom, overlay, window and the reference comparison of one result (or two models' results of
+    the same input). A fragment: its controls rerun only this function, which draws from the arrays fetched once
+    per result (``viewer_data``), so looking around never calls the API nor reruns the upload and segment steps."""
+    try:
+        data = [viewer_data(base, r["id"]) for r in results]
+    except ApiError as exc:
+        st.error(f"{exc}  \nThe server keeps only recent results (and may have forgotten this one).")
+        if st.button("Segment again", key="resegment", icon=":material/refresh:"):
+            st.session_state.request_key = None
+            st.rerun(scope="app")
+        return
+    res, volume = results[0], results[0]["kind"] == "volume"
+    ctl = display_controls(res)
+    cursor = cursor_controls(res, data[0]) if volume else zoom_centre(res, data[0], ctl["zoom"])
+    lut = window_lut(res, ctl["channel"])
+    ref = show_reference(data[0], res)
+    if ctl["mode"] == "Difference" and ref is None:
+        st.info("Upload a reference mask above to see the difference map (true positives, false positives, false negatives).")
+    for r, d in zip(results, data):
+        if len(results) > 1:
+            st.markdown(f"**{r['model']['display_name']}** · threshold {fmt_threshold(r['threshold'])} · {r['lesion_count']} lesion(s)")
+        (draw_volume if volume else draw_slice)(r, d, ref, ctl, cursor, lut)
+    if len(results) > 1:
+        s = overlap_stats(data[0]["mask"], data[1]["mask"], None)
+        st.metric("Dice between the two models", f"{s['dice']:.3f}", help=f"voxels found by the first only: {s['fp']:,}, by the second only: {s['fn']:,}")
+    if ctl["mode"] == "Probability":
+        st.image(colour_bar(float(res["threshold"])), caption="Lesion probability, fixed scale 0 → 1 (inferno)", width=VIEW_PX + 24)
+    if ctl["mode"] == "Difference" and ref is not None:
+        st.markdown(difference_legend())
+    slice_downloads(res, data[0], cursor[0], ctl)
+
+
+def difference_legend() -> str:
+    swatch = "<span style='display:inline-block;width:0.9em;height:0.9em;background:rgb{};margin:0 0.3em 0 1em'></span>"
+    items = (("both (true positive)", TP_COLOUR), ("predicted only (false positive)", FP_COLOUR), ("reference only (false negative)", FN_COLOUR))
+    return "<div>" + "".join(swatch.format(c) + label for label, c in items) + "</div>"
+
+
+def display_controls(res: dict) -> dict:
+    """Overlay mode, opacity, zoom, channel and cross-hair: display only."""
+    c1, c2, c3, c4 = st.columns([4, 2, 2, 3], vertical_alignment="bottom")
+    mode = c1.radio("Overlay", OVERLAYS, horizontal=True, key="overlay", help="Contour: the mask's outline only; Difference: against a reference mask")
+    alpha = c2.slider("Opacity", 0.0, 1.0, 0.4, 0.05, key="alpha")
+    zoom = c3.slider("Zoom", 1.0, 4.0, 1.0, 0.25, key="zoom", format="%.2fx", help="Around the cursor (the cross-hair)")
+    channel = c4.radio(
+        "Channel",
+        list(CHANNELS),
+        index=1,
+        key="channel",
+        horizontal=True,
+        help="LGG slices hold pre-contrast, FLAIR and post-contrast; BraTS t1n, t2f, t1c map to them",
+    )
+    crosshair = res["kind"] == "volume" and st.session_state.get("crosshair", True)
+    return {"mode": mode, "alpha": alpha, "zoom": zoom, "channel": CHANNELS[channel], "channel_name": channel, "crosshair": crosshair}
+
+
+def start_cursor(res: dict, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The slice with the most lesion and the largest lesion's centre (the image centre without one)."""
+    z = int(res.get("preview_slice", 0))
+    if res["lesions"]:
+        c = res["lesions"][0]["centroid"]
+        return z, int(round(c[-2])), int(round(c[-1]))
+    return z, shape[1] // 2, shape[2] // 2
+
+
+def cursor_controls(res: dict, data: dict) -> tuple[int, int, int]:
+    """The shared cursor of a volume: axial slice (with the lesion slice jumps), coronal row and sagittal column."""
+    n, h, w = data["mask"].shape
+    if st.session_state.get("cursor_for") != res["id"]:
+        st.session_state.z, st.session_state.y, st.session_state.x = start_cursor(res, (n, h, w))
+        st.session_state.cursor_for = res["id"]
+    c1, c2, c3 = st.columns(3)
+    with c1:
+        z = slice_navigation(res)
+    c2.slider(f"Coronal: row (0–{h - 1})", 0, h - 1, key="y")
+    c3.slider(f"Sagittal: column (0–{w - 1})", 0, w - 1, key="x")
+    c3.checkbox("Cross-hair", value=True, key="crosshair")
+    return z, int(st.session_state.y), int(st.session_state.x)
+
+
+def zoom_centre(res: dict, data: dict, zoom: float) -> tuple[int, int, int]:
+    """A slice's zoom centre: the largest lesion's centre, movable once zoomed in."""
+    _, h, w = data["mask"].shape
+    if st.session_state.get("cursor_for") != res["id"]:
+        _, st.session_state.y, st.session_state.x = start_cursor(res, (1, h, w))
+        st.session_state.cursor_for = res["id"]
+    if zoom > 1:
+        c1, c2 = st.columns(2)
+        c1.slider(f"Zoom centre: row (0–{h - 1})", 0, h - 1, key="y")
+        c2.slider(f"Zoom centre: column (0–{w - 1})", 0, w - 1, key="x")
+    return 0, int(st.session_state.y), int(st.session_state.x)
+
+
+def slice_navigation(res: dict) -> int:
+    n, areas, with_lesion = res["slices"], res["slice_lesion_area_px"], res["slices_with_lesion"]
+
+    def jump():
+        if st.session_state.get("jump") is not None:
+            st.session_state.z = st.session_state.jump
+
+    def step(direction: int):
+        z = st.session_state.z
+        cands = [s for s in with_lesion if (s > z if direction > 0 else s < z)]
+        if cands:
+            st.session_state.z = cands[0] if direction > 0 else cands[-1]
+
+    st.slider(f"Axial slice (0–{n - 1})", 0, n - 1, key="z")
+    if with_lesion:
+        c2, c3, c4 = st.columns([4, 1, 1], vertical_alignment="bottom")
+        c2.selectbox(
+            "Jump to a slice with lesion",
+            with_lesion,
+            index=None,
+            key="jump",
+            on_change=jump,
+            placeholder=f"{len(with_lesion)} slices with lesion",
+            format_func=lambda z: f"slice {z} — {areas[z]} px",
+            label_visibility="collapsed",
+        )
+        c3.button("◀", key="prev_lesion", help="Previous slice with lesion", on_click=step, args=(-1,), width="stretch")
+        c4.button("▶", key="next_lesion", help="Next slice with lesion", on_click=step, args=(1,), width="stretch")
+    else:
+        st.caption("No slice with lesion")
+    return int(st.session_state.z)
+
+
+def layers_of(data: dict, ref: np.ndarray | None, plane: str, cursor: tuple[int, int, int], channel: int, lut) -> dict:
+    grey = plane_of(data["display"], plane, cursor)[..., channel]
+    return {
+        "grey": grey if lut is None else lut[grey],
+        "mask": plane_of(data["mask"], plane, cursor),
+        "prob": None if data["prob"] is None else plane_of(data["prob"], plane, cursor),
+        "ref": None if ref is None else plane_of(ref, plane, cursor),
+    }
+
+
+def draw_volume(res: dict, data: dict, ref, ctl: dict, cursor: tuple[int, int, int], lut) -> None:
+    """Axial, coronal and sagittal views through the cursor, each at its true aspect."""
+    n = data["mask"].shape[0]
+    o = res["input"].get("orientation")
+    where = {"Axial": f"slice {cursor[0]}", "Coronal": f"row {cursor[1]}", "Sagittal": f"column {cursor[2]}"}
+    cols = st.columns(3)
+    for col, plane in zip(cols, PLANES):
+        layers = layers_of(data, ref, plane, cursor, ctl["channel"], lut)
+        img = render_view(layers, ctl["mode"], ctl["alpha"], spacing_rc(data["spacing"], plane), cursor_rc(plane, cursor, n), ctl["zoom"], ctl["crosshair"])
+        edge = f" · left {o['left']}, right {o['right']}" if o and plane != "Sagittal" else ""
+        col.image(img, caption=f"{plane} · {where[plane]} · {ctl['channel_name']} · {ctl['mode'].lower()}{edge}", width="stretch")
+    area = res["slice_lesion_area_px"][cursor[0]]
+    lesion = f"lesion area {area:,} px = {res['slice_lesion_area_mm2'][cursor[0]]:,.0f} mm²" if area else "no lesion on this slice"
+    st.caption(f"Axial slice {cursor[0]} of {res['slices']} · {lesion} · threshold {fmt_threshold(res['threshold'])}")
+
+
+def draw_slice(res: dict, data: dict, ref, ctl: dict, cursor: tuple[int, int, int], lut) -> None:
+    """A slice: the original, the chosen overlay and the probability heat map, zoomed alike."""
+    layers = layers_of(data, ref, "Axial", (0, *cursor[1:]), ctl["channel"], lut)
+    sp = spacing_rc(data["spacing"], "Axial")
+
+    def view(mode, alpha):
+        return render_view(layers, mode, alpha, sp, cursor[1:], ctl["zoom"], False)
+
+    c1, c2, c3 = st.columns(3)
+    c1.image(view("Off", 0), caption=f"Original ({ctl['channel_name']})", width="stretch")
+    mode = ctl["mode"] if ctl["mode"] != "Probability" else "Fill"
+    c2.image(
+        view(mode, ctl["alpha"]), caption=f"{mode} (lesion in red, opacity {ctl['alpha']:.2f}, threshold {fmt_threshold(res['threshold'])})", width="stretch"
+    )
+    if data["prob"] is not None:
+        c3.image(view("Probability", 1.0), caption="Probability (inferno, fixed scale 0 → 1)", width="stretch")
+        c3.image(colour_bar(float(res["threshold"]), 300), width="stretch")
+
+
+def slice_downloads(res: dict, data: dict, z: int, ctl: dict) -> None:
+    """The mask and overlay of the shown slice as PNG, drawn here from the viewer's arrays."""
+    is_volume = res["kind"] == "volume"
+    stem = download_stem(res)
+    mask = data["mask"][z].astype(np.uint8) * 255
+    grey = cv2.cvtColor(np.ascontiguousarray(data["display"][z][..., ctl["channel"]]), cv2.COLOR_GRAY2RGB)
+    overlay = blend(grey, RED, data["mask"][z], ctl["alpha"])
+    cols = st.columns(4)
+    for col, (what, img) in zip(cols, (("mask", mask), ("overlay", overlay[..., ::-1]))):
+        png = cv2.imencode(".png", img)[1].tobytes()
+        label = f"{what.capitalize()} PNG" + (f" (slice {z})" if is_volume else "")
+        suffix = f"_z{z}" if is_volume else ""
+        col.download_button(label, png, f"{stem}_{what}{suffix}.png", "image/png", key=f"dl_{what}", icon=":material/download:", on_click="ignore")
 
 
 # ---------------------------------------------------------------- page
@@ -578,36 +1034,50 @@ def favicon():
     return Image.fromarray(icon, "RGBA")
 
 
+HOW_TO = (
+    "1. Upload **one slice** (TIFF/PNG/JPEG, 8 or 16 bit, grey or 3 channels: pre-contrast, FLAIR, post-contrast, "
+    "like the LGG kaggle_3m slices), **one NIfTI volume**, the **BraTS files** `*-t1n`, `*-t2f`, `*-t1c` together "
+    "(`*-t2f` is needed; a missing `*-t1n` or `*-t1c` is filled with FLAIR), or a **DICOM MR series or study** as a .zip "
+    "(FLAIR, pre- and post-contrast T1 are recognised from the series descriptions). A grey slice or a single volume is read "
+    "as FLAIR; say below the upload if it is another sequence.\n"
+    "2. Pick a model and threshold in the sidebar (the default is the better model on the validation patients, at its calibrated "
+    "threshold); tick **Compare with a second model** to see two models side by side.\n"
+    "3. Look around: axial, coronal and sagittal views through one cursor (the sliders, or jump to the slices with lesion), zoom, "
+    "the mask filled, as a contour or off, the model's probability with its colour scale, window / level (DICOM header presets "
+    "where present). Upload a reference mask to see Dice and a difference map. None of this asks the API again.\n"
+    "4. Download the mask (PNG, NIfTI with the input's affine, DICOM SEG for DICOM input) and the lesion table."
+)
+
+
+def how_to_use(has_result: bool) -> None:
+    """Open until there is a result, then collapsed (a new key: the browser would keep the old one open)."""
+    with st.expander("How to use", expanded=not has_result, key=f"how_to_use_{has_result}"):
+        st.markdown(HOW_TO)
+
+
 def main() -> None:
     st.set_page_config(page_title="brainseg · brain MRI lesion segmentation", page_icon=favicon(), layout="wide")
     st.html("<style>[data-testid='stMainBlockContainer']{padding-top:2.2rem;padding-bottom:2rem}</style>")
     st.title("Brain MRI lesion segmentation")
     st.caption("Research software — not a medical device and not for diagnosis. Results must be reviewed by a qualified reader.")
     opts = sidebar()
-    with st.expander("How to use", expanded=not st.session_state.get("result")):
-        st.markdown(
-            "1. Upload **one slice** (TIFF/PNG/JPEG, 8 or 16 bit, grey or 3 channels: pre-contrast, FLAIR, post-contrast, "
-            "like the LGG kaggle_3m slices), **one NIfTI volume**, the **BraTS files** `*-t1n`, `*-t2f`, `*-t1c` together "
-            "(`*-t2f` is needed; a missing `*-t1n` or `*-t1c` is filled with FLAIR), or a **DICOM MR series or study** as a .zip "
-            "(FLAIR, pre- and post-contrast T1 are recognised from the series descriptions). A grey slice or a single volume is read "
-            "as FLAIR; say below the upload if it is another sequence.\n"
-            "2. Pick a model and threshold in the sidebar (the default is the better model on the validation patients, at its calibrated threshold).\n"
-            "3. Compare original, overlay, mask and the model's probability; set the window / level (DICOM header presets where "
-            "present); for a volume move through the slices or jump to the slices with lesion. Download the mask (PNG, NIfTI with "
-            "the input's affine, DICOM SEG for DICOM input) and the lesion table."
-        )
+    help_box = st.container()
     files, label, synthetic = current_input()
-    if not opts["ok"]:
-        return
-    if files is None:
-        st.info("Upload a file above, or press **Try the synthetic example** to see the page at work.")
+    if not opts["ok"] or files is None:
+        with help_box:
+            how_to_use(False)
+        if opts["ok"]:
+            st.info("Upload a file above, or press **Try the synthetic example** to see the page at work.")
         return
     segment(opts, files, None if synthetic else st.session_state.get("sequence"), None if synthetic else st.session_state.get("pixel_spacing"))
+    with help_box:
+        how_to_use(bool(st.session_state.get("result")))
     if st.session_state.get("error"):
         st.error(st.session_state.error)
         return
     if st.session_state.get("result"):
-        show_result(opts, st.session_state.result, label, synthetic)
+        results = [st.session_state.result] + ([st.session_state.result_b] if st.session_state.get("result_b") else [])
+        show_result(opts, results, label, synthetic)
 
 
 try:

@@ -63,7 +63,6 @@ def test_synthetic_example_end_to_end(monkeypatch, api_server):
     assert any("Connected" in s for s in texts(at.sidebar.success))
     assert at.sidebar.selectbox(key="model").value == "attention_unet"
     assert set(at.sidebar.selectbox(key="model").options) >= {"Attention U-Net  (default)", "Ensemble (mean probability)"}
-    assert at.sidebar.radio(key="channel").value == "FLAIR"
     assert any("Upload a file" in i for i in texts(at.info))
 
     at.button(key="synthetic").click().run()
@@ -77,11 +76,15 @@ def test_synthetic_example_end_to_end(monkeypatch, api_server):
     assert {"Mask PNG", "Overlay PNG", "Lesions JSON"} <= labels
 
     # Display and model settings re-render without errors; the model choice reaches the API.
-    at.sidebar.slider(key="alpha").set_value(0.8).run()
-    at.sidebar.radio(key="channel").set_value("Post-contrast").run()
+    assert at.radio(key="channel").value == "FLAIR"
+    at.slider(key="alpha").set_value(0.8).run()
+    at.radio(key="channel").set_value("Post-contrast").run()
+    at.radio(key="overlay").set_value("Contour").run()
+    at.slider(key="zoom").set_value(2.0).run()
+    no_page_crash(at)
     at.sidebar.selectbox(key="model").set_value("ensemble").run()
-    at.sidebar.checkbox(key="use_calibrated").uncheck().run()
-    at.sidebar.slider(key="threshold").set_value(0.3).run()
+    at.sidebar.checkbox(key="use_calibrated_ensemble").uncheck().run()
+    at.sidebar.slider(key="threshold_ensemble").set_value(0.3).run()
     no_page_crash(at)
     assert not at.error, texts(at.error)
     assert any("Ensemble" in c and "threshold 0.3" in c for c in texts(at.caption))
@@ -192,7 +195,10 @@ def test_zipped_dicom_study_shows_its_series_presets_and_seg(monkeypatch, api_se
     labels = {b.label for b in at.get("download_button")}
     assert {"NIfTI mask (.nii.gz)", "DICOM SEG (.dcm)"} <= labels
     captions = [c for img in at.get("image") for c in img.captions]
-    assert any(c.startswith("Probability (black 0") for c in captions), captions
+    assert [c.split(" · ")[0] for c in captions] == ["Axial", "Coronal", "Sagittal"], captions
+    at.radio(key="overlay").set_value("Probability").run()
+    captions = [c for img in at.get("image") for c in img.captions]
+    assert any(c.startswith("Lesion probability, fixed scale 0 → 1") for c in captions), captions
     window = at.selectbox(key="window_choice")
     preset = next(o for o in window.options if "centre 120, width 200" in o)
     window.set_value(preset).run()
@@ -252,3 +258,66 @@ def test_a_large_slice_whose_answer_links_its_images(monkeypatch, api_server):
     (mask,) = [b for b in at.get("download_button") if b.label == "Mask PNG"]
     served = httpx.get(api_server + f"/v1/results/{res['id']}/slice/0.png?view=mask", timeout=60).content
     assert mask.proto.url and cv2.imdecode(np.frombuffer(served, np.uint8), cv2.IMREAD_UNCHANGED).shape == (1024, 1024)
+
+
+def test_threshold_is_kept_per_model_and_labelled_as_used(monkeypatch, api_server):
+    """A custom threshold set for one model does not follow the user to another (each model starts at its calibrated one),
+    and the labels say the value the API applies, unrounded."""
+    import httpx
+
+    models = {m["name"]: m for m in httpx.get(api_server + "/v1/models", timeout=120).json()["models"]}
+    at = run_app(monkeypatch, api_server)
+    cal = at.sidebar.checkbox(key="use_calibrated_attention_unet")
+    assert cal.label == f"Calibrated threshold ({models['attention_unet']['threshold']:.4g})"
+    cal.uncheck().run()
+    at.sidebar.slider(key="threshold_attention_unet").set_value(0.225).run()
+    at.button(key="synthetic").click().run()
+    no_page_crash(at)
+    assert at.session_state["result"]["threshold"] == 0.225
+    assert any("threshold 0.225 " in c for c in texts(at.caption)), texts(at.caption)
+    at.sidebar.selectbox(key="model").set_value("unetpp").run()
+    no_page_crash(at)
+    assert at.sidebar.checkbox(key="use_calibrated_unetpp").value is True
+    assert at.session_state["result"]["threshold"] == round(models["unetpp"]["threshold"], 4)
+    # back to the first model: reset to its calibrated threshold too (Streamlit forgets the state of widgets not shown)
+    at.sidebar.selectbox(key="model").set_value("attention_unet").run()
+    assert at.sidebar.checkbox(key="use_calibrated_attention_unet").value is True
+    assert at.session_state["result"]["threshold"] == round(models["attention_unet"]["threshold"], 4)
+
+
+def test_sequence_picker_only_where_it_is_used(monkeypatch, api_server, shared_data):
+    """Hidden for a 3-channel slice (it carries its sequences), shown for a grey one."""
+    import cv2
+
+    from brainseg.synthetic import synthetic_slice
+
+    at = run_app(monkeypatch, api_server)
+    at.file_uploader(key="uploads").upload("slice.tif", (shared_data / LESION_SLICE).read_bytes(), "image/tiff").run()
+    no_page_crash(at)
+    assert "sequence" not in [sb.key for sb in at.selectbox]
+    ok, buf = cv2.imencode(".png", synthetic_slice(size=96)[0][:, :, 1])
+    at.file_uploader(key="uploads").set_value(("grey.png", buf.tobytes(), "image/png")).run()
+    assert at.selectbox(key="sequence").value == "flair"
+
+
+def test_two_models_side_by_side(monkeypatch, api_server):
+    """Compare: the same input segmented by both models (two answers), both drawn, the Dice between them
+    equal to one computed here from the two results' viewer arrays."""
+    import httpx
+
+    at = run_app(monkeypatch, api_server)
+    at.sidebar.checkbox(key="compare").check().run()
+    at.sidebar.selectbox(key="model_b").set_value("unetpp").run()
+    at.button(key="synthetic").click().run()
+    no_page_crash(at)
+    a, b = at.session_state["result"], at.session_state["result_b"]
+    assert a["model"]["name"] == "attention_unet" and b["model"]["name"] == "unetpp" and a["id"] != b["id"]
+    assert len(at.get("image")) >= 6  # original, overlay, probability of each
+
+    def mask(res):
+        with np.load(__import__("io").BytesIO(httpx.get(api_server + res["urls"]["viewer"], timeout=60).content)) as z:
+            return np.unpackbits(z["mask_bits"], axis=-1, count=z["display"].shape[2]).astype(bool)
+
+    ma, mb = mask(a), mask(b)
+    dice = 2 * (ma & mb).sum() / (ma.sum() + mb.sum()) if ma.sum() + mb.sum() else 1.0
+    assert {m.label: m.value for m in at.metric}["Dice between the two models"] == f"{dice:.3f}"
