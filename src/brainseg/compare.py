@@ -30,6 +30,7 @@ No torch here; SimpleITK is imported where registration runs.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,8 @@ DISCLAIMER = (
     "Decision support, not a diagnosis: lesions, matches and the response category are computed from a segmentation model's masks "
     "and must be checked by a qualified reader; research software, not a medical device."
 )
+log = logging.getLogger(__name__)
+
 REGISTRATION_GRID_MM = 2.0  # registration runs on a grid this coarse at its finest level (1 mm gains nothing measurable, 10x the time)
 MATCH_TOLERANCE_MM = 10.0  # centroids this close (after registration) are one lesion when the two do not overlap
 PR_DECREASE = 0.30  # RANO-BM partial response: sum of diameters down by at least 30% from baseline
@@ -68,6 +71,10 @@ RANO_BM_RULE = (
 
 
 # ---------------------------------------------------------------- registration
+
+
+class RegistrationError(ValueError):
+    """The registration could not run or found nothing (studies that do not overlap, an empty image): the user's input."""
 
 
 @dataclass
@@ -214,7 +221,14 @@ def register_volumes(base: Volume, follow: Volume, register: bool = True) -> Reg
     t0 = time.perf_counter()
     fixed = sitk_image(base.slices[..., 1], base.display_affine)
     moving = sitk_image(follow.slices[..., 1], follow.display_affine)
-    found, metric = register_rigid(fixed, moving)
+    try:
+        found, metric = register_rigid(fixed, moving)
+    except RuntimeError as exc:  # SimpleITK's errors (no overlap, no samples) are RuntimeErrors; their text names its sources: logged only
+        log.debug("registration failed: %r", exc)
+        raise RegistrationError(
+            f"{follow.name}: the follow-up could not be registered to the baseline (the two images do not overlap enough); "
+            "are both studies of one patient's head? (or compare without registration)"
+        ) from None
     matrix, centre = transform_matrix(found)
     return Registration(True, "rigid registration of the follow-up's FLAIR to the baseline's", matrix, centre, metric, None, time.perf_counter() - t0)
 

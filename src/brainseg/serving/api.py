@@ -46,7 +46,7 @@ from .engine import Engine
 from .errors import install_error_handlers
 from .metrics import install_metrics
 from .middleware import OPEN_PATHS, install_middleware, key_owner
-from .routes import probes, reports, results, segment, system
+from .routes import compare, probes, reports, results, segment, system
 from .settings import Settings, StartupError
 from .store import ResultStore
 from .uploads import Limits
@@ -132,7 +132,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_middleware(app, settings, owners)
     install_metrics(app)  # after the others: its middleware is outermost and sees every answer
     install_error_handlers(app)
-    for module in (system, probes, segment, results, reports):
+    for module in (system, probes, segment, results, reports, compare):
         app.include_router(module.router)
     install_docs(app, app.title)
     if owners:
