@@ -4,8 +4,9 @@
 DICOM SEG that brainseg wrote for the same result. The SEG is the SR's evidence, so the SR belongs to the same
 patient and study (the SEG's headers were made fit by ``dicom.seg_headers``: anonymised exports whose Type 2
 attributes are missing work), and each lesion is one TID 1411 volumetric group whose ``ReferencedSegment`` points to
-segment 1 of that SEG, to the SEG frames the lesion lies on, and to the source series (its SeriesInstanceUID, read
-from the SEG). Measurements: volume (SCT 118565006, mm3), longest axial diameter (SCT 103339001 "Long axis", mm) and
+segment 1 of that SEG and to the source series (its SeriesInstanceUID, read from the SEG). The SEG has one segment
+for all lesions and DICOM allows a reference to name segments or frames, not both (dcmtk warns), so a group names
+its lesion by the tracking identifier "lesion <id>" of the lesion table, not by frames. Measurements: volume (SCT 118565006, mm3), longest axial diameter (SCT 103339001 "Long axis", mm) and
 the longest diameter perpendicular to it (SCT 131189007 "Perpendicular Axis", mm), method RANO; RANO-BM
 measurability and target status are qualitative evaluations (Yes / No) under codes of brainseg's own scheme
 ``99BRAINSEG`` (DICOM has none for them), as is the sum of the target lesions' longest diameters, in a TID 1501
@@ -44,51 +45,6 @@ MAX_SR_LESIONS = 100  # lesion groups in a DICOM SR (the largest); the number of
 
 class ReportError(Exception):
     """A report that cannot be made from this result; ``str()`` is a plain sentence."""
-
-
-# ---------------------------------------------------------------- lesions -> SEG frames
-
-
-def lesion_labels(mask: np.ndarray, lesions: list[dict]) -> np.ndarray:
-    """(Z, H, W) int32: each voxel of a lesion of ``lesions`` labelled with its ``id`` (0 elsewhere).
-
-    Components are found as ``predict.lesion_table`` finds them and matched to rows by their bounding box and voxel
-    count, which identify a component; a component the table does not list (a cut list) stays 0."""
-    from scipy import ndimage
-
-    from .metrics import connected_components
-
-    mask = np.asarray(mask, bool)
-    labels, n = connected_components(mask)
-    out = np.zeros(labels.shape, np.int32)
-    by_key = {(tuple(r["bbox"]), r.get("voxels", r.get("area_px"))): r["id"] for r in lesions if "bbox" in r}
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    for k, box in enumerate(ndimage.find_objects(labels), 1):
-        if box is None:
-            continue
-        key = (tuple(s.start for s in box) + tuple(s.stop for s in box), int(sizes[k]))
-        if key in by_key:
-            out[box][labels[box] == k] = by_key[key]
-    return out
-
-
-def seg_frames(mask: np.ndarray, lesions: list[dict], stored_orientation=None) -> dict[int, list[int]]:
-    """Lesion id -> the 1-based frames of the DICOM SEG it lies on (the SEG's frame z + 1 is the stored slice z).
-
-    ``mask`` is display-oriented; ``stored_orientation`` (``Volume.stored_orientation``) maps it back to the
-    series' own slice order, as ``dicom.seg_bytes`` was given it."""
-    from scipy import ndimage
-
-    from .volumes import from_display
-
-    stored = from_display(lesion_labels(mask, lesions), stored_orientation)
-    frames = {}
-    for k, box in enumerate(ndimage.find_objects(stored), 1):
-        if box is not None:
-            inside = stored[box] == k
-            zs = np.flatnonzero(inside.reshape(len(inside), -1).any(axis=1)) + box[0].start
-            frames[k] = [int(z) + 1 for z in zs]
-    return frames
 
 
 # ---------------------------------------------------------------- DICOM SR
@@ -131,8 +87,8 @@ def _algorithm(model_name: str, model_version: str):
     return hd.sr.AlgorithmIdentification(name=f"brainseg {model_name}"[:64], version=str(model_version)[:64], parameters=[f"brainseg {__version__}"])
 
 
-def _lesion_group(row: dict, seg, series_uid: str, frames: list[int] | None, targets: set, algorithm):
-    """One lesion: TID 1411 with its ReferencedSegment (segment 1 of ``seg``, its frames, the source series)."""
+def _lesion_group(row: dict, seg, series_uid: str, targets: set, algorithm):
+    """One lesion: TID 1411 with its ReferencedSegment (segment 1 of ``seg``, the source series)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -150,7 +106,6 @@ def _lesion_group(row: dict, seg, series_uid: str, frames: list[int] | None, tar
         sop_class_uid=seg.SOPClassUID,
         sop_instance_uid=seg.SOPInstanceUID,
         segment_number=1,
-        frame_numbers=frames or None,
         source_series=hd.sr.SourceSeriesForSegmentation(series_uid),
     )
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
@@ -205,7 +160,6 @@ def sr_bytes(
     rano: dict | None,
     model_name: str,
     model_version: str,
-    frames: dict[int, list[int]] | None = None,
     lesion_count: int | None = None,
 ) -> bytes:
     """A Comprehensive 3D SR (TID 1500) of ``lesions`` (rows of ``predict.lesion_table``, with ``id``, largest first)
@@ -213,7 +167,6 @@ def sr_bytes(
     series. The first ``MAX_SR_LESIONS`` lesions get a group each (highdicom takes some 50 ms a group: a garbage
     mask's thousands would take minutes); ``lesion_count`` (default: ``len(lesions)``) is reported as the number found.
 
-    ``frames``: lesion id -> SEG frames (``seg_frames``); without it each lesion references the whole segment.
     Raises ``ReportError`` (a plain sentence) when the SR cannot be written."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -222,7 +175,7 @@ def sr_bytes(
     series_uid = source_series_uid(seg)
     algorithm = _algorithm(model_name, model_version)
     targets = set((rano or {}).get("target_lesion_ids") or [])
-    groups = [_lesion_group(r, seg, series_uid, (frames or {}).get(r["id"]), targets, algorithm) for r in lesions[:MAX_SR_LESIONS]]
+    groups = [_lesion_group(r, seg, series_uid, targets, algorithm) for r in lesions[:MAX_SR_LESIONS]]
     count = len(lesions) if lesion_count is None else int(lesion_count)
     report = hd.sr.MeasurementReport(
         observation_context=_observer(model_name, model_version),
@@ -532,8 +485,7 @@ def write_volume_reports(out, vol, res, stats: dict, model_version: str, seg: by
         warnings.append("no DICOM SR or secondary capture: they reference the DICOM SEG, which could not be written")
         return paths
     try:
-        frames = seg_frames(res.mask, info.lesions, vol.stored_orientation)
-        sr = sr_bytes(seg, info.lesions, info.rano, info.model["name"], model_version, frames, info.lesion_count)
+        sr = sr_bytes(seg, info.lesions, info.rano, info.model["name"], model_version, info.lesion_count)
         sc = zip_files(secondary_capture_series(seg, res.display, res.mask, info.model["name"], model_version, display_orientation(vol.display_affine)))
     except ReportError as exc:
         warnings.append(str(exc))

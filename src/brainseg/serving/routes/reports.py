@@ -22,7 +22,7 @@ from ..uploads import UploadError
 from .results import Results, get_results
 
 router = APIRouter(prefix="/v1/results")
-REPORT_BYTES_PER_VOXEL = 16  # the unpacked mask, its labels (int32) and their re-oriented copy, for the SR's frames; and the SC's slices
+SC_BYTES_PER_VOXEL = 8  # the secondary capture's RGB slices (3 a voxel), their DICOM files and the zip of them, rounded up
 _NO_SEG = {
     404: {"model": ErrorBody, "description": "no such result (or another API key's), or one without a DICOM SEG (not DICOM, or the SEG could not be written)"},
     409: {"model": ErrorBody, "description": "the report cannot be made from this result (the message says why)"},
@@ -68,8 +68,7 @@ def _html(res: StoredResult) -> bytes:
 def _sr(res: StoredResult, seg: bytes) -> bytes:
     name, version = _model(res)
     lesions, rano = res.summary.get("lesions") or [], res.summary.get("rano_bm")
-    frames = report.seg_frames(np.asarray(res.mask), lesions, res.orientation)
-    return report.sr_bytes(seg, lesions, rano, name, version, frames, res.summary.get("lesion_count"))
+    return report.sr_bytes(seg, lesions, rano, name, version, res.summary.get("lesion_count"))
 
 
 def _sc(res: StoredResult, seg: bytes) -> bytes:
@@ -93,11 +92,10 @@ async def report_html(rid: str, results: Results = Depends(get_results)):
 
 
 @router.get("/{rid}/sr.dcm", summary="The lesion measurements as a DICOM SR (TID 1500) referencing the SEG (DICOM input only)", responses=_DOCS["dicom"])
-async def sr_dicom(rid: str, results: Results = Depends(get_results), memory: MemoryBudget = Depends(get_memory)):
+async def sr_dicom(rid: str, results: Results = Depends(get_results)):
     res = results.find(rid)
     seg = await anyio.to_thread.run_sync(_seg, res, "DICOM SR")
-    async with memory.hold(int(np.prod(res.mask.shape)) * REPORT_BYTES_PER_VOXEL):
-        data = await _made(_sr, res, seg)
+    data = await _made(_sr, res, seg)
     return Response(data, media_type="application/dicom", headers={"Content-Disposition": content_disposition(f"{res.name}_sr.dcm")})
 
 
@@ -105,6 +103,6 @@ async def sr_dicom(rid: str, results: Results = Depends(get_results), memory: Me
 async def sc_zip(rid: str, results: Results = Depends(get_results), memory: MemoryBudget = Depends(get_memory)):
     res = results.find(rid)
     seg = await anyio.to_thread.run_sync(_seg, res, "secondary capture")
-    async with memory.hold(int(np.prod(res.mask.shape)) * REPORT_BYTES_PER_VOXEL):
+    async with memory.hold(int(np.prod(res.mask.shape)) * SC_BYTES_PER_VOXEL):
         data = await _made(_sc, res, seg)
     return Response(data, media_type="application/zip", headers={"Content-Disposition": content_disposition(f"{res.name}_sc.zip")})
