@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from conftest import REPO, SHARED_DATA
 from scipy import ndimage
+from test_browser import browser, e2e_api, streamlit_url  # noqa: F401  (fixtures of the page test)
 
 from brainseg import compare as cmp
 
@@ -339,3 +340,43 @@ def test_api_compare_errors(api_server):
         r = httpx.post(url, files=files, data=data, timeout=60)
         assert 400 <= r.status_code < 500 and (status is None or r.status_code == status), (words, r.status_code, r.text)
         assert words in r.json()["detail"], r.text
+
+
+# ---------------------------------------------------------------- the Follow-up page in a browser
+
+
+@pytest.mark.browser
+def test_followup_page_in_chromium(followup_case, streamlit_url, browser):  # noqa: F811  (the fixtures imported above)
+    """The page (``pages/1_Follow-up.py``) with the shipped models: both studies uploaded, Compare, the category, the
+    sums, the lesion table, the picture and the disclaimer; screenshot ``artifacts/screenshots/app_compare.png``."""
+    from test_browser import SHOTS, TIMEOUT_MS, wait_for_images
+
+    folder, _ = followup_case
+    page = browser.new_page(viewport={"width": 1500, "height": 2000})  # Streamlit scrolls inside its own container: all of it in view
+    page.set_default_timeout(TIMEOUT_MS)
+    try:
+        page.goto(streamlit_url + "/Follow-up", wait_until="domcontentloaded")
+        page.get_by_text("Follow-up comparison").first.wait_for()
+        inputs = page.locator("input[type=file]")
+        inputs.nth(0).set_input_files([str(CASE / f"TCGA-DU-7294-{s}.nii.gz") for s in ("t1n", "t2f", "t1c")])
+        inputs.nth(1).set_input_files([str(folder / f"TCGA-DU-7294-fu-{s}.nii.gz") for s in ("t1n", "t2f", "t1c")])
+        page.get_by_role("button", name="Compare").click()
+        page.get_by_text("RANO-BM response:").first.wait_for(timeout=600_000)
+        wait_for_images(page, 1)
+        page.locator('[data-testid="stDataFrame"]').first.wait_for(state="visible")
+        page.wait_for_timeout(800)
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "app_compare.png"), full_page=True)
+        text = page.inner_text("body")
+        for words in (
+            "PD — progressive disease",
+            "Baseline sum of target diameters",
+            "Follow-up sum",
+            "registered rigidly",
+            "Decision support, not a diagnosis",
+            "Lesions",
+        ):
+            assert words in text, f"{words!r} missing from the page"
+        assert "Traceback" not in text and "refused" not in text
+    finally:
+        page.close()
