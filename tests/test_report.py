@@ -20,8 +20,8 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from dicom_series import ANONYMISED_HEADERS, PLANTED_BIRTH, PLANTED_ID, PLANTED_NAME, edited, study_ids, write_series, zip_bytes
-from helpers import make_client
+from dicom_series import ANONYMISED_HEADERS, NO_FRAME_OF_REFERENCE, PLANTED_BIRTH, PLANTED_ID, PLANTED_NAME, edited, study_ids, write_series, zip_bytes
+from helpers import make_client, nifti
 from pydicom.uid import SecondaryCaptureImageStorage
 
 from brainseg import report
@@ -296,29 +296,21 @@ def blob_series(folder, slices: int = 6, size: int = 64) -> None:
     write_series(folder, data, np.diag([1.0, 1.0, 2.0, 1.0]), study_ids())
 
 
-def test_cli_report_writes_the_page_the_sr_and_the_secondary_capture(tmp_path, tiny_model_dir):
+def test_cli_report_writes_the_page_the_sr_and_the_secondary_capture(tmp_path, tiny_model_dir, capsys):
     from brainseg.cli import main
 
     blob_series(tmp_path / "blob")
+    nofor = tmp_path / "nofor"
+    nofor.mkdir()
+    blob_series(tmp_path / "raw")
+    for name, raw in edited(sorted((tmp_path / "raw").iterdir()), NO_FRAME_OF_REFERENCE):
+        (nofor / name).write_bytes(raw)
     (tmp_path / "slice.png").write_bytes(synthetic_png(size=64))
+    (tmp_path / "vol.nii.gz").write_bytes(nifti(np.random.default_rng(0).integers(1, 255, (32, 32, 4), dtype=np.uint8)))
     out = tmp_path / "out"
-    assert (
-        main(
-            [
-                "predict",
-                str(tmp_path / "blob"),
-                str(tmp_path / "slice.png"),
-                "--out",
-                str(out),
-                "--model-dir",
-                str(tiny_model_dir),
-                "--report",
-                "--threshold",
-                "0.3",
-            ]
-        )
-        == 0
-    )
+    inputs = [str(tmp_path / name) for name in ("blob", "nofor", "slice.png", "vol.nii.gz")]
+    assert main(["predict", *inputs, "--out", str(out), "--model-dir", str(tiny_model_dir), "--report", "--threshold", "0.3"]) == 0
+    said = capsys.readouterr().out
     stats = json.loads((out / "blob_lesions.json").read_text())
     assert stats["lesion_count"] >= 1, "the tiny model marks the blob"
     sr = read_sr((out / "blob_sr.dcm").read_bytes())
@@ -333,7 +325,9 @@ def test_cli_report_writes_the_page_the_sr_and_the_secondary_capture(tmp_path, t
         assert len(zf.namelist()) == len(stats["slices_with_lesion"])
     page = (out / "blob_report.html").read_text()
     assert report.DISCLAIMER in page and "data:image/png;base64," in page
-    assert (out / "slice_report.html").is_file() and not (out / "slice_sr.dcm").exists(), "a slice has no DICOM source"
+    for stem in ("slice", "vol", "nofor"):  # a slice and a NIfTI volume have no DICOM source; nofor's SEG could not be written
+        assert (out / f"{stem}_report.html").is_file() and not (out / f"{stem}_sr.dcm").exists() and not (out / f"{stem}_sc.zip").exists(), stem
+    assert "nofor: warning: no DICOM SR or secondary capture: they reference the DICOM SEG, which could not be written" in said
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ written has them; any other result answers 404 with a sentence that says why and
 
 from __future__ import annotations
 
+import datetime
+
 import anyio
 import numpy as np
 from fastapi import APIRouter, Depends
@@ -61,7 +63,7 @@ def _seg(res: StoredResult, what: str) -> bytes:
 
 def _html(res: StoredResult) -> bytes:
     info = report.report_info(res.summary)
-    info.created = report.datetime.datetime.fromtimestamp(res.created, report.datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    info.created = datetime.datetime.fromtimestamp(res.created, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")  # when it was segmented
     return report.html_report(info, report.key_images(res.display, res.mask, info.lesions)).encode()
 
 
