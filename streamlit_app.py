@@ -313,14 +313,22 @@ def segment(opts: dict, files: list[tuple[str, bytes, str]], sequence: str | Non
         return
     runs = [(opts["model"], opts["threshold"], opts.get("precision"))] + ([(opts["compare"], None, None)] if opts.get("compare") else [])
     forms = [request_form(opts, model, threshold, precision, sequence, pixel_spacing) for model, threshold, precision in runs]
+    known = st.session_state.setdefault("answers", {})  # answers of this session by input and form: ticking Compare sends one request, not two
+    keys = [json.dumps([h.hexdigest(), opts["base"], form]) for form in forms]
+    todo = [(k, form) for k, form in zip(keys, forms) if k not in known]
 
     def send() -> list[dict]:
-        return [api_request(opts["base"], "POST", "/v1/segment", timeout=600, files=[("files", f) for f in files], data=form).json() for form in forms]
+        return [api_request(opts["base"], "POST", "/v1/segment", timeout=600, files=[("files", f) for f in files], data=form).json() for _, form in todo]
 
     try:
-        answers = with_progress(send, slice_count(files) if volume else None, len(forms))
+        fresh = with_progress(send, slice_count(files) if volume else None, len(todo)) if todo else []
+        learn_speed(fresh)
+        for (k, _), answer in zip(todo, fresh):
+            known[k] = answer
+        for old in list(known)[: max(0, len(known) - 8)]:
+            del known[old]
+        answers = [known[k] for k in keys]
         st.session_state.result, st.session_state.result_b, st.session_state.error = answers[0], (answers[1:] or [None])[0], None
-        learn_speed(answers)
     except ApiError as exc:
         st.session_state.result, st.session_state.result_b, st.session_state.error = None, None, str(exc)
     st.session_state.request_key = key
@@ -455,7 +463,7 @@ def result_header(res: dict, label: str, synthetic: bool) -> None:
     st.caption(
         f"{model['display_name']} · version `{model['version']}` · {model['backend']} {PRECISIONS.get(model.get('precision'), '')} · "
         f"threshold {fmt_threshold(res['threshold'])} · min. size {res['min_size']} px ({res.get('components', '2D')}) · TTA {'on' if res['tta'] else 'off'} · "
-        f"decode {t['decode']:.0f} ms, inference {t['inference']:.0f} ms, total {t['total']:.0f} ms"
+        f"decode {t['decode']:.0f} ms, inference {t['inference']:.0f} ms, total {t['total']:.0f} ms · result `{res['id']}`"
     )
 
 
@@ -813,11 +821,12 @@ def show_reference(data_view: dict, res: dict) -> np.ndarray | None:
     voxel = float(np.prod(sp)) if volume and all(np.isfinite(sp)) else (float(sp[0] * sp[1]) if np.isfinite(sp[0]) else None)
     s = overlap_stats(data_view["mask"], ref, voxel)
     diff = s["pred"] - s["ref"]
-    c = st.columns(4)
+    c = st.columns(3)
     c[0].metric("Dice with the reference", f"{s['dice']:.3f}")
     c[1].metric("Reference " + ("volume" if volume else "area"), f"{s['ref']:,.0f} {s['unit']}")
-    c[2].metric("Difference (predicted − reference)", f"{diff:+,.0f} {s['unit']}", help=f"{100 * diff / s['ref']:+.1f} %" if s["ref"] else None)
-    c[3].metric("False positive / negative", f"{s['fp']:,} / {s['fn']:,}", help="voxels (pixels) predicted but not in the reference / missed")
+    c[2].metric("Predicted − reference", f"{diff:+,.0f} {s['unit']}", help=f"{100 * diff / s['ref']:+.1f} % of the reference" if s["ref"] else None)
+    what = "voxels" if volume else "pixels"
+    st.caption(f"{s['tp']:,} {what} in both, {s['fp']:,} predicted only (false positive), {s['fn']:,} in the reference only (false negative).")
     return ref
 
 
@@ -836,7 +845,7 @@ def viewer(base: str, results: list[dict]) -> None:
     except ApiError as exc:
         st.error(f"{exc}  \nThe server keeps only recent results (and may have forgotten this one).")
         if st.button("Segment again", key="resegment", icon=":material/refresh:"):
-            st.session_state.request_key = None
+            st.session_state.request_key, st.session_state.answers = None, {}
             st.rerun(scope="app")
         return
     res, volume = results[0], results[0]["kind"] == "volume"
@@ -846,17 +855,20 @@ def viewer(base: str, results: list[dict]) -> None:
     ref = show_reference(data[0], res)
     if ctl["mode"] == "Difference" and ref is None:
         st.info("Upload a reference mask above to see the difference map (true positives, false positives, false negatives).")
-    for r, d in zip(results, data):
-        if len(results) > 1:
-            st.markdown(f"**{r['model']['display_name']}** · threshold {fmt_threshold(r['threshold'])} · {r['lesion_count']} lesion(s)")
-        (draw_volume if volume else draw_slice)(r, d, ref, ctl, cursor, lut)
     if len(results) > 1:
         s = overlap_stats(data[0]["mask"], data[1]["mask"], None)
         st.metric("Dice between the two models", f"{s['dice']:.3f}", help=f"voxels found by the first only: {s['fp']:,}, by the second only: {s['fn']:,}")
+    for r, d in zip(results, data):
+        if len(results) > 1:
+            st.markdown(
+                f"**{r['model']['display_name']}** · version `{r['model']['version']}` · threshold {fmt_threshold(r['threshold'])} · "
+                f"{r['lesion_count']} lesion(s) · result `{r['id']}`"
+            )
+        (draw_volume if volume else draw_slice)(r, d, ref, ctl, cursor, lut)
     if ctl["mode"] == "Probability":
         st.image(colour_bar(float(res["threshold"])), caption="Lesion probability, fixed scale 0 → 1 (inferno)", width=VIEW_PX + 24)
     if ctl["mode"] == "Difference" and ref is not None:
-        st.markdown(difference_legend())
+        st.html(difference_legend())  # fixed markup, nothing of the user's
     slice_downloads(res, data[0], cursor[0], ctl)
 
 

@@ -69,3 +69,197 @@ def test_viewer_npz_holds_what_the_slice_routes_render(api_server, tmp_path):
         meta = zipfile.ZipFile(io.BytesIO(r.content)).read("meta.json")
         assert body["id"].encode() in meta
         assert http.get(f"/v1/results/{'0' * 32}/viewer.npz").status_code == 404
+
+
+# ---------------------------------------------------------------- in a browser: one BraTS volume, a few interactions
+
+try:  # the page's fixtures (API with the shipped models, ``streamlit run``, Chromium); they skip without /usr/bin/chromium
+    from test_browser import browser, e2e_api, open_page, streamlit_url  # noqa: F401
+except ImportError:  # pragma: no cover
+    pytest.skip("tests/test_browser.py is needed for the browser fixtures", allow_module_level=True)
+
+VIEWPORT = {"width": 1280, "height": 1300}
+
+
+def api_requests(api: str) -> int:
+    """Requests the API has answered, from its /metrics counter (the scrape itself left out)."""
+    lines = httpx.get(api + "/metrics", timeout=30).text.splitlines()
+    return round(sum(float(x.rsplit(" ", 1)[1]) for x in lines if x.startswith("brainseg_http_requests_total{") and 'route="/metrics"' not in x))
+
+
+def how_to(page):
+    return page.locator('[data-testid="stMain"] [data-testid="stExpander"]').filter(has_text="How to use").locator("details").first
+
+
+def view(page, caption: str):
+    return page.locator('[data-testid="stImage"]').filter(has_text=caption).locator("img").first
+
+
+def pixels(page, caption: str) -> np.ndarray:
+    """The RGB pixels of the view whose caption starts with ``caption``, as the browser received them (read again
+    if a rerun replaced the picture meanwhile: Streamlit drops the old one)."""
+    import cv2
+
+    for _ in range(10):
+        src = view(page, caption).get_attribute("src")
+        r = page.request.get(src if src.startswith("http") else page.url.rstrip("/") + "/" + src.lstrip("/"))
+        img = cv2.imdecode(np.frombuffer(r.body(), np.uint8), cv2.IMREAD_COLOR) if r.ok else None
+        if img is not None:
+            return img[..., ::-1]
+        page.wait_for_timeout(300)
+    raise AssertionError(f"the view {caption!r} could not be read")
+
+
+def changed(page, caption: str, before: str) -> str:
+    """Waits until the view's picture is replaced; its new source."""
+    page.wait_for_function(
+        """([cap, old]) => { const el = Array.from(document.querySelectorAll('[data-testid="stImage"]')).find(e => e.innerText.includes(cap));
+                            const img = el && el.querySelector('img'); return img && img.complete && img.naturalWidth > 0 && img.src !== old; }""",
+        arg=[caption, before],
+    )
+    return view(page, caption).get_attribute("src")
+
+
+def red_pixels(img: np.ndarray) -> int:
+    return int(((img[..., 0] > 150) & (img[..., 1] < 110) & (img[..., 2] < 110)).sum())
+
+
+def shoot(page, anchor: str, name: str) -> None:
+    """A viewport screenshot with ``anchor`` (text) scrolled to the top, saved as docs/``name``."""
+    page.get_by_text(anchor).first.evaluate(
+        """e => { e.scrollIntoView({block: 'start'}); let p = e.parentElement;
+                  while (p && p.scrollHeight <= p.clientHeight) p = p.parentElement;
+                  if (p) p.scrollTop -= 70; }"""
+    )
+    page.wait_for_timeout(400)
+    page.screenshot(path=str(DOCS / name))
+
+
+@pytest.fixture(scope="module")
+def volume_page(browser, streamlit_url, shared_data):  # noqa: F811
+    """The page with the BraTS example volume segmented once; the tests below look at it in turn."""
+    page = browser.new_page(viewport=VIEWPORT)
+    page.set_default_timeout(180_000)
+    page.goto(streamlit_url, wait_until="domcontentloaded")
+    page.get_by_text("Connected").first.wait_for()
+    assert how_to(page).get_attribute("open") is not None  # How to use, open at first
+    page.set_input_files("input[type=file]", [str(shared_data / BRATS.format(s)) for s in ("t1n", "t2f", "t1c")])
+    for caption in ("Axial ·", "Coronal ·", "Sagittal ·"):
+        view(page, caption).wait_for()
+    page.wait_for_function("""() => Array.from(document.querySelectorAll('[data-testid="stImage"] img')).filter(i => i.naturalWidth > 0).length >= 3""")
+    try:
+        yield page
+    finally:
+        page.close()
+
+
+@pytest.mark.browser
+def test_three_views_and_layout(volume_page):
+    page = volume_page
+    text = page.inner_text("body")
+    assert "Sequence of a grey slice" not in text  # a BraTS set carries its sequences
+    assert how_to(page).get_attribute("open") is None  # How to use, collapsed
+    assert "Volume 240 × 240 × 155 voxels of 1 × 1 × 1 mm" in text
+    cut = page.evaluate(
+        """() => Array.from(document.querySelectorAll('[data-testid="stMetricValue"]')).filter(e => e.scrollWidth > e.clientWidth + 1).map(e => e.innerText)"""
+    )
+    assert cut == [], f"metric values cut off at {VIEWPORT['width']} px: {cut}"
+    axial, coronal, sagittal = (pixels(page, c) for c in ("Axial ·", "Coronal ·", "Sagittal ·"))
+    # true aspect: 240 x 240 voxels axially, 155 x 240 (slices x columns / rows) in the other planes, all 1 mm
+    assert axial.shape[0] == axial.shape[1]
+    assert abs(coronal.shape[0] / coronal.shape[1] - 155 / 240) < 0.01 and abs(sagittal.shape[0] / sagittal.shape[1] - 155 / 240) < 0.01
+    assert all(red_pixels(v) > 200 for v in (axial, coronal, sagittal))  # the cursor starts in the lesion: all three show it
+    shoot(page, "Slices with lesion", "app_viewer.png")
+
+
+@pytest.mark.browser
+def test_display_controls_change_the_picture_without_asking_the_api(volume_page, e2e_api):
+    page = volume_page
+    before = api_requests(e2e_api)
+    src, fill = view(page, "Axial ·").get_attribute("src"), pixels(page, "Axial ·")
+    page.locator('[data-testid="stRadio"]').filter(has_text="Overlay").get_by_text("Contour", exact=True).click()
+    src = changed(page, "Axial · slice", src)
+    contour = pixels(page, "Axial ·")
+    assert 0 < red_pixels(contour) < red_pixels(fill) / 2, (red_pixels(contour), red_pixels(fill))  # the outline only
+    zoom = page.locator('[data-testid="stSlider"]').filter(has_text="Zoom").get_by_role("slider")
+    zoom.focus()
+    for _ in range(4):  # 1x -> 2x
+        page.keyboard.press("ArrowRight")
+    page.get_by_text("2.00x").first.wait_for()
+    src = changed(page, "Axial · slice", src)
+    page.wait_for_timeout(1000)  # the last of the four reruns drawn
+    zoomed = pixels(page, "Axial ·")
+    assert red_pixels(zoomed) > 1.5 * red_pixels(contour)  # the same outline, twice as large around the cursor (in the lesion)
+    opacity = page.locator('[data-testid="stSlider"]').filter(has_text="Opacity").get_by_role("slider")
+    opacity.focus()
+    page.keyboard.press("ArrowRight")
+    page.get_by_text("0.45").first.wait_for()
+    axial = page.locator('[data-testid="stSlider"]').filter(has_text="Axial slice").get_by_role("slider")
+    axial.focus()
+    page.wait_for_timeout(1000)  # the opacity change drawn
+    src = view(page, "Axial · slice").get_attribute("src")
+    t0 = __import__("time").perf_counter()
+    page.keyboard.press("ArrowLeft")
+    changed(page, "Axial · slice", src)
+    print(f"axial slice change drawn in {__import__('time').perf_counter() - t0:.2f} s")
+    page.wait_for_timeout(1500)
+    assert api_requests(e2e_api) == before, "a display-only control called the API"
+
+
+@pytest.mark.browser
+def test_reference_mask_dice(volume_page, e2e_api, tmp_path):
+    import nibabel as nib
+
+    page = volume_page
+    rid = re.search(r"result ([0-9a-f]{32})", page.inner_text("body")).group(1)
+    pred_img = nib.Nifti1Image.from_bytes(gzip.decompress(httpx.get(f"{e2e_api}/v1/results/{rid}/mask.nii.gz", timeout=120).content))
+    pred = np.asarray(pred_img.dataobj) > 0
+    ref = np.roll(pred, 6, axis=0)  # a reader's mask 6 voxels to one side, without the lesion's lower slices
+    ref[:, :, : int(np.median(np.nonzero(pred)[2])) - 5] = False
+    dice = 2 * (pred & ref).sum() / (pred.sum() + ref.sum())
+    difference = int(pred.sum()) - int(ref.sum())  # 1 mm voxels
+    nib.save(nib.Nifti1Image(ref.astype(np.uint8), pred_img.affine), tmp_path / "reference.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((10, 10, 10), np.uint8), np.eye(4)), tmp_path / "small.nii.gz")
+    before = api_requests(e2e_api)
+    uploader = page.locator('[data-testid="stFileUploader"]').filter(has_text="Reference mask").locator("input[type=file]")
+    uploader.set_input_files(str(tmp_path / "small.nii.gz"))
+    page.get_by_text("small.nii.gz: its grid is 10 × 10 × 10 voxels, the input's 240 × 240 × 155").first.wait_for()
+    uploader.set_input_files(str(tmp_path / "reference.nii.gz"))
+    metric = page.locator('[data-testid="stMetric"]').filter(has_text="Dice with the reference").locator('[data-testid="stMetricValue"]')
+    metric.wait_for()
+    assert metric.inner_text() == f"{dice:.3f}"
+    value = page.locator('[data-testid="stMetric"]').filter(has_text="Predicted − reference").locator('[data-testid="stMetricValue"]')
+    assert value.inner_text() == f"{difference:+,} mm³"
+    src = view(page, "Axial ·").get_attribute("src")
+    page.locator('[data-testid="stRadio"]').filter(has_text="Overlay").get_by_text("Difference", exact=True).click()
+    changed(page, "Axial · slice", src)
+    page.get_by_text("reference only (false negative)").first.wait_for()
+    img = pixels(page, "Axial ·")
+    blue = int(((img[..., 2] > 150) & (img[..., 0] < 120)).sum())
+    assert blue > 0 and red_pixels(img) > 0  # false negatives and false positives both drawn
+    page.wait_for_timeout(1000)
+    assert api_requests(e2e_api) == before, "the reference mask was sent to the API"
+    shoot(page, "Reference mask (optional)", "app_reference.png")
+
+
+@pytest.mark.browser
+def test_two_models_side_by_side(volume_page, e2e_api):
+    page = volume_page
+    page.get_by_text("Compare with a second model").first.click()
+    metric = page.locator('[data-testid="stMetric"]').filter(has_text="Dice between the two models").locator('[data-testid="stMetricValue"]')
+    metric.wait_for()
+    page.wait_for_function("""() => Array.from(document.querySelectorAll('[data-testid="stImage"] img')).filter(i => i.naturalWidth > 0).length >= 6""")
+    text = page.inner_text("body")
+    ids = list(dict.fromkeys(re.findall(r"result ([0-9a-f]{32})", text)))
+    assert len(ids) == 2 and "Attention U-Net · version" in text and "Nested U-Net · version" in text
+
+    def mask(rid):
+        v = load_npz(httpx.get(f"{e2e_api}/v1/results/{rid}/viewer.npz", timeout=120).content)
+        return np.unpackbits(v["mask_bits"], axis=-1, count=v["display"].shape[2]).astype(bool)
+
+    a, b = mask(ids[0]), mask(ids[1])
+    assert metric.inner_text() == f"{2 * (a & b).sum() / (a.sum() + b.sum()):.3f}"
+    src = view(page, "Axial ·").get_attribute("src")
+    page.locator('[data-testid="stRadio"]').filter(has_text="Overlay").get_by_text("Contour", exact=True).click()
+    changed(page, "Axial · slice", src)
+    shoot(page, "Dice between the two models", "app_two_models.png")
