@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from test_browser import browser, e2e_api, streamlit_url  # noqa: F401  (fixture
 
 from brainseg import compare as cmp
 
-sitk = pytest.importorskip("SimpleITK", reason="registration needs SimpleITK (pip install SimpleITK)")
+needs_sitk = pytest.mark.skipif(importlib.util.find_spec("SimpleITK") is None, reason="registration needs SimpleITK (pip install SimpleITK)")
 
 CASE = SHARED_DATA / "brats-format" / "TCGA-DU-7294"
 
@@ -39,7 +40,9 @@ def brats_case() -> Path:
     return CASE
 
 
-def euler(angle_deg: float, shift_mm, centre) -> sitk.Euler3DTransform:
+def euler(angle_deg: float, shift_mm, centre):
+    import SimpleITK as sitk
+
     t = sitk.Euler3DTransform()
     t.SetCenter(tuple(float(c) for c in centre))
     t.SetRotation(0.0, 0.0, float(np.radians(angle_deg)))
@@ -54,15 +57,19 @@ def mean_displacement_mm(a: np.ndarray, b: np.ndarray, points: np.ndarray) -> fl
 
 
 def angle_between_deg(a: np.ndarray, b: np.ndarray) -> float:
-    r = a[:3, :3].T @ b[:3, :3]
-    return float(np.degrees(np.arccos(np.clip((np.trace(r) - 1) / 2, -1, 1))))
+    """The angle of the rotation taking one transform's rotation to the other's (from its rotation vector: exact near 0)."""
+    from scipy.spatial.transform import Rotation
+
+    return float(np.degrees(Rotation.from_matrix(a[:3, :3].T @ b[:3, :3]).magnitude()))
 
 
 # ---------------------------------------------------------------- registration
 
 
+@needs_sitk
 def test_registration_recovers_a_known_rigid_transform():
     import nibabel as nib
+    import SimpleITK as sitk
 
     img = nib.load(str(brats_case() / "TCGA-DU-7294-t2f.nii.gz"))
     flair = np.asarray(img.dataobj, np.float32)[::2, ::2, ::2]  # 2 mm: the grid registration works on anyway
@@ -215,6 +222,7 @@ def test_make_followup_is_what_its_json_says(followup_case):
     assert ratio == pytest.approx(1.5**3, rel=0.05)  # the label scaled 1.5x in each direction
 
 
+@needs_sitk
 def test_cli_compare_on_a_synthetic_followup(followup_case, tmp_path, capsys):
     from brainseg.cli import main
 
@@ -300,6 +308,7 @@ def test_api_compare_contract(api_server):
     assert body["model"]["name"] == "attention_unet"
 
 
+@needs_sitk
 def test_api_compare_registers_a_moved_study(api_server):
     import httpx
     from helpers import nifti
@@ -346,6 +355,7 @@ def test_api_compare_errors(api_server):
 
 
 @pytest.mark.browser
+@needs_sitk
 def test_followup_page_in_chromium(followup_case, streamlit_url, browser):  # noqa: F811  (the fixtures imported above)
     """The page (``pages/1_Follow-up.py``) with the shipped models: both studies uploaded, Compare, the category, the
     sums, the lesion table, the picture and the disclaimer; screenshot ``artifacts/screenshots/app_compare.png``."""
@@ -380,3 +390,47 @@ def test_followup_page_in_chromium(followup_case, streamlit_url, browser):  # no
         assert "Traceback" not in text and "refused" not in text
     finally:
         page.close()
+
+
+def test_api_compare_has_the_segment_routes_key_and_rate_limit(tiny_model_dir, tmp_path):
+    """The API key and BRAINSEG_RATE_PER_MIN apply to /v1/compare as to /v1/segment (one window for both)."""
+    import httpx
+    from conftest import start_api, stop
+
+    url, proc, _ = start_api(tiny_model_dir, tmp_path / "uvicorn.log", BRAINSEG_API_KEY="k3y", BRAINSEG_RATE_PER_MIN="2")
+    try:
+        files = [("baseline", ("b.nii.gz", b"x")), ("followup", ("f.nii.gz", b"x"))]
+        assert httpx.post(url + "/v1/compare", files=files, timeout=30).status_code == 401
+        key = {"X-API-Key": "k3y"}
+        first = httpx.post(url + "/v1/compare", files=files, headers=key, timeout=30)
+        assert 400 <= first.status_code < 500 and first.status_code not in (401, 429), first.text  # counted all the same
+        assert httpx.post(url + "/v1/segment", files={"files": ("s.png", b"x")}, headers=key, timeout=30).status_code != 429
+        third = httpx.post(url + "/v1/compare", files=files, headers=key, timeout=30)
+        assert third.status_code == 429 and "Retry-After" in third.headers, third.text
+    finally:
+        stop(proc)
+
+
+def test_cli_without_simpleitk(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Without SimpleITK: two studies on one grid still compare (nothing to resample); a moved one is one line, exit 2."""
+    from helpers import nifti
+
+    from brainseg.cli import main
+
+    def missing():
+        raise cmp.RegistrationUnavailable("follow-up registration needs SimpleITK, which is not installed here")
+
+    monkeypatch.setattr(cmp, "_sitk", missing)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    moved = affine.copy()
+    moved[:3, 3] = [3.0, -4.0, 2.0]
+    for name, a in (("b", affine), ("f", affine), ("m", moved)):
+        (tmp_path / f"{name}.nii.gz").write_bytes(nifti(phantom(), a))
+    args = ["--model-dir", str(tiny_model_dir), "--out", str(tmp_path / "out")]
+    assert main(["compare", str(tmp_path / "b.nii.gz"), str(tmp_path / "f.nii.gz"), *args]) == 0
+    body = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert not body["registration"]["applied"] and not body["new_lesion_ids"] and not body["vanished_lesion_ids"]
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "b.nii.gz"), str(tmp_path / "m.nii.gz"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "SimpleITK" in err[0]

@@ -276,10 +276,14 @@ def cmd_predict(args) -> int:
 
 def cmd_compare(args) -> int:
     """Follow-up comparison (``compare.compare_paths``): both studies segmented, registered, matched; RANO-BM category."""
-    from .compare import compare_paths
+    from .compare import RegistrationUnavailable, compare_paths
 
     seg = _load_model(args)
-    compare_paths(args.baseline, args.followup, args.out, seg, _post(args, seg), register=not args.no_register, tta=args.tta)
+    try:
+        compare_paths(args.baseline, args.followup, args.out, seg, _post(args, seg), register=not args.no_register, tta=args.tta)
+    except RegistrationUnavailable as exc:
+        print(f"brainseg: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -118,11 +118,17 @@ class Registration:
         }
 
 
+class RegistrationUnavailable(RuntimeError):
+    """SimpleITK is not installed: registration (and resampling between two grids) cannot run here."""
+
+
 def _sitk():
     try:
         import SimpleITK as sitk
     except ImportError:
-        raise RuntimeError("follow-up registration needs SimpleITK: pip install SimpleITK (or compare with --no-register)") from None
+        raise RegistrationUnavailable(
+            "follow-up registration needs SimpleITK, which is not installed here (pip install SimpleITK); studies on one grid (atlas space) compare without it"
+        ) from None
     return sitk
 
 

@@ -28,6 +28,7 @@ from .settings import Settings
 log = logging.getLogger("brainseg.serving")
 
 MULTIPART_SLACK = 1 << 20  # boundaries and form fields around the files
+MODEL_PATHS = frozenset({"/v1/segment", "/v1/compare"})  # POSTs that run the models: shed and rate-limited
 
 
 class ServerErrors:
@@ -264,7 +265,7 @@ class ApiKey:
 
 
 class Shed:
-    """ASGI middleware: at most ``capacity`` segment requests in the server at once (running,
+    """ASGI middleware: at most ``capacity`` segment / compare requests (``MODEL_PATHS``) in the server at once (running,
     waiting for a worker, or still sending their body); the next gets 503 with Retry-After at
     once, before its body is read. One event loop: a plain counter is enough."""
 
@@ -275,7 +276,7 @@ class Shed:
         self.active = 0
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/v1/segment":
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in MODEL_PATHS:
             return await self.app(scope, receive, send)
         if self.active >= self.capacity:
             log.warning("shed a segment request: %d in progress", self.active)
@@ -290,7 +291,7 @@ class Shed:
 
 
 class RateLimit:
-    """ASGI middleware: at most ``per_min`` segment requests per client in any 60 s (a sliding
+    """ASGI middleware: at most ``per_min`` segment / compare requests (``MODEL_PATHS``) per client in any 60 s (a sliding
     window); the client is its API key (hash) when keys are set, else its IP address."""
 
     WINDOW_S = 60.0
@@ -301,7 +302,7 @@ class RateLimit:
         self.seen: dict[str, list[float]] = {}
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not self.per_min or scope["method"] != "POST" or scope["path"] != "/v1/segment":
+        if scope["type"] != "http" or not self.per_min or scope["method"] != "POST" or scope["path"] not in MODEL_PATHS:
             return await self.app(scope, receive, send)
         who = scope.get("state", {}).get("owner") or (scope.get("client") or ("?",))[0]
         now = time.monotonic()

@@ -17,7 +17,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from pydantic import BaseModel, Field
 
-from ...compare import DISCLAIMER, RegistrationError, compare_studies
+from ...compare import DISCLAIMER, RegistrationError, RegistrationUnavailable, compare_studies
 from ...registry import ENSEMBLE
 from ..answers import model_block
 from ..cancel import Cancelled
@@ -149,6 +149,8 @@ class CompareJob:
             cmp = compare_studies(bv, br.mask, fv, fr.mask, self.register, br.prob, fr.prob)
         except RegistrationError as exc:
             raise UploadError(422, str(exc)) from None
+        except RegistrationUnavailable as exc:  # the server lacks SimpleITK: not the client's fault, nor a fault of the code
+            raise UploadError(503, str(exc)) from None
         body = cmp.to_dict()
         body["baseline"].update(files=bfiles, input=bin_)
         body["followup"].update(files=ffiles, input=fin)
