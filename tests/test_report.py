@@ -187,9 +187,11 @@ def test_no_lesion_still_gives_an_sr_with_the_summary_group(study):
     assert lesion_groups(sr) == {} and len(sr.content.get_image_measurement_groups()) == 1
 
 
-def test_an_sr_needs_a_seg():
+def test_an_sr_and_a_secondary_capture_need_a_seg():
     with pytest.raises(report.ReportError, match="SEG"):
-        report.source_series_uid(pydicom.Dataset())
+        report.sr_bytes(pydicom.Dataset(), [], None, MODEL, VERSION)
+    with pytest.raises(report.ReportError, match="secondary capture could not be written from this result's DICOM SEG"):
+        report.secondary_capture_series(pydicom.Dataset(), np.zeros((1, 8, 8, 3), np.uint8), np.zeros((1, 8, 8), bool), MODEL, VERSION)
 
 
 # ---------------------------------------------------------------- the secondary capture

@@ -3,24 +3,24 @@
 **DICOM SR** (``sr_bytes``): a Comprehensive 3D SR holding a TID 1500 Measurement Report (highdicom), made from the
 DICOM SEG that brainseg wrote for the same result. The SEG is the SR's evidence, so the SR belongs to the same
 patient and study (the SEG's headers were made fit by ``dicom.seg_headers``: anonymised exports whose Type 2
-attributes are missing work), and each lesion is one TID 1411 volumetric group whose ``ReferencedSegment`` points to
-segment 1 of that SEG and to the source series (its SeriesInstanceUID, read from the SEG). The SEG has one segment
-for all lesions and DICOM allows a reference to name segments or frames, not both (dcmtk warns), so a group names
-its lesion by the tracking identifier "lesion <id>" of the lesion table, not by frames. Measurements: volume (SCT 118565006, mm3), longest axial diameter (SCT 103339001 "Long axis", mm) and
-the longest diameter perpendicular to it (SCT 131189007 "Perpendicular Axis", mm), method RANO; RANO-BM
-measurability and target status are qualitative evaluations (Yes / No) under codes of brainseg's own scheme
-``99BRAINSEG`` (DICOM has none for them), as is the sum of the target lesions' longest diameters, in a TID 1501
-group of its own. The template has no free text, so the intended use ("decision support, not a diagnosis") is a
-coded evaluation of that group and the SR's series description says it too.
+attributes are missing work). Each lesion (the ``MAX_SR_LESIONS`` largest) is one TID 1411 volumetric group,
+tracked as "lesion <id>" of the lesion table, whose ``ReferencedSegment`` points to segment 1 of that SEG and to the
+source series (its SeriesInstanceUID, read from the SEG). The SEG has one segment for all lesions, and DICOM lets a
+reference name segments or frames, not both (dcmtk warns), so the group does not name frames. Measurements: volume
+(SCT 118565006, mm3), longest axial diameter (SCT 103339001 "Long axis", mm) and the longest diameter perpendicular
+to it (SCT 131189007 "Perpendicular Axis", mm), method RANO; RANO-BM measurability and target status are
+qualitative evaluations (Yes / No) under codes of brainseg's own scheme ``99BRAINSEG`` (DICOM has none for them).
+A TID 1501 group of its own holds the number of lesions found, the sum of the target lesions' longest diameters
+and the intended use: the template has no free text, so "decision support, not a diagnosis" is a coded
+evaluation there, and the SR's series description says it too.
 
 **Secondary capture** (``secondary_capture_series``): one RGB image per slice with lesion (the middle slice when
 there is none), the lesion tinted and outlined as brainseg's PNGs show it and a short disclaimer burned in, in the
 displayed orientation; same patient and study as the SEG, a new series. For viewers that cannot show a SEG.
 
 **HTML** (``html_report``): one self-contained page (no scripts, images inline) that prints on one A4 page: key
-images, the lesion table, the RANO-BM sum, model, version, precision, warnings, the input and the date.
-``pdf_report`` writes the same content as a one-page PDF (matplotlib). Slices and NIfTI volumes get these only:
-an SR and a secondary capture need the source series (``ReportError`` otherwise).
+images, the lesion table, the RANO-BM sum, model, version, precision, warnings, the input and the date. It names no
+patient. Slices and NIfTI volumes get the page only: an SR and a secondary capture take the study from the SEG.
 """
 
 from __future__ import annotations
@@ -175,15 +175,15 @@ def sr_bytes(
     series_uid = source_series_uid(seg)
     algorithm = _algorithm(model_name, model_version)
     targets = set((rano or {}).get("target_lesion_ids") or [])
-    groups = [_lesion_group(r, seg, series_uid, targets, algorithm) for r in lesions[:MAX_SR_LESIONS]]
     count = len(lesions) if lesion_count is None else int(lesion_count)
-    report = hd.sr.MeasurementReport(
-        observation_context=_observer(model_name, model_version),
-        procedure_reported=codes.LN.BrainMRI,
-        imaging_measurements=[*groups, _summary_group(rano, count, algorithm)],
-    )
     number = int(seg.get("SeriesNumber") or 1000)
     try:
+        groups = [_lesion_group(r, seg, series_uid, targets, algorithm) for r in lesions[:MAX_SR_LESIONS]]
+        report = hd.sr.MeasurementReport(
+            observation_context=_observer(model_name, model_version),
+            procedure_reported=codes.LN.BrainMRI,
+            imaging_measurements=[*groups, _summary_group(rano, count, algorithm)],
+        )
         sr = hd.sr.Comprehensive3DSR(
             evidence=[seg],
             content=report,
@@ -211,9 +211,8 @@ def _burn_label(rgb: np.ndarray, text: str) -> np.ndarray:
     import cv2
 
     h, w = rgb.shape[:2]
-    scale = 1.0
-    (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_PLAIN, scale, 1)
-    scale = min(1.0, 0.95 * w / max(tw, 1))
+    (width, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_PLAIN, 1.0, 1)
+    scale = min(1.0, 0.95 * w / max(width, 1))
     cv2.putText(rgb, text, (2, h - 4), cv2.FONT_HERSHEY_PLAIN, scale, (255, 255, 0), 1, cv2.LINE_AA)
     return rgb
 
@@ -225,48 +224,62 @@ def _orientation_codes(orientation: dict | None) -> tuple[str, str] | None:
     return (orientation["right"], orientation["bottom"])
 
 
-def secondary_capture_series(seg, display, mask, model_name: str, model_version: str, orientation: dict | None = None, alpha: float = 0.4) -> list[bytes]:
-    """One Secondary Capture image (RGB) per slice with lesion (the middle slice when there is none), each with the
-    lesion burned in, in the same patient and study as ``seg`` (bytes or Dataset), a new series.
-
-    ``display`` (Z, H, W, 3) uint8 and ``mask`` (Z, H, W) bool are display-oriented (indexable slice by slice, as a
-    stored result's are); ``orientation``: the answer's ``input.orientation`` (top / bottom / left / right)."""
+def _sc_file(seg, rgb: np.ndarray, series: tuple[str, int], instance: int, orientation: dict | None, comment: str) -> bytes:
+    """One Secondary Capture image of ``rgb`` in ``seg``'s patient and study, in ``series`` (uid, number), as file bytes."""
     import highdicom as hd
 
-    from .serving.render import render
-
-    seg = _dataset(seg)
-    z_all = range(len(mask))
-    slices = [z for z in z_all if np.asarray(mask[z]).any()] or [len(mask) // 2]
-    series_uid, number = hd.UID(), int(seg.get("SeriesNumber") or 1000)
-    out = []
-    for i, z in enumerate(slices, 1):
-        rgb = _burn_label(render(np.asarray(display[z]), np.asarray(mask[z]), "overlay", 1, alpha), "brainseg: decision support, not a diagnosis")
+    try:
         image = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=seg,
             pixel_array=np.ascontiguousarray(rgb),
             photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
             bits_allocated=8,
             coordinate_system=hd.CoordinateSystemNames.PATIENT,
-            series_instance_uid=series_uid,
-            series_number=number + 2 if number < 2**31 - 3 else 1002,
+            series_instance_uid=series[0],
+            series_number=series[1],
             sop_instance_uid=hd.UID(),
-            instance_number=i,
+            instance_number=instance,
             manufacturer="brainseg",
             patient_orientation=_orientation_codes(orientation),
             transfer_syntax_uid="1.2.840.10008.1.2.1",
         )
         image.SeriesDescription = "brainseg lesion overlay; not a diagnosis"
-        image.ImageComments = f"slice {z} of {len(mask)} (display order); brainseg {model_name} {model_version}; {DISCLAIMER}"[:10240]
+        image.ImageComments = comment[:10240]
         image.BurnedInAnnotation = "NO"  # the burned-in text names no one
         buf = io.BytesIO()
         image.save_as(buf)
-        out.append(buf.getvalue())
+    except MemoryError:
+        raise
+    except Exception:  # highdicom's messages may quote header values: not passed on
+        raise ReportError("the secondary capture could not be written from this result's DICOM SEG") from None
+    return buf.getvalue()
+
+
+def secondary_capture_series(seg, display, mask, model_name: str, model_version: str, orientation: dict | None = None, alpha: float = 0.4) -> list[bytes]:
+    """One Secondary Capture image (RGB) per slice with lesion (the middle slice when there is none), each with the
+    lesion burned in, in the same patient and study as ``seg`` (bytes or Dataset), a new series.
+
+    ``display`` (Z, H, W, 3) uint8 and ``mask`` (Z, H, W) bool are display-oriented (indexable slice by slice, as a
+    stored result's are); ``orientation``: the answer's ``input.orientation`` (top / bottom / left / right).
+    Raises ``ReportError`` (a plain sentence) when the images cannot be written."""
+    import highdicom as hd
+
+    from .serving.render import render
+
+    seg = _dataset(seg)
+    slices = [z for z in range(len(mask)) if np.asarray(mask[z]).any()] or [len(mask) // 2]
+    number = int(seg.get("SeriesNumber") or 1000)
+    series = (hd.UID(), number + 2 if number < 2**31 - 3 else 1002)
+    out = []
+    for i, z in enumerate(slices, 1):
+        rgb = _burn_label(render(np.asarray(display[z]), np.asarray(mask[z]), "overlay", 1, alpha), "brainseg: decision support, not a diagnosis")
+        comment = f"slice {z} of {len(mask)} (display order); brainseg {model_name} {model_version}; {DISCLAIMER}"
+        out.append(_sc_file(seg, rgb, series, i, orientation, comment))
     return out
 
 
 def zip_files(files: list[bytes], prefix: str = "SC") -> bytes:
-    """DICOM files as one .zip (``SC0001.dcm``, ...), stored as they are (the pixels are already small)."""
+    """DICOM files as one .zip (``SC0001.dcm``, ...), deflated at level 1 (fast; the grey background packs well)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         for i, data in enumerate(files, 1):
