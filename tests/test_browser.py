@@ -1,7 +1,7 @@
 """End to end in a real browser: uvicorn API + ``streamlit run`` + headless Chromium (Playwright).
 
 Uploads a real lesion-positive LGG slice through the page's file input, waits for the three
-images and the lesion table, saves ``artifacts/screenshots/app_slice.png``; then the BraTS
+images (original, overlay, probability) and the lesion table, saves ``artifacts/screenshots/app_slice.png``; then the BraTS
 example volume (``app_volume.png``). Needs /usr/bin/chromium (Debian package ``chromium``);
 Playwright's own browser download is not used.
 """
@@ -128,7 +128,7 @@ def test_landing_page_and_synthetic_example(browser, streamlit_url):
     try:
         page.get_by_role("button", name="Try the synthetic example").wait_for()
         page.locator('[data-testid="stFileUploaderDropzone"]').first.wait_for()
-        page.get_by_text("Overlay opacity").first.wait_for()
+        page.get_by_text("How to use").first.wait_for()
         page.wait_for_timeout(300)
         SHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SHOTS / "app_start.png"))
@@ -148,14 +148,14 @@ def test_upload_real_slice(browser, streamlit_url, shared_data):
     page = open_page(browser, streamlit_url)
     try:
         table = page.locator('[data-testid="stDataFrame"]').first
-        text = upload(page, str(path), (f"Result · {path.name}", "Overlay (lesion in red"), 3, table, "app_slice.png")
+        text = upload(page, str(path), (f"Result · {path.name}", "Fill (lesion in red"), 3, table, "app_slice.png")
         for words in (
             "Research software",
             "not for diagnosis",
             "Attention U-Net",
             "Lesions",
             "Original (FLAIR)",
-            "Predicted mask",
+            "Probability (inferno, fixed scale 0 → 1)",
             "Mask PNG",
             "Overlay PNG",
             "Per-patient Dice",
@@ -172,7 +172,7 @@ def test_upload_brats_volume(browser, streamlit_url, shared_data):
     try:
         download = page.get_by_text("NIfTI mask (.nii.gz)").first
         text = upload(page, files, ("Result · BraTS-MET-00110-000", "Axial slice (0–154)"), 3, download, "app_volume.png")
-        for words in ("Lesion volume", "mm³", "Original (FLAIR) · slice", "NIfTI mask"):
+        for words in ("Lesion volume", "mm³", "Axial · slice", "Coronal · row", "Sagittal · column", "NIfTI mask"):
             assert words in text, f"{words!r} missing from the page"
         assert "Traceback" not in text
     finally:
@@ -190,8 +190,8 @@ def test_upload_zipped_dicom_study(browser, streamlit_url, shared_data, tmp_path
     page = open_page(browser, streamlit_url)
     try:
         download = page.get_by_text("DICOM SEG (.dcm)").first
-        text = upload(page, str(zipped), ("Result · study (DICOM: 3 series)", "Axial slice (0–39)"), 4, download, "app_dicom.png")
-        for words in ("Probability (black 0", "Window / level of the displayed sequence", "NIfTI mask", "DICOM SEG", "Lesion volume"):
+        text = upload(page, str(zipped), ("Result · study (DICOM: 3 series)", "Axial slice (0–39)"), 3, download, "app_dicom.png")
+        for words in ("Axial · slice", "Window / level of the displayed sequence", "NIfTI mask", "DICOM SEG", "Lesion volume"):
             assert words in text, f"{words!r} missing from the page"
         assert "Traceback" not in text and "Zzyzx" not in text
     finally:
