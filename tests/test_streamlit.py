@@ -321,3 +321,29 @@ def test_two_models_side_by_side(monkeypatch, api_server):
     ma, mb = mask(a), mask(b)
     dice = 2 * (ma & mb).sum() / (ma.sum() + mb.sum()) if ma.sum() + mb.sum() else 1.0
     assert {m.label: m.value for m in at.metric}["Dice between the two models"] == f"{dice:.3f}"
+
+
+def test_reference_mask_of_a_slice(monkeypatch, api_server):
+    """A reference PNG of the slice's size: Dice and the area difference as computed here from the result's
+    mask; one of another size is a one-line error naming the file. Nothing of it goes to the API."""
+    import io
+
+    import cv2
+    import httpx
+
+    at = run_app(monkeypatch, api_server)
+    at.button(key="synthetic").click().run()
+    res = at.session_state["result"]
+    with np.load(io.BytesIO(httpx.get(api_server + res["urls"]["viewer"], timeout=60).content)) as z:
+        pred = np.unpackbits(z["mask_bits"], axis=-1, count=z["display"].shape[2]).astype(bool)[0]
+    ref = np.roll(pred, 5, axis=1)
+    ref[: ref.shape[0] // 2] = False
+    dice = 2 * (pred & ref).sum() / (pred.sum() + ref.sum())
+    uploader = at.file_uploader(key=f"reference_{res['id']}")
+    uploader.upload("small.png", cv2.imencode(".png", np.zeros((10, 12), np.uint8))[1].tobytes(), "image/png").run()
+    assert any("small.png: 10 × 12 pixels, the result has 256 × 256" in e for e in texts(at.error)), texts(at.error)
+    at.file_uploader(key=f"reference_{res['id']}").set_value(("ref.png", cv2.imencode(".png", ref.astype(np.uint8) * 255)[1].tobytes(), "image/png")).run()
+    no_page_crash(at)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Dice with the reference"] == f"{dice:.3f}"
+    assert metrics["Predicted − reference"] == f"{int(pred.sum()) - int(ref.sum()):+,} px"

@@ -144,6 +144,9 @@ def volume_page(browser, streamlit_url, shared_data):  # noqa: F811
     page.get_by_text("Connected").first.wait_for()
     assert how_to(page).get_attribute("open") is not None  # How to use, open at first
     page.set_input_files("input[type=file]", [str(shared_data / BRATS.format(s)) for s in ("t1n", "t2f", "t1c")])
+    progress = page.locator('[data-testid="stProgress"]').first  # while the volume is segmented: slices from the header, time left
+    progress.wait_for()
+    assert re.search(r"Segmenting 155 slices · \d+ s · (about \d+ s left|taking longer than estimated)", progress.inner_text()), progress.inner_text()
     for caption in ("Axial ·", "Coronal ·", "Sagittal ·"):
         view(page, caption).wait_for()
     page.wait_for_function("""() => Array.from(document.querySelectorAll('[data-testid="stImage"] img')).filter(i => i.naturalWidth > 0).length >= 3""")
