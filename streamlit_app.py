@@ -599,7 +599,7 @@ class ReferenceMismatch(ValueError):
     """A reference mask that does not fit the result (wrong file, shape or grid): one line for the user."""
 
 
-@st.cache_resource(max_entries=6, ttl=3600, show_spinner="Loading the result for the viewer…")
+@st.cache_resource(max_entries=4, ttl=3600, show_spinner="Loading the result for the viewer…")
 def viewer_data(base: str, rid: str) -> dict:
     """The result's arrays from ``/v1/results/{rid}/viewer.npz``, downloaded once per result and shared by every
     rerun (not copied: the arrays are read-only): every view, zoom and overlay is drawn from them here."""
@@ -856,15 +856,9 @@ def viewer(base: str, results: list[dict]) -> None:
     if ctl["mode"] == "Difference" and ref is None:
         st.info("Upload a reference mask above to see the difference map (true positives, false positives, false negatives).")
     if len(results) > 1:
-        s = overlap_stats(data[0]["mask"], data[1]["mask"], None)
-        st.metric("Dice between the two models", f"{s['dice']:.3f}", help=f"voxels found by the first only: {s['fp']:,}, by the second only: {s['fn']:,}")
-    for r, d in zip(results, data):
-        if len(results) > 1:
-            st.markdown(
-                f"**{r['model']['display_name']}** · version `{r['model']['version']}` · threshold {fmt_threshold(r['threshold'])} · "
-                f"{r['lesion_count']} lesion(s) · result `{r['id']}`"
-            )
-        (draw_volume if volume else draw_slice)(r, d, ref, ctl, cursor, lut)
+        draw_comparison(results, data, ref, ctl, cursor, lut)
+    else:
+        (draw_volume if volume else draw_slice)(res, data[0], ref, ctl, cursor, lut)
     if ctl["mode"] == "Probability":
         st.image(colour_bar(float(res["threshold"])), caption="Lesion probability, fixed scale 0 → 1 (inferno)", width=VIEW_PX + 24)
     if ctl["mode"] == "Difference" and ref is not None:
@@ -872,10 +866,32 @@ def viewer(base: str, results: list[dict]) -> None:
     slice_downloads(res, data[0], cursor[0], ctl)
 
 
-def difference_legend() -> str:
+def difference_legend(labels=("both (true positive)", "predicted only (false positive)", "reference only (false negative)")) -> str:
     swatch = "<span style='display:inline-block;width:0.9em;height:0.9em;background:rgb{};margin:0 0.3em 0 1em'></span>"
-    items = (("both (true positive)", TP_COLOUR), ("predicted only (false positive)", FP_COLOUR), ("reference only (false negative)", FN_COLOUR))
-    return "<div>" + "".join(swatch.format(c) + label for label, c in items) + "</div>"
+    return "<div>" + "".join(swatch.format(c) + label for label, c in zip(labels, (TP_COLOUR, FP_COLOUR, FN_COLOUR))) + "</div>"
+
+
+def draw_comparison(results: list[dict], data: list[dict], ref, ctl: dict, cursor: tuple[int, int, int], lut) -> None:
+    """Two models side by side in one plane through the shared cursor, and where they agree: the Dice between
+    them and a map of the voxels both found, only the first found, only the second found."""
+    volume = results[0]["kind"] == "volume"
+    c1, c2 = st.columns([1, 3], vertical_alignment="bottom")
+    s = overlap_stats(data[0]["mask"], data[1]["mask"], None)
+    c1.metric("Dice between the two models", f"{s['dice']:.3f}", help=f"voxels found by the first only: {s['fp']:,}, by the second only: {s['fn']:,}")
+    plane = c2.radio("Plane", PLANES, horizontal=True, key="compare_plane") if volume else "Axial"
+    n = data[0]["mask"].shape[0]
+    centre, sp = cursor_rc(plane, cursor, n), spacing_rc(data[0]["spacing"], plane)
+    where = {"Axial": f"slice {cursor[0]}", "Coronal": f"row {cursor[1]}", "Sagittal": f"column {cursor[2]}"}[plane] if volume else "slice"
+    cols = st.columns(3)
+    for col, r, d in zip(cols, results, data):
+        img = render_view(layers_of(d, ref, plane, cursor, ctl["channel"], lut), ctl["mode"], ctl["alpha"], sp, centre, ctl["zoom"], ctl["crosshair"])
+        col.image(img, caption=f"{r['model']['display_name']} · {plane} · {where} · {ctl['mode'].lower()}", width="stretch")
+        col.caption(f"version `{r['model']['version']}` · threshold {fmt_threshold(r['threshold'])} · {r['lesion_count']} lesion(s) · result `{r['id']}`")
+    agree = layers_of(data[0], data[1]["mask"], plane, cursor, ctl["channel"], lut)
+    img = render_view(agree, "Difference", ctl["alpha"], sp, centre, ctl["zoom"], ctl["crosshair"])
+    cols[2].image(img, caption=f"Agreement · {plane} · {where}", width="stretch")
+    names = [r["model"]["display_name"] for r in results]
+    cols[2].html(difference_legend(("both", f"{names[0]} only", f"{names[1]} only")))
 
 
 def display_controls(res: dict) -> dict:

@@ -312,7 +312,8 @@ def test_two_models_side_by_side(monkeypatch, api_server):
     no_page_crash(at)
     a, b = at.session_state["result"], at.session_state["result_b"]
     assert a["model"]["name"] == "attention_unet" and b["model"]["name"] == "unetpp" and a["id"] != b["id"]
-    assert len(at.get("image")) >= 6  # original, overlay, probability of each
+    captions = [c for img in at.get("image") for c in img.captions]
+    assert [c.split(" · ")[0] for c in captions] == ["Attention U-Net", "Nested U-Net", "Agreement"], captions
 
     def mask(res):
         with np.load(__import__("io").BytesIO(httpx.get(api_server + res["urls"]["viewer"], timeout=60).content)) as z:

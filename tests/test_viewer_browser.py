@@ -128,7 +128,7 @@ def shoot(page, anchor: str, name: str) -> None:
     """A viewport screenshot with ``anchor`` (text) scrolled to the top, saved as docs/``name``."""
     page.get_by_text(anchor).first.evaluate(
         """e => { e.scrollIntoView({block: 'start'}); let p = e.parentElement;
-                  while (p && p.scrollHeight <= p.clientHeight) p = p.parentElement;
+                  while (p && !(/(auto|scroll)/.test(getComputedStyle(p).overflowY) && p.scrollHeight > p.clientHeight)) p = p.parentElement;
                   if (p) p.scrollTop -= 70; }"""
     )
     page.wait_for_timeout(400)
@@ -251,10 +251,13 @@ def test_two_models_side_by_side(volume_page, e2e_api):
     page.get_by_text("Compare with a second model").first.click()
     metric = page.locator('[data-testid="stMetric"]').filter(has_text="Dice between the two models").locator('[data-testid="stMetricValue"]')
     metric.wait_for()
-    page.wait_for_function("""() => Array.from(document.querySelectorAll('[data-testid="stImage"] img')).filter(i => i.naturalWidth > 0).length >= 6""")
+    for caption in ("Attention U-Net · Axial", "Nested U-Net · Axial", "Agreement · Axial"):
+        view(page, caption).wait_for()
     text = page.inner_text("body")
     ids = list(dict.fromkeys(re.findall(r"result ([0-9a-f]{32})", text)))
-    assert len(ids) == 2 and "Attention U-Net · version" in text and "Nested U-Net · version" in text
+    assert len(ids) == 2, ids
+    agreement = pixels(page, "Agreement ·")
+    assert ((agreement[..., 0] > 200) & (agreement[..., 1] > 160) & (agreement[..., 2] < 120)).sum() > 100  # voxels both found (yellow)
 
     def mask(rid):
         v = load_npz(httpx.get(f"{e2e_api}/v1/results/{rid}/viewer.npz", timeout=120).content)
@@ -262,7 +265,7 @@ def test_two_models_side_by_side(volume_page, e2e_api):
 
     a, b = mask(ids[0]), mask(ids[1])
     assert metric.inner_text() == f"{2 * (a & b).sum() / (a.sum() + b.sum()):.3f}"
-    src = view(page, "Axial ·").get_attribute("src")
+    src = view(page, "Attention U-Net · Axial").get_attribute("src")
     page.locator('[data-testid="stRadio"]').filter(has_text="Overlay").get_by_text("Contour", exact=True).click()
-    changed(page, "Axial · slice", src)
+    changed(page, "Attention U-Net · Axial", src)
     shoot(page, "Dice between the two models", "app_two_models.png")
