@@ -124,15 +124,15 @@ def red_pixels(img: np.ndarray) -> int:
     return int(((img[..., 0] > 150) & (img[..., 1] < 110) & (img[..., 2] < 110)).sum())
 
 
-def shoot(page, anchor: str, name: str) -> None:
-    """A viewport screenshot with ``anchor`` (text) scrolled to the top, saved as docs/``name``."""
-    page.get_by_text(anchor).first.evaluate(
-        """e => { e.scrollIntoView({block: 'start'}); let p = e.parentElement;
-                  while (p && !(/(auto|scroll)/.test(getComputedStyle(p).overflowY) && p.scrollHeight > p.clientHeight)) p = p.parentElement;
-                  if (p) p.scrollTop -= 70; }"""
-    )
-    page.wait_for_timeout(400)
-    page.screenshot(path=str(DOCS / name))
+def shoot(page, anchor: str, name: str, height: int = 1250) -> None:
+    """docs/``name``: ``height`` px of the page from just above ``anchor`` (text), taken in a viewport tall enough
+    for the whole page (Streamlit scrolls inside the page, so a full-page screenshot stops at the viewport)."""
+    page.set_viewport_size({"width": VIEWPORT["width"], "height": 3000})
+    page.wait_for_timeout(800)
+    top = page.get_by_text(anchor).first.bounding_box()["y"] - 16
+    page.screenshot(path=str(DOCS / name), clip={"x": 0, "y": max(0, top), "width": VIEWPORT["width"], "height": height})
+    page.set_viewport_size(VIEWPORT)
+    page.wait_for_timeout(300)
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,7 @@ def test_three_views_and_layout(volume_page):
     assert axial.shape[0] == axial.shape[1]
     assert abs(coronal.shape[0] / coronal.shape[1] - 155 / 240) < 0.01 and abs(sagittal.shape[0] / sagittal.shape[1] - 155 / 240) < 0.01
     assert all(red_pixels(v) > 200 for v in (axial, coronal, sagittal))  # the cursor starts in the lesion: all three show it
-    shoot(page, "Slices with lesion", "app_viewer.png")
+    shoot(page, "Volume 240 × 240 × 155 voxels", "app_viewer.png", 1000)
 
 
 @pytest.mark.browser
@@ -242,7 +242,7 @@ def test_reference_mask_dice(volume_page, e2e_api, tmp_path):
     assert blue > 0 and red_pixels(img) > 0  # false negatives and false positives both drawn
     page.wait_for_timeout(1000)
     assert api_requests(e2e_api) == before, "the reference mask was sent to the API"
-    shoot(page, "Reference mask (optional)", "app_reference.png")
+    shoot(page, "Reference mask (optional)", "app_reference.png", 800)
 
 
 @pytest.mark.browser
@@ -268,4 +268,4 @@ def test_two_models_side_by_side(volume_page, e2e_api):
     src = view(page, "Attention U-Net · Axial").get_attribute("src")
     page.locator('[data-testid="stRadio"]').filter(has_text="Overlay").get_by_text("Contour", exact=True).click()
     changed(page, "Attention U-Net · Axial", src)
-    shoot(page, "Dice between the two models", "app_two_models.png")
+    shoot(page, "Dice between the two models", "app_two_models.png", 560)
