@@ -193,3 +193,23 @@ def test_a_server_killed_right_after_an_answer_loses_nothing(tiny_model_dir, tmp
         assert img.shape == (256, 256, 24) and int(np.asarray(img.dataobj).astype(bool).sum()) == body["lesion_voxels"]
     finally:
         stop(proc)
+
+
+# ---------------------------------------------------------------- memory
+
+
+def test_the_allocator_is_bounded_at_start_and_trimmed_after_volumes(tiny_model_dir, monkeypatch):
+    from brainseg.serving import allocator, engine
+    from brainseg.serving.routes import segment as route
+
+    arenas, trims = [], []
+    monkeypatch.setattr(engine, "limit_arenas", arenas.append)
+    monkeypatch.setattr(route, "trim", lambda: trims.append(1) or True)
+    with make_client(tiny_model_dir, malloc_arenas=3) as c:
+        assert arenas[-1] == 3  # (importing the api module makes its default app first)
+        assert segment(c, ("s.tif", slice_tiff())).status_code == 200 and trims == []  # slices: nothing to give back
+        assert segment(c, ("v.nii.gz", volume_nifti())).status_code == 200 and trims == [1]
+    if allocator._LIBC is None:
+        pytest.skip("not glibc: limit_arenas and trim do nothing here")
+    assert allocator.limit_arenas(2) is True and allocator.limit_arenas(0) is False
+    assert isinstance(allocator.trim(), bool)

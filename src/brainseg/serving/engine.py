@@ -30,6 +30,7 @@ from ..inference import Ensemble, Segmenter
 from ..predict import SliceResult, VolumeResult, segment_slice, segment_volume
 from ..registry import PrecisionUnavailable, Registry, RegistryError, file_version
 from ..volumes import Volume
+from .allocator import limit_arenas
 from .batching import BatchedBackend, MicroBatcher
 from .cancel import cancellable
 from .settings import Settings
@@ -53,6 +54,7 @@ class Engine:
         self._registry: Registry | None = None
         self._registry_mtime: float | None = None
         s = self.settings
+        limit_arenas(s.malloc_arenas)  # before the worker threads exist: see allocator.py
         self.batcher = MicroBatcher(s.batch_size, s.batch_wait_ms / 1000, max_pending=4 * s.batch_size) if s.batch_size > 1 else None
         self.wrap_backend = None  # (backend, name, precision) -> backend, applied to each model loaded (metrics.install_metrics times them)
 

@@ -74,6 +74,9 @@ BRAINSEG_ONNX_DEVICE        auto: ONNX Runtime's TensorRT / CUDA         auto
                             execution providers where it offers them (a
                             GPU and onnxruntime-gpu), else the CPU; cpu:
                             always the CPU; cuda / tensorrt: that one
+BRAINSEG_MALLOC_ARENAS      glibc malloc arenas at most (0: glibc's      2
+                            default, 8 per core): fewer keep less freed
+                            memory; see serving/allocator.py
 BRAINSEG_BATCH_SIZE         slices of concurrent requests run through    16
                             the network together, at most (1: no
                             micro-batching)
@@ -126,6 +129,7 @@ class Settings(BaseModel):
     onnx_threads: int = Field(0, ge=0)
     onnx_spinning: bool = False
     onnx_device: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
+    malloc_arenas: int = Field(2, ge=0)
     batch_size: int = Field(16, ge=1)
     batch_wait_ms: float = Field(5.0, ge=0, le=1000)
     cors_origins: list[str] = Field(default_factory=lambda: ["http://localhost:8501", "http://127.0.0.1:8501"])

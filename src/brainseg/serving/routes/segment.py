@@ -21,6 +21,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
 from ...inference import Ensemble, Segmenter
 from ...registry import ENSEMBLE, PrecisionUnavailable
+from ..allocator import trim
 from ..answers import ANSWER_IMAGES, SLICE_IMAGES, VOLUME_IMAGES, RunInfo, Timings, model_block, slice_answer, volume_answer
 from ..cancel import Cancelled
 from ..deps import Limiters, MemoryBudget, get_engine, get_limiters, get_limits, get_memory, get_owner, get_settings, get_store
@@ -101,6 +102,8 @@ class SegmentJob:
             body = slice_answer(info, data, res, store, self.inline_max_pixels, SLICE_IMAGES if self.images is None else self.images)
         else:
             body = volume_answer(info, data, res, store, VOLUME_IMAGES if self.images is None else self.images)
+            del data, res
+            trim()  # the volume's arrays are free now: give them back (allocator.py)
         body["timings_ms"].update(clock.as_ms(kind, time.perf_counter() - t2))
         return body
 
