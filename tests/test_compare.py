@@ -434,3 +434,34 @@ def test_cli_without_simpleitk(tiny_model_dir, tmp_path, monkeypatch, capsys):
     assert main(["compare", str(tmp_path / "b.nii.gz"), str(tmp_path / "m.nii.gz"), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "SimpleITK" in err[0]
+
+
+def test_lesion_ids_of_look_alike_components(tmp_path):
+    """Two components of one size and one bounding box (interleaved in 3-D, never touching) each get their own row's id."""
+    vol = _volume(tmp_path, "grid", np.ones((5, 5, 3), np.int16), np.eye(4))
+    mask = np.zeros(vol.slices.shape[:3], bool)  # (3, 5, 5)
+    mask[0, 0, :] = mask[1, 0, 0] = True  # A: a row on slice 0, up one column, a column on slice 2
+    mask[2, :, 0] = True
+    mask[0, 4, :] = mask[1, 4, 4] = True  # B: the same shape turned, 2 slices / 4 voxels away from A everywhere
+    mask[2, :, 4] = True
+    labels, rows = cmp.lesions_of(mask, vol)
+    assert len(rows) == 2 and rows[0]["voxels"] == rows[1]["voxels"] == 11 and rows[0]["bbox"] == rows[1]["bbox"]
+    assert sorted(np.unique(labels[labels > 0]).tolist()) == [1, 2]
+    for r in rows:  # each id sits on the component its row's centroid describes
+        centre = np.argwhere(labels == r["id"]).mean(axis=0)
+        assert np.allclose(centre, r["centroid"], atol=0.05)
+
+
+def test_registration_skipped_for_one_dicom_frame_of_reference(tmp_path):
+    """Two DICOM studies in one FrameOfReferenceUID (here: one study read twice, through brainseg compare's reader)."""
+    from dicom_series import write_brats_study
+
+    example = SHARED_DATA / "brats-met-example"
+    if not (example / "BraTS-MET-00110-000-t2f.nii.gz").is_file():
+        pytest.skip(f"BraTS example not found at {example.resolve()}")
+    study = write_brats_study(tmp_path, example)
+    a, b = cmp.load_study(str(study["dicom"])), cmp.load_study(str(study["dicom"]))
+    assert cmp._frame_of_reference(a) and cmp._frame_of_reference(a) == cmp._frame_of_reference(b)
+    reg = cmp.register_volumes(a, b)
+    assert not reg.applied and "FrameOfReferenceUID" in reg.reason
+    assert cmp.skip_reason(a, cmp.load_study(str(study["nifti"]["t2f"]))) != reg.reason  # a NIfTI has no frame of reference

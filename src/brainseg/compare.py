@@ -272,11 +272,16 @@ def lesions_of(mask: np.ndarray, vol: Volume, prob: np.ndarray | None = None) ->
     rows = lesion_table(mask, voxel_volume_mm3=vol.voxel_volume_mm3, metric=plane_metric(vol.display_affine), prob=prob, slice_spacing_mm=vol.spacing[2])
     labels, n = connected_components(mask)
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    by_key = {(r["voxels"], tuple(r["bbox"])): r["id"] for r in rows}
+    by_key: dict[tuple, list[dict]] = {}
+    for r in rows:
+        by_key.setdefault((r["voxels"], tuple(r["bbox"])), []).append(r)
     lut = np.zeros(n + 1, np.int32)
     for k, box in enumerate(ndimage.find_objects(labels), 1):
-        key = (int(sizes[k]), tuple(int(s.start) for s in box) + tuple(int(s.stop) for s in box))
-        lut[k] = by_key[key]
+        same = by_key[(int(sizes[k]), tuple(int(s.start) for s in box) + tuple(int(s.stop) for s in box))]
+        if len(same) > 1:  # two components with one size and box (interleaved shapes): the nearer centroid tells them apart
+            centre = np.array(ndimage.center_of_mass(labels == k))
+            same.sort(key=lambda r: float(np.linalg.norm(np.asarray(r["centroid"]) - centre)))
+        lut[k] = same.pop(0)["id"]
     return lut[labels], rows
 
 
