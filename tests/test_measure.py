@@ -239,8 +239,9 @@ def mask_is_the_bright_region(monkeypatch):
     """The network replaced by 'bright is lesion' (probability 0.8 there), so the API's mask is the drawn shape."""
     from brainseg.inference import Segmenter
 
-    def probabilities(self, images, tta=False, batch_size=16, window=None):
-        return [np.where(np.asarray(img).max(axis=-1) > 127, 0.8, 0.0).astype(np.float32) for img in images]
+    def probabilities(self, images, tta=False, batch_size=16, window=None, stacked=False, only=None):
+        picked = images if only is None else [images[i] for i in only]
+        return [np.where(np.asarray(img).max(axis=-1) > 127, 0.8, 0.0).astype(np.float32) for img in picked]
 
     monkeypatch.setattr(Segmenter, "probabilities", probabilities)
 

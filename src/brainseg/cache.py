@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from .config import PreprocessConfig
 from .data import DataError, Dataset, discover, labelled, read_pair, read_split, write_json_atomic
-from .preprocessing import prepare, resize_mask, skull_strip
+from .preprocessing import context_indices, prepare, resize_mask, skull_strip
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,19 @@ class Cache:
         """Row indices of the given patients, in cache order (slice order within a patient)."""
         wanted = set(patient_ids)
         return np.asarray([i for i, p in enumerate(self.patients) if p in wanted], dtype=np.int64)
+
+    def context_rows(self, context: int) -> np.ndarray:
+        """(N, 2 * context + 1) rows of each row's 2.5D input: the same patient's slices below and
+        above it in slice order, clamped at the patient's first and last slice."""
+        out = np.zeros((len(self.patients), 2 * context + 1), dtype=np.int64)
+        by_patient: dict[str, list[int]] = {}
+        for r, p in enumerate(self.patients):
+            by_patient.setdefault(p, []).append(r)
+        for rows in by_patient.values():
+            rows = sorted(rows, key=lambda r: self.slices[r])
+            for k, r in enumerate(rows):
+                out[r] = [rows[j] for j in context_indices(k, len(rows), context)]
+        return out
 
 
 FINGERPRINT_VERSION = 1

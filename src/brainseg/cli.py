@@ -117,11 +117,14 @@ def cmd_train(args) -> int:
         time_budget_s=args.time_budget,
         checkpoint_every_s=args.checkpoint_every * 60.0,
     )
-    model = replace(cfg.model, features=tuple(args.features), deep_supervision=args.deep_supervision)
+    model = replace(
+        cfg.model, features=tuple(args.features), deep_supervision=args.deep_supervision, context=args.context, in_channels=3 * (2 * args.context + 1)
+    )
     shift = {k: getattr(args, k) for k in DOMAIN_SHIFT_FLAGS if getattr(args, k) is not None}
     if args.domain_shift:
         shift = {**DOMAIN_SHIFT_PRESET, **shift}
-    augment = replace(cfg.augment, missing_pre=args.missing_pre, missing_post=args.missing_post, **shift)
+    context_dropout = args.context_dropout if args.context_dropout is not None else (0.2 if args.context else 0.0)
+    augment = replace(cfg.augment, missing_pre=args.missing_pre, missing_post=args.missing_post, context_dropout=context_dropout, **shift)
     cfg = replace(cfg, train=train, model=model, augment=augment)
     data = args.data or default_data_root()
     cache_ok = cache_matches(args.cache, data, cfg.preprocess)
@@ -472,6 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--positive-fraction", type=float, default=d.train.positive_fraction)
     tr.add_argument("--features", type=int, nargs="+", default=list(d.model.features))
     tr.add_argument("--deep-supervision", action="store_true", help="U-Net++ deep supervision")
+    tr.add_argument(
+        "--context", type=int, default=d.model.context, choices=range(0, 4), help="2.5D: neighbouring slices on each side as extra channels (0: 2D)"
+    )
+    tr.add_argument("--context-dropout", type=float, default=None, help="2.5D: probability of training on the lone-slice fallback (default 0.2 with --context)")
     tr.add_argument("--threads", type=int, default=0)
     tr.add_argument("--workers", type=int, default=d.train.workers, help="DataLoader worker processes for augmentation")
     tr.add_argument("--ema-decay", type=float, default=d.train.ema_decay, help="validate and ship an EMA of the weights (0: off)")

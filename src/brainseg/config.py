@@ -77,10 +77,14 @@ class PreprocessConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "attention_unet"  # key of models.MODELS
-    in_channels: int = 3
+    in_channels: int = 3  # 3 sequences x (2 * context + 1) slices
     out_channels: int = 1
     features: tuple[int, ...] = (16, 32, 64, 128, 256)
     deep_supervision: bool = False  # U-Net++ only
+    # 2.5D: neighbouring slices on each side given as extra channels (0 = a 2D model). The input is
+    # [slice z - context, ..., z, ..., z + context], three sequences each; a slice with no
+    # neighbours (a lone upload, the edge of a volume) repeats itself or its edge slice.
+    context: int = 0
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,9 @@ class AugmentConfig:
     bias_field: float = 0.0
     low_resolution: float = 0.0
     blur: float = 0.0
+    # 2.5D models: probability that the neighbours are replaced by the slice itself, so the
+    # lone-slice fallback (an uploaded single slice) stays in the training distribution.
+    context_dropout: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -63,10 +63,10 @@ def predict_patients(segmenter, patients: list[Patient], tta: bool = False, prog
         images, truth = load_patient(p)
         if condition in SHIFT_CONDITIONS:  # skull stripped / BraTS-like: the prediction goes back onto the slice's own pixels
             shifted = [shift_condition(img, condition) for img in images]
-            probs = segmenter.probabilities([img for img, _ in shifted], tta=tta)
+            probs = segmenter.probabilities([img for img, _ in shifted], tta=tta, stacked=True)
             probs = [prob if m is None else unzoom(prob, m) for prob, (_, m) in zip(probs, shifted)]
         else:
-            probs = segmenter.probabilities([apply_condition(img, condition) for img in images], tta=tta)
+            probs = segmenter.probabilities([apply_condition(img, condition) for img in images], tta=tta, stacked=True)
         out.append(PatientPrediction(p.id, np.stack(probs), truth))
     return out
 

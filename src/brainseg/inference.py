@@ -21,7 +21,7 @@ import numpy as np
 
 from .config import ExperimentConfig, PostprocessConfig
 from .metrics import remove_small_components
-from .preprocessing import intensity_window, preprocess_slice, restore_size, to_uint8
+from .preprocessing import context_indices, context_stack, intensity_window, normalize, prepare, preprocess_slice, restore_size, to_uint8
 
 ONNX_METADATA_KEY = "brainseg_config"
 PRECISIONS = ("fp32", "int8")
@@ -164,22 +164,61 @@ class Segmenter:
         """``fp32`` or ``int8`` (a quantised ONNX file)."""
         return getattr(self.backend, "precision", "fp32")
 
-    def probabilities(self, images: list[np.ndarray], tta: bool = False, batch_size: int = 16, window: tuple | None = None) -> list[np.ndarray]:
-        """Raw (H, W, 3) slices -> (H, W) float32 lesion probabilities, one per slice.
+    @property
+    def context(self) -> int:
+        """Neighbouring slices a 2.5D model reads on each side (0: a 2D model)."""
+        return self.config.model.context
+
+    def probabilities(
+        self,
+        images: list[np.ndarray],
+        tta: bool = False,
+        batch_size: int = 16,
+        window: tuple | None = None,
+        *,
+        stacked: bool = False,
+        only: list[int] | None = None,
+    ) -> list[np.ndarray]:
+        """Raw (H, W, 3) slices -> (H, W) float32 lesion probabilities, one per slice (of ``only``
+        when given: indices into ``images``).
 
         ``tta`` averages with the horizontally flipped input. ``window`` is a volume-wide
-        intensity window for non-uint8 input (see ``preprocessing.to_uint8``).
+        intensity window for non-uint8 input (see ``preprocessing.to_uint8``). ``stacked``: the
+        images are the consecutive slices of one volume, so a 2.5D model reads each slice's
+        neighbours; otherwise each image is a lone slice and a 2.5D model repeats it (the fallback).
         """
-        cfg = self.config.preprocess
-        chunks = [images[start : start + batch_size] for start in range(0, len(images), batch_size)]
+        targets = list(range(len(images))) if only is None else [int(i) for i in only]
+        make = self._inputs(images, window, stacked)
+        chunks = [targets[start : start + batch_size] for start in range(0, len(targets), batch_size)]
         out: list[np.ndarray] = []
-        for chunk, x in zip(chunks, _prefetched(lambda chunk: np.stack([preprocess_slice(img, cfg, window) for img in chunk]), chunks)):
+        for chunk, x in zip(chunks, _prefetched(make, chunks)):
             prob = _sigmoid(self.backend(x))
             if tta:
                 prob = 0.5 * (prob + _sigmoid(self.backend(np.ascontiguousarray(x[..., ::-1])))[..., ::-1])
-            for img, p in zip(chunk, prob):
-                out.append(restore_size(p, img.shape[0], img.shape[1]))
+            for i, p in zip(chunk, prob):
+                out.append(restore_size(p, images[i].shape[0], images[i].shape[1]))
         return out
+
+    def _inputs(self, images: list[np.ndarray], window: tuple | None, stacked: bool):
+        """indices -> the network's input batch. Each slice is prepared (window, CLAHE, resize)
+        once, even when it is the neighbour of several others."""
+        cfg, k = self.config.preprocess, self.context
+        if k == 0:
+            return lambda idx: np.stack([preprocess_slice(images[i], cfg, window) for i in idx])
+        prepared: dict[int, np.ndarray] = {}
+
+        def prep(j: int) -> np.ndarray:
+            if j not in prepared:
+                prepared[j] = prepare(images[j], cfg, window)
+            return prepared[j]
+
+        def make(idx: list[int]) -> np.ndarray:
+            batch = np.stack([normalize(context_stack([prep(j) for j in context_indices(i, len(images), k, stacked)]), cfg) for i in idx])
+            for j in [j for j in prepared if j < min(idx) - k]:  # slices no later batch reads
+                del prepared[j]
+            return batch
+
+        return make
 
 
 @dataclass
@@ -207,8 +246,12 @@ class Ensemble:
     def config(self) -> ExperimentConfig:
         return self.members[0].config
 
-    def probabilities(self, images, tta: bool = False, batch_size: int = 16, window=None) -> list[np.ndarray]:
-        per_model = [m.probabilities(images, tta, batch_size, window) for m in self.members]
+    @property
+    def context(self) -> int:
+        return max(m.context for m in self.members)
+
+    def probabilities(self, images, tta: bool = False, batch_size: int = 16, window=None, *, stacked: bool = False, only=None) -> list[np.ndarray]:
+        per_model = [m.probabilities(images, tta, batch_size, window, stacked=stacked, only=only) for m in self.members]
         return [np.mean(ps, axis=0).astype(np.float32) for ps in zip(*per_model)]
 
 

@@ -174,7 +174,7 @@ def segment_volume(segmenter, vol: Volume, post: PostprocessConfig, tta: bool = 
     skipped = background_slices(display) if skip_background else np.zeros(len(display), bool)
     keep = np.flatnonzero(~skipped)
     probs = np.zeros(display.shape[:3], np.float32)
-    for k, prob in zip(keep, segmenter.probabilities([display[k] for k in keep], tta=tta, batch_size=VOLUME_BATCH)):
+    for k, prob in zip(keep, segmenter.probabilities(display, tta=tta, batch_size=VOLUME_BATCH, stacked=True, only=keep)):
         probs[k] = prob
     mask = binarize_stack(probs, post)
     lesions = lesion_table(mask, voxel_volume_mm3=vol.voxel_volume_mm3, metric=plane_metric(vol.display_affine), prob=probs, slice_spacing_mm=vol.spacing[2])

@@ -193,15 +193,38 @@ def apply_condition(image: np.ndarray, condition: str) -> np.ndarray:
 
 
 def drop_sequences(image: np.ndarray, rng: np.random.Generator, missing_pre: float, missing_post: float) -> np.ndarray:
-    """Training-time sequence dropout on a (H, W, 3) image: pre / post replaced by FLAIR independently."""
+    """Training-time sequence dropout on a (H, W, 3k) image (k slices of a 2.5D input): pre / post
+    replaced by FLAIR independently, the same sequences in every slice."""
     pre, post = rng.random() < missing_pre, rng.random() < missing_post
     if not (pre or post):
         return image
-    return apply_condition(image, "flair_only" if pre and post else "pre_missing" if pre else "post_missing")
+    cond = "flair_only" if pre and post else "pre_missing" if pre else "post_missing"
+    return per_slice(image, lambda img: apply_condition(img, cond))
 
 
-def build_augmentation(cfg: AugmentConfig):
-    """Joint image/mask training augmentation (albumentations) on uint8 (S, S, 3) images."""
+def per_slice(image: np.ndarray, fn) -> np.ndarray:
+    """Apply ``fn`` (on (H, W, 3)) to each slice of a (H, W, 3k) 2.5D input; a 3-channel image as is."""
+    if image.shape[-1] == 3:
+        return fn(image)
+    return np.concatenate([fn(np.ascontiguousarray(image[..., c : c + 3])) for c in range(0, image.shape[-1], 3)], axis=-1)
+
+
+def context_indices(i: int, n: int, context: int, stacked: bool = True) -> list[int]:
+    """Slice indices of the 2.5D input of slice ``i`` of ``n``: [i - context, ..., i + context],
+    clamped at the volume's edges. ``stacked=False`` (a lone slice): ``i`` repeated, the fallback."""
+    if not stacked:
+        return [i] * (2 * context + 1)
+    return [min(max(j, 0), n - 1) for j in range(i - context, i + context + 1)]
+
+
+def context_stack(slices: list[np.ndarray]) -> np.ndarray:
+    """(S, S, 3) uint8 slices (below to above) -> one (S, S, 3k) 2.5D input."""
+    return slices[0] if len(slices) == 1 else np.concatenate(slices, axis=-1)
+
+
+def build_augmentation(cfg: AugmentConfig, channels: int = 3):
+    """Joint image/mask training augmentation (albumentations) on uint8 (S, S, ``channels``) images
+    (3, or 3k for a 2.5D input: every slice moves and changes together)."""
     import albumentations as A
 
     return A.Compose(
@@ -221,12 +244,12 @@ def build_augmentation(cfg: AugmentConfig):
             A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=cfg.brightness_contrast),
             A.RandomGamma(gamma_limit=(80, 120), p=cfg.gamma),
             A.GaussNoise(std_range=(0.01, 0.04), p=cfg.noise),
-            *_domain_shift_transforms(cfg),
+            *_domain_shift_transforms(cfg, channels),
         ]
     )
 
 
-def _domain_shift_transforms(cfg: AugmentConfig) -> list:
+def _domain_shift_transforms(cfg: AugmentConfig, channels: int = 3) -> list:
     """The augmentations for other scanners and protocols (nnU-Net's defaults and SynthSeg in
     spirit): a smaller brain in the canvas, a smooth bias field, lower resolution, blur.
     Only those switched on are added, after the others, so older configurations draw the same."""
@@ -242,7 +265,8 @@ def _domain_shift_transforms(cfg: AugmentConfig) -> list:
             )
         )
     if cfg.low_resolution > 0:
-        out.append(A.Downscale(scale_range=(0.4, 0.8), interpolation_pair={"downscale": cv2.INTER_AREA, "upscale": cv2.INTER_LINEAR}, p=cfg.low_resolution))
+        down = cv2.INTER_AREA if channels <= 4 else cv2.INTER_LINEAR  # OpenCV's area resize takes at most 4 channels
+        out.append(A.Downscale(scale_range=(0.4, 0.8), interpolation_pair={"downscale": down, "upscale": cv2.INTER_LINEAR}, p=cfg.low_resolution))
     if cfg.blur > 0:
         out.append(A.GaussianBlur(sigma_limit=(0.3, 1.2), p=cfg.blur))
     return out

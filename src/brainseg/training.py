@@ -30,7 +30,7 @@ from .config import CONDITIONS, SHIFT_CONDITIONS, ExperimentConfig
 from .data import write_json_atomic, write_text_atomic
 from .metrics import dice
 from .models import build_model, count_parameters
-from .preprocessing import apply_condition, build_augmentation, drop_sequences, normalize
+from .preprocessing import apply_condition, build_augmentation, context_stack, drop_sequences, normalize, per_slice
 from .visualize import save_figure
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ class SliceDataset(torch.utils.data.Dataset):
 
     def __init__(self, cache: Cache, rows: np.ndarray, cfg: ExperimentConfig, augment: bool):
         self.cache, self.rows, self.cfg = cache, rows, cfg
-        self.augment = build_augmentation(cfg.augment) if augment else None
+        self.augment = build_augmentation(cfg.augment, cfg.model.in_channels) if augment else None
+        self.context = cache.context_rows(cfg.model.context) if cfg.model.context else None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -61,7 +62,8 @@ class SliceDataset(torch.utils.data.Dataset):
         r = self.rows[pos]
         a = self.cfg.augment
         stripped = self.augment is not None and seed is not None and a.skull_strip > 0 and np.random.default_rng([seed, 2]).random() < a.skull_strip
-        image = np.asarray((self.cache.images_stripped if stripped else self.cache.images)[r])
+        images = self.cache.images_stripped if stripped else self.cache.images
+        image = np.asarray(images[r]) if self.context is None else self.with_context(images, r, seed)
         mask = np.asarray(self.cache.masks[r]).astype(np.uint8)
         if self.augment is not None and seed is not None:
             seed_augmentation(self.augment, seed)
@@ -72,6 +74,15 @@ class SliceDataset(torch.utils.data.Dataset):
         x = torch.from_numpy(normalize(image, self.cfg.preprocess))
         y = torch.from_numpy(mask[None].astype(np.float32))
         return x, y
+
+    def with_context(self, images: np.ndarray, r: int, seed: int | None) -> np.ndarray:
+        """The 2.5D input of row ``r``; in training, with probability ``context_dropout`` the
+        lone-slice fallback (the slice repeated) instead."""
+        rows = self.context[r]
+        p = self.cfg.augment.context_dropout
+        if self.augment is not None and seed is not None and p > 0 and np.random.default_rng([seed, 3]).random() < p:
+            rows = np.full_like(rows, r)
+        return context_stack([np.asarray(images[j]) for j in rows])
 
 
 class EpochSamples(torch.utils.data.Dataset):
@@ -278,9 +289,10 @@ class Trainer:
             raise ValueError(
                 f"{path}: weights of {theirs['name']} {tuple(theirs['features'])}, but this run trains {self.cfg.model.name} {self.cfg.model.features}"
             )
-        self.model.load_state_dict(ckpt["model"])
+        state = expand_input_channels(ckpt["model"], self.model.state_dict(), self.cfg.model.context)
+        self.model.load_state_dict(state)
         if self.ema is not None:
-            self.ema.load_state_dict(ckpt["model"])
+            self.ema.load_state_dict(state)
         log.info("initialised from %s (epoch %s of that run)", path, ckpt.get("epoch"))
 
     # -- steps
@@ -453,6 +465,12 @@ def validation_scores(
     truth: dict[str, list] = {}
     for r in rows:
         truth.setdefault(cache.patients[r], []).append(np.asarray(cache.masks[r]))
+    context = cache.context_rows(cfg.model.context) if cfg.model.context else None
+
+    def inputs(images: np.ndarray, r: int, channels: str) -> np.ndarray:
+        image = np.asarray(images[r]) if context is None else context_stack([np.asarray(images[j]) for j in context[r]])
+        return normalize(per_slice(image, lambda img: apply_condition(img, channels)), cfg.preprocess)
+
     for cond in conditions:
         preds: dict[str, list] = {}
         for s in range(0, len(rows), batch_size):
@@ -461,15 +479,30 @@ def validation_scores(
                 channels, _, zoom = SHIFT_CONDITIONS[cond]
                 if zoom != 1.0:
                     raise ValueError(f"validation cannot score {cond!r}: its prediction needs mapping back (use brainseg evaluate)")
-                x = np.stack([normalize(apply_condition(np.asarray(cache.images_stripped[r]), channels), cfg.preprocess) for r in chunk])
+                x = np.stack([inputs(cache.images_stripped, r, channels) for r in chunk])
             else:
-                x = np.stack([normalize(apply_condition(np.asarray(cache.images[r]), cond), cfg.preprocess) for r in chunk])
+                x = np.stack([inputs(cache.images, r, cond) for r in chunk])
             with torch.autocast(device.type, enabled=amp):
                 logits = model(torch.from_numpy(x).to(device)).float()
             for r, p in zip(chunk, (logits[:, 0] >= 0).cpu().numpy()):
                 preds.setdefault(cache.patients[r], []).append(p)
         out[cond] = {pid: dice(np.stack(p), np.stack(truth[pid])) for pid, p in preds.items()}
     model.train(was_training)
+    return out
+
+
+def expand_input_channels(theirs: dict, ours: dict, context: int) -> dict:
+    """2D weights -> a 2.5D model's starting weights: every tensor that reads the 3 input channels
+    gets the 2D weights on the centre slice's channels and zeros on the neighbours', so the
+    2.5D model starts as exactly the 2D model and learns what the neighbours add."""
+    if not context:
+        return theirs
+    out = dict(theirs)
+    for key, w in theirs.items():
+        if key in ours and w.ndim == 4 and w.shape[1] == 3 and ours[key].shape[1] == 3 * (2 * context + 1):
+            grown = torch.zeros_like(ours[key])
+            grown[:, 3 * context : 3 * context + 3] = w
+            out[key] = grown
     return out
 
 
