@@ -28,6 +28,16 @@ if ! command -v Orthanc >/dev/null || [ ! -f /usr/share/orthanc/plugins/libOrtha
   fi
 fi
 
+# dcmtk's dsrdump: an independent reader of the DICOM SR (tests/test_report.py).
+if ! command -v dsrdump >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing Debian's dcmtk for the DICOM SR check..."
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk >/dev/null
+  else
+    echo "note: dcmtk's dsrdump is missing and this is not root; the SR structure check will be skipped" >&2
+  fi
+fi
+
 # Lint and format first: cheap, and a failure here is a real one.
 "$PY" -m ruff check .
 "$PY" -m ruff format --check .
