@@ -11,6 +11,7 @@ import gzip
 import io
 import re
 import zipfile
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -269,3 +270,27 @@ def test_two_models_side_by_side(volume_page, e2e_api):
     page.locator('[data-testid="stRadio"]').filter(has_text="Overlay").get_by_text("Contour", exact=True).click()
     changed(page, "Attention U-Net · Axial", src)
     shoot(page, "Dice between the two models", "app_two_models.png", 560)
+
+
+@pytest.mark.browser
+def test_downloads_are_fetched_when_pressed(volume_page, tmp_path):
+    """The NIfTI mask (and the HTML report where the API offers one) come from the API only on a click: the
+    file saved is the whole mask of the result on the page."""
+    import nibabel as nib
+
+    page = volume_page
+    volume = page.locator('[data-testid="stMetric"]').filter(has_text="Lesion volume").locator('[data-testid="stMetricValue"]').inner_text()
+    lesion_mm3 = int(re.match(r"([\d,]+) mm", volume).group(1).replace(",", ""))  # 1 mm voxels: the voxel count
+    with page.expect_download() as got:
+        page.get_by_role("button", name="NIfTI mask (.nii.gz)").click()
+    saved = tmp_path / got.value.suggested_filename
+    got.value.save_as(saved)
+    assert saved.name == "BraTS-MET-00110-000_mask.nii.gz"
+    mask = np.asarray(nib.load(saved).dataobj)
+    assert mask.shape == (240, 240, 155) and int((mask > 0).sum()) == lesion_mm3
+    report = page.get_by_role("button", name="Report (.html)")
+    if report.count():
+        with page.expect_download() as got:
+            report.click()
+        assert got.value.suggested_filename.endswith("_report.html")
+        assert b"<html" in Path(got.value.path()).read_bytes()[:2000].lower()
