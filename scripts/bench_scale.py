@@ -172,7 +172,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> floa
 
 
 def bench_serve(a) -> dict:
-    from bench_api import concurrent_slices
+    from bench import concurrent_slices
 
     files = [(SLICE.name, SLICE.read_bytes())]
     out = {}
