@@ -348,3 +348,33 @@ def test_reference_mask_of_a_slice(monkeypatch, api_server):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Dice with the reference"] == f"{dice:.3f}"
     assert metrics["Predicted − reference"] == f"{int(pred.sum()) - int(ref.sum()):+,} px"
+
+
+def test_one_model_version_in_the_sidebar_the_models_list_and_the_answer(monkeypatch, tmp_path):
+    """GET /v1/models, the answer and the page's sidebar name the same version: the file that ran, in the
+    precision it ran in (U-Net++ is served in INT8: /v1/models used to give its fp32 file's)."""
+    import httpx
+    from conftest import start_api, stop
+
+    from brainseg.synthetic import synthetic_png
+
+    models = REPO / "models"
+    if not (models / "unetpp.int8.onnx").is_file():
+        pytest.skip("the shipped INT8 models are not in models/")
+    url, proc, _ = start_api(models, tmp_path / "uvicorn.log")
+    try:
+        listed = {m["name"]: m for m in httpx.get(url + "/v1/models", timeout=300).json()["models"]}
+        for name in ("attention_unet", "unetpp"):
+            answer = httpx.post(url + "/v1/segment", files=[("files", ("s.png", synthetic_png(), "image/png"))], data={"model": name}, timeout=300).json()
+            assert answer["model"]["precision"] == listed[name]["default_precision"]
+            assert answer["model"]["version"] == listed[name]["version"] == listed[name]["versions"][answer["model"]["precision"]]
+        assert listed["unetpp"]["versions"]["int8"] != listed["unetpp"]["versions"]["fp32"]
+        at = run_app(monkeypatch, url)
+        at.sidebar.selectbox(key="model").set_value("unetpp").run()
+        at.button(key="synthetic").click().run()
+        no_page_crash(at)
+        version = at.session_state["result"]["model"]["version"]
+        assert any(f"version `{version}`" in c for c in texts(at.sidebar.caption)), texts(at.sidebar.caption)
+        assert any(f"version `{version}`" in c for c in texts(at.caption) if "threshold" in c)
+    finally:
+        stop(proc)
