@@ -395,6 +395,7 @@ def diameter_columns(les: dict) -> dict:
         f"Perpendicular ({unit})": les[f"perpendicular_diameter_{unit}"],
         "Measurable (≥ 10 mm)": yes_no(les.get("measurable")),
         "Confidence": les.get("confidence"),
+        **({"TTA disagreement": les["tta_disagreement"]} if "tta_disagreement" in les else {}),
     }
 
 

@@ -170,6 +170,32 @@ def disc(shape, z, centre_rc, diameter_mm, row_mm=1.0, col_mm=1.0):
     return m
 
 
+def test_tta_disagreement_is_the_mean_difference_of_plain_and_flipped_inside_each_lesion():
+    """A stand-in network whose answer ignores its input: logit 2 on the left half, -1 on the right.
+    The flipped pass, flipped back, is high on the right: plain and flipped differ by
+    sigmoid(2) - sigmoid(-1) everywhere, and the TTA mean is their average."""
+    from brainseg.config import ExperimentConfig, PostprocessConfig, PreprocessConfig
+    from brainseg.inference import Segmenter
+    from brainseg.predict import segment_slice
+
+    class HalfAndHalf:
+        config = ExperimentConfig(preprocess=PreprocessConfig(input_size=32))
+
+        def __call__(self, x):
+            out = np.full((len(x), 1, 32, 32), -1.0, np.float32)
+            out[..., :16] = 2.0
+            return out
+
+    seg = Segmenter(HalfAndHalf(), "half")
+    image = np.zeros((32, 32, 3), np.uint8)
+    sig = 1 / (1 + np.exp(-np.array([2.0, -1.0])))
+    res = segment_slice(seg, image, PostprocessConfig(threshold=0.5, min_size=0), tta=True)
+    assert np.allclose(res.prob, sig.mean(), atol=1e-5)  # 0.5 * (0.881 + 0.269) = 0.575: one lesion, the whole slice
+    assert len(res.lesions) == 1 and res.lesions[0]["tta_disagreement"] == pytest.approx(sig[0] - sig[1], abs=1e-3)
+    plain = segment_slice(seg, image, PostprocessConfig(threshold=0.5, min_size=0), tta=False)
+    assert all("tta_disagreement" not in r for r in plain.lesions)  # no TTA, no disagreement
+
+
 def test_two_lesions_ids_measurable_flags_and_sum_of_diameters():
     shape, aff = (6, 90, 90), zrc_affine(1.0, 1.0, 1.0)
     big = disc(shape, 2, (30.3, 30.4), 20.0) | disc(shape, 3, (30.3, 30.4), 16.0)
@@ -239,7 +265,7 @@ def mask_is_the_bright_region(monkeypatch):
     """The network replaced by 'bright is lesion' (probability 0.8 there), so the API's mask is the drawn shape."""
     from brainseg.inference import Segmenter
 
-    def probabilities(self, images, tta=False, batch_size=16, window=None, stacked=False, only=None):
+    def probabilities(self, images, tta=False, batch_size=16, window=None, stacked=False, only=None, spread=None):
         picked = images if only is None else [images[i] for i in only]
         return [np.where(np.asarray(img).max(axis=-1) > 127, 0.8, 0.0).astype(np.float32) for img in picked]
 

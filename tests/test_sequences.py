@@ -162,7 +162,7 @@ def test_a_volume_is_post_processed_in_3d_like_the_evaluation():
     class Fixed:
         name = "fixed"
 
-        def probabilities(self, images, tta=False, batch_size=16, window=None, stacked=False, only=None):
+        def probabilities(self, images, tta=False, batch_size=16, window=None, stacked=False, only=None, spread=None):
             return [prob[i] for i in (range(len(images)) if only is None else only)]
 
     vol = Volume(np.zeros((3, 10, 10, 3), np.float32), np.eye(4), (1.0, 1.0, 1.0), (10, 10, 3), "v", ("v.nii.gz",))

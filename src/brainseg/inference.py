@@ -178,6 +178,7 @@ class Segmenter:
         *,
         stacked: bool = False,
         only: list[int] | None = None,
+        spread: list | None = None,
     ) -> list[np.ndarray]:
         """Raw (H, W, 3) slices -> (H, W) float32 lesion probabilities, one per slice (of ``only``
         when given: indices into ``images``).
@@ -186,6 +187,8 @@ class Segmenter:
         intensity window for non-uint8 input (see ``preprocessing.to_uint8``). ``stacked``: the
         images are the consecutive slices of one volume, so a 2.5D model reads each slice's
         neighbours; otherwise each image is a lone slice and a 2.5D model repeats it (the fallback).
+        ``spread``: with ``tta``, a list that receives each slice's TTA disagreement map (the
+        absolute difference of the plain and the flipped prediction, (H, W) float32).
         """
         targets = list(range(len(images))) if only is None else [int(i) for i in only]
         make = self._inputs(images, window, stacked)
@@ -194,7 +197,10 @@ class Segmenter:
         for chunk, x in zip(chunks, _prefetched(make, chunks)):
             prob = _sigmoid(self.backend(x))
             if tta:
-                prob = 0.5 * (prob + _sigmoid(self.backend(np.ascontiguousarray(x[..., ::-1])))[..., ::-1])
+                flipped = _sigmoid(self.backend(np.ascontiguousarray(x[..., ::-1])))[..., ::-1]
+                if spread is not None:
+                    spread.extend(restore_size(np.abs(p - f), images[i].shape[0], images[i].shape[1]) for i, p, f in zip(chunk, prob, flipped))
+                prob = 0.5 * (prob + flipped)
             for i, p in zip(chunk, prob):
                 out.append(restore_size(p, images[i].shape[0], images[i].shape[1]))
         return out
@@ -250,8 +256,13 @@ class Ensemble:
     def context(self) -> int:
         return max(m.context for m in self.members)
 
-    def probabilities(self, images, tta: bool = False, batch_size: int = 16, window=None, *, stacked: bool = False, only=None) -> list[np.ndarray]:
-        per_model = [m.probabilities(images, tta, batch_size, window, stacked=stacked, only=only) for m in self.members]
+    def probabilities(
+        self, images, tta: bool = False, batch_size: int = 16, window=None, *, stacked: bool = False, only=None, spread: list | None = None
+    ) -> list[np.ndarray]:
+        spreads: list[list] = [[] for _ in self.members]
+        per_model = [m.probabilities(images, tta, batch_size, window, stacked=stacked, only=only, spread=sp) for m, sp in zip(self.members, spreads)]
+        if spread is not None and tta:  # the members' mean disagreement
+            spread.extend(np.mean(ss, axis=0).astype(np.float32) for ss in zip(*spreads))
         return [np.mean(ps, axis=0).astype(np.float32) for ps in zip(*per_model)]
 
 

@@ -147,17 +147,20 @@ def measure_components(
     prob: np.ndarray | None = None,
     slice_spacing_mm: float | None = None,
     offset: tuple[int, ...] | None = None,
+    spread: np.ndarray | None = None,
 ) -> list[dict]:
     """The measurements of components 1..n of a (H, W) or (Z, H, W) label image, one dict each (in label order).
 
     ``metric`` (``plane_metric`` / ``spacing_metric``): None when the pixel spacing is unknown; the
     diameters are then in pixels (``*_px`` keys) and ``measurable`` is None. ``prob``: the probability
     map of the same shape (``confidence`` = its mean inside the component). ``offset``: added to every
-    position (``labels`` cut out of a larger array)."""
+    position (``labels`` cut out of a larger array). ``spread``: the TTA disagreement map where TTA ran
+    (``tta_disagreement`` = its mean inside the component: 0 when the flipped input gives the same answer)."""
     offset = np.zeros(labels.ndim) if offset is None else np.asarray(offset, float)
     volume = labels.ndim == 3
     lab3 = labels if volume else labels[None]
     prob3 = None if prob is None else (prob if volume else prob[None])
+    spread3 = None if spread is None else (spread if volume else spread[None])
     known = metric is not None
     m = np.asarray(metric, float) if known else np.eye(2)
     minimum = measurable_min_mm(slice_spacing_mm if volume else None)
@@ -199,6 +202,8 @@ def measure_components(
             row["diameter_slice"] = int(z + offset[0])
         if prob3 is not None:
             row["confidence"] = _r(float(prob3[box][comp].mean()), 3)
+        if spread3 is not None:
+            row["tta_disagreement"] = _r(float(spread3[box][comp].mean()), 3)
         rows.append(row)
     return rows
 

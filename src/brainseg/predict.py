@@ -35,6 +35,7 @@ def lesion_table(
     metric: np.ndarray | None = None,
     prob: np.ndarray | None = None,
     slice_spacing_mm: float | None = None,
+    spread: np.ndarray | None = None,
 ) -> list[dict]:
     """Connected components of a (H, W) or (Z, H, W) bool mask, largest first.
 
@@ -43,7 +44,7 @@ def lesion_table(
     end-exclusive, in the slice orientation. Each row also has the RANO-BM measurements of
     ``measure.measure_components``: longest axial and perpendicular diameters (mm with ``metric``,
     the in-plane pixel geometry; else pixels), ``measurable``, the slice range and, with ``prob``,
-    ``confidence``.
+    ``confidence``; with ``spread`` (TTA ran), ``tta_disagreement``.
     """
     crop = bounding_box(mask)  # labelled inside the box around the lesion voxels, positions shifted back
     if crop is None:
@@ -55,7 +56,9 @@ def lesion_table(
     sizes = np.bincount(which, minlength=n + 1)[1:]
     boxes = [tuple(slice(s.start + o, s.stop + o) for s, o in zip(b, origin)) for b in ndimage.find_objects(labels)]
     centroids = np.stack([np.bincount(which, weights=c, minlength=n + 1)[1:] for c in coords], axis=1) / sizes[:, None] + origin
-    measured = measure_components(labels, n, metric, None if prob is None else prob[crop], slice_spacing_mm, offset=tuple(origin))
+    measured = measure_components(
+        labels, n, metric, None if prob is None else prob[crop], slice_spacing_mm, offset=tuple(origin), spread=None if spread is None else spread[crop]
+    )
     rows = []
     for i in range(n):
         box = boxes[i]
@@ -138,11 +141,12 @@ def segment_slice(segmenter, image: np.ndarray, post: PostprocessConfig, tta: bo
     img = to_three_channels(image)
     if not np.issubdtype(img.dtype, np.integer) and not np.isfinite(img).all():
         raise DataError("image", "image contains NaN or infinite values")
-    prob = segmenter.probabilities([img], tta=tta)[0]
+    spread: list = []
+    prob = segmenter.probabilities([img], tta=tta, spread=spread)[0]
     mask = binarize(prob, post)
     spacing = None if pixel_spacing_mm is None else (float(pixel_spacing_mm[0]), float(pixel_spacing_mm[1]))
     metric = None if spacing is None else spacing_metric(*spacing)
-    lesions = lesion_table(mask, None if spacing is None else spacing[0] * spacing[1], metric=metric, prob=prob)
+    lesions = lesion_table(mask, None if spacing is None else spacing[0] * spacing[1], metric=metric, prob=prob, spread=spread[0] if spread else None)
     return SliceResult(img, prob, mask, lesions, time.perf_counter() - t0, spacing, rano_bm(lesions, spacing_known=spacing is not None))
 
 
@@ -174,10 +178,16 @@ def segment_volume(segmenter, vol: Volume, post: PostprocessConfig, tta: bool = 
     skipped = background_slices(display) if skip_background else np.zeros(len(display), bool)
     keep = np.flatnonzero(~skipped)
     probs = np.zeros(display.shape[:3], np.float32)
-    for k, prob in zip(keep, segmenter.probabilities(display, tta=tta, batch_size=VOLUME_BATCH, stacked=True, only=keep)):
+    spread: list = []
+    for k, prob in zip(keep, segmenter.probabilities(display, tta=tta, batch_size=VOLUME_BATCH, stacked=True, only=keep, spread=spread)):
         probs[k] = prob
+    spreads = None
+    if spread:
+        spreads = np.zeros(display.shape[:3], np.float32)
+        spreads[keep] = spread
     mask = binarize_stack(probs, post)
-    lesions = lesion_table(mask, voxel_volume_mm3=vol.voxel_volume_mm3, metric=plane_metric(vol.display_affine), prob=probs, slice_spacing_mm=vol.spacing[2])
+    metric = plane_metric(vol.display_affine)
+    lesions = lesion_table(mask, voxel_volume_mm3=vol.voxel_volume_mm3, metric=metric, prob=probs, slice_spacing_mm=vol.spacing[2], spread=spreads)
     areas = np.count_nonzero(mask.reshape(len(mask), -1), axis=1).tolist()
     rano = rano_bm(lesions, slice_spacing_mm=vol.spacing[2])
     return VolumeResult(vol, probs, mask, lesions, time.perf_counter() - t0, areas, display, window, np.flatnonzero(skipped).tolist(), rano)
