@@ -145,7 +145,11 @@ def show_result(res: dict) -> None:
     )
     with st.expander("The rule applied"):
         st.write(r["rule"])
-    st.download_button("compare.json", json.dumps({k: v for k, v in res.items() if k != "picture_png"}, indent=2), "compare.json", "application/json")
+    if res.get("report_html"):
+        st.download_button("Report (HTML)", res["report_html"], "compare_report.html", "text/html")
+    st.download_button(
+        "compare.json", json.dumps({k: v for k, v in res.items() if k not in ("picture_png", "report_html")}, indent=2), "compare.json", "application/json"
+    )
     st.warning(res["disclaimer"])
 
 

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import importlib.util
 import json
 import subprocess
@@ -257,6 +258,10 @@ def test_cli_compare_on_a_synthetic_followup(followup_case, tmp_path, capsys):
 
     png = cv2.imread(str(out / "compare.png"))
     assert png is not None and png.shape[1] > 2 * 240
+    page = (out / "compare_report.html").read_text()
+    for words in ("RANO-BM: PD (progressive disease)", f"baseline {r['baseline_sum_mm']:.1f} mm", html.escape(cmp.DISCLAIMER), "data:image/png;base64,"):
+        assert words in page, words
+    assert f"{big['baseline_ids'][0]} &rarr; {big['followup_ids'][0]}" in page and "<script" not in page
 
 
 def test_cli_compare_refuses_a_slice(tmp_path, capsys):
@@ -306,6 +311,10 @@ def test_api_compare_contract(api_server):
     png = base64.b64decode(body["picture_png"])
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert body["model"]["name"] == "attention_unet"
+    page = body["report_html"]
+    assert f"RANO-BM: {body['response']['category']} ({body['response']['category_name']})" in page and html.escape(cmp.DISCLAIMER) in page
+    assert body["model"]["version"] in page
+    assert f"{body['baseline']['name']} &rarr; {body['followup']['name']}" in page, (body["baseline"]["name"], body["followup"]["name"])
 
 
 @needs_sitk

@@ -593,9 +593,12 @@ def load_study(path: str) -> Volume:
 
 
 def compare_paths(baseline: str, followup: str, out: str | Path, segmenter, post, register: bool = True, tta: bool = False, progress=print) -> dict:
-    """``brainseg compare``: read and segment both studies, compare them, write ``compare.json``, ``compare.png`` and
+    """``brainseg compare``: read and segment both studies, compare them, write ``compare.json``, ``compare_report.html``
+    (``report.compare_html``), ``compare.png`` and
     ``followup_mask_on_baseline.nii.gz`` (the registered follow-up mask on the baseline's grid and affine) into ``out``."""
+    from .data import write_text_atomic
     from .predict import segment_volume
+    from .report import compare_html
     from .visualize import save_png
     from .volumes import save_mask_nifti
 
@@ -613,10 +616,11 @@ def compare_paths(baseline: str, followup: str, out: str | Path, segmenter, post
     body = {**cmp.to_dict(), "model": segmenter.name, "inputs": [str(baseline), str(followup)]}
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "compare.json", body)
+    write_text_atomic(out / "compare_report.html", compare_html(body, cmp.picture))
     save_png(out / "compare.png", cmp.picture)
     save_mask_nifti(out / "followup_mask_on_baseline.nii.gz", cmp.followup_mask, base)
     r = cmp.response
     progress(f"response: {r['category']} ({r['category_name']}): {r['reason']}")
-    progress(f"wrote compare.json, compare.png and followup_mask_on_baseline.nii.gz to {out}")
+    progress(f"wrote compare.json, compare_report.html, compare.png and followup_mask_on_baseline.nii.gz to {out}")
     progress(DISCLAIMER)
     return body

@@ -520,3 +520,80 @@ def write_slice_report(out, stem: str, res, stats: dict, model_version: str) -> 
     info = report_info(stats, model_version, name=stem)
     write_bytes_atomic(path, html_report(info, key_images(to_uint8(res.image)[None], res.mask[None], info.lesions)).encode())
     return [path]
+
+
+# ---------------------------------------------------------------- the follow-up comparison's page
+
+
+def _num(v, unit: str = "", digits: int = 1, sign: bool = False) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:+.{digits}f}{unit}" if sign else f"{v:.{digits}f}{unit}"
+
+
+def _compare_rows(body: dict) -> str:
+    """One row per matched group, then the new and the vanished lesions."""
+    e = html.escape
+    f_by = {r["id"]: r for r in body["followup"]["lesions"]}
+    b_by = {r["id"]: r for r in body["baseline"]["lesions"]}
+    rows = []
+    for m in body["matches"]:
+        ids = f"{', '.join(map(str, m['baseline_ids']))} &rarr; {', '.join(map(str, m['followup_ids']))}"
+        rows.append(
+            f"<tr><td>{ids}</td><td>{e(m['kind'])}</td><td>{_num(m['baseline_longest_diameter_mm'])}</td>"
+            f"<td>{_num(m['followup_longest_diameter_mm'])}</td><td>{_num(m['diameter_change_pct'], '%', sign=True)}</td>"
+            f"<td>{_num(m['baseline_volume_ml'], digits=2)}</td><td>{_num(m['followup_volume_ml'], digits=2)}</td>"
+            f"<td>{_num(m['volume_change_pct'], '%', sign=True)}</td></tr>"
+        )
+    for f in body["new_lesion_ids"]:
+        r = f_by.get(f, {})
+        rows.append(
+            f"<tr><td>new &rarr; {f}</td><td>new</td><td></td><td>{_num(r.get('longest_diameter_mm'))}</td><td></td><td></td>"
+            f"<td>{_num(r.get('volume_ml'), digits=2)}</td><td></td></tr>"
+        )
+    for b in body["vanished_lesion_ids"]:
+        r = b_by.get(b, {})
+        rows.append(
+            f"<tr><td>{b} &rarr; gone</td><td>vanished</td><td>{_num(r.get('longest_diameter_mm'))}</td><td></td><td></td>"
+            f"<td>{_num(r.get('volume_ml'), digits=2)}</td><td></td><td></td></tr>"
+        )
+    head = (
+        "<tr><th>Lesion (baseline &rarr; follow-up)</th><th>Match</th><th>Longest diameter before (mm)</th><th>after (mm)</th>"
+        "<th>change</th><th>Volume before (mL)</th><th>after (mL)</th><th>change</th></tr>"
+    )
+    return f"<table>{head}{''.join(rows[:MAX_TABLE_ROWS])}</table>" + (
+        f'<p class="small">{len(rows) - MAX_TABLE_ROWS} more rows in compare.json</p>' if len(rows) > MAX_TABLE_ROWS else ""
+    )
+
+
+def compare_html(body: dict, picture: np.ndarray) -> str:
+    """The follow-up comparison (``compare.Comparison.to_dict`` plus ``model``) on one self-contained HTML page: the
+    RANO-BM category and its reason, both sums, the side-by-side picture, the per-lesion changes, the registration,
+    the rule and the disclaimer. No patient data: only the studies' names."""
+    e = html.escape
+    r, reg = body["response"], body["registration"]
+    model = body.get("model")
+    model_line = e(str(model.get("name"))) + f", version {e(str(model.get('version') or 'unknown'))}" if isinstance(model, dict) else e(str(model))
+    reg_line = e(str(reg.get("reason", "")))
+    if reg.get("applied"):
+        reg_line += f" (rotation {_num(reg.get('rotation_deg'), ' deg', 2)}, shift {_num(np.linalg.norm(reg.get('shift_mm') or [0, 0, 0]), ' mm', 2)})"
+    names = f"{e(body['baseline']['name'])} &rarr; {e(body['followup']['name'])}"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>brainseg follow-up: {names}</title><style>{STYLE}
+.category {{ font-size: 14pt; font-weight: 700; margin: 1mm 0; }} .picture img {{ width: 100%; image-rendering: pixelated; }}</style></head>
+<body>
+<h1>brainseg follow-up comparison: {names}</h1>
+<div class="disclaimer">{e(body["disclaimer"])}</div>
+<p class="small">{e(datetime.datetime.now().strftime("%Y-%m-%d %H:%M"))} &middot; brainseg {e(__version__)} &middot; model {model_line}</p>
+<p class="category">RANO-BM: {e(r["category"])} ({e(r["category_name"])})</p>
+<p>{e(r["reason"])}</p>
+<p>Sum of target diameters: baseline {_num(r.get("baseline_sum_mm"), " mm")}, follow-up {_num(r.get("followup_sum_mm"), " mm")}
+({_num(r.get("change_mm"), " mm", sign=True)}, {_num(r.get("change_pct"), "%", sign=True)}); targets {e(str(r.get("baseline_target_ids")))};
+new measurable lesions {e(str(r.get("new_measurable_ids")))}.</p>
+<h2>Baseline | follow-up registered to it (slice {body["picture_slice"]})</h2>
+<div class="picture"><img alt="baseline and follow-up side by side" src="data:image/png;base64,{_b64png(picture)}"></div>
+<h2>Lesions</h2>{_compare_rows(body)}
+<h2>Registration</h2><p>{reg_line}</p>
+<h2>Rule</h2><p class="small">{e(str(r.get("rule", "")))}</p>
+</body></html>
+"""

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 
 from ...compare import DISCLAIMER, RegistrationError, RegistrationUnavailable, compare_studies
 from ...registry import ENSEMBLE
+from ...report import compare_html
 from ..answers import model_block
 from ..cancel import Cancelled
 from ..deps import Limiters, MemoryBudget, get_engine, get_limiters, get_limits, get_memory, get_settings
@@ -107,6 +108,7 @@ class CompareAnswer(BaseModel):
     response: ResponseBlock
     picture_slice: int
     picture_png: str = Field(description="base64 PNG: baseline | registered follow-up at picture_slice, lesions outlined and numbered")
+    report_html: str = Field(description="the comparison on one self-contained HTML page (category, sums, picture, lesions, registration, rule, disclaimer)")
     seconds: float
     timings_ms: dict
 
@@ -156,6 +158,7 @@ class CompareJob:
         body["followup"].update(files=ffiles, input=fin)
         body["model"] = model_block(model, self.engine.version(model), self.engine.backend_kind(model))
         body["picture_png"] = b64png(cmp.picture)
+        body["report_html"] = compare_html(body, cmp.picture)
         body["timings_ms"] = {"segment": round((t1 - t0) * 1000, 1), "compare": round((time.perf_counter() - t1) * 1000, 1)}
         return body
 
