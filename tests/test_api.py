@@ -26,7 +26,6 @@ from helpers import make_client, nifti, segment, tiff  # noqa: E402
 
 from brainseg.serving.api import create_app  # noqa: E402
 from brainseg.serving.settings import Settings  # noqa: E402
-from brainseg.serving.uploads import image_size  # noqa: E402
 from brainseg.synthetic import synthetic_png, synthetic_slice  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -454,14 +453,6 @@ def test_server_fault_is_a_500_with_an_id_logged_once(tiny_model_dir, caplog):
 
 
 # ---------------------------------------------------------------- pieces
-
-
-def test_image_size_from_headers():
-    img = synthetic_slice(size=64)[0][:48]
-    assert image_size(png(img)) == (48, 64)
-    assert image_size(png(img, ".jpg")) == (48, 64)
-    assert image_size(tiff(img)) == (48, 64)
-    assert image_size(b"not an image") is None
 
 
 def test_settings_from_env():

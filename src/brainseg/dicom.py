@@ -68,7 +68,6 @@ SPACING_RTOL = 0.02  # slice positions may differ from a regular stack by this s
 GRID_TOL_MM = 0.01  # two series are on the same grid when their affines agree this closely
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 DICOMDIR = "1.2.840.10008.1.3.10"
-CHANNEL_NAMES = ("pre-contrast T1", "FLAIR", "post-contrast T1")
 SEQUENCE_TAGS = {"t1": "t1n", "flair": "t2f", "t1c": "t1c", "t2": "t2w"}  # -> volumes.BRATS_CHANNELS vocabulary
 READ_AS = {"flair": "FLAIR", "t1": "pre-contrast T1", "t1c": "post-contrast T1", "t2": "T2 (not used by the models)"}
 

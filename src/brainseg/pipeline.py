@@ -84,7 +84,7 @@ def train_models(
 ) -> dict:
     """Train each model, calibrate post-processing on validation, evaluate on test, write the registry."""
     from .checkpoint import load_checkpoint, save_checkpoint
-    from .inference import Segmenter, TorchBackend
+    from .inference import Segmenter, TorchBackend, gpu_present
     from .training import Trainer
 
     cache = load_cache(cache_dir)
@@ -106,7 +106,7 @@ def train_models(
             continue
         wall = time.time() - t0
         ckpt = load_checkpoint(run / "best.pt")
-        seg = Segmenter(TorchBackend(checkpoint=ckpt, device="cpu" if not _cuda() else None), name)
+        seg = Segmenter(TorchBackend(checkpoint=ckpt, device="cpu" if not gpu_present() else None), name)
         post, table, val_score = calibrate(seg, val_patients, progress=progress)
         ckpt["config"]["postprocess"] = asdict(post)
         ckpt["calibration"] = {"patients": split["val"], "conditions": list(CALIBRATION_CONDITIONS), "table": table, "val_score": val_score}
@@ -212,9 +212,3 @@ def evaluate(
     if sweep:
         _, report["postprocess_sweep"] = sweep_postprocess(preds[conditions[0]])
     return report
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

@@ -47,7 +47,6 @@ ENSEMBLE = "ensemble"
 SCHEMA_VERSION = 1
 BACKENDS = ("auto", "onnx", "torch")
 
-Backend = Literal["auto", "onnx", "torch"]
 Precision = Literal["fp32", "int8"]
 
 

@@ -237,15 +237,6 @@ def image_info(data, name: str = "image") -> ImageInfo:
     raise UploadError(422, f"{name}: not a TIFF, PNG or JPEG image (the first bytes match none of them)")
 
 
-def image_size(data: bytes) -> tuple[int, int] | None:
-    """(height, width) from a PNG, JPEG or TIFF header without decoding; None if unknown."""
-    try:
-        info = image_info(data)
-    except UploadError:
-        return None
-    return info.height, info.width
-
-
 def check_image(info: ImageInfo, name: str, limits: Limits) -> None:
     """Every limit a slice must meet, from its header alone."""
     h, w = info.height, info.width
@@ -265,15 +256,9 @@ def check_image(info: ImageInfo, name: str, limits: Limits) -> None:
         raise UploadError(422, f"{name}: image has {info.channels} channels; expected grey (1) or 3 channels (pre-contrast, FLAIR, post-contrast)")
 
 
-def decode_slice(up: Upload, limits: Limits | int) -> np.ndarray:
-    """Upload -> (H, W, 3) array (dtype as stored); 413 / 422 with a message on bad input."""
-    return decode_slice_channels(up, limits)[0]
-
-
-def decode_slice_channels(up: Upload, limits: Limits | int) -> tuple[np.ndarray, int]:
-    """``decode_slice`` and the number of channels the file stored (1 grey, 3 or 4)."""
-    if isinstance(limits, int):
-        limits = Limits(max_pixels=limits)
+def decode_slice_channels(up: Upload, limits: Limits) -> tuple[np.ndarray, int]:
+    """Upload -> (H, W, 3) array (dtype as stored) and the number of channels the file stored (1 grey, 3 or 4);
+    413 / 422 with a message on bad input."""
     info = image_info(up.data, up.name)
     check_image(info, up.name, limits)
     try:
@@ -492,11 +477,9 @@ def nifti_info(up: Upload) -> NiftiInfo:
     return nifti_header(data[:540], up.name)
 
 
-def nifti_payload(up: Upload, limits: Limits | int, info: NiftiInfo | None = None) -> bytes:
+def nifti_payload(up: Upload, limits: Limits, info: NiftiInfo | None = None) -> bytes:
     """Uncompressed NIfTI bytes of an upload (header and data, nothing after), after checking
     its header against the limits. ``.nii.gz`` is inflated with a cap from its own header."""
-    if isinstance(limits, int):
-        limits = Limits(max_voxels=limits)
     info = info or nifti_info(up)
     check_nifti(info, limits)
     need = info.end
