@@ -391,7 +391,8 @@ def vm_hwm_mib(pid: int) -> float | None:
     return None
 
 
-def bench_server(model_dir: Path, cases: dict, repeats: int, quick: bool, precisions: list[str]) -> dict:
+def bench_server(model_dir: Path, cases: dict, repeats: int, quick: bool, precisions: list[str], src: Path = REPO) -> dict:
+    """The API of the checkout ``src`` (``--src``: an older commit, for a before / after on one machine)."""
     import httpx
 
     slice_files = next(v for k, v in cases.items() if k.startswith("slice"))
@@ -405,7 +406,7 @@ def bench_server(model_dir: Path, cases: dict, repeats: int, quick: bool, precis
     try:
         port = free_port()
         t_launch = time.perf_counter()
-        proc, out["start_to_health_s"] = start_server("127.0.0.1", port, log, env=env)
+        proc, out["start_to_health_s"] = start_server("127.0.0.1", port, log, src, env=env)
         url = f"http://127.0.0.1:{port}"
         out["rss_idle_mib"] = rss_mib(proc.pid)
         with httpx.Client(base_url=url, timeout=300) as c:
@@ -419,7 +420,10 @@ def bench_server(model_dir: Path, cases: dict, repeats: int, quick: bool, precis
             duration = 2.0 if quick else 15.0
             for precision in precisions:
                 c.post("/v1/segment", files=[("files", f) for f in slice_files], data={"precision": precision})  # loads that precision
-                for answer in ANSWERS:
+                answers = (
+                    ANSWERS if c.post("/v1/segment", files=[("files", f) for f in slice_files], data={"return": "none"}).status_code == 200 else ANSWERS[:1]
+                )
+                for answer in answers:  # a server from before return= knows only the default answer
                     params = {"precision": precision, **({"return": answer} if answer != "default" else {})}
                     for clients in (1, 8):
                         res = concurrent_slices(url, slice_files, params, clients, duration)
@@ -529,7 +533,8 @@ def _slices(a: dict, clients: int) -> list[dict]:
     return [s for s in a["slices"] if s["clients"] == clients]
 
 
-def target_rows(res: dict) -> list[str]:
+def measured(res: dict) -> list[tuple[str, bool]]:
+    """Each target's measured value (text) and whether it is met, from one run's results."""
     nets, a = res["networks"], res["api"]
     by = {(r["model"], r["backend"]): r for r in nets}
     models = sorted({r["model"] for r in nets})
@@ -543,19 +548,38 @@ def target_rows(res: dict) -> list[str]:
     api_q = [per[("int8", ans)] / per[("fp32", ans)] for ans in ANSWERS if ("int8", ans) in per and ("fp32", ans) in per]
     vol = min(a["volumes"], key=lambda w: w["median_s"])
     rss20 = a["rss_after_20_volumes_mib"] * 1.048576
-    measured = (
-        (f"{one['per_s']:.1f} slices/s ({one['precision']}, return={one.get('answer', 'default')})", one["per_s"] >= 80),
-        (
-            f"{eight['per_s']:.1f} slices/s, p99 {eight['p99']:.0f} ms ({eight['precision']}, return={eight.get('answer', 'default')})",
-            eight["per_s"] >= 100 and eight["p99"] <= 200,
-        ),
+
+    def how(s: dict) -> str:
+        return f"{s['precision']}, return={s.get('answer', 'default')}"
+
+    return [
+        (f"{one['per_s']:.1f} slices/s ({how(one)})", one["per_s"] >= 80),
+        (f"{eight['per_s']:.1f} slices/s, p99 {eight['p99']:.0f} ms ({how(eight)})", eight["per_s"] >= 100 and eight["p99"] <= 200),
         (" / ".join(f"{x:.2f}x" for x in q), bool(q) and min(q) >= 2),
         (" / ".join(f"{x:.2f}x" for x in api_q) or "n/a", bool(api_q) and max(api_q) >= 1.5),
         (f"{vol['median_s']:.2f} s ({vol['precision']})", vol["median_s"] <= 1.0),
         (f"{rss20:.0f} MB", rss20 <= 600),
         (f"{a['start_to_health_s']:.2f} s", a["start_to_health_s"] <= 1.5),
+    ]
+
+
+def before_line(res: dict) -> str:
+    b = res.get("before")
+    if not b:
+        return "Before: the figures of issue 19 (measured on the machine of the time; see its text)."
+    return (
+        f"Before: the same script on this machine on {b['date']}, the API served by `{b['api'].get('src', '?')}` "
+        f"({b.get('note') or 'no note'}; load average {b['machine']['load_start']['loadavg']} at its start, {b['machine']['load_end']['loadavg']} at its end). "
+        "The networks are measured in-process by the current code in both runs."
     )
-    return [f"| {name} | {goal} | {before} | {got} | {'met' if ok else '**not met**'} |" for (name, goal, before), (got, ok) in zip(TARGETS, measured)]
+
+
+def target_rows(res: dict) -> list[str]:
+    """One row per target: goal, before (``--before``: that run on this machine; else the issue's figures), after."""
+    before = [text for text, _ in measured(res["before"])] if res.get("before") else [t[2] for t in TARGETS]
+    return [
+        f"| {name} | {goal} | {was} | {got} | {'met' if ok else '**not met**'} |" for (name, goal, _), was, (got, ok) in zip(TARGETS, before, measured(res))
+    ]
 
 
 def markdown(res: dict) -> str:
@@ -576,6 +600,8 @@ def markdown(res: dict) -> str:
         *([f"- **Note**: {res['note']}"] if res.get("note") else []),
         "",
         "## Targets",
+        "",
+        before_line(res),
         "",
         "| target | goal | before | after (this run) | |",
         "|---|---|---|---|---|",
@@ -690,11 +716,15 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     ap.add_argument("--skip-api", action="store_true", help="networks only")
     ap.add_argument("--note", default="", help="a sentence for the header (e.g. what else ran on the machine)")
+    ap.add_argument("--before", type=Path, default=None, help="the .json of a run of the commit before (--src), for the targets' before column")
+    ap.add_argument("--src", type=Path, default=REPO, help="serve the API from this checkout (e.g. a git archive of an older commit) instead")
     ap.add_argument("--render", type=Path, default=None, help="only write the Markdown of an earlier run's .json (with --note, if given)")
     a = ap.parse_args()
     if a.render:
         res = json.loads(a.render.read_text())
         res["note"] = a.note or res.get("note", "")
+        if a.before:
+            res["before"] = json.loads(a.before.read_text())
         write_bytes_atomic(a.out, markdown(res).encode())
         print(f"wrote {a.out}")
         return 0
@@ -724,8 +754,11 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="brainseg-bench-models-") as tmp:
             model_dir = bench_model_dir(reg, int8_paths, Path(tmp) / "models")
             precisions = ["fp32", "int8"] if len(int8_paths) == len(reg["models"]) else ["fp32"]
-            res["api"] = bench_server(model_dir, inputs(False), max(3, repeats), a.quick, precisions)
+            res["api"] = bench_server(model_dir, inputs(False), max(3, repeats), a.quick, precisions, a.src.resolve())
+            res["api"]["src"] = str(a.src.resolve())
     res["machine"]["load_end"] = machine_load()
+    if a.before:
+        res["before"] = json.loads(a.before.read_text())
     write_json_atomic(a.out.with_suffix(".json"), res)
     if not a.skip_api:
         write_bytes_atomic(a.out, markdown(res).encode())

@@ -123,7 +123,7 @@ class Clock:
 
 
 @dataclass
-class TimedBackend:
+class ClockedBackend:
     inner: object
     clock: Clock
 
@@ -142,7 +142,7 @@ def timed(model, clock: Clock):
     """``model`` (a Segmenter or an Ensemble) whose network calls add their time to ``clock``."""
     if isinstance(model, Ensemble):
         return Ensemble([timed(m, clock) for m in model.members])
-    return Segmenter(TimedBackend(model.backend, clock), model.name, model.path)
+    return Segmenter(ClockedBackend(model.backend, clock), model.name, model.path)
 
 
 @dataclass
