@@ -23,7 +23,7 @@ import numpy as np
 from brainseg.data import write_json_atomic
 from brainseg.metrics import dice
 from brainseg.predict import segment_volume
-from brainseg.registry import load
+from brainseg.predictor import load
 from brainseg.volumes import load_volume
 
 

@@ -28,7 +28,8 @@ from brainseg.config import DISPLAY_NAMES, EVERY_CONDITION
 from brainseg.data import discover, labelled, read_split, write_text_atomic
 from brainseg.evaluation import evaluate_predictions, predict_patients
 from brainseg.export import CALIBRATION_METHODS, CALIBRATION_SLICES, export_int8
-from brainseg.inference import int8_path, load_segmenter
+from brainseg.inference import int8_path
+from brainseg.predictor import load_segmenter
 from brainseg.registry import read_registry, write_registry
 
 MAX_DROP = 0.005  # per-patient Dice, test patients, under each input condition

@@ -30,8 +30,9 @@ from brainseg.config import DISPLAY_NAMES, EVERY_CONDITION, SPLIT_SEED, Experime
 from brainseg.data import discover, labelled, write_json_atomic, write_text_atomic
 from brainseg.evaluation import CONDITION_NAMES, PROTOCOLS, conditions_table, evaluate_predictions, markdown_table, mean_predictions, predict_patients
 from brainseg.export import export_onnx
-from brainseg.inference import Ensemble, Segmenter, TorchBackend, load_segmenter
+from brainseg.inference import Ensemble, Segmenter, TorchBackend
 from brainseg.pipeline import CALIBRATION_CONDITIONS, SELECTED_BY, calibrate, condition_summary
+from brainseg.predictor import load_segmenter
 from brainseg.registry import EnsembleEntry, ModelEntry, Registry, write_registry
 from brainseg.visualize import save_figure
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from helpers import make_client, segment
 
-from brainseg import registry
+from brainseg import predictor, registry
 from brainseg.metrics import dice
 from brainseg.synthetic import synthetic_png, synthetic_slice
 
@@ -120,8 +120,8 @@ def test_a_request_without_precision_gets_the_registry_default(int8_default_dir)
 
 def test_int8_is_not_the_default_where_the_fp32_model_runs_on_pytorch(int8_default_dir):
     reg = registry.read(int8_default_dir)
-    assert registry.served_precision(reg, "attention_unet", "onnx") == "int8"
-    assert registry.served_precision(reg, "attention_unet", "torch") == "fp32"  # e.g. a GPU machine
+    assert predictor.served_precision(reg, "attention_unet", "onnx") == "int8"
+    assert predictor.served_precision(reg, "attention_unet", "torch") == "fp32"  # e.g. a GPU machine
 
 
 def test_fp32_and_int8_of_one_model_are_loaded_side_by_side(client):

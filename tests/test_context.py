@@ -19,8 +19,8 @@ from brainseg.checkpoint import save_checkpoint
 from brainseg.config import AugmentConfig, ExperimentConfig, ModelConfig, PreprocessConfig, TrainConfig
 from brainseg.data import read_split
 from brainseg.export import export_onnx
-from brainseg.inference import load_segmenter
 from brainseg.models import build_model
+from brainseg.predictor import load_segmenter
 from brainseg.preprocessing import context_indices, drop_sequences, per_slice
 from brainseg.training import SliceDataset, Trainer, expand_input_channels
 

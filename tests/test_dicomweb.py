@@ -188,7 +188,7 @@ def test_failures_of_the_archive_are_tried_a_bounded_number_of_times(orthanc, ar
     from dicomweb_client.api import DICOMwebClient
 
     from brainseg.dicomweb import MAX_ATTEMPTS, Node, make_session, study_tag
-    from brainseg.registry import load
+    from brainseg.predictor import load
 
     seg = load(model_dir=tiny_model_dir)
     client = DICOMwebClient(orthanc + "/dicom-web", session=make_session(f"{USER}:{PASSWORD}"), stow_url_prefix="no-such-service")

@@ -18,7 +18,8 @@ from helpers import LGG, REPO, require
 from brainseg.cli import main
 from brainseg.config import EVERY_CONDITION
 from brainseg.data import discover, labelled, load_patient
-from brainseg.inference import binarize, load_segmenter
+from brainseg.inference import binarize
+from brainseg.predictor import load_segmenter
 from brainseg.synthetic import synthetic_slice
 
 pytest.importorskip("onnxruntime.quantization")

@@ -56,7 +56,7 @@ def test_synthetic_volume_is_shown_anterior_up_patient_right_on_the_left():
 
 def test_same_volume_in_six_storage_orders_same_slices_and_same_mask(shared_data):
     """The real BraTS-format FLAIR of an LGG patient, stored six ways, through the shipped default model."""
-    from brainseg.registry import load
+    from brainseg.predictor import load
 
     path = require(BRATS_FORMAT / "TCGA-DU-7294" / "TCGA-DU-7294-t2f.nii.gz")
     ref_img = nib.load(path)

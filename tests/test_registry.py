@@ -8,7 +8,7 @@ import shutil
 import pytest
 from helpers import REPO
 
-from brainseg import registry
+from brainseg import predictor, registry
 from brainseg.config import PostprocessConfig
 from brainseg.registry import EnsembleEntry, ModelEntry, PrecisionUnavailable, Registry, RegistryError
 
@@ -143,13 +143,13 @@ def test_pick_backend(monkeypatch, has_onnx, has_ckpt, gpu, asked, env, expected
     monkeypatch.delenv("BRAINSEG_BACKEND", raising=False)
     if env:
         monkeypatch.setenv("BRAINSEG_BACKEND", env)
-    assert registry.pick_backend(has_onnx, has_ckpt, asked) == expected
+    assert predictor.pick_backend(has_onnx, has_ckpt, asked) == expected
 
 
 def test_bad_backend_variable_is_named(monkeypatch):
     monkeypatch.setenv("BRAINSEG_BACKEND", "tensorrt")
     with pytest.raises(ValueError, match="BRAINSEG_BACKEND"):
-        registry.pick_backend(True, True)
+        predictor.pick_backend(True, True)
 
 
 def test_cli_loader_and_server_engine_pick_the_same_files(tiny_model_dir, monkeypatch):
@@ -161,19 +161,19 @@ def test_cli_loader_and_server_engine_pick_the_same_files(tiny_model_dir, monkey
     monkeypatch.delenv("BRAINSEG_BACKEND", raising=False)
     for gpu, kind in ((False, "onnx"), (True, "torch")):
         monkeypatch.setattr(brainseg.inference, "gpu_present", lambda gpu=gpu: gpu)
-        cli = registry.load("unetpp", model_dir=tiny_model_dir)
+        cli = predictor.load("unetpp", model_dir=tiny_model_dir)
         served = Engine(Settings.from_env({}, model_dir=str(tiny_model_dir))).get("unetpp")
         assert cli.backend.kind == served.backend.kind == kind and cli.path == served.path
-        ens = registry.load("ensemble", model_dir=tiny_model_dir)
+        ens = predictor.load("ensemble", model_dir=tiny_model_dir)
         assert [m.name for m in ens.members] == ["attention_unet", "unetpp"]
 
 
 def test_int8_is_refused_by_name_when_a_model_has_no_int8_file(tiny_model_dir):
     reg = registry.read(tiny_model_dir)
     with pytest.raises(PrecisionUnavailable, match="'unetpp' has no INT8 version"):
-        registry.choose_file(reg, "unetpp", precision="int8")
+        predictor.choose_file(reg, "unetpp", precision="int8")
     with pytest.raises(ValueError, match="precision must be one of fp32, int8"):
-        registry.choose_file(reg, "unetpp", precision="fp16")
+        predictor.choose_file(reg, "unetpp", precision="fp16")
 
 
 def test_int8_picks_the_onnx_int8_file(tiny_model_dir, tmp_path):
@@ -184,11 +184,11 @@ def test_int8_picks_the_onnx_int8_file(tiny_model_dir, tmp_path):
     reg.models["unetpp"].onnx_int8 = "unetpp.int8.onnx"
     registry.write_registry(tmp_path, reg)
     reg = registry.read(tmp_path)
-    assert registry.choose_file(reg, "unetpp", "auto", "int8") == (tmp_path / "unetpp.int8.onnx", "onnx")
-    assert registry.choose_file(reg, "unetpp", "auto", "fp32")[0] in (tmp_path / "unetpp.onnx", tmp_path / "unetpp.pt")
+    assert predictor.choose_file(reg, "unetpp", "auto", "int8") == (tmp_path / "unetpp.int8.onnx", "onnx")
+    assert predictor.choose_file(reg, "unetpp", "auto", "fp32")[0] in (tmp_path / "unetpp.onnx", tmp_path / "unetpp.pt")
     with pytest.raises(PrecisionUnavailable, match="ONNX Runtime only"):
-        registry.choose_file(reg, "unetpp", "torch", "int8")
-    assert registry.load("unetpp", model_dir=tmp_path, precision="int8").path == str(tmp_path / "unetpp.int8.onnx")
+        predictor.choose_file(reg, "unetpp", "torch", "int8")
+    assert predictor.load("unetpp", model_dir=tmp_path, precision="int8").path == str(tmp_path / "unetpp.int8.onnx")
 
 
 def test_read_registry_dict_writes_back_the_same_file(tmp_path):

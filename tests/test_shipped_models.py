@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import LGG, REPO, require
 
-from brainseg import registry
+from brainseg import predictor, registry
 from brainseg.config import EVERY_CONDITION
 from brainseg.data import discover, labelled, load_patient
 from brainseg.inference import Segmenter, TorchBackend, binarize
@@ -58,7 +58,7 @@ def test_registry_names_both_models_and_a_default(reg):
 
 def test_default_finds_the_lesion_and_nothing_on_a_lesion_free_slice(reg, test_patient):
     pid, images, truth = test_patient
-    seg = registry.load(model_dir=MODELS)
+    seg = predictor.load(model_dir=MODELS)
     assert seg.name == reg["default"] and seg.backend.kind == "onnx"
     z_pos = int(np.argmax(truth.reshape(len(truth), -1).sum(1)))
     pred = binarize(seg.probabilities([images[z_pos]])[0], seg.postprocess)
@@ -71,7 +71,7 @@ def test_default_finds_the_lesion_and_nothing_on_a_lesion_free_slice(reg, test_p
 @pytest.mark.parametrize("name", ["unetpp", "attention_unet"])
 def test_onnx_and_pytorch_give_the_same_masks(reg, test_patient, name):
     _, images, truth = test_patient
-    onnx_seg = registry.load(name, model_dir=MODELS)
+    onnx_seg = predictor.load(name, model_dir=MODELS)
     torch_seg = Segmenter(TorchBackend(MODELS / reg["models"][name]["checkpoint"], device="cpu"), name)
     zs = np.flatnonzero(truth.reshape(len(truth), -1).any(1))[:8]
     batch = [images[z] for z in zs]
@@ -118,7 +118,7 @@ def test_default_finds_the_lesion_on_a_grey_flair_image_through_the_api(grey_fla
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["input"]["condition"] == "flair_only"
-    post = registry.load(model_dir=MODELS).postprocess
+    post = predictor.load(model_dir=MODELS).postprocess
     assert body["min_size"] == (post.slice_min_size if post.slice_min_size is not None else post.min_size) and body["components"] == "2D"
     mask = cv2.imdecode(np.frombuffer(base64.b64decode(body["mask_png"]), np.uint8), cv2.IMREAD_UNCHANGED) > 0
     assert dice(mask, truth) > 0.5

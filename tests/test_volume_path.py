@@ -33,7 +33,7 @@ def _slice_by_slice(seg, vol, post):
 
 
 def test_brats_mask_unchanged_on_every_segmented_slice(shared_data):
-    from brainseg.registry import load
+    from brainseg.predictor import load
 
     files = [require(BRATS / f"BraTS-MET-00110-000-{s}.nii.gz") for s in ("t1n", "t2f", "t1c")]
     seg = load()  # the shipped default model

@@ -59,18 +59,17 @@ class ModelSpec:
     pixel_spacing: tuple[float, float] | None = None  # a slice's (row, col) mm, as predict --pixel-spacing
 
     def load(self, threads: int = 0):
-        """The segmenter, loaded through ``registry.load`` as ``brainseg predict`` loads it; ``threads``: ONNX Runtime's (0: its default)."""
-        from .cli import _load_model
-        from .registry import load
+        """The segmenter, loaded through ``predictor.load`` as ``brainseg predict`` loads it; ``threads``: ONNX Runtime's (0: its default)."""
+        from .predictor import load
 
-        if self.checkpoint:
-            return _load_model(self)  # the CLI's rules for a checkpoint (its INT8 file beside it)
-        return load(name=self.model, model_dir=self.model_dir, prefer_onnx=not self.torch, precision=self.precision, threads=threads)
+        return load(
+            name=self.model, model_dir=self.model_dir, checkpoint=self.checkpoint, prefer_onnx=not self.torch, precision=self.precision, threads=threads
+        )
 
     def post(self, segmenter):
-        from .cli import _post
+        from .predictor import override
 
-        return _post(self, segmenter)
+        return override(segmenter.postprocess, self.threshold, self.min_size)
 
     def fingerprint(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -142,18 +142,9 @@ def cmd_train(args) -> int:
 
 
 def _load_model(args):
-    from .registry import load
+    from .predictor import load
 
-    checkpoint = args.checkpoint
-    if checkpoint and args.precision == "int8":
-        from .inference import int8_path
-
-        checkpoint = int8_path(checkpoint)  # X.pt / X.onnx -> X.int8.onnx beside it
-        if not checkpoint.is_file():
-            raise FileNotFoundError(
-                f"{checkpoint}: no INT8 model beside {args.checkpoint}; make it with `brainseg export --checkpoint {args.checkpoint} --int8`"
-            )
-    return load(name=args.model, model_dir=args.model_dir, checkpoint=checkpoint, prefer_onnx=not args.torch, precision=args.precision)
+    return load(name=args.model, model_dir=args.model_dir, checkpoint=args.checkpoint, prefer_onnx=not args.torch, precision=args.precision)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -174,14 +165,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _post(args, seg):
-    post = seg.postprocess
-    if args.threshold is not None:
-        if not 0.0 < args.threshold < 1.0:
-            raise ValueError(f"--threshold must be in (0, 1), got {args.threshold}")
-        post = replace(post, threshold=args.threshold)
-    if args.min_size is not None:
-        post = replace(post, min_size=args.min_size)
-    return post
+    from .predictor import override
+
+    return override(seg.postprocess, args.threshold, args.min_size)
 
 
 def cmd_evaluate(args) -> int:

@@ -36,6 +36,8 @@ SHIFT_CONDITIONS = {
 EVERY_CONDITION = (*CONDITIONS, *SHIFT_CONDITIONS)
 
 # Display names (the original description prints "Nested U-Net DICE Score: ...").
+PRECISIONS = ("fp32", "int8")  # served network precisions (int8: a quantised ONNX file)
+BACKENDS = ("auto", "onnx", "torch")  # ONNX Runtime or PyTorch; auto: predictor.pick_backend's rule
 DISPLAY_NAMES = {"unetpp": "Nested U-Net", "attention_unet": "Attention U-Net", "ensemble": "Ensemble (mean probability)"}
 
 # The patient split (``data.split_patients``): its seed, and hold-out shares of the patients

@@ -1,7 +1,7 @@
 """Inference engine: a model loaded once, the preprocessing saved with it, probabilities out.
 
 Backends: ONNX Runtime (``.onnx``, fp32 or INT8, CPU, no torch import) and PyTorch (``.pt``
-checkpoints, CUDA when available); which one runs is decided by ``registry.pick_backend``.
+checkpoints, CUDA when available); which one runs is decided by ``predictor.pick_backend``.
 ``Segmenter`` wraps one model, ``Ensemble`` averages the probabilities of several. All return
 probabilities in [0, 1] at the input's size.
 """
@@ -24,7 +24,6 @@ from .metrics import remove_small_components
 from .preprocessing import context_indices, context_stack, intensity_window, normalize, prepare, preprocess_slice, restore_size, to_uint8
 
 ONNX_METADATA_KEY = "brainseg_config"
-PRECISIONS = ("fp32", "int8")
 INT8_SUFFIX = ".int8.onnx"
 ONNX_DEVICES = ("auto", "cpu", "cuda", "tensorrt")  # BRAINSEG_ONNX_DEVICE
 GPU_PROVIDERS = {"tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"], "cuda": ["CUDAExecutionProvider"]}
@@ -312,25 +311,6 @@ def load_backend(path: os.PathLike | str, kind: str, name: str | None = None, th
     ``onnx_providers``) or ``torch``."""
     backend = OnnxBackend(path, threads, spinning, device) if kind == "onnx" else TorchBackend(path)
     return Segmenter(backend, name or backend.config.model.name, str(path))
-
-
-def load_segmenter(path: os.PathLike | str, name: str | None = None, prefer_onnx: bool = True, *, backend: str | None = None) -> Segmenter:
-    """Load a ``.pt`` checkpoint or ``.onnx`` file.
-
-    A ``.pt`` with an ``.onnx`` beside it follows the backend rule of ``registry.pick_backend``
-    (ONNX Runtime on CPU-only machines, PyTorch where CUDA is available; ``prefer_onnx=False``
-    or ``backend="torch"``: PyTorch). An ``.onnx`` file runs with ONNX Runtime.
-    """
-    from .registry import pick_backend
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: model file not found")
-    if path.suffix == ".onnx":
-        return load_backend(path, "onnx", name)
-    onnx_path = path.with_suffix(".onnx")
-    kind = pick_backend(onnx_path.is_file(), True, backend if prefer_onnx else "torch")
-    return load_backend(onnx_path if kind == "onnx" else path, kind, name)
 
 
 def gpu_present() -> bool:

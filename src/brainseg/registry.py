@@ -1,10 +1,9 @@
-"""The model registry: its written schema, the one writer, the one loader.
+"""The model registry: its written schema, the one writer, the one reader. Nothing here loads a model.
 
 ``registry.json`` lives in a model folder (the shipped ``models/``, or a training run's folder);
 paths in it are relative to that folder. ``pipeline.train_models`` and ``scripts/ship_models.py``
-write it with ``write_registry``; the CLI, the scripts and the server (``serving.engine.Engine``)
-read it with ``read`` and load models with ``load`` / ``load_member``, so every entry point
-follows the same backend rules (``pick_backend``). No torch import here.
+write it with ``write_registry``; everything reads it with ``read``. Models are loaded by
+``predictor`` (the one loader, with the backend rules) from what this module reads. No torch import here.
 
 Schema, version 1 (``Registry``; a file without ``schema_version`` was written before the
 version existed and has the same keys, so it is read as version 1)::
@@ -40,12 +39,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .config import PostprocessConfig
 from .data import write_json_atomic
-from .inference import PRECISIONS
 
 REGISTRY = "registry.json"
 ENSEMBLE = "ensemble"
 SCHEMA_VERSION = 1
-BACKENDS = ("auto", "onnx", "torch")
 
 Precision = Literal["fp32", "int8"]
 
@@ -220,115 +217,6 @@ def file_version(path: os.PathLike | str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:12]
-
-
-# ---------------------------------------------------------------- which file, which backend
-
-
-def requested_backend(backend: str | None = None) -> str:
-    """``backend`` if given, else ``$BRAINSEG_BACKEND``, else ``auto``; ValueError if not one of BACKENDS."""
-    value = backend or os.environ.get("BRAINSEG_BACKEND") or "auto"
-    if value not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)} (BRAINSEG_BACKEND), got {value!r}")
-    return value
-
-
-def pick_backend(has_onnx: bool, has_checkpoint: bool, backend: str | None = None) -> str:
-    """The backend rule, for every entry point (CLI, scripts, server), ``onnx`` or ``torch``:
-
-    - ``auto`` (the default): ONNX Runtime on the CPU when the model's ``.onnx`` file is there and
-      no CUDA GPU is present (``inference.gpu_present``; no torch import); PyTorch when a GPU is
-      present and the checkpoint is there, or when there is no ``.onnx`` file;
-    - ``onnx`` / ``torch``: that one (the caller reports a missing file);
-    - ``backend=None`` reads ``$BRAINSEG_BACKEND`` (the server passes its setting of the same name,
-      the CLI's ``--torch`` passes ``torch``);
-    - precision ``int8`` always runs the ``onnx_int8`` file with ONNX Runtime (see ``choose_file``).
-    """
-    from .inference import gpu_present
-
-    want = requested_backend(backend)
-    if want == "auto":
-        want = "torch" if has_checkpoint and (not has_onnx or gpu_present()) else "onnx"
-    return want
-
-
-def choose_file(reg: Registry, name: str, backend: str | None = None, precision: str = "fp32") -> tuple[Path | None, str]:
-    """``(path, backend)`` of one registered model under the backend rule (``pick_backend``).
-
-    ``path`` is None when the file the rule picks is missing. ``precision="int8"`` picks the
-    ``onnx_int8`` file; PrecisionUnavailable when the model has none, or when ``backend="torch"``.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "int8":
-        if requested_backend(backend) == "torch":
-            raise PrecisionUnavailable("precision int8 runs with ONNX Runtime only; the torch backend is fp32")
-        if not reg.entry(name).onnx_int8:
-            raise PrecisionUnavailable(f"model {name!r} has no INT8 version (no onnx_int8 in its registry); use precision fp32")
-        return reg.file(name, "onnx_int8"), "onnx"
-    onnx, ckpt = reg.file(name, "onnx"), reg.file(name, "checkpoint")
-    kind = pick_backend(onnx is not None, ckpt is not None, backend)
-    return (onnx if kind == "onnx" else ckpt), kind
-
-
-def served_precision(reg: Registry, name: str | None, backend: str | None = None) -> str:
-    """The precision a server uses when a request names none.
-
-    ``int8`` where the registry recommends it (``default_precision``: ``scripts/ship_int8.py`` sets it
-    only where the INT8 model's Dice cost on the test patients is within its limit), the model has an
-    ``onnx_int8`` file and its fp32 model would run on ONNX Runtime (with a GPU, PyTorch fp32 is
-    faster); else ``fp32``. An ensemble serves ``int8`` only when every member does.
-    """
-
-    def one(member: str) -> bool:
-        entry = reg.entry(member)
-        return entry.default_precision == "int8" and bool(entry.onnx_int8) and choose_file(reg, member, backend, "fp32")[1] == "onnx"
-
-    return "int8" if all(one(m) for m in reg.resolve(name)) else "fp32"
-
-
-def load_member(
-    reg: Registry, name: str, backend: str | None = None, precision: str = "fp32", threads: int = 0, spinning: bool = True, device: str | None = None
-):
-    """One registered model, loaded (a ``Segmenter``; ``threads`` / ``spinning`` / ``device``: ONNX Runtime's, see
-    ``inference.OnnxBackend``). FileNotFoundError when its file is missing."""
-    from .inference import load_backend
-
-    path, kind = choose_file(reg, name, backend, precision)
-    if path is None:
-        key = "onnx_int8" if precision == "int8" else ("onnx" if kind == "onnx" else "checkpoint")
-        raise FileNotFoundError(f"model {name!r}: its {key} file is not in {reg.directory} (backend {requested_backend(backend)})")
-    seg = load_backend(path, kind, name, threads=threads, spinning=spinning, device=device)
-    if precision == "int8" and seg.precision != "int8":
-        seg.backend.precision = "int8"  # registered as INT8; a file quantised by other tools carries no marker
-    return seg
-
-
-def load(
-    name: str | None = None,
-    model_dir: os.PathLike | str | None = None,
-    checkpoint: os.PathLike | str | None = None,
-    prefer_onnx: bool = True,
-    *,
-    backend: str | None = None,
-    precision: str = "fp32",
-    threads: int = 0,
-):
-    """A ready Segmenter (or Ensemble) by registry name, or from an explicit checkpoint / ONNX path.
-
-    ``prefer_onnx=False`` is ``backend="torch"`` (the CLI's ``--torch``). Backends: ``pick_backend``.
-    """
-    from .inference import Ensemble, load_segmenter
-
-    if not prefer_onnx:
-        backend = "torch"
-    if checkpoint:
-        if precision == "int8" and Path(checkpoint).suffix != ".onnx":
-            raise PrecisionUnavailable(f"{checkpoint}: precision int8 needs an INT8 .onnx file (or a registered model with --model)")
-        return load_segmenter(checkpoint, backend=backend)
-    reg = read(model_dir)
-    members = [load_member(reg, n, backend, precision, threads) for n in reg.resolve(name)]
-    return Ensemble(members) if name == ENSEMBLE else members[0]
 
 
 def model_path(reg: dict, name: str, prefer_onnx: bool = True) -> Path:

@@ -218,7 +218,7 @@ def _burn_label(rgb: np.ndarray, text: str) -> np.ndarray:
 
 
 def _orientation_codes(orientation: dict | None) -> tuple[str, str] | None:
-    """PatientOrientation (towards the right edge, towards the bottom edge) of ``answers.display_orientation``'s dict."""
+    """PatientOrientation (towards the right edge, towards the bottom edge) of ``volumes.display_orientation``'s dict."""
     if not orientation or not orientation.get("right") or not orientation.get("bottom"):
         return None
     return (orientation["right"], orientation["bottom"])
@@ -264,7 +264,7 @@ def secondary_capture_series(seg, display, mask, model_name: str, model_version:
     Raises ``ReportError`` (a plain sentence) when the images cannot be written."""
     import highdicom as hd
 
-    from .serving.render import render
+    from .visualize import render
 
     seg = _dataset(seg)
     slices = [z for z in range(len(mask)) if np.asarray(mask[z]).any()] or [len(mask) // 2]
@@ -361,7 +361,7 @@ def key_images(display, mask, lesions: list[dict], limit: int = MAX_KEY_IMAGES) 
     """(caption, RGB overlay with the diameters drawn) for each of ``key_slices``."""
     import cv2
 
-    from .serving.render import render
+    from .visualize import render
 
     out = []
     for z in key_slices(mask, lesions, limit):
@@ -486,7 +486,7 @@ def write_volume_reports(out, vol, res, stats: dict, model_version: str, seg: by
     from pathlib import Path
 
     from .data import write_bytes_atomic
-    from .serving.answers import display_orientation
+    from .volumes import display_orientation
 
     out, stem = Path(out), vol.name
     info = report_info(stats, model_version, name=stem)

@@ -119,3 +119,16 @@ def preprocessing_overview(ds, cfg, path: os.PathLike | str, n_samples: int = 3,
     fig.suptitle("Preprocessing: raw vs CLAHE vs training augmentation (lesion outlined in red)", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def render(display: np.ndarray, mask: np.ndarray, view: str = "overlay", channel: int = 1, alpha: float = 0.4) -> np.ndarray:
+    """One display slice (H, W, 3) uint8 as ``image``, ``overlay`` or ``mask`` (RGB / grey uint8).
+
+    ``channel`` 0 / 1 / 2 shows pre-contrast / FLAIR / post-contrast in grey; -1 shows the three as RGB.
+    """
+    if view == "mask":
+        return mask.astype(np.uint8) * 255
+    base = display if channel < 0 else display_channel(display, channel)
+    if view == "image":
+        return np.ascontiguousarray(base)
+    return overlay(base, mask, alpha=alpha)

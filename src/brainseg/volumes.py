@@ -355,3 +355,21 @@ def nifti_bytes(mask: np.ndarray, affine: np.ndarray) -> bytes:
 def save_mask_nifti(path: os.PathLike | str, mask_zhw: np.ndarray, vol: Volume) -> Path:
     write_bytes_atomic(path, nifti_bytes(vol.file_mask(mask_zhw), vol.affine))
     return Path(path)
+
+
+_OPPOSITE = {"L": "R", "R": "L", "A": "P", "P": "A", "S": "I", "I": "S"}
+
+
+def display_orientation(affine: np.ndarray) -> dict | None:
+    """Patient directions at the edges of a displayed slice, from the affine of the displayed
+    (slice, row, column) array (``Volume.display_affine``): rows grow towards the bottom edge,
+    columns towards the right edge."""
+    import nibabel as nib
+
+    try:
+        _, row, col = nib.aff2axcodes(affine)
+    except Exception:
+        return None
+    if row is None or col is None:
+        return None
+    return {"top": _OPPOSITE[row], "bottom": row, "left": _OPPOSITE[col], "right": col}

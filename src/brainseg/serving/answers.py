@@ -13,12 +13,11 @@ from ..inference import Ensemble, window_for_volume
 from ..predict import SliceResult, VolumeResult
 from ..preprocessing import intensity_window
 from ..review import display_window, probability_u8
-from ..volumes import Volume
+from ..volumes import Volume, display_orientation
 from .render import b64png, display_slice, display_volume, render
 from .store import StoredResult
 
 MAX_LESIONS_LISTED = 1000  # the count is always exact; the list is cut for garbage masks
-_OPPOSITE = {"L": "R", "R": "L", "A": "P", "P": "A", "S": "I", "I": "S"}
 
 
 @dataclass(frozen=True)
@@ -139,21 +138,6 @@ def slice_answer(
         body["overlay_png"] = b64png(render(display, res.mask, "overlay", 1, 0.4))
     store.put(stored)
     return body
-
-
-def display_orientation(affine: np.ndarray) -> dict | None:
-    """Patient directions at the edges of a displayed slice, from the affine of the displayed
-    (slice, row, column) array (``Volume.display_affine``): rows grow towards the bottom edge,
-    columns towards the right edge."""
-    import nibabel as nib
-
-    try:
-        _, row, col = nib.aff2axcodes(affine)
-    except Exception:
-        return None
-    if row is None or col is None:
-        return None
-    return {"top": _OPPOSITE[row], "bottom": row, "left": _OPPOSITE[col], "right": col}
 
 
 def _volume_urls(rid: str) -> dict:

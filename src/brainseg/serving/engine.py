@@ -1,7 +1,7 @@
 """The inference engine behind the service: each model loaded once, reused by every request.
 
-Models come from the registry through the one loader (``registry.load_member``), so the backend
-rules are the CLI's (``registry.pick_backend``: ONNX Runtime on CPU, PyTorch where a CUDA GPU is
+Models come from the registry through the one loader (``predictor.load_member``), so the backend
+rules are the CLI's (``predictor.pick_backend``: ONNX Runtime on CPU, PyTorch where a CUDA GPU is
 present or no ``.onnx`` file exists; ``BRAINSEG_BACKEND`` = auto | onnx | torch overrides). Each
 (model, precision) pair is loaded once; ``ensemble`` averages the probabilities of every registered
 model (``Registry.ensemble_members``), reusing the same loaded members. Thread-safe: requests run
@@ -19,12 +19,11 @@ import logging
 import os
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from .. import registry
+from .. import predictor, registry
 from ..config import DISPLAY_NAMES, PostprocessConfig
 from ..inference import Ensemble, Segmenter
 from ..predict import SliceResult, VolumeResult, segment_slice, segment_volume
@@ -103,8 +102,8 @@ class Engine:
         return registry.ENSEMBLE if name == registry.ENSEMBLE else members[0]
 
     def default_precision(self, name: str | None) -> str:
-        """What a request that names no precision gets (``registry.served_precision``)."""
-        return registry.served_precision(self.registry(), name, self.settings.backend)
+        """What a request that names no precision gets (``predictor.served_precision``)."""
+        return predictor.served_precision(self.registry(), name, self.settings.backend)
 
     def require_precision(self, name: str, precision: str) -> None:
         """PrecisionUnavailable when ``name`` (or a member of the ensemble) has no file of that precision."""
@@ -112,7 +111,7 @@ class Engine:
             return
         reg = self.registry()
         for member in reg.resolve(name):
-            registry.choose_file(reg, member, self.settings.backend, precision)
+            predictor.choose_file(reg, member, self.settings.backend, precision)
 
     # ------------------------------------------------------------ loading
 
@@ -121,11 +120,11 @@ class Engine:
         backend = self.settings.backend
         t0 = time.perf_counter()
         try:
-            seg = registry.load_member(reg, name, backend, precision, self.settings.onnx_intra_threads, self.settings.onnx_spinning, self.settings.onnx_device)
+            seg = predictor.load_member(reg, name, backend, precision, self.settings.onnx_intra_threads, self.settings.onnx_spinning, self.settings.onnx_device)
         except (PrecisionUnavailable, KeyError):
             raise
         except FileNotFoundError:
-            path, kind = registry.choose_file(reg, name, backend, precision)
+            path, kind = predictor.choose_file(reg, name, backend, precision)
             what = ".onnx (INT8)" if precision == "int8" else (".onnx" if kind == "onnx" else ".pt")
             log.warning("model %s: no %s file in %s (backend %s)", name, what, self.model_dir, backend)
             raise ModelUnavailable(f"model {name!r}: no {what} file in the model folder (backend {backend})") from None
@@ -166,7 +165,7 @@ class Engine:
             fixed, weights = reg.entry(name).version, reg.file(name, "checkpoint")
             if fixed or weights:
                 return fixed or self._hash(weights)
-        path = path or registry.choose_file(reg, name, self.settings.backend, precision)[0]
+        path = path or predictor.choose_file(reg, name, self.settings.backend, precision)[0]
         return self._hash(path) if path else "?"
 
     def _hash(self, path) -> str:
@@ -239,8 +238,7 @@ class Engine:
     # ------------------------------------------------------------ running
 
     def postprocess(self, model, threshold: float | None) -> PostprocessConfig:
-        post = model.postprocess
-        return replace(post, threshold=float(threshold)) if threshold is not None else post
+        return predictor.override(model.postprocess, threshold)
 
     def run_slice(
         self, model, image: np.ndarray, threshold: float | None = None, tta: bool = False, pixel_spacing_mm: tuple[float, float] | None = None

@@ -17,8 +17,8 @@ from fastapi import Request, UploadFile
 
 from .. import measure
 from ..channels import describe_slice, describe_volume, parse_sequence
+from ..config import PRECISIONS
 from ..data import DataError
-from ..registry import PRECISIONS
 from ..volumes import Volume, load_volume
 from .uploads import (
     Limits,

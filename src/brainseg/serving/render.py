@@ -8,26 +8,11 @@ import numpy as np
 
 from ..inference import window_for_volume
 from ..preprocessing import to_uint8
-from ..visualize import display_channel, overlay, png_bytes
-
-VIEWS = ("overlay", "image", "mask")
+from ..visualize import png_bytes, render  # noqa: F401  (render: the drawing itself lives with the other pictures)
 
 
 def b64png(img: np.ndarray) -> str:
     return base64.b64encode(png_bytes(img)).decode("ascii")
-
-
-def render(display: np.ndarray, mask: np.ndarray, view: str = "overlay", channel: int = 1, alpha: float = 0.4) -> np.ndarray:
-    """One display slice (H, W, 3) uint8 as ``image``, ``overlay`` or ``mask`` (RGB / grey uint8).
-
-    ``channel`` 0 / 1 / 2 shows pre-contrast / FLAIR / post-contrast in grey; -1 shows the three as RGB.
-    """
-    if view == "mask":
-        return mask.astype(np.uint8) * 255
-    base = display if channel < 0 else display_channel(display, channel)
-    if view == "image":
-        return np.ascontiguousarray(base)
-    return overlay(base, mask, alpha=alpha)
 
 
 def mask_png(mask: np.ndarray) -> bytes:
