@@ -458,7 +458,7 @@ def test_server_fault_is_a_500_with_an_id_logged_once(tiny_model_dir, caplog):
 def test_settings_from_env():
     s = Settings.from_env({"BRAINSEG_MAX_UPLOAD_MB": "5", "BRAINSEG_CORS_ORIGINS": "http://a.org, http://b.org", "BRAINSEG_PRELOAD": "0"})
     assert s.max_upload_bytes == 5 * 2**20 and s.cors_origins == ["http://a.org", "http://b.org"] and s.preload is False
-    with pytest.raises(ValueError, match="max_pixels"):
+    with pytest.raises(ValueError, match="BRAINSEG_MAX_PIXELS: Input should be greater than 0"):
         Settings.from_env({"BRAINSEG_MAX_PIXELS": "-3"})
 
 
@@ -560,3 +560,22 @@ def test_health_answers_while_inference_runs(tiny_model_dir):
     assert still_running, "inference had finished (or the safety timer fired) before /health answered"
     assert health.status_code == 200 and health.json()["status"] == "ok", health.text
     assert answer["r"].status_code == 200, answer["r"].text
+
+
+def test_the_library_reads_its_variables_through_pydantic_settings(monkeypatch, tmp_path):
+    """``config.Environment`` is the one reader of the library's BRAINSEG_* variables: the process environment, an
+    empty variable as unset, a bad value named, the service's settings built on it."""
+    from brainseg.config import Environment, default_data_root
+    from brainseg.predictor import requested_backend
+    from brainseg.registry import default_model_dir
+
+    monkeypatch.setenv("BRAINSEG_MODEL_DIR", str(tmp_path))
+    monkeypatch.setenv("BRAINSEG_DATA", str(tmp_path / "lgg"))
+    monkeypatch.setenv("BRAINSEG_BACKEND", "")
+    assert default_model_dir() == tmp_path and default_data_root() == str(tmp_path / "lgg") and requested_backend() == "auto"
+    assert Settings.from_env().model_dir == str(tmp_path)  # the service reads the same variable the same way
+    monkeypatch.setenv("BRAINSEG_BACKEND", "tensorrt")
+    with pytest.raises(ValueError, match="BRAINSEG_BACKEND"):
+        requested_backend()
+    assert Environment.read({"BRAINSEG_LOG_FORMAT": "json"}).log_format == "json"  # a mapping instead of the environment
+    assert Environment.read({}).model_dir is None

@@ -48,7 +48,7 @@ def test_the_environment_chooses_and_bad_values_are_refused(monkeypatch):
     monkeypatch.setenv("BRAINSEG_ONNX_DEVICE", "gpu")
     with pytest.raises(ValueError, match="auto, cpu, cuda, tensorrt"):
         onnx_providers(None, [CPU])
-    with pytest.raises(StartupError, match="onnx_device"):
+    with pytest.raises(StartupError, match="BRAINSEG_ONNX_DEVICE"):
         Settings.from_env({"BRAINSEG_ONNX_DEVICE": "gpu"})
     assert Settings.from_env({"BRAINSEG_ONNX_DEVICE": "cpu"}).onnx_device == "cpu"
 

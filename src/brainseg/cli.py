@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -425,6 +424,15 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _log_format_default() -> str:
+    from .config import Environment
+
+    try:
+        return Environment.read().log_format
+    except ValueError as exc:
+        raise SystemExit(f"brainseg: {exc}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="brainseg", description="Lesion segmentation in brain MRI with U-Net++ and Attention U-Net.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -586,9 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     se = sub.add_parser("serve", help="start the FastAPI service")
     se.add_argument("--host", default="127.0.0.1")
     se.add_argument("--port", type=int, default=8000)
-    se.add_argument(
-        "--log-format", choices=["text", "json"], default=os.environ.get("BRAINSEG_LOG_FORMAT", "text"), help="log lines as text or JSON (BRAINSEG_LOG_FORMAT)"
-    )
+    se.add_argument("--log-format", choices=["text", "json"], default=_log_format_default(), help="log lines as text or JSON (BRAINSEG_LOG_FORMAT)")
     se.add_argument(
         "--ray",
         nargs="?",

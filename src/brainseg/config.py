@@ -7,9 +7,14 @@ with ``ExperimentConfig.from_dict(ckpt["config"])``.
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 # The channels of the LGG slices, in file order (Buda et al. 2019).
 CHANNELS = ("pre-contrast", "FLAIR", "post-contrast")
@@ -50,9 +55,61 @@ TEST_FRACTION = 0.25
 DEFAULT_DATA_CANDIDATES = ("../shared/data/lgg/kaggle_3m", "data/kaggle_3m")
 
 
+_ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("brainseg_environ", default=None)
+
+
+class _Environment(EnvSettingsSource):
+    """pydantic-settings' environment source, reading the mapping given to ``Environment.read`` (tests) where
+    there is one instead of ``os.environ``."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        given = _ENVIRON.get()
+        if given is None:
+            return super()._load_env_vars()
+        return {k.lower(): v for k, v in given.items() if v != ""}
+
+
+class Environment(BaseSettings):
+    """The ``BRAINSEG_*`` variables the library reads; pydantic-settings is their only reader (the service's
+    ``serving.settings.Settings`` adds its own). An empty variable counts as unset.
+
+    BRAINSEG_DATA         the LGG dataset folder (default: the first of DEFAULT_DATA_CANDIDATES that exists)
+    BRAINSEG_MODEL_DIR    folder with registry.json (default: the shipped models/)
+    BRAINSEG_BACKEND      auto (ONNX Runtime on CPU, PyTorch with CUDA), onnx or torch
+    BRAINSEG_ONNX_DEVICE  auto (TensorRT / CUDA where ONNX Runtime offers them), cpu, cuda or tensorrt
+    BRAINSEG_LOG_FORMAT   text or json (the CLI's and the service's log lines)
+    BRAINSEG_DICOMWEB_AUTH  user:password or a bearer token for ``brainseg dicomweb`` (see dicomweb.py)
+    """
+
+    model_config = SettingsConfigDict(env_prefix="BRAINSEG_", env_ignore_empty=True, extra="ignore")
+
+    data: str | None = None
+    model_dir: str | None = None
+    backend: Literal["auto", "onnx", "torch"] = "auto"
+    onnx_device: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
+    log_format: Literal["text", "json"] = "text"
+    dicomweb_auth: str | None = Field(None, repr=False)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        return (init_settings, _Environment(settings_cls))
+
+    @classmethod
+    def read(cls, environ: Mapping[str, str] | None = None, **overrides):
+        """From the process environment (or ``environ``: a mapping of ``BRAINSEG_*`` names, for tests); ``overrides`` win.
+        A bad value is a ValueError naming the variable."""
+        token = _ENVIRON.set(environ)
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            raise ValueError("; ".join(f"BRAINSEG_{str(e['loc'][0]).upper()}: {e['msg']}" for e in exc.errors())) from None
+        finally:
+            _ENVIRON.reset(token)
+
+
 def default_data_root() -> str:
     """``$BRAINSEG_DATA`` if set, else the first existing candidate folder."""
-    env = os.environ.get("BRAINSEG_DATA")
+    env = Environment.read().data
     if env:
         return env
     for cand in DEFAULT_DATA_CANDIDATES:

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import Environment
 from .data import DataError, write_json_atomic
 
 log = logging.getLogger("brainseg.dicomweb")
@@ -60,7 +61,7 @@ def make_session(auth: str | None = None):
     import requests
 
     session = requests.Session()
-    auth = auth or os.environ.get(AUTH_ENV) or None
+    auth = auth or Environment.read().dicomweb_auth or None
     if auth and auth.startswith("@"):
         auth = Path(auth[1:]).read_text().strip()
     if auth:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ExperimentConfig, PostprocessConfig
+from .config import Environment, ExperimentConfig, PostprocessConfig
 from .metrics import remove_small_components
 from .preprocessing import context_indices, context_stack, intensity_window, normalize, prepare, preprocess_slice, restore_size, to_uint8
 
@@ -38,7 +38,12 @@ def onnx_providers(device: str | None = None, available: list[str] | None = None
     CPU, ``cuda`` / ``tensorrt`` ask for one (the CPU, with a warning, where it is not offered).
     ``available``: ``onnxruntime.get_available_providers()`` unless given.
     """
-    device = (device or os.environ.get("BRAINSEG_ONNX_DEVICE") or "auto").strip().lower()
+    if device is None:
+        try:
+            device = Environment.read().onnx_device
+        except ValueError:
+            raise ValueError(f"BRAINSEG_ONNX_DEVICE must be one of {', '.join(ONNX_DEVICES)}") from None
+    device = device.strip().lower()
     if device not in ONNX_DEVICES:
         raise ValueError(f"BRAINSEG_ONNX_DEVICE must be one of {', '.join(ONNX_DEVICES)}, not {device!r}")
     if device == "cpu":
@@ -315,8 +320,6 @@ def load_backend(path: os.PathLike | str, kind: str, name: str | None = None, th
 
 def gpu_present() -> bool:
     """A CUDA GPU is probably usable, decided without importing torch (which costs ~300 MB)."""
-    if os.environ.get("BRAINSEG_FORCE_ONNX"):
-        return False
     if importlib.util.find_spec("torch") is None:
         return False
     return os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi") is not None

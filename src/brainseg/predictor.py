@@ -15,15 +15,22 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import inference, registry
-from .config import BACKENDS, PRECISIONS, PostprocessConfig
+from .config import BACKENDS, PRECISIONS, Environment, PostprocessConfig
 
 
 def requested_backend(backend: str | None = None) -> str:
     """``backend`` if given, else ``$BRAINSEG_BACKEND``, else ``auto``; ValueError if not one of BACKENDS."""
-    value = backend or os.environ.get("BRAINSEG_BACKEND") or "auto"
+    value = backend or _environment_backend()
     if value not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)} (BRAINSEG_BACKEND), got {value!r}")
     return value
+
+
+def _environment_backend() -> str:
+    try:
+        return Environment.read().backend
+    except ValueError as exc:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)} ({exc})") from None
 
 
 def pick_backend(has_onnx: bool, has_checkpoint: bool, backend: str | None = None) -> str:

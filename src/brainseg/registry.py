@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .config import PostprocessConfig
+from .config import Environment, PostprocessConfig
 from .data import write_json_atomic
 
 REGISTRY = "registry.json"
@@ -150,7 +150,7 @@ class Registry(BaseModel):
 
 def default_model_dir() -> Path:
     """``$BRAINSEG_MODEL_DIR``, else the repository's ``models/`` folder."""
-    env = os.environ.get("BRAINSEG_MODEL_DIR")
+    env = Environment.read().model_dir
     if env:
         return Path(env)
     repo = Path(__file__).resolve().parents[2] / "models"

@@ -91,15 +91,21 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
 
-_PREFIX = "BRAINSEG_"
+from ..config import Environment
+
 log = logging.getLogger("brainseg.serving")
 
 
-class Settings(BaseModel):
+class Settings(Environment):
+    """The service's settings: ``config.Environment``'s variables and the table above, read by pydantic-settings
+    (``BRAINSEG_<FIELD>``, an empty variable counts as unset)."""
+
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["http://localhost:8501", "http://127.0.0.1:8501"])
     model_dir: str | None = None  # None: registry.default_model_dir() at use time
     backend: Literal["auto", "onnx", "torch"] = "auto"
     max_upload_mb: float = Field(200.0, gt=0)
@@ -128,11 +134,9 @@ class Settings(BaseModel):
     rate_per_min: int = Field(0, ge=0)
     onnx_threads: int = Field(0, ge=0)
     onnx_spinning: bool = False
-    onnx_device: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
     malloc_arenas: int = Field(2, ge=0)
     batch_size: int = Field(16, ge=1)
     batch_wait_ms: float = Field(5.0, ge=0, le=1000)
-    cors_origins: list[str] = Field(default_factory=lambda: ["http://localhost:8501", "http://127.0.0.1:8501"])
     preload: bool = True
 
     @field_validator("cors_origins", mode="before")
@@ -180,17 +184,11 @@ class Settings(BaseModel):
 
     @classmethod
     def from_env(cls, environ: dict | None = None, **overrides) -> "Settings":
-        """Settings from ``BRAINSEG_<FIELD>`` variables; ``overrides`` win. Bad values raise ValueError."""
-        env = os.environ if environ is None else environ
-        values = {}
-        for name in cls.model_fields:
-            raw = env.get(_PREFIX + name.upper())
-            if raw is not None and raw != "":
-                values[name] = raw
-        values.update(overrides)
+        """Settings from the ``BRAINSEG_<FIELD>`` variables (or ``environ``, a mapping of them, for tests); ``overrides``
+        win. A bad value is a StartupError naming the variable."""
         try:
-            return cls(**values)
-        except ValidationError as exc:
+            return cls.read(environ, **overrides)
+        except ValueError as exc:
             raise StartupError(f"bad BRAINSEG_* setting: {exc}") from None
 
 
