@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from .config import CONDITIONS as _CONDITIONS
+from .config import SEQUENCES
 
 # Sequences a grey image (or a single volume) may be; the value is how it is written for people.
-SEQUENCES = {"flair": "FLAIR", "t1": "pre-contrast T1", "t1c": "T1 post-contrast", "t2": "T2"}
 DEFAULT_SEQUENCE = "flair"
 # BraTS file tags (volumes.brats_sequence) and other common spellings -> a sequence above.
 SEQUENCE_ALIASES = {"t2f": "flair", "t1n": "t1", "t1ce": "t1c", "t1gd": "t1c", "t2w": "t2"}

@@ -9,13 +9,12 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .config import EVERY_CONDITION, SPLIT_SEED, ExperimentConfig, default_data_root
+from .config import ARCHITECTURES, EVERY_CONDITION, NORMALIZATIONS, PRECISIONS, SEQUENCES, SPLIT_SEED, ExperimentConfig, default_data_root
 
 log = logging.getLogger("brainseg")
 
 DEFAULT_CACHE = "runs/cache"
-SEQUENCE_CHOICES = ("flair", "t1", "t1c", "t2")  # = channels.SEQUENCES (not imported here: no numpy for --help)
-PRECISION_CHOICES = ("fp32", "int8")  # = inference.PRECISIONS
+SEQUENCE_CHOICES = tuple(SEQUENCES)
 DEFAULT_RUN = "runs/train"
 
 
@@ -27,7 +26,7 @@ def _add_preprocess_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clahe-clip", type=float, default=d.clahe_clip_limit)
     p.add_argument("--clahe-grid", type=int, default=d.clahe_tile_grid)
     p.add_argument("--no-clahe", action="store_true")
-    p.add_argument("--normalization", choices=["minmax", "zscore"], default=d.normalization)
+    p.add_argument("--normalization", choices=NORMALIZATIONS, default=d.normalization)
     p.add_argument("--val", type=int, default=None, help="validation patients (new split only; default: 15%% of the patients, at least 1)")
     p.add_argument("--test", type=int, default=None, help="test patients (new split only; default: 25%% of the patients, at least 1)")
     p.add_argument("--seed", type=int, default=SPLIT_SEED, help="seed of the patient split (train: of the training run too)")
@@ -91,6 +90,23 @@ DOMAIN_SHIFT_FLAGS = {
     "low_resolution": "lower resolution",
     "blur": "blur",
 }
+# ``brainseg train``'s flags for TrainConfig, generated from it: field -> (flag's dest, unit of the config per unit of
+# the flag, help). The fields not here are fixed by the protocol (tests/test_cli_contract.py checks both lists).
+TRAIN_FLAGS = {
+    "epochs": ("epochs", 1, "epochs"),
+    "batch_size": ("batch_size", 1, "slices per step"),
+    "lr": ("lr", 1, "peak learning rate (AdamW, warm-up then cosine)"),
+    "max_steps": ("max_steps", 1, "stop after this many steps (smoke tests; 0: no limit)"),
+    "samples_per_epoch": ("samples_per_epoch", 1, "samples per epoch (0: as many as training slices)"),
+    "positive_fraction": ("positive_fraction", 1, "share of lesion-positive slices per epoch"),
+    "seed": ("seed", 1, "seed"),
+    "num_threads": ("threads", 1, "torch threads (0: torch's default)"),
+    "workers": ("workers", 1, "DataLoader worker processes for augmentation"),
+    "ema_decay": ("ema_decay", 1, "validate and ship an EMA of the weights (0: off)"),
+    "time_budget_s": ("time_budget", 1, "seconds: after epoch 2, fewer epochs if --epochs would not fit (0: off)"),
+    "checkpoint_every_s": ("checkpoint_every", 60.0, "minutes between checkpoints within an epoch (0: epoch ends only)"),
+}
+TRAIN_FIELDS_FIXED = ("weight_decay", "warmup_epochs", "val_every")
 # What ``--domain-shift`` switches on (the recipe of the models shipped for other hospitals' data).
 DOMAIN_SHIFT_PRESET = {"skull_strip": 0.4, "zoom_out": 0.3, "bias_field": 0.3, "low_resolution": 0.2, "blur": 0.1}
 
@@ -101,21 +117,7 @@ def cmd_train(args) -> int:
 
     cfg = _preprocess_cfg(args)
     t = cfg.train
-    train = replace(
-        t,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        max_steps=args.max_steps,
-        samples_per_epoch=args.samples_per_epoch,
-        num_threads=args.threads,
-        seed=args.seed,
-        positive_fraction=args.positive_fraction,
-        workers=args.workers,
-        ema_decay=args.ema_decay,
-        time_budget_s=args.time_budget,
-        checkpoint_every_s=args.checkpoint_every * 60.0,
-    )
+    train = replace(t, **{name: getattr(args, dest) * scale for name, (dest, scale, _) in TRAIN_FLAGS.items()})
     model = replace(
         cfg.model, features=tuple(args.features), deep_supervision=args.deep_supervision, context=args.context, in_channels=3 * (2 * args.context + 1)
     )
@@ -154,7 +156,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--torch", action="store_true", help="use PyTorch even where an ONNX file exists")
     p.add_argument(
         "--precision",
-        choices=PRECISION_CHOICES,
+        choices=PRECISIONS,
         default="fp32",
         help="fp32, or int8: the quantised ONNX model (the registry's onnx_int8 file, or X.int8.onnx beside --checkpoint X)",
     )
@@ -460,31 +462,23 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train, calibrate on validation, compare on test")
     _add_preprocess_args(tr)
     tr.add_argument("--out", default=DEFAULT_RUN)
-    tr.add_argument("--model", choices=["unetpp", "attention_unet", "all"], default="all")
-    tr.add_argument("--epochs", type=int, default=d.train.epochs)
-    tr.add_argument("--batch-size", type=int, default=d.train.batch_size)
-    tr.add_argument("--lr", type=float, default=d.train.lr)
-    tr.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (smoke tests)")
-    tr.add_argument("--samples-per-epoch", type=int, default=0)
-    tr.add_argument("--positive-fraction", type=float, default=d.train.positive_fraction)
+    tr.add_argument("--model", choices=[*ARCHITECTURES, "all"], default="all")
+    for name, (dest, scale, what) in TRAIN_FLAGS.items():  # generated from TrainConfig: its defaults, its types
+        if dest != "seed":  # --seed is a preprocessing flag too (the split's seed)
+            value = getattr(d.train, name)
+            value = value / scale if scale != 1 else value
+            tr.add_argument(f"--{dest.replace('_', '-')}", type=type(value), default=value, help=f"{what} (default {value:g})")
     tr.add_argument("--features", type=int, nargs="+", default=list(d.model.features))
     tr.add_argument("--deep-supervision", action="store_true", help="U-Net++ deep supervision")
     tr.add_argument(
         "--context", type=int, default=d.model.context, choices=range(0, 4), help="2.5D: neighbouring slices on each side as extra channels (0: 2D)"
     )
     tr.add_argument("--context-dropout", type=float, default=None, help="2.5D: probability of training on the lone-slice fallback (default 0.2 with --context)")
-    tr.add_argument("--threads", type=int, default=0)
-    tr.add_argument("--workers", type=int, default=d.train.workers, help="DataLoader worker processes for augmentation")
-    tr.add_argument("--ema-decay", type=float, default=d.train.ema_decay, help="validate and ship an EMA of the weights (0: off)")
-    tr.add_argument("--time-budget", type=float, default=0.0, help="seconds: after epoch 2, fewer epochs if --epochs would not fit")
     tr.add_argument("--missing-pre", type=float, default=d.augment.missing_pre, help="sequence dropout: probability that pre-contrast is replaced by FLAIR")
     tr.add_argument("--missing-post", type=float, default=d.augment.missing_post, help="sequence dropout: probability that post-contrast is replaced by FLAIR")
     tr.add_argument("--domain-shift", action="store_true", help=f"train for other hospitals' data: {DOMAIN_SHIFT_PRESET} (each flag below overrides)")
     for k, what in DOMAIN_SHIFT_FLAGS.items():
         tr.add_argument(f"--{k.replace('_', '-')}", type=float, default=None, help=f"probability of {what} (default {getattr(d.augment, k)})")
-    tr.add_argument(
-        "--checkpoint-every", type=float, default=d.train.checkpoint_every_s / 60, help="minutes between checkpoints within an epoch (0: epoch ends only)"
-    )
     tr.add_argument("--init-from", default=None, help="start from these weights (a .pt, or a folder with <model>.pt) with a fresh schedule")
     tr.add_argument("--resume", action="store_true", help="continue from RUN/<model>/last.pt")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -41,6 +41,9 @@ SHIFT_CONDITIONS = {
 EVERY_CONDITION = (*CONDITIONS, *SHIFT_CONDITIONS)
 
 # Display names (the original description prints "Nested U-Net DICE Score: ...").
+ARCHITECTURES = ("unetpp", "attention_unet")  # the keys of models.MODELS (tests/test_models.py checks)
+SEQUENCES = {"flair": "FLAIR", "t1": "pre-contrast T1", "t1c": "T1 post-contrast", "t2": "T2"}  # what a grey input may be
+NORMALIZATIONS = ("minmax", "zscore")
 PRECISIONS = ("fp32", "int8")  # served network precisions (int8: a quantised ONNX file)
 BACKENDS = ("auto", "onnx", "torch")  # ONNX Runtime or PyTorch; auto: predictor.pick_backend's rule
 DISPLAY_NAMES = {"unetpp": "Nested U-Net", "attention_unet": "Attention U-Net", "ensemble": "Ensemble (mean probability)"}
