@@ -60,14 +60,14 @@ def test_an_unexpected_failure_is_one_line_with_its_type(tmp_path, tiny_model_di
 
     for name in ("a.png", "b.png"):
         (tmp_path / name).write_bytes(synthetic_png(size=64))
-    real = predict.read_image
+    real = predict.read_slice
 
-    def read_image(path):
+    def read_slice(path):
         if path.name == "a.png":
             raise RuntimeError("disk on fire")
         return real(path)
 
-    monkeypatch.setattr(predict, "read_image", read_image)
+    monkeypatch.setattr(predict, "read_slice", read_slice)
     args = ["predict", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--out", str(tmp_path / "o"), "--model-dir", str(tiny_model_dir)]
     assert main(args) == 2
     err = capsys.readouterr().err

@@ -43,6 +43,38 @@ class DataError(ValueError):
 # ---------------------------------------------------------------- reading one file
 
 
+def decode_slice(data: bytes, name: str, source: os.PathLike | str | None = None) -> np.ndarray:
+    """One slice's bytes -> its pixels as stored ((H, W), (H, W, C), or planar (C, H, W)): the one slice decoder of
+    the CLI (``read_slice``) and the API (``serving.uploads``), so both give the model the same array. A TIFF is
+    read page by page, and one with several pages is refused (a volume belongs in NIfTI); other formats go
+    through ``decode_image``."""
+    source = source if source is not None else name
+    if not data:
+        raise DataError(source, "file is empty")
+    if Path(name).suffix.lower() not in (".tif", ".tiff") and data[:4] not in (b"II*\x00", b"MM\x00*"):
+        return decode_image(data, name, source)
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            if len(tif.pages) > 1:
+                raise DataError(source, f"TIFF has {len(tif.pages)} pages; send one slice per file (a volume as NIfTI)")
+            arr = np.asarray(tif.pages[0].asarray())
+    except (DataError, MemoryError):
+        raise
+    except Exception as exc:  # tifffile raises many types on corrupt input
+        raise DataError(source, f"cannot read image ({type(exc).__name__}: {exc})") from None
+    if arr.size == 0:
+        raise DataError(source, "image has no pixels")
+    return arr
+
+
+def read_slice(path: os.PathLike | str) -> np.ndarray:
+    """A slice file -> ``decode_slice``'s array; DataError on a missing, empty or unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    return decode_slice(path.read_bytes(), path.name, source=path)
+
+
 def read_image(path: os.PathLike | str) -> np.ndarray:
     """Read a slice as (H, W, C) or (H, W); dtype as stored (uint8, uint16, float).
 

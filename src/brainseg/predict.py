@@ -16,7 +16,7 @@ from scipy import ndimage
 
 from .channels import describe_slice, describe_volume, stored_channels
 from .config import PostprocessConfig
-from .data import IMAGE_SUFFIXES, MASK_TAG, DataError, read_image, to_three_channels, write_bytes_atomic, write_json_atomic
+from .data import IMAGE_SUFFIXES, MASK_TAG, DataError, read_slice, to_three_channels, write_bytes_atomic, write_json_atomic
 from .dicom import is_dicom_input, load_dicom_path, write_seg
 from .inference import binarize, binarize_stack, bounding_box, volume_to_uint8, window_for_volume
 from .measure import measure_components, plane_metric, rano_bm, spacing_metric
@@ -265,12 +265,10 @@ def _is_dicom_job(job: list[Path]) -> bool:
 
 
 def model_version(segmenter) -> str:
-    """Names the weights a result came from: the SHA-256 prefix of each model file (``registry.file_version``)."""
-    from .registry import file_version
+    """``predictor.version``: the one rule that names the weights a result came from."""
+    from .predictor import version
 
-    members = getattr(segmenter, "members", None) or [segmenter]
-    versions = [f"{m.name}:{file_version(m.path)}" if len(members) > 1 else file_version(m.path) for m in members if m.path]
-    return "+".join(versions) or "unknown"
+    return version(segmenter)
 
 
 @dataclass
@@ -419,6 +417,7 @@ def _predict_volume(
         "input": list(vol.sources) if from_dicom else [str(f) for f in job],  # DICOM: the path, unless it names the patient
         "read_as": read_as,
         "model": segmenter.name,
+        "version": model_version(segmenter),
         "precision": segmenter.precision,
         "postprocess": {"threshold": post.threshold, "min_size": post.min_size},
         "overlay_slice": z,
@@ -441,7 +440,7 @@ def _predict_volume(
 def _predict_slice(
     f: Path, out: Path, segmenter, post: PostprocessConfig, tta: bool, sequence, written: list, pixel_spacing_mm=None, reports: bool = False
 ) -> tuple[dict, dict]:
-    image = read_image(f)
+    image = read_slice(f)  # the API's decoder too
     img3 = to_three_channels(image, f)
     read_as = describe_slice(img3, stored_channels(image), sequence)
     res = segment_slice(segmenter, img3, post, tta, pixel_spacing_mm)
@@ -452,6 +451,7 @@ def _predict_slice(
         "input": str(f),
         "read_as": read_as,
         "model": segmenter.name,
+        "version": model_version(segmenter),
         "precision": segmenter.precision,
         "postprocess": {"threshold": post.threshold, "min_size": post.min_size},
         **res.summary(),

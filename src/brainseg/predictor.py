@@ -165,3 +165,21 @@ def override(post: PostprocessConfig, threshold: float | None = None, min_size: 
             raise ValueError(f"min_size must be 0 or more, got {min_size}")
         post = replace(post, min_size=int(min_size))
     return post
+
+
+def version(segmenter) -> str:
+    """Names the weights a result came from, by one rule for the CLI, the server (``Engine.file_version_of``) and every
+    file they write (SEG, SR, reports): in fp32 the checkpoint the model file was exported from (``X.pt`` beside
+    ``X.onnx``: the same weights whichever backend runs them), else the file that ran (an INT8 file, a lone
+    ``.onnx``); an ensemble joins its members' as ``name:version``."""
+    members = getattr(segmenter, "members", None) or [segmenter]
+
+    def one(m) -> str:
+        if not m.path:
+            return "unknown"
+        path = Path(m.path)
+        if m.precision == "fp32" and path.suffix == ".onnx" and path.with_suffix(".pt").is_file():
+            path = path.with_suffix(".pt")
+        return registry.file_version(path)
+
+    return "+".join(f"{m.name}:{one(m)}" for m in members) if len(members) > 1 else one(members[0])

@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import dicom
 from ..channels import describe_volume, stored_channels
-from ..data import IMAGE_SUFFIXES, DataError, decode_image, to_three_channels
+from ..data import IMAGE_SUFFIXES, DataError, decode_slice, to_three_channels
 from ..volumes import is_nifti
 
 log = logging.getLogger("brainseg.serving")
@@ -262,13 +262,7 @@ def decode_slice_channels(up: Upload, limits: Limits) -> tuple[np.ndarray, int]:
     info = image_info(up.data, up.name)
     check_image(info, up.name, limits)
     try:
-        if info.format == "TIFF":
-            import tifffile
-
-            with tifffile.TiffFile(io.BytesIO(up.data)) as tif:
-                arr = tif.pages[0].asarray()
-        else:
-            arr = decode_image(up.data, up.name)
+        arr = decode_slice(up.data, up.name)  # the CLI's decoder too
     except DataError as exc:
         log.debug("decoding %s failed: %s", up.name, exc)
         raise UploadError(422, f"{up.name}: cannot decode the image; the file is corrupt or truncated") from None
