@@ -22,13 +22,16 @@ import cv2
 import httpx
 import numpy as np
 import streamlit as st
+from pydantic import ValidationError
 
 try:
     from brainseg.review import heatmap, window_level
+    from brainseg.serving.schemas import parse_answer
     from brainseg.synthetic import SYNTHETIC_LABEL, synthetic_png
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
     from brainseg.review import heatmap, window_level
+    from brainseg.serving.schemas import parse_answer
     from brainseg.synthetic import SYNTHETIC_LABEL, synthetic_png
 
 DEFAULT_API = os.environ.get("BRAINSEG_API_URL", "http://127.0.0.1:8000").rstrip("/")
@@ -318,7 +321,9 @@ def segment(opts: dict, files: list[tuple[str, bytes, str]], sequence: str | Non
     todo = [(k, form) for k, form in zip(keys, forms) if k not in known]
 
     def send() -> list[dict]:
-        return [api_request(opts["base"], "POST", "/v1/segment", timeout=600, files=[("files", f) for f in files], data=form).json() for _, form in todo]
+        return [
+            checked(api_request(opts["base"], "POST", "/v1/segment", timeout=600, files=[("files", f) for f in files], data=form).json()) for _, form in todo
+        ]
 
     try:
         fresh = with_progress(send, slice_count(files) if volume else None, len(todo)) if todo else []
@@ -332,6 +337,15 @@ def segment(opts: dict, files: list[tuple[str, bytes, str]], sequence: str | Non
     except ApiError as exc:
         st.session_state.result, st.session_state.result_b, st.session_state.error = None, None, str(exc)
     st.session_state.request_key = key
+
+
+def checked(answer: dict) -> dict:
+    """An answer read through its model (``serving.schemas``): one the page does not understand is said so, not half shown."""
+    try:
+        parse_answer(answer)
+    except ValidationError as exc:
+        raise ApiError(f"the API's answer does not match the answer this page reads (an API of another version?): {exc.errors()[0]['loc']}") from None
+    return answer
 
 
 def request_form(opts: dict, model: str, threshold: float | None, precision: str | None, sequence: str | None, pixel_spacing: str | None) -> dict:

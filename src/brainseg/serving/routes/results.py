@@ -22,6 +22,7 @@ from ..deps import MemoryBudget, get_memory, get_owner, get_settings, get_store
 from ..errors import RESPONSES
 from ..render import mask_png as mask_png_bytes
 from ..render import render
+from ..schemas import SegmentAnswer
 from ..settings import Settings
 from ..store import StoredResult
 from ..uploads import UploadError
@@ -59,7 +60,11 @@ def slice_index(res: StoredResult, z: int) -> int:
     return z
 
 
-@router.get("/{rid}", summary="The JSON answer of an earlier segmentation (without images)", responses=RESPONSES["result"])
+@router.get(
+    "/{rid}",
+    summary="The JSON answer of an earlier segmentation (without images)",
+    responses={**RESPONSES["result"], 200: {"model": SegmentAnswer, "description": "the answer as it was given, less its base64 images"}},
+)
 async def result(rid: str, results: Results = Depends(get_results)):
     return results.find(rid).summary
 

@@ -28,6 +28,7 @@ from ..deps import Limiters, MemoryBudget, get_engine, get_limiters, get_limits,
 from ..engine import Engine, ModelUnavailable
 from ..errors import RESPONSES, error
 from ..parsing import SegmentOptions, check_declared_size, decode_input, is_volume_request, memory_of, read_uploads, segment_options
+from ..schemas import SegmentAnswer
 from ..settings import Settings
 from ..uploads import Limits, UploadError
 
@@ -246,7 +247,11 @@ async def memory_need_of(files: list[UploadFile], limits: Limits, memory: Memory
     return need
 
 
-@router.post("/v1/segment", summary="Segment one slice, one NIfTI volume, a BraTS t1n/t2f/t1c set or a DICOM series or study", responses=RESPONSES["segment"])
+@router.post(
+    "/v1/segment",
+    summary="Segment one slice, one NIfTI volume, a BraTS t1n/t2f/t1c set or a DICOM series or study",
+    responses={**RESPONSES["segment"], 200: {"model": SegmentAnswer, "description": "the answer: a slice's or a volume's (``kind``)"}},
+)
 async def segment(
     request: Request,
     files: list[UploadFile] = File(..., min_length=1, description=FILES_HELP),

@@ -12,6 +12,7 @@ from ...registry import ENSEMBLE
 from ..deps import MemoryBudget, get_engine, get_memory, get_store
 from ..engine import Engine, ModelUnavailable
 from ..errors import RESPONSES
+from ..schemas import HealthAnswer, ModelsAnswer
 from ..uploads import UploadError
 
 router = APIRouter()
@@ -22,7 +23,7 @@ async def root():
     return RedirectResponse("/docs")
 
 
-@router.get("/health", summary="Liveness, and whether models are available", responses=RESPONSES["health"])
+@router.get("/health", summary="Liveness, and whether models are available", responses={**RESPONSES["health"], 200: {"model": HealthAnswer}})
 async def health(engine: Engine = Depends(get_engine), store=Depends(get_store), memory: MemoryBudget = Depends(get_memory)):
     body = {"status": "ok", "version": __version__, "loaded_models": engine.loaded(), "results_kept": len(store)}
     # BRAINSEG_MEMORY_BUDGET_MB, what the segmentations in progress hold of it, and how many requests waited for it since start
@@ -36,7 +37,11 @@ async def health(engine: Engine = Depends(get_engine), store=Depends(get_store),
     return body
 
 
-@router.get("/v1/models", summary="Registered models: parameters, metrics, calibrated threshold, default", responses=RESPONSES["models"])
+@router.get(
+    "/v1/models",
+    summary="Registered models: parameters, metrics, calibrated threshold, default",
+    responses={**RESPONSES["models"], 200: {"model": ModelsAnswer}},
+)
 async def models(engine: Engine = Depends(get_engine)):
     try:
         names = engine.names()
