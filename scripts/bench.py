@@ -330,9 +330,9 @@ def bench_networks(reg: dict, images: list[np.ndarray], repeats: int, data: Path
         e2e = {k: [] for k in backends}
         for _ in range(repeats):
             for label, b in backends.items():
-                t1[label].append(timed(lambda: b(x1)))
-                t32[label].append(timed(lambda: b(x32)) / len(x32))
-                e2e[label].append(timed(lambda: segs[label].probabilities(images[:1])))
+                t1[label].append(timed(lambda b=b, x=x1: b(x)))
+                t32[label].append(timed(lambda b=b, x=x32: b(x)) / len(x32))
+                e2e[label].append(timed(lambda seg=segs[label]: seg.probabilities(images[:1])))
         ref = 1 / (1 + np.exp(-backends["ONNX Runtime fp32"](x32)))
         flops = conv_flops(base / entry["onnx"], cfg.input_size)
         for label, b in backends.items():
@@ -400,88 +400,87 @@ def bench_server(model_dir: Path, cases: dict, repeats: int, quick: bool, precis
     results_dir = Path(tempfile.mkdtemp(prefix="brainseg-bench-results-"))
     env = {"BRAINSEG_MODEL_DIR": str(model_dir), "BRAINSEG_RESULT_DIR": str(results_dir), "BRAINSEG_RATE_PER_MIN": "0"}
     WORK.mkdir(parents=True, exist_ok=True)
-    log = open(WORK / "bench_server.log", "wb")
     out: dict = {"precisions": precisions}
     proc = None
-    try:
-        port = free_port()
-        t_launch = time.perf_counter()
-        proc, out["start_to_health_s"] = start_server("127.0.0.1", port, log, src, env=env)
-        url = f"http://127.0.0.1:{port}"
-        out["rss_idle_mib"] = rss_mib(proc.pid)
-        with httpx.Client(base_url=url, timeout=300) as c:
-            r = c.post("/v1/segment", files=[("files", f) for f in slice_files])
-            out["start_to_first_answer_s"] = time.perf_counter() - t_launch
-            if r.status_code != 200:
-                raise SystemExit(f"first slice request failed: HTTP {r.status_code}: {r.text[:300]}")
-            out["rss_after_first_answer_mib"] = rss_mib(proc.pid)
-            slices_sent = 1
-            out["slices"] = []
-            duration = 2.0 if quick else 15.0
-            for precision in precisions:
-                c.post("/v1/segment", files=[("files", f) for f in slice_files], data={"precision": precision})  # loads that precision
-                answers = (
-                    ANSWERS if c.post("/v1/segment", files=[("files", f) for f in slice_files], data={"return": "none"}).status_code == 200 else ANSWERS[:1]
-                )
-                for answer in answers:  # a server from before return= knows only the default answer
-                    params = {"precision": precision, **({"return": answer} if answer != "default" else {})}
-                    for clients in (1, 8):
-                        res = concurrent_slices(url, slice_files, params, clients, duration)
-                        res["precision"], res["seconds"], res["answer"] = precision, duration, answer
-                        out["slices"].append(res)
-                        slices_sent += res["answered"] + clients + 1
-                        print(
-                            f"  API slices {precision}, return={answer}, {clients} client(s): {res['per_s']:.1f}/s, p50 {res['p50']:.0f} ms, p99 {res['p99']:.0f} ms",
-                            flush=True,
-                        )
-            out["slice_split_ms"] = slice_split(c, slice_files)
-            while slices_sent < 100:
-                c.post("/v1/segment", files=[("files", f) for f in slice_files])
-                slices_sent += 1
-            out["rss_after_100_slices_mib"] = rss_mib(proc.pid)
-            out["volumes"] = []
-            volumes_sent = 0
-            for precision in precisions:
-                times, server, peaks, skipped = [], [], [], None
-                for _ in range(repeats):
-                    before = rss_mib(proc.pid)
-                    reset = vm_hwm_reset(proc.pid)
-                    t0 = time.perf_counter()
-                    r = c.post("/v1/segment", files=[("files", f) for f in volume_files], data={"precision": precision})
-                    times.append(time.perf_counter() - t0)
+    with open(WORK / "bench_server.log", "wb") as log:
+        try:
+            port = free_port()
+            t_launch = time.perf_counter()
+            proc, out["start_to_health_s"] = start_server("127.0.0.1", port, log, src, env=env)
+            url = f"http://127.0.0.1:{port}"
+            out["rss_idle_mib"] = rss_mib(proc.pid)
+            with httpx.Client(base_url=url, timeout=300) as c:
+                r = c.post("/v1/segment", files=[("files", f) for f in slice_files])
+                out["start_to_first_answer_s"] = time.perf_counter() - t_launch
+                if r.status_code != 200:
+                    raise SystemExit(f"first slice request failed: HTTP {r.status_code}: {r.text[:300]}")
+                out["rss_after_first_answer_mib"] = rss_mib(proc.pid)
+                slices_sent = 1
+                out["slices"] = []
+                duration = 2.0 if quick else 15.0
+                for precision in precisions:
+                    c.post("/v1/segment", files=[("files", f) for f in slice_files], data={"precision": precision})  # loads that precision
+                    answers = (
+                        ANSWERS if c.post("/v1/segment", files=[("files", f) for f in slice_files], data={"return": "none"}).status_code == 200 else ANSWERS[:1]
+                    )
+                    for answer in answers:  # a server from before return= knows only the default answer
+                        params = {"precision": precision, **({"return": answer} if answer != "default" else {})}
+                        for clients in (1, 8):
+                            res = concurrent_slices(url, slice_files, params, clients, duration)
+                            res["precision"], res["seconds"], res["answer"] = precision, duration, answer
+                            out["slices"].append(res)
+                            slices_sent += res["answered"] + clients + 1
+                            print(
+                                f"  API slices {precision}, return={answer}, {clients} client(s): {res['per_s']:.1f}/s, p50 {res['p50']:.0f} ms, p99 {res['p99']:.0f} ms",
+                                flush=True,
+                            )
+                out["slice_split_ms"] = slice_split(c, slice_files)
+                while slices_sent < 100:
+                    c.post("/v1/segment", files=[("files", f) for f in slice_files])
+                    slices_sent += 1
+                out["rss_after_100_slices_mib"] = rss_mib(proc.pid)
+                out["volumes"] = []
+                volumes_sent = 0
+                for precision in precisions:
+                    times, server, peaks, skipped = [], [], [], None
+                    for _ in range(repeats):
+                        before = rss_mib(proc.pid)
+                        reset = vm_hwm_reset(proc.pid)
+                        t0 = time.perf_counter()
+                        r = c.post("/v1/segment", files=[("files", f) for f in volume_files], data={"precision": precision})
+                        times.append(time.perf_counter() - t0)
+                        volumes_sent += 1
+                        if r.status_code != 200:
+                            raise SystemExit(f"volume request failed: HTTP {r.status_code}: {r.text[:300]}")
+                        body = r.json()
+                        server.append(body["timings_ms"])
+                        skipped = len(body.get("background_slices_skipped", []))
+                        if reset:
+                            peaks.append(vm_hwm_mib(proc.pid) - before)
+                    row = {
+                        "precision": precision,
+                        "median_s": statistics.median(times),
+                        "range_s": [min(times), max(times)],
+                        "server_inference_ms": statistics.median(t["inference"] for t in server),
+                        "server_decode_ms": statistics.median(t["decode"] for t in server),
+                        "split_ms": split_of(server, times),
+                        "peak_above_before_mib": max(peaks) if peaks else None,
+                        "slices_skipped": skipped,
+                        "repeats": repeats,
+                    }
+                    out["volumes"].append(row)
+                    print(f"  API volume {precision}: {row['median_s']:.2f} s (server inference {row['server_inference_ms']:.0f} ms)", flush=True)
+                while volumes_sent < 20:
+                    c.post("/v1/segment", files=[("files", f) for f in volume_files])
                     volumes_sent += 1
-                    if r.status_code != 200:
-                        raise SystemExit(f"volume request failed: HTTP {r.status_code}: {r.text[:300]}")
-                    body = r.json()
-                    server.append(body["timings_ms"])
-                    skipped = len(body.get("background_slices_skipped", []))
-                    if reset:
-                        peaks.append(vm_hwm_mib(proc.pid) - before)
-                row = {
-                    "precision": precision,
-                    "median_s": statistics.median(times),
-                    "range_s": [min(times), max(times)],
-                    "server_inference_ms": statistics.median(t["inference"] for t in server),
-                    "server_decode_ms": statistics.median(t["decode"] for t in server),
-                    "split_ms": split_of(server, times),
-                    "peak_above_before_mib": max(peaks) if peaks else None,
-                    "slices_skipped": skipped,
-                    "repeats": repeats,
-                }
-                out["volumes"].append(row)
-                print(f"  API volume {precision}: {row['median_s']:.2f} s (server inference {row['server_inference_ms']:.0f} ms)", flush=True)
-            while volumes_sent < 20:
-                c.post("/v1/segment", files=[("files", f) for f in volume_files])
-                volumes_sent += 1
-            out["volumes_sent"] = volumes_sent
-            out["rss_after_20_volumes_mib"] = rss_mib(proc.pid)
-            out["load_during"] = machine_load()
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=30)
-        log.close()
-        shutil.rmtree(results_dir, ignore_errors=True)
+                out["volumes_sent"] = volumes_sent
+                out["rss_after_20_volumes_mib"] = rss_mib(proc.pid)
+                out["load_during"] = machine_load()
+        finally:
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=30)
+            shutil.rmtree(results_dir, ignore_errors=True)
     return out
 
 
@@ -494,7 +493,7 @@ def split_of(server: list[dict], times: list[float]) -> dict:
     keys = [k for k in ("decode", "inference", "network", "answer", "store", "total") if all(k in t for t in server)]
     out = {k: statistics.median(t[k] for t in server) for k in keys}
     if "total" in out:
-        out["http"] = statistics.median(1000 * w - t["total"] for t, w in zip(server, times))
+        out["http"] = statistics.median(1000 * w - t["total"] for t, w in zip(server, times, strict=True))
     return out
 
 
@@ -578,7 +577,8 @@ def target_rows(res: dict) -> list[str]:
     """One row per target: goal, before (``--before``: that run on this machine; else the issue's figures), after."""
     before = [text for text, _ in measured(res["before"])] if res.get("before") else [t[2] for t in TARGETS]
     return [
-        f"| {name} | {goal} | {was} | {got} | {'met' if ok else '**not met**'} |" for (name, goal, _), was, (got, ok) in zip(TARGETS, before, measured(res))
+        f"| {name} | {goal} | {was} | {got} | {'met' if ok else '**not met**'} |"
+        for (name, goal, _), was, (got, ok) in zip(TARGETS, before, measured(res), strict=True)
     ]
 
 
