@@ -318,7 +318,7 @@ def segment(opts: dict, files: list[tuple[str, bytes, str]], sequence: str | Non
     forms = [request_form(opts, model, threshold, precision, sequence, pixel_spacing) for model, threshold, precision in runs]
     known = st.session_state.setdefault("answers", {})  # answers of this session by input and form: ticking Compare sends one request, not two
     keys = [json.dumps([h.hexdigest(), opts["base"], form]) for form in forms]
-    todo = [(k, form) for k, form in zip(keys, forms) if k not in known]
+    todo = [(k, form) for k, form in zip(keys, forms, strict=False) if k not in known]
 
     def send() -> list[dict]:
         return [
@@ -328,7 +328,7 @@ def segment(opts: dict, files: list[tuple[str, bytes, str]], sequence: str | Non
     try:
         fresh = with_progress(send, slice_count(files) if volume else None, len(todo)) if todo else []
         learn_speed(fresh)
-        for (k, _), answer in zip(todo, fresh):
+        for (k, _), answer in zip(todo, fresh, strict=False):
             known[k] = answer
         for old in list(known)[: max(0, len(known) - 8)]:
             del known[old]
@@ -458,7 +458,9 @@ def show_read_as(inp: dict) -> None:
     dicom = inp.get("dicom")
     if inp.get("channels_read_as") and (dicom or inp.get("sequences_present")):
         sources = dicom["channel_sources"] if dicom else [None] * 3
-        rows = [{"Channel": ch, "Read as": seq, **({"From": src} if src else {})} for ch, seq, src in zip(CHANNELS, inp["channels_read_as"], sources)]
+        rows = [
+            {"Channel": ch, "Read as": seq, **({"From": src} if src else {})} for ch, seq, src in zip(CHANNELS, inp["channels_read_as"], sources, strict=False)
+        ]
         st.dataframe(rows, hide_index=True, width="content", key="channels_table")
     if dicom:
         with st.expander(f"DICOM series in the upload ({len(dicom['series'])})", expanded=False):
@@ -883,7 +885,7 @@ def viewer(base: str, results: list[dict]) -> None:
 
 def difference_legend(labels=("both (true positive)", "predicted only (false positive)", "reference only (false negative)")) -> str:
     swatch = "<span style='display:inline-block;width:0.9em;height:0.9em;background:rgb{};margin:0 0.3em 0 1em'></span>"
-    return "<div>" + "".join(swatch.format(c) + label for label, c in zip(labels, (TP_COLOUR, FP_COLOUR, FN_COLOUR))) + "</div>"
+    return "<div>" + "".join(swatch.format(c) + label for label, c in zip(labels, (TP_COLOUR, FP_COLOUR, FN_COLOUR), strict=False)) + "</div>"
 
 
 def draw_comparison(results: list[dict], data: list[dict], ref, ctl: dict, cursor: tuple[int, int, int], lut) -> None:
@@ -898,7 +900,7 @@ def draw_comparison(results: list[dict], data: list[dict], ref, ctl: dict, curso
     centre, sp = cursor_rc(plane, cursor, n), spacing_rc(data[0]["spacing"], plane)
     where = {"Axial": f"slice {cursor[0]}", "Coronal": f"row {cursor[1]}", "Sagittal": f"column {cursor[2]}"}[plane] if volume else "slice"
     cols = st.columns(3)
-    for col, r, d in zip(cols, results, data):
+    for col, r, d in zip(cols, results, data, strict=False):
         img = render_view(layers_of(d, ref, plane, cursor, ctl["channel"], lut), ctl["mode"], ctl["alpha"], sp, centre, ctl["zoom"], ctl["crosshair"])
         col.image(img, caption=f"{r['model']['display_name']} · {plane} · {where} · {ctl['mode'].lower()}", width="stretch")
         col.caption(f"version `{r['model']['version']}` · threshold {fmt_threshold(r['threshold'])} · {r['lesion_count']} lesion(s) · result `{r['id']}`")
@@ -1013,7 +1015,7 @@ def draw_volume(res: dict, data: dict, ref, ctl: dict, cursor: tuple[int, int, i
     o = res["input"].get("orientation")
     where = {"Axial": f"slice {cursor[0]}", "Coronal": f"row {cursor[1]}", "Sagittal": f"column {cursor[2]}"}
     cols = st.columns(3)
-    for col, plane in zip(cols, PLANES):
+    for col, plane in zip(cols, PLANES, strict=False):
         layers = layers_of(data, ref, plane, cursor, ctl["channel"], lut)
         img = render_view(layers, ctl["mode"], ctl["alpha"], spacing_rc(data["spacing"], plane), cursor_rc(plane, cursor, n), ctl["zoom"], ctl["crosshair"])
         edge = f" · left {o['left']}, right {o['right']}" if o and plane != "Sagittal" else ""
@@ -1050,7 +1052,7 @@ def slice_downloads(res: dict, data: dict, z: int, ctl: dict) -> None:
     grey = cv2.cvtColor(np.ascontiguousarray(data["display"][z][..., ctl["channel"]]), cv2.COLOR_GRAY2RGB)
     overlay = blend(grey, RED, data["mask"][z], ctl["alpha"])
     cols = st.columns(4)
-    for col, (what, img) in zip(cols, (("mask", mask), ("overlay", overlay[..., ::-1]))):
+    for col, (what, img) in zip(cols, (("mask", mask), ("overlay", overlay[..., ::-1])), strict=False):
         png = cv2.imencode(".png", img)[1].tobytes()
         label = f"{what.capitalize()} PNG" + (f" (slice {z})" if is_volume else "")
         suffix = f"_z{z}" if is_volume else ""

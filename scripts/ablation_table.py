@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -34,7 +35,7 @@ def main() -> None:
     ap.add_argument("summaries", nargs="+")
     ap.add_argument("--reference", default="att_sd30")
     a = ap.parse_args()
-    rows = [r for f in a.summaries for r in json.load(open(f))]
+    rows = [r for f in a.summaries for r in json.loads(Path(f).read_text())]
     ref = next(r for r in rows if r["run"] == a.reference)
     patients = sorted(ref["val_per_patient"]["all"])
 
@@ -59,7 +60,7 @@ def main() -> None:
             )
             if x
         )
-        sel = [(a + b) / 2 for a, b in zip(vals(r, "all"), vals(r, "flair_only"))]
+        sel = [(a + b) / 2 for a, b in zip(vals(r, "all"), vals(r, "flair_only"), strict=False)]
         same = r["run"] == a.reference
         print(
             f"| {r['run']} | {r['model']} | {change} | {r['epochs']} | {r['wall_s'] / 60:.1f} | "

@@ -89,7 +89,7 @@ def dicom_zip(shape: tuple[int, int, int], work: Path) -> bytes:
 
             img = nib.load(path)
             data = np.asarray(img.dataobj, dtype=np.float64)
-            x, y, z = (min(a, b) for a, b in zip(shape, data.shape))
+            x, y, z = (min(a, b) for a, b in zip(shape, data.shape, strict=False))
             data = np.round(data[:x, :y, :z])
             affine = img.affine
         else:
@@ -145,6 +145,26 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=15)
 
 
+def post_with_retries(c, files, a, deadline: float, record) -> bool:
+    """One request, sent again after a 429 / 503 with Retry-After (``a.retries`` times at most); each answer's status
+    goes to ``record``. False once the deadline has passed."""
+    import httpx
+
+    for _attempt in range(a.retries + 1):
+        if time.monotonic() > deadline:
+            return False
+        try:
+            r = c.post("/v1/segment", files=files, data=dict(kv.split("=", 1) for kv in a.form))
+            status = str(r.status_code)
+        except httpx.HTTPError as exc:
+            r, status = None, type(exc).__name__
+        record(r, status)
+        if r is None or r.status_code not in (429, 503) or "retry-after" not in r.headers:
+            break
+        time.sleep(min(float(r.headers["retry-after"]), 5.0))
+    return True
+
+
 def run_scenario(name: str, requests: list, a, work: Path) -> dict:
     """Every request (one (name, bytes) file, or a list of them) in its own client thread, all at once,
     ``a.rounds`` times each; the server's memory."""
@@ -169,21 +189,14 @@ def run_scenario(name: str, requests: list, a, work: Path) -> dict:
         with httpx.Client(base_url=url, timeout=a.timeout) as c:
             gate.wait()
             for _ in range(a.rounds):
-                for _attempt in range(a.retries + 1):
-                    if time.monotonic() > deadline:
-                        return
-                    try:
-                        r = c.post("/v1/segment", files=files, data=dict(kv.split("=", 1) for kv in a.form))
-                        status = str(r.status_code)
-                    except httpx.HTTPError as exc:
-                        r, status = None, type(exc).__name__
-                    with lock:
-                        codes[status] = codes.get(status, 0) + 1
-                        if r is not None and r.status_code == 200:
-                            sizes.append(len(r.content))
-                    if r is None or r.status_code not in (429, 503) or "retry-after" not in r.headers:
-                        break
-                    time.sleep(min(float(r.headers["retry-after"]), 5.0))
+                if not post_with_retries(c, files, a, deadline, record):
+                    return
+
+    def record(r, status: str) -> None:
+        with lock:
+            codes[status] = codes.get(status, 0) + 1
+            if r is not None and r.status_code == 200:
+                sizes.append(len(r.content))
 
     peak_sampled = [0.0]
     done = threading.Event()

@@ -50,8 +50,8 @@ def radial_map(shape: tuple[int, int, int], zooms: np.ndarray, centre: np.ndarra
     reach = np.ceil(r1 / zooms).astype(int) + 1
     lo = np.maximum(np.floor(centre).astype(int) - reach, 0)
     hi = np.minimum(np.ceil(centre).astype(int) + reach + 1, shape)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-    grid = np.stack(np.meshgrid(*[np.arange(a, b, dtype=np.float64) for a, b in zip(lo, hi)], indexing="ij"))
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=False))
+    grid = np.stack(np.meshgrid(*[np.arange(a, b, dtype=np.float64) for a, b in zip(lo, hi, strict=False)], indexing="ij"))
     offset = (grid - centre[:, None, None, None]) * zooms[:, None, None, None]  # mm
     d = np.linalg.norm(offset, axis=0)
     inner = scale * r0

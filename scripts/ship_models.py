@@ -37,7 +37,7 @@ from brainseg.registry import EnsembleEntry, ModelEntry, Registry, write_registr
 from brainseg.visualize import save_figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_brats_format import brats_format_scores  # noqa: E402
+from eval_brats_format import brats_format_scores
 
 CONDS = EVERY_CONDITION  # the four channel conditions and the three of other hospitals' data (skull stripped, BraTS-like)
 BRATS_FORMAT = Path("../shared/data/brats-format")

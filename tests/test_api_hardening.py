@@ -872,7 +872,7 @@ def test_memory_need_is_read_from_the_headers_of_spooled_uploads(tmp_path):
     limits = u.Limits()
 
     def spooled(data: bytes):
-        f = tempfile.SpooledTemporaryFile(max_size=1 << 20)  # as starlette spools an upload
+        f = tempfile.SpooledTemporaryFile(max_size=1 << 20)  # noqa: SIM115  (as starlette spools an upload; the caller closes it)
         f.write(data)
         f.seek(0)
         return f

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -220,7 +221,7 @@ def test_on_ray_the_studies_of_a_killed_worker_go_to_the_other(local_ray, tiny_m
             return
         for pid in os.listdir("/proc"):  # Ray names its actor processes ray::Worker...; ours: children of our raylet
             try:
-                cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
                 ours = pid.isdigit() and parent(parent(pid)) == str(os.getpid())
             except OSError:
                 continue

@@ -274,7 +274,7 @@ def test_training_cache_and_serving_feed_the_network_the_same_tensors(normalizat
     with make_client(tiny_model_dir) as client:
         seg = client.app.state.engine.get()
         seg.backend = recorder = RecordingBackend(seg.backend, cfg)
-        for pos, (pid, n) in enumerate(zip(cache.patients, cache.slices)):
+        for pos, (pid, n) in enumerate(zip(cache.patients, cache.slices, strict=False)):
             name = f"{pid}_{n}.tif"
             r = segment(client, (name, (root / pid / name).read_bytes(), "image/tiff"))
             assert r.status_code == 200, r.text

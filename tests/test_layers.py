@@ -131,3 +131,13 @@ def test_only_the_predictor_loads_models():
         if word in f.read_text() and f"def {word}" not in f.read_text()
     ]
     assert offenders == []
+
+
+def test_no_function_over_60_lines():
+    """Every function of src/ reads on one screen (docstring included)."""
+    long = []
+    for f in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > 60:
+                long.append(f"{f.relative_to(SRC)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert long == []

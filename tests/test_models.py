@@ -84,7 +84,7 @@ def test_onnx_and_pytorch_give_the_same_probabilities(tiny_model_dir, model_name
     images.append(rng.normal(500, 200, (128, 128, 3)).astype(np.float32))  # non-uint8: windowed first
     for tta in (False, True):
         a, b = onnx_seg.probabilities(images, tta=tta), torch_seg.probabilities(images, tta=tta)
-        for pa, pb in zip(a, b):
+        for pa, pb in zip(a, b, strict=False):
             assert pa.shape == pb.shape
             assert float(np.abs(pa - pb).max()) < 1e-4
         assert max(float(p.max() - p.min()) for p in a) > 0.01  # not a constant output, so agreement means something

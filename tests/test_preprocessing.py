@@ -80,7 +80,7 @@ def test_preprocess_slice_shape_for_any_input_size():
     for shape in [(256, 256, 3), (240, 200, 3), (31, 47, 3)]:
         x = preprocess_slice(np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8), cfg)
         assert x.shape == (3, 64, 64)
-        assert 0.0 <= x.min() and x.max() <= 1.0
+        assert x.min() >= 0.0 and x.max() <= 1.0
 
 
 def test_mask_resize_and_restore():

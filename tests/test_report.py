@@ -205,7 +205,7 @@ def test_secondary_capture_images_have_the_overlay_where_the_mask_is(study):
     assert len(files) == len(lesion_slices) == 4
     seg = pydicom.dcmread(io.BytesIO(study["seg"]))
     series = set()
-    for z, raw in zip(lesion_slices, files):
+    for z, raw in zip(lesion_slices, files, strict=False):
         ds = pydicom.dcmread(io.BytesIO(raw))
         assert ds.SOPClassUID == SecondaryCaptureImageStorage and ds.PhotometricInterpretation == "RGB"
         assert ds.StudyInstanceUID == seg.StudyInstanceUID and str(ds.PatientName) == PLANTED_NAME and list(ds.PatientOrientation) == ["L", "P"]

@@ -267,7 +267,7 @@ def test_several_processes_write_and_read_at_once(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(s)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for s in range(4)]
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (out, err) in zip(procs, outs, strict=False):
         assert p.returncode == 0 and out.decode().strip() == "OK 15", err.decode()[-2000:]
     store = ResultStore(tmp_path, max_items=12)
     names = sorted(p.name for p in tmp_path.iterdir())

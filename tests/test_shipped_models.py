@@ -45,7 +45,7 @@ def _lesion_free_slice(truth: np.ndarray) -> int:
 def test_registry_names_both_models_and_a_default(reg):
     assert set(reg["models"]) == {"unetpp", "attention_unet"}
     assert reg["default"] in reg["models"]
-    for name, entry in reg["models"].items():
+    for entry in reg["models"].values():
         for key in ("checkpoint", "onnx", "card"):
             f = MODELS / entry[key]
             assert f.is_file() and f.stat().st_size < 25 * 2**20, f

@@ -137,7 +137,7 @@ def shoot(page, anchor: str, name: str, height: int = 1250) -> None:
 
 
 @pytest.fixture(scope="module")
-def volume_page(browser, streamlit_url, shared_data):  # noqa: F811
+def volume_page(browser, streamlit_url, shared_data):
     """The page with the BraTS example volume segmented once; the tests below look at it in turn."""
     page = browser.new_page(viewport=VIEWPORT)
     page.set_default_timeout(180_000)

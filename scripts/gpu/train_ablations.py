@@ -144,7 +144,8 @@ def main() -> None:
             "--workers",
             str(args.workers),
         ]
-        procs[name] = subprocess.Popen(cmd, stdout=open(out / f"{name}.log", "w"), stderr=subprocess.STDOUT)
+        with open(out / f"{name}.log", "w") as log:  # the child keeps its own copy of the descriptor
+            procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + (args.deadline or 1.3 * args.budget + 40)
     while any(pr.poll() is None for pr in procs.values()) and time.time() < deadline:
         time.sleep(5)

@@ -238,6 +238,36 @@ def write_summary(path: Path, records: list[Record]) -> None:
     write_bytes_atomic(path, buf.getvalue().encode())
 
 
+def _progress(total: int, skipped: int, progress: bool, finished):
+    """A progress bar over the studies to do (done, failed, skipped), and the callback that records a study and
+    moves the bar."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="batch", unit="study", disable=not progress, dynamic_ncols=True)
+    counts = {"ok": 0, "failed": 0}
+
+    def tick(rec: Record) -> None:
+        finished(rec)
+        counts["ok" if rec.status == "ok" else "failed"] += 1
+        bar.set_postfix(ok=counts["ok"], failed=counts["failed"], skipped=skipped, refresh=False)
+        bar.update()
+
+    return tick, bar
+
+
+def _resume(by_key: dict, state: Path, out: Path, retry_failed: bool) -> tuple[dict[str, "Record"], list[tuple[str, list[Path]]]]:
+    """The studies an earlier run finished (kept: done, or failed unless ``retry_failed``) and those still to do."""
+    records: dict[str, Record] = {}
+    pending: list[tuple[str, list[Path]]] = []
+    for key, job in by_key.items():
+        rec = _load_record(state, key, out)
+        if rec is not None and (rec.status == "ok" or not retry_failed):
+            records[key] = rec
+        else:
+            pending.append((key, job))
+    return records, pending
+
+
 def run_batch(
     inputs: list[str],
     out: os.PathLike | str,
@@ -262,14 +292,7 @@ def run_batch(
     jobs, input_failures = plan(inputs)
     by_key = {job_key(job, spec): job for job in jobs}  # the same input twice is one study
     keys = list(by_key)
-    records: dict[str, Record] = {}
-    pending: list[tuple[str, list[Path]]] = []
-    for key, job in by_key.items():
-        rec = _load_record(state, key, out)
-        if rec is not None and (rec.status == "ok" or not retry_failed):
-            records[key] = rec
-        else:
-            pending.append((key, job))
+    records, pending = _resume(by_key, state, out, retry_failed)
     skipped = len(records)
     summary = out / SUMMARY
 
@@ -290,17 +313,7 @@ def run_batch(
             last_summary = time.monotonic()
 
     if pending:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(pending), desc="batch", unit="study", disable=not progress, dynamic_ncols=True)
-        counts = {"ok": 0, "failed": 0}
-
-        def tick(rec: Record) -> None:
-            finished(rec)
-            counts["ok" if rec.status == "ok" else "failed"] += 1
-            bar.set_postfix(ok=counts["ok"], failed=counts["failed"], skipped=skipped, refresh=False)
-            bar.update()
-
+        tick, bar = _progress(len(pending), skipped, progress, finished)
         try:
             if ray is None:
                 _run_here(pending, out, spec, tick)
@@ -344,25 +357,39 @@ def _lost(key: str, job: list[Path], why: str) -> Record:
     return Record(key, "dicom" if dicom else study_stem(job), "failed", error=f"{'dicom' if dicom else job[0]}: {why}", kept=False)
 
 
+def _give_up(queue: list, done, why: str) -> None:
+    """Every study still queued is answered as lost, ``why``; the queue is emptied."""
+    for key, job in queue:
+        done(_lost(key, job, why))
+    queue.clear()
+
+
+def _start_workers(ray, spec: ModelSpec, out: Path, studies: int, workers: int | None, cpus_per_worker: float) -> list:
+    """The Ray actors (``Worker``), each with its model loaded: ``workers`` of them, else as many as the cluster's
+    CPUs hold, never more than there are studies; a model that cannot be loaded is one ValueError saying why."""
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    n = workers or max(1, int(cpus // cpus_per_worker))
+    n = max(1, min(n, studies))
+    threads = max(1, int(cpus_per_worker))
+    # No restarts: a lost actor's studies go to the others at once (a restarted actor could wait forever
+    # for the CPUs of a node that is gone, and so would the studies queued on it).
+    remote = ray.remote(num_cpus=cpus_per_worker, max_restarts=0, max_task_retries=0)(Worker)
+    actors = [remote.remote(spec, str(out), threads) for _ in range(n)]
+    try:
+        ray.get([a.ready.remote() for a in actors])
+    except ray.exceptions.RayError as exc:  # the model could not be loaded (a missing file, ...): say why, once
+        why = next((line for line in str(exc).splitlines() if "Error:" in line), type(exc).__name__)
+        raise ValueError(f"the Ray workers could not load the model: {why.strip()}") from None
+    log.info("batch on Ray: %d workers, %.1f CPUs each, cluster CPUs %.0f", n, cpus_per_worker, cpus)
+    return actors
+
+
 def _run_on_ray(pending, out: Path, spec: ModelSpec, address: str, workers: int | None, cpus_per_worker: float, done) -> None:
     started = connect(address)
     import ray
 
     try:
-        cpus = float(ray.cluster_resources().get("CPU", 1.0))
-        n = workers or max(1, int(cpus // cpus_per_worker))
-        n = max(1, min(n, len(pending)))
-        threads = max(1, int(cpus_per_worker))
-        # No restarts: a lost actor's studies go to the others at once (a restarted actor could wait forever
-        # for the CPUs of a node that is gone, and so would the studies queued on it).
-        remote = ray.remote(num_cpus=cpus_per_worker, max_restarts=0, max_task_retries=0)(Worker)
-        actors = [remote.remote(spec, str(out), threads) for _ in range(n)]
-        try:
-            ray.get([a.ready.remote() for a in actors])
-        except ray.exceptions.RayError as exc:  # the model could not be loaded (a missing file, ...): say why, once
-            why = next((line for line in str(exc).splitlines() if "Error:" in line), type(exc).__name__)
-            raise ValueError(f"the Ray workers could not load the model: {why.strip()}") from None
-        log.info("batch on Ray: %d workers, %.1f CPUs each, cluster CPUs %.0f", n, cpus_per_worker, cpus)
+        actors = _start_workers(ray, spec, out, len(pending), workers, cpus_per_worker)
         queue = list(pending)
         inflight: dict = {}
         alive = list(actors)
@@ -394,9 +421,7 @@ def _run_on_ray(pending, out: Path, spec: ModelSpec, address: str, workers: int 
                     done(_lost(key, job, f"{why} ({type(exc).__name__})"))
             fill()
             if not alive:
-                for key, job in queue:
-                    done(_lost(key, job, "no Ray worker left"))
-                queue.clear()
+                _give_up(queue, done, "no Ray worker left")
         for actor in alive:
             ray.kill(actor)
     finally:

@@ -207,7 +207,7 @@ def _print_read_as(name: str, read_as: dict) -> None:
     if read_as.get("dicom"):
         lines.append(
             f"{name}: channels read from "
-            + "; ".join(f"{ch}: {src}" for ch, src in zip(("pre-contrast", "FLAIR", "post-contrast"), read_as["dicom"]["channel_sources"]))
+            + "; ".join(f"{ch}: {src}" for ch, src in zip(("pre-contrast", "FLAIR", "post-contrast"), read_as["dicom"]["channel_sources"], strict=False))
         )
     lines += [f"{name}: {note}" for note in read_as["notes"]]
     lines += [f"{name}: warning: {w}" for w in read_as["warnings"]]
@@ -435,17 +435,15 @@ def _log_format_default() -> str:
         raise SystemExit(f"brainseg: {exc}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="brainseg", description="Lesion segmentation in brain MRI with U-Net++ and Attention U-Net.")
-    p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _data_parser(sub) -> None:
     data = sub.add_parser("data", help="dataset tools")
     dsub = data.add_subparsers(dest="data_command", required=True)
     st = dsub.add_parser("stats", help="patients, slices, lesion-positive slices, lesion sizes")
     st.add_argument("root")
     st.set_defaults(func=cmd_stats)
 
+
+def _split_parser(sub) -> None:
     sp = sub.add_parser("split", help="write a seeded patient-level split stratified by institution")
     sp.add_argument("--data", default=None)
     sp.add_argument("--out", required=True)
@@ -454,10 +452,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=SPLIT_SEED, help="seed of the patient split")
     sp.set_defaults(func=cmd_split)
 
+
+def _preprocess_parser(sub) -> None:
     pp = sub.add_parser("preprocess", help="CLAHE + resize + cache, split, overview PNG")
     _add_preprocess_args(pp)
     pp.set_defaults(func=cmd_preprocess)
 
+
+def _train_parser(sub) -> None:
     d = ExperimentConfig()
     tr = sub.add_parser("train", help="train, calibrate on validation, compare on test")
     _add_preprocess_args(tr)
@@ -484,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
     tr.set_defaults(func=cmd_train)
 
+
+def _evaluate_parser(sub) -> None:
     ev = sub.add_parser("evaluate", help="every metric, per patient / slice / lesion")
     ev.add_argument("--data", default=None)
     _add_model_args(ev)
@@ -501,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="REPORT.json (a .md table is written beside it)")
     ev.set_defaults(func=cmd_evaluate)
 
+
+def _predict_parser(sub) -> None:
     pr = sub.add_parser(
         "predict", help="masks, overlays and lesion statistics for slices, folders, NIfTI volumes or DICOM series (a folder or .zip; also a DICOM SEG)"
     )
@@ -532,6 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(pr)
     pr.set_defaults(func=cmd_predict)
 
+
+def _compare_parser(sub) -> None:
     co = sub.add_parser(
         "compare", help="follow-up comparison of two studies: registration, lesions matched, per-lesion change, RANO-BM category (decision support)"
     )
@@ -542,6 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(co)
     co.set_defaults(func=cmd_compare)
 
+
+def _export_parser(sub) -> None:
     ex = sub.add_parser("export", help="export a checkpoint to ONNX; --int8 also writes the quantised X.int8.onnx")
     ex.add_argument("--checkpoint", required=True, help="a .pt checkpoint (exported to .onnx), or an exported .onnx file to quantise (with --int8)")
     ex.add_argument("--out", default=None, help="fp32 ONNX file (default: the checkpoint's name with .onnx); the INT8 file goes beside it")
@@ -554,6 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--seed", type=int, default=0, help="seed of the calibration slice choice")
     ex.set_defaults(func=cmd_export)
 
+
+def _batch_parser(sub) -> None:
     ba = sub.add_parser(
         "batch", help="predict over many studies (inputs, or a CSV manifest with a 'path' column), in this process or on Ray; resumable, summary.csv"
     )
@@ -571,6 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ba)
     ba.set_defaults(func=cmd_batch)
 
+
+def _dicomweb_parser(sub) -> None:
     dw = sub.add_parser(
         "dicomweb", help="segment the MR studies of a DICOMweb archive that have no brainseg SEG yet and store the SEG into each study (QIDO / WADO / STOW-RS)"
     )
@@ -585,6 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(dw)
     dw.set_defaults(func=cmd_dicomweb)
 
+
+def _serve_parser(sub) -> None:
     se = sub.add_parser("serve", help="start the FastAPI service")
     se.add_argument("--host", default="127.0.0.1")
     se.add_argument("--port", type=int, default=8000)
@@ -602,6 +618,23 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--autoscale", default=None, metavar="MIN-MAX", help="Ray Serve autoscaling between MIN and MAX replicas on requests in flight")
     se.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs each Ray Serve replica takes (and its ONNX Runtime threads)")
     se.set_defaults(func=cmd_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="brainseg", description="Lesion segmentation in brain MRI with U-Net++ and Attention U-Net.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    _data_parser(sub)
+    _split_parser(sub)
+    _preprocess_parser(sub)
+    _train_parser(sub)
+    _evaluate_parser(sub)
+    _predict_parser(sub)
+    _compare_parser(sub)
+    _export_parser(sub)
+    _batch_parser(sub)
+    _dicomweb_parser(sub)
+    _serve_parser(sub)
     return p
 
 

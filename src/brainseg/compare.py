@@ -153,7 +153,7 @@ def _coarse(img, mm: float):
     new = np.maximum(spacing, mm)
     if np.allclose(new, spacing):
         return img
-    size = [max(1, int(round(n * s / t))) for n, s, t in zip(img.GetSize(), spacing, new)]
+    size = [max(1, int(round(n * s / t))) for n, s, t in zip(img.GetSize(), spacing, new, strict=False)]
     return sitk.Resample(img, size, sitk.Transform(), sitk.sitkLinear, img.GetOrigin(), tuple(new.tolist()), img.GetDirection(), 0.0, sitk.sitkFloat32)
 
 
@@ -294,7 +294,7 @@ def _links(base_labels: np.ndarray, follow_labels: np.ndarray, base_rows, follow
     both = (base_labels > 0) & (follow_labels > 0)
     nf = len(follow_rows) + 1
     keys, counts = np.unique(base_labels[both].astype(np.int64) * nf + follow_labels[both], return_counts=True)
-    links = {(int(k // nf), int(k % nf)): ("overlap", int(c)) for k, c in zip(keys, counts)}
+    links = {(int(k // nf), int(k % nf)): ("overlap", int(c)) for k, c in zip(keys, counts, strict=False)}
     linked_b, linked_f = {b for b, _ in links}, {f for _, f in links}
     candidates = []
     for b in base_rows:

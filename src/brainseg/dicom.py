@@ -328,7 +328,7 @@ def read_series(items: list[tuple[str, bytes]], label: str) -> tuple[list[Series
     for ds in datasets:
         groups.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(ds)
     series = []
-    for uid, group in groups.items():
+    for group in groups.values():
         first = group[0]
         number = _number(first.get("SeriesNumber"), -1.0)
         desc = redactor.clean(str(first.get("SeriesDescription") or first.get("ProtocolName") or "").strip())[:64]
@@ -423,10 +423,14 @@ def choose_series(series: list[Series], label: str) -> tuple[dict[str, Series], 
 
 def check_series(s: Series, label: str, max_voxels: int | None = None) -> None:
     """Every problem of one series that can be seen before its pixels are decoded."""
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.pixels import get_decoder
-    from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    _check_kind(s, label)
+    _check_size(s, label, max_voxels)
+    for ds in s.datasets:
+        _check_decodable(ds, s, label)
 
+
+def _check_kind(s: Series, label: str) -> None:
+    """MR, single-frame, grey, with pixel data and the geometry attributes on every slice."""
     if s.modality != "MR":
         raise DicomError(label, f"{s.label} is {s.modality}, not MR: brainseg segments brain MRI only")
     first = s.datasets[0]
@@ -441,6 +445,10 @@ def check_series(s: Series, label: str, max_voxels: int | None = None) -> None:
                 raise DicomError(label, f"{s.label}: a slice has no {key}, so its place in the patient is unknown")
     if _number(first.get("SamplesPerPixel"), 1) != 1:
         raise DicomError(label, f"{s.label} holds colour images (a screenshot or secondary capture), not MR data")
+
+
+def _check_size(s: Series, label: str, max_voxels: int | None) -> None:
+    """One image size for every slice, not too small, the whole series within ``max_voxels``."""
     sizes = {(int(ds.Rows), int(ds.Columns)) for ds in s.datasets}
     if len(sizes) > 1:
         raise DicomError(label, f"{s.label}: slices differ in size ({', '.join(f'{c}x{r}' for r, c in sorted(sizes))}); inconsistent geometry")
@@ -449,22 +457,29 @@ def check_series(s: Series, label: str, max_voxels: int | None = None) -> None:
         raise DicomError(label, f"{s.label}: images are {cols}x{rows}; each side needs at least {MIN_SIDE} pixels")
     if max_voxels is not None and rows * cols * len(s.datasets) > max_voxels:
         raise DicomTooLarge(label, f"{s.label} is {cols}x{rows}x{len(s.datasets)} voxels, above the limit of {max_voxels} (BRAINSEG_MAX_VOXELS)")
-    for ds in s.datasets:
-        meta = getattr(ds, "file_meta", None)
-        ts = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
-        if ts is None:  # no file meta (an old file without preamble): what pydicom found while reading
-            implicit, little = ds.original_encoding
-            ts = UID(ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
-            if meta is None:
-                ds.file_meta = FileMetaDataset()
-            ds.file_meta.TransferSyntaxUID = ts
-        if ts.is_compressed:
-            try:
-                available = get_decoder(ts).is_available
-            except (NotImplementedError, ValueError):
-                available = False
-            if not available:
-                raise DicomError(label, f"{s.label} is compressed as {ts.name}, and this server has no decoder for it; export it uncompressed")
+
+
+def _check_decodable(ds, s: Series, label: str) -> None:
+    """The slice's transfer syntax (from its file meta, or as pydicom read a file without one) has a decoder here."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    ts = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+    if ts is None:  # no file meta (an old file without preamble): what pydicom found while reading
+        implicit, little = ds.original_encoding
+        ts = UID(ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        if meta is None:
+            ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ts
+    if ts.is_compressed:
+        try:
+            available = get_decoder(ts).is_available
+        except (NotImplementedError, ValueError):
+            available = False
+        if not available:
+            raise DicomError(label, f"{s.label} is compressed as {ts.name}, and this server has no decoder for it; export it uncompressed")
 
 
 def decoded_bytes(s: Series) -> int:
@@ -499,7 +514,7 @@ def window_presets(ds) -> list[dict]:
     names = _values(ds.get("WindowCenterWidthExplanation"))
     out = []
     try:
-        for i, (c, w) in enumerate(zip(map(float, _values(ds.get("WindowCenter"))), map(float, _values(ds.get("WindowWidth"))))):
+        for i, (c, w) in enumerate(zip(map(float, _values(ds.get("WindowCenter"))), map(float, _values(ds.get("WindowWidth"))), strict=False)):
             if w > 0 and np.isfinite(c) and np.isfinite(w):
                 out.append({"center": round(c, 3), "width": round(w, 3), "name": names[i][:32] if i < len(names) else f"header {i + 1}"})
     except (TypeError, ValueError):
@@ -529,16 +544,7 @@ def stack_series(s: Series, label: str) -> Stack:
             )
         ordered = [s.datasets[positions.index(i)] for i in range(len(s.datasets))]
         first = ordered[0]
-        if any(not np.allclose(ds.PixelSpacing, first.PixelSpacing, rtol=1e-4) for ds in ordered):
-            raise DicomError(label, f"{s.label}: slices differ in pixel spacing; inconsistent geometry")
-        if len({str(ds.get("FrameOfReferenceUID", "")) for ds in ordered}) > 1:
-            raise DicomError(label, f"{s.label}: slices differ in frame of reference; inconsistent geometry")
-        photometric = {str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").strip().upper() for ds in ordered}
-        if len(photometric) > 1:
-            raise DicomError(label, f"{s.label}: slices differ in PhotometricInterpretation ({', '.join(sorted(photometric))})")
-        photometric = photometric.pop()
-        if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-            raise DicomError(label, f"{s.label}: PhotometricInterpretation {photometric[:16]} is not read (MR is MONOCHROME2, or MONOCHROME1)")
+        photometric = _consistent_slices(ordered, s, label)
         geometry = hd.VolumeGeometry.from_attributes(
             image_position=first.ImagePositionPatient,
             image_orientation=first.ImageOrientationPatient,
@@ -574,6 +580,22 @@ def stack_series(s: Series, label: str) -> Stack:
     if along[int(np.argmax(np.abs(along)))] < 0:  # run towards R, A or S, as NIfTI stacks usually do
         geometry, ordered, array = geometry.flip_spatial(0), ordered[::-1], np.ascontiguousarray(array[::-1])
     return Stack(array, geometry, ordered, presets, notes)
+
+
+def _consistent_slices(ordered: list, s: Series, label: str) -> str:
+    """One pixel spacing, frame of reference and grey PhotometricInterpretation for all slices; that interpretation."""
+    first = ordered[0]
+    if any(not np.allclose(ds.PixelSpacing, first.PixelSpacing, rtol=1e-4) for ds in ordered):
+        raise DicomError(label, f"{s.label}: slices differ in pixel spacing; inconsistent geometry")
+    if len({str(ds.get("FrameOfReferenceUID", "")) for ds in ordered}) > 1:
+        raise DicomError(label, f"{s.label}: slices differ in frame of reference; inconsistent geometry")
+    photometric = {str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").strip().upper() for ds in ordered}
+    if len(photometric) > 1:
+        raise DicomError(label, f"{s.label}: slices differ in PhotometricInterpretation ({', '.join(sorted(photometric))})")
+    photometric = photometric.pop()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise DicomError(label, f"{s.label}: PhotometricInterpretation {photometric[:16]} is not read (MR is MONOCHROME2, or MONOCHROME1)")
+    return photometric
 
 
 def _padding_number(ds, keyword: str) -> int | None:
@@ -864,6 +886,26 @@ def seg_headers(datasets: list, slice_spacing: float = 0.0) -> list:
     return out
 
 
+def _lesion_segment(model_name: str, model_version: str, threshold: float | None):
+    """The SEG's one segment: brain lesion, found automatically by this model and version (with its threshold)."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    params = {"brainseg": __version__} | ({"threshold": f"{threshold:.4g}"} if threshold is not None else {})
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=f"brainseg {model_name}"[:64], family=codes.cid7162.ArtificialIntelligence, version=str(model_version)[:64], source="brainseg", parameters=params
+    )
+    return hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label="lesion",
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Lesion,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+        anatomic_regions=[codes.SCT.Brain],
+    )
+
+
 def seg_bytes(source: DicomSource, mask: np.ndarray, model_name: str, model_version: str, threshold: float | None = None) -> bytes:
     """A binary DICOM SEG of ``mask`` (Z, rows, columns), frame z on ``source.references[z]``.
 
@@ -872,7 +914,6 @@ def seg_bytes(source: DicomSource, mask: np.ndarray, model_name: str, model_vers
     Raises ``SegError`` (a plain sentence) when the headers cannot give a SEG.
     """
     import highdicom as hd
-    from pydicom.sr.codedict import codes
 
     refs = source.references
     if mask.shape != (len(refs), int(refs[0].Rows), int(refs[0].Columns)):
@@ -883,19 +924,7 @@ def seg_bytes(source: DicomSource, mask: np.ndarray, model_name: str, model_vers
     refs = seg_headers(refs, source.slice_spacing)
     further = [ds for ds in source.further if all(str(ds.get(k, "") or "").strip() for k in SEG_UIDS[:3])]  # references only: one without ids is left out
     further = seg_headers(further, 0.0) or None
-    params = {"brainseg": __version__} | ({"threshold": f"{threshold:.4g}"} if threshold is not None else {})
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name=f"brainseg {model_name}"[:64], family=codes.cid7162.ArtificialIntelligence, version=str(model_version)[:64], source="brainseg", parameters=params
-    )
-    lesion = hd.seg.SegmentDescription(
-        segment_number=1,
-        segment_label="lesion",
-        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-        segmented_property_type=codes.SCT.Lesion,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=algorithm,
-        anatomic_regions=[codes.SCT.Brain],
-    )
+    lesion = _lesion_segment(model_name, model_version, threshold)
     number = int(_number(refs[0].get("SeriesNumber")))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -64,7 +64,7 @@ def predict_patients(segmenter, patients: list[Patient], tta: bool = False, prog
         if condition in SHIFT_CONDITIONS:  # skull stripped / BraTS-like: the prediction goes back onto the slice's own pixels
             shifted = [shift_condition(img, condition) for img in images]
             probs = segmenter.probabilities([img for img, _ in shifted], tta=tta, stacked=True)
-            probs = [prob if m is None else unzoom(prob, m) for prob, (_, m) in zip(probs, shifted)]
+            probs = [prob if m is None else unzoom(prob, m) for prob, (_, m) in zip(probs, shifted, strict=False)]
         else:
             probs = segmenter.probabilities([apply_condition(img, condition) for img in images], tta=tta, stacked=True)
         out.append(PatientPrediction(p.id, np.stack(probs), truth))
@@ -73,12 +73,12 @@ def predict_patients(segmenter, patients: list[Patient], tta: bool = False, prog
 
 def mean_predictions(per_model: list[list[PatientPrediction]]) -> list[PatientPrediction]:
     """The ensemble's predictions (mean probability) from its members' predictions of the same patients."""
-    return [PatientPrediction(ps[0].patient, np.mean([p.prob for p in ps], axis=0).astype(np.float32), ps[0].truth) for ps in zip(*per_model)]
+    return [PatientPrediction(ps[0].patient, np.mean([p.prob for p in ps], axis=0).astype(np.float32), ps[0].truth) for ps in zip(*per_model, strict=False)]
 
 
 def score_patient(pred: np.ndarray, truth: np.ndarray) -> dict:
     """All metrics of one patient; ``pred`` and ``truth`` are (Z, H, W) bool."""
-    slice_dice = [M.dice(p, t) for p, t in zip(pred, truth)]
+    slice_dice = [M.dice(p, t) for p, t in zip(pred, truth, strict=False)]
     positive = truth.reshape(len(truth), -1).any(1)
     predicted = pred.reshape(len(pred), -1).any(1)
     match = M.match_lesions(pred, truth)
@@ -87,10 +87,10 @@ def score_patient(pred: np.ndarray, truth: np.ndarray) -> dict:
         "iou": M.iou(pred, truth),
         "hd95": M.hd95(pred, truth),
         "slice_dice": slice_dice,
-        "positive_slice_dice": [d for d, pos in zip(slice_dice, positive) if pos],
+        "positive_slice_dice": [d for d, pos in zip(slice_dice, positive, strict=False) if pos],
         "negative_slices": int((~positive).sum()),
         "fp_slices": int((predicted & ~positive).sum()),
-        "lesions": list(zip(match.lesion_sizes, match.lesion_detected, match.lesion_dice)),
+        "lesions": list(zip(match.lesion_sizes, match.lesion_detected, match.lesion_dice, strict=False)),
         "fp_lesions": match.false_positives,
         "empty_on_large_lesion": bool(truth.sum() > LARGE_LESION_VOXELS and not pred.any()),
         "lesionwise_dice": match.lesionwise_dice,
@@ -183,8 +183,8 @@ def sweep_postprocess(
                     masks = [binarize_stack(p.prob, post) for p in ps]
                     negatives = [~p.truth.reshape(len(p.truth), -1).any(1) for p in ps]
                     n_neg = sum(int(n.sum()) for n in negatives)
-                    fp = sum(int((m.reshape(len(m), -1).any(1) & neg).sum()) for m, neg in zip(masks, negatives))
-                    row[f"dice_{cond}"] = float(np.mean([M.dice(m, p.truth) for m, p in zip(masks, ps)]))
+                    fp = sum(int((m.reshape(len(m), -1).any(1) & neg).sum()) for m, neg in zip(masks, negatives, strict=False))
+                    row[f"dice_{cond}"] = float(np.mean([M.dice(m, p.truth) for m, p in zip(masks, ps, strict=False)]))
                     row[f"fp_slice_rate_{cond}"] = fp / n_neg if n_neg else math.nan
                 row["per_patient_dice"] = float(np.mean([row[f"dice_{c}"] for c in by_cond]))
                 row["fp_slice_rate"] = float(np.mean([row[f"fp_slice_rate_{c}"] for c in by_cond]))

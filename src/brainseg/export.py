@@ -86,7 +86,7 @@ def calibration_plan(slice_paths: list[str], n: int = CALIBRATION_SLICES, seed: 
     picked = rng.choice(len(slice_paths), size=min(n, len(slice_paths)), replace=False)
     conds = list(CALIBRATION_MIX)
     drawn = rng.choice(len(conds), size=len(picked), p=list(CALIBRATION_MIX.values()))
-    return [(slice_paths[i], conds[c]) for i, c in zip(sorted(picked), drawn)]
+    return [(slice_paths[i], conds[c]) for i, c in zip(sorted(picked), drawn, strict=False)]
 
 
 def calibration_slice_paths(data_root: os.PathLike | str, patient_ids: list[str] | None = None) -> list[str]:
@@ -101,38 +101,14 @@ def calibration_inputs(plan: list[tuple[str, str]], preprocess_cfg) -> np.ndarra
     return np.stack([preprocess_slice(apply_condition(read_image(p), cond), preprocess_cfg) for p, cond in plan])
 
 
-def quantize_int8(
-    onnx_path: os.PathLike | str, inputs: np.ndarray, out: os.PathLike | str | None = None, method: str = "percentile", calibration: dict | None = None
-) -> Path:
-    """Static INT8 quantisation of an exported fp32 ONNX model -> ``X.int8.onnx`` (atomic).
+def _calibration_reader(input_name: str, inputs: np.ndarray):
+    """ONNX Runtime's calibration reader over ``inputs`` in batches of one size (its histograms need one), at most
+    CALIBRATION_BATCH; ``set_range`` selects the batches the next ``collect_data`` call reads."""
+    from onnxruntime.quantization import CalibrationDataReader
 
-    ``inputs`` are preprocessed calibration inputs (N, 3, S, S) (``calibration_inputs``); the
-    activation ranges come from them by ``method`` (``CALIBRATION_METHODS``). Weights are int8
-    per output channel, activations uint8 (what ONNX Runtime recommends for x86 CPUs with VNNI),
-    QDQ format. The fp32 file's metadata is kept, with ``precision: int8`` and ``calibration``
-    (what it was calibrated on) added.
-    """
-    import onnx
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
-
-    src = Path(onnx_path)
-    out = Path(out) if out else int8_path(src)
-    fp32 = onnx.load(str(src))
-    meta = {p.key: p.value for p in fp32.metadata_props}
-    if ONNX_METADATA_KEY not in meta:
-        raise ValueError(f"{src}: ONNX file has no '{ONNX_METADATA_KEY}' metadata (export it with `brainseg export`)")
-    payload = json.loads(meta[ONNX_METADATA_KEY])
-    if method not in CALIBRATION_METHODS:
-        raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(CALIBRATION_METHODS)}")
-    if payload.get("precision", "fp32") != "fp32":
-        raise ValueError(f"{src}: already quantised ({payload['precision']}); quantise the fp32 file")
-    input_name = fp32.graph.input[0].name
-    inputs = np.ascontiguousarray(inputs, dtype=np.float32)
-    batch = next(b for b in range(min(CALIBRATION_BATCH, len(inputs)), 0, -1) if len(inputs) % b == 0)  # one size (histograms)
+    batch = next(b for b in range(min(CALIBRATION_BATCH, len(inputs)), 0, -1) if len(inputs) % b == 0)
 
     class Batches(CalibrationDataReader):
-        """The calibration batches; ``set_range`` selects the ones the next ``collect_data`` call reads."""
-
         def __init__(self):
             self._batches = [{input_name: inputs[i : i + batch]} for i in range(0, len(inputs), batch)]
             self.set_range(0, len(self._batches))
@@ -146,6 +122,35 @@ def quantize_int8(
         def get_next(self):
             return next(self._feeds, None)
 
+    return Batches()
+
+
+def quantize_int8(
+    onnx_path: os.PathLike | str, inputs: np.ndarray, out: os.PathLike | str | None = None, method: str = "percentile", calibration: dict | None = None
+) -> Path:
+    """Static INT8 quantisation of an exported fp32 ONNX model -> ``X.int8.onnx`` (atomic).
+
+    ``inputs`` are preprocessed calibration inputs (N, 3, S, S) (``calibration_inputs``); the
+    activation ranges come from them by ``method`` (``CALIBRATION_METHODS``). Weights are int8
+    per output channel, activations uint8 (what ONNX Runtime recommends for x86 CPUs with VNNI),
+    QDQ format. The fp32 file's metadata is kept, with ``precision: int8`` and ``calibration``
+    (what it was calibrated on) added.
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    src = Path(onnx_path)
+    out = Path(out) if out else int8_path(src)
+    fp32 = onnx.load(str(src))
+    meta = {p.key: p.value for p in fp32.metadata_props}
+    if ONNX_METADATA_KEY not in meta:
+        raise ValueError(f"{src}: ONNX file has no '{ONNX_METADATA_KEY}' metadata (export it with `brainseg export`)")
+    payload = json.loads(meta[ONNX_METADATA_KEY])
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(CALIBRATION_METHODS)}")
+    if payload.get("precision", "fp32") != "fp32":
+        raise ValueError(f"{src}: already quantised ({payload['precision']}); quantise the fp32 file")
+    inputs = np.ascontiguousarray(inputs, dtype=np.float32)
     with tempfile.TemporaryDirectory(prefix="brainseg-int8-") as tmp:
         prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         # Shape inference + graph optimisation, as the docs recommend before quantising. The symbolic
@@ -154,7 +159,7 @@ def quantize_int8(
         quantize_static(
             str(prepared),
             str(quantized),
-            Batches(),
+            _calibration_reader(fp32.graph.input[0].name, inputs),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8,

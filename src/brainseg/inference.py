@@ -198,14 +198,14 @@ class Segmenter:
         make = self._inputs(images, window, stacked)
         chunks = [targets[start : start + batch_size] for start in range(0, len(targets), batch_size)]
         out: list[np.ndarray] = []
-        for chunk, x in zip(chunks, _prefetched(make, chunks)):
+        for chunk, x in zip(chunks, _prefetched(make, chunks), strict=True):
             prob = _sigmoid(self.backend(x))
             if tta:
                 flipped = _sigmoid(self.backend(np.ascontiguousarray(x[..., ::-1])))[..., ::-1]
                 if spread is not None:
-                    spread.extend(restore_size(np.abs(p - f), images[i].shape[0], images[i].shape[1]) for i, p, f in zip(chunk, prob, flipped))
+                    spread.extend(restore_size(np.abs(p - f), images[i].shape[0], images[i].shape[1]) for i, p, f in zip(chunk, prob, flipped, strict=True))
                 prob = 0.5 * (prob + flipped)
-            for i, p in zip(chunk, prob):
+            for i, p in zip(chunk, prob, strict=True):
                 out.append(restore_size(p, images[i].shape[0], images[i].shape[1]))
         return out
 
@@ -264,10 +264,12 @@ class Ensemble:
         self, images, tta: bool = False, batch_size: int = 16, window=None, *, stacked: bool = False, only=None, spread: list | None = None
     ) -> list[np.ndarray]:
         spreads: list[list] = [[] for _ in self.members]
-        per_model = [m.probabilities(images, tta, batch_size, window, stacked=stacked, only=only, spread=sp) for m, sp in zip(self.members, spreads)]
+        per_model = [
+            m.probabilities(images, tta, batch_size, window, stacked=stacked, only=only, spread=sp) for m, sp in zip(self.members, spreads, strict=True)
+        ]
         if spread is not None and tta:  # the members' mean disagreement
-            spread.extend(np.mean(ss, axis=0).astype(np.float32) for ss in zip(*spreads))
-        return [np.mean(ps, axis=0).astype(np.float32) for ps in zip(*per_model)]
+            spread.extend(np.mean(ss, axis=0).astype(np.float32) for ss in zip(*spreads, strict=True))
+        return [np.mean(ps, axis=0).astype(np.float32) for ps in zip(*per_model, strict=True)]
 
 
 def binarize(prob: np.ndarray, post: PostprocessConfig) -> np.ndarray:

@@ -140,6 +140,18 @@ def _r(v: float, digits: int = 2) -> float:
     return round(float(v), digits)
 
 
+def longest_slice(comp: np.ndarray, metric: np.ndarray) -> tuple[int, Diameters]:
+    """(index, diameters) of the slice of a (Z, H, W) component with the longest axial diameter (RANO-BM measures
+    each lesion where it is longest)."""
+    best: tuple[int, Diameters] | None = None
+    for dz in range(comp.shape[0]):
+        if comp[dz].any():
+            dia = diameters(comp[dz], metric)
+            if best is None or dia.longest > best[1].longest:
+                best = (dz, dia)
+    return best
+
+
 def measure_components(
     labels: np.ndarray,
     n: int,
@@ -172,14 +184,7 @@ def measure_components(
             rows.append({})
             continue
         comp = lab3[box] == k
-        best: tuple[float, int, Diameters] | None = None
-        for dz in range(comp.shape[0]):
-            if not comp[dz].any():
-                continue
-            dia = diameters(comp[dz], m)
-            if best is None or dia.longest > best[0]:
-                best = (dia.longest, dz, dia)
-        _, dz, dia = best
+        dz, dia = longest_slice(comp, m)
         z = box[0].start + dz
         corner = np.array([box[1].start, box[2].start], float)
 

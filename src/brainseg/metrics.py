@@ -390,11 +390,11 @@ def size_bin(n_voxels: int, edges: Sequence[int] = (100, 1000)) -> str:
     e = [int(x) for x in edges]
     if not e:
         raise ValueError("edges must contain at least one value")
-    if any(b <= a for a, b in zip(e, e[1:])):
+    if any(b <= a for a, b in zip(e, e[1:], strict=False)):
         raise ValueError(f"edges must be strictly increasing, got {tuple(edges)}")
     if n_voxels < e[0]:
         return f"<{e[0]}"
-    for lo, hi in zip(e, e[1:]):
+    for lo, hi in zip(e, e[1:], strict=False):
         if n_voxels < hi:
             return f"{lo}-{hi - 1}"
     return f">={e[-1]}"

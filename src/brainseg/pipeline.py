@@ -71,6 +71,40 @@ def preprocess(
     }
 
 
+def finish_run(run: Path, name: str, split: dict, val_patients, test_patients, facts: dict, export_onnx: bool = True, progress: bool = True):
+    """A trained run's ``best.pt`` made shippable: post-processing calibrated on the validation patients (written into
+    the checkpoint and ``calibration.json``), every input condition evaluated on the test patients
+    (``test_report.json``), the ONNX export; returns (test report, registry entry, with ``facts`` of the training)."""
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .inference import Segmenter, TorchBackend, gpu_present
+
+    ckpt = load_checkpoint(run / "best.pt")
+    seg = Segmenter(TorchBackend(checkpoint=ckpt, device="cpu" if not gpu_present() else None), name)
+    post, table, val_score = calibrate(seg, val_patients, progress=progress)
+    ckpt["config"]["postprocess"] = asdict(post)
+    ckpt["calibration"] = {"patients": split["val"], "conditions": list(CALIBRATION_CONDITIONS), "table": table, "val_score": val_score}
+    ckpt["info"]["train_wall_seconds"] = facts.get("train_wall_seconds")
+    save_checkpoint(run / "best.pt", ckpt)
+    write_json_atomic(run / "calibration.json", {"chosen": asdict(post), "val_score": val_score, "table": table})
+    # Same weights: the calibrated ``post`` is passed explicitly below.
+    report = report_with_conditions(seg, test_patients, post, progress=progress) if test_patients else {}
+    report["val_selection_score"] = val_score
+    write_json_atomic(run / "test_report.json", report)
+    entry = ModelEntry(
+        checkpoint=f"{name}/best.pt",
+        val_selection_score=val_score,
+        metrics={k: report.get(k) for k in ("per_patient_dice", "lesion_sensitivity", "fp_slice_rate")},
+        postprocess=post,
+        **facts,
+    )
+    if export_onnx:
+        from .export import export_onnx as _export
+
+        _export(run / "best.pt", run / "best.onnx")
+        entry.onnx = f"{name}/best.onnx"
+    return report, entry
+
+
 def train_models(
     names: list[str],
     cache_dir: str,
@@ -83,8 +117,6 @@ def train_models(
     init_from: str | None = None,
 ) -> dict:
     """Train each model, calibrate post-processing on validation, evaluate on test, write the registry."""
-    from .checkpoint import load_checkpoint, save_checkpoint
-    from .inference import Segmenter, TorchBackend, gpu_present
     from .training import Trainer
 
     cache = load_cache(cache_dir)
@@ -104,34 +136,8 @@ def train_models(
         result = Trainer(cfg, cache, split, run, resume=resume, progress=progress, init_from=init).fit()
         if int(os.environ.get("RANK", "0")) != 0:
             continue
-        wall = time.time() - t0
-        ckpt = load_checkpoint(run / "best.pt")
-        seg = Segmenter(TorchBackend(checkpoint=ckpt, device="cpu" if not gpu_present() else None), name)
-        post, table, val_score = calibrate(seg, val_patients, progress=progress)
-        ckpt["config"]["postprocess"] = asdict(post)
-        ckpt["calibration"] = {"patients": split["val"], "conditions": list(CALIBRATION_CONDITIONS), "table": table, "val_score": val_score}
-        ckpt["info"]["train_wall_seconds"] = round(wall, 1)
-        save_checkpoint(run / "best.pt", ckpt)
-        write_json_atomic(run / "calibration.json", {"chosen": asdict(post), "val_score": val_score, "table": table})
-        # Same weights: the calibrated ``post`` is passed explicitly below.
-        report = report_with_conditions(seg, test_patients, post, progress=progress) if test_patients else {}
-        report["val_selection_score"] = val_score
-        reports[name] = report
-        write_json_atomic(run / "test_report.json", report)
-        entry = ModelEntry(
-            checkpoint=f"{name}/best.pt",
-            val_selection_score=val_score,
-            metrics={k: report.get(k) for k in ("per_patient_dice", "lesion_sensitivity", "fp_slice_rate")},
-            postprocess=post,
-            train_wall_seconds=round(wall, 1),
-            **result,
-        )
-        if export_onnx:
-            from .export import export_onnx as _export
-
-            _export(run / "best.pt", run / "best.onnx")
-            entry.onnx = f"{name}/best.onnx"
-        entries[name] = entry
+        wall = round(time.time() - t0, 1)
+        reports[name], entries[name] = finish_run(run, name, split, val_patients, test_patients, {"train_wall_seconds": wall, **result}, export_onnx, progress)
     if int(os.environ.get("RANK", "0")) != 0 or not reports:
         return {}
     # Models trained earlier into the same folder stay in the comparison and the registry.

@@ -54,7 +54,7 @@ def lesion_table(
     coords = np.nonzero(labels)
     which = labels[coords]
     sizes = np.bincount(which, minlength=n + 1)[1:]
-    boxes = [tuple(slice(s.start + o, s.stop + o) for s, o in zip(b, origin)) for b in ndimage.find_objects(labels)]
+    boxes = [tuple(slice(s.start + o, s.stop + o) for s, o in zip(b, origin, strict=False)) for b in ndimage.find_objects(labels)]
     centroids = np.stack([np.bincount(which, weights=c, minlength=n + 1)[1:] for c in coords], axis=1) / sizes[:, None] + origin
     measured = measure_components(
         labels, n, metric, None if prob is None else prob[crop], slice_spacing_mm, offset=tuple(origin), spread=None if spread is None else spread[crop]
@@ -179,7 +179,7 @@ def segment_volume(segmenter, vol: Volume, post: PostprocessConfig, tta: bool = 
     keep = np.flatnonzero(~skipped)
     probs = np.zeros(display.shape[:3], np.float32)
     spread: list = []
-    for k, prob in zip(keep, segmenter.probabilities(display, tta=tta, batch_size=VOLUME_BATCH, stacked=True, only=keep, spread=spread)):
+    for k, prob in zip(keep, segmenter.probabilities(display, tta=tta, batch_size=VOLUME_BATCH, stacked=True, only=keep, spread=spread), strict=False):
         probs[k] = prob
     spreads = None
     if spread:
@@ -219,44 +219,53 @@ def expand_inputs(inputs: list[str], on_error=None) -> list[list[Path]]:
             if is_dicom_input(p):  # a .zip, or a folder of DICOM files (recognised by content): one series or study
                 jobs.append([p])
                 continue
-            files = sorted(p.iterdir()) if p.is_dir() else [p]
-            for f in files:
-                if f.is_dir():
-                    continue
-                if is_nifti(f):
-                    tag = brats_sequence(f)
-                    if tag:
-                        brats.setdefault((str(f.parent), tag[0]), []).append(f)
-                    else:
-                        jobs.append([f])
-                elif f.suffix.lower() in IMAGE_SUFFIXES and not f.stem.endswith(MASK_TAG):
-                    jobs.append([f])
-                elif not p.is_dir():
-                    raise DataError(f, f"unsupported file type (use {', '.join(IMAGE_SUFFIXES)}, .nii or .nii.gz, or a DICOM folder or .zip)")
+            for f in sorted(p.iterdir()) if p.is_dir() else [p]:
+                _file_job(f, p.is_dir(), jobs, brats)
             if len(jobs) + sum(map(len, brats.values())) == before:
                 raise DataError(p, "no slices or volumes found")
         except DataError as exc:
             fail(exc)
     for files in brats.values():
-        # One set per (folder, stem): read together when it has FLAIR (t2f), missing t1n / t1c
-        # filled with FLAIR by load_volume; a lone file is one grey volume of the sequence
-        # its name says; several files without FLAIR cannot be segmented.
-        seqs = {brats_sequence(f)[1]: f for f in files}
-        if len(files) == 1:
-            jobs.append(files)
-        elif "t2f" in seqs:
-            jobs.append(sorted(files, key=lambda f: SEQ_ORDER.index(brats_sequence(f)[1])))
-        else:
-            got = ", ".join(sorted(seqs, key=SEQ_ORDER.index))
-            fail(
-                DataError(
-                    files[0],
-                    f"BraTS-style set {brats_sequence(files[0])[0]} has no FLAIR (t2f) file (got {got}); the models need FLAIR (t1n and t1c may be left out)",
-                )
-            )
+        _brats_job(files, jobs, fail)
     if not jobs and not inputs:
         raise DataError(".", "no slices or volumes found")
     return jobs
+
+
+def _file_job(f: Path, in_folder: bool, jobs: list[list[Path]], brats: dict[tuple[str, str], list[Path]]) -> None:
+    """One file of an input: a job of its own, a member of a BraTS set (grouped by folder and stem), or skipped
+    (a folder, a mask, another type inside a folder); a file of another type given by itself is a DataError."""
+    if f.is_dir():
+        return
+    if is_nifti(f):
+        tag = brats_sequence(f)
+        if tag:
+            brats.setdefault((str(f.parent), tag[0]), []).append(f)
+        else:
+            jobs.append([f])
+    elif f.suffix.lower() in IMAGE_SUFFIXES and not f.stem.endswith(MASK_TAG):
+        jobs.append([f])
+    elif not in_folder:
+        raise DataError(f, f"unsupported file type (use {', '.join(IMAGE_SUFFIXES)}, .nii or .nii.gz, or a DICOM folder or .zip)")
+
+
+def _brats_job(files: list[Path], jobs: list[list[Path]], fail) -> None:
+    """One set per (folder, stem): read together when it has FLAIR (t2f), missing t1n / t1c filled with FLAIR by
+    load_volume; a lone file is one grey volume of the sequence its name says; several files without FLAIR cannot
+    be segmented (``fail``)."""
+    seqs = {brats_sequence(f)[1]: f for f in files}
+    if len(files) == 1:
+        jobs.append(files)
+    elif "t2f" in seqs:
+        jobs.append(sorted(files, key=lambda f: SEQ_ORDER.index(brats_sequence(f)[1])))
+    else:
+        got = ", ".join(sorted(seqs, key=SEQ_ORDER.index))
+        fail(
+            DataError(
+                files[0],
+                f"BraTS-style set {brats_sequence(files[0])[0]} has no FLAIR (t2f) file (got {got}); the models need FLAIR (t1n and t1c may be left out)",
+            )
+        )
 
 
 def _is_dicom_job(job: list[Path]) -> bool:

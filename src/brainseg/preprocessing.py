@@ -42,10 +42,7 @@ def to_uint8(image: np.ndarray, lo: np.ndarray | float | None = None, hi: np.nda
 def intensity_window(data: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel (last axis if the array has 3 or 4 dims and few channels) percentile window of non-zero values."""
     data = np.asarray(data, dtype=np.float32)
-    if data.ndim >= 3 and data.shape[-1] <= 4:
-        chans = [data[..., c] for c in range(data.shape[-1])]
-    else:
-        chans = [data]
+    chans = [data[..., c] for c in range(data.shape[-1])] if data.ndim >= 3 and data.shape[-1] <= 4 else [data]
     los, his = [], []
     for ch in chans:
         nz = ch[ch != 0]

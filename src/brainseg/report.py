@@ -314,7 +314,7 @@ def _input_lines(summary: dict, inp: dict) -> list[str]:
         lines.append("shape " + " x ".join(str(s) for s in shape) + (", spacing " + " x ".join(f"{s:g}" for s in spacing) + " mm" if spacing else ""))
     elif summary.get("height"):
         lines.append(f"{summary['height']} x {summary['width']} pixels")
-    for ch, src in zip(("pre-contrast", "FLAIR", "post-contrast"), (inp.get("dicom") or {}).get("channel_sources", [])):
+    for ch, src in zip(("pre-contrast", "FLAIR", "post-contrast"), (inp.get("dicom") or {}).get("channel_sources", []), strict=False):
         lines.append(f"{ch}: {src}")
     return lines + [str(n) for n in inp.get("notes", [])]
 

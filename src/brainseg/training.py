@@ -446,7 +446,7 @@ class Trainer:
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema = decay * ema + (1 - decay) * model, for parameters and float buffers (BatchNorm statistics)."""
-    for e, m in zip(ema.state_dict().values(), model.state_dict().values()):
+    for e, m in zip(ema.state_dict().values(), model.state_dict().values(), strict=False):
         if e.dtype.is_floating_point:
             e.lerp_(m, 1.0 - decay)
         else:
@@ -484,7 +484,7 @@ def validation_scores(
                 x = np.stack([inputs(cache.images, r, cond) for r in chunk])
             with torch.autocast(device.type, enabled=amp):
                 logits = model(torch.from_numpy(x).to(device)).float()
-            for r, p in zip(chunk, (logits[:, 0] >= 0).cpu().numpy()):
+            for r, p in zip(chunk, (logits[:, 0] >= 0).cpu().numpy(), strict=False):
                 preds.setdefault(cache.patients[r], []).append(p)
         out[cond] = {pid: dice(np.stack(p), np.stack(truth[pid])) for pid, p in preds.items()}
     model.train(was_training)

@@ -199,73 +199,96 @@ def load_volume(files: list[os.PathLike | str] | dict[str, bytes], name: str | N
     items = list(files.items()) if isinstance(files, dict) else [(str(p), None) for p in files]
     if not items:
         raise DataError(name or "volume", "no NIfTI file given")
-    notes: list[str] = []
-    if len(items) == 1:
-        fname, data = items[0]
-        img, arr = _load_nifti(data, fname)
-        if arr.ndim > 3:
-            arr = arr.reshape(_squeeze_shape(arr.shape))
-        if arr.ndim == 3:
-            slices = _to_slices([arr, arr, arr])
-            tag = brats_sequence(fname)
-            given, condition, name_seq = 1, "flair_only", (SEQUENCE_ALIASES.get(tag[1], tag[1]) if tag else None)
-        elif arr.ndim == 4 and arr.shape[3] == 3:
-            slices = _to_slices([arr[..., c] for c in range(3)])
-            given, condition, name_seq = 3, channel_condition(slices), None
-        else:
-            raise DataError(fname, f"expected a 3-D volume or a 4-D volume with 3 channels (pre-contrast, FLAIR, post-contrast), got shape {arr.shape}")
-        del arr
-        affine, zooms, sources, present, is_set = img.affine, img.header.get_zooms()[:3], (fname,), (), False
-    else:
-        by_seq: dict[str, tuple[str, bytes | None]] = {}
-        for fname, data in items:
-            tag = brats_sequence(fname)
-            if tag is None:
-                raise DataError(fname, "several NIfTI files must be a BraTS-style set named *-t1n, *-t2f and *-t1c")
-            if tag[1] in by_seq:
-                raise DataError(fname, f"BraTS-style set has two {tag[1]} files ({Path(by_seq[tag[1]][0]).name} and {Path(fname).name})")
-            by_seq[tag[1]] = (fname, data)
-        if "t2f" not in by_seq:
-            raise DataError(
-                items[0][0],
-                f"BraTS-style set has no FLAIR (t2f) file (got {', '.join(sorted(by_seq, key=SEQ_ORDER.index))}); the models need FLAIR: "
-                "send the *-t2f file (t1n and t1c may be left out: they are then filled with FLAIR)",
-            )
-        present = tuple(s for s in BRATS_CHANNELS if s in by_seq)
-        notes += [f"{s} not used (the models take pre-contrast T1, FLAIR and post-contrast T1)" for s in sorted(by_seq) if s not in BRATS_CHANNELS]
-        loaded = {seq: _load_nifti(by_seq[seq][1], by_seq[seq][0]) for seq in present}
-        ref_name, ref_shape = by_seq["t2f"][0], loaded["t2f"][1].shape
-        for seq in present:
-            fname, arr = by_seq[seq][0], loaded[seq][1]
-            if arr.ndim > 3:
-                arr = arr.reshape(_squeeze_shape(arr.shape))
-                loaded[seq] = (loaded[seq][0], arr)
-            if arr.ndim != 3:
-                raise DataError(fname, f"expected a 3-D volume, got shape {arr.shape}")
-            if arr.shape != ref_shape:
-                raise DataError(fname, f"shape {arr.shape} differs from {ref_name} {ref_shape}")
-        slices = _to_slices([loaded.get(seq, loaded["t2f"])[1] for seq in BRATS_CHANNELS])
-        img = loaded[present[0]][0]  # the first file of the set gives the grid (t1n when present, as before)
-        has_pre, has_post = "t1n" in present, "t1c" in present
-        condition = "all" if has_pre and has_post else "pre_missing" if has_post else "post_missing" if has_pre else "flair_only"
-        given, name_seq = len(present), ("flair" if condition == "flair_only" else None)
-        affine, zooms, sources, is_set = img.affine, img.header.get_zooms()[:3], tuple(by_seq[s][0] for s in present), True
-    z, y, x = slices.shape[:3]
-    stem = name or (brats_sequence(sources[0])[0] if is_set else nifti_stem(sources[0]))
+    read = _one_nifti(*items[0]) if len(items) == 1 else _brats_set(items)
+    z, y, x = read.slices.shape[:3]
+    stem = name or (brats_sequence(read.sources[0])[0] if read.present else nifti_stem(read.sources[0]))
     vol = Volume(
-        slices,
-        np.asarray(affine, dtype=np.float64),
-        tuple(float(v) for v in zooms),
+        read.slices,
+        np.asarray(read.img.affine, dtype=np.float64),
+        tuple(float(v) for v in read.img.header.get_zooms()[:3]),
         (x, y, z),
         stem,
-        sources,
-        condition=condition,
-        channels_given=given,
-        name_sequence=name_seq,
-        present=present,
-        notes=tuple(notes),
+        read.sources,
+        condition=read.condition,
+        channels_given=read.given,
+        name_sequence=read.name_sequence,
+        present=read.present,
+        notes=tuple(read.notes),
     )
     return canonicalize(vol)
+
+
+@dataclass
+class _Read:
+    """What ``load_volume`` read, before it becomes a ``Volume``: the slices, the image whose grid they are on, how
+    many sequences were given and what the model gets (``condition``), the files, a BraTS set's sequences."""
+
+    slices: np.ndarray
+    img: object  # nibabel image: affine and zooms
+    given: int
+    condition: str
+    name_sequence: str | None
+    sources: tuple[str, ...]
+    present: tuple[str, ...] = ()
+    notes: list[str] = field(default_factory=list)
+
+
+def _one_nifti(fname: str, data: bytes | None) -> _Read:
+    """One file: a grey volume (the sequence its name says, else FLAIR), or three channels last."""
+    img, arr = _load_nifti(data, fname)
+    if arr.ndim > 3:
+        arr = arr.reshape(_squeeze_shape(arr.shape))
+    if arr.ndim == 3:
+        tag = brats_sequence(fname)
+        return _Read(_to_slices([arr, arr, arr]), img, 1, "flair_only", SEQUENCE_ALIASES.get(tag[1], tag[1]) if tag else None, (fname,))
+    if arr.ndim == 4 and arr.shape[3] == 3:
+        slices = _to_slices([arr[..., c] for c in range(3)])
+        return _Read(slices, img, 3, channel_condition(slices), None, (fname,))
+    raise DataError(fname, f"expected a 3-D volume or a 4-D volume with 3 channels (pre-contrast, FLAIR, post-contrast), got shape {arr.shape}")
+
+
+def _set_members(items: list[tuple[str, bytes | None]]) -> dict[str, tuple[str, bytes | None]]:
+    """sequence -> (file name, bytes) of a BraTS-style set; DataError for a file outside the naming, a sequence given
+    twice, or no FLAIR."""
+    by_seq: dict[str, tuple[str, bytes | None]] = {}
+    for fname, data in items:
+        tag = brats_sequence(fname)
+        if tag is None:
+            raise DataError(fname, "several NIfTI files must be a BraTS-style set named *-t1n, *-t2f and *-t1c")
+        if tag[1] in by_seq:
+            raise DataError(fname, f"BraTS-style set has two {tag[1]} files ({Path(by_seq[tag[1]][0]).name} and {Path(fname).name})")
+        by_seq[tag[1]] = (fname, data)
+    if "t2f" not in by_seq:
+        raise DataError(
+            items[0][0],
+            f"BraTS-style set has no FLAIR (t2f) file (got {', '.join(sorted(by_seq, key=SEQ_ORDER.index))}); the models need FLAIR: "
+            "send the *-t2f file (t1n and t1c may be left out: they are then filled with FLAIR)",
+        )
+    return by_seq
+
+
+def _brats_set(items: list[tuple[str, bytes | None]]) -> _Read:
+    """A t1n / t2f / t1c set on one grid; a missing t1n or t1c is FLAIR (``condition`` says which)."""
+    by_seq = _set_members(items)
+    present = tuple(s for s in BRATS_CHANNELS if s in by_seq)
+    notes = [f"{s} not used (the models take pre-contrast T1, FLAIR and post-contrast T1)" for s in sorted(by_seq) if s not in BRATS_CHANNELS]
+    loaded = {seq: _load_nifti(by_seq[seq][1], by_seq[seq][0]) for seq in present}
+    ref_name, ref_shape = by_seq["t2f"][0], loaded["t2f"][1].shape
+    for seq in present:
+        fname, arr = by_seq[seq][0], loaded[seq][1]
+        if arr.ndim > 3:
+            arr = arr.reshape(_squeeze_shape(arr.shape))
+            loaded[seq] = (loaded[seq][0], arr)
+        if arr.ndim != 3:
+            raise DataError(fname, f"expected a 3-D volume, got shape {arr.shape}")
+        if arr.shape != ref_shape:
+            raise DataError(fname, f"shape {arr.shape} differs from {ref_name} {ref_shape}")
+    slices = _to_slices([loaded.get(seq, loaded["t2f"])[1] for seq in BRATS_CHANNELS])
+    has_pre, has_post = "t1n" in present, "t1c" in present
+    condition = "all" if has_pre and has_post else "pre_missing" if has_post else "post_missing" if has_pre else "flair_only"
+    img = loaded[present[0]][0]  # the first file of the set gives the grid (t1n when present, as before)
+    sources = tuple(by_seq[s][0] for s in present)
+    return _Read(slices, img, len(present), condition, "flair" if condition == "flair_only" else None, sources, present, notes)
 
 
 # ---------------------------------------------------------------- orientation from the file

@@ -72,7 +72,7 @@ class AttentionUNet(nn.Module):
             x = block(x if i == 0 else self.pool(x))
             skips.append(x)
         x = skips.pop()
-        for up, gate, dec in zip(self.up_convs, self.gates, self.decoder):
+        for up, gate, dec in zip(self.up_convs, self.gates, self.decoder, strict=False):
             skip = skips.pop()
             g = up(up2(x))
             x = dec(torch.cat([gate(skip, g), g], dim=1))

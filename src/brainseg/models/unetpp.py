@@ -35,10 +35,7 @@ class UNetPlusPlus(nn.Module):
         self.blocks = nn.ModuleDict()
         for i in range(self.levels):
             for j in range(self.levels - i):
-                if j == 0:
-                    in_ch = in_channels if i == 0 else features[i - 1]
-                else:
-                    in_ch = features[i] * j + features[i + 1]
+                in_ch = (in_channels if i == 0 else features[i - 1]) if j == 0 else features[i] * j + features[i + 1]
                 self.blocks[f"conv_{i}_{j}"] = ConvBlock(in_ch, features[i])
         n_heads = self.levels - 1
         self.heads = nn.ModuleList(nn.Conv2d(features[0], out_channels, 1) for _ in range(n_heads if deep_supervision else 1))
@@ -64,10 +61,7 @@ class UNetPlusPlus(nn.Module):
     def forward_heads(self, x: torch.Tensor) -> list[torch.Tensor]:
         x, (h, w) = pad_to_multiple(x, self.multiple)
         nodes = self._nodes(x)
-        if self.deep_supervision:
-            outs = [head(n) for head, n in zip(self.heads, nodes)]
-        else:
-            outs = [self.heads[0](nodes[-1])]
+        outs = [head(n) for head, n in zip(self.heads, nodes, strict=False)] if self.deep_supervision else [self.heads[0](nodes[-1])]
         return [o[..., :h, :w] for o in outs]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ or ``uvicorn --log-config deploy/logging-json.json``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -51,10 +52,8 @@ class _StateCollector:
         if store is not None:
             count, size = len(store), 0  # len() sweeps expired results first
             for f in store.dir.glob("*.npz"):
-                try:
+                with contextlib.suppress(OSError):  # removed by another worker meanwhile
                     size += f.stat().st_size
-                except OSError:  # removed by another worker meanwhile
-                    pass
             yield GaugeMetricFamily("brainseg_results_stored", "results in the result folder", value=count)
             yield GaugeMetricFamily("brainseg_result_store_bytes", "bytes of the results in the result folder", value=size)
         engine = getattr(state, "engine", None)

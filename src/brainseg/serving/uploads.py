@@ -477,10 +477,7 @@ def nifti_payload(up: Upload, limits: Limits, info: NiftiInfo | None = None) -> 
     info = info or nifti_info(up)
     check_nifti(info, limits)
     need = info.end
-    if up.data[:2] == b"\x1f\x8b":
-        raw = gunzip_capped(up.data, need + GZIP_SLACK, up.name)
-    else:
-        raw = up.data
+    raw = gunzip_capped(up.data, need + GZIP_SLACK, up.name) if up.data[:2] == b"\x1f\x8b" else up.data
     if len(raw) < need:
         raise UploadError(422, f"{up.name}: truncated NIfTI: header promises {need} bytes, file holds {len(raw)}")
     return raw if len(raw) == need else raw[:need]
@@ -494,7 +491,7 @@ def read_volume_payloads(uploads: list[Upload], limits: Limits) -> dict[str, byt
     total = sum(i.data_bytes for i in infos)
     if total > limits.max_decoded_bytes:
         raise UploadError(413, f"the volumes decode to {_mib(total)} together, above the limit of {_mib(limits.max_decoded_bytes)} (BRAINSEG_MAX_DECODED_MB)")
-    return {u.name: nifti_payload(u, limits, info) for u, info in zip(uploads, infos)}
+    return {u.name: nifti_payload(u, limits, info) for u, info in zip(uploads, infos, strict=False)}
 
 
 # ---------------------------------------------------------------- DICOM

@@ -145,7 +145,9 @@ class CompareJob:
             raise Cancelled("queued")
         t0 = time.perf_counter()
         model = self.engine.get(self.model_name, self.precision)
-        (bv, br, bin_, bfiles), (fv, fr, fin, ffiles) = [self.study(role, files, model, gone) for role, files in zip(("baseline", "followup"), self.studies)]
+        (bv, br, bin_, bfiles), (fv, fr, fin, ffiles) = [
+            self.study(role, files, model, gone) for role, files in zip(("baseline", "followup"), self.studies, strict=False)
+        ]
         t1 = time.perf_counter()
         try:
             cmp = compare_studies(bv, br.mask, fv, fr.mask, self.register, br.prob, fr.prob)
@@ -198,7 +200,7 @@ async def compare(
     threshold: str | None = Form(None, description=THRESHOLD_HELP),
     tta: str | None = Form(None, description=TTA_HELP),
     precision: str | None = Form(None, description=PRECISION_HELP),
-    register: str | None = Form(None, description=REGISTER_HELP),
+    register_: str | None = Form(None, alias="register", description=REGISTER_HELP),  # "register" would shadow a BaseModel attribute of FastAPI's form model
     engine: Engine = Depends(get_engine),
     settings: Settings = Depends(get_settings),
     limits: Limits = Depends(get_limits),
@@ -206,7 +208,7 @@ async def compare(
     memory: MemoryBudget = Depends(get_memory),
 ):
     t_start = time.perf_counter()
-    fields = {"model": model, "threshold": threshold, "tta": tta, "precision": precision, "register": register}
+    fields = {"model": model, "threshold": threshold, "tta": tta, "precision": precision, "register": register_}
     options, do_register = await compare_options(request, fields)
     name, chosen = choose_model(engine, options)
     check_declared_size(baseline + followup, settings.max_upload_bytes, settings.max_upload_mb)
