@@ -349,7 +349,7 @@ def checked(answer: dict) -> dict:
 
 
 def request_form(opts: dict, model: str, threshold: float | None, precision: str | None, sequence: str | None, pixel_spacing: str | None) -> dict:
-    form = {"model": model, "tta": str(opts["tta"]).lower()}
+    form = {"model": model, "tta": str(opts["tta"]).lower(), "return": "none"}  # the page draws from viewer.npz: no inline PNGs
     if precision:
         form["precision"] = precision
     if threshold is not None:
