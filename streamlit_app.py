@@ -378,7 +378,7 @@ def with_progress(send, slices: int | None, requests: int):
                 return future.result()
         per_slice = st.session_state.get("seconds_per_slice", SECONDS_PER_SLICE)
         estimate = requests * (SECONDS_PER_VOLUME + slices * per_slice)
-        bar, t0 = st.progress(0.0, text=f"Segmenting {slices} slices…"), time.perf_counter()
+        bar, t0 = st.progress(0.0, text=f"Segmenting {slices} slices · 0 s · about {estimate:.0f} s left (estimate {estimate:.0f} s)"), time.perf_counter()
         try:
             while True:
                 try:
