@@ -2,7 +2,8 @@
 (uvicorn API + ``streamlit run`` + Debian Chromium through Playwright) the three views of a BraTS volume,
 contour and zoom, a reference mask's Dice, two models side by side, and no API request from a display control.
 
-Screenshots go to docs/ (app_viewer.png, app_reference.png, app_two_models.png).
+Screenshots go to artifacts/screenshots/ (app_viewer.png, app_reference.png, app_two_models.png); the ones in docs/
+are copies of a run's, so a test run leaves the checkout as it was.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from conftest import REPO
 
 CHROMIUM = "/usr/bin/chromium"
 BRATS = "brats-met-example/BraTS-MET-00110-000-{}.nii.gz"
-DOCS = REPO / "docs"
+SHOTS = REPO / "artifacts" / "screenshots"
 
 
 def small_volume() -> bytes:
@@ -126,12 +127,13 @@ def red_pixels(img: np.ndarray) -> int:
 
 
 def shoot(page, anchor: str, name: str, height: int = 1250) -> None:
-    """docs/``name``: ``height`` px of the page from just above ``anchor`` (text), taken in a viewport tall enough
+    """artifacts/screenshots/``name``: ``height`` px of the page from just above ``anchor`` (text), taken in a viewport tall enough
     for the whole page (Streamlit scrolls inside the page, so a full-page screenshot stops at the viewport)."""
     page.set_viewport_size({"width": VIEWPORT["width"], "height": 3000})
     page.wait_for_timeout(800)
     top = page.get_by_text(anchor).first.bounding_box()["y"] - 16
-    page.screenshot(path=str(DOCS / name), clip={"x": 0, "y": max(0, top), "width": VIEWPORT["width"], "height": height})
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / name), clip={"x": 0, "y": max(0, top), "width": VIEWPORT["width"], "height": height})
     page.set_viewport_size(VIEWPORT)
     page.wait_for_timeout(300)
 
