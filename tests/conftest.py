@@ -193,3 +193,14 @@ def tiny_cache(tmp_path_factory) -> Path:
     build_cache(ds, PreprocessConfig(input_size=32), cache, progress=False)
     write_json_atomic(cache / "split.json", split_patients([p.id for p in ds.patients], 1, 1, seed=0))
     return cache
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray instance for a test module: the machine's 2 CPUs, a 200 MB object store, no dashboard."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install '.[scale]' or -r requirements-dev.txt); the Ray tests are skipped")
+    ray.init(num_cpus=2, object_store_memory=200 << 20, include_dashboard=False, logging_level="WARNING")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -155,17 +155,6 @@ def test_a_csv_manifest_lists_studies(studies, tiny_model_dir, tmp_path, capsys)
 # ---------------------------------------------------------------- on Ray
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray instance for the module: the machine's 2 CPUs, a 200 MB object store, no dashboard."""
-    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install '.[scale]' or -r requirements-dev.txt); the Ray batch tests are skipped")
-    ray.init(num_cpus=2, object_store_memory=200 << 20, include_dashboard=False, logging_level="WARNING")
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-
-
 def test_on_ray_each_study_is_done_once_by_workers_that_load_the_model_once(local_ray, studies, tiny_model_dir, tmp_path):
     spec = ModelSpec(model_dir=str(tiny_model_dir))
     here, there = tmp_path / "here", tmp_path / "ray"

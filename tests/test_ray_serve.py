@@ -13,15 +13,6 @@ import pytest
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install '.[scale]' or -r requirements-dev.txt); the Ray Serve tests are skipped")
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, object_store_memory=200 << 20, include_dashboard=False, logging_level="WARNING")
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-
-
 def test_two_replicas_serve_the_app_with_one_result_folder(local_ray, tiny_model_dir, tmp_path, monkeypatch):
     import httpx
     from conftest import free_port

@@ -25,7 +25,6 @@ patient. Slices and NIfTI volumes get the page only: an SR and a secondary captu
 
 from __future__ import annotations
 
-import base64
 import datetime
 import html
 import io
@@ -35,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import __version__
+from .visualize import b64png
 
 DISCLAIMER = "Decision support, not a diagnosis: research software; every finding must be checked by a radiologist."
 SCHEME = "99BRAINSEG"  # a private coding scheme ("99" prefix, DICOM PS3.16) for what DICOM has no code for
@@ -448,17 +448,11 @@ th { background: #eee; } ul { margin: 0; padding-left: 5mm; }
 """
 
 
-def _b64png(rgb: np.ndarray) -> str:
-    from .visualize import png_bytes
-
-    return base64.b64encode(png_bytes(rgb)).decode("ascii")
-
-
 def html_report(info: ReportInfo, images: list[tuple[str, np.ndarray]]) -> str:
     """One self-contained HTML page (inline CSS and PNGs, no scripts) that prints on one A4 page."""
     e = html.escape
     m = info.model
-    figures = "".join(f'<figure><img alt="{e(c)}" src="data:image/png;base64,{_b64png(img)}"><figcaption>{e(c)}</figcaption></figure>' for c, img in images)
+    figures = "".join(f'<figure><img alt="{e(c)}" src="data:image/png;base64,{b64png(img)}"><figcaption>{e(c)}</figcaption></figure>' for c, img in images)
     warnings = "<ul>" + "".join(f"<li>{e(w)}</li>" for w in info.warnings) + "</ul>" if info.warnings else "<p>none</p>"
     model_line = f"{e(str(m.get('display_name') or m.get('name')))} ({e(str(m.get('name')))}), version {e(str(m.get('version') or 'unknown'))}, precision {e(str(m.get('precision') or 'n/a'))}"
     inputs = "".join(f"<li>{e(line)}</li>" for line in info.input_lines)
@@ -591,7 +585,7 @@ def compare_html(body: dict, picture: np.ndarray) -> str:
 ({_num(r.get("change_mm"), " mm", sign=True)}, {_num(r.get("change_pct"), "%", sign=True)}); targets {e(str(r.get("baseline_target_ids")))};
 new measurable lesions {e(str(r.get("new_measurable_ids")))}.</p>
 <h2>Baseline | follow-up registered to it (slice {body["picture_slice"]})</h2>
-<div class="picture"><img alt="baseline and follow-up side by side" src="data:image/png;base64,{_b64png(picture)}"></div>
+<div class="picture"><img alt="baseline and follow-up side by side" src="data:image/png;base64,{b64png(picture)}"></div>
 <h2>Lesions</h2>{_compare_rows(body)}
 <h2>Registration</h2><p>{reg_line}</p>
 <h2>Rule</h2><p class="small">{e(str(r.get("rule", "")))}</p>

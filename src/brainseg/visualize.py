@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 from pathlib import Path
 
@@ -41,6 +42,11 @@ def png_bytes(rgb_or_grey: np.ndarray) -> bytes:
     if not ok:
         raise ValueError("could not encode PNG")
     return buf.tobytes()
+
+
+def b64png(img: np.ndarray) -> str:
+    """``png_bytes`` as base64 text, for JSON answers and self-contained HTML."""
+    return base64.b64encode(png_bytes(img)).decode("ascii")
 
 
 def save_png(path: os.PathLike | str, rgb_or_grey: np.ndarray) -> None:

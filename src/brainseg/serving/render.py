@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import base64
-
 import numpy as np
 
 from ..inference import window_for_volume
 from ..preprocessing import to_uint8
-from ..visualize import png_bytes, render  # noqa: F401  (render: the drawing itself lives with the other pictures)
-
-
-def b64png(img: np.ndarray) -> str:
-    return base64.b64encode(png_bytes(img)).decode("ascii")
+from ..visualize import b64png, png_bytes, render  # noqa: F401  (render: the drawing itself lives with the other pictures)
 
 
 def mask_png(mask: np.ndarray) -> bytes:
