@@ -49,7 +49,7 @@ from brainseg import __version__  # noqa: E402
 from brainseg.data import discover, labelled, load_patient, read_split, write_bytes_atomic, write_json_atomic  # noqa: E402
 from brainseg.inference import OnnxBackend, Segmenter, int8_path  # noqa: E402
 from brainseg.preprocessing import preprocess_slice  # noqa: E402
-from brainseg.registry import read_registry, write_registry  # noqa: E402
+from brainseg.registry import ModelEntry, Registry, read, write_registry  # noqa: E402
 
 SHARED = REPO / ".." / "shared" / "data"
 LGG = SHARED / "lgg" / "kaggle_3m"
@@ -272,19 +272,19 @@ def conv_flops(onnx_path: Path, size: int) -> float:
     return float(total)
 
 
-def int8_file(entry: dict, reg: dict, data: Path, quick: bool) -> Path | None:
+def int8_file(entry: ModelEntry, reg: Registry, data: Path, quick: bool) -> Path | None:
     """The registry's INT8 file, else one quantised now (kept in artifacts/bench/ and reused while newer than the fp32 file)."""
-    base = Path(reg["_dir"])
-    if entry.get("onnx_int8") and (base / entry["onnx_int8"]).is_file():
-        return base / entry["onnx_int8"]
+    base = Path(reg.directory)
+    if entry.onnx_int8 and (base / entry.onnx_int8).is_file():
+        return base / entry.onnx_int8
     from brainseg.export import export_int8
 
-    fp32 = base / entry["onnx"]
+    fp32 = base / entry.onnx
     out = WORK / ("quick" if quick else "") / int8_path(fp32).name
     if out.is_file() and out.stat().st_mtime > fp32.stat().st_mtime:
         return out
     try:
-        split = reg.get("split") or read_split(base / "split.json")
+        split = reg.split or read_split(base / "split.json")
         train = split["train"]
     except (OSError, KeyError, ValueError):
         train = None
@@ -299,14 +299,14 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def bench_networks(reg: dict, images: list[np.ndarray], repeats: int, data: Path, quick: bool) -> tuple[list[dict], dict]:
+def bench_networks(reg: Registry, images: list[np.ndarray], repeats: int, data: Path, quick: bool) -> tuple[list[dict], dict]:
     """Per model and backend: ms per slice at batch 1 and 32 (network), one slice end to end, agreement with fp32."""
     rows, int8_paths = [], {}
-    base = Path(reg["_dir"])
+    base = Path(reg.directory)
     threads = len(os.sched_getaffinity(0))
-    for name, entry in sorted(reg["models"].items()):
+    for name, entry in sorted(reg.models.items()):
         backends = {}
-        ckpt = base / entry["checkpoint"] if entry.get("checkpoint") else None
+        ckpt = base / entry.checkpoint if entry.checkpoint else None
         if ckpt is not None and ckpt.is_file() and importlib.util.find_spec("torch"):
             import torch
 
@@ -314,7 +314,7 @@ def bench_networks(reg: dict, images: list[np.ndarray], repeats: int, data: Path
 
             torch.set_num_threads(threads)
             backends["PyTorch eager (fp32)"] = TorchBackend(ckpt, device="cpu")
-        backends["ONNX Runtime fp32"] = OnnxBackend(base / entry["onnx"], threads)
+        backends["ONNX Runtime fp32"] = OnnxBackend(base / entry.onnx, threads)
         q = int8_file(entry, reg, data, quick)
         if q is not None:
             int8_paths[name] = q
@@ -334,7 +334,7 @@ def bench_networks(reg: dict, images: list[np.ndarray], repeats: int, data: Path
                 t32[label].append(timed(lambda b=b, x=x32: b(x)) / len(x32))
                 e2e[label].append(timed(lambda seg=segs[label]: seg.probabilities(images[:1])))
         ref = 1 / (1 + np.exp(-backends["ONNX Runtime fp32"](x32)))
-        flops = conv_flops(base / entry["onnx"], cfg.input_size)
+        flops = conv_flops(base / entry.onnx, cfg.input_size)
         for label, b in backends.items():
             prob = 1 / (1 + np.exp(-b(x32)))
             rows.append(
@@ -360,17 +360,18 @@ def bench_networks(reg: dict, images: list[np.ndarray], repeats: int, data: Path
 # ---------------------------------------------------------------- the API
 
 
-def bench_model_dir(reg: dict, int8_paths: dict[str, Path], into: Path) -> Path:
+def bench_model_dir(reg: Registry, int8_paths: dict[str, Path], into: Path) -> Path:
     """A model folder for the server: the registered files (linked) plus the INT8 files, registered as onnx_int8."""
-    base = Path(reg["_dir"])
+    base = Path(reg.directory)
     into.mkdir(parents=True, exist_ok=True)
-    for name, entry in reg["models"].items():
+    for name, entry in reg.models.items():
         for key in ("checkpoint", "onnx", "card"):
-            if entry.get(key) and (base / entry[key]).is_file():
-                (into / entry[key]).symlink_to((base / entry[key]).resolve())
+            rel = getattr(entry, key)
+            if rel and (base / rel).is_file():
+                (into / rel).symlink_to((base / rel).resolve())
         if name in int8_paths and not (into / int8_paths[name].name).exists():
             (into / int8_paths[name].name).symlink_to(int8_paths[name].resolve())
-            entry["onnx_int8"] = int8_paths[name].name
+            entry.onnx_int8 = int8_paths[name].name
     write_registry(into, reg)
     return into
 
@@ -743,7 +744,7 @@ def main() -> int:
     res["peak"] = peak_gflops(cpu)
     print(f"machine: {cpu['model']}, {cpu['cores']} cores; load {res['machine']['load_start']['loadavg']}", flush=True)
 
-    reg = read_registry(a.model_dir)
+    reg = read(a.model_dir)
     ds = labelled(discover(a.data))
     images, _ = load_patient(ds.patient(BENCH_PATIENT) if BENCH_PATIENT in {p.id for p in ds.patients} else ds.patients[0])
     images = (images * (1 + 32 // len(images)))[:32]
@@ -753,7 +754,7 @@ def main() -> int:
         print("API:", flush=True)
         with tempfile.TemporaryDirectory(prefix="brainseg-bench-models-") as tmp:
             model_dir = bench_model_dir(reg, int8_paths, Path(tmp) / "models")
-            precisions = ["fp32", "int8"] if len(int8_paths) == len(reg["models"]) else ["fp32"]
+            precisions = ["fp32", "int8"] if len(int8_paths) == len(reg.models) else ["fp32"]
             res["api"] = bench_server(model_dir, inputs(False), max(3, repeats), a.quick, precisions, a.src.resolve())
             res["api"]["src"] = str(a.src.resolve())
     res["machine"]["load_end"] = machine_load()

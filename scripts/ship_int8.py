@@ -30,16 +30,16 @@ from brainseg.evaluation import evaluate_predictions, predict_patients
 from brainseg.export import CALIBRATION_METHODS, CALIBRATION_SLICES, export_int8
 from brainseg.inference import int8_path
 from brainseg.predictor import load_segmenter
-from brainseg.registry import read_registry, write_registry
+from brainseg.registry import Registry, read, write_registry
 
 MAX_DROP = 0.005  # per-patient Dice, test patients, under each input condition
 RULE = f"INT8 is served by default only where the per-patient Dice of the test patients drops by at most {MAX_DROP} under every input condition"
 CARD_START, CARD_END = "<!-- int8 -->", "<!-- /int8 -->"
 
 
-def split_of(reg: dict, model_dir: Path, split_file: str | None) -> dict:
-    if reg.get("split"):
-        return reg["split"]
+def split_of(reg: Registry, model_dir: Path, split_file: str | None) -> dict:
+    if reg.split:
+        return reg.split
     return read_split(split_file or model_dir / "split.json")
 
 
@@ -102,16 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=0, help="smoke test: only this many training (calibration) and test patients")
     a = ap.parse_args(argv)
 
-    reg = read_registry(a.model_dir)
+    reg = read(a.model_dir)
     split = split_of(reg, a.model_dir, a.split)
     ds = labelled(discover(a.data))
     train_ids = split["train"][: a.limit or None]
     test = [ds.patient(pid) for pid in split["test"][: a.limit or None]]
-    names = a.models or sorted(reg["models"])
+    names = a.models or reg.names
     print(f"INT8: calibrating on {len(train_ids)} training patients, testing on {len(test)} test patients; rule: {RULE}", flush=True)
     for name in names:
-        entry = reg["models"][name]
-        fp32_path = a.model_dir / entry["onnx"]
+        entry = reg.entry(name)
+        fp32_path = a.model_dir / entry.onnx
         t0 = time.perf_counter()
         out = export_int8(fp32_path, a.data, train_ids, a.calibration_slices, a.seed, int8_path(fp32_path), a.method)
         quantise_s = time.perf_counter() - t0
@@ -126,10 +126,10 @@ def main(argv: list[str] | None = None) -> int:
             "default_precision": "int8" if holds else "fp32",
             "rule": RULE,
         }
-        entry["onnx_int8"] = out.name
-        entry["default_precision"] = block["default_precision"]
-        entry["int8"] = block
-        card = a.model_dir / (entry.get("card") or f"{name}.md")
+        entry.onnx_int8 = out.name
+        entry.default_precision = block["default_precision"]
+        entry.int8 = block
+        card = a.model_dir / (entry.card or f"{name}.md")
         if card.is_file():
             update_card(card, card_section(block))
         print(f"\n{DISPLAY_NAMES.get(name, name)}: {out} (quantised in {quantise_s:.0f} s)")
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  -> default precision {block['default_precision']} ({'every drop <= ' if holds else 'a drop > '}{MAX_DROP})", flush=True)
         write_registry(a.model_dir, reg)  # after each model: what is measured is kept if a later one fails
     print(f"\nregistry: {a.model_dir / 'registry.json'}")
-    print(json.dumps({n: reg["models"][n]["default_precision"] for n in names}))
+    print(json.dumps({n: reg.entry(n).default_precision for n in names}))
     return 0
 
 

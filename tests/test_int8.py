@@ -126,11 +126,11 @@ def test_tolerance_rejects_a_broken_quantisation(int8_models, tmp_path):
 
 def test_precision_option_reaches_the_int8_file(int8_models, tmp_path):
     """`--precision int8` runs X.int8.onnx (registry entry or --checkpoint), and says so in the output."""
-    from brainseg.registry import read_registry, write_registry
+    from brainseg.registry import read, write_registry
 
-    reg = read_registry(int8_models)
-    for name in reg["models"]:
-        reg["models"][name]["onnx_int8"] = f"{name}.int8.onnx"
+    reg = read(int8_models)
+    for name, entry in reg.models.items():
+        entry.onnx_int8 = f"{name}.int8.onnx"
     write_registry(int8_models, reg)
     img = synthetic_slice(seed=21)[0]
     src = tmp_path / "slice.png"
@@ -168,7 +168,7 @@ def test_ship_int8_registers_int8_with_its_dice_cost(tiny_model_dir, tmp_path, c
     """scripts/ship_int8.py on the tiny models, 2 calibration and 2 test patients: files, registry, card, printout."""
     import importlib.util
 
-    from brainseg.registry import read_registry
+    from brainseg.registry import read
 
     require(LGG)
     spec = importlib.util.spec_from_file_location("ship_int8", REPO / "scripts" / "ship_int8.py")
@@ -179,17 +179,17 @@ def test_ship_int8_registers_int8_with_its_dice_cost(tiny_model_dir, tmp_path, c
     (models / "split.json").write_text(json.dumps({"train": ids[:3], "val": ids[3:4], "test": ids[10:13]}))
     assert ship.main(["--data", str(LGG), "--model-dir", str(models), "--limit", "2", "--calibration-slices", "40"]) == 0
     out = capsys.readouterr().out
-    reg = read_registry(models)
+    reg = read(models)
     for name in ("unetpp", "attention_unet"):
-        entry = reg["models"][name]
-        assert entry["onnx_int8"] == f"{name}.int8.onnx" and (models / entry["onnx_int8"]).is_file()
-        block = entry["int8"]
+        entry = reg.entry(name)
+        assert entry.onnx_int8 == f"{name}.int8.onnx" and (models / entry.onnx_int8).is_file()
+        block = entry.int8
         assert block["calibration"]["patients"] == 2 and block["calibration"]["slices"] == 40 and block["test_patients"] == 2
         assert set(block["test"]) == set(EVERY_CONDITION)
         for r in block["test"].values():
             assert r["drop"] == pytest.approx(r["fp32"] - r["int8"], abs=2e-4)
         holds = all(r["drop"] <= ship.MAX_DROP for r in block["test"].values())
-        assert entry["default_precision"] == ("int8" if holds else "fp32")
+        assert entry.default_precision == ("int8" if holds else "fp32")
         card = (models / f"{name}.md").read_text()
         assert card.count("<!-- int8 -->") == 1 and "| flair_only |" in card
     assert "flair_only" in out and "default precision" in out

@@ -9,9 +9,8 @@ import logging
 import onnxruntime as ort
 import pytest
 
-from brainseg import inference
+from brainseg import inference, registry
 from brainseg.inference import OnnxBackend, onnx_providers
-from brainseg.registry import model_path, read_registry
 from brainseg.serving.settings import Settings, StartupError
 
 CPU = "CPUExecutionProvider"
@@ -55,8 +54,8 @@ def test_the_environment_chooses_and_bad_values_are_refused(monkeypatch):
 
 @pytest.fixture
 def onnx_file(tiny_model_dir):
-    reg = read_registry(tiny_model_dir)
-    return model_path(reg, reg["default"])
+    reg = registry.read(tiny_model_dir)
+    return reg.file(reg.default, "onnx")
 
 
 @pytest.fixture

@@ -191,13 +191,17 @@ def test_int8_picks_the_onnx_int8_file(tiny_model_dir, tmp_path):
     assert predictor.load("unetpp", model_dir=tmp_path, precision="int8").path == str(tmp_path / "unetpp.int8.onnx")
 
 
-def test_read_registry_dict_writes_back_the_same_file(tmp_path):
-    """Scripts read the dict, add a key, write it back: nothing else in the file changes."""
+def test_read_then_write_gives_back_the_same_file(tmp_path):
+    """Scripts read the typed registry, set a field, write it back: nothing else in the file changes."""
     registry.write_registry(tmp_path, full_registry())
-    before = json.loads((tmp_path / "registry.json").read_text())
-    reg = registry.read_registry(tmp_path)
-    assert reg["_dir"] == str(tmp_path) and "version" not in reg["models"]["unetpp"]
-    reg["models"]["unetpp"].update(onnx_int8="unetpp.int8.onnx", default_precision="fp32", int8={"drop": {"all": 0.001}})
+    text = (tmp_path / "registry.json").read_text()
+    before = json.loads(text)
+    reg = registry.read(tmp_path)
+    assert reg.directory == tmp_path and reg.entry("unetpp").version is None
+    registry.write_registry(tmp_path, reg)
+    assert (tmp_path / "registry.json").read_text() == text  # byte for byte
+    entry = reg.entry("unetpp")
+    entry.onnx_int8, entry.default_precision, entry.int8 = "unetpp.int8.onnx", "fp32", {"drop": {"all": 0.001}}
     registry.write_registry(tmp_path, reg)
     after = json.loads((tmp_path / "registry.json").read_text())
     assert after["models"]["unetpp"] == {
@@ -207,5 +211,7 @@ def test_read_registry_dict_writes_back_the_same_file(tmp_path):
         "int8": {"drop": {"all": 0.001}},
     }
     assert {k: v for k, v in after.items() if k != "models"} == {k: v for k, v in before.items() if k != "models"}
+    body = reg.to_json()
+    body["models"]["unetpp"]["default_precision"] = "fp16"
     with pytest.raises(RegistryError, match="default_precision"):
-        registry.write_registry(tmp_path, {**reg, "models": {"unetpp": {**reg["models"]["unetpp"], "default_precision": "fp16"}}})
+        registry.write_registry(tmp_path, body)

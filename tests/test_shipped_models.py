@@ -23,13 +23,13 @@ MODELS = REPO / "models"
 @pytest.fixture(scope="module")
 def reg():
     assert (MODELS / "registry.json").is_file(), "the shipped models are part of the repository: models/registry.json is missing"
-    return registry.read_registry(MODELS)
+    return registry.read(MODELS)
 
 
 @pytest.fixture(scope="module")
 def test_patient(reg):
     ds = labelled(discover(require(LGG)))
-    pid = sorted(reg["split"]["test"])[0]
+    pid = sorted(reg.split["test"])[0]
     images, truth = load_patient(ds.patient(pid))
     return pid, images, truth
 
@@ -43,23 +43,23 @@ def _lesion_free_slice(truth: np.ndarray) -> int:
 
 
 def test_registry_names_both_models_and_a_default(reg):
-    assert set(reg["models"]) == {"unetpp", "attention_unet"}
-    assert reg["default"] in reg["models"]
-    for entry in reg["models"].values():
+    assert set(reg.models) == {"unetpp", "attention_unet"}
+    assert reg.default in reg.models
+    for entry in reg.models.values():
         for key in ("checkpoint", "onnx", "card"):
-            f = MODELS / entry[key]
+            f = MODELS / getattr(entry, key)
             assert f.is_file() and f.stat().st_size < 25 * 2**20, f
     # the default is chosen on the validation patients, never on the test patients
-    best = max(reg["models"], key=lambda n: reg["models"][n]["val_selection_score"])
-    assert reg["default"] == best and "validation" in reg["selected_by"]
-    for entry in reg["models"].values():
-        assert set(entry["conditions"]) == set(EVERY_CONDITION)
+    best = max(reg.models, key=lambda n: reg.models[n].val_selection_score)
+    assert reg.default == best and "validation" in reg.selected_by
+    for entry in reg.models.values():
+        assert set(entry.conditions) == set(EVERY_CONDITION)
 
 
 def test_default_finds_the_lesion_and_nothing_on_a_lesion_free_slice(reg, test_patient):
     pid, images, truth = test_patient
     seg = predictor.load(model_dir=MODELS)
-    assert seg.name == reg["default"] and seg.backend.kind == "onnx"
+    assert seg.name == reg.default and seg.backend.kind == "onnx"
     z_pos = int(np.argmax(truth.reshape(len(truth), -1).sum(1)))
     pred = binarize(seg.probabilities([images[z_pos]])[0], seg.postprocess)
     assert dice(pred, truth[z_pos]) > 0.5, f"{pid} slice {z_pos + 1}"
@@ -72,7 +72,7 @@ def test_default_finds_the_lesion_and_nothing_on_a_lesion_free_slice(reg, test_p
 def test_onnx_and_pytorch_give_the_same_masks(reg, test_patient, name):
     _, images, truth = test_patient
     onnx_seg = predictor.load(name, model_dir=MODELS)
-    torch_seg = Segmenter(TorchBackend(MODELS / reg["models"][name]["checkpoint"], device="cpu"), name)
+    torch_seg = Segmenter(TorchBackend(MODELS / reg.entry(name).checkpoint, device="cpu"), name)
     zs = np.flatnonzero(truth.reshape(len(truth), -1).any(1))[:8]
     batch = [images[z] for z in zs]
     a = np.stack([binarize(p, onnx_seg.postprocess) for p in onnx_seg.probabilities(batch)])

@@ -192,19 +192,10 @@ def read(model_dir: os.PathLike | str | None = None) -> Registry:
     return reg
 
 
-def read_registry(model_dir: os.PathLike | str | None = None) -> dict:
-    """``read`` as a plain dict (the keys of the file, and ``_dir``): for scripts and tests that index it.
-
-    ``write_registry`` of this dict (``_dir`` is dropped) writes the same file back.
-    """
-    reg = read(model_dir)
-    return {**reg.to_json(), "_dir": str(reg.directory)}
-
-
 def write_registry(model_dir: os.PathLike | str, reg: Registry | dict) -> Path:
     """The one writer: check ``reg`` against the schema and write ``registry.json`` atomically."""
     if isinstance(reg, dict):
-        reg = parse({k: v for k, v in reg.items() if not k.startswith("_")}, "registry")
+        reg = parse(reg, "registry")
     path = Path(model_dir) / REGISTRY
     write_json_atomic(path, reg.to_json())
     return path
@@ -217,11 +208,3 @@ def file_version(path: os.PathLike | str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:12]
-
-
-def model_path(reg: dict, name: str, prefer_onnx: bool = True) -> Path:
-    """Path of a registered model's file from ``read_registry``'s dict (ONNX if present and preferred)."""
-    typed = parse({k: v for k, v in reg.items() if not k.startswith("_")})
-    typed.directory = Path(reg["_dir"])
-    onnx = typed.file(name, "onnx")
-    return onnx if prefer_onnx and onnx is not None else Path(reg["_dir"]) / typed.entry(name).checkpoint
