@@ -168,6 +168,36 @@ def test_cli_loader_and_server_engine_pick_the_same_files(tiny_model_dir, monkey
         assert [m.name for m in ens.members] == ["attention_unet", "unetpp"]
 
 
+def test_one_version_rule_for_a_loaded_model_a_file_and_a_registry_entry(tiny_model_dir, tmp_path):
+    """``predictor.weights_version``: fp32 names the checkpoint (from a loaded model, its file or its registry entry,
+    on either backend); INT8 names its own file; a fixed registry version wins in fp32; no file at all is '?'."""
+    from brainseg.serving.engine import Engine
+    from brainseg.serving.settings import Settings
+
+    for f in tiny_model_dir.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    shutil.copy(tmp_path / "attention_unet.onnx", tmp_path / "unetpp.int8.onnx")  # any other ONNX file: another hash
+    reg = registry.read(tmp_path)
+    reg.models["unetpp"].onnx_int8 = "unetpp.int8.onnx"
+    registry.write_registry(tmp_path, reg)
+    reg = registry.read(tmp_path)
+    weights, int8 = registry.file_version(tmp_path / "unetpp.pt"), registry.file_version(tmp_path / "unetpp.int8.onnx")
+    assert weights != int8
+    engine = Engine(Settings.from_env({}, model_dir=str(tmp_path)))
+    for precision, expected in (("fp32", weights), ("int8", int8)):
+        assert predictor.weights_version(precision, reg=reg, name="unetpp") == expected
+        assert engine.file_version_of("unetpp", precision) == expected
+        assert predictor.version(predictor.load("unetpp", model_dir=tmp_path, precision=precision)) == expected
+    assert predictor.version(predictor.load("unetpp", model_dir=tmp_path, prefer_onnx=False)) == weights
+    assert predictor.weights_version("fp32", tmp_path / "unetpp.onnx") == weights  # the .pt beside it
+    (tmp_path / "lone.onnx").write_bytes((tmp_path / "unetpp.onnx").read_bytes())
+    assert predictor.weights_version("fp32", tmp_path / "lone.onnx") == registry.file_version(tmp_path / "unetpp.onnx")
+    reg.models["unetpp"].version = "v1-fixed"
+    assert predictor.weights_version("fp32", reg=reg, name="unetpp") == "v1-fixed"
+    assert predictor.weights_version("int8", reg=reg, name="unetpp") == int8
+    assert predictor.weights_version("int8") == "?"
+
+
 def test_int8_is_refused_by_name_when_a_model_has_no_int8_file(tiny_model_dir):
     reg = registry.read(tiny_model_dir)
     with pytest.raises(PrecisionUnavailable, match="'unetpp' has no INT8 version"):

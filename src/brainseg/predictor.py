@@ -3,7 +3,8 @@
 
 Every entry point loads models here: the CLI (``brainseg predict``, ``evaluate``, ``compare``,
 ``batch``), the server (``serving.engine.Engine``), the scripts and the tests, so all follow one
-backend rule (``pick_backend``) and one precision rule (``choose_file``, ``served_precision``).
+backend rule (``pick_backend``), one precision rule (``choose_file``, ``served_precision``) and one
+version rule (``weights_version``).
 ``registry`` is the schema and the reader it uses; ``inference`` the networks it builds. Neither
 imports this module (tests/test_layers.py checks that no module imports upward). No torch import here.
 """
@@ -167,19 +168,50 @@ def override(post: PostprocessConfig, threshold: float | None = None, min_size: 
     return post
 
 
+def weights_version(
+    precision: str,
+    path: os.PathLike | str | None = None,
+    *,
+    reg: registry.Registry | None = None,
+    name: str | None = None,
+    backend: str | None = None,
+    hasher=None,
+) -> str:
+    """The one version rule: names the weights a result came from, without loading the model. The CLI (``version``),
+    the server (``Engine.file_version_of``: ``/v1/models`` and the answers) and every file they write (SEG, SR,
+    reports) use it, so the same weights carry one name whichever backend runs them.
+
+    - fp32: the weights the model file was exported from: a registered model's fixed ``version`` if its entry sets
+      one, else the hash of its ``checkpoint``; a file outside a registry: the ``X.pt`` beside ``X.onnx``;
+    - INT8 (and an fp32 model with no checkpoint): the hash of the file that runs, ``path``, or for a registered
+      model the one ``choose_file`` picks. ``"?"`` when there is no such file.
+
+    ``hasher``: ``registry.file_version`` by default (the server passes one that remembers its answers).
+    """
+    hasher = hasher or registry.file_version
+    if precision == "fp32":
+        fixed, weights = (reg.entry(name).version, reg.file(name, "checkpoint")) if reg is not None else (None, _checkpoint_beside(path))
+        if fixed or weights:
+            return fixed or hasher(weights)
+    if not path and reg is not None:
+        path = choose_file(reg, name, backend, precision)[0]
+    return hasher(path) if path else "?"
+
+
+def _checkpoint_beside(path: os.PathLike | str | None) -> Path | None:
+    """``X.pt`` beside an ``X.onnx`` (the checkpoint it was exported from), if it is there."""
+    if not path or Path(path).suffix != ".onnx":
+        return None
+    pt = Path(path).with_suffix(".pt")
+    return pt if pt.is_file() else None
+
+
 def version(segmenter) -> str:
-    """Names the weights a result came from, by one rule for the CLI, the server (``Engine.file_version_of``) and every
-    file they write (SEG, SR, reports): in fp32 the checkpoint the model file was exported from (``X.pt`` beside
-    ``X.onnx``: the same weights whichever backend runs them), else the file that ran (an INT8 file, a lone
-    ``.onnx``); an ensemble joins its members' as ``name:version``."""
+    """``weights_version`` of a loaded Segmenter (the file it runs, in its precision); an ensemble joins its
+    members' as ``name:version``; ``unknown`` for a model that came from no file."""
     members = getattr(segmenter, "members", None) or [segmenter]
 
     def one(m) -> str:
-        if not m.path:
-            return "unknown"
-        path = Path(m.path)
-        if m.precision == "fp32" and path.suffix == ".onnx" and path.with_suffix(".pt").is_file():
-            path = path.with_suffix(".pt")
-        return registry.file_version(path)
+        return weights_version(m.precision, m.path) if m.path else "unknown"
 
     return "+".join(f"{m.name}:{one(m)}" for m in members) if len(members) > 1 else one(members[0])

@@ -157,16 +157,10 @@ class Engine:
         return sorted({name for name, _ in self._models})
 
     def file_version_of(self, name: str, precision: str, path=None) -> str:
-        """The version a result of ``name`` in ``precision`` reports, without loading it: fp32 the registry's
-        version or the checkpoint's hash (the weights its ONNX file was exported from), INT8 its own file's hash.
-        ``/v1/models`` and the answers both use it, so the two never disagree."""
-        reg = self.registry()
-        if precision == "fp32":
-            fixed, weights = reg.entry(name).version, reg.file(name, "checkpoint")
-            if fixed or weights:
-                return fixed or self._hash(weights)
-        path = path or predictor.choose_file(reg, name, self.settings.backend, precision)[0]
-        return self._hash(path) if path else "?"
+        """The version a result of ``name`` in ``precision`` reports, without loading it (``predictor.weights_version``:
+        fp32 the registry's version or the checkpoint's hash, INT8 its own file's hash). ``/v1/models`` and the answers
+        both use it, so the two never disagree."""
+        return predictor.weights_version(precision, path, reg=self.registry(), name=name, backend=self.settings.backend, hasher=self._hash)
 
     def _hash(self, path) -> str:
         """``file_version``, remembered per (path, size, mtime): /v1/models asks on every call."""
