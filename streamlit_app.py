@@ -19,18 +19,19 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 import cv2
-import httpx
 import numpy as np
 import streamlit as st
 from pydantic import ValidationError
 
 try:
     from brainseg.review import heatmap, window_level
+    from brainseg.serving.client import ApiError, api_request
     from brainseg.serving.schemas import parse_answer
     from brainseg.synthetic import SYNTHETIC_LABEL, synthetic_png
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
     from brainseg.review import heatmap, window_level
+    from brainseg.serving.client import ApiError, api_request
     from brainseg.serving.schemas import parse_answer
     from brainseg.synthetic import SYNTHETIC_LABEL, synthetic_png
 
@@ -50,41 +51,6 @@ METRIC_NAMES = {
     "fp_slice_rate": "False-positive slice rate",
     "hd95": "HD95 (px)",
 }
-
-
-class ApiError(Exception):
-    """A message for the user: the API is unreachable or refused the request."""
-
-
-def api_request(base: str, method: str, path: str, timeout: float = 30.0, **kwargs) -> httpx.Response:
-    key = os.environ.get("BRAINSEG_API_KEY", "").split(",")[0].strip()  # the API's key, when it has one
-    if key:
-        kwargs["headers"] = {**kwargs.get("headers", {}), "X-API-Key": key}
-    try:
-        r = httpx.request(method, base + path, timeout=timeout, **kwargs)
-    except httpx.ConnectError:
-        raise ApiError(
-            f"Cannot reach the API at {base}. Start it with `uvicorn app:app` from the repository root (or `scripts/run_app.sh`), "
-            "or correct the API URL in the sidebar."
-        ) from None
-    except httpx.TimeoutException:
-        raise ApiError(f"The API at {base} did not answer within {timeout:.0f} s.") from None
-    except (httpx.HTTPError, ValueError) as exc:
-        raise ApiError(f"Cannot talk to the API at {base}: {exc}") from None
-    if r.status_code >= 400:
-        error_id = None
-        try:
-            body = r.json()
-            detail, error_id = body.get("detail", r.text), body.get("error_id")
-        except (ValueError, AttributeError):
-            detail = r.text[:300] or r.reason_phrase
-        if error_id:  # a server fault: the id the server log files its traceback under
-            detail = f"{detail} (error id: {error_id})"
-        if r.status_code == 401:
-            detail += " (the page sends the key in its own environment variable BRAINSEG_API_KEY)"
-        what = "The API failed on the request" if r.status_code >= 500 else "The API refused the request"
-        raise ApiError(f"{what} (HTTP {r.status_code}): {detail}")
-    return r
 
 
 @st.cache_data(ttl=10, show_spinner=False)

@@ -2,8 +2,8 @@
 
 A page of ``streamlit run streamlit_app.py`` (Streamlit's multipage ``pages/`` folder). It talks to the
 brainseg API over HTTP (``BRAINSEG_API_URL``, default http://127.0.0.1:8000; ``BRAINSEG_API_KEY`` when
-the API has a key), as the main page does, with a small client of its own: importing streamlit_app.py
-would run that page. Decision support, not a diagnosis: the page says so above and below the result.
+the API has a key), through the main page's client (``brainseg.serving.client``: a page cannot import
+streamlit_app.py, which would run that page). Decision support, not a diagnosis: the page says so above and below the result.
 """
 
 from __future__ import annotations
@@ -12,39 +12,23 @@ import base64
 import io
 import json
 import os
+import sys
 import zipfile
+from pathlib import Path
 
-import httpx
 import streamlit as st
+
+try:
+    from brainseg.serving.client import ApiError, api_request
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from brainseg.serving.client import ApiError, api_request
 
 DEFAULT_API = os.environ.get("BRAINSEG_API_URL", "http://127.0.0.1:8000").rstrip("/")
 UPLOAD_TYPES = ["nii", "gz", "zip", "dcm"]
 COMPARE_TIMEOUT_S = 900.0  # two volumes segmented and registered on a small CPU server
 DISCLAIMER = "Decision support, not a diagnosis: every lesion, match and the response category must be checked by a qualified reader."
 CATEGORY_STYLE = {"CR": st.success, "PR": st.success, "SD": st.info, "PD": st.error, "NE": st.warning}
-
-
-def api_post(base: str, path: str, **kwargs) -> dict:
-    """POST to the API; a plain message (``RuntimeError``) when it cannot be reached or refuses."""
-    key = os.environ.get("BRAINSEG_API_KEY", "").split(",")[0].strip()
-    headers = {"X-API-Key": key} if key else {}
-    try:
-        r = httpx.post(base + path, headers=headers, timeout=COMPARE_TIMEOUT_S, **kwargs)
-    except httpx.ConnectError:
-        raise RuntimeError(f"Cannot reach the API at {base}. Start it with `uvicorn app:app` from the repository root, or correct the API URL.") from None
-    except httpx.TimeoutException:
-        raise RuntimeError(f"The API at {base} did not answer within {COMPARE_TIMEOUT_S:.0f} s.") from None
-    except httpx.HTTPError as exc:
-        raise RuntimeError(f"Cannot talk to the API at {base}: {exc}") from None
-    if r.status_code >= 400:
-        try:
-            body = r.json()
-            detail = body.get("detail", r.text) + (f" (error id: {body['error_id']})" if body.get("error_id") else "")
-        except (ValueError, AttributeError):
-            detail = r.text[:300] or r.reason_phrase
-        what = "The API failed on the request" if r.status_code >= 500 else "The API refused the request"
-        raise RuntimeError(f"{what} (HTTP {r.status_code}): {detail}")
-    return r.json()
 
 
 def study_files(field: str, uploaded) -> list[tuple[str, tuple[str, bytes, str]]]:
@@ -170,9 +154,10 @@ def main() -> None:
         files = study_files("baseline", baseline) + study_files("followup", followup)
         with st.spinner("Segmenting both studies, registering and matching lesions…"):
             try:
-                st.session_state.compare = api_post(base, "/v1/compare", files=files, data={"register": str(register).lower()})
+                answer = api_request(base, "POST", "/v1/compare", timeout=COMPARE_TIMEOUT_S, files=files, data={"register": str(register).lower()})
+                st.session_state.compare = answer.json()
                 st.session_state.compare_error = None
-            except RuntimeError as exc:
+            except ApiError as exc:
                 st.session_state.compare, st.session_state.compare_error = None, str(exc)
     if st.session_state.get("compare_error"):
         st.error(st.session_state.compare_error)

@@ -51,6 +51,63 @@ def test_page_renders_and_says_when_the_api_is_down(monkeypatch):
     assert "Cannot reach the API" in " ".join(texts(at.error))
 
 
+def test_both_pages_use_the_one_client_and_its_messages(monkeypatch):
+    """streamlit_app.py and pages/1_Follow-up.py talk to the API only through ``brainseg.serving.client``: one key
+    header, one wording of an unreachable API, a refusal, a server fault (with its error id) and a missing key."""
+    import ast
+
+    import httpx
+
+    from brainseg.serving import client
+
+    for page in (REPO / "streamlit_app.py", REPO / "pages" / "1_Follow-up.py"):
+        tree = ast.parse(page.read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        from_client = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "brainseg.serving.client" for a in n.names}
+        assert "httpx" not in imported and {"ApiError", "api_request"} <= from_client, page.name
+    sent = []
+
+    def answer(status, body=None, text=""):
+        def request(method, url, timeout, **kwargs):
+            sent.append(kwargs.get("headers", {}))
+            return httpx.Response(status, json=body) if body is not None else httpx.Response(status, text=text)
+
+        monkeypatch.setattr(httpx, "request", request)
+
+    monkeypatch.setenv("BRAINSEG_API_KEY", " k1 , k2")
+    answer(200, {"ok": True})
+    assert client.api_request("http://x", "GET", "/health").json() == {"ok": True} and sent[-1] == {"X-API-Key": "k1"}
+    cases = [
+        (
+            401,
+            {"detail": "missing API key"},
+            "The API refused the request (HTTP 401): missing API key (the page sends the key in its own environment variable BRAINSEG_API_KEY)",
+        ),
+        (500, {"detail": "internal error", "error_id": "e1"}, "The API failed on the request (HTTP 500): internal error (error id: e1)"),
+        (413, None, "The API refused the request (HTTP 413): Request Entity Too Large"),
+    ]
+    for status, body, message in cases:
+        answer(status, body)
+        with pytest.raises(client.ApiError) as err:
+            client.api_request("http://x", "POST", "/v1/compare")
+        assert str(err.value) == message
+    monkeypatch.undo()
+    monkeypatch.delenv("BRAINSEG_API_KEY", raising=False)
+    base = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(client.ApiError, match=r"Cannot reach the API at .*uvicorn app:app.*in the sidebar"):
+        client.api_request(base, "GET", "/health", timeout=5)
+
+
+def test_followup_page_renders_without_the_api(monkeypatch):
+    """The Follow-up page (``pages/1_Follow-up.py``) renders on its own; Compare waits for both studies."""
+    monkeypatch.setenv("BRAINSEG_API_URL", f"http://127.0.0.1:{free_port()}")
+    at = AppTest.from_file(str(REPO / "pages" / "1_Follow-up.py"), default_timeout=120)
+    at.run()
+    no_page_crash(at)
+    assert "Follow-up comparison" in texts(at.title)
+    assert at.button[0].disabled and any("Upload a baseline and a follow-up" in t for t in texts(at.info))
+
+
 def test_wrong_api_url_shows_the_http_error(monkeypatch, api_server):
     at = run_app(monkeypatch, api_server + "/not-the-api")
     errors = " ".join(texts(at.error))
