@@ -7,7 +7,8 @@
 For each architecture, every candidate checkpoint (e.g. the GPU run and its CPU continuation)
 is calibrated on the validation patients (threshold, minimum component size, 2D / 3D
 components; complete input and FLAIR only) and the one with the higher validation score is
-shipped. Then: ONNX export, evaluation of the ONNX model on the test patients under the four
+shipped: ``pipeline.finish_run``, the flow of ``brainseg train``, with this script's files
+(``RunFiles.shipped``) and test report (``shipped_evaluation``). Then: ONNX export, evaluation of the ONNX model on the test patients under the four
 input conditions with 95% bootstrap intervals, the PyTorch model on the same patients (the
 two must agree), the ensemble, the default chosen on validation, ``registry.json``, one model
 card per model, ``results.md`` and a figure of test slices.
@@ -16,24 +17,23 @@ card per model, ``results.md`` and a figure of test slices.
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from brainseg import __version__
-from brainseg.checkpoint import load_checkpoint, save_checkpoint
+from brainseg.checkpoint import load_checkpoint
 from brainseg.config import DISPLAY_NAMES, EVERY_CONDITION, SPLIT_SEED, ExperimentConfig
 from brainseg.data import discover, labelled, write_json_atomic, write_text_atomic
 from brainseg.evaluation import CONDITION_NAMES, PROTOCOLS, conditions_table, evaluate_predictions, markdown_table, mean_predictions, predict_patients
-from brainseg.export import export_onnx
 from brainseg.inference import Ensemble, Segmenter, TorchBackend
-from brainseg.pipeline import CALIBRATION_CONDITIONS, SELECTED_BY, calibrate, condition_summary
+from brainseg.pipeline import SELECTED_BY, RunFiles, condition_summary, finish_run
 from brainseg.predictor import load_segmenter
-from brainseg.registry import EnsembleEntry, ModelEntry, Registry, write_registry
+from brainseg.registry import EnsembleEntry, Registry, write_registry
 from brainseg.visualize import save_figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,7 +50,7 @@ PAPERS = {
 }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True)
     ap.add_argument("--out", type=Path, default=Path("models"))
@@ -58,7 +58,9 @@ def main() -> int:
     ap.add_argument("--training-note", default="", help="how the candidates were trained, for the model cards")
     ap.add_argument("--limit", type=int, default=0, help="smoke test: only this many validation and test patients")
     ap.add_argument("--brats-format", type=Path, default=BRATS_FORMAT, help="LGG patients in BraTS format with reference masks (skipped if absent)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("brainseg.pipeline").setLevel(logging.INFO)  # each candidate's validation score
 
     out: Path = a.out
     out.mkdir(parents=True, exist_ok=True)
@@ -71,59 +73,28 @@ def main() -> int:
 
     reports, entries, members, chosen, test_preds = {}, {}, [], {}, {}
     for name in names:
-        best = None
-        for path in candidates[name]:
-            ckpt = load_checkpoint(path)
-            if ckpt["split"]["val"] != split["val"] or ckpt["split"]["test"] != split["test"]:
-                raise SystemExit(f"{path}: trained on another split than {candidates[names[0]][0]}")
-            seg = Segmenter(TorchBackend(checkpoint=ckpt, device="cpu"), name)
-            post, table, score = calibrate(seg, val)
-            print(f"{name} candidate {path}: validation score {score:.4f} at {post}", flush=True)
-            if best is None or score > best[0]:
-                best = (score, path, ckpt, post, table)
-        score, path, ckpt, post, table = best
-        chosen[name] = {"path": path, "val_score": score, "candidates": list(candidates[name])}
-        ckpt.pop("optimizer", None)
-        ckpt.pop("train_model", None)
-        ckpt["config"]["postprocess"] = asdict(post)
-        ckpt["calibration"] = {"patients": split["val"], "conditions": list(CALIBRATION_CONDITIONS), "table": table, "val_score": score}
-        ckpt["info"]["shipped_from"] = path
-        save_checkpoint(out / f"{name}.pt", ckpt)
-        export_onnx(out / f"{name}.pt", out / f"{name}.onnx")
-        curves = Path(path).parent / "training_curves.png"
+        measured = {}
+        reports[name], entries[name] = finish_run(
+            out,
+            name,
+            split,
+            val,
+            test,
+            {},
+            candidates=candidates[name],
+            files=RunFiles.shipped(out, name),
+            evaluate=shipped_evaluation(name, test, a.brats_format, measured),
+            metrics=REGISTRY_METRICS,
+            device="cpu",
+        )
+        info = load_checkpoint(out / f"{name}.pt")["info"]
+        chosen[name] = {"path": info["shipped_from"], "val_score": entries[name].val_selection_score, "candidates": list(candidates[name])}
+        curves = Path(info["shipped_from"]).parent / "training_curves.png"
         if curves.is_file():
             shutil.copy2(curves, out / f"{name}_training_curves.png")
-
-        onnx_seg = load_segmenter(out / f"{name}.onnx", name)
-        torch_seg = Segmenter(TorchBackend(checkpoint=load_checkpoint(out / f"{name}.pt"), device="cpu"), name)
-        t0 = time.time()
-        preds = {c: predict_patients(onnx_seg, test, condition=c) for c in CONDS}
-        onnx_seconds = time.time() - t0
-        by_cond = {c: evaluate_predictions(p, post) for c, p in preds.items()}
-        torch_report = evaluate_predictions(predict_patients(torch_seg, test), post)
-        report = dict(by_cond["all"])
-        report["conditions"] = {c: condition_summary(r) for c, r in by_cond.items()}
-        report["val_selection_score"] = score
-        report["onnx_per_patient_dice"] = by_cond["all"]["per_patient_dice"]
-        report["torch_per_patient_dice"] = torch_report["per_patient_dice"]
-        report["onnx_vs_torch_dice_difference"] = abs(by_cond["all"]["per_patient_dice"] - torch_report["per_patient_dice"])
-        report[f"onnx_predict_seconds_test_set_{len(CONDS)}_conditions"] = round(onnx_seconds, 1)
-        if a.brats_format.is_dir():
-            report["brats_format"] = brats_format_scores(onnx_seg, a.brats_format)
-        reports[name] = report
-        test_preds[name] = preds
+        onnx_seg, test_preds[name], by_cond = measured["onnx"], measured["preds"], measured["by_cond"]
         members.append(onnx_seg)
-        entries[name] = ModelEntry(
-            checkpoint=f"{name}.pt",
-            onnx=f"{name}.onnx",
-            card=f"{name}.md",
-            parameters=ckpt["info"]["parameters"],
-            val_selection_score=score,
-            metrics={k: report[k] for k in REGISTRY_METRICS},
-            conditions=registry_conditions(by_cond),
-            postprocess=post,
-        )
-        write_json_atomic(out / f"{name}_test_report.json", report)
+        entries[name].card, entries[name].parameters, entries[name].conditions = f"{name}.md", info["parameters"], registry_conditions(by_cond)
 
     ens = Ensemble(members)
     ens_by_cond = {c: evaluate_predictions(mean_predictions([test_preds[n][c] for n in names]), ens.postprocess) for c in CONDS}
@@ -178,6 +149,34 @@ def main() -> int:
         + ", ".join(f"{n} {reports[n]['onnx_vs_torch_dice_difference']:.4f}" for n in names)
     )
     return 0
+
+
+def shipped_evaluation(name: str, test, brats_format: Path, measured: dict):
+    """``finish_run``'s test report for a shipped model: the ONNX model on the test patients under every input condition
+    (timed), the PyTorch model with all sequences (the two must agree), the BraTS-format pair when it is there.
+    ``measured`` receives the ONNX model, its predictions and the per-condition reports (for the ensemble and the registry)."""
+
+    def evaluate(_calibrated_seg, files: RunFiles, post, score: float) -> dict:
+        onnx_seg = load_segmenter(files.onnx, name)
+        torch_seg = Segmenter(TorchBackend(checkpoint=load_checkpoint(files.checkpoint), device="cpu"), name)
+        t0 = time.time()
+        preds = {c: predict_patients(onnx_seg, test, condition=c) for c in CONDS}
+        onnx_seconds = time.time() - t0
+        by_cond = {c: evaluate_predictions(p, post) for c, p in preds.items()}
+        torch_report = evaluate_predictions(predict_patients(torch_seg, test), post)
+        report = dict(by_cond["all"])
+        report["conditions"] = {c: condition_summary(r) for c, r in by_cond.items()}
+        report["val_selection_score"] = score
+        report["onnx_per_patient_dice"] = by_cond["all"]["per_patient_dice"]
+        report["torch_per_patient_dice"] = torch_report["per_patient_dice"]
+        report["onnx_vs_torch_dice_difference"] = abs(by_cond["all"]["per_patient_dice"] - torch_report["per_patient_dice"])
+        report[f"onnx_predict_seconds_test_set_{len(CONDS)}_conditions"] = round(onnx_seconds, 1)
+        if brats_format.is_dir():
+            report["brats_format"] = brats_format_scores(onnx_seg, brats_format)
+        measured.update(onnx=onnx_seg, preds=preds, by_cond=by_cond)
+        return report
+
+    return evaluate
 
 
 def brats_format_section(reports: dict[str, dict]) -> str:

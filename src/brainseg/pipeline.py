@@ -1,4 +1,5 @@
-"""The end-to-end flows behind the CLI: preprocess, train + calibrate + compare, evaluate, export."""
+"""The end-to-end flows behind the CLI: preprocess, train + calibrate + compare, evaluate, export; ``finish_run`` (a trained
+model made shippable) is also the flow of ``scripts/ship_models.py``."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .cache import build_cache, load_cache, reusable_split
@@ -71,38 +72,122 @@ def preprocess(
     }
 
 
-def finish_run(run: Path, name: str, split: dict, val_patients, test_patients, facts: dict, export_onnx: bool = True, progress: bool = True):
-    """A trained run's ``best.pt`` made shippable: post-processing calibrated on the validation patients (written into
-    the checkpoint and ``calibration.json``), every input condition evaluated on the test patients
-    (``test_report.json``), the ONNX export; returns (test report, registry entry, with ``facts`` of the training)."""
-    from .checkpoint import load_checkpoint, save_checkpoint
-    from .inference import Segmenter, TorchBackend, gpu_present
+TRAIN_METRICS = ("per_patient_dice", "lesion_sensitivity", "fp_slice_rate")  # what a trained run's registry entry keeps
 
-    ckpt = load_checkpoint(run / "best.pt")
-    seg = Segmenter(TorchBackend(checkpoint=ckpt, device="cpu" if not gpu_present() else None), name)
-    post, table, val_score = calibrate(seg, val_patients, progress=progress)
-    ckpt["config"]["postprocess"] = asdict(post)
-    ckpt["calibration"] = {"patients": split["val"], "conditions": list(CALIBRATION_CONDITIONS), "table": table, "val_score": val_score}
-    ckpt["info"]["train_wall_seconds"] = facts.get("train_wall_seconds")
-    save_checkpoint(run / "best.pt", ckpt)
-    write_json_atomic(run / "calibration.json", {"chosen": asdict(post), "val_score": val_score, "table": table})
-    # Same weights: the calibrated ``post`` is passed explicitly below.
-    report = report_with_conditions(seg, test_patients, post, progress=progress) if test_patients else {}
-    report["val_selection_score"] = val_score
-    write_json_atomic(run / "test_report.json", report)
-    entry = ModelEntry(
-        checkpoint=f"{name}/best.pt",
-        val_selection_score=val_score,
-        metrics={k: report.get(k) for k in ("per_patient_dice", "lesion_sensitivity", "fp_slice_rate")},
-        postprocess=post,
-        **facts,
+
+@dataclass(frozen=True)
+class RunFiles:
+    """Where ``finish_run`` writes a shippable model; the registry's paths are relative to ``registry_dir``."""
+
+    registry_dir: Path
+    checkpoint: Path  # the calibrated checkpoint
+    onnx: Path
+    test_report: Path
+    calibration: Path | None = None  # calibration.json (None: the table is kept in the checkpoint only)
+
+    @classmethod
+    def of_run(cls, run: Path) -> RunFiles:
+        """``brainseg train``'s run folder: ``best.pt``, ``best.onnx``, ``test_report.json``, ``calibration.json``;
+        the registry in the folder above."""
+        return cls(run.parent, run / "best.pt", run / "best.onnx", run / "test_report.json", run / "calibration.json")
+
+    @classmethod
+    def shipped(cls, out: Path, name: str) -> RunFiles:
+        """The shipped ``models/`` folder (``scripts/ship_models.py``): ``NAME.pt``, ``NAME.onnx``, ``NAME_test_report.json``."""
+        return cls(out, out / f"{name}.pt", out / f"{name}.onnx", out / f"{name}_test_report.json")
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.registry_dir).as_posix()
+
+
+def finish_run(
+    run: Path,
+    name: str,
+    split: dict,
+    val_patients,
+    test_patients,
+    facts: dict,
+    export_onnx: bool = True,
+    progress: bool = True,
+    *,
+    candidates: list | None = None,
+    files: RunFiles | None = None,
+    evaluate=None,
+    metrics: tuple[str, ...] = TRAIN_METRICS,
+    device: str | None = None,
+):
+    """A trained model made shippable, the one flow of ``brainseg train`` and ``scripts/ship_models.py``: post-processing
+    calibrated on the validation patients (written into the checkpoint, and ``calibration.json`` where ``files`` has
+    one), the ONNX export, the test patients evaluated (the test report); returns (test report, registry entry, with
+    ``facts``).
+
+    ``candidates``: checkpoints to choose among (default: the run's ``best.pt``), each calibrated, the first of the
+    highest validation score shipped; each must hold ``split``'s validation and test patients, and the chosen one is
+    recorded as ``info.shipped_from`` (a run's own ``best.pt`` records ``info.train_wall_seconds`` of ``facts``).
+    ``files``: where it writes (default ``RunFiles.of_run(run)``). ``evaluate(segmenter, files, post, val_score)``: the
+    test report (default: ``evaluate_on_test``, the PyTorch model under every input condition). ``metrics``: the report's
+    keys the entry keeps. ``device``: PyTorch's for calibration (default: the CPU unless a CUDA GPU is present).
+    """
+    files = files or RunFiles.of_run(run)
+    source, ckpt, seg, (post, table, val_score) = _best_candidate(
+        candidates or [run / "best.pt"], name, split if candidates else None, val_patients, device, progress
     )
+    info = {"shipped_from": source} if candidates else {"train_wall_seconds": facts.get("train_wall_seconds")}
+    _save_calibrated(ckpt, files, split, (post, table, val_score), info)
     if export_onnx:
         from .export import export_onnx as _export
 
-        _export(run / "best.pt", run / "best.onnx")
-        entry.onnx = f"{name}/best.onnx"
+        _export(files.checkpoint, files.onnx)
+    # Same weights: the calibrated ``post`` is passed explicitly.
+    report = evaluate(seg, files, post, val_score) if evaluate else evaluate_on_test(seg, test_patients, post, val_score, progress)
+    write_json_atomic(files.test_report, report)
+    entry = ModelEntry(
+        checkpoint=files.relative(files.checkpoint), val_selection_score=val_score, metrics={k: report.get(k) for k in metrics}, postprocess=post, **facts
+    )
+    if export_onnx:
+        entry.onnx = files.relative(files.onnx)
     return report, entry
+
+
+def _best_candidate(candidates: list, name: str, split: dict | None, val_patients, device: str | None, progress: bool):
+    """(path, checkpoint, PyTorch segmenter, (post, table, val_score)) of the candidate with the best validation score."""
+    from .checkpoint import load_checkpoint
+    from .inference import Segmenter, TorchBackend, gpu_present
+
+    best = None
+    for path in candidates:
+        ckpt = load_checkpoint(path)
+        if split is not None and (ckpt["split"]["val"] != split["val"] or ckpt["split"]["test"] != split["test"]):
+            raise ValueError(f"{path}: trained on another split (validation / test patients) than the one given")
+        seg = Segmenter(TorchBackend(checkpoint=ckpt, device=device or ("cpu" if not gpu_present() else None)), name)
+        calibrated = calibrate(seg, val_patients, progress=progress)
+        if split is not None:
+            log.info("%s candidate %s: validation score %.4f at %s", name, path, calibrated[2], calibrated[0])
+        if best is None or calibrated[2] > best[3][2]:
+            best = (path, ckpt, seg, calibrated)
+    return best
+
+
+def _save_calibrated(ckpt: dict, files: RunFiles, split: dict, calibrated: tuple, info: dict) -> None:
+    """The checkpoint with its calibrated post-processing (and the table it was chosen from), without optimiser state."""
+    from .checkpoint import save_checkpoint
+
+    post, table, val_score = calibrated
+    ckpt.pop("optimizer", None)
+    ckpt.pop("train_model", None)
+    ckpt["config"]["postprocess"] = asdict(post)
+    ckpt["calibration"] = {"patients": split["val"], "conditions": list(CALIBRATION_CONDITIONS), "table": table, "val_score": val_score}
+    ckpt["info"].update(info)
+    save_checkpoint(files.checkpoint, ckpt)
+    if files.calibration is not None:
+        write_json_atomic(files.calibration, {"chosen": asdict(post), "val_score": val_score, "table": table})
+
+
+def evaluate_on_test(segmenter, test_patients, post: PostprocessConfig, val_score: float, progress: bool = True) -> dict:
+    """A trained run's test report: ``report_with_conditions`` on the test patients, and the validation score."""
+    report = report_with_conditions(segmenter, test_patients, post, progress=progress) if test_patients else {}
+    report["val_selection_score"] = val_score
+    return report
 
 
 def train_models(
