@@ -105,6 +105,7 @@ TRAIN_FLAGS = {
     "ema_decay": ("ema_decay", 1, "validate and ship an EMA of the weights (0: off)"),
     "time_budget_s": ("time_budget", 1, "seconds: after epoch 2, fewer epochs if --epochs would not fit (0: off)"),
     "checkpoint_every_s": ("checkpoint_every", 60.0, "minutes between checkpoints within an epoch (0: epoch ends only)"),
+    "patch_depth": ("patch_depth", 1, "3D (--dims 3): consecutive slices per training sample (odd)"),
 }
 TRAIN_FIELDS_FIXED = ("weight_decay", "warmup_epochs", "val_every")
 # What ``--domain-shift`` switches on (the recipe of the models shipped for other hospitals' data).
@@ -118,8 +119,15 @@ def cmd_train(args) -> int:
     cfg = _preprocess_cfg(args)
     t = cfg.train
     train = replace(t, **{name: getattr(args, dest) * scale for name, (dest, scale, _) in TRAIN_FLAGS.items()})
+    if args.dims == 3 and args.context:
+        raise SystemExit("brainseg train: --dims 3 reads the neighbouring slices itself; leave --context at 0")
     model = replace(
-        cfg.model, features=tuple(args.features), deep_supervision=args.deep_supervision, context=args.context, in_channels=3 * (2 * args.context + 1)
+        cfg.model,
+        features=tuple(args.features),
+        deep_supervision=args.deep_supervision,
+        context=args.context,
+        in_channels=3 * (2 * args.context + 1),
+        spatial_dims=args.dims,
     )
     shift = {k: getattr(args, k) for k in DOMAIN_SHIFT_FLAGS if getattr(args, k) is not None}
     if args.domain_shift:
@@ -474,6 +482,13 @@ def _train_parser(sub) -> None:
     tr.add_argument("--deep-supervision", action="store_true", help="U-Net++ deep supervision")
     tr.add_argument(
         "--context", type=int, default=d.model.context, choices=range(0, 4), help="2.5D: neighbouring slices on each side as extra channels (0: 2D)"
+    )
+    tr.add_argument(
+        "--dims",
+        type=int,
+        default=d.model.spatial_dims,
+        choices=(2, 3),
+        help="3: a true 3D network on stacks of slices (in-plane pooling; see models/blocks.py)",
     )
     tr.add_argument("--context-dropout", type=float, default=None, help="2.5D: probability of training on the lone-slice fallback (default 0.2 with --context)")
     tr.add_argument("--missing-pre", type=float, default=d.augment.missing_pre, help="sequence dropout: probability that pre-contrast is replaced by FLAIR")

@@ -147,6 +147,8 @@ class ModelConfig:
     # [slice z - context, ..., z, ..., z + context], three sequences each; a slice with no
     # neighbours (a lone upload, the edge of a volume) repeats itself or its edge slice.
     context: int = 0
+    # 3: a true 3D network on stacks of slices (B, 3, D, S, S) (``models.blocks``); 2: slice by slice.
+    spatial_dims: int = 2
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # >0: validate and ship an exponential moving average of the weights
     time_budget_s: float = 0.0  # >0: after epoch 2, shorten ``epochs`` so training fits this many seconds
     checkpoint_every_s: float = 600.0  # >0: also write last.pt within an epoch this often, so a kill loses at most this
+    patch_depth: int = 9  # 3D models: consecutive slices per training sample (odd; centred on the drawn slice)
 
 
 @dataclass(frozen=True)

@@ -214,6 +214,18 @@ def context_indices(i: int, n: int, context: int, stacked: bool = True) -> list[
     return [min(max(j, 0), n - 1) for j in range(i - context, i + context + 1)]
 
 
+def slabs(n: int, depth: int = 32, margin: int = 8) -> list[tuple[int, int, int, int]]:
+    """How a 3D network covers ``n`` slices in bounded memory: ``(start, stop, keep_start, keep_stop)``
+    slabs of at most ``depth + 2 * margin`` slices; each slab's prediction is kept on
+    [keep_start, keep_stop), ``margin`` slices away from its cut edges, and the kept parts tile [0, n)."""
+    out = []
+    for keep in range(0, n, depth):
+        keep_stop = min(keep + depth, n)
+        start, stop = max(0, keep - margin), min(n, keep_stop + margin)
+        out.append((start, stop, keep - start, keep_stop - start))
+    return out
+
+
 def context_stack(slices: list[np.ndarray]) -> np.ndarray:
     """(S, S, 3) uint8 slices (below to above) -> one (S, S, 3k) 2.5D input."""
     return slices[0] if len(slices) == 1 else np.concatenate(slices, axis=-1)

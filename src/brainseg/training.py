@@ -30,7 +30,8 @@ from .config import CONDITIONS, SHIFT_CONDITIONS, ExperimentConfig
 from .data import write_json_atomic, write_text_atomic
 from .metrics import dice
 from .models import build_model, count_parameters
-from .preprocessing import apply_condition, build_augmentation, context_stack, drop_sequences, normalize, per_slice
+from .models.blocks import inflate_2d
+from .preprocessing import apply_condition, build_augmentation, context_stack, drop_sequences, normalize, per_slice, slabs
 from .visualize import save_figure
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,9 @@ log = logging.getLogger(__name__)
 
 
 class SliceDataset(torch.utils.data.Dataset):
-    """Rows of the cache -> (3, S, S) float32 image, (1, S, S) float32 mask.
+    """Rows of the cache -> (3, S, S) float32 image, (1, S, S) float32 mask; for a 3D model, the
+    ``patch_depth`` consecutive slices centred on the row: (3, D, S, S) and (1, D, S, S) (clamped
+    at the patient's first and last slice, as a 2.5D input is).
 
     ``sample(pos, seed)`` is the training view: augmentation and sequence dropout drawn
     from ``seed`` alone, so a sample is the same whichever worker or run (resumed or not)
@@ -49,8 +52,11 @@ class SliceDataset(torch.utils.data.Dataset):
 
     def __init__(self, cache: Cache, rows: np.ndarray, cfg: ExperimentConfig, augment: bool):
         self.cache, self.rows, self.cfg = cache, rows, cfg
-        self.augment = build_augmentation(cfg.augment, cfg.model.in_channels) if augment else None
-        self.context = cache.context_rows(cfg.model.context) if cfg.model.context else None
+        self.depth = patch_depth(cfg) if cfg.model.spatial_dims == 3 else 0
+        channels = 3 * self.depth if self.depth else cfg.model.in_channels
+        self.augment = build_augmentation(cfg.augment, channels) if augment else None
+        k = self.depth // 2 if self.depth else cfg.model.context
+        self.context = cache.context_rows(k) if k or self.depth else None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -64,7 +70,10 @@ class SliceDataset(torch.utils.data.Dataset):
         stripped = self.augment is not None and seed is not None and a.skull_strip > 0 and np.random.default_rng([seed, 2]).random() < a.skull_strip
         images = self.cache.images_stripped if stripped else self.cache.images
         image = np.asarray(images[r]) if self.context is None else self.with_context(images, r, seed)
-        mask = np.asarray(self.cache.masks[r]).astype(np.uint8)
+        if self.depth:  # every slice's mask, as channels, so the augmentation moves them together
+            mask = np.stack([np.asarray(self.cache.masks[j]) for j in self.context[r]], axis=-1).astype(np.uint8)
+        else:
+            mask = np.asarray(self.cache.masks[r]).astype(np.uint8)
         if self.augment is not None and seed is not None:
             seed_augmentation(self.augment, seed)
             out = self.augment(image=image, mask=mask)
@@ -72,17 +81,26 @@ class SliceDataset(torch.utils.data.Dataset):
             a = self.cfg.augment
             image = drop_sequences(image, np.random.default_rng([seed, 1]), a.missing_pre, a.missing_post)
         x = torch.from_numpy(normalize(image, self.cfg.preprocess))
-        y = torch.from_numpy(mask[None].astype(np.float32))
-        return x, y
+        if self.depth:  # (3D, S, S) slice-major channels -> (3, D, S, S); (S, S, D) masks -> (1, D, S, S)
+            x = x.reshape(self.depth, 3, *x.shape[1:]).transpose(0, 1).contiguous()
+            return x, torch.from_numpy(np.moveaxis(mask, -1, 0)[None].astype(np.float32))
+        return x, torch.from_numpy(mask[None].astype(np.float32))
 
     def with_context(self, images: np.ndarray, r: int, seed: int | None) -> np.ndarray:
         """The 2.5D input of row ``r``; in training, with probability ``context_dropout`` the
         lone-slice fallback (the slice repeated) instead."""
         rows = self.context[r]
-        p = self.cfg.augment.context_dropout
+        p = 0.0 if self.depth else self.cfg.augment.context_dropout
         if self.augment is not None and seed is not None and p > 0 and np.random.default_rng([seed, 3]).random() < p:
             rows = np.full_like(rows, r)
         return context_stack([np.asarray(images[j]) for j in rows])
+
+
+def patch_depth(cfg: ExperimentConfig) -> int:
+    d = cfg.train.patch_depth
+    if d < 1 or d % 2 == 0:
+        raise ValueError(f"patch_depth must be odd and positive (slices centred on one), not {d}")
+    return d
 
 
 class EpochSamples(torch.utils.data.Dataset):
@@ -289,7 +307,11 @@ class Trainer:
             raise ValueError(
                 f"{path}: weights of {theirs['name']} {tuple(theirs['features'])}, but this run trains {self.cfg.model.name} {self.cfg.model.features}"
             )
+        if ckpt["config"].get("preprocess") != self.cfg.to_dict()["preprocess"]:
+            log.warning("%s was trained with preprocessing %s; this run uses %s", path, ckpt["config"].get("preprocess"), self.cfg.to_dict()["preprocess"])
         state = expand_input_channels(ckpt["model"], self.model.state_dict(), self.cfg.model.context)
+        if self.cfg.model.spatial_dims == 3 and theirs.get("spatial_dims", 2) == 2:
+            state = inflate_2d(state, self.model.state_dict())
         self.model.load_state_dict(state)
         if self.ema is not None:
             self.ema.load_state_dict(state)
@@ -460,35 +482,59 @@ def validation_scores(
     """{condition: {patient: 3D Dice}} at network resolution, threshold 0.5."""
     was_training = model.training
     model.eval()
-    amp = device.type == "cuda"
-    out: dict[str, dict[str, float]] = {}
     truth: dict[str, list] = {}
     for r in rows:
         truth.setdefault(cache.patients[r], []).append(np.asarray(cache.masks[r]))
-    context = cache.context_rows(cfg.model.context) if cfg.model.context else None
-
-    def inputs(images: np.ndarray, r: int, channels: str) -> np.ndarray:
-        image = np.asarray(images[r]) if context is None else context_stack([np.asarray(images[j]) for j in context[r]])
-        return normalize(per_slice(image, lambda img: apply_condition(img, channels)), cfg.preprocess)
-
+    predict = _predict_volumes if cfg.model.spatial_dims == 3 else _predict_slices
+    out: dict[str, dict[str, float]] = {}
     for cond in conditions:
-        preds: dict[str, list] = {}
-        for s in range(0, len(rows), batch_size):
-            chunk = rows[s : s + batch_size]
-            if cond in SHIFT_CONDITIONS:  # skull-stripped: the cached stripped slices, then the channel condition
-                channels, _, zoom = SHIFT_CONDITIONS[cond]
-                if zoom != 1.0:
-                    raise ValueError(f"validation cannot score {cond!r}: its prediction needs mapping back (use brainseg evaluate)")
-                x = np.stack([inputs(cache.images_stripped, r, channels) for r in chunk])
-            else:
-                x = np.stack([inputs(cache.images, r, cond) for r in chunk])
-            with torch.autocast(device.type, enabled=amp):
-                logits = model(torch.from_numpy(x).to(device)).float()
-            for r, p in zip(chunk, (logits[:, 0] >= 0).cpu().numpy(), strict=False):
-                preds.setdefault(cache.patients[r], []).append(p)
+        images, channels = cache.images, cond
+        if cond in SHIFT_CONDITIONS:  # skull-stripped: the cached stripped slices, then the channel condition
+            channels, _, zoom = SHIFT_CONDITIONS[cond]
+            if zoom != 1.0:
+                raise ValueError(f"validation cannot score {cond!r}: its prediction needs mapping back (use brainseg evaluate)")
+            images = cache.images_stripped
+
+        def inputs(rs, images=images, channels=channels) -> np.ndarray:
+            return np.stack([normalize(per_slice(np.asarray(images[r]), lambda img: apply_condition(img, channels)), cfg.preprocess) for r in rs])
+
+        preds = predict(model, cache, rows, cfg, device, inputs, batch_size)
         out[cond] = {pid: dice(np.stack(p), np.stack(truth[pid])) for pid, p in preds.items()}
     model.train(was_training)
     return out
+
+
+def _logits(model: torch.nn.Module, x: np.ndarray, device: torch.device) -> np.ndarray:
+    with torch.autocast(device.type, enabled=device.type == "cuda"):
+        return model(torch.from_numpy(x).to(device)).float()[:, 0].cpu().numpy()
+
+
+def _predict_slices(model, cache: Cache, rows, cfg: ExperimentConfig, device, inputs, batch_size: int) -> dict[str, list]:
+    """{patient: [mask of each slice]}: the 2D / 2.5D network on batches of slices."""
+    context = cache.context_rows(cfg.model.context) if cfg.model.context else None
+    preds: dict[str, list] = {}
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s : s + batch_size]
+        # 2.5D: each slice with its neighbours, (B, 3 (2k + 1), S, S)
+        x = inputs(chunk) if context is None else np.stack([np.concatenate(list(inputs(context[r])), axis=0) for r in chunk])
+        for r, logit in zip(chunk, _logits(model, x, device), strict=True):
+            preds.setdefault(cache.patients[r], []).append(logit >= 0)
+    return preds
+
+
+def _predict_volumes(model, cache: Cache, rows, cfg: ExperimentConfig, device, inputs, batch_size: int) -> dict[str, list]:
+    """{patient: [mask of each slice]}: the 3D network on each patient's stack, in slabs (``slabs``)."""
+    by_patient: dict[str, list[int]] = {}
+    for r in rows:
+        by_patient.setdefault(cache.patients[r], []).append(int(r))
+    preds: dict[str, list] = {}
+    for pid, rs in by_patient.items():
+        x = np.moveaxis(inputs(rs), 0, 1)  # (3, D, S, S)
+        logits = np.empty((len(rs), *x.shape[2:]), np.float32)
+        for start, stop, keep0, keep1 in slabs(len(rs)):
+            logits[start + keep0 : start + keep1] = _logits(model, x[None, :, start:stop], device)[0, keep0:keep1]
+        preds[pid] = list(logits >= 0)
+    return preds
 
 
 def expand_input_channels(theirs: dict, ours: dict, context: int) -> dict:

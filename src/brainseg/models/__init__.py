@@ -17,7 +17,7 @@ MODELS: dict[str, type[nn.Module]] = {
 def build_model(cfg: ModelConfig) -> nn.Module:
     if cfg.name not in MODELS:
         raise ValueError(f"unknown model {cfg.name!r}; choose one of {sorted(MODELS)}")
-    return MODELS[cfg.name](cfg.in_channels, cfg.out_channels, tuple(cfg.features), cfg.deep_supervision)
+    return MODELS[cfg.name](cfg.in_channels, cfg.out_channels, tuple(cfg.features), cfg.deep_supervision, spatial_dims=cfg.spatial_dims)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -13,17 +13,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import ConvBlock, pad_to_multiple, up2
+from .blocks import ConvBlock, conv, norm, pad_to_multiple, pool, up2
 
 
 class AttentionGate(nn.Module):
-    """Additive attention gate; ``x`` (skip, B x F_l x H x W), ``g`` (gate, same H, W)."""
+    """Additive attention gate; ``x`` (skip, B x F_l x [D x] H x W), ``g`` (gate, same size)."""
 
-    def __init__(self, f_l: int, f_g: int, f_int: int):
+    def __init__(self, f_l: int, f_g: int, f_int: int, dims: int = 2):
         super().__init__()
-        self.w_x = nn.Sequential(nn.Conv2d(f_l, f_int, 1, bias=False), nn.BatchNorm2d(f_int))
-        self.w_g = nn.Sequential(nn.Conv2d(f_g, f_int, 1, bias=True), nn.BatchNorm2d(f_int))
-        self.psi = nn.Sequential(nn.Conv2d(f_int, 1, 1, bias=True), nn.BatchNorm2d(1), nn.Sigmoid())
+        self.w_x = nn.Sequential(conv(dims, f_l, f_int, 1, bias=False), norm(dims, f_int))
+        self.w_g = nn.Sequential(conv(dims, f_g, f_int, 1, bias=True), norm(dims, f_int))
+        self.psi = nn.Sequential(conv(dims, f_int, 1, 1, bias=True), norm(dims, 1), nn.Sigmoid())
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -32,7 +32,8 @@ class AttentionGate(nn.Module):
 
 
 class AttentionUNet(nn.Module):
-    """Attention U-Net returning logits (B, out_channels, H, W) for any H, W.
+    """Attention U-Net returning logits (B, out_channels, H, W) for any H, W; with
+    ``spatial_dims=3``, (B, out_channels, D, H, W) for any D (``blocks``: in-plane pooling).
 
     ``features`` gives the width at each of the L levels; the input is padded to a multiple of
     2^(L-1) and the output cropped back (``blocks.pad_to_multiple``). ``deep_supervision`` is
@@ -40,23 +41,22 @@ class AttentionUNet(nn.Module):
     there is one head.
     """
 
-    def __init__(self, in_channels: int = 3, out_channels: int = 1, features=(16, 32, 64, 128, 256), deep_supervision: bool = False):
+    def __init__(self, in_channels: int = 3, out_channels: int = 1, features=(16, 32, 64, 128, 256), deep_supervision: bool = False, spatial_dims: int = 2):
         super().__init__()
+        d = spatial_dims
         self.levels = len(features)
-        self.pool = nn.MaxPool2d(2)
-        self.encoder = nn.ModuleList(ConvBlock(in_channels if i == 0 else features[i - 1], features[i]) for i in range(self.levels))
+        self.pool = pool(d)
+        self.encoder = nn.ModuleList(ConvBlock(in_channels if i == 0 else features[i - 1], features[i], dims=d) for i in range(self.levels))
         # Decoder level i (from coarse to fine): upsample features[i+1] -> conv to features[i],
         # gate the skip of level i with it, concatenate, ConvBlock.
         self.up_convs = nn.ModuleList()
         self.gates = nn.ModuleList()
         self.decoder = nn.ModuleList()
         for i in reversed(range(self.levels - 1)):
-            self.up_convs.append(
-                nn.Sequential(nn.Conv2d(features[i + 1], features[i], 3, padding=1, bias=False), nn.BatchNorm2d(features[i]), nn.ReLU(inplace=True))
-            )
-            self.gates.append(AttentionGate(features[i], features[i], max(features[i] // 2, 1)))
-            self.decoder.append(ConvBlock(2 * features[i], features[i]))
-        self.head = nn.Conv2d(features[0], out_channels, 1)
+            self.up_convs.append(nn.Sequential(conv(d, features[i + 1], features[i], 3, bias=False), norm(d, features[i]), nn.ReLU(inplace=True)))
+            self.gates.append(AttentionGate(features[i], features[i], max(features[i] // 2, 1), dims=d))
+            self.decoder.append(ConvBlock(2 * features[i], features[i], dims=d))
+        self.head = conv(d, features[0], out_channels, 1)
 
     @property
     def multiple(self) -> int:

@@ -14,11 +14,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import ConvBlock, pad_to_multiple, up2
+from .blocks import ConvBlock, conv, pad_to_multiple, pool, up2
 
 
 class UNetPlusPlus(nn.Module):
-    """U-Net++ returning logits (B, out_channels, H, W) for any H, W.
+    """U-Net++ returning logits (B, out_channels, H, W) for any H, W (with ``spatial_dims=3``,
+    (B, out_channels, D, H, W): see ``blocks``).
 
     ``features`` gives the width at each depth (len(features) = number of levels L;
     the input is padded to a multiple of 2^(L-1) and the output cropped back).
@@ -27,18 +28,18 @@ class UNetPlusPlus(nn.Module):
     head logits [X^{0,1}, ..., X^{0,L-1}] for the deep-supervision loss.
     """
 
-    def __init__(self, in_channels: int = 3, out_channels: int = 1, features=(16, 32, 64, 128, 256), deep_supervision: bool = False):
+    def __init__(self, in_channels: int = 3, out_channels: int = 1, features=(16, 32, 64, 128, 256), deep_supervision: bool = False, spatial_dims: int = 2):
         super().__init__()
         self.levels = len(features)
         self.deep_supervision = deep_supervision
-        self.pool = nn.MaxPool2d(2)
+        self.pool = pool(spatial_dims)
         self.blocks = nn.ModuleDict()
         for i in range(self.levels):
             for j in range(self.levels - i):
                 in_ch = (in_channels if i == 0 else features[i - 1]) if j == 0 else features[i] * j + features[i + 1]
-                self.blocks[f"conv_{i}_{j}"] = ConvBlock(in_ch, features[i])
+                self.blocks[f"conv_{i}_{j}"] = ConvBlock(in_ch, features[i], dims=spatial_dims)
         n_heads = self.levels - 1
-        self.heads = nn.ModuleList(nn.Conv2d(features[0], out_channels, 1) for _ in range(n_heads if deep_supervision else 1))
+        self.heads = nn.ModuleList(conv(spatial_dims, features[0], out_channels, 1) for _ in range(n_heads if deep_supervision else 1))
 
     @property
     def multiple(self) -> int:
