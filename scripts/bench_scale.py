@@ -234,56 +234,16 @@ def bench_serve(a) -> dict:
 
 
 def bench_dicomweb(a) -> dict:
-    import httpx
-    from dicom_series import write_brats_study
+    from helpers import orthanc, orthanc_missing  # tests/helpers.py: the Orthanc start-up of tests/test_dicomweb.py
 
-    orthanc = shutil.which("Orthanc")
-    plugin = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-    if not orthanc or not plugin.is_file():
+    if orthanc_missing():
         raise SystemExit("Orthanc and its DICOMweb plugin are needed: apt-get install orthanc orthanc-dicomweb")
     work = Path(tempfile.mkdtemp(prefix="bench-orthanc-"))
-    port = free_port()
     auth = ("bench", "bench-password")
-    config = {
-        "Name": "bench",
-        "StorageDirectory": str(work / "storage"),
-        "IndexDirectory": str(work / "storage"),
-        "HttpPort": port,
-        "DicomPort": free_port(),
-        "DicomServerEnabled": False,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": True,
-        "RegisteredUsers": {auth[0]: auth[1]},
-        "Plugins": [str(plugin)],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    (work / "orthanc.json").write_text(json.dumps(config))
-    with open(work / "orthanc.log", "wb") as log:
-        proc = subprocess.Popen([orthanc, str(work / "orthanc.json")], cwd=work, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(100):
-            try:
-                if httpx.get(url + "/system", auth=auth, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        slices = 0
-        for i in range(a.studies):  # the BraTS example cut to 40 slices, tilted, as three DICOM series (FLAIR, T1, T1 post)
-            (work / f"study{i}").mkdir()
-            study = write_brats_study(work / f"study{i}", BRATS_DIR)
-            for f in sorted(study["dicom"].rglob("*.dcm")):
-                httpx.post(url + "/instances", content=f.read_bytes(), auth=auth, timeout=60).raise_for_status()
-                slices += 1
-        took, text = brainseg(
-            "dicomweb", "--url", url + "/dicom-web", "--once", "--auth", f"{auth[0]}:{auth[1]}", "--state", str(work / "state.json"), *model_args(a)
-        )
-        per_study = [float(x) for x in re.findall(r"segmented, SEG stored \(.*?; ([0-9.]+) s\)", text)]
-        assert len(per_study) == a.studies, text
-        print(text.strip())
+        with orthanc(work, *auth, name="bench") as url:
+            took, per_study, slices = dicomweb_pass(a, work, url, auth)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
         shutil.rmtree(work, ignore_errors=True)
     return {
         "studies": a.studies,
@@ -292,6 +252,27 @@ def bench_dicomweb(a) -> dict:
         "median_per_study_s": statistics.median(per_study),
         "pass_s_with_model_load": round(took, 1),
     }
+
+
+def dicomweb_pass(a, work: Path, url: str, auth: tuple[str, str]) -> tuple[float, list[float], int]:
+    """``a.studies`` studies uploaded to Orthanc, then one ``brainseg dicomweb --once`` pass: (its seconds, seconds per study, images)."""
+    import httpx
+    from dicom_series import write_brats_study
+
+    slices = 0
+    for i in range(a.studies):  # the BraTS example cut to 40 slices, tilted, as three DICOM series (FLAIR, T1, T1 post)
+        (work / f"study{i}").mkdir()
+        study = write_brats_study(work / f"study{i}", BRATS_DIR)
+        for f in sorted(study["dicom"].rglob("*.dcm")):
+            httpx.post(url + "/instances", content=f.read_bytes(), auth=auth, timeout=60).raise_for_status()
+            slices += 1
+    took, text = brainseg(
+        "dicomweb", "--url", url + "/dicom-web", "--once", "--auth", f"{auth[0]}:{auth[1]}", "--state", str(work / "state.json"), *model_args(a)
+    )
+    per_study = [float(x) for x in re.findall(r"segmented, SEG stored \(.*?; ([0-9.]+) s\)", text)]
+    assert len(per_study) == a.studies, text
+    print(text.strip())
+    return took, per_study, slices
 
 
 def main() -> int:

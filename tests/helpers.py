@@ -44,6 +44,65 @@ def every_log_line():
         root.setLevel(level)
 
 
+ORTHANC_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # Debian's orthanc-dicomweb
+
+
+def orthanc_missing() -> str | None:
+    """Why Orthanc with its DICOMweb plugin cannot run here, or None when it can."""
+    if shutil.which("Orthanc") is None or not ORTHANC_PLUGIN.is_file():
+        return "Orthanc and its DICOMweb plugin are not installed"
+    return None
+
+
+@contextlib.contextmanager
+def orthanc(root: Path, user: str, password: str, name: str = "brainseg-test", timeout: float = 60.0):
+    """Orthanc with its DICOMweb plugin (``/dicom-web/``) on free loopback ports, authentication on, its storage, config
+    and log (``orthanc.log``) under ``root``; yields its URL once DICOMweb answers, and stops it afterwards.
+    For tests/test_dicomweb.py and scripts/bench_scale.py."""
+    import json
+    import subprocess
+    import time
+
+    import httpx
+    from conftest import free_port, stop
+
+    port = free_port()
+    config = {
+        "Name": name,
+        "StorageDirectory": str(root / "storage"),
+        "IndexDirectory": str(root / "storage"),
+        "HttpPort": port,
+        "DicomPort": free_port(),
+        "DicomServerEnabled": False,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": True,
+        "RegisteredUsers": {user: password},
+        "Plugins": [str(ORTHANC_PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    (root / "orthanc.json").write_text(json.dumps(config))
+    log = root / "orthanc.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([shutil.which("Orthanc"), str(root / "orthanc.json")], cwd=root, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"Orthanc exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+            try:
+                if httpx.get(url + "/dicom-web/studies", auth=(user, password), timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Orthanc did not answer within {timeout:.0f} s:\n{log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        stop(proc)
+
+
 def synthetic_dataset(root: Path, patients: int = 4, slices: int = 6, size: int = 64, seed: int = 0, first: int = 0) -> Path:
     """kaggle_3m-style folders with bright blobs as lesions on every other slice.
 

@@ -12,71 +12,31 @@ from __future__ import annotations
 import io
 import json
 import logging
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import free_port, stop
 from dicom_series import PLANTED_BIRTH, PLANTED_ID, PLANTED_NAME, small_series, study_ids
+from helpers import orthanc as run_orthanc
+from helpers import orthanc_missing
 
 from brainseg.cli import main
 
-ORTHANC = shutil.which("Orthanc")
-PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 USER, PASSWORD = "brainseg", "test-password-1"
 
 pytest.importorskip("dicomweb_client", reason="dicomweb-client is not installed (pip install -r requirements-dev.txt); the DICOMweb tests are skipped")
 pytestmark = pytest.mark.skipif(
-    ORTHANC is None or not PLUGIN.is_file(),
-    reason="Orthanc and its DICOMweb plugin are not installed (as root: apt-get install orthanc orthanc-dicomweb; scripts/test.sh does it); "
-    "the DICOMweb round trip is skipped",
+    orthanc_missing() is not None,
+    reason=f"{orthanc_missing()} (as root: apt-get install orthanc orthanc-dicomweb; scripts/test.sh does it); the DICOMweb round trip is skipped",
 )
 
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
     """Orthanc on free loopback ports, with authentication, its storage in a temporary folder; yields its URL."""
-    import httpx
-
-    root = tmp_path_factory.mktemp("orthanc")
-    port = free_port()
-    config = {
-        "Name": "brainseg-test",
-        "StorageDirectory": str(root / "storage"),
-        "IndexDirectory": str(root / "storage"),
-        "HttpPort": port,
-        "DicomPort": free_port(),
-        "DicomServerEnabled": False,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": True,
-        "RegisteredUsers": {USER: PASSWORD},
-        "Plugins": [str(PLUGIN)],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    (root / "orthanc.json").write_text(json.dumps(config))
-    log = root / "orthanc.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], cwd=root, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"Orthanc exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
-            try:
-                if httpx.get(url + "/dicom-web/studies", auth=(USER, PASSWORD), timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"Orthanc did not answer within 60 s:\n{log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.2)
+    with run_orthanc(tmp_path_factory.mktemp("orthanc"), USER, PASSWORD) as url:
         yield url
-    finally:
-        stop(proc)
 
 
 def upload(url: str, files: list[Path]) -> None:
