@@ -42,7 +42,8 @@ PERCENTILE = 99.999
 
 
 def export_onnx(checkpoint: os.PathLike | str, out: os.PathLike | str, opset: int = 17) -> Path:
-    """Export ``checkpoint`` to ONNX (dynamic batch, fixed input size from its config)."""
+    """Export ``checkpoint`` to ONNX (dynamic batch, fixed input size from its config; a 3D model
+    also takes any number of slices)."""
     import onnx
     import torch
 
@@ -51,7 +52,9 @@ def export_onnx(checkpoint: os.PathLike | str, out: os.PathLike | str, opset: in
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt)
     size = ckpt["config"]["preprocess"]["input_size"]
-    x = torch.zeros(1, ckpt["config"]["model"]["in_channels"], size, size)
+    three_d = ckpt["config"]["model"].get("spatial_dims", 2) == 3
+    x = torch.zeros(1, ckpt["config"]["model"]["in_channels"], *((4,) if three_d else ()), size, size)
+    axes = {0: "batch", 2: "slices"} if three_d else {0: "batch"}
     buf = io.BytesIO()
     torch.onnx.export(
         model,
@@ -59,7 +62,7 @@ def export_onnx(checkpoint: os.PathLike | str, out: os.PathLike | str, opset: in
         buf,
         input_names=["image"],
         output_names=["logits"],
-        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+        dynamic_axes={"image": axes, "logits": axes},
         opset_version=opset,
         dynamo=False,
     )
@@ -150,6 +153,8 @@ def quantize_int8(
         raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(CALIBRATION_METHODS)}")
     if payload.get("precision", "fp32") != "fp32":
         raise ValueError(f"{src}: already quantised ({payload['precision']}); quantise the fp32 file")
+    if payload["config"]["model"].get("spatial_dims", 2) == 3:
+        raise ValueError(f"{src}: a 3D model; INT8 is calibrated and checked for the 2D models only (run it in fp32)")
     inputs = np.ascontiguousarray(inputs, dtype=np.float32)
     with tempfile.TemporaryDirectory(prefix="brainseg-int8-") as tmp:
         prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"

@@ -21,10 +21,11 @@ import numpy as np
 
 from .config import Environment, ExperimentConfig, PostprocessConfig
 from .metrics import remove_small_components
-from .preprocessing import context_indices, context_stack, intensity_window, normalize, prepare, preprocess_slice, restore_size, to_uint8
+from .preprocessing import context_indices, context_stack, intensity_window, normalize, prepare, preprocess_slice, restore_size, slabs, to_uint8
 
 ONNX_METADATA_KEY = "brainseg_config"
 INT8_SUFFIX = ".int8.onnx"
+LONE_DEPTH = 5  # a 3D model reads a lone slice as this many copies of it
 ONNX_DEVICES = ("auto", "cpu", "cuda", "tensorrt")  # BRAINSEG_ONNX_DEVICE
 GPU_PROVIDERS = {"tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"], "cuda": ["CUDAExecutionProvider"]}
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class OnnxBackend:
         self.kind = "onnx"
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        """(B, 3, S, S) float32 -> (B, S, S) logits."""
+        """(B, 3, S, S) float32 -> (B, S, S) logits; a 3D model: (B, 3, D, S, S) -> (B, D, S, S)."""
         return self.session.run(None, {self.input_name: batch.astype(np.float32, copy=False)})[0][:, 0]
 
 
@@ -195,6 +196,8 @@ class Segmenter:
         absolute difference of the plain and the flipped prediction, (H, W) float32).
         """
         targets = list(range(len(images))) if only is None else [int(i) for i in only]
+        if self.config.model.spatial_dims == 3:
+            return self._volume_probabilities(images, targets, tta, window, stacked, spread)
         make = self._inputs(images, window, stacked)
         chunks = [targets[start : start + batch_size] for start in range(0, len(targets), batch_size)]
         out: list[np.ndarray] = []
@@ -208,6 +211,36 @@ class Segmenter:
             for i, p in zip(chunk, prob, strict=True):
                 out.append(restore_size(p, images[i].shape[0], images[i].shape[1]))
         return out
+
+    def _volume_probabilities(self, images, targets: list[int], tta: bool, window, stacked: bool, spread: list | None) -> list[np.ndarray]:
+        """A 3D model: the stack (3, Z, S, S) through the network in slabs (``preprocessing.slabs``:
+        bounded memory, each slab's cut edges discarded); a lone slice (``stacked=False``) is the
+        slice repeated ``LONE_DEPTH`` times, the 3D model's fallback (as a volume's edge is repeated)."""
+        cfg = self.config.preprocess
+        if not stacked:
+            out: list[np.ndarray] = []
+            for i in targets:
+                one = self._volume_probabilities([images[i]] * LONE_DEPTH, [LONE_DEPTH // 2], tta, window, True, spread)
+                out.extend(one)
+            return out
+        x = np.stack([preprocess_slice(images[i], cfg, window) for i in range(len(images))], axis=1)  # (3, Z, S, S)
+        prob = np.zeros((len(images), *x.shape[2:]), np.float32)
+        diff = np.zeros_like(prob) if tta and spread is not None else None
+        wanted = set(targets)
+        for start, stop, keep0, keep1 in slabs(len(images)):
+            if not wanted.intersection(range(start + keep0, start + keep1)):
+                continue
+            slab = np.ascontiguousarray(x[None, :, start:stop])
+            p = _sigmoid(self.backend(slab))[0]
+            if tta:
+                f = _sigmoid(self.backend(np.ascontiguousarray(slab[..., ::-1])))[0, ..., ::-1]
+                if diff is not None:
+                    diff[start + keep0 : start + keep1] = np.abs(p - f)[keep0:keep1]
+                p = 0.5 * (p + f)
+            prob[start + keep0 : start + keep1] = p[keep0:keep1]
+        if diff is not None:
+            spread.extend(restore_size(diff[i], images[i].shape[0], images[i].shape[1]) for i in targets)
+        return [restore_size(prob[i], images[i].shape[0], images[i].shape[1]) for i in targets]
 
     def _inputs(self, images: list[np.ndarray], window: tuple | None, stacked: bool):
         """indices -> the network's input batch. Each slice is prepared (window, CLAHE, resize)

@@ -307,8 +307,8 @@ class Trainer:
             raise ValueError(
                 f"{path}: weights of {theirs['name']} {tuple(theirs['features'])}, but this run trains {self.cfg.model.name} {self.cfg.model.features}"
             )
-        if ckpt["config"].get("preprocess") != self.cfg.to_dict()["preprocess"]:
-            log.warning("%s was trained with preprocessing %s; this run uses %s", path, ckpt["config"].get("preprocess"), self.cfg.to_dict()["preprocess"])
+        if ExperimentConfig.from_dict(ckpt["config"]).preprocess != self.cfg.preprocess:
+            log.warning("%s was trained with preprocessing %s; this run uses %s", path, ckpt["config"]["preprocess"], self.cfg.preprocess)
         state = expand_input_channels(ckpt["model"], self.model.state_dict(), self.cfg.model.context)
         if self.cfg.model.spatial_dims == 3 and theirs.get("spatial_dims", 2) == 2:
             state = inflate_2d(state, self.model.state_dict())
