@@ -128,6 +128,20 @@ def _calibration_reader(input_name: str, inputs: np.ndarray):
     return Batches()
 
 
+def _quantisable(src: Path, meta: dict, method: str) -> dict:
+    """The fp32 file's brainseg metadata, or ValueError saying why it cannot be quantised."""
+    if ONNX_METADATA_KEY not in meta:
+        raise ValueError(f"{src}: ONNX file has no '{ONNX_METADATA_KEY}' metadata (export it with `brainseg export`)")
+    payload = json.loads(meta[ONNX_METADATA_KEY])
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(CALIBRATION_METHODS)}")
+    if payload.get("precision", "fp32") != "fp32":
+        raise ValueError(f"{src}: already quantised ({payload['precision']}); quantise the fp32 file")
+    if payload["config"]["model"].get("spatial_dims", 2) == 3:
+        raise ValueError(f"{src}: a 3D model; INT8 is calibrated and checked for the 2D models only (run it in fp32)")
+    return payload
+
+
 def quantize_int8(
     onnx_path: os.PathLike | str, inputs: np.ndarray, out: os.PathLike | str | None = None, method: str = "percentile", calibration: dict | None = None
 ) -> Path:
@@ -146,15 +160,7 @@ def quantize_int8(
     out = Path(out) if out else int8_path(src)
     fp32 = onnx.load(str(src))
     meta = {p.key: p.value for p in fp32.metadata_props}
-    if ONNX_METADATA_KEY not in meta:
-        raise ValueError(f"{src}: ONNX file has no '{ONNX_METADATA_KEY}' metadata (export it with `brainseg export`)")
-    payload = json.loads(meta[ONNX_METADATA_KEY])
-    if method not in CALIBRATION_METHODS:
-        raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(CALIBRATION_METHODS)}")
-    if payload.get("precision", "fp32") != "fp32":
-        raise ValueError(f"{src}: already quantised ({payload['precision']}); quantise the fp32 file")
-    if payload["config"]["model"].get("spatial_dims", 2) == 3:
-        raise ValueError(f"{src}: a 3D model; INT8 is calibrated and checked for the 2D models only (run it in fp32)")
+    payload = _quantisable(src, meta, method)
     inputs = np.ascontiguousarray(inputs, dtype=np.float32)
     with tempfile.TemporaryDirectory(prefix="brainseg-int8-") as tmp:
         prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
