@@ -24,21 +24,21 @@ import streamlit as st
 from pydantic import ValidationError
 
 try:
-    from brainseg.review import heatmap, window_level
+    from brainseg.display.review import heatmap, window_level
+    from brainseg.io.synthetic import SYNTHETIC_LABEL, synthetic_png
     from brainseg.serving.client import ApiError, api_request
     from brainseg.serving.schemas import parse_answer
-    from brainseg.synthetic import SYNTHETIC_LABEL, synthetic_png
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
-    from brainseg.review import heatmap, window_level
+    from brainseg.display.review import heatmap, window_level
+    from brainseg.io.synthetic import SYNTHETIC_LABEL, synthetic_png
     from brainseg.serving.client import ApiError, api_request
     from brainseg.serving.schemas import parse_answer
-    from brainseg.synthetic import SYNTHETIC_LABEL, synthetic_png
 
 DEFAULT_API = os.environ.get("BRAINSEG_API_URL", "http://127.0.0.1:8000").rstrip("/")
 CHANNELS = {"Pre-contrast": 0, "FLAIR": 1, "Post-contrast": 2}
 PRECISIONS = {"fp32": "fp32", "int8": "INT8"}  # the API's ``precision`` field
-# What a grey slice or a single volume is (the API's ``sequence`` field; brainseg.channels.SEQUENCES).
+# What a grey slice or a single volume is (the API's ``sequence`` field; brainseg.io.channels.SEQUENCES).
 SEQUENCES = {"flair": "FLAIR (default)", "t1": "Pre-contrast T1", "t1c": "T1 post-contrast", "t2": "T2"}
 UPLOAD_TYPES = ["tif", "tiff", "png", "jpg", "jpeg", "nii", "nii.gz", "gz", "zip", "dcm"]
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".zip", ".dcm")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from brainseg.metrics import bootstrap_ci
+from brainseg.evaluation.metrics import bootstrap_ci
 
 
 def cell(values: list[float]) -> str:

@@ -46,10 +46,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from brainseg import __version__  # noqa: E402
-from brainseg.data import discover, labelled, load_patient, read_split, write_bytes_atomic, write_json_atomic  # noqa: E402
-from brainseg.inference import OnnxBackend, Segmenter, int8_path  # noqa: E402
+from brainseg.inference.backends import OnnxBackend, Segmenter, int8_path  # noqa: E402
+from brainseg.inference.registry import ModelEntry, Registry, read, write_registry  # noqa: E402
+from brainseg.io.datasets import discover, labelled, load_patient, read_split  # noqa: E402
+from brainseg.io.files import write_bytes_atomic, write_json_atomic  # noqa: E402
 from brainseg.preprocessing import preprocess_slice  # noqa: E402
-from brainseg.registry import ModelEntry, Registry, read, write_registry  # noqa: E402
 
 SHARED = REPO / ".." / "shared" / "data"
 LGG = SHARED / "lgg" / "kaggle_3m"
@@ -68,7 +69,7 @@ SERVER_ARGS = ("--http", "brainseg.serving.protocol:H11WithHeaderTimeout")
 
 def inputs(synthetic: bool = False) -> dict[str, list[tuple[str, bytes]]]:
     """A real LGG slice and the BraTS example (t1n, t2f, t1c); synthetic ones where those are missing."""
-    from brainseg.synthetic import synthetic_png, synthetic_slice
+    from brainseg.io.synthetic import synthetic_png, synthetic_slice
 
     cases = {}
     if not synthetic and SLICE.is_file():
@@ -277,7 +278,7 @@ def int8_file(entry: ModelEntry, reg: Registry, data: Path, quick: bool) -> Path
     base = Path(reg.directory)
     if entry.onnx_int8 and (base / entry.onnx_int8).is_file():
         return base / entry.onnx_int8
-    from brainseg.export import export_int8
+    from brainseg.inference.export import export_int8
 
     fp32 = base / entry.onnx
     out = WORK / ("quick" if quick else "") / int8_path(fp32).name
@@ -310,7 +311,7 @@ def bench_networks(reg: Registry, images: list[np.ndarray], repeats: int, data: 
         if ckpt is not None and ckpt.is_file() and importlib.util.find_spec("torch"):
             import torch
 
-            from brainseg.inference import TorchBackend
+            from brainseg.inference.backends import TorchBackend
 
             torch.set_num_threads(threads)
             backends["PyTorch eager (fp32)"] = TorchBackend(ckpt, device="cpu")

@@ -62,7 +62,7 @@ def slice_file(size: int, dtype: str = "float32", seed: int = 0) -> tuple[str, b
     import tifffile
 
     sys.path.insert(0, str(REPO / "src"))
-    from brainseg.synthetic import synthetic_slice
+    from brainseg.io.synthetic import synthetic_slice
 
     img, _ = synthetic_slice(size=size, seed=seed)
     if dtype == "uint8":
@@ -174,7 +174,7 @@ def run_scenario(name: str, requests: list, a, work: Path) -> dict:
     proc, url = start_server(a.src, a.model_dir, Path(tempfile.mkdtemp(prefix="results-", dir=work)), log, dict(kv.split("=", 1) for kv in a.server_env))
     if a.warm_up:  # one small slice first: the model's served precision is loaded on first use
         sys.path.insert(0, str(REPO / "src"))
-        from brainseg.synthetic import synthetic_png
+        from brainseg.io.synthetic import synthetic_png
 
         httpx.post(url + "/v1/segment", files={"files": ("warm.png", synthetic_png(size=64))}, timeout=a.timeout).raise_for_status()
     rss_start = proc_status(proc.pid, "VmRSS")

@@ -20,11 +20,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from brainseg.data import write_json_atomic
-from brainseg.metrics import dice
-from brainseg.predict import segment_volume
-from brainseg.predictor import load
-from brainseg.volumes import load_volume
+from brainseg.evaluation.metrics import dice
+from brainseg.inference.predict import segment_volume
+from brainseg.inference.predictor import load
+from brainseg.io.files import write_json_atomic
+from brainseg.io.volumes import load_volume
 
 
 def case_scores(segmenter, post, case_dir: Path, label: Path) -> dict:

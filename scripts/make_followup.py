@@ -34,7 +34,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from brainseg.data import write_bytes_atomic, write_json_atomic
+from brainseg.io.files import write_bytes_atomic, write_json_atomic
 
 SEQUENCES = ("t1n", "t2f", "t1c")
 BLEND_MM = 15.0  # the warp returns to the identity this far beyond the scaled lesion

@@ -3,7 +3,7 @@
     python scripts/ship_int8.py --data ../shared/data/lgg/kaggle_3m --model-dir models
     python scripts/ship_int8.py --data ../shared/data/lgg/kaggle_3m --model-dir /tmp/models --limit 2   # smoke test
 
-For each model of ``registry.json``: ``X.onnx`` -> ``X.int8.onnx`` (``brainseg.export.export_int8``,
+For each model of ``registry.json``: ``X.onnx`` -> ``X.int8.onnx`` (``brainseg.inference.export.export_int8``,
 calibrated on seeded slices of the split's *training* patients, some with FLAIR copied into the
 pre- / post-contrast channels); the fp32 and the INT8 model are evaluated on the *test* patients
 under every input condition (``config.EVERY_CONDITION``: the four channel conditions, skull stripped, ...), with the model's calibrated post-processing. The registry entry
@@ -25,12 +25,13 @@ import time
 from pathlib import Path
 
 from brainseg.config import DISPLAY_NAMES, EVERY_CONDITION
-from brainseg.data import discover, labelled, read_split, write_text_atomic
-from brainseg.evaluation import evaluate_predictions, predict_patients
-from brainseg.export import CALIBRATION_METHODS, CALIBRATION_SLICES, export_int8
-from brainseg.inference import int8_path
-from brainseg.predictor import load_segmenter
-from brainseg.registry import Registry, read, write_registry
+from brainseg.evaluation.protocol import evaluate_predictions, predict_patients
+from brainseg.inference.backends import int8_path
+from brainseg.inference.export import CALIBRATION_METHODS, CALIBRATION_SLICES, export_int8
+from brainseg.inference.predictor import load_segmenter
+from brainseg.inference.registry import Registry, read, write_registry
+from brainseg.io.datasets import discover, labelled, read_split
+from brainseg.io.files import write_text_atomic
 
 MAX_DROP = 0.005  # per-patient Dice, test patients, under each input condition
 RULE = f"INT8 is served by default only where the per-patient Dice of the test patients drops by at most {MAX_DROP} under every input condition"

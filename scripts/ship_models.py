@@ -26,15 +26,16 @@ from pathlib import Path
 import numpy as np
 
 from brainseg import __version__
-from brainseg.checkpoint import load_checkpoint
 from brainseg.config import DISPLAY_NAMES, EVERY_CONDITION, SPLIT_SEED, ExperimentConfig
-from brainseg.data import discover, labelled, write_json_atomic, write_text_atomic
-from brainseg.evaluation import CONDITION_NAMES, PROTOCOLS, conditions_table, evaluate_predictions, markdown_table, mean_predictions, predict_patients
-from brainseg.inference import Ensemble, Segmenter, TorchBackend
+from brainseg.display.visualize import save_figure
+from brainseg.evaluation.protocol import CONDITION_NAMES, PROTOCOLS, conditions_table, evaluate_predictions, markdown_table, mean_predictions, predict_patients
+from brainseg.inference.backends import Ensemble, Segmenter, TorchBackend
+from brainseg.inference.predictor import load_segmenter
+from brainseg.inference.registry import EnsembleEntry, Registry, write_registry
+from brainseg.io.datasets import discover, labelled
+from brainseg.io.files import write_json_atomic, write_text_atomic
+from brainseg.models.checkpoint import load_checkpoint
 from brainseg.pipeline import SELECTED_BY, RunFiles, condition_summary, finish_run
-from brainseg.predictor import load_segmenter
-from brainseg.registry import EnsembleEntry, Registry, write_registry
-from brainseg.visualize import save_figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_brats_format import brats_format_scores
@@ -212,11 +213,11 @@ def make_figure(test_patients, members, path: Path, n: int = 4) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from brainseg.data import load_patient
-    from brainseg.inference import binarize
-    from brainseg.metrics import dice
+    from brainseg.display.visualize import display_channel, overlay
+    from brainseg.evaluation.metrics import dice
+    from brainseg.inference.backends import binarize
+    from brainseg.io.datasets import load_patient
     from brainseg.preprocessing import apply_condition
-    from brainseg.visualize import display_channel, overlay
 
     rng = np.random.default_rng(0)
     picks = []

@@ -85,8 +85,8 @@ def _fit_to_blobs(model, cfg, steps: int = 40) -> None:
     """A few optimiser steps on synthetic slices so the tiny model marks bright FLAIR blobs."""
     import torch
 
+    from brainseg.io.synthetic import synthetic_slice
     from brainseg.preprocessing import preprocess_slice, resize_mask
-    from brainseg.synthetic import synthetic_slice
 
     xs, ys = [], []
     for seed in range(5):
@@ -109,11 +109,11 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """A model folder like the shipped ``models/``: registry.json, <name>.pt, <name>.onnx, <name>.md."""
     import torch
 
-    from brainseg.checkpoint import save_checkpoint
     from brainseg.config import ExperimentConfig, ModelConfig, PostprocessConfig
-    from brainseg.export import export_onnx
+    from brainseg.inference.export import export_onnx
+    from brainseg.inference.registry import write_registry
     from brainseg.models import build_model, count_parameters
-    from brainseg.registry import write_registry
+    from brainseg.models.checkpoint import save_checkpoint
 
     out = tmp_path_factory.mktemp("tiny_models")
     threads = torch.get_num_threads()
@@ -183,9 +183,10 @@ def tiny_cache(tmp_path_factory) -> Path:
     """A training cache of 4 synthetic patients (6 slices, 48 px -> 32 px) with a 2/1/1 split; read-only."""
     from helpers import synthetic_dataset
 
-    from brainseg.cache import build_cache
     from brainseg.config import PreprocessConfig
-    from brainseg.data import discover, split_patients, write_json_atomic
+    from brainseg.io.datasets import discover, split_patients
+    from brainseg.io.files import write_json_atomic
+    from brainseg.training.cache import build_cache
 
     root = synthetic_dataset(tmp_path_factory.mktemp("data"), patients=4, slices=6, size=48)
     cache = tmp_path_factory.mktemp("cache") / "c"

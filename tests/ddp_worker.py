@@ -5,10 +5,10 @@ from pathlib import Path
 
 import torch
 
-from brainseg.cache import load_cache
 from brainseg.config import ExperimentConfig, ModelConfig, PreprocessConfig, TrainConfig
-from brainseg.data import read_split
-from brainseg.training import Trainer
+from brainseg.io.datasets import read_split
+from brainseg.training.cache import load_cache
+from brainseg.training.trainer import Trainer
 
 cache_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
 cfg = ExperimentConfig(

@@ -1,6 +1,6 @@
 """Write real DICOM MR series (pydicom) from a NIfTI-style volume, for the DICOM tests.
 
-The geometry is written by hand here, independently of ``brainseg.dicom`` (which uses highdicom),
+The geometry is written by hand here, independently of ``brainseg.io.dicom`` (which uses highdicom),
 so a test compares two separate derivations. A NIfTI array ``data[i, j, k]`` with the RAS affine
 ``A`` becomes slices ``P_k = rot90(data[:, :, k])`` (rows from the highest j down, columns = i),
 which is how brainseg displays a NIfTI slice; pixel (row r, column c) of slice k lies at
@@ -18,7 +18,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from brainseg.dicom import TYPE2_PATIENT_STUDY  # the attributes the SEG writer fills when missing
+from brainseg.io.dicom import TYPE2_PATIENT_STUDY  # the attributes the SEG writer fills when missing
 
 PLANTED_NAME = "Zzyzx^Quentin"  # a patient name no code or message would write by chance
 PLANTED_ID = "PID-73519"

@@ -19,17 +19,17 @@ import torch
 from helpers import BRATS_FORMAT, require
 from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 
-from brainseg.cache import load_cache
-from brainseg.checkpoint import save_checkpoint
 from brainseg.config import AugmentConfig, ExperimentConfig, ModelConfig, PostprocessConfig, PreprocessConfig, TrainConfig
-from brainseg.data import read_split
-from brainseg.export import export_onnx, quantize_int8
-from brainseg.inference import LONE_DEPTH
+from brainseg.inference.backends import LONE_DEPTH
+from brainseg.inference.export import export_onnx, quantize_int8
+from brainseg.inference.predictor import load_segmenter
+from brainseg.io.datasets import read_split
 from brainseg.models import MODELS, build_model
 from brainseg.models.blocks import inflate_2d
-from brainseg.predictor import load_segmenter
+from brainseg.models.checkpoint import save_checkpoint
 from brainseg.preprocessing import slabs
-from brainseg.training import SliceDataset, Trainer, validation_scores
+from brainseg.training.cache import load_cache
+from brainseg.training.trainer import SliceDataset, Trainer, validation_scores
 
 OFF = dict(hflip=0, affine=0, elastic=0, brightness_contrast=0, gamma=0, noise=0, missing_pre=0, missing_post=0)
 
@@ -172,8 +172,8 @@ def test_volume_slices_read_their_neighbours_and_a_lone_slice_is_copies_of_itsel
 def test_a_nifti_volume_in_several_storage_orders_gives_one_mask_on_each_files_grid(seg3d, shared_data):
     """The real BraTS-format FLAIR (cropped around the tumour to keep it quick) through the 3D model,
     stored three ways: the same mask, returned on each file's own grid."""
-    from brainseg.predict import segment_volume
-    from brainseg.volumes import load_volume
+    from brainseg.inference.predict import segment_volume
+    from brainseg.io.volumes import load_volume
 
     img = nib.load(require(BRATS_FORMAT / "TCGA-DU-7294" / "TCGA-DU-7294-t2f.nii.gz"))
     img = img.slicer[40:200, 40:220, 60:100]

@@ -24,9 +24,9 @@ warnings.filterwarnings("ignore", message=".*httpx2.*")  # starlette's TestClien
 from fastapi.testclient import TestClient  # noqa: E402
 from helpers import make_client, nifti, segment, tiff  # noqa: E402
 
+from brainseg.io.synthetic import synthetic_png, synthetic_slice  # noqa: E402
 from brainseg.serving.api import create_app  # noqa: E402
 from brainseg.serving.settings import Settings  # noqa: E402
-from brainseg.synthetic import synthetic_png, synthetic_slice  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LESION_SLICE = "lgg/kaggle_3m/TCGA_CS_4941_19960909/TCGA_CS_4941_19960909_15.tif"  # mask has 1952 lesion pixels
@@ -479,7 +479,7 @@ def test_serving_process_does_not_import_torch(tiny_model_dir):
         "import sys, warnings; warnings.simplefilter('ignore')\n"
         "from fastapi.testclient import TestClient\n"
         "from app import app\n"
-        "from brainseg.synthetic import synthetic_png\n"
+        "from brainseg.io.synthetic import synthetic_png\n"
         "with TestClient(app) as c:\n"
         "    r = c.post('/v1/segment', files={'files': ('s.png', synthetic_png())})\n"
         "    assert r.status_code == 200, r.text\n"
@@ -566,8 +566,8 @@ def test_the_library_reads_its_variables_through_pydantic_settings(monkeypatch, 
     """``config.Environment`` is the one reader of the library's BRAINSEG_* variables: the process environment, an
     empty variable as unset, a bad value named, the service's settings built on it."""
     from brainseg.config import Environment, default_data_root
-    from brainseg.predictor import requested_backend
-    from brainseg.registry import default_model_dir
+    from brainseg.inference.predictor import requested_backend
+    from brainseg.inference.registry import default_model_dir
 
     monkeypatch.setenv("BRAINSEG_MODEL_DIR", str(tmp_path))
     monkeypatch.setenv("BRAINSEG_DATA", str(tmp_path / "lgg"))

@@ -11,8 +11,8 @@ from dicom_series import small_series, zip_bytes
 from helpers import make_client, nifti, segment, tiff
 from pydantic import ValidationError
 
+from brainseg.io.synthetic import synthetic_slice
 from brainseg.serving.schemas import HealthAnswer, ModelsAnswer, SliceAnswer, VolumeAnswer, parse_answer
-from brainseg.synthetic import synthetic_slice
 
 
 @pytest.fixture(scope="module")

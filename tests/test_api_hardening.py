@@ -20,8 +20,8 @@ warnings.filterwarnings("ignore", message=".*httpx2.*")
 
 from helpers import make_client, nifti, segment, tiff  # noqa: E402
 
+from brainseg.io.synthetic import synthetic_png, synthetic_slice  # noqa: E402
 from brainseg.serving.api import content_disposition  # noqa: E402
-from brainseg.synthetic import synthetic_png, synthetic_slice  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -14,17 +14,17 @@ import numpy as np
 import pytest
 from helpers import make_client, segment
 
-from brainseg import predictor, registry
-from brainseg.metrics import dice
-from brainseg.synthetic import synthetic_png, synthetic_slice
+from brainseg.evaluation.metrics import dice
+from brainseg.inference import predictor, registry
+from brainseg.io.synthetic import synthetic_png, synthetic_slice
 
 INT8_FILE = "attention_unet.int8.onnx"
 
 
 def quantise(src, dst) -> None:
     """INT8 copy of a tiny ONNX model, calibrated on its own preprocessing of synthetic slices."""
-    from brainseg.export import quantize_int8
-    from brainseg.inference import OnnxBackend
+    from brainseg.inference.backends import OnnxBackend
+    from brainseg.inference.export import quantize_int8
     from brainseg.preprocessing import preprocess_slice
 
     cfg = OnnxBackend(src, threads=1).config.preprocess

@@ -30,7 +30,7 @@ def api_schema(tiny_model_dir, tmp_path_factory):
     from conftest import start_api, stop
     from helpers import nifti
 
-    from brainseg.synthetic import synthetic_png
+    from brainseg.io.synthetic import synthetic_png
 
     url, proc, _ = start_api(tiny_model_dir, tmp_path_factory.mktemp("schema") / "uvicorn.log")
     try:

@@ -23,7 +23,7 @@ import pytest
 from conftest import start_api, stop
 from helpers import nifti
 
-from brainseg.synthetic import synthetic_png
+from brainseg.io.synthetic import synthetic_png
 
 HEADER_TIMEOUT_S = 2.0
 BODY_TIMEOUT_S = 2.0

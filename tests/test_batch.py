@@ -17,10 +17,10 @@ import pydicom
 import pytest
 from dicom_series import small_series
 
-from brainseg import batch as batch_mod
-from brainseg.batch import STATE_DIR, ModelSpec, run_batch
 from brainseg.cli import main
-from brainseg.synthetic import synthetic_png
+from brainseg.inference import batch as batch_mod
+from brainseg.inference.batch import STATE_DIR, ModelSpec, run_batch
+from brainseg.io.synthetic import synthetic_png
 
 
 @pytest.fixture

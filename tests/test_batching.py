@@ -12,8 +12,8 @@ import pytest
 from conftest import start_api, stop
 from helpers import make_client, segment
 
+from brainseg.io.synthetic import synthetic_png
 from brainseg.serving.batching import MicroBatcher
-from brainseg.synthetic import synthetic_png
 
 SEEDS = range(8)
 PARAMS = [{}, {"model": "unetpp"}, {"tta": "true"}, {"model": "ensemble"}]  # four batch keys (and an ensemble's two)

@@ -13,10 +13,10 @@ import tifffile
 from helpers import require, synthetic_dataset
 
 from brainseg import pipeline
-from brainseg.cache import build_cache, cache_matches, dataset_fingerprint, load_cache
 from brainseg.cli import main
 from brainseg.config import ExperimentConfig, PreprocessConfig
-from brainseg.data import DataError, default_holdout, discover, read_split, split_patients
+from brainseg.io.datasets import DataError, default_holdout, discover, read_split, split_patients
+from brainseg.training.cache import build_cache, cache_matches, dataset_fingerprint, load_cache
 
 CFG = ExperimentConfig(preprocess=PreprocessConfig(input_size=32))
 PRE = ["--size", "32"]
@@ -257,7 +257,7 @@ def test_training_cache_and_serving_feed_the_network_the_same_tensors(normalizat
     pytest.importorskip("torch")
     from helpers import make_client, segment
 
-    from brainseg.training import SliceDataset
+    from brainseg.training.trainer import SliceDataset
 
     lgg = shared_data / "lgg" / "kaggle_3m"
     root = tmp_path / "data"
@@ -288,9 +288,9 @@ def test_training_cache_and_serving_feed_the_network_the_same_tensors(normalizat
 
 SLOW_BUILD = """
 import sys, time
-import brainseg.cache as cache
+import brainseg.training.cache as cache
 from brainseg.config import PreprocessConfig
-from brainseg.data import discover
+from brainseg.io.datasets import discover
 read = cache.read_pair
 def slow(*a, **k):
     time.sleep(0.2)

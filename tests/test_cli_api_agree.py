@@ -14,8 +14,8 @@ import pytest
 import tifffile
 from helpers import require
 
-from brainseg.channels import stored_channels
-from brainseg.data import DataError, read_slice, to_three_channels
+from brainseg.io.channels import stored_channels
+from brainseg.io.datasets import DataError, read_slice, to_three_channels
 from brainseg.serving.uploads import Limits, Upload, UploadError, decode_slice_channels
 
 

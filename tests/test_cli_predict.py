@@ -12,7 +12,7 @@ import pytest
 from dicom_series import NO_FRAME_OF_REFERENCE, bare, edited, small_series
 
 from brainseg.cli import main
-from brainseg.synthetic import synthetic_png
+from brainseg.io.synthetic import synthetic_png
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def test_a_folder_of_old_dicom_files_is_one_input(batch, tiny_model_dir, capsys)
 
 def test_an_unexpected_failure_is_one_line_with_its_type(tmp_path, tiny_model_dir, capsys, monkeypatch):
     """Anything but bad data (here a RuntimeError from reading one slice): one line with the exception's type; the traceback with -v only."""
-    import brainseg.predict as predict
+    import brainseg.inference.predict as predict
 
     for name in ("a.png", "b.png"):
         (tmp_path / name).write_bytes(synthetic_png(size=64))

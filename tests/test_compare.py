@@ -1,4 +1,4 @@
-"""Follow-up comparison (``brainseg.compare``, ``brainseg compare``, ``POST /v1/compare``, the Follow-up page).
+"""Follow-up comparison (``brainseg.evaluation.compare``, ``brainseg compare``, ``POST /v1/compare``, the Follow-up page).
 
 - registration recovers a known rigid transform (5 degrees about one axis and a (3, -4, 2) mm shift,
   applied with SimpleITK to a real BraTS-format FLAIR at 2 mm) within 1 mm (mean displacement over the
@@ -28,7 +28,7 @@ from conftest import REPO, SHARED_DATA
 from scipy import ndimage
 from test_browser import browser, e2e_api, streamlit_url  # noqa: F401  (fixtures of the page test)
 
-from brainseg import compare as cmp
+from brainseg.evaluation import compare as cmp
 
 needs_sitk = pytest.mark.skipif(importlib.util.find_spec("SimpleITK") is None, reason="registration needs SimpleITK (pip install SimpleITK)")
 
@@ -93,7 +93,7 @@ def test_registration_recovers_a_known_rigid_transform():
 def _volume(tmp_path: Path, name: str, arr: np.ndarray, affine: np.ndarray):
     from helpers import nifti
 
-    from brainseg.volumes import load_volume
+    from brainseg.io.volumes import load_volume
 
     path = tmp_path / f"{name}.nii.gz"
     path.write_bytes(nifti(arr, affine))
@@ -266,7 +266,7 @@ def test_cli_compare_on_a_synthetic_followup(followup_case, tmp_path, capsys):
 
 def test_cli_compare_refuses_a_slice(tmp_path, capsys):
     from brainseg.cli import main
-    from brainseg.synthetic import synthetic_png
+    from brainseg.io.synthetic import synthetic_png
 
     (tmp_path / "s.png").write_bytes(synthetic_png(size=64))
     assert main(["compare", str(tmp_path / "s.png"), str(tmp_path / "s.png"), "--out", str(tmp_path / "o")]) == 2
@@ -342,7 +342,7 @@ def test_api_compare_errors(api_server):
     import httpx
     from helpers import nifti
 
-    from brainseg.synthetic import synthetic_png
+    from brainseg.io.synthetic import synthetic_png
 
     vol = nifti(phantom(), np.diag([2.0, 2.0, 2.0, 1.0]))
     url = api_server + "/v1/compare"

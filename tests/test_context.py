@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from brainseg.cache import load_cache
-from brainseg.checkpoint import save_checkpoint
 from brainseg.config import AugmentConfig, ExperimentConfig, ModelConfig, PreprocessConfig, TrainConfig
-from brainseg.data import read_split
-from brainseg.export import export_onnx
+from brainseg.inference.export import export_onnx
+from brainseg.inference.predictor import load_segmenter
+from brainseg.io.datasets import read_split
 from brainseg.models import build_model
-from brainseg.predictor import load_segmenter
+from brainseg.models.checkpoint import save_checkpoint
 from brainseg.preprocessing import context_indices, drop_sequences, per_slice
-from brainseg.training import SliceDataset, Trainer, expand_input_channels
+from brainseg.training.cache import load_cache
+from brainseg.training.trainer import SliceDataset, Trainer, expand_input_channels
 
 
 def _cfg(context: int = 1, **augment) -> ExperimentConfig:
@@ -142,8 +142,8 @@ def test_the_volume_path_feeds_neighbours(context_segmenter, monkeypatch):
     """``predict.segment_volume`` hands the whole volume to the model (``stacked``), skipping only
     background slices as targets, not as neighbours."""
     from brainseg.config import PostprocessConfig
-    from brainseg.predict import segment_volume
-    from brainseg.volumes import Volume
+    from brainseg.inference.predict import segment_volume
+    from brainseg.io.volumes import Volume
 
     seen = {}
     real = context_segmenter.probabilities

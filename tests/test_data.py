@@ -5,19 +5,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from brainseg.data import (
-    DataError,
-    discover,
-    institution_of,
-    labelled,
-    load_patient,
-    read_image,
-    read_pair,
-    read_split,
-    slice_index,
-    split_patients,
-    write_json_atomic,
-)
+from brainseg.io.datasets import DataError, discover, institution_of, labelled, load_patient, read_image, read_pair, read_split, slice_index, split_patients
+from brainseg.io.files import write_json_atomic
 
 
 def _write_patient(root: Path, pid: str, n: int, ext=".tif", compress=False, with_mask=True):

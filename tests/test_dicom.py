@@ -1,4 +1,4 @@
-"""DICOM in and DICOM SEG out (``brainseg.dicom``), on real data written as DICOM by ``dicom_series``.
+"""DICOM in and DICOM SEG out (``brainseg.io.dicom``), on real data written as DICOM by ``dicom_series``.
 
 The BraTS example study (t1n, t2f, t1c) is cut to 40 slices, tilted (12 degrees about x, 8
 about z: an oblique acquisition) and written twice: as NIfTI files with the tilted affine and
@@ -38,10 +38,10 @@ from dicom_series import (
 )
 from helpers import BRATS, every_log_line, require
 
-from brainseg import dicom
-from brainseg.channels import describe_volume
 from brainseg.cli import main as cli_main
-from brainseg.volumes import load_volume
+from brainseg.io import dicom
+from brainseg.io.channels import describe_volume
+from brainseg.io.volumes import load_volume
 
 Z0, Z1 = BRATS_SLICES
 LPS = np.diag([-1.0, -1.0, 1.0])
@@ -80,7 +80,7 @@ def test_display_slices_are_the_stored_dicom_images(study):
     what is shown is that put into the display orientation (anterior up, the patient's right on the left)."""
     import nibabel as nib
 
-    from brainseg.volumes import DISPLAY_AXCODES
+    from brainseg.io.volumes import DISPLAY_AXCODES
 
     vol = dicom.load_dicom(items(study["dicom"] / "AX_FLAIR"), "flair")
     assert nib.aff2axcodes(vol.display_affine) == DISPLAY_AXCODES
@@ -395,7 +395,7 @@ def test_a_seg_that_cannot_be_written_is_a_plain_warning(plain_series):
 @pytest.mark.parametrize("value, signed", [(65535, False), (-32768, True)], ids=["uint16 65535", "int16 -32768"])
 def test_pixel_padding_is_background(plain_series, value, signed):
     """Padding pixels read as 0 (background), exactly as if the scanner had stored 0 there, and the volume window ignores them."""
-    from brainseg.inference import window_for_volume
+    from brainseg.inference.backends import window_for_volume
 
     padded = dicom.load_dicom(edited(plain_series, padding(value, signed)), "padded.zip")
     zero = dicom.load_dicom(edited(plain_series, padding(None, signed)), "zero.zip")
@@ -438,7 +438,7 @@ def test_monochrome1_is_inverted_with_a_note(plain_series):
 
 
 def test_files_without_preamble_or_dcm_name_are_recognised_by_content(plain_series, tmp_path):
-    from brainseg.predict import expand_inputs
+    from brainseg.inference.predict import expand_inputs
 
     implicit = bare(plain_series, tmp_path / "implicit")
     explicit = bare(plain_series, tmp_path / "explicit", implicit=False)

@@ -100,7 +100,7 @@ def identifiers_in(text: str, uids: dict) -> list[str]:
 
 
 def test_round_trip_seg_filed_in_the_study_once(orthanc, archive, tiny_model_dir, tmp_path, caplog, capsys):
-    from brainseg.dicomweb import study_tag
+    from brainseg.io.dicomweb import study_tag
 
     state = tmp_path / "state.json"
     args = ["dicomweb", "--url", orthanc + "/dicom-web", "--once", "--auth", f"{USER}:{PASSWORD}", "--state", str(state), "--model-dir", str(tiny_model_dir)]
@@ -147,8 +147,8 @@ def test_failures_of_the_archive_are_tried_a_bounded_number_of_times(orthanc, ar
     and is given up after MAX_ATTEMPTS; its state holds no UID."""
     from dicomweb_client.api import DICOMwebClient
 
-    from brainseg.dicomweb import MAX_ATTEMPTS, Node, make_session, study_tag
-    from brainseg.predictor import load
+    from brainseg.inference.predictor import load
+    from brainseg.io.dicomweb import MAX_ATTEMPTS, Node, make_session, study_tag
 
     seg = load(model_dir=tiny_model_dir)
     client = DICOMwebClient(orthanc + "/dicom-web", session=make_session(f"{USER}:{PASSWORD}"), stow_url_prefix="no-such-service")

@@ -10,13 +10,13 @@ import torch
 from helpers import LGG, require
 from scipy import ndimage
 
-from brainseg.cache import load_cache
-from brainseg.checkpoint import load_checkpoint
 from brainseg.config import EVERY_CONDITION, SHIFT_CONDITIONS, AugmentConfig, ExperimentConfig, ModelConfig, PreprocessConfig, TrainConfig
-from brainseg.data import read_split
-from brainseg.evaluation import predict_patients
+from brainseg.evaluation.protocol import predict_patients
+from brainseg.io.datasets import read_split
+from brainseg.models.checkpoint import load_checkpoint
 from brainseg.preprocessing import apply_condition, brain_mask, normalize, shift_condition, skull_strip, unzoom, zoom_about_centre
-from brainseg.training import SliceDataset, Trainer
+from brainseg.training.cache import load_cache
+from brainseg.training.trainer import SliceDataset, Trainer
 
 LESION_SLICES = (12, 15, 18)
 
@@ -89,7 +89,7 @@ class _BrainIsLesion:
 
 
 def test_brats_like_evaluation_scores_on_the_slice_own_pixels(shared_data):
-    from brainseg.data import discover
+    from brainseg.io.datasets import discover
 
     patient = discover(require(LGG / "TCGA_CS_4941_19960909").parent).patient("TCGA_CS_4941_19960909")
     patient.slices = [s for s in patient.slices if s.index in LESION_SLICES]

@@ -1,4 +1,4 @@
-"""The evaluation protocol (``brainseg.evaluation``) on tiny patients whose numbers are worked out by hand.
+"""The evaluation protocol (``brainseg.evaluation.protocol``) on tiny patients whose numbers are worked out by hand.
 
 Every expected value below is derived in the comments from the masks drawn in the test, not
 from the code under test. Torch-free, like the module.
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from brainseg.config import PostprocessConfig
-from brainseg.evaluation import PatientPrediction, aggregate, evaluate_predictions, score_patient, sweep_postprocess
+from brainseg.evaluation.protocol import PatientPrediction, aggregate, evaluate_predictions, score_patient, sweep_postprocess
 
 # Three patients of two 8 x 8 slices each.
 #

@@ -33,7 +33,7 @@ from test_api_hardening import (
     tiff,
 )
 
-from brainseg.synthetic import synthetic_png
+from brainseg.io.synthetic import synthetic_png
 
 UPLOAD_LIMIT_MB = 4  # the corpus client's BRAINSEG_MAX_UPLOAD_MB, so an oversized body is cheap
 

@@ -1,7 +1,7 @@
 """How a grey or single-sequence input is read: the ``sequence`` choice, identical channels,
 a missing pre- / post-contrast sequence (a copy of FLAIR), BraTS sets with FLAIR but without
 t1n / t1c; through the API (real HTTP requests via TestClient), ``brainseg predict`` and the
-pieces in ``brainseg.channels``.
+pieces in ``brainseg.io.channels``.
 
 Models are the tiny ones of ``conftest.tiny_model_dir``: what is asserted is how the input is
 read and reported, never the quality of a mask.
@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from test_api import BRATS, LESION_SLICE, make_client, nifti, png, segment, tiff
 
-from brainseg.channels import IDENTICAL, POST_MISSING, PRE_MISSING, SEQUENCES, channel_condition, parse_sequence
 from brainseg.cli import SEQUENCE_CHOICES, main
-from brainseg.data import read_image
-from brainseg.synthetic import synthetic_slice
+from brainseg.io.channels import IDENTICAL, POST_MISSING, PRE_MISSING, SEQUENCES, channel_condition, parse_sequence
+from brainseg.io.datasets import read_image
+from brainseg.io.synthetic import synthetic_slice
 
 UNRELIABLE = "outside what it was trained for and the mask is unreliable"
 

@@ -17,10 +17,10 @@ from helpers import LGG, REPO, require
 
 from brainseg.cli import main
 from brainseg.config import EVERY_CONDITION
-from brainseg.data import discover, labelled, load_patient
-from brainseg.inference import binarize
-from brainseg.predictor import load_segmenter
-from brainseg.synthetic import synthetic_slice
+from brainseg.inference.backends import binarize
+from brainseg.inference.predictor import load_segmenter
+from brainseg.io.datasets import discover, labelled, load_patient
+from brainseg.io.synthetic import synthetic_slice
 
 pytest.importorskip("onnxruntime.quantization")
 
@@ -77,7 +77,7 @@ def _agreement(fp32, int8, images) -> tuple[float, float]:
 @pytest.fixture(scope="module")
 def int8_models(tiny_model_dir, tmp_path_factory):
     """The tiny models' folder with X.int8.onnx beside each X.onnx (written by `brainseg export --int8`)."""
-    from brainseg.export import calibration_slice_paths
+    from brainseg.inference.export import calibration_slice_paths
 
     require(LGG)
     out = _int8_dir(tiny_model_dir, tmp_path_factory.mktemp("int8"))
@@ -112,7 +112,7 @@ def test_int8_probabilities_close_to_fp32(int8_models, name):
 
 def test_tolerance_rejects_a_broken_quantisation(int8_models, tmp_path):
     """Calibrated on blank slices, activation ranges are wrong: the same check must fail."""
-    from brainseg.export import quantize_int8
+    from brainseg.inference.export import quantize_int8
 
     name = "attention_unet"
     fp32 = load_segmenter(int8_models / f"{name}.onnx")
@@ -126,7 +126,7 @@ def test_tolerance_rejects_a_broken_quantisation(int8_models, tmp_path):
 
 def test_precision_option_reaches_the_int8_file(int8_models, tmp_path):
     """`--precision int8` runs X.int8.onnx (registry entry or --checkpoint), and says so in the output."""
-    from brainseg.registry import read, write_registry
+    from brainseg.inference.registry import read, write_registry
 
     reg = read(int8_models)
     for name, entry in reg.models.items():
@@ -168,7 +168,7 @@ def test_ship_int8_registers_int8_with_its_dice_cost(tiny_model_dir, tmp_path, c
     """scripts/ship_int8.py on the tiny models, 2 calibration and 2 test patients: files, registry, card, printout."""
     import importlib.util
 
-    from brainseg.registry import read
+    from brainseg.inference.registry import read
 
     require(LGG)
     spec = importlib.util.spec_from_file_location("ship_int8", REPO / "scripts" / "ship_int8.py")

@@ -14,7 +14,7 @@ from helpers import BRATS, LGG, REPO, require
 
 from brainseg.cli import main
 from brainseg.config import EVERY_CONDITION
-from brainseg.data import discover
+from brainseg.io.datasets import discover
 
 SMALL = ["--size", "64", "--features", "4", "8", "16", "32"]
 

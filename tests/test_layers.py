@@ -3,14 +3,20 @@
 Every ``import`` / ``from ... import`` inside ``src/brainseg`` counts, the ones inside functions too (a lazy import
 that dodges a cycle is still a cycle). The layers, bottom to top:
 
-0. ``config``, ``metrics``, ``measure``, ``review``, ``models`` (values, maths, networks)
-1. ``data``, ``channels``, ``preprocessing``, ``checkpoint``, ``visualize``, ``volumes``, ``dicom``, ``synthetic``,
-   ``cache`` (reading inputs, preparing them, drawing)
-2. ``inference``, ``registry``, ``evaluation``, ``export``, ``training`` (networks run, the schema, metrics over
-   patients, training)
-3. ``predictor`` (the one loader), ``predict``, ``report``, ``compare``, ``pipeline``, ``dicomweb`` (what users run)
-4. ``serving`` (the service) and ``batch``
+0. ``config``, ``models``, ``evaluation.metrics``, ``evaluation.measure``, ``display.review``, ``io.files`` (values,
+   maths, networks, atomic files) and the folders' ``__init__`` files
+1. ``io`` (datasets, channels, volumes, DICOM, the synthetic slice), ``preprocessing``, ``models.checkpoint``,
+   ``display.visualize``, ``training.cache`` (reading inputs, preparing them, drawing)
+2. ``inference.backends``, ``inference.registry``, ``inference.export``, ``evaluation.protocol``,
+   ``training.trainer`` (networks run, the schema, metrics over patients, training)
+3. ``inference.predictor`` (the one loader), ``inference.predict``, ``display.report``, ``evaluation.compare``,
+   ``pipeline``, ``io.dicomweb`` (what users run)
+4. ``serving`` (the service) and ``inference.batch``
 5. ``cli``
+
+The folders show the pipeline's stages (io -> preprocessing -> models -> training -> inference -> evaluation ->
+display -> serving); the layers order the modules by what they may import, so one folder can span layers.
+A module's layer is that of its longest listed prefix (``inference.predictor`` before ``inference``).
 
 A module may import from its own layer or any layer below, never above.
 """
@@ -23,11 +29,12 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "brainseg"
 
 LAYERS = [
-    {"config", "metrics", "measure", "review", "models", "brainseg"},
-    {"data", "channels", "preprocessing", "checkpoint", "visualize", "volumes", "dicom", "synthetic", "cache"},
-    {"inference", "registry", "evaluation", "export", "training"},
-    {"predictor", "predict", "report", "compare", "pipeline", "dicomweb"},
-    {"serving", "batch"},
+    {"brainseg", "config", "models", "evaluation.metrics", "evaluation.measure", "display.review", "io.files"}
+    | {"inference", "evaluation", "display", "training"},
+    {"io", "preprocessing", "models.checkpoint", "display.visualize", "training.cache"},
+    {"inference.backends", "inference.registry", "inference.export", "evaluation.protocol", "training.trainer"},
+    {"inference.predictor", "inference.predict", "display.report", "evaluation.compare", "pipeline", "io.dicomweb"},
+    {"serving", "inference.batch"},
     {"cli"},
 ]
 
@@ -63,11 +70,12 @@ def graph() -> dict[str, set[str]]:
 
 
 def layer_of(module: str) -> int:
-    parts = module.split(".")
-    key = parts[1] if len(parts) > 1 else parts[0]
-    for i, layer in enumerate(LAYERS):
-        if key in layer:
-            return i
+    parts = module.split(".")[1:] or ["brainseg"]
+    for n in range(len(parts), 0, -1):
+        key = ".".join(parts[:n])
+        for i, layer in enumerate(LAYERS):
+            if key in layer:
+                return i
     raise AssertionError(f"{module} is in no layer of tests/test_layers.py: add it where it belongs")
 
 
@@ -105,9 +113,13 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_checker_finds_a_cycle_and_an_upward_import():
     """The checks themselves can fail: a made-up graph with a cycle and an upward edge."""
-    edges = {"brainseg.registry": {"brainseg.inference"}, "brainseg.inference": {"brainseg.registry", "brainseg.cli"}, "brainseg.cli": set()}
-    assert cycles(edges) == [["brainseg.inference", "brainseg.registry"]]
-    assert layer_of("brainseg.inference") < layer_of("brainseg.cli")
+    edges = {
+        "brainseg.inference.registry": {"brainseg.inference.backends"},
+        "brainseg.inference.backends": {"brainseg.inference.registry", "brainseg.cli"},
+        "brainseg.cli": set(),
+    }
+    assert cycles(edges) == [["brainseg.inference.backends", "brainseg.inference.registry"]]
+    assert layer_of("brainseg.inference.backends") < layer_of("brainseg.cli")
 
 
 def test_no_import_cycle():
@@ -122,7 +134,7 @@ def test_no_upward_import():
 def test_only_the_predictor_loads_models():
     """``predictor`` is the one loader: no other module builds a backend from a file."""
     loaders = ("load_backend(", "OnnxBackend(", "load_segmenter(")
-    allowed = {"predictor.py", "inference.py"}  # inference defines them; predictor calls them
+    allowed = {"predictor.py", "backends.py"}  # inference.backends defines them; inference.predictor calls them
     offenders = [
         f"{f.relative_to(SRC)}: {word}"
         for f in SRC.rglob("*.py")

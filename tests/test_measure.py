@@ -1,4 +1,4 @@
-"""Per-lesion RANO-BM measurements (``brainseg.measure``) against shapes whose diameters are known by hand.
+"""Per-lesion RANO-BM measurements (``brainseg.evaluation.measure``) against shapes whose diameters are known by hand.
 
 Shapes are drawn by testing each pixel centre in mm, so a drawn length L is between L - 1 and L pixels of
 centres; the outline (pixel squares through their edge midpoints) then measures within one pixel of L.
@@ -10,16 +10,8 @@ import numpy as np
 import pytest
 from helpers import make_client, nifti, segment, tiff
 
-from brainseg.measure import (
-    MEASURABLE_MIN_MM,
-    diameters,
-    measurable_min_mm,
-    parse_pixel_spacing,
-    plane_metric,
-    rano_bm,
-    spacing_metric,
-)
-from brainseg.predict import lesion_table
+from brainseg.evaluation.measure import MEASURABLE_MIN_MM, diameters, measurable_min_mm, parse_pixel_spacing, plane_metric, rano_bm, spacing_metric
+from brainseg.inference.predict import lesion_table
 
 
 def centres_mm(shape: tuple[int, int], row_mm: float, col_mm: float, centre=None) -> tuple[np.ndarray, np.ndarray]:
@@ -175,8 +167,8 @@ def test_tta_disagreement_is_the_mean_difference_of_plain_and_flipped_inside_eac
     The flipped pass, flipped back, is high on the right: plain and flipped differ by
     sigmoid(2) - sigmoid(-1) everywhere, and the TTA mean is their average."""
     from brainseg.config import ExperimentConfig, PostprocessConfig, PreprocessConfig
-    from brainseg.inference import Segmenter
-    from brainseg.predict import segment_slice
+    from brainseg.inference.backends import Segmenter
+    from brainseg.inference.predict import segment_slice
 
     class HalfAndHalf:
         config = ExperimentConfig(preprocess=PreprocessConfig(input_size=32))
@@ -263,7 +255,7 @@ def test_parse_pixel_spacing():
 @pytest.fixture
 def mask_is_the_bright_region(monkeypatch):
     """The network replaced by 'bright is lesion' (probability 0.8 there), so the API's mask is the drawn shape."""
-    from brainseg.inference import Segmenter
+    from brainseg.inference.backends import Segmenter
 
     def probabilities(self, images, tta=False, batch_size=16, window=None, stacked=False, only=None, spread=None):
         picked = images if only is None else [images[i] for i in only]
@@ -375,7 +367,7 @@ def test_page_lesion_table_shows_diameters_in_pixels_then_mm(monkeypatch, api_se
     in mm (half the pixels: square pixels), measurable flags and the sum of the target lesions' longest diameters."""
     from test_streamlit import no_page_crash, run_app, texts
 
-    from brainseg.synthetic import synthetic_png
+    from brainseg.io.synthetic import synthetic_png
 
     def lesion_table():
         (table,) = [d.value for d in at.dataframe if "Lesion" in d.value.columns]

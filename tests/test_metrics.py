@@ -1,4 +1,4 @@
-"""Tests for brainseg.metrics on small hand-checkable synthetic masks."""
+"""Tests for brainseg.evaluation.metrics on small hand-checkable synthetic masks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from brainseg import metrics as M
+from brainseg.evaluation import metrics as M
 
 
 def _square(shape: tuple[int, int], r0: int, c0: int, size: int) -> np.ndarray:
@@ -29,7 +29,7 @@ def test_module_does_not_import_torch() -> None:
     from pathlib import Path
 
     src = str(Path(M.__file__).resolve().parents[1])
-    code = f"import sys; sys.path.insert(0, {src!r}); import brainseg.metrics; assert 'torch' not in sys.modules, 'metrics imported torch'"
+    code = f"import sys; sys.path.insert(0, {src!r}); import brainseg.evaluation.metrics; assert 'torch' not in sys.modules, 'metrics imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

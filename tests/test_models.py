@@ -75,7 +75,7 @@ def test_onnx_and_pytorch_give_the_same_probabilities(tiny_model_dir, model_name
     """The exported ONNX file and its checkpoint agree on probabilities (not only masks) on random inputs."""
     import numpy as np
 
-    from brainseg.inference import OnnxBackend, Segmenter, TorchBackend
+    from brainseg.inference.backends import OnnxBackend, Segmenter, TorchBackend
 
     onnx_seg = Segmenter(OnnxBackend(tiny_model_dir / f"{model_name}.onnx", threads=1), model_name)
     torch_seg = Segmenter(TorchBackend(tiny_model_dir / f"{model_name}.pt", device="cpu"), model_name)

@@ -97,7 +97,7 @@ def faulty_api(tiny_model_dir, tmp_path_factory):
 def test_page_shows_the_error_id_of_a_server_fault(monkeypatch, faulty_api):
     from test_streamlit import no_page_crash, run_app, texts
 
-    from brainseg.synthetic import synthetic_png
+    from brainseg.io.synthetic import synthetic_png
 
     url, log = faulty_api
     at = run_app(monkeypatch, url)

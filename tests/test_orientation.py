@@ -16,8 +16,8 @@ import pytest
 from helpers import BRATS_FORMAT, require
 from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 
-from brainseg.predict import segment_volume
-from brainseg.volumes import DISPLAY_AXCODES, load_volume
+from brainseg.inference.predict import segment_volume
+from brainseg.io.volumes import DISPLAY_AXCODES, load_volume
 
 STORAGES = [("L", "P", "S"), ("R", "A", "S"), ("L", "A", "S"), ("A", "S", "R"), ("S", "R", "P"), ("P", "I", "L")]
 
@@ -56,7 +56,7 @@ def test_synthetic_volume_is_shown_anterior_up_patient_right_on_the_left():
 
 def test_same_volume_in_six_storage_orders_same_slices_and_same_mask(shared_data):
     """The real BraTS-format FLAIR of an LGG patient, stored six ways, through the shipped default model."""
-    from brainseg.predictor import load
+    from brainseg.inference.predictor import load
 
     path = require(BRATS_FORMAT / "TCGA-DU-7294" / "TCGA-DU-7294-t2f.nii.gz")
     ref_img = nib.load(path)

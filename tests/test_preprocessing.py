@@ -2,16 +2,7 @@ import numpy as np
 import pytest
 
 from brainseg.config import AugmentConfig, PreprocessConfig
-from brainseg.preprocessing import (
-    build_augmentation,
-    clahe,
-    intensity_window,
-    normalize,
-    preprocess_slice,
-    resize_mask,
-    restore_size,
-    to_uint8,
-)
+from brainseg.preprocessing import build_augmentation, clahe, intensity_window, normalize, preprocess_slice, resize_mask, restore_size, to_uint8
 
 
 def test_clahe_keeps_shape_dtype_and_spreads_contrast():

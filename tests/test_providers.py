@@ -9,8 +9,9 @@ import logging
 import onnxruntime as ort
 import pytest
 
-from brainseg import inference, registry
-from brainseg.inference import OnnxBackend, onnx_providers
+from brainseg.inference import backends as inference
+from brainseg.inference import registry
+from brainseg.inference.backends import OnnxBackend, onnx_providers
 from brainseg.serving.settings import Settings, StartupError
 
 CPU = "CPUExecutionProvider"
@@ -36,7 +37,7 @@ def test_providers_follow_what_onnx_runtime_offers(device, available, expected):
 
 
 def test_a_gpu_asked_for_but_absent_runs_on_the_cpu_and_says_so(caplog):
-    with caplog.at_level(logging.WARNING, logger="brainseg.inference"):
+    with caplog.at_level(logging.WARNING, logger="brainseg.inference.backends"):
         assert onnx_providers("cuda", [CPU]) == [CPU]
     assert "ONNX device cuda asked for, but ONNX Runtime offers only CPUExecutionProvider: running on the CPU" in caplog.text
 
@@ -75,7 +76,7 @@ def sessions(monkeypatch):
 
 def test_a_session_on_a_machine_with_cuda_asks_for_it_and_logs_its_providers(onnx_file, sessions, monkeypatch, caplog):
     monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
-    with caplog.at_level(logging.INFO, logger="brainseg.inference"):
+    with caplog.at_level(logging.INFO, logger="brainseg.inference.backends"):
         backend = OnnxBackend(onnx_file, threads=1)
     assert sessions == [[CUDA, CPU]]
     # This machine has no GPU: the real session runs on the CPU, and the log says it fell back.
@@ -87,7 +88,7 @@ def test_a_session_on_a_machine_with_cuda_asks_for_it_and_logs_its_providers(onn
 def test_forcing_the_cpu_never_asks_for_a_gpu(onnx_file, sessions, monkeypatch, caplog):
     monkeypatch.setattr(ort, "get_available_providers", lambda: [TRT, CUDA, CPU])
     monkeypatch.setenv("BRAINSEG_ONNX_DEVICE", "cpu")
-    with caplog.at_level(logging.INFO, logger="brainseg.inference"):
+    with caplog.at_level(logging.INFO, logger="brainseg.inference.backends"):
         backend = OnnxBackend(onnx_file, threads=1)
     assert sessions == [[CPU]] and backend.providers == [CPU]
     assert "could not start" not in caplog.text

@@ -18,8 +18,8 @@ def test_two_replicas_serve_the_app_with_one_result_folder(local_ray, tiny_model
     from conftest import free_port
     from ray import serve
 
+    from brainseg.io.synthetic import synthetic_png
     from brainseg.serving.ray_serve import APP_NAME, application
-    from brainseg.synthetic import synthetic_png
 
     results = tmp_path / "results"
     for key, value in {"BRAINSEG_MODEL_DIR": str(tiny_model_dir), "BRAINSEG_BACKEND": "onnx", "BRAINSEG_RESULT_DIR": str(results)}.items():

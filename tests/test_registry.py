@@ -8,9 +8,9 @@ import shutil
 import pytest
 from helpers import REPO
 
-from brainseg import predictor, registry
 from brainseg.config import PostprocessConfig
-from brainseg.registry import EnsembleEntry, ModelEntry, PrecisionUnavailable, Registry, RegistryError
+from brainseg.inference import predictor, registry
+from brainseg.inference.registry import EnsembleEntry, ModelEntry, PrecisionUnavailable, Registry, RegistryError
 
 OLD_FILE = {  # registry.json as written before schema_version existed (pipeline.train_models' keys)
     "default": "unetpp",
@@ -137,9 +137,9 @@ def test_writer_refuses_what_the_loader_would_refuse(tmp_path):
     ],
 )
 def test_pick_backend(monkeypatch, has_onnx, has_ckpt, gpu, asked, env, expected):
-    import brainseg.inference
+    import brainseg.inference.backends
 
-    monkeypatch.setattr(brainseg.inference, "gpu_present", lambda: gpu)
+    monkeypatch.setattr(brainseg.inference.backends, "gpu_present", lambda: gpu)
     monkeypatch.delenv("BRAINSEG_BACKEND", raising=False)
     if env:
         monkeypatch.setenv("BRAINSEG_BACKEND", env)
@@ -154,13 +154,13 @@ def test_bad_backend_variable_is_named(monkeypatch):
 
 def test_cli_loader_and_server_engine_pick_the_same_files(tiny_model_dir, monkeypatch):
     """The same registry, the same rule: with a GPU present both load PyTorch, without one both ONNX."""
-    import brainseg.inference
+    import brainseg.inference.backends
     from brainseg.serving.engine import Engine
     from brainseg.serving.settings import Settings
 
     monkeypatch.delenv("BRAINSEG_BACKEND", raising=False)
     for gpu, kind in ((False, "onnx"), (True, "torch")):
-        monkeypatch.setattr(brainseg.inference, "gpu_present", lambda gpu=gpu: gpu)
+        monkeypatch.setattr(brainseg.inference.backends, "gpu_present", lambda gpu=gpu: gpu)
         cli = predictor.load("unetpp", model_dir=tiny_model_dir)
         served = Engine(Settings.from_env({}, model_dir=str(tiny_model_dir))).get("unetpp")
         assert cli.backend.kind == served.backend.kind == kind and cli.path == served.path

@@ -1,4 +1,4 @@
-"""Reports (``brainseg.report``): the DICOM SR (TID 1500) read back with highdicom, the secondary-capture series, the
+"""Reports (``brainseg.display.report``): the DICOM SR (TID 1500) read back with highdicom, the secondary-capture series, the
 HTML page; ``brainseg predict --report``; the API's /report.html, /sr.dcm and /sc.zip downloads.
 
 The SR is checked against a known mask on a synthetic DICOM series (``dicom_series``): an ellipse of 25 x 11 pixels
@@ -24,12 +24,12 @@ from dicom_series import ANONYMISED_HEADERS, NO_FRAME_OF_REFERENCE, PLANTED_BIRT
 from helpers import make_client, nifti
 from pydicom.uid import SecondaryCaptureImageStorage
 
-from brainseg import report
-from brainseg.dicom import load_dicom_path, seg_bytes
-from brainseg.measure import plane_metric, rano_bm
-from brainseg.predict import lesion_table
+from brainseg.display import report
+from brainseg.evaluation.measure import plane_metric, rano_bm
+from brainseg.inference.predict import lesion_table
+from brainseg.io.dicom import load_dicom_path, seg_bytes
+from brainseg.io.synthetic import synthetic_png, synthetic_slice
 from brainseg.serving.render import display_volume
-from brainseg.synthetic import synthetic_png, synthetic_slice
 
 PIXEL_MM, SLICE_MM = 0.8, 3.0
 ELLIPSE_SLICES = (3, 4, 5)

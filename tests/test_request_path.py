@@ -15,9 +15,9 @@ import pytest
 from conftest import start_api, stop
 from helpers import make_client, nifti, segment, tiff
 
+from brainseg.io.synthetic import synthetic_slice
 from brainseg.serving import answers
 from brainseg.serving.store import ResultStore, StoredResult
-from brainseg.synthetic import synthetic_slice
 
 
 def slice_tiff() -> bytes:

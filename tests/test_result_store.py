@@ -20,9 +20,9 @@ import pytest
 from conftest import REPO, server_env, start_uvicorn, stop
 from helpers import BRATS, make_client, nifti, require, segment
 
+from brainseg.io.synthetic import synthetic_slice
 from brainseg.serving.settings import Settings
 from brainseg.serving.store import ResultStore, StoredResult, default_result_dir
-from brainseg.synthetic import synthetic_slice
 
 
 def volume_result(z: int = 5, size: int = 24, seed: int = 0, owner: str | None = "owner-hash") -> StoredResult:
@@ -215,8 +215,8 @@ def test_damaged_results_through_http_are_clean_404s(tiny_model_dir, tmp_path):
 
 def test_a_brats_volume_is_small_on_disk_and_in_memory(tmp_path):
     """Issue 8: each stored 240x240x155 result cost ~33 MB of RAM. Now a few MB of disk, ~1 MB to read a slice."""
+    from brainseg.io.volumes import load_volume
     from brainseg.serving.render import display_volume
-    from brainseg.volumes import load_volume
 
     vol = load_volume([require(BRATS / f"BraTS-MET-00110-000-{s}.nii.gz") for s in ("t1n", "t2f", "t1c")])
     display = display_volume(vol.slices)

@@ -1,11 +1,11 @@
-"""The review helpers: probability heat map and window / level on display values (``brainseg.review``)."""
+"""The review helpers: probability heat map and window / level on display values (``brainseg.display.review``)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from brainseg.review import display_window, heatmap, probability_u8, window_level
+from brainseg.display.review import display_window, heatmap, probability_u8, window_level
 
 
 def test_probability_heat_map_runs_from_black_to_yellow():

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from brainseg.cache import load_cache
-from brainseg.checkpoint import load_checkpoint
 from brainseg.config import CONDITIONS, AugmentConfig, ExperimentConfig, ModelConfig, PostprocessConfig, PreprocessConfig, TrainConfig
-from brainseg.data import read_split
-from brainseg.metrics import bootstrap_ci
+from brainseg.evaluation.metrics import bootstrap_ci
+from brainseg.io.datasets import read_split
+from brainseg.models.checkpoint import load_checkpoint
 from brainseg.preprocessing import apply_condition, drop_sequences
-from brainseg.training import SliceDataset, Trainer, update_ema
+from brainseg.training.cache import load_cache
+from brainseg.training.trainer import SliceDataset, Trainer, update_ema
 
 
 def _image():
@@ -139,7 +139,7 @@ def test_bootstrap_ci():
 
 
 def test_a_slice_on_its_own_uses_the_slice_minimum_size():
-    from brainseg.inference import binarize, binarize_stack
+    from brainseg.inference.backends import binarize, binarize_stack
 
     prob = np.zeros((3, 10, 10), np.float32)
     prob[:, 2:5, 2:5] = 0.9  # 9 px per slice, 27 voxels in 3D
@@ -152,8 +152,8 @@ def test_a_slice_on_its_own_uses_the_slice_minimum_size():
 
 def test_a_volume_is_post_processed_in_3d_like_the_evaluation():
     """``predict.segment_volume`` applies the calibrated 3D minimum size, not the single-slice one."""
-    from brainseg.predict import segment_volume
-    from brainseg.volumes import Volume
+    from brainseg.inference.predict import segment_volume
+    from brainseg.io.volumes import Volume
 
     prob = np.zeros((3, 10, 10), np.float32)
     prob[:, 2:5, 2:5] = 0.9  # 9 px per slice, 27 voxels in 3D

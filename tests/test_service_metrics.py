@@ -14,7 +14,7 @@ import pytest
 from helpers import make_client, segment
 from prometheus_client.parser import text_string_to_metric_families
 
-from brainseg.synthetic import synthetic_png
+from brainseg.io.synthetic import synthetic_png
 
 
 def scrape(client) -> dict[tuple, float]:

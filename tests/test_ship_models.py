@@ -16,11 +16,11 @@ import pytest
 import torch
 from helpers import REPO, synthetic_dataset
 
-from brainseg import registry
-from brainseg.checkpoint import load_checkpoint, save_checkpoint
 from brainseg.config import CONDITIONS, EVERY_CONDITION
-from brainseg.data import discover, labelled, split_patients
-from brainseg.export import ONNX_METADATA_KEY
+from brainseg.inference import registry
+from brainseg.inference.export import ONNX_METADATA_KEY
+from brainseg.io.datasets import discover, labelled, split_patients
+from brainseg.models.checkpoint import load_checkpoint, save_checkpoint
 from brainseg.pipeline import RunFiles, finish_run
 
 

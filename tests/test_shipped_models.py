@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from helpers import LGG, REPO, require
 
-from brainseg import predictor, registry
 from brainseg.config import EVERY_CONDITION
-from brainseg.data import discover, labelled, load_patient
-from brainseg.inference import Segmenter, TorchBackend, binarize
-from brainseg.metrics import dice
+from brainseg.evaluation.metrics import dice
+from brainseg.inference import predictor, registry
+from brainseg.inference.backends import Segmenter, TorchBackend, binarize
+from brainseg.io.datasets import discover, labelled, load_patient
 
 MODELS = REPO / "models"
 

@@ -16,7 +16,7 @@ warnings.filterwarnings("ignore", message=".*ScriptRunContext.*")
 from conftest import REPO, free_port  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from brainseg.synthetic import SYNTHETIC_LABEL  # noqa: E402
+from brainseg.io.synthetic import SYNTHETIC_LABEL  # noqa: E402
 
 APP = str(REPO / "streamlit_app.py")
 LESION_SLICE = "lgg/kaggle_3m/TCGA_CS_4941_19960909/TCGA_CS_4941_19960909_15.tif"
@@ -164,7 +164,7 @@ def test_upload_real_slice_and_a_volume(monkeypatch, api_server, shared_data):
 
     import nibabel as nib
 
-    from brainseg.synthetic import synthetic_slice
+    from brainseg.io.synthetic import synthetic_slice
 
     img, _ = synthetic_slice(size=128)
     vol = np.stack([np.rot90(img[:, :, 1], -1).astype(np.float32) * (k > 0) for k in range(5)], axis=2)  # slice 0 empty
@@ -189,7 +189,7 @@ def test_upload_real_slice_and_a_volume(monkeypatch, api_server, shared_data):
 def test_grey_upload_says_how_it_is_read_and_warns_for_other_sequences(monkeypatch, api_server):
     import cv2
 
-    from brainseg.synthetic import synthetic_slice
+    from brainseg.io.synthetic import synthetic_slice
 
     ok, buf = cv2.imencode(".png", synthetic_slice(size=128)[0][:, :, 1])
     at = run_app(monkeypatch, api_server)
@@ -236,7 +236,7 @@ def test_zipped_dicom_study_shows_its_series_presets_and_seg(monkeypatch, api_se
     re-renders the image, the probability view and the DICOM SEG download are there."""
     from dicom_series import study_ids, write_series, zip_bytes
 
-    from brainseg.synthetic import synthetic_slice
+    from brainseg.io.synthetic import synthetic_slice
 
     flair = np.stack([np.rot90(synthetic_slice(size=64, seed=k)[0][:, :, 1], -1).astype(np.int16) for k in range(6)], axis=2)
     ids = study_ids()
@@ -302,7 +302,7 @@ def test_a_large_slice_whose_answer_links_its_images(monkeypatch, api_server):
     import cv2
     import httpx
 
-    from brainseg.synthetic import synthetic_slice
+    from brainseg.io.synthetic import synthetic_slice
 
     ok, buf = cv2.imencode(".png", synthetic_slice(size=1024)[0][:, :, 1])
     at = run_app(monkeypatch, api_server)
@@ -346,7 +346,7 @@ def test_sequence_picker_only_where_it_is_used(monkeypatch, api_server, shared_d
     """Hidden for a 3-channel slice (it carries its sequences), shown for a grey one."""
     import cv2
 
-    from brainseg.synthetic import synthetic_slice
+    from brainseg.io.synthetic import synthetic_slice
 
     at = run_app(monkeypatch, api_server)
     at.file_uploader(key="uploads").upload("slice.tif", (shared_data / LESION_SLICE).read_bytes(), "image/tiff").run()
@@ -413,7 +413,7 @@ def test_one_model_version_in_the_sidebar_the_models_list_and_the_answer(monkeyp
     import httpx
     from conftest import start_api, stop
 
-    from brainseg.synthetic import synthetic_png
+    from brainseg.io.synthetic import synthetic_png
 
     models = REPO / "models"
     if not (models / "unetpp.int8.onnx").is_file():

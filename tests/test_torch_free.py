@@ -76,7 +76,7 @@ from fastapi.testclient import TestClient
 
 from brainseg.serving.api import create_app
 from brainseg.serving.settings import Settings
-from brainseg.synthetic import synthetic_png
+from brainseg.io.synthetic import synthetic_png
 
 with TestClient(create_app(Settings.from_env({}, model_dir=str(models), onnx_threads=1))) as client:
     assert client.get("/health").status_code == 200
@@ -121,7 +121,7 @@ def test_the_blocker_really_blocks(tmp_path):
             else:
                 raise SystemExit(f"{name} imported")
         assert importlib.util.find_spec("torch") is None
-        from brainseg.inference import gpu_present
+        from brainseg.inference.backends import gpu_present
         assert not gpu_present()
         print("BLOCKED")
     """)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from brainseg.cache import load_cache
-from brainseg.checkpoint import load_checkpoint
 from brainseg.config import ExperimentConfig, ModelConfig, PreprocessConfig, TrainConfig
-from brainseg.data import read_split
-from brainseg.training import Trainer, dice_bce_loss, epoch_indices, lr_factor
+from brainseg.io.datasets import read_split
+from brainseg.models.checkpoint import load_checkpoint
+from brainseg.training.cache import load_cache
+from brainseg.training.trainer import Trainer, dice_bce_loss, epoch_indices, lr_factor
 
 
 def _cfg(**train):

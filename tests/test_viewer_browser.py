@@ -28,7 +28,7 @@ def small_volume() -> bytes:
     """A 5-slice NIfTI with a flipped, anisotropic affine (so the display affine is not the file's)."""
     import nibabel as nib
 
-    from brainseg.synthetic import synthetic_slice
+    from brainseg.io.synthetic import synthetic_slice
 
     img, _ = synthetic_slice(size=96)
     vol = np.stack([np.rot90(img[:, :, 1], -1).astype(np.float32) * (k > 0) for k in range(5)], axis=2)
@@ -45,8 +45,8 @@ def test_viewer_npz_holds_what_the_slice_routes_render(api_server, tmp_path):
     import cv2
     import nibabel as nib
 
-    from brainseg.review import heatmap
-    from brainseg.volumes import load_volume
+    from brainseg.display.review import heatmap
+    from brainseg.io.volumes import load_volume
 
     nii = tmp_path / "small.nii.gz"
     nii.write_bytes(small_volume())

@@ -15,11 +15,11 @@ from helpers import BRATS, nifti, require
 from scipy import ndimage
 
 from brainseg.config import PostprocessConfig
-from brainseg.inference import binarize_stack, window_for_volume
-from brainseg.metrics import connected_components, remove_small_components
-from brainseg.predict import BACKGROUND_MAX_FRACTION, background_slices, lesion_table, segment_volume
+from brainseg.evaluation.metrics import connected_components, remove_small_components
+from brainseg.inference.backends import binarize_stack, window_for_volume
+from brainseg.inference.predict import BACKGROUND_MAX_FRACTION, background_slices, lesion_table, segment_volume
+from brainseg.io.volumes import load_volume, mask_to_volume
 from brainseg.preprocessing import to_uint8
-from brainseg.volumes import load_volume, mask_to_volume
 
 
 def _slice_by_slice(seg, vol, post):
@@ -33,7 +33,7 @@ def _slice_by_slice(seg, vol, post):
 
 
 def test_brats_mask_unchanged_on_every_segmented_slice(shared_data):
-    from brainseg.predictor import load
+    from brainseg.inference.predictor import load
 
     files = [require(BRATS / f"BraTS-MET-00110-000-{s}.nii.gz") for s in ("t1n", "t2f", "t1c")]
     seg = load()  # the shipped default model
@@ -151,7 +151,7 @@ def test_api_volume_answer_lists_skipped_background_slices(tiny_model_dir):
     """The answer says which slices were not sent to the network, and their mask is empty."""
     from helpers import make_client, segment
 
-    from brainseg.synthetic import synthetic_slice
+    from brainseg.io.synthetic import synthetic_slice
 
     img, _ = synthetic_slice(size=64)
     vol = np.stack([np.rot90(img[:, :, 1], -1).astype(np.float32)] * 10, axis=2)  # (X, Y, Z), display = rot90

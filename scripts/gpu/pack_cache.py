@@ -2,7 +2,7 @@
 
 Images are stored as lossless WebP (about half the bytes of the raw uint8 arrays; checked
 bit-exact on unpacking), masks as a compressed bool array. ``unpack`` rebuilds an ordinary
-cache folder that ``brainseg.cache.load_cache`` reads.
+cache folder that ``brainseg.training.cache.load_cache`` reads.
 
     python scripts/gpu/pack_cache.py pack runs/cache81 .gpu/cache.npz
     python scripts/gpu/pack_cache.py unpack .gpu/cache.npz /tmp/cache

@@ -1,6 +1,6 @@
 """Ablations and the shipped candidates, trained side by side on one lent GPU in one call.
 
-Every run trains one configuration with ``brainseg.training.Trainer`` for the same wall-time
+Every run trains one configuration with ``brainseg.training.trainer.Trainer`` for the same wall-time
 budget (``--budget`` seconds; epochs are fitted to it after epoch 2), selects its best epoch
 on the validation patients (mean per-patient Dice with all sequences and FLAIR only), then
 scores that epoch under the four input conditions. The test patients are not in the packed
@@ -65,9 +65,9 @@ def one(args) -> None:
     import numpy as np
     import torch
 
-    from brainseg.cache import load_cache
-    from brainseg.checkpoint import load_checkpoint, model_from_checkpoint
-    from brainseg.training import Trainer, validation_scores
+    from brainseg.models.checkpoint import load_checkpoint, model_from_checkpoint
+    from brainseg.training.cache import load_cache
+    from brainseg.training.trainer import Trainer, validation_scores
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.backends.cudnn.benchmark = True

@@ -47,14 +47,15 @@ def _preprocess_cfg(args) -> ExperimentConfig:
 
 
 def cmd_stats(args) -> int:
-    from .data import dataset_stats, discover
+    from .io.datasets import dataset_stats, discover
 
     print(json.dumps(dataset_stats(discover(args.root)), indent=2))
     return 0
 
 
 def cmd_split(args) -> int:
-    from .data import discover, labelled, split_patients, write_json_atomic
+    from .io.datasets import discover, labelled, split_patients
+    from .io.files import write_json_atomic
 
     ds = labelled(discover(args.data or default_data_root()))
     split = split_patients([p.id for p in ds.patients], args.val, args.test, args.seed)
@@ -77,7 +78,7 @@ def cmd_preprocess(args) -> int:
 
 def cache_matches(cache_dir, ds_root, preprocess_cfg) -> bool:
     """``cache.cache_matches``, imported when called (``brainseg --help`` loads no numpy / OpenCV)."""
-    from .cache import cache_matches as matches
+    from .training.cache import cache_matches as matches
 
     return matches(cache_dir, ds_root, preprocess_cfg)
 
@@ -151,7 +152,7 @@ def cmd_train(args) -> int:
 
 
 def _load_model(args):
-    from .predictor import load
+    from .inference.predictor import load
 
     return load(name=args.model, model_dir=args.model_dir, checkpoint=args.checkpoint, prefer_onnx=not args.torch, precision=args.precision)
 
@@ -174,15 +175,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _post(args, seg):
-    from .predictor import override
+    from .inference.predictor import override
 
     return override(seg.postprocess, args.threshold, args.min_size)
 
 
 def cmd_evaluate(args) -> int:
     from .config import CONDITIONS, DISPLAY_NAMES
-    from .data import read_split, write_json_atomic, write_text_atomic
-    from .evaluation import conditions_table, markdown_table
+    from .evaluation.protocol import conditions_table, markdown_table
+    from .io.datasets import read_split
+    from .io.files import write_json_atomic, write_text_atomic
     from .pipeline import evaluate
 
     seg = _load_model(args)
@@ -225,7 +227,7 @@ def _print_read_as(name: str, read_as: dict) -> None:
 
 def _pixel_spacing(raw: str) -> tuple[float, float]:
     """``--pixel-spacing``: the API's ``pixel_spacing_mm`` rules (one number or row,col; each in (0, 100] mm)."""
-    from .measure import PIXEL_SPACING_HELP, parse_pixel_spacing
+    from .evaluation.measure import PIXEL_SPACING_HELP, parse_pixel_spacing
 
     try:
         spacing = parse_pixel_spacing(raw)
@@ -244,7 +246,7 @@ def cmd_predict(args) -> int:
 
     from tqdm import tqdm
 
-    from .predict import predict_inputs
+    from .inference.predict import predict_inputs
 
     def failed(line: str, exc: BaseException) -> None:
         if args.verbose:
@@ -274,7 +276,7 @@ def cmd_predict(args) -> int:
 
 def cmd_compare(args) -> int:
     """Follow-up comparison (``compare.compare_paths``): both studies segmented, registered, matched; RANO-BM category."""
-    from .compare import RegistrationUnavailable, compare_paths
+    from .evaluation.compare import RegistrationUnavailable, compare_paths
 
     seg = _load_model(args)
     try:
@@ -294,18 +296,18 @@ def cmd_export(args) -> int:
             raise ValueError(f"{src}: already ONNX; pass --int8 to quantise it, or a .pt checkpoint to export")
         onnx_path = src
     else:
-        from .export import export_onnx
+        from .inference.export import export_onnx
 
         onnx_path = export_onnx(src, args.out or src.with_suffix(".onnx"))
         print(f"wrote {onnx_path}")
     if args.int8:
-        from .data import read_split
-        from .export import export_int8
+        from .inference.export import export_int8
+        from .io.datasets import read_split
 
         if args.split:
             patients, source = read_split(args.split)["train"], f"the training patients of {args.split}"
         elif src.suffix == ".pt":
-            from .checkpoint import load_checkpoint
+            from .models.checkpoint import load_checkpoint
 
             patients, source = load_checkpoint(src).get("split", {}).get("train"), f"the training patients of {src.name}"
         else:
@@ -321,7 +323,7 @@ def cmd_export(args) -> int:
 def cmd_batch(args) -> int:
     """Every study in turn (or on Ray), resumable: finished studies are skipped, a failed one is one line on
     stderr and a row of summary.csv; exit status 2 when any study failed."""
-    from .batch import ModelSpec, run_batch
+    from .inference.batch import ModelSpec, run_batch
 
     spec = ModelSpec(
         model=args.model,
@@ -373,7 +375,7 @@ def cmd_dicomweb(args) -> int:
     """Passes over a DICOMweb archive (``dicomweb.Node``): once, or every --poll seconds until interrupted."""
     import time
 
-    from .dicomweb import ArchiveUnavailable, Node, client_for, default_state_path, quiet_http_logs
+    from .io.dicomweb import ArchiveUnavailable, Node, client_for, default_state_path, quiet_http_logs
     from .serving.settings import Settings
 
     quiet_http_logs()

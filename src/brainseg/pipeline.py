@@ -10,11 +10,12 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .cache import build_cache, load_cache, reusable_split
 from .config import CONDITIONS, DISPLAY_NAMES, SPLIT_SEED, ExperimentConfig, PostprocessConfig
-from .data import DataError, discover, labelled, read_split, split_patients, write_json_atomic, write_text_atomic
-from .evaluation import evaluate_conditions, markdown_table, predict_patients, sweep_postprocess
-from .registry import REGISTRY, ModelEntry, Registry, read, write_registry
+from .evaluation.protocol import evaluate_conditions, markdown_table, predict_patients, sweep_postprocess
+from .inference.registry import REGISTRY, ModelEntry, Registry, read, write_registry
+from .io.datasets import DataError, discover, labelled, read_split, split_patients
+from .io.files import write_json_atomic, write_text_atomic
+from .training.cache import build_cache, load_cache, reusable_split
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def preprocess(
     if made_split and split_path != out / "split.json":
         write_json_atomic(split_path, split)
     if overview:
-        from .visualize import preprocessing_overview
+        from .display.visualize import preprocessing_overview
 
         preprocessing_overview(lab, cfg, out / "preprocessing_overview.png", seed=seed)
     return {
@@ -135,7 +136,7 @@ def finish_run(
     info = {"shipped_from": source} if candidates else {"train_wall_seconds": facts.get("train_wall_seconds")}
     _save_calibrated(ckpt, files, split, (post, table, val_score), info)
     if export_onnx:
-        from .export import export_onnx as _export
+        from .inference.export import export_onnx as _export
 
         _export(files.checkpoint, files.onnx)
     # Same weights: the calibrated ``post`` is passed explicitly.
@@ -151,8 +152,8 @@ def finish_run(
 
 def _best_candidate(candidates: list, name: str, split: dict | None, val_patients, device: str | None, progress: bool):
     """(path, checkpoint, PyTorch segmenter, (post, table, val_score)) of the candidate with the best validation score."""
-    from .checkpoint import load_checkpoint
-    from .inference import Segmenter, TorchBackend, gpu_present
+    from .inference.backends import Segmenter, TorchBackend, gpu_present
+    from .models.checkpoint import load_checkpoint
 
     best = None
     for path in candidates:
@@ -170,7 +171,7 @@ def _best_candidate(candidates: list, name: str, split: dict | None, val_patient
 
 def _save_calibrated(ckpt: dict, files: RunFiles, split: dict, calibrated: tuple, info: dict) -> None:
     """The checkpoint with its calibrated post-processing (and the table it was chosen from), without optimiser state."""
-    from .checkpoint import save_checkpoint
+    from .models.checkpoint import save_checkpoint
 
     post, table, val_score = calibrated
     ckpt.pop("optimizer", None)
@@ -202,7 +203,7 @@ def train_models(
     init_from: str | None = None,
 ) -> dict:
     """Train each model, calibrate post-processing on validation, evaluate on test, write the registry."""
-    from .training import Trainer
+    from .training.trainer import Trainer
 
     cache = load_cache(cache_dir)
     split = read_split(Path(cache_dir) / "split.json")

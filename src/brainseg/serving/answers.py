@@ -9,11 +9,11 @@ from urllib.parse import quote
 import numpy as np
 
 from ..config import DISPLAY_NAMES, PostprocessConfig
-from ..inference import Ensemble, window_for_volume
-from ..predict import SliceResult, VolumeResult
+from ..display.review import display_window, probability_u8
+from ..inference.backends import Ensemble, window_for_volume
+from ..inference.predict import SliceResult, VolumeResult
+from ..io.volumes import Volume, display_orientation
 from ..preprocessing import intensity_window
-from ..review import display_window, probability_u8
-from ..volumes import Volume, display_orientation
 from .render import b64png, display_slice, display_volume, render
 from .store import StoredResult
 
@@ -161,7 +161,7 @@ def dicom_seg(run: RunInfo, vol: Volume, mask: np.ndarray) -> tuple[bytes | None
     (None, a plain warning) when the SEG cannot be written from its headers: the mask is answered all the same."""
     if getattr(vol, "dicom", None) is None:
         return None, None
-    from ..dicom import write_seg
+    from ..io.dicom import write_seg
 
     return write_seg(vol.dicom, vol.to_stored(np.asarray(mask)), run.model["name"], run.model["version"], run.post.threshold)
 

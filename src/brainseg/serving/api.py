@@ -4,7 +4,7 @@ Routes (OpenAPI docs at ``/docs``):
 
 - ``POST /v1/segment``: multipart field ``files`` = one slice (TIFF / PNG / JPEG, 8 or 16 bit,
   grey or 3-channel), one NIfTI volume, a BraTS set (``*-t1n``, ``*-t2f``, ``*-t1c``), or a DICOM
-  MR series or study (a ``.zip``, or ``.dcm`` files; see ``brainseg.dicom``);
+  MR series or study (a ``.zip``, or ``.dcm`` files; see ``brainseg.io.dicom``);
   form or query parameters ``model``, ``threshold``, ``tta``, ``sequence`` (what a grey slice or a
   single volume is: flair (default), t1, t1c, t2), ``precision`` (fp32 (default) or int8, where
   the model has an INT8 file) and ``pixel_spacing_mm`` (a slice's pixel size: lesion diameters in mm).

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from ..inference import Ensemble, Segmenter
+from ..inference.backends import Ensemble, Segmenter
 
 
 class Cancelled(Exception):

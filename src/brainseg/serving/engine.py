@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import predictor, registry
 from ..config import DISPLAY_NAMES, PostprocessConfig
-from ..inference import Ensemble, Segmenter
-from ..predict import SliceResult, VolumeResult, segment_slice, segment_volume
-from ..registry import PrecisionUnavailable, Registry, RegistryError, file_version
-from ..volumes import Volume
+from ..inference import predictor, registry
+from ..inference.backends import Ensemble, Segmenter
+from ..inference.predict import SliceResult, VolumeResult, segment_slice, segment_volume
+from ..inference.registry import PrecisionUnavailable, Registry, RegistryError, file_version
+from ..io.volumes import Volume
 from .allocator import limit_arenas
 from .batching import BatchedBackend, MicroBatcher
 from .cancel import cancellable

@@ -15,23 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 from fastapi import Request, UploadFile
 
-from .. import measure
-from ..channels import describe_slice, describe_volume, parse_sequence
 from ..config import PRECISIONS
-from ..data import DataError
-from ..volumes import Volume, load_volume
-from .uploads import (
-    Limits,
-    Upload,
-    UploadError,
-    check_value_range,
-    classify,
-    clean_name,
-    decode_slice_channels,
-    kind_of,
-    memory_need,
-    read_volume_payloads,
-)
+from ..evaluation import measure
+from ..io.channels import describe_slice, describe_volume, parse_sequence
+from ..io.datasets import DataError
+from ..io.volumes import Volume, load_volume
+from .uploads import Limits, Upload, UploadError, check_value_range, classify, clean_name, decode_slice_channels, kind_of, memory_need, read_volume_payloads
 
 log = logging.getLogger("brainseg.serving")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..inference import window_for_volume
+from ..display.visualize import b64png, png_bytes, render  # noqa: F401  (render: the drawing itself lives with the other pictures)
+from ..inference.backends import window_for_volume
 from ..preprocessing import to_uint8
-from ..visualize import b64png, png_bytes, render  # noqa: F401  (render: the drawing itself lives with the other pictures)
 
 
 def mask_png(mask: np.ndarray) -> bytes:

@@ -101,7 +101,7 @@ class StoredResult:
 
     def nifti(self) -> bytes:
         """The mask as .nii.gz on the input's voxel grid and affine (volumes only)."""
-        from ..volumes import from_display, mask_to_volume, nifti_bytes
+        from ..io.volumes import from_display, mask_to_volume, nifti_bytes
 
         if self.affine is None:
             raise ValueError("only volume results have a NIfTI mask")

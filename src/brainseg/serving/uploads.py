@@ -10,7 +10,7 @@ TIFF, Pillow for PNG / JPEG, nibabel for NIfTI-1 and NIfTI-2. Only then is anyth
 without end is cut off) and its CRC is checked; multi-member gzip is read member by member.
 DICOM (a ``.zip`` of a series or study, or ``.dcm`` files) is bounded the same way: the zip's
 directory (sizes, member count, compression ratio) before inflating, the DICOM headers (voxels,
-decoded bytes) before any pixel data is decoded (see ``brainseg.dicom``).
+decoded bytes) before any pixel data is decoded (see ``brainseg.io.dicom``).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import dicom
-from ..channels import describe_volume, stored_channels
-from ..data import IMAGE_SUFFIXES, DataError, decode_slice, to_three_channels
-from ..volumes import is_nifti
+from ..io import dicom
+from ..io.channels import describe_volume, stored_channels
+from ..io.datasets import IMAGE_SUFFIXES, DataError, decode_slice, to_three_channels
+from ..io.volumes import is_nifti
 
 log = logging.getLogger("brainseg.serving")
 

@@ -1,4 +1,4 @@
-"""``POST /v1/compare``: a baseline and a follow-up study of one patient, both segmented, compared (``brainseg.compare``).
+"""``POST /v1/compare``: a baseline and a follow-up study of one patient, both segmented, compared (``brainseg.evaluation.compare``).
 
 Decision support, not a diagnosis: the answer says so in ``disclaimer``. Uploads are read, limited and
 decoded as ``POST /v1/segment`` reads a volume (``parsing``); the work runs in a worker thread holding a
@@ -17,9 +17,9 @@ from typing import Literal
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from pydantic import BaseModel, Field
 
-from ...compare import DISCLAIMER, RegistrationError, RegistrationUnavailable, compare_studies
-from ...registry import ENSEMBLE
-from ...report import compare_html
+from ...display.report import compare_html
+from ...evaluation.compare import DISCLAIMER, RegistrationError, RegistrationUnavailable, compare_studies
+from ...inference.registry import ENSEMBLE
 from ..answers import model_block
 from ..cancel import Cancelled
 from ..deps import Limiters, MemoryBudget, get_engine, get_limiters, get_limits, get_memory, get_settings

@@ -1,4 +1,4 @@
-"""``/v1/results/{rid}/report.html``, ``/sr.dcm`` and ``/sc.zip``: the reports of ``brainseg.report`` for a stored result.
+"""``/v1/results/{rid}/report.html``, ``/sr.dcm`` and ``/sc.zip``: the reports of ``brainseg.display.report`` for a stored result.
 
 Made on request from what the result store keeps (the answer, display slices, mask and, for DICOM input, the DICOM
 SEG), with the owner check of every result download (``results.get_results``: another API key's result is a 404).
@@ -15,7 +15,7 @@ import numpy as np
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
-from ... import report
+from ...display import report
 from ..answers import content_disposition
 from ..deps import MemoryBudget, get_memory
 from ..errors import RESPONSES, ErrorBody

@@ -15,8 +15,8 @@ import numpy as np
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import Response
 
-from ...review import heatmap, window_level
-from ...visualize import png_bytes
+from ...display.review import heatmap, window_level
+from ...display.visualize import png_bytes
 from ..answers import content_disposition
 from ..deps import MemoryBudget, get_memory, get_owner, get_settings, get_store
 from ..errors import RESPONSES
@@ -145,7 +145,7 @@ def display_affine_of(res: StoredResult, shape: tuple[int, int, int]) -> np.ndar
     ``Volume.display_affine`` makes it; a slice's (and an affine-less result's) is the identity."""
     if res.affine is None:
         return np.eye(4)
-    from ...volumes import display_affine, from_display, mask_to_volume
+    from ...io.volumes import display_affine, from_display, mask_to_volume
 
     shape_xyz = mask_to_volume(from_display(np.empty(shape, dtype=bool), res.orientation)).shape
     return display_affine(res.affine, shape_xyz, res.orientation)

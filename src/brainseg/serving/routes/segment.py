@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import anyio
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
-from ...inference import Ensemble, Segmenter
-from ...registry import ENSEMBLE, PrecisionUnavailable
+from ...inference.backends import Ensemble, Segmenter
+from ...inference.registry import ENSEMBLE, PrecisionUnavailable
 from ..allocator import trim
 from ..answers import ANSWER_IMAGES, SLICE_IMAGES, VOLUME_IMAGES, RunInfo, Timings, model_block, slice_answer, volume_answer
 from ..cancel import Cancelled

@@ -8,7 +8,7 @@ from fastapi.responses import RedirectResponse
 
 from ... import __version__
 from ...config import CHANNELS
-from ...registry import ENSEMBLE
+from ...inference.registry import ENSEMBLE
 from ..deps import MemoryBudget, get_engine, get_memory, get_store
 from ..engine import Engine, ModelUnavailable
 from ..errors import RESPONSES

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ExperimentConfig
-from .data import discover, labelled, read_image, write_bytes_atomic
-from .inference import ONNX_METADATA_KEY, int8_path
-from .preprocessing import apply_condition, preprocess_slice
+from ..config import ExperimentConfig
+from ..io.datasets import discover, labelled, read_image
+from ..io.files import write_bytes_atomic
+from ..preprocessing import apply_condition, preprocess_slice
+from .backends import ONNX_METADATA_KEY, int8_path
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def export_onnx(checkpoint: os.PathLike | str, out: os.PathLike | str, opset: in
     import onnx
     import torch
 
-    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from ..models.checkpoint import load_checkpoint, model_from_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt)

@@ -37,8 +37,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .config import Environment, PostprocessConfig
-from .data import write_json_atomic
+from ..config import Environment, PostprocessConfig
+from ..io.files import write_json_atomic
 
 REGISTRY = "registry.json"
 ENSEMBLE = "ensemble"

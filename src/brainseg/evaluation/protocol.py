@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
+from ..config import CONDITIONS, EVERY_CONDITION, SHIFT_CONDITIONS, PostprocessConfig
+from ..inference.backends import binarize_stack
+from ..io.datasets import Patient, load_patient
+from ..preprocessing import apply_condition, shift_condition, unzoom
 from . import metrics as M
-from .config import CONDITIONS, EVERY_CONDITION, SHIFT_CONDITIONS, PostprocessConfig
-from .data import Patient, load_patient
-from .inference import binarize_stack
-from .preprocessing import apply_condition, shift_condition, unzoom
 
 SIZE_EDGES = (100, 1000, 10000)  # lesion size bins, voxels at native resolution
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import CONDITIONS as _CONDITIONS
-from .config import SEQUENCES
+from ..config import CONDITIONS as _CONDITIONS
+from ..config import SEQUENCES
 
 # Sequences a grey image (or a single volume) may be; the value is how it is written for people.
 DEFAULT_SEQUENCE = "flair"

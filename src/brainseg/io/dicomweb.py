@@ -32,10 +32,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Environment
-from .data import DataError, write_json_atomic
+from ..config import Environment
+from .datasets import DataError
+from .files import write_json_atomic
 
-log = logging.getLogger("brainseg.dicomweb")
+log = logging.getLogger("brainseg.io.dicomweb")
 audit = logging.getLogger("brainseg.audit")
 
 STUDY_UID, SERIES_UID, MODALITY, SERIES_DESCRIPTION, INSTANCES = "0020000D", "0020000E", "00080060", "0008103E", "00201209"
@@ -167,8 +168,8 @@ class Node:
             return Outcome(tag, "known", known.get("reason", ""))
         if not mr:
             return self._skipped(tag, "no MR series", fingerprint, t0)
+        from ..inference.predict import model_version, segment_volume
         from .dicom import MAX_MEMBERS, DicomError, load_dicom, write_seg
-        from .predict import model_version, segment_volume
 
         instances = sum(int(_value(s, INSTANCES, 0) or 0) for s in mr)
         if instances > MAX_MEMBERS:

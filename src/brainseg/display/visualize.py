@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .preprocessing import clahe, to_uint8
+from ..preprocessing import clahe, to_uint8
 
 LESION_RGB = (255, 40, 40)
 
@@ -51,7 +51,7 @@ def b64png(img: np.ndarray) -> str:
 
 def save_png(path: os.PathLike | str, rgb_or_grey: np.ndarray) -> None:
     """Write a PNG atomically (RGB or grey uint8)."""
-    from .data import write_bytes_atomic
+    from ..io.files import write_bytes_atomic
 
     write_bytes_atomic(path, png_bytes(rgb_or_grey))
 
@@ -62,7 +62,7 @@ def save_figure(fig, path: os.PathLike | str) -> Path:
 
     import matplotlib.pyplot as plt
 
-    from .data import write_bytes_atomic
+    from ..io.files import write_bytes_atomic
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -78,8 +78,8 @@ def preprocessing_overview(ds, cfg, path: os.PathLike | str, n_samples: int = 3,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .data import read_pair
-    from .preprocessing import build_augmentation, prepare
+    from ..io.datasets import read_pair
+    from ..preprocessing import build_augmentation, prepare
 
     rng = np.random.default_rng(seed)
     slices = [s for p in ds.patients for s in p.slices]
@@ -99,7 +99,7 @@ def preprocessing_overview(ds, cfg, path: os.PathLike | str, n_samples: int = 3,
     cols = 5
     fig, axes = plt.subplots(len(chosen), cols, figsize=(cols * 2.4, len(chosen) * 2.5), dpi=90)
     axes = np.atleast_2d(axes)
-    from .preprocessing import resize_mask
+    from ..preprocessing import resize_mask
 
     for row, (s, img, m) in enumerate(chosen):
         prepped = prepare(img, cfg.preprocess)

@@ -17,7 +17,6 @@ import math
 import os
 import random
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import cv2
 import numpy as np
 import tifffile
 
-from .config import SPLIT_SEED, TEST_FRACTION, VAL_FRACTION
+from ..config import SPLIT_SEED, TEST_FRACTION, VAL_FRACTION
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 MASK_TAG = "_mask"
@@ -326,32 +325,6 @@ def split_patients(patient_ids: list[str], n_val: int | None = None, n_test: int
     ranked = [pid for _, _, pid in order]
     test, val, train = ranked[:n_test], ranked[n_test : n_test + n_val], ranked[n_test + n_val :]
     return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
-
-
-def write_json_atomic(path: os.PathLike | str, obj) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it into place."""
-    write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def write_text_atomic(path: os.PathLike | str, text: str) -> None:
-    """``write_bytes_atomic`` of ``text`` in UTF-8."""
-    write_bytes_atomic(path, text.encode())
-
-
-def write_bytes_atomic(path: os.PathLike | str, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path`` and rename it into place: a reader (or a
-    crash) never sees half a file. Every file the project writes goes through here."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_split(path: os.PathLike | str) -> dict[str, list[str]]:

@@ -53,8 +53,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .data import DataError
+from .. import __version__
+from .datasets import DataError
 from .volumes import Volume, canonicalize
 
 log = logging.getLogger(__name__)

@@ -23,16 +23,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import __version__
+from .. import __version__
+from ..config import CONDITIONS, SHIFT_CONDITIONS, ExperimentConfig
+from ..display.visualize import save_figure
+from ..evaluation.metrics import dice
+from ..io.files import write_json_atomic, write_text_atomic
+from ..models import build_model, count_parameters
+from ..models.blocks import inflate_2d
+from ..models.checkpoint import load_checkpoint, save_checkpoint
+from ..preprocessing import apply_condition, build_augmentation, context_stack, drop_sequences, normalize, per_slice, slabs
 from .cache import Cache
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import CONDITIONS, SHIFT_CONDITIONS, ExperimentConfig
-from .data import write_json_atomic, write_text_atomic
-from .metrics import dice
-from .models import build_model, count_parameters
-from .models.blocks import inflate_2d
-from .preprocessing import apply_condition, build_augmentation, context_stack, drop_sequences, normalize, per_slice, slabs
-from .visualize import save_figure
 
 log = logging.getLogger(__name__)
 

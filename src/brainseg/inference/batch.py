@@ -28,11 +28,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .data import DataError, write_bytes_atomic, write_json_atomic
+from ..io.datasets import DataError
+from ..io.files import write_bytes_atomic, write_json_atomic
+from ..io.volumes import brats_sequence, is_nifti, nifti_stem
 from .predict import JobFailed, _is_dicom_job, expand_inputs, failure_line, predict_job
-from .volumes import brats_sequence, is_nifti, nifti_stem
 
-log = logging.getLogger("brainseg.batch")
+log = logging.getLogger("brainseg.inference.batch")
 
 STATE_DIR = ".brainseg-batch"
 SUMMARY = "summary.csv"

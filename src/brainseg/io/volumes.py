@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from .channels import SEQUENCE_ALIASES, channel_condition
-from .data import DataError, write_bytes_atomic
+from .datasets import DataError
+from .files import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 

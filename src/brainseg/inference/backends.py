@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Environment, ExperimentConfig, PostprocessConfig
-from .metrics import remove_small_components
-from .preprocessing import context_indices, context_stack, intensity_window, normalize, prepare, preprocess_slice, restore_size, slabs, to_uint8
+from ..config import Environment, ExperimentConfig, PostprocessConfig
+from ..evaluation.metrics import remove_small_components
+from ..preprocessing import context_indices, context_stack, intensity_window, normalize, prepare, preprocess_slice, restore_size, slabs, to_uint8
 
 ONNX_METADATA_KEY = "brainseg_config"
 INT8_SUFFIX = ".int8.onnx"
@@ -110,7 +110,7 @@ class TorchBackend:
     def __init__(self, path: os.PathLike | str | None = None, checkpoint: dict | None = None, device: str | None = None):
         import torch
 
-        from .checkpoint import load_checkpoint, model_from_checkpoint
+        from ..models.checkpoint import load_checkpoint, model_from_checkpoint
 
         ckpt = checkpoint if checkpoint is not None else load_checkpoint(path)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

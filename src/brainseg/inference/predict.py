@@ -14,15 +14,16 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .channels import describe_slice, describe_volume, stored_channels
-from .config import PostprocessConfig
-from .data import IMAGE_SUFFIXES, MASK_TAG, DataError, read_slice, to_three_channels, write_bytes_atomic, write_json_atomic
-from .dicom import is_dicom_input, load_dicom_path, write_seg
-from .inference import binarize, binarize_stack, bounding_box, volume_to_uint8, window_for_volume
-from .measure import measure_components, plane_metric, rano_bm, spacing_metric
-from .metrics import connected_components
-from .visualize import display_channel, overlay, save_png
-from .volumes import SEQ_ORDER, Volume, brats_sequence, is_nifti, load_volume, save_mask_nifti
+from ..config import PostprocessConfig
+from ..display.visualize import display_channel, overlay, save_png
+from ..evaluation.measure import measure_components, plane_metric, rano_bm, spacing_metric
+from ..evaluation.metrics import connected_components
+from ..io.channels import describe_slice, describe_volume, stored_channels
+from ..io.datasets import IMAGE_SUFFIXES, MASK_TAG, DataError, read_slice, to_three_channels
+from ..io.dicom import is_dicom_input, load_dicom_path, write_seg
+from ..io.files import write_bytes_atomic, write_json_atomic
+from ..io.volumes import SEQ_ORDER, Volume, brats_sequence, is_nifti, load_volume, save_mask_nifti
+from .backends import binarize, binarize_stack, bounding_box, volume_to_uint8, window_for_volume
 
 # ---------------------------------------------------------------- lesion statistics
 
@@ -439,7 +440,7 @@ def _predict_volume(
         write_bytes_atomic(out / f"{vol.name}_seg.dcm", seg)
         written.append(out / f"{vol.name}_seg.dcm")
     if reports:
-        from .report import write_volume_reports
+        from ..display.report import write_volume_reports
 
         read_as["warnings"] = list(read_as.get("warnings", []))
         written += write_volume_reports(out, vol, res, stats, model_version(segmenter), seg, read_as["warnings"])
@@ -468,7 +469,7 @@ def _predict_slice(
     write_json_atomic(js, stats)
     written += [mp, op, js]
     if reports:
-        from .report import write_slice_report
+        from ..display.report import write_slice_report
 
         written += write_slice_report(out, f.stem, res, stats, model_version(segmenter))
     return read_as, stats

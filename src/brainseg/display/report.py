@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import __version__
+from .. import __version__
 from .visualize import b64png
 
 DISCLAIMER = "Decision support, not a diagnosis: research software; every finding must be checked by a radiologist."
@@ -322,7 +322,7 @@ def _input_lines(summary: dict, inp: dict) -> list[str]:
 def report_info(summary: dict, model_version: str | None = None, name: str | None = None) -> ReportInfo:
     """A ``ReportInfo`` from an API answer (``model`` a block, ``input`` a dict) or a CLI ``X_lesions.json``
     (``model`` a name, ``read_as`` a dict; ``model_version`` given by the caller)."""
-    from .config import DISPLAY_NAMES
+    from ..config import DISPLAY_NAMES
 
     model = summary.get("model")
     if not isinstance(model, dict):
@@ -479,8 +479,8 @@ def write_volume_reports(out, vol, res, stats: dict, model_version: str, seg: by
     are written atomically; an SR or secondary capture that cannot be written is a warning added to ``warnings``."""
     from pathlib import Path
 
-    from .data import write_bytes_atomic
-    from .volumes import display_orientation
+    from ..io.files import write_bytes_atomic
+    from ..io.volumes import display_orientation
 
     out, stem = Path(out), vol.name
     info = report_info(stats, model_version, name=stem)
@@ -507,8 +507,8 @@ def write_slice_report(out, stem: str, res, stats: dict, model_version: str) -> 
     """``X_report.html`` for one slice (a slice has no DICOM source: no SR, no secondary capture)."""
     from pathlib import Path
 
-    from .data import write_bytes_atomic
-    from .preprocessing import to_uint8
+    from ..io.files import write_bytes_atomic
+    from ..preprocessing import to_uint8
 
     path = Path(out) / f"{stem}_report.html"
     info = report_info(stats, model_version, name=stem)

@@ -39,10 +39,11 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from .data import DataError, write_json_atomic
+from ..io.datasets import DataError
+from ..io.files import write_json_atomic
+from ..io.volumes import Volume
 from .measure import plane_metric, rano_bm
 from .metrics import connected_components
-from .volumes import Volume
 
 DISCLAIMER = (
     "Decision support, not a diagnosis: lesions, matches and the response category are computed from a segmentation model's masks "
@@ -267,7 +268,7 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float | None:
 
 def lesions_of(mask: np.ndarray, vol: Volume, prob: np.ndarray | None = None) -> tuple[np.ndarray, list[dict]]:
     """(labels, rows): ``predict.lesion_table`` of a (Z, H, W) mask on ``vol``'s grid, and a label image whose value k is lesion id k."""
-    from .predict import lesion_table
+    from ..inference.predict import lesion_table
 
     rows = lesion_table(mask, voxel_volume_mm3=vol.voxel_volume_mm3, metric=plane_metric(vol.display_affine), prob=prob, slice_spacing_mm=vol.spacing[2])
     labels, n = connected_components(mask)
@@ -577,9 +578,9 @@ def compare_studies(
 
 def load_study(path: str) -> Volume:
     """One volume as ``brainseg predict`` reads it (a NIfTI file, a BraTS set or its folder, a DICOM folder or .zip); ``DataError`` otherwise."""
-    from .dicom import load_dicom_path
-    from .predict import _is_dicom_job, expand_inputs
-    from .volumes import is_nifti, load_volume
+    from ..inference.predict import _is_dicom_job, expand_inputs
+    from ..io.dicom import load_dicom_path
+    from ..io.volumes import is_nifti, load_volume
 
     jobs = expand_inputs([path])
     if len(jobs) != 1:
@@ -596,11 +597,11 @@ def compare_paths(baseline: str, followup: str, out: str | Path, segmenter, post
     """``brainseg compare``: read and segment both studies, compare them, write ``compare.json``, ``compare_report.html``
     (``report.compare_html``), ``compare.png`` and
     ``followup_mask_on_baseline.nii.gz`` (the registered follow-up mask on the baseline's grid and affine) into ``out``."""
-    from .data import write_text_atomic
-    from .predict import segment_volume
-    from .report import compare_html
-    from .visualize import save_png
-    from .volumes import save_mask_nifti
+    from ..display.report import compare_html
+    from ..display.visualize import save_png
+    from ..inference.predict import segment_volume
+    from ..io.files import write_text_atomic
+    from ..io.volumes import save_mask_nifti
 
     out = Path(out)
     studies = []

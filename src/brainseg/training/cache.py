@@ -33,9 +33,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .config import PreprocessConfig
-from .data import DataError, Dataset, discover, labelled, read_pair, read_split, write_json_atomic
-from .preprocessing import context_indices, prepare, resize_mask, skull_strip
+from ..config import PreprocessConfig
+from ..io.datasets import DataError, Dataset, discover, labelled, read_pair, read_split
+from ..io.files import write_json_atomic
+from ..preprocessing import context_indices, prepare, resize_mask, skull_strip
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def cache_matches(cache_dir: os.PathLike | str, ds_root: os.PathLike | str, prep
     files, sizes and modification times) with ``preprocess_cfg``; False for an incomplete,
     unreadable or older cache (without a fingerprint), or a dataset folder that cannot be read.
     """
-    from .config import _build
+    from ..config import _build
 
     if not cache_complete(cache_dir):
         return False
@@ -326,7 +327,7 @@ def load_cache(path: os.PathLike | str) -> Cache:
     if not index_file.is_file():
         raise DataError(path, "no preprocessed cache here (run `python preprocess.py` / `brainseg preprocess` first)")
     index = json.loads(index_file.read_text())
-    from .config import _build
+    from ..config import _build
 
     return Cache(
         images=np.load(path / "images.npy", mmap_mode="r"),

@@ -15,8 +15,9 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from . import inference, registry
-from .config import BACKENDS, PRECISIONS, Environment, PostprocessConfig
+from ..config import BACKENDS, PRECISIONS, Environment, PostprocessConfig
+from . import backends as inference
+from . import registry
 
 
 def requested_backend(backend: str | None = None) -> str:

@@ -58,7 +58,7 @@ def synthetic_slice(size: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndar
 
 def synthetic_png(size: int = 256, seed: int = 0) -> bytes:
     """The synthetic slice encoded as an RGB PNG (what an upload of it would contain)."""
-    from .visualize import png_bytes
+    from ..display.visualize import png_bytes
 
     image, _ = synthetic_slice(size, seed)
     return png_bytes(image)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ExperimentConfig
-from .data import write_bytes_atomic
-from .models import build_model
+from ..config import ExperimentConfig
+from ..io.files import write_bytes_atomic
+from . import build_model
 
 
 def save_checkpoint(path: os.PathLike | str, ckpt: dict) -> None:

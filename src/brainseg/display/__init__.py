@@ -1,0 +1,1 @@
+"""What a person looks at: overlays and figures, window / level, reports."""

@@ -1,0 +1,1 @@
+"""Measuring: metrics, per-lesion measurements, the evaluation protocol, follow-up comparison."""

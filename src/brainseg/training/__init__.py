@@ -1,0 +1,1 @@
+"""Training: the memory-mapped cache and the trainer."""
