@@ -366,3 +366,18 @@ def test_a_build_removes_temporaries_of_builds_that_died(tmp_path):
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_a_cache_serves_either_normalisation_but_not_other_arrays(tmp_path):
+    """The normalisation is applied when a row is read, so a z-score run reuses a [0, 1] run's cache
+    (it was rebuilt each time the two alternated); another size or CLAHE still needs its own."""
+    from dataclasses import replace
+
+    data = synthetic_dataset(tmp_path / "data", patients=3, slices=2, size=32)
+    cache = tmp_path / "cache"
+    assert main(["preprocess", "--data", str(data), "--cache", str(cache), *PRE]) == 0
+    built = CFG.preprocess
+    other = "zscore" if built.normalization == "minmax" else "minmax"
+    assert cache_matches(cache, data, replace(built, normalization=other))
+    assert not cache_matches(cache, data, replace(built, input_size=built.input_size * 2))
+    assert not cache_matches(cache, data, replace(built, clahe=not built.clahe))

@@ -15,7 +15,7 @@ from .evaluation.protocol import evaluate_conditions, markdown_table, predict_pa
 from .inference.registry import REGISTRY, ModelEntry, Registry, read, write_registry
 from .io.datasets import DataError, discover, labelled, read_split, split_patients
 from .io.files import write_json_atomic, write_text_atomic
-from .training.cache import build_cache, load_cache, reusable_split
+from .training.cache import build_cache, load_cache, reusable_split, same_arrays
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def train_models(
 
     cache = load_cache(cache_dir)
     split = read_split(Path(cache_dir) / "split.json")
-    if cache.preprocess != base.preprocess:
+    if not same_arrays(cache.preprocess, base.preprocess):
         raise ValueError(f"{cache_dir}: cache was built with {cache.preprocess}, but training asks for {base.preprocess}; rerun preprocess")
     ds = labelled(discover(data_root or cache.root))
     val_patients = [ds.patient(p) for p in split["val"]]

@@ -27,7 +27,7 @@ import signal
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +91,13 @@ def dataset_fingerprint(ds: Dataset) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def same_arrays(built: PreprocessConfig, wanted: PreprocessConfig) -> bool:
+    """Whether a cache built with ``built`` holds the arrays ``wanted`` needs. The normalisation is
+    applied when a row is read (``preprocessing.normalize``), not stored, so it may differ: a z-score
+    run and a [0, 1] run share one cache instead of rebuilding it for each other."""
+    return replace(built, normalization=wanted.normalization) == wanted
+
+
 def cache_complete(cache_dir: os.PathLike | str) -> bool:
     """True if the folder holds a whole cache: arrays, ``index.json`` and ``split.json``."""
     d = Path(cache_dir)
@@ -108,7 +115,7 @@ def cache_matches(cache_dir: os.PathLike | str, ds_root: os.PathLike | str, prep
         return False
     try:
         index = json.loads((Path(cache_dir) / "index.json").read_text())
-        if _build(PreprocessConfig, index["preprocess"]) != preprocess_cfg or not index.get("fingerprint"):
+        if not same_arrays(_build(PreprocessConfig, index["preprocess"]), preprocess_cfg) or not index.get("fingerprint"):
             return False
         return index["fingerprint"] == dataset_fingerprint(discover(ds_root))
     except (OSError, ValueError, KeyError, TypeError):  # DataError is a ValueError
