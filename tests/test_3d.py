@@ -205,3 +205,32 @@ def test_cli_refuses_dims_3_with_context(tmp_path):
     with pytest.raises(SystemExit, match="--dims 3"):
         main(["train", "--dims", "3", "--context", "1", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r")])
     assert replace(_cfg(), model=replace(_cfg().model, spatial_dims=3)).model.spatial_dims == 3
+
+
+def test_precise_batchnorm_is_the_average_of_the_training_batches_statistics(tiny_cache, tmp_path):
+    """``recompute_batchnorm`` replaces the running statistics by the plain average of the per-batch
+    statistics over the training draw it names, and leaves the weights alone; the trainer can run it
+    before each validation (``precise_bn_batches``)."""
+    from brainseg.training.trainer import EpochSamples, epoch_indices, recompute_batchnorm, sample_seeds
+
+    cache, split = load_cache(tiny_cache), read_split(tiny_cache / "split.json")
+    cfg = _cfg()
+    rows = cache.rows(split["train"])
+    ds = SliceDataset(cache, rows, cfg, augment=True)
+    positive = np.asarray([cache.masks[r].any() for r in rows])
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    _random_bn(model)
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    recompute_batchnorm(model, ds, positive, cfg, batches=3, draw=5)
+    # the same draw by hand: the first BatchNorm sees the first convolution's output
+    n = 3 * cfg.train.batch_size
+    samples = EpochSamples(ds, epoch_indices(positive, n, cfg.train.positive_fraction, cfg.train.seed * 1000 + 5), sample_seeds(cfg.train.seed, 5, n))
+    first_conv, first_bn = model.encoder[0][0], model.encoder[0][1]
+    with torch.no_grad():
+        means = [first_conv(torch.stack([samples[k][0] for k in range(b, b + 2)])).mean(dim=(0, 2, 3, 4)) for b in range(0, n, 2)]
+    assert torch.allclose(first_bn.running_mean, torch.stack(means).mean(0), atol=1e-5)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    assert not model.training
+    run = Trainer(replace(cfg, train=replace(cfg.train, precise_bn_batches=2)), cache, split, tmp_path / "run", progress=False).fit()
+    assert run["steps"] == 2

@@ -107,6 +107,7 @@ TRAIN_FLAGS = {
     "time_budget_s": ("time_budget", 1, "seconds: after epoch 2, fewer epochs if --epochs would not fit (0: off)"),
     "checkpoint_every_s": ("checkpoint_every", 60.0, "minutes between checkpoints within an epoch (0: epoch ends only)"),
     "patch_depth": ("patch_depth", 1, "3D (--dims 3): consecutive slices per training sample (odd)"),
+    "precise_bn_batches": ("precise_bn", 1, "before each validation, recompute BatchNorm statistics over this many training batches (0: off)"),
 }
 TRAIN_FIELDS_FIXED = ("weight_decay", "warmup_epochs", "val_every")
 # What ``--domain-shift`` switches on (the recipe of the models shipped for other hospitals' data).

@@ -179,6 +179,7 @@ class TrainConfig:
     time_budget_s: float = 0.0  # >0: after epoch 2, shorten ``epochs`` so training fits this many seconds
     checkpoint_every_s: float = 600.0  # >0: also write last.pt within an epoch this often, so a kill loses at most this
     patch_depth: int = 9  # 3D models: consecutive slices per training sample (odd; centred on the drawn slice)
+    precise_bn_batches: int = 0  # >0: before each validation, BatchNorm statistics recomputed over this many training batches
 
 
 @dataclass(frozen=True)

@@ -449,6 +449,8 @@ class Trainer:
                 "seconds": round(time.time() - t0, 1),
             }
             if self.epoch % self.cfg.train.val_every == 0 or self.step >= self.total_steps:
+                if self.cfg.train.precise_bn_batches:
+                    recompute_batchnorm(self.eval_model, self.train_set, self.positive, self.cfg, self.cfg.train.precise_bn_batches, 10_000 + self.epoch)
                 row.update(self.validation_step())
             else:
                 row["val_dice"] = float("nan")
@@ -463,6 +465,21 @@ class Trainer:
         if self.rank == 0 and not (self.out / "best.pt").is_file():
             save_checkpoint(self.out / "best.pt", self._ckpt(with_optimizer=False))
         return {"best_val_dice": self.best, "epochs": self.epoch, "steps": self.step}
+
+
+def recompute_batchnorm(model: torch.nn.Module, dataset: SliceDataset, positive: np.ndarray, cfg: ExperimentConfig, batches: int, draw: int) -> None:
+    """Precise BatchNorm (Wu and Johnson, "Rethinking 'Batch' in BatchNorm", 2021; SWA's ``update_bn``): the running
+    statistics recomputed as the plain average over ``batches`` training batches (the training draw and augmentation,
+    fixed by the run's seed and ``draw``) with the weights as they are. With a batch of two 3D patches the running
+    statistics (momentum 0.1) follow the last few steps, and the validation Dice swings with them."""
+    tc = cfg.train
+    n = batches * tc.batch_size
+    loader = torch.utils.data.DataLoader(
+        EpochSamples(dataset, epoch_indices(positive, n, tc.positive_fraction, tc.seed * 1000 + draw), sample_seeds(tc.seed, draw, n)),
+        batch_size=tc.batch_size,
+    )
+    device = next(model.parameters()).device
+    torch.optim.swa_utils.update_bn(loader, model, device)
 
 
 @torch.no_grad()
