@@ -23,6 +23,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from brainseg.cli import DOMAIN_SHIFT_PRESET
+
 # name: (model, overrides of augment / preprocess / train / model, budget factor)
 RUNS = {
     "att_base": ("attention_unet", {"missing_pre": 0.0, "missing_post": 0.0}, {}, {}, {}, 1.0),
@@ -39,6 +41,19 @@ RUNS = {
     "att_sd30_z_ft": ("attention_unet", {}, {"normalization": "zscore"}, {"init_from": "/tmp/abl/att_sd30_z/best.pt", "lr": 3e-4}, {}, 1.0),
     "upp_sd30_z_ft": ("unetpp", {}, {"normalization": "zscore"}, {"init_from": "/tmp/abl/upp_sd30_z/best.pt", "lr": 3e-4}, {}, 1.0),
     "upp_sd30_ds_z_ema": ("unetpp", {}, {"normalization": "zscore"}, {"ema_decay": 0.995}, {"deep_supervision": True}, 1.0),
+    # issue 15: each domain-shift augmentation alone, and together (cli.DOMAIN_SHIFT_PRESET), against att_sd30_z
+    **{f"att_z_{k}": ("attention_unet", {k: p}, {"normalization": "zscore"}, {}, {}, 1.0) for k, p in DOMAIN_SHIFT_PRESET.items()},
+    "att_z_ds": ("attention_unet", dict(DOMAIN_SHIFT_PRESET), {"normalization": "zscore"}, {}, {}, 1.0),
+    # issue 15: 2.5D and 3D at the same budget (3D: 8 patches of 9 slices, BatchNorm recomputed before validation)
+    "att_z_ds_ctx1": ("attention_unet", dict(DOMAIN_SHIFT_PRESET, context_dropout=0.2), {"normalization": "zscore"}, {}, {"context": 1, "in_channels": 9}, 1.0),
+    "att_z_ds_3d": (
+        "attention_unet",
+        dict(DOMAIN_SHIFT_PRESET),
+        {"normalization": "zscore"},
+        {"batch_size": 8, "patch_depth": 9, "precise_bn_batches": 20, "samples_per_epoch": 200},
+        {"spatial_dims": 3},
+        1.0,
+    ),
 }
 
 

@@ -1,0 +1,46 @@
+"""The GPU ablation runner's entries (scripts/gpu/train_ablations.py) build valid configurations: each
+domain-shift augmentation alone differs from the reference in that augmentation only, and the 2.5D / 3D
+entries build the networks they name."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from brainseg.cli import DOMAIN_SHIFT_PRESET
+from brainseg.models import build_model
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu" / "train_ablations.py"
+
+
+def _runner():
+    spec = importlib.util.spec_from_file_location("train_ablations", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_entry_builds_and_each_augmentation_alone_changes_only_itself():
+    mod = _runner()
+    ref = mod.run_config("att_sd30_z", 100, 0, 1)
+    for name in mod.RUNS:
+        cfg = mod.run_config(name, 100, 0, 1)
+        assert cfg.train.time_budget_s > 0
+    for key, p in DOMAIN_SHIFT_PRESET.items():
+        cfg = mod.run_config(f"att_z_{key}", 100, 0, 1)
+        assert getattr(cfg.augment, key) == p and getattr(ref.augment, key) == 0
+        assert [k for k in vars(cfg.augment) if getattr(cfg.augment, k) != getattr(ref.augment, k)] == [key]
+        assert cfg.preprocess == ref.preprocess and cfg.model == ref.model and cfg.train == ref.train
+
+
+def test_the_3d_and_25d_entries_build_their_networks():
+    mod = _runner()
+    three = mod.run_config("att_z_ds_3d", 100, 0, 1)
+    assert three.model.spatial_dims == 3 and three.train.patch_depth % 2 == 1 and three.train.precise_bn_batches > 0
+    with torch.no_grad():
+        assert build_model(three.model).eval()(torch.zeros(1, 3, 3, 32, 32)).shape == (1, 1, 3, 32, 32)
+    ctx = mod.run_config("att_z_ds_ctx1", 100, 0, 1)
+    with torch.no_grad():
+        assert build_model(ctx.model).eval()(torch.zeros(1, 9, 32, 32)).shape == (1, 1, 32, 32)
