@@ -27,7 +27,7 @@ from brainseg.io.datasets import read_split
 from brainseg.models import MODELS, build_model
 from brainseg.models.blocks import inflate_2d
 from brainseg.models.checkpoint import save_checkpoint
-from brainseg.preprocessing import slabs
+from brainseg.preprocessing import over_slabs, slabs
 from brainseg.training.cache import load_cache
 from brainseg.training.trainer import SliceDataset, Trainer, validation_scores
 
@@ -82,6 +82,10 @@ def test_slabs_tile_the_stack_with_margins():
             assert start == 0 or keep0 >= 8
             assert stop == n or stop - start - keep1 >= 8
         assert covered == list(range(n))
+        # stitched: each slice's row comes from a slab that keeps it, wherever the slab starts
+        np.testing.assert_array_equal(over_slabs(n, lambda a, b: np.arange(a, b)), np.arange(n))
+    skipped = over_slabs(100, lambda a, b: np.arange(a, b) + 1, wanted={70})
+    assert skipped[64:96].all() and not skipped[:64].any() and not skipped[96:].any()
 
 
 def test_training_samples_are_stacks_of_one_patients_slices_with_every_mask(tiny_cache):

@@ -226,6 +226,21 @@ def slabs(n: int, depth: int = 32, margin: int = 8) -> list[tuple[int, int, int,
     return out
 
 
+def over_slabs(n: int, run, wanted: set[int] | None = None) -> np.ndarray:
+    """``run(start, stop)`` (an array with one row per slice of [start, stop)) on each of ``slabs(n)``,
+    the kept rows stitched into one array of ``n`` rows. With ``wanted``, slabs that keep none of
+    those slices are not run (their rows stay zero); None when no slab runs."""
+    out = None
+    for start, stop, keep0, keep1 in slabs(n):
+        if wanted is not None and not wanted.intersection(range(start + keep0, start + keep1)):
+            continue
+        part = np.asarray(run(start, stop))[keep0:keep1]
+        if out is None:
+            out = np.zeros((n, *part.shape[1:]), part.dtype)
+        out[start + keep0 : start + keep1] = part
+    return out
+
+
 def context_stack(slices: list[np.ndarray]) -> np.ndarray:
     """(S, S, 3) uint8 slices (below to above) -> one (S, S, 3k) 2.5D input."""
     return slices[0] if len(slices) == 1 else np.concatenate(slices, axis=-1)

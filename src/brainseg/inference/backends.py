@@ -21,7 +21,7 @@ import numpy as np
 
 from ..config import Environment, ExperimentConfig, PostprocessConfig
 from ..evaluation.metrics import remove_small_components
-from ..preprocessing import context_indices, context_stack, intensity_window, normalize, prepare, preprocess_slice, restore_size, slabs, to_uint8
+from ..preprocessing import context_indices, context_stack, intensity_window, normalize, over_slabs, prepare, preprocess_slice, restore_size, to_uint8
 
 ONNX_METADATA_KEY = "brainseg_config"
 INT8_SUFFIX = ".int8.onnx"
@@ -213,34 +213,34 @@ class Segmenter:
         return out
 
     def _volume_probabilities(self, images, targets: list[int], tta: bool, window, stacked: bool, spread: list | None) -> list[np.ndarray]:
-        """A 3D model: the stack (3, Z, S, S) through the network in slabs (``preprocessing.slabs``:
+        """A 3D model: the stack (3, Z, S, S) through the network in slabs (``preprocessing.over_slabs``:
         bounded memory, each slab's cut edges discarded); a lone slice (``stacked=False``) is the
         slice repeated ``LONE_DEPTH`` times, the 3D model's fallback (as a volume's edge is repeated)."""
         cfg = self.config.preprocess
-        if not stacked:
-            out: list[np.ndarray] = []
-            for i in targets:
-                one = self._volume_probabilities([images[i]] * LONE_DEPTH, [LONE_DEPTH // 2], tta, window, True, spread)
-                out.extend(one)
-            return out
-        x = np.stack([preprocess_slice(images[i], cfg, window) for i in range(len(images))], axis=1)  # (3, Z, S, S)
-        prob = np.zeros((len(images), *x.shape[2:]), np.float32)
-        diff = np.zeros_like(prob) if tta and spread is not None else None
-        wanted = set(targets)
-        for start, stop, keep0, keep1 in slabs(len(images)):
-            if not wanted.intersection(range(start + keep0, start + keep1)):
-                continue
+        if stacked:
+            x = np.stack([preprocess_slice(image, cfg, window) for image in images], axis=1)
+            net = self._stack_probabilities(x, set(targets), tta)
+            rows = [net[i] for i in targets]
+        else:  # each lone slice prepared once, then repeated
+            mid = LONE_DEPTH // 2
+            rows = [
+                self._stack_probabilities(np.repeat(preprocess_slice(images[i], cfg, window)[:, None], LONE_DEPTH, axis=1), {mid}, tta)[mid] for i in targets
+            ]
+        if tta and spread is not None:
+            spread.extend(restore_size(r[1], images[i].shape[0], images[i].shape[1]) for i, r in zip(targets, rows, strict=True))
+        return [restore_size(r[0], images[i].shape[0], images[i].shape[1]) for i, r in zip(targets, rows, strict=True)]
+
+    def _stack_probabilities(self, x: np.ndarray, wanted: set[int], tta: bool) -> np.ndarray:
+        """(3, Z, S, S) network input -> (Z, 2, S, S): each slice's probability (with ``tta``, the mean with
+        the flipped input) and its TTA disagreement (zero without ``tta``), on the slabs that keep ``wanted``."""
+
+        def run(start: int, stop: int) -> np.ndarray:
             slab = np.ascontiguousarray(x[None, :, start:stop])
             p = _sigmoid(self.backend(slab))[0]
-            if tta:
-                f = _sigmoid(self.backend(np.ascontiguousarray(slab[..., ::-1])))[0, ..., ::-1]
-                if diff is not None:
-                    diff[start + keep0 : start + keep1] = np.abs(p - f)[keep0:keep1]
-                p = 0.5 * (p + f)
-            prob[start + keep0 : start + keep1] = p[keep0:keep1]
-        if diff is not None:
-            spread.extend(restore_size(diff[i], images[i].shape[0], images[i].shape[1]) for i in targets)
-        return [restore_size(prob[i], images[i].shape[0], images[i].shape[1]) for i in targets]
+            f = _sigmoid(self.backend(np.ascontiguousarray(slab[..., ::-1])))[0, ..., ::-1] if tta else p
+            return np.stack([0.5 * (p + f), np.abs(p - f)], axis=1)
+
+        return over_slabs(x.shape[1], run, wanted)
 
     def _inputs(self, images: list[np.ndarray], window: tuple | None, stacked: bool):
         """indices -> the network's input batch. Each slice is prepared (window, CLAHE, resize)

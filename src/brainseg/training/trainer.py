@@ -31,7 +31,7 @@ from ..io.files import write_json_atomic, write_text_atomic
 from ..models import build_model, count_parameters
 from ..models.blocks import inflate_2d
 from ..models.checkpoint import load_checkpoint, save_checkpoint
-from ..preprocessing import apply_condition, build_augmentation, context_stack, drop_sequences, normalize, per_slice, slabs
+from ..preprocessing import apply_condition, build_augmentation, context_stack, drop_sequences, normalize, over_slabs, per_slice
 from .cache import Cache
 
 log = logging.getLogger(__name__)
@@ -540,16 +540,14 @@ def _predict_slices(model, cache: Cache, rows, cfg: ExperimentConfig, device, in
 
 
 def _predict_volumes(model, cache: Cache, rows, cfg: ExperimentConfig, device, inputs, batch_size: int) -> dict[str, list]:
-    """{patient: [mask of each slice]}: the 3D network on each patient's stack, in slabs (``slabs``)."""
+    """{patient: [mask of each slice]}: the 3D network on each patient's stack, in slabs (``over_slabs``)."""
     by_patient: dict[str, list[int]] = {}
     for r in rows:
         by_patient.setdefault(cache.patients[r], []).append(int(r))
     preds: dict[str, list] = {}
     for pid, rs in by_patient.items():
         x = np.moveaxis(inputs(rs), 0, 1)  # (3, D, S, S)
-        logits = np.empty((len(rs), *x.shape[2:]), np.float32)
-        for start, stop, keep0, keep1 in slabs(len(rs)):
-            logits[start + keep0 : start + keep1] = _logits(model, x[None, :, start:stop], device)[0, keep0:keep1]
+        logits = over_slabs(len(rs), lambda start, stop, x=x: _logits(model, x[None, :, start:stop], device)[0])
         preds[pid] = list(logits >= 0)
     return preds
 
