@@ -25,6 +25,7 @@ patient. Slices and NIfTI volumes get the page only: an SR and a secondary captu
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import html
 import io
@@ -48,6 +49,25 @@ class ReportError(Exception):
 
 
 # ---------------------------------------------------------------- DICOM SR
+
+
+@contextlib.contextmanager
+def _written(what: str):
+    """Writing ``what`` with highdicom: any failure but MemoryError becomes a ReportError naming it
+    (highdicom's messages may quote header values, so they are not passed on)."""
+    try:
+        yield
+    except MemoryError:
+        raise
+    except Exception:
+        raise ReportError(f"{what} could not be written from this result's DICOM SEG") from None
+
+
+def _file_bytes(dataset) -> bytes:
+    """A pydicom dataset as DICOM file bytes."""
+    buf = io.BytesIO()
+    dataset.save_as(buf)
+    return buf.getvalue()
 
 
 def _dataset(seg) -> object:
@@ -177,7 +197,7 @@ def sr_bytes(
     targets = set((rano or {}).get("target_lesion_ids") or [])
     count = len(lesions) if lesion_count is None else int(lesion_count)
     number = int(seg.get("SeriesNumber") or 1000)
-    try:
+    with _written("the DICOM SR"):
         groups = [_lesion_group(r, seg, series_uid, targets, algorithm) for r in lesions[:MAX_SR_LESIONS]]
         report = hd.sr.MeasurementReport(
             observation_context=_observer(model_name, model_version),
@@ -194,13 +214,7 @@ def sr_bytes(
             manufacturer="brainseg",
             series_description="brainseg measurements; decision support, not a diagnosis"[:64],
         )
-        buf = io.BytesIO()
-        sr.save_as(buf)
-    except MemoryError:
-        raise
-    except Exception:  # highdicom's messages may quote header values: not passed on
-        raise ReportError("the DICOM SR could not be written from this result's DICOM SEG") from None
-    return buf.getvalue()
+        return _file_bytes(sr)
 
 
 # ---------------------------------------------------------------- secondary capture
@@ -228,7 +242,7 @@ def _sc_file(seg, rgb: np.ndarray, series: tuple[str, int], instance: int, orien
     """One Secondary Capture image of ``rgb`` in ``seg``'s patient and study, in ``series`` (uid, number), as file bytes."""
     import highdicom as hd
 
-    try:
+    with _written("the secondary capture"):
         image = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=seg,
             pixel_array=np.ascontiguousarray(rgb),
@@ -246,13 +260,7 @@ def _sc_file(seg, rgb: np.ndarray, series: tuple[str, int], instance: int, orien
         image.SeriesDescription = "brainseg lesion overlay; not a diagnosis"
         image.ImageComments = comment[:10240]
         image.BurnedInAnnotation = "NO"  # the burned-in text names no one
-        buf = io.BytesIO()
-        image.save_as(buf)
-    except MemoryError:
-        raise
-    except Exception:  # highdicom's messages may quote header values: not passed on
-        raise ReportError("the secondary capture could not be written from this result's DICOM SEG") from None
-    return buf.getvalue()
+        return _file_bytes(image)
 
 
 def secondary_capture_series(seg, display, mask, model_name: str, model_version: str, orientation: dict | None = None, alpha: float = 0.4) -> list[bytes]:
