@@ -1,11 +1,11 @@
 """The one loader: a model name (or a checkpoint / ONNX path), a precision and a backend -> a ready
-``inference.Segmenter`` (or ``Ensemble``) with its post-processing.
+``backends.Segmenter`` (or ``Ensemble``) with its post-processing.
 
 Every entry point loads models here: the CLI (``brainseg predict``, ``evaluate``, ``compare``,
 ``batch``), the server (``serving.engine.Engine``), the scripts and the tests, so all follow one
 backend rule (``pick_backend``), one precision rule (``choose_file``, ``served_precision``) and one
 version rule (``weights_version``).
-``registry`` is the schema and the reader it uses; ``inference`` the networks it builds. Neither
+``registry`` is the schema and the reader it uses; ``backends`` the networks it builds. Neither
 imports this module (tests/test_layers.py checks that no module imports upward). No torch import here.
 """
 
@@ -16,8 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..config import BACKENDS, PRECISIONS, Environment, PostprocessConfig
-from . import backends as inference
-from . import registry
+from . import backends, registry
 
 
 def requested_backend(backend: str | None = None) -> str:
@@ -39,7 +38,7 @@ def pick_backend(has_onnx: bool, has_checkpoint: bool, backend: str | None = Non
     """The backend rule, for every entry point (CLI, scripts, server), ``onnx`` or ``torch``:
 
     - ``auto`` (the default): ONNX Runtime on the CPU when the model's ``.onnx`` file is there and
-      no CUDA GPU is present (``inference.gpu_present``; no torch import); PyTorch when a GPU is
+      no CUDA GPU is present (``backends.gpu_present``; no torch import); PyTorch when a GPU is
       present and the checkpoint is there, or when there is no ``.onnx`` file;
     - ``onnx`` / ``torch``: that one (the caller reports a missing file);
     - ``backend=None`` reads ``$BRAINSEG_BACKEND`` (the server passes its setting of the same name,
@@ -48,7 +47,7 @@ def pick_backend(has_onnx: bool, has_checkpoint: bool, backend: str | None = Non
     """
     want = requested_backend(backend)
     if want == "auto":
-        want = "torch" if has_checkpoint and (not has_onnx or inference.gpu_present()) else "onnx"
+        want = "torch" if has_checkpoint and (not has_onnx or backends.gpu_present()) else "onnx"
     return want
 
 
@@ -91,12 +90,12 @@ def load_member(
     reg: registry.Registry, name: str, backend: str | None = None, precision: str = "fp32", threads: int = 0, spinning: bool = True, device: str | None = None
 ):
     """One registered model, loaded (a ``Segmenter``; ``threads`` / ``spinning`` / ``device``: ONNX Runtime's, see
-    ``inference.OnnxBackend``). FileNotFoundError when its file is missing."""
+    ``backends.OnnxBackend``). FileNotFoundError when its file is missing."""
     path, kind = choose_file(reg, name, backend, precision)
     if path is None:
         key = "onnx_int8" if precision == "int8" else ("onnx" if kind == "onnx" else "checkpoint")
         raise FileNotFoundError(f"model {name!r}: its {key} file is not in {reg.directory} (backend {requested_backend(backend)})")
-    seg = inference.load_backend(path, kind, name, threads=threads, spinning=spinning, device=device)
+    seg = backends.load_backend(path, kind, name, threads=threads, spinning=spinning, device=device)
     if precision == "int8" and seg.precision != "int8":
         seg.backend.precision = "int8"  # registered as INT8; a file quantised by other tools carries no marker
     return seg
@@ -125,10 +124,10 @@ def load(
         return load_segmenter(checkpoint, backend=backend)
     reg = registry.read(model_dir)
     members = [load_member(reg, n, backend, precision, threads) for n in reg.resolve(name)]
-    return inference.Ensemble(members) if name == registry.ENSEMBLE else members[0]
+    return backends.Ensemble(members) if name == registry.ENSEMBLE else members[0]
 
 
-def load_segmenter(path: os.PathLike | str, name: str | None = None, prefer_onnx: bool = True, *, backend: str | None = None) -> inference.Segmenter:
+def load_segmenter(path: os.PathLike | str, name: str | None = None, prefer_onnx: bool = True, *, backend: str | None = None) -> backends.Segmenter:
     """Load a ``.pt`` checkpoint or ``.onnx`` file.
 
     A ``.pt`` with an ``.onnx`` beside it follows the backend rule of ``pick_backend``
@@ -139,15 +138,15 @@ def load_segmenter(path: os.PathLike | str, name: str | None = None, prefer_onnx
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model file not found")
     if path.suffix == ".onnx":
-        return inference.load_backend(path, "onnx", name)
+        return backends.load_backend(path, "onnx", name)
     onnx_path = path.with_suffix(".onnx")
     kind = pick_backend(onnx_path.is_file(), True, backend if prefer_onnx else "torch")
-    return inference.load_backend(onnx_path if kind == "onnx" else path, kind, name)
+    return backends.load_backend(onnx_path if kind == "onnx" else path, kind, name)
 
 
 def _int8_file(checkpoint: os.PathLike | str) -> Path:
     """``X.pt`` / ``X.onnx`` -> the ``X.int8.onnx`` beside it; FileNotFoundError saying how to make it."""
-    path = inference.int8_path(checkpoint)
+    path = backends.int8_path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no INT8 model beside {checkpoint}; make it with `brainseg export --checkpoint {checkpoint} --int8`")
     return path
