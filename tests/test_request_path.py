@@ -15,7 +15,7 @@ import pytest
 from conftest import start_api, stop
 from helpers import make_client, nifti, segment, tiff
 
-from brainseg.io.synthetic import synthetic_slice
+from brainseg.io.synthetic import synthetic_png, synthetic_slice
 from brainseg.serving import answers
 from brainseg.serving.store import ResultStore, StoredResult
 
@@ -202,14 +202,17 @@ def test_the_allocator_is_bounded_at_start_and_trimmed_after_volumes(tiny_model_
     from brainseg.serving import allocator, engine
     from brainseg.serving.routes import segment as route
 
-    arenas, trims = [], []
+    arenas, kept, trims = [], [], []
     monkeypatch.setattr(engine, "limit_arenas", arenas.append)
+    monkeypatch.setattr(engine, "keep_freed", kept.append)
     monkeypatch.setattr(route, "trim", lambda: trims.append(1) or True)
-    with make_client(tiny_model_dir, malloc_arenas=3) as c:
-        assert arenas[-1] == 3  # (importing the api module makes its default app first)
-        assert segment(c, ("s.tif", slice_tiff())).status_code == 200 and trims == []  # slices: nothing to give back
+    with make_client(tiny_model_dir, malloc_arenas=3, malloc_keep_mb=64, inline_png_max_pixels=64 * 64) as c:
+        assert arenas[-1] == 3 and kept[-1] == 64  # (importing the api module makes its default app first)
+        assert segment(c, ("s.tif", slice_tiff())).status_code == 200 and trims == []  # a small slice: its buffers are reused
         assert segment(c, ("v.nii.gz", volume_nifti())).status_code == 200 and trims == [1]
+        assert segment(c, ("big.png", synthetic_png(size=96))).status_code == 200 and trims == [1, 1]  # above the inline size
     if allocator._LIBC is None:
-        pytest.skip("not glibc: limit_arenas and trim do nothing here")
+        pytest.skip("not glibc: limit_arenas, keep_freed and trim do nothing here")
     assert allocator.limit_arenas(2) is True and allocator.limit_arenas(0) is False
+    assert allocator.keep_freed(256) is True and allocator.keep_freed(0) is False
     assert isinstance(allocator.trim(), bool)

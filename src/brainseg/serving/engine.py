@@ -29,7 +29,7 @@ from ..inference.backends import Ensemble, Segmenter
 from ..inference.predict import SliceResult, VolumeResult, segment_slice, segment_volume
 from ..inference.registry import PrecisionUnavailable, Registry, RegistryError, file_version
 from ..io.volumes import Volume
-from .allocator import limit_arenas
+from .allocator import keep_freed, limit_arenas
 from .batching import BatchedBackend, MicroBatcher
 from .cancel import cancellable
 from .settings import Settings
@@ -54,6 +54,7 @@ class Engine:
         self._registry_mtime: float | None = None
         s = self.settings
         limit_arenas(s.malloc_arenas)  # before the worker threads exist: see allocator.py
+        keep_freed(s.malloc_keep_mb)
         self.batcher = MicroBatcher(s.batch_size, s.batch_wait_ms / 1000, max_pending=4 * s.batch_size) if s.batch_size > 1 else None
         self.wrap_backend = None  # (backend, name, precision) -> backend, applied to each model loaded (metrics.install_metrics times them)
 

@@ -77,6 +77,11 @@ BRAINSEG_ONNX_DEVICE        auto: ONNX Runtime's TensorRT / CUDA         auto
 BRAINSEG_MALLOC_ARENAS      glibc malloc arenas at most (0: glibc's      2
                             default, 8 per core): fewer keep less freed
                             memory; see serving/allocator.py
+BRAINSEG_MALLOC_KEEP_MB     freed blocks under this size stay in the     256
+                            heap for the next request instead of being
+                            unmapped (0: glibc's default); memory is
+                            still handed back after each volume or
+                            large slice; see serving/allocator.py
 BRAINSEG_BATCH_SIZE         slices of concurrent requests run through    16
                             the network together, at most (1: no
                             micro-batching)
@@ -135,6 +140,7 @@ class Settings(Environment):
     onnx_threads: int = Field(0, ge=0)
     onnx_spinning: bool = False
     malloc_arenas: int = Field(2, ge=0)
+    malloc_keep_mb: int = Field(256, ge=0)
     batch_size: int = Field(16, ge=1)
     batch_wait_ms: float = Field(5.0, ge=0, le=1000)
     preload: bool = True
