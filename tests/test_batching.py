@@ -123,6 +123,40 @@ def test_batcher_keeps_keys_apart_and_rows_in_order():
     assert sorted(calls) == [("a", 3), ("b", 3)], calls  # one run per key, no key mixed with another
 
 
+def test_a_lone_submitter_runs_its_input_itself_and_batches_never_overlap():
+    """Nothing queued, running or announced: the submitter's own thread runs it (no hand-off to the dispatcher).
+    With company, inputs go to the dispatcher; inline or not, one batch runs at a time."""
+    running, most, threads_seen, lock = [0], [0], [], threading.Lock()
+
+    def run(x):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            threads_seen.append(threading.current_thread().name)
+        threading.Event().wait(0.02)
+        with lock:
+            running[0] -= 1
+        return x[:, 0] + 1
+
+    batcher = MicroBatcher(max_rows=4, wait_s=0.005)
+    with batcher.expecting():
+        out = batcher.submit(("k",), run, np.zeros((1, 3, 2, 2), np.float32))
+    assert out[0, 0, 0] == 1 and threads_seen == [threading.current_thread().name] and batcher.inline == 1
+
+    def client(i):
+        x = np.full((1, 3, 2, 2), float(i), np.float32)
+        with batcher.expecting():
+            return batcher.submit(("k",), run, x)  # no barrier: some run alone, some are batched
+
+    with ThreadPoolExecutor(6) as pool:
+        outs = list(pool.map(client, range(24)))
+    batcher.close()
+    assert all(o.shape == (1, 2, 2) and np.all(o == i + 1) for i, o in enumerate(outs))
+    assert most[0] == 1, "two batches ran at once"
+    assert "brainseg-batcher" in threads_seen, "concurrent inputs were handed to the dispatcher"
+    assert batcher.rows == 25 and batcher.batches < 25
+
+
 def test_batcher_splits_at_max_rows_and_passes_errors_to_every_waiter():
     batcher = MicroBatcher(max_rows=2, wait_s=0.0)
     out = batcher.submit(("k",), lambda x: x[:, 0], np.zeros((3, 3, 2, 2), np.float32))  # one request above max_rows still runs

@@ -5,7 +5,9 @@ Each request thread preprocesses its own slice, then hands the network input to 
 (``wait_s``, a few ms) for more inputs with the same key (model, precision, TTA), runs them as one
 batch of at most ``max_rows`` rows and hands each request its rows of the output. The window is
 only waited while more requests are on their way (``expecting``): a lone client is not slowed.
-The queue is bounded (``max_pending`` rows): a submitter waits for room.
+When nothing is queued, running or on its way, the submitter runs its input itself, in its own
+thread: a lone client's slice does not pay two thread hand-offs. Either way one batch runs at a
+time. The queue is bounded (``max_pending`` rows): a submitter waits for room.
 
 ``BatchedBackend`` puts this behind the backend interface (``(B, 3, S, S) -> (B, S, S)``), so
 ``Segmenter.probabilities`` (preprocessing, TTA, resizing back) is the same code with or without it.
@@ -47,8 +49,10 @@ class MicroBatcher:
         self._local = threading.local()
         self._cond = threading.Condition()
         self._closed = False
+        self._running = False  # a batch is running (on the dispatcher, or inline in a submitter)
         self.batches = 0  # batches run, and rows in them (for tests and logs)
         self.rows = 0
+        self.inline = 0  # of them, run by a lone submitter in its own thread
         self._thread = threading.Thread(target=self._loop, name="brainseg-batcher", daemon=True)
         self._thread.start()
 
@@ -78,10 +82,18 @@ class MicroBatcher:
             if getattr(self._local, "announced", False):
                 self._expected -= 1
                 self._local.announced = False
-            self._queues.setdefault(key, deque()).append(job)
-            self._pending += len(x)
-            self._cond.notify_all()
-        job.done.wait()
+            alone = not self._running and not self._pending and not self._expected
+            if alone:  # nobody to batch with: run it here
+                self._running = True
+            else:
+                self._queues.setdefault(key, deque()).append(job)
+                self._pending += len(x)
+                self._cond.notify_all()
+        if alone:
+            self.inline += 1
+            self._run([job])
+        else:
+            job.done.wait()
         if job.error is not None:
             raise job.error
         return job.out
@@ -98,8 +110,8 @@ class MicroBatcher:
 
     def _next_batch(self) -> list[_Job] | None:
         """Under the lock: wait for work, then for the window, and take one batch (None when closed)."""
-        while not any(self._queues.values()):
-            if self._closed:
+        while self._running or not any(self._queues.values()):
+            if self._closed and not any(self._queues.values()):
                 return None
             self._cond.wait()
         key = min((k for k, q in self._queues.items() if q), key=lambda k: self._queues[k][0].arrived)
@@ -114,6 +126,7 @@ class MicroBatcher:
             jobs.append(queue.popleft())
             rows += len(jobs[-1].x)
         self._pending -= rows
+        self._running = True
         self._cond.notify_all()  # room for waiting submitters
         return jobs
 
@@ -139,6 +152,9 @@ class MicroBatcher:
             for j in jobs:
                 j.error = exc
         finally:
+            with self._cond:
+                self._running = False
+                self._cond.notify_all()
             for j in jobs:
                 j.done.set()
 
