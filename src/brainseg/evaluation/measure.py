@@ -89,18 +89,20 @@ def outline(mask2d: np.ndarray) -> np.ndarray:
     return hull.reshape(-1, 2).astype(float)
 
 
-def _chord_through(a: np.ndarray, b: np.ndarray, at: float) -> tuple[float, float] | None:
-    """Where the line ``a == at`` crosses a convex polygon with vertex coordinates (a, b): the (low, high) b, or None."""
+def _chords_through(a: np.ndarray, b: np.ndarray, at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each line ``a == at[m]`` crosses a convex polygon with vertex coordinates (a, b): (low, high) b per
+    line, (inf, -inf) where it misses. All lines at once: one (M, K) array, not a loop over the vertices."""
     a2, b2 = np.roll(a, -1), np.roll(b, -1)
-    lo_a, hi_a = np.minimum(a, a2), np.maximum(a, a2)
-    crossing = (lo_a <= at) & (at <= hi_a)
-    if not crossing.any():
-        return None
+    at = np.asarray(at, float)[:, None]
+    crossing = (np.minimum(a, a2) <= at) & (at <= np.maximum(a, a2))
     da = a2 - a
     flat = np.abs(da) < 1e-12
     t = np.where(flat, 0.0, (at - a) / np.where(flat, 1.0, da))
-    hits = np.concatenate([(b + t * (b2 - b))[crossing], b2[crossing & flat]])
-    return float(hits.min()), float(hits.max())
+    hits = b + t * (b2 - b)
+    on_flat = crossing & flat  # an edge along the line: both its ends are on the chord
+    low = np.minimum(np.where(crossing, hits, np.inf).min(axis=1), np.where(on_flat, b2, np.inf).min(axis=1))
+    high = np.maximum(np.where(crossing, hits, -np.inf).max(axis=1), np.where(on_flat, b2, -np.inf).max(axis=1))
+    return low, high
 
 
 def diameters(mask2d: np.ndarray, metric: np.ndarray) -> Diameters:
@@ -121,10 +123,12 @@ def diameters(mask2d: np.ndarray, metric: np.ndarray) -> Diameters:
     n = np.array([-u[1], u[0]])
     a, b = mm @ u, mm @ n
     best, best_ends = 0.0, None
-    for at in np.unique(a):  # the longest chord of a convex polygon in one direction passes through a vertex
-        span = _chord_through(a, b, at)
-        if span is not None and span[1] - span[0] > best:
-            best, best_ends = span[1] - span[0], (at * u + span[0] * n, at * u + span[1] * n)
+    ats = np.unique(a)  # the longest chord of a convex polygon in one direction passes through a vertex
+    low, high = _chords_through(a, b, ats)
+    spans = np.where(np.isfinite(low), high - low, -np.inf)
+    k = int(np.argmax(spans))  # the first of the longest, as a scan in order of ``a`` finds it
+    if spans[k] > 0.0:
+        best, best_ends = float(spans[k]), (ats[k] * u + low[k] * n, ats[k] * u + high[k] * n)
     perp_ends = (np.stack(best_ends) if best_ends is not None else np.stack([mm[i], mm[i]])) @ inv.T
     return Diameters(longest, float(best), np.stack([hull[i], hull[j]]), perp_ends)
 
