@@ -19,6 +19,7 @@ import gzip
 import logging
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,17 +179,23 @@ def _load_nifti(data: bytes | None, path: os.PathLike | str):
     return img, arr
 
 
-def _to_slices(channels: list[np.ndarray]) -> np.ndarray:
-    """Three (X, Y, Z) arrays (any real type) -> (Z, Y, X, 3) float32 display-oriented slices.
+def _to_slices(channels: list[np.ndarray], img) -> tuple[np.ndarray, np.ndarray]:
+    """Three (X, Y, Z) arrays (any real type) of a file with ``img``'s affine -> ((Z', H, W, 3) float32 slices in the
+    display orientation, the orientation the file stores them in).
 
-    Slice k of channel c is ``rot90(arr[:, :, k])``, i.e. ``out[k, i, j, c] = arr[j, Y - 1 - i, k]``:
-    one strided copy (and conversion to float32) per channel.
+    Slice k of channel c as stored is ``rot90(arr[:, :, k])``, i.e. ``stored[k, i, j, c] = arr[j, Y - 1 - i, k]``
+    (``stored_slices_affine``); the orientation transform from the affine (``canonicalize``) is applied to that
+    view, so each channel is copied (and converted to float32) once, straight into the display orientation.
     """
+    from nibabel.orientations import apply_orientation, io_orientation
+
     x, y, z = channels[0].shape
-    out = np.empty((z, y, x, 3), np.float32)
-    for c, arr in enumerate(channels):
-        out[..., c] = np.transpose(arr[:, ::-1, :], (2, 1, 0))
-    return out
+    ornt = io_orientation(stored_slices_affine(np.asarray(img.affine, np.float64), (x, y, z)))
+    views = [apply_orientation(np.transpose(arr[:, ::-1, :], (2, 1, 0)), _transform(ornt)) for arr in channels]
+    out = np.empty(views[0].shape + (3,), np.float32)
+    for c, view in enumerate(views):
+        out[..., c] = view
+    return out, ornt
 
 
 def load_volume(files: list[os.PathLike | str] | dict[str, bytes], name: str | None = None) -> Volume:
@@ -201,13 +208,12 @@ def load_volume(files: list[os.PathLike | str] | dict[str, bytes], name: str | N
     if not items:
         raise DataError(name or "volume", "no NIfTI file given")
     read = _one_nifti(*items[0]) if len(items) == 1 else _brats_set(items)
-    z, y, x = read.slices.shape[:3]
     stem = name or (brats_sequence(read.sources[0])[0] if read.present else nifti_stem(read.sources[0]))
     vol = Volume(
         read.slices,
         np.asarray(read.img.affine, dtype=np.float64),
         tuple(float(v) for v in read.img.header.get_zooms()[:3]),
-        (x, y, z),
+        read.shape,
         stem,
         read.sources,
         condition=read.condition,
@@ -215,8 +221,10 @@ def load_volume(files: list[os.PathLike | str] | dict[str, bytes], name: str | N
         name_sequence=read.name_sequence,
         present=read.present,
         notes=tuple(read.notes),
+        stored_orientation=read.orientation,
     )
-    return canonicalize(vol)
+    vol.spacing = _display_spacing(vol)  # the slices are in the display orientation already (``_to_slices``)
+    return vol
 
 
 @dataclass
@@ -224,7 +232,9 @@ class _Read:
     """What ``load_volume`` read, before it becomes a ``Volume``: the slices, the image whose grid they are on, how
     many sequences were given and what the model gets (``condition``), the files, a BraTS set's sequences."""
 
-    slices: np.ndarray
+    slices: np.ndarray  # display orientation (``_to_slices``)
+    orientation: np.ndarray  # how the file stores them
+    shape: tuple[int, int, int]  # the file's (X, Y, Z)
     img: object  # nibabel image: affine and zooms
     given: int
     condition: str
@@ -241,10 +251,11 @@ def _one_nifti(fname: str, data: bytes | None) -> _Read:
         arr = arr.reshape(_squeeze_shape(arr.shape))
     if arr.ndim == 3:
         tag = brats_sequence(fname)
-        return _Read(_to_slices([arr, arr, arr]), img, 1, "flair_only", SEQUENCE_ALIASES.get(tag[1], tag[1]) if tag else None, (fname,))
+        slices, ornt = _to_slices([arr, arr, arr], img)
+        return _Read(slices, ornt, arr.shape, img, 1, "flair_only", SEQUENCE_ALIASES.get(tag[1], tag[1]) if tag else None, (fname,))
     if arr.ndim == 4 and arr.shape[3] == 3:
-        slices = _to_slices([arr[..., c] for c in range(3)])
-        return _Read(slices, img, 3, channel_condition(slices), None, (fname,))
+        slices, ornt = _to_slices([arr[..., c] for c in range(3)], img)
+        return _Read(slices, ornt, arr.shape[:3], img, 3, channel_condition(slices), None, (fname,))
     raise DataError(fname, f"expected a 3-D volume or a 4-D volume with 3 channels (pre-contrast, FLAIR, post-contrast), got shape {arr.shape}")
 
 
@@ -273,7 +284,9 @@ def _brats_set(items: list[tuple[str, bytes | None]]) -> _Read:
     by_seq = _set_members(items)
     present = tuple(s for s in BRATS_CHANNELS if s in by_seq)
     notes = [f"{s} not used (the models take pre-contrast T1, FLAIR and post-contrast T1)" for s in sorted(by_seq) if s not in BRATS_CHANNELS]
-    loaded = {seq: _load_nifti(by_seq[seq][1], by_seq[seq][0]) for seq in present}
+    with ThreadPoolExecutor(max_workers=len(present)) as pool:  # gunzip releases the GIL: the files inflate side by side
+        reads = [pool.submit(_load_nifti, by_seq[seq][1], by_seq[seq][0]) for seq in present]
+        loaded = {seq: read.result() for seq, read in zip(present, reads, strict=True)}  # the first bad file in channel order raises
     ref_name, ref_shape = by_seq["t2f"][0], loaded["t2f"][1].shape
     for seq in present:
         fname, arr = by_seq[seq][0], loaded[seq][1]
@@ -284,19 +297,19 @@ def _brats_set(items: list[tuple[str, bytes | None]]) -> _Read:
             raise DataError(fname, f"expected a 3-D volume, got shape {arr.shape}")
         if arr.shape != ref_shape:
             raise DataError(fname, f"shape {arr.shape} differs from {ref_name} {ref_shape}")
-    slices = _to_slices([loaded.get(seq, loaded["t2f"])[1] for seq in BRATS_CHANNELS])
+    img = loaded[present[0]][0]  # the first file of the set gives the grid (t1n when present, as before)
+    slices, ornt = _to_slices([loaded.get(seq, loaded["t2f"])[1] for seq in BRATS_CHANNELS], img)
     has_pre, has_post = "t1n" in present, "t1c" in present
     condition = "all" if has_pre and has_post else "pre_missing" if has_post else "post_missing" if has_pre else "flair_only"
-    img = loaded[present[0]][0]  # the first file of the set gives the grid (t1n when present, as before)
     sources = tuple(by_seq[s][0] for s in present)
-    return _Read(slices, img, len(present), condition, "flair" if condition == "flair_only" else None, sources, present, notes)
+    return _Read(slices, ornt, ref_shape, img, len(present), condition, "flair" if condition == "flair_only" else None, sources, present, notes)
 
 
 # ---------------------------------------------------------------- orientation from the file
 
 
 def stored_slices_affine(affine: np.ndarray, shape_xyz: tuple[int, int, int]) -> np.ndarray:
-    """Affine of the slices as ``_to_slices`` lays them out from the file: (k, i, j) = (z, Y - 1 - y, x)."""
+    """Affine of the slices as the file stores them, before the display orientation: (k, i, j) = (z, Y - 1 - y, x)."""
     y = shape_xyz[1]
     to_file = np.array([[0, 0, 1, 0], [0, -1, 0, y - 1], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
     return np.asarray(affine, np.float64) @ to_file
@@ -357,9 +370,14 @@ def canonicalize(vol: Volume) -> Volume:
     ornt = io_orientation(stored)
     vol.slices = to_display(vol.slices, ornt)
     vol.stored_orientation = ornt
-    zooms = np.sqrt((vol.display_affine[:3, :3] ** 2).sum(axis=0))  # along (slice, row, column)
-    vol.spacing = (float(zooms[2]), float(zooms[1]), float(zooms[0]))
+    vol.spacing = _display_spacing(vol)
     return vol
+
+
+def _display_spacing(vol: Volume) -> tuple[float, float, float]:
+    """The voxel size (mm) along the displayed columns, rows and slices."""
+    zooms = np.sqrt((vol.display_affine[:3, :3] ** 2).sum(axis=0))  # along (slice, row, column)
+    return float(zooms[2]), float(zooms[1]), float(zooms[0])
 
 
 def mask_to_volume(mask: np.ndarray) -> np.ndarray:
