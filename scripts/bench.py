@@ -51,6 +51,8 @@ from brainseg.inference.registry import ModelEntry, Registry, read, write_regist
 from brainseg.io.datasets import discover, labelled, load_patient, read_split  # noqa: E402
 from brainseg.io.files import write_bytes_atomic, write_json_atomic  # noqa: E402
 from brainseg.preprocessing import preprocess_slice  # noqa: E402
+from brainseg.serving.allocator import keep_freed, limit_arenas  # noqa: E402
+from brainseg.serving.settings import Settings  # noqa: E402
 
 SHARED = REPO / ".." / "shared" / "data"
 LGG = SHARED / "lgg" / "kaggle_3m"
@@ -598,7 +600,13 @@ def markdown(res: dict) -> str:
         f"- **Load**: load average {m['load_start']['loadavg']} at the start, {m['load_end']['loadavg']} at the end; "
         f"other busy processes: {'; '.join(m['load_start']['busy'] + m['load_end']['busy']) or 'none'}",
         f"- Medians of {res['repeats']} repeats (backends interleaved in each); threads: ONNX Runtime and PyTorch {cpu['cores']}. "
-        "The API clients run on the same cores as the server.",
+        "The API clients run on the same cores as the server."
+        + (
+            f" The networks run under the server's allocator settings (at most {res['allocator']['arenas']} malloc arenas, "
+            f"freed blocks under {res['allocator']['keep_mib']} MiB kept: `serving/allocator.py`)."
+            if res.get("allocator")
+            else ""
+        ),
         *([f"- **Note**: {res['note']}"] if res.get("note") else []),
         "",
         "## Targets",
@@ -745,6 +753,11 @@ def main() -> int:
     res["peak"] = peak_gflops(cpu)
     print(f"machine: {cpu['model']}, {cpu['cores']} cores; load {res['machine']['load_start']['loadavg']}", flush=True)
 
+    # The networks as the server runs them: its allocator settings first (they change ONNX Runtime's speed: allocator.py).
+    settings = Settings.from_env()
+    res["allocator"] = {"arenas": settings.malloc_arenas, "keep_mib": settings.malloc_keep_mb}
+    limit_arenas(settings.malloc_arenas)
+    keep_freed(settings.malloc_keep_mb)
     reg = read(a.model_dir)
     ds = labelled(discover(a.data))
     images, _ = load_patient(ds.patient(BENCH_PATIENT) if BENCH_PATIENT in {p.id for p in ds.patients} else ds.patients[0])
