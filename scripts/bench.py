@@ -236,15 +236,16 @@ def versions() -> dict:
 
 
 def machine_load() -> dict:
-    """Load average and the busiest other processes: what else ran during the benchmark."""
+    """Load average and the busiest other processes: what else ran during the benchmark. ``ps`` gives a process's CPU
+    share over its lifetime, so a stopped one (state T, e.g. a training job paused with SIGSTOP) is named as paused."""
     load = os.getloadavg()
-    ps = subprocess.run(["ps", "-eo", "pid,pcpu,rss,args", "--sort=-pcpu"], capture_output=True, text=True).stdout.splitlines()[1:]
+    ps = subprocess.run(["ps", "-eo", "pid,stat,pcpu,rss,args", "--sort=-pcpu"], capture_output=True, text=True).stdout.splitlines()[1:]
     mine = {os.getpid()}
     busy = []
     for line in ps:
-        pid, pcpu, rss, args = line.split(None, 3)
+        pid, stat, pcpu, rss, args = line.split(None, 4)
         if int(pid) not in mine and float(pcpu) >= 5.0:
-            busy.append(f"{args[:90]} ({float(pcpu):.0f}% CPU)")
+            busy.append(f"{args[:90]} ({'paused (stopped), ' if stat.startswith('T') else ''}{float(pcpu):.0f}% CPU over its life)")
     return {"loadavg": [round(v, 2) for v in load], "busy": busy[:5]}
 
 
