@@ -574,7 +574,11 @@ def before_line(res: dict) -> str:
     return (
         f"Before: the same script on this machine on {b['date']}, the API served by `{b['api'].get('src', '?')}` "
         f"({b.get('note') or 'no note'}; load average {b['machine']['load_start']['loadavg']} at its start, {b['machine']['load_end']['loadavg']} at its end). "
-        "The networks are measured in-process by the current code in both runs."
+        + (
+            "The networks are measured in-process by the current code in both runs."
+            if b["versions"].get("commit") == res["versions"].get("commit")  # --src: an older API served by this script
+            else f"Each run measured the networks with its own code (before: commit {b['versions'].get('commit', '?')}, after: {res['versions'].get('commit', '?')})."
+        )
     )
 
 
