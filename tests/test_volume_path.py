@@ -100,6 +100,16 @@ def test_nifti_read_once_matches_nibabel(dtype, slope, version):
         assert vol.slices.dtype == np.float32 and vol.shape == (7, 6, 5)
 
 
+def test_a_brats_set_whose_flair_has_a_trailing_length_1_axis_reads_as_the_plain_set():
+    """A t2f stored as (X, Y, Z, 1) beside 3-D t1n / t1c files is the same grid, not a shape mismatch."""
+    rng = np.random.default_rng(3)
+    arrs = {s: (rng.random((7, 6, 5)) * 100).astype(np.float32) for s in ("t1n", "t2f", "t1c")}
+    plain = load_volume({f"c-{s}.nii.gz": nifti(a) for s, a in arrs.items()})
+    padded = load_volume({f"c-{s}.nii.gz": nifti(a[..., None] if s == "t2f" else a) for s, a in arrs.items()})
+    np.testing.assert_array_equal(padded.slices, plain.slices)
+    assert padded.shape == plain.shape == (7, 6, 5) and padded.condition == "all"
+
+
 def test_mask_to_volume_inverts_the_display_orientation():
     mask = np.random.default_rng(1).random((5, 6, 7)) > 0.5  # (Z, Y, X)
     vol = mask_to_volume(mask)

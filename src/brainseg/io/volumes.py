@@ -287,7 +287,7 @@ def _brats_set(items: list[tuple[str, bytes | None]]) -> _Read:
     with ThreadPoolExecutor(max_workers=len(present)) as pool:  # gunzip releases the GIL: the files inflate side by side
         reads = [pool.submit(_load_nifti, by_seq[seq][1], by_seq[seq][0]) for seq in present]
         loaded = {seq: read.result() for seq, read in zip(present, reads, strict=True)}  # the first bad file in channel order raises
-    ref_name, ref_shape = by_seq["t2f"][0], loaded["t2f"][1].shape
+    ref_name, ref_shape = by_seq["t2f"][0], _squeeze_shape(loaded["t2f"][1].shape)
     for seq in present:
         fname, arr = by_seq[seq][0], loaded[seq][1]
         if arr.ndim > 3:
