@@ -7,7 +7,8 @@
 #     (scripts/gpu/pack_cache.py packs the train + validation slices to carry them there;
 #      the test patients never travel)
 #  3. (round 3, CPU) the Attention U-Net continued with domain-shift augmentation for other hospitals' data
-#     (brainseg train --domain-shift --init-from the round-2 weights; 16 epochs, ~90 min on 2 shared cores)
+#     (brainseg train --domain-shift --init-from the round-2 weights; 16 epochs, ~90 min on 2 shared cores);
+#     (round 6, CPU) U-Net++ the same way (12 epochs, ~80 min on 2 cores)
 #  4. ship: calibrate every candidate on validation, keep the better per architecture, export
 #     ONNX, evaluate on the test patients under the four input conditions, write cards and the
 #     registry; the default is the architecture with the higher validation score.
@@ -35,4 +36,11 @@ mkdir -p runs/old_models && cp models/attention_unet.pt models/unetpp.pt runs/ol
 python scripts/ship_models.py --data "$DATA" --out models --training-note "$(cat docs/ablations/round3_note.txt)" \
   --candidates attention_unet=runs/old_models/attention_unet.pt,runs/ds/attention_unet/best.pt,runs/ds/attention_unet/last.pt \
   unetpp=runs/old_models/unetpp.pt
+python scripts/ship_int8.py --data "$DATA" --model-dir models
+# Round 6: U-Net++ for other hospitals' data (2 CPU cores), then ship again with both continuations as candidates.
+python -m brainseg.cli train --data "$DATA" --cache runs/cache81z --normalization zscore --split models/split.json --model unetpp \
+  --init-from models/unetpp.pt --lr 3e-4 --batch-size 16 --epochs 12 --domain-shift --out runs/r6_upp_ds
+python scripts/ship_models.py --data "$DATA" --out models --training-note "$(cat docs/ablations/round6_note.txt)" \
+  --candidates attention_unet=runs/old_models/attention_unet.pt,runs/ds/attention_unet/best.pt,runs/ds/attention_unet/last.pt \
+  unetpp=runs/old_models/unetpp.pt,runs/r6_upp_ds/unetpp/best.pt,runs/r6_upp_ds/unetpp/last.pt
 python scripts/ship_int8.py --data "$DATA" --model-dir models
