@@ -187,10 +187,9 @@ def _to_slices(channels: list[np.ndarray], img) -> tuple[np.ndarray, np.ndarray]
     (``stored_slices_affine``); the orientation transform from the affine (``canonicalize``) is applied to that
     view, so each channel is copied (and converted to float32) once, straight into the display orientation.
     """
-    from nibabel.orientations import apply_orientation, io_orientation
+    from nibabel.orientations import apply_orientation
 
-    x, y, z = channels[0].shape
-    ornt = io_orientation(stored_slices_affine(np.asarray(img.affine, np.float64), (x, y, z)))
+    ornt = orientation_of(img.affine, channels[0].shape)
     views = [apply_orientation(np.transpose(arr[:, ::-1, :], (2, 1, 0)), _transform(ornt)) for arr in channels]
     out = np.empty(views[0].shape + (3,), np.float32)
     for c, view in enumerate(views):
@@ -315,6 +314,14 @@ def stored_slices_affine(affine: np.ndarray, shape_xyz: tuple[int, int, int]) ->
     return np.asarray(affine, np.float64) @ to_file
 
 
+def orientation_of(affine: np.ndarray, shape_xyz: tuple[int, int, int]) -> np.ndarray:
+    """The nibabel orientation (3 x 2) of the slices as the file stores them (``stored_slices_affine``): what
+    ``to_display`` turns into the display orientation. An oblique affine gives its closest orientation."""
+    from nibabel.orientations import io_orientation
+
+    return io_orientation(stored_slices_affine(affine, shape_xyz))
+
+
 def _transform(stored_orientation: np.ndarray):
     from nibabel.orientations import axcodes2ornt, ornt_transform
 
@@ -362,12 +369,9 @@ def canonicalize(vol: Volume) -> Volume:
 
     An oblique volume goes to its closest orientation (no resampling). Idempotent.
     """
-    from nibabel.orientations import io_orientation
-
     if vol.stored_orientation is not None:
         return vol
-    stored = stored_slices_affine(vol.affine, vol.shape)
-    ornt = io_orientation(stored)
+    ornt = orientation_of(vol.affine, vol.shape)
     vol.slices = to_display(vol.slices, ornt)
     vol.stored_orientation = ornt
     vol.spacing = _display_spacing(vol)
@@ -381,7 +385,8 @@ def _display_spacing(vol: Volume) -> tuple[float, float, float]:
 
 
 def mask_to_volume(mask: np.ndarray) -> np.ndarray:
-    """(Z, H, W) display-oriented slices -> (X, Y, Z) array on the file's grid (the inverse of ``_to_slices``)."""
+    """(Z, H, W) slices in the file's stored layout (``Volume.to_stored``) -> (X, Y, Z) array on the file's grid:
+    the inverse of ``_to_slices`` before its orientation transform."""
     return np.ascontiguousarray(np.transpose(mask, (2, 1, 0))[:, ::-1, :])
 
 

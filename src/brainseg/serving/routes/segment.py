@@ -101,9 +101,9 @@ class SegmentJob:
         store = TimedStore(self.store, clock)
         if kind == "slice":
             body = slice_answer(info, data, res, store, self.inline_max_pixels, SLICE_IMAGES if self.images is None else self.images)
-            if data.shape[0] * data.shape[1] > self.inline_max_pixels:
+            if not body["images_inline"]:  # a large slice (answers.slice_answer's size rule): its buffers are free now
                 del data, res
-                trim()  # a large slice's buffers are free now (allocator.keep_freed keeps the small ones)
+                trim()  # (allocator.keep_freed keeps the small ones for the next request)
         else:
             body = volume_answer(info, data, res, store, VOLUME_IMAGES if self.images is None else self.images)
             del data, res
