@@ -60,3 +60,26 @@ def test_the_architectures_are_the_networks():
     from brainseg.models import MODELS
 
     assert tuple(MODELS) == ARCHITECTURES
+
+
+def test_every_command_runs_under_the_servers_allocator_setting(monkeypatch, capsys):
+    """Training and evaluation keep freed buffers as the server does (``BRAINSEG_MALLOC_KEEP_MB``); a
+    value that is not a number is a one-line error, not a traceback."""
+    from brainseg.serving import allocator
+
+    seen = []
+    monkeypatch.setattr(allocator, "keep_freed", lambda mib: seen.append(mib) or True)
+    monkeypatch.setattr(cli, "cmd_stats", lambda args: 0)
+    monkeypatch.delenv("BRAINSEG_MALLOC_KEEP_MB", raising=False)
+    assert cli.main(["data", "stats", "somewhere"]) == 0
+    assert seen == [256]
+    for value, want in ((None, 256), ("64", 64), ("0", 0)):
+        if value is None:
+            monkeypatch.delenv("BRAINSEG_MALLOC_KEEP_MB", raising=False)
+        else:
+            monkeypatch.setenv("BRAINSEG_MALLOC_KEEP_MB", value)
+        cli._keep_freed()
+        assert seen[-1] == want
+    monkeypatch.setenv("BRAINSEG_MALLOC_KEEP_MB", "lots")
+    with pytest.raises(SystemExit, match="BRAINSEG_MALLOC_KEEP_MB must be a whole number"):
+        cli._keep_freed()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -656,9 +657,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _keep_freed() -> None:
+    """The server's allocator setting for every command (``BRAINSEG_MALLOC_KEEP_MB``, 256; 0: glibc's
+    defaults): glibc then keeps freed activation buffers instead of unmapping and page-faulting them
+    again on every step. Training steps on 2 CPU cores, batch 16 at 128 x 128, medians: Attention U-Net
+    0.93-1.03 -> 0.82-0.85 s, U-Net++ 2.00-2.04 -> 1.67-1.77 s (docs/ablations.md, round 7)."""
+    from .serving.allocator import keep_freed
+
+    try:
+        mib = int(os.environ.get("BRAINSEG_MALLOC_KEEP_MB", "256"))
+    except ValueError:
+        raise SystemExit(f"brainseg: BRAINSEG_MALLOC_KEEP_MB must be a whole number of MiB, not {os.environ['BRAINSEG_MALLOC_KEEP_MB']!r}") from None
+    keep_freed(mib)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    _keep_freed()
     if getattr(args, "command", None) in ("evaluate", "export") and args.data is None:
         args.data = default_data_root()
     try:
