@@ -43,7 +43,7 @@ EVERY_CONDITION = (*CONDITIONS, *SHIFT_CONDITIONS)
 # Display names (the original description prints "Nested U-Net DICE Score: ...").
 ARCHITECTURES = ("unetpp", "attention_unet")  # the keys of models.MODELS (tests/test_models.py checks)
 SEQUENCES = {"flair": "FLAIR", "t1": "pre-contrast T1", "t1c": "T1 post-contrast", "t2": "T2"}  # what a grey input may be
-NORMALIZATIONS = ("minmax", "zscore")
+NORMALIZATIONS = ("minmax", "zscore", "zscore_volume")
 PRECISIONS = ("fp32", "int8")  # served network precisions (int8: a quantised ONNX file)
 BACKENDS = ("auto", "onnx", "torch")  # ONNX Runtime or PyTorch; auto: predictor.pick_backend's rule
 DISPLAY_NAMES = {"unetpp": "Nested U-Net", "attention_unet": "Attention U-Net", "ensemble": "Ensemble (mean probability)"}
@@ -133,7 +133,9 @@ class PreprocessConfig:
     clahe: bool = True
     clahe_clip_limit: float = 2.0
     clahe_tile_grid: int = 8
-    normalization: str = "minmax"  # "minmax": /255 to [0, 1]; "zscore": per image, per channel
+    # "minmax": /255 to [0, 1]; "zscore": per slice, per channel; "zscore_volume": per channel over the
+    # whole volume (a lone slice: over the slice, as "zscore")
+    normalization: str = "minmax"
 
 
 @dataclass(frozen=True)

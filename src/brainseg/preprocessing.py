@@ -7,7 +7,8 @@
 2. ``clahe``: contrast-limited adaptive histogram equalisation per channel (OpenCV), at
    the native resolution.
 3. ``resize`` to ``cfg.input_size`` (area interpolation) - whole slices, never patches.
-4. ``normalize`` over the whole slice: to [0, 1], or per-channel z-score.
+4. ``normalize`` over the whole slice: to [0, 1], or per-channel z-score (``zscore_volume``: over the
+   whole volume, ``volume_stats``; a lone slice falls back to its own).
 
 Training inserts augmentation between ``prepare`` and ``normalize`` (on uint8, where
 albumentations is at home). No torch here: the server imports this module.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .config import CONDITIONS, SHIFT_CONDITIONS, AugmentConfig, PreprocessConfig
+from .config import CONDITIONS, NORMALIZATIONS, SHIFT_CONDITIONS, AugmentConfig, PreprocessConfig
 
 
 def to_uint8(image: np.ndarray, lo: np.ndarray | float | None = None, hi: np.ndarray | float | None = None) -> np.ndarray:
@@ -100,24 +101,39 @@ def prepare(image: np.ndarray, cfg: PreprocessConfig, window: tuple | None = Non
     return resize(img, cfg.input_size)
 
 
-def normalize(image: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+def normalize(image: np.ndarray, cfg: PreprocessConfig, stats: np.ndarray | None = None) -> np.ndarray:
     """uint8 (S, S, C) -> float32 (C, S, S), normalised over the whole slice (each channel: /255, and
-    with ``zscore`` to mean 0, standard deviation 1). OpenCV's ``meanStdDev`` and one scale-and-shift
-    per channel: 20x faster than NumPy's strided reductions over (S, S, C) (1.0 vs 0.05 ms a slice)."""
-    if cfg.normalization not in ("minmax", "zscore"):
-        raise ValueError(f"unknown normalization {cfg.normalization!r} (use 'minmax' or 'zscore')")
+    with ``zscore`` to mean 0, standard deviation 1) or, with ``zscore_volume`` and the volume's
+    ``stats`` (``volume_stats``: (3, 2) per sequence, applied to every slice of a 2.5D input), over the
+    whole volume; ``zscore_volume`` without ``stats`` (a lone slice) is the slice's own z-score.
+    OpenCV's ``meanStdDev`` and one scale-and-shift per channel: 20x faster than NumPy's strided
+    reductions over (S, S, C) (1.0 vs 0.05 ms a slice)."""
+    if cfg.normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {cfg.normalization!r} (use one of {', '.join(NORMALIZATIONS)})")
+    per_volume = cfg.normalization == "zscore_volume" and stats is not None
     planes = np.ascontiguousarray(np.moveaxis(image, -1, 0))
     out = np.empty(planes.shape, np.float32)
-    for plane, x in zip(planes, out, strict=True):
+    for c, (plane, x) in enumerate(zip(planes, out, strict=True)):
         scale, shift = 1.0 / 255.0, 0.0
-        if cfg.normalization == "zscore":
-            mean, std = (v.item() / 255.0 for v in cv2.meanStdDev(plane))
-            std = max(std, 1e-6)
-            scale, shift = scale / std, -mean / std
+        if cfg.normalization != "minmax":
+            mean, std = stats[c % len(stats)] / 255.0 if per_volume else (v.item() / 255.0 for v in cv2.meanStdDev(plane))
+            std = max(float(std), 1e-6)
+            scale, shift = scale / std, -float(mean) / std
         np.multiply(plane, np.float32(scale), out=x, dtype=np.float32)
         if shift:
             x += np.float32(shift)
     return out
+
+
+def volume_stats(slices) -> np.ndarray:
+    """(mean, std) of each channel over every pixel of a volume's prepared uint8 (S, S, 3) slices, as a
+    (3, 2) float64 array in uint8 units: what ``zscore_volume`` normalises every slice of it with."""
+    ms = np.array([np.concatenate(cv2.meanStdDev(np.ascontiguousarray(s)), axis=1) for s in slices], np.float64)  # (Z, C, 2)
+    if ms.size == 0:
+        raise ValueError("volume_stats: no slices")
+    mean = ms[:, :, 0].mean(axis=0)
+    var = (ms[:, :, 1] ** 2 + ms[:, :, 0] ** 2).mean(axis=0) - mean**2  # equal pixel counts per slice
+    return np.stack([mean, np.sqrt(np.maximum(var, 0.0))], axis=1)
 
 
 def preprocess_slice(image: np.ndarray, cfg: PreprocessConfig, window: tuple | None = None) -> np.ndarray:

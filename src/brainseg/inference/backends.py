@@ -21,7 +21,18 @@ import numpy as np
 
 from ..config import Environment, ExperimentConfig, PostprocessConfig
 from ..evaluation.metrics import remove_small_components
-from ..preprocessing import context_indices, context_stack, intensity_window, normalize, over_slabs, prepare, preprocess_slice, restore_size, to_uint8
+from ..preprocessing import (
+    context_indices,
+    context_stack,
+    intensity_window,
+    normalize,
+    over_slabs,
+    prepare,
+    preprocess_slice,
+    restore_size,
+    to_uint8,
+    volume_stats,
+)
 
 ONNX_METADATA_KEY = "brainseg_config"
 INT8_SUFFIX = ".int8.onnx"
@@ -218,7 +229,8 @@ class Segmenter:
         slice repeated ``LONE_DEPTH`` times, the 3D model's fallback (as a volume's edge is repeated)."""
         cfg = self.config.preprocess
         if stacked:
-            x = np.stack([preprocess_slice(image, cfg, window) for image in images], axis=1)
+            prepared, stats = self._prepared_volume(images, window)
+            x = np.stack([normalize(p, cfg, stats) for p in prepared], axis=1)
             net = self._stack_probabilities(x, set(targets), tta)
             rows = [net[i] for i in targets]
         else:  # each lone slice prepared once, then repeated
@@ -246,6 +258,9 @@ class Segmenter:
         """indices -> the network's input batch. Each slice is prepared (window, CLAHE, resize)
         once, even when it is the neighbour of several others."""
         cfg, k = self.config.preprocess, self.context
+        if stacked and cfg.normalization == "zscore_volume":  # every slice prepared first, for the volume's statistics
+            whole, stats = self._prepared_volume(images, window)
+            return lambda idx: np.stack([normalize(context_stack([whole[j] for j in context_indices(i, len(images), k, stacked)]), cfg, stats) for i in idx])
         if k == 0:
             return lambda idx: np.stack([preprocess_slice(images[i], cfg, window) for i in idx])
         prepared: dict[int, np.ndarray] = {}
@@ -262,6 +277,13 @@ class Segmenter:
             return batch
 
         return make
+
+    def _prepared_volume(self, images: list[np.ndarray], window: tuple | None) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """Every slice of a volume prepared (window, CLAHE, resize), and with ``zscore_volume`` the
+        volume's statistics over all of them (``preprocessing.volume_stats``; None otherwise)."""
+        cfg = self.config.preprocess
+        prepared = [prepare(image, cfg, window) for image in images]
+        return prepared, volume_stats(prepared) if cfg.normalization == "zscore_volume" and prepared else None
 
 
 @dataclass

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from ..config import PreprocessConfig
 from ..io.datasets import DataError, Dataset, discover, labelled, read_pair, read_split
 from ..io.files import write_json_atomic
-from ..preprocessing import context_indices, prepare, resize_mask, skull_strip
+from ..preprocessing import context_indices, prepare, resize_mask, skull_strip, volume_stats
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,15 @@ class Cache:
             for k, r in enumerate(rows):
                 out[r] = [rows[j] for j in context_indices(k, len(rows), context)]
         return out
+
+    def patient_stats(self, stripped: bool = False) -> dict[str, np.ndarray]:
+        """Each patient's ``preprocessing.volume_stats`` over all of its cached slices (the skull-stripped
+        ones with ``stripped``): what ``zscore_volume`` normalises the patient's slices with."""
+        images = self.images_stripped if stripped else self.images
+        by_patient: dict[str, list[int]] = {}
+        for r, p in enumerate(self.patients):
+            by_patient.setdefault(p, []).append(r)
+        return {p: volume_stats([np.asarray(images[r]) for r in rows]) for p, rows in by_patient.items()}
 
 
 FINGERPRINT_VERSION = 1

@@ -31,7 +31,7 @@ from ..io.files import write_json_atomic, write_text_atomic
 from ..models import build_model, count_parameters
 from ..models.blocks import inflate_2d
 from ..models.checkpoint import load_checkpoint, save_checkpoint
-from ..preprocessing import apply_condition, build_augmentation, context_stack, drop_sequences, normalize, over_slabs, per_slice
+from ..preprocessing import apply_condition, build_augmentation, context_stack, drop_sequences, normalize, over_slabs, per_slice, volume_stats
 from .cache import Cache
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,8 @@ class SliceDataset(torch.utils.data.Dataset):
         self.augment = build_augmentation(cfg.augment, channels) if augment else None
         k = self.depth // 2 if self.depth else cfg.model.context
         self.context = cache.context_rows(k) if k or self.depth else None
+        # zscore_volume: each patient's statistics, of its slices as cached and as skull-stripped
+        self.stats = {s: cache.patient_stats(s) for s in (False, True)} if cfg.preprocess.normalization == "zscore_volume" else None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -80,11 +82,22 @@ class SliceDataset(torch.utils.data.Dataset):
             image, mask = out["image"], out["mask"]
             a = self.cfg.augment
             image = drop_sequences(image, np.random.default_rng([seed, 1]), a.missing_pre, a.missing_post)
-        x = torch.from_numpy(normalize(image, self.cfg.preprocess))
+        x = torch.from_numpy(normalize(image, self.cfg.preprocess, self.volume_stats(r, stripped, image)))
         if self.depth:  # (3D, S, S) slice-major channels -> (3, D, S, S); (S, S, D) masks -> (1, D, S, S)
             x = x.reshape(self.depth, 3, *x.shape[1:]).transpose(0, 1).contiguous()
             return x, torch.from_numpy(np.moveaxis(mask, -1, 0)[None].astype(np.float32))
         return x, torch.from_numpy(mask[None].astype(np.float32))
+
+    def volume_stats(self, r: int, stripped: bool, image: np.ndarray) -> np.ndarray | None:
+        """``zscore_volume``: the patient's statistics; a sequence that dropout replaced by FLAIR takes
+        FLAIR's, as the whole volume's would be at inference (None: the slice is normalised alone)."""
+        if self.stats is None:
+            return None
+        stats = self.stats[stripped][self.cache.patients[r]].copy()
+        for c in (0, 2):
+            if np.array_equal(image[..., c], image[..., 1]):
+                stats[c] = stats[1]
+        return stats
 
     def with_context(self, images: np.ndarray, r: int, seed: int | None) -> np.ndarray:
         """The 2.5D input of row ``r``; in training, with probability ``context_dropout`` the
@@ -512,13 +525,28 @@ def validation_scores(
                 raise ValueError(f"validation cannot score {cond!r}: its prediction needs mapping back (use brainseg evaluate)")
             images = cache.images_stripped
 
-        def inputs(rs, images=images, channels=channels) -> np.ndarray:
-            return np.stack([normalize(per_slice(np.asarray(images[r]), lambda img: apply_condition(img, channels)), cfg.preprocess) for r in rs])
+        stats = _condition_stats(cache, rows, images, channels) if cfg.preprocess.normalization == "zscore_volume" else {}
+
+        def inputs(rs, images=images, channels=channels, stats=stats) -> np.ndarray:
+            return np.stack(
+                [
+                    normalize(per_slice(np.asarray(images[r]), lambda img: apply_condition(img, channels)), cfg.preprocess, stats.get(cache.patients[r]))
+                    for r in rs
+                ]
+            )
 
         preds = predict(model, cache, rows, cfg, device, inputs, batch_size)
         out[cond] = {pid: dice(np.stack(p), np.stack(truth[pid])) for pid, p in preds.items()}
     model.train(was_training)
     return out
+
+
+def _condition_stats(cache: Cache, rows, images, channels: str) -> dict[str, np.ndarray]:
+    """``zscore_volume`` in validation: each patient's statistics over its slices under the condition."""
+    by_patient: dict[str, list[int]] = {}
+    for r in rows:
+        by_patient.setdefault(cache.patients[r], []).append(r)
+    return {p: volume_stats([apply_condition(np.asarray(images[r]), channels) for r in rs]) for p, rs in by_patient.items()}
 
 
 def _logits(model: torch.nn.Module, x: np.ndarray, device: torch.device) -> np.ndarray:
