@@ -7,7 +7,9 @@ batch size, with sequence dropout kept. Arms differ only in the augmentation the
 - ``control``: nothing added (so more training alone is measured too); ``control_seed43``: the same with
   another seed, to show how far two runs of one recipe differ;
 - one arm per domain-shift augmentation (``cli.DOMAIN_SHIFT_PRESET``, at its preset probability);
-- ``all``: the preset together (what ``brainseg train --domain-shift`` trains with).
+- ``all``: the preset together (what ``brainseg train --domain-shift`` trains with);
+- ``volume_norm`` / ``volume_norm_all``: ``control`` / ``all`` with each volume's z-score instead of each
+  slice's (``--normalization zscore_volume``).
 
 Each arm's last epoch (fixed compute, no selection on the patients it is scored on) is scored by
 ``brainseg evaluate`` on the validation patients under five input conditions, at native resolution,
@@ -39,6 +41,8 @@ from brainseg.io.files import write_json_atomic, write_text_atomic
 
 CONDITIONS = ("all", "flair_only", "skull_stripped", "skull_stripped_flair_only", "brats_like")
 ARMS = {"control": {}, "control_seed43": {}, **{k: {k: p} for k, p in DOMAIN_SHIFT_PRESET.items()}, "all": dict(DOMAIN_SHIFT_PRESET)}
+ARMS |= {"volume_norm": {}, "volume_norm_all": dict(DOMAIN_SHIFT_PRESET)}
+NORMALIZATION = {"volume_norm": "zscore_volume", "volume_norm_all": "zscore_volume"}  # the rest keep --init's
 # the server's allocator settings (serving.allocator.keep_freed, 256 MiB): 10-18% faster training steps here
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(256 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(512 * 2**20)}
 log = logging.getLogger("cpu_ablations")
@@ -64,7 +68,8 @@ def arm_config(init: Path, arm: str, epochs: int, lr: float, batch_size: int):
         ema_decay=0.0,
         checkpoint_every_s=300.0,
     )
-    return replace(base, augment=augment, train=train)
+    preprocess = replace(base.preprocess, normalization=NORMALIZATION.get(arm, base.preprocess.normalization))
+    return replace(base, preprocess=preprocess, augment=augment, train=train)
 
 
 def train_arm(args, arm: str) -> Path:
@@ -155,9 +160,10 @@ def main() -> int:
         child += ["--epochs", str(args.epochs), "--lr", str(args.lr), "--batch-size", str(args.batch_size)]
         subprocess.run(child, check=True, env=os.environ | ALLOCATOR_ENV)
         reports[arm] = score_arm(args, arm, args.out / arm / "last.pt")
-        write_json_atomic(args.out / "summary.json", {a: {c: per_patient(r, c) for c in CONDITIONS} for a, r in reports.items()})
-        if "control" in reports:
-            write_text_atomic(args.out / "table.md", table(reports))
+        done = {a: json.loads((args.out / a / "val_report.json").read_text()) for a in ARMS if (args.out / a / "val_report.json").is_file()}
+        write_json_atomic(args.out / "summary.json", {a: {c: per_patient(r, c) for c in CONDITIONS} for a, r in done.items()})
+        if "control" in done:
+            write_text_atomic(args.out / "table.md", table(done))
         log.info("arm %s: %s", arm, {c: round(reports[arm]["conditions"][c]["per_patient_dice"], 3) for c in CONDITIONS})
     return 0
 
