@@ -53,7 +53,7 @@ def arm_config(init: Path, arm: str, epochs: int, lr: float, batch_size: int):
     from brainseg.models.checkpoint import load_checkpoint
 
     base = ExperimentConfig.from_dict(load_checkpoint(init)["config"])
-    augment = replace(base.augment, **{k: 0.0 for k in DOMAIN_SHIFT_PRESET}, **ARMS[arm])
+    augment = replace(base.augment, **({k: 0.0 for k in DOMAIN_SHIFT_PRESET} | ARMS[arm]))
     train = replace(
         base.train,
         epochs=epochs,
