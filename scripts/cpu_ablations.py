@@ -9,7 +9,10 @@ batch size, with sequence dropout kept. Arms differ only in the augmentation the
 - one arm per domain-shift augmentation (``cli.DOMAIN_SHIFT_PRESET``, at its preset probability);
 - ``all``: the preset together (what ``brainseg train --domain-shift`` trains with);
 - ``volume_norm`` / ``volume_norm_all``: ``control`` / ``all`` with each volume's z-score instead of each
-  slice's (``--normalization zscore_volume``).
+  slice's (``--normalization zscore_volume``);
+- ``size256``: ``control`` at 256 x 256 input instead of 128 x 128 (the same weights: the networks are
+  fully convolutional), from the cache ``CACHE_s256`` (``python preprocess.py --size 256 --cache ...``);
+  the same epochs, so about four times the compute.
 
 Each arm's last epoch (fixed compute, no selection on the patients it is scored on) is scored by
 ``brainseg evaluate`` on the validation patients under five input conditions, at native resolution,
@@ -41,8 +44,9 @@ from brainseg.io.files import write_json_atomic, write_text_atomic
 
 CONDITIONS = ("all", "flair_only", "skull_stripped", "skull_stripped_flair_only", "brats_like")
 ARMS = {"control": {}, "control_seed43": {}, **{k: {k: p} for k, p in DOMAIN_SHIFT_PRESET.items()}, "all": dict(DOMAIN_SHIFT_PRESET)}
-ARMS |= {"volume_norm": {}, "volume_norm_all": dict(DOMAIN_SHIFT_PRESET)}
-NORMALIZATION = {"volume_norm": "zscore_volume", "volume_norm_all": "zscore_volume"}  # the rest keep --init's
+ARMS |= {"volume_norm": {}, "volume_norm_all": dict(DOMAIN_SHIFT_PRESET), "size256": {}}
+# preprocessing that differs from --init's; another input size reads its own cache, CACHE_s<size>
+PREPROCESS = {"volume_norm": {"normalization": "zscore_volume"}, "volume_norm_all": {"normalization": "zscore_volume"}, "size256": {"input_size": 256}}
 # the server's allocator settings (serving.allocator.keep_freed, 256 MiB): 10-18% faster training steps here
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(256 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(512 * 2**20)}
 log = logging.getLogger("cpu_ablations")
@@ -68,7 +72,7 @@ def arm_config(init: Path, arm: str, epochs: int, lr: float, batch_size: int):
         ema_decay=0.0,
         checkpoint_every_s=300.0,
     )
-    preprocess = replace(base.preprocess, normalization=NORMALIZATION.get(arm, base.preprocess.normalization))
+    preprocess = replace(base.preprocess, **PREPROCESS.get(arm, {}))
     return replace(base, preprocess=preprocess, augment=augment, train=train)
 
 
@@ -86,7 +90,9 @@ def train_arm(args, arm: str) -> Path:
     split = json.loads(Path(args.split).read_text())
     split = {"train": split["train"], "val": split["val"], "test": []}  # the test patients stay untouched
     t0 = time.time()
-    Trainer(cfg, load_cache(args.cache), split, out, resume=True, progress=False, init_from=args.init).fit()
+    size = cfg.preprocess.input_size
+    cache = args.cache if size == 128 else f"{args.cache}_s{size}"
+    Trainer(cfg, load_cache(cache), split, out, resume=True, progress=False, init_from=args.init).fit()
     (out / "wall_s.txt").write_text(f"{time.time() - t0:.0f}\n")
     return last
 
