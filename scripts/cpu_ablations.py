@@ -122,6 +122,8 @@ def diff(v, ref) -> str:
 
 
 def table(reports: dict[str, dict], reference: str = "control") -> str:
+    """Per arm and condition: mean per-patient Dice [CI], the difference to ``reference`` paired by patient
+    [CI], and the share of lesion-free slices with a false positive."""
     ref = reports[reference]
     lines = ["| arm | " + " | ".join(CONDITIONS) + " |", "|---" * (len(CONDITIONS) + 1) + "|"]
     for arm, rep in reports.items():
@@ -130,9 +132,22 @@ def table(reports: dict[str, dict], reference: str = "control") -> str:
             pats = sorted(per_patient(ref, c))
             v = [per_patient(rep, c)[p] for p in pats]
             r = [per_patient(ref, c)[p] for p in pats]
-            cells.append(cell(v) if arm == reference else f"{cell(v)}<br>{diff(v, r)}")
+            fp = f"FP {rep['conditions'][c]['fp_slice_rate']:.3f}"
+            cells.append(f"{cell(v)}<br>{fp}" if arm == reference else f"{cell(v)}<br>{diff(v, r)}<br>{fp}")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def finished(out: Path) -> dict[str, dict]:
+    """The scored arms of a folder, in ``ARMS`` order."""
+    return {a: json.loads((out / a / "val_report.json").read_text()) for a in ARMS if (out / a / "val_report.json").is_file()}
+
+
+def write_summary(out: Path) -> None:
+    done = finished(out)
+    write_json_atomic(out / "summary.json", {a: {c: per_patient(r, c) for c in CONDITIONS} for a, r in done.items()})
+    if "control" in done:
+        write_text_atomic(out / "table.md", table(done))
 
 
 def main() -> int:
@@ -146,11 +161,15 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--table-only", action="store_true", help="only (re)write OUT/summary.json and OUT/table.md from the scored arms")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.one:  # a child process: train one arm
         train_arm(args, args.one)
+        return 0
+    if args.table_only:
+        write_summary(args.out)
         return 0
     arms = args.arms.split(",")
     unknown = [a for a in arms if a not in ARMS]
@@ -166,10 +185,7 @@ def main() -> int:
         child += ["--epochs", str(args.epochs), "--lr", str(args.lr), "--batch-size", str(args.batch_size)]
         subprocess.run(child, check=True, env=os.environ | ALLOCATOR_ENV)
         reports[arm] = score_arm(args, arm, args.out / arm / "last.pt")
-        done = {a: json.loads((args.out / a / "val_report.json").read_text()) for a in ARMS if (args.out / a / "val_report.json").is_file()}
-        write_json_atomic(args.out / "summary.json", {a: {c: per_patient(r, c) for c in CONDITIONS} for a, r in done.items()})
-        if "control" in done:
-            write_text_atomic(args.out / "table.md", table(done))
+        write_summary(args.out)
         log.info("arm %s: %s", arm, {c: round(reports[arm]["conditions"][c]["per_patient_dice"], 3) for c in CONDITIONS})
     return 0
 
