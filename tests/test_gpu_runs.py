@@ -1,6 +1,6 @@
-"""The GPU ablation runner's entries (scripts/gpu/train_ablations.py) build valid configurations: each
-domain-shift augmentation alone differs from the reference in that augmentation only, and the 2.5D / 3D
-entries build the networks they name."""
+"""The ablation runners build valid configurations: the GPU runner (scripts/gpu/train_ablations.py) and the
+CPU one (scripts/cpu_ablations.py). Each domain-shift augmentation alone differs from the reference in that
+augmentation only, and the 2.5D / 3D entries build the networks they name."""
 
 from __future__ import annotations
 
@@ -44,3 +44,35 @@ def test_the_3d_and_25d_entries_build_their_networks():
     ctx = mod.run_config("att_z_ds_ctx1", 100, 0, 1)
     with torch.no_grad():
         assert build_model(ctx.model).eval()(torch.zeros(1, 9, 32, 32)).shape == (1, 1, 32, 32)
+
+
+def test_the_normalisation_and_size_entries_change_only_that():
+    mod = _runner()
+    ref, ds = mod.run_config("att_sd30_z", 100, 0, 1), mod.run_config("att_z_ds", 100, 0, 1)
+    for name, base, field, value in (
+        ("att_z_volnorm", ref, "normalization", "zscore_volume"),
+        ("att_z_ds_volnorm", ds, "normalization", "zscore_volume"),
+        ("att_z_256", ref, "input_size", 256),
+    ):
+        cfg = mod.run_config(name, 100, 0, 1)
+        assert getattr(cfg.preprocess, field) == value
+        assert [k for k in vars(cfg.preprocess) if getattr(cfg.preprocess, k) != getattr(base.preprocess, k)] == [field]
+        assert cfg.augment == base.augment and cfg.model == base.model and cfg.train == base.train
+
+
+def test_the_cpu_arms_differ_from_the_control_in_their_own_change_only(tiny_model_dir):
+    """scripts/cpu_ablations.py: every arm continues the same weights with the same schedule."""
+    spec = importlib.util.spec_from_file_location("cpu_ablations", SCRIPT.parents[1] / "cpu_ablations.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    init = tiny_model_dir / "attention_unet.pt"
+    control = mod.arm_config(init, "control", 3, 3e-4, 16)
+    assert all(getattr(control.augment, k) == 0 for k in DOMAIN_SHIFT_PRESET) and control.train.epochs == 3
+    for arm in mod.ARMS:
+        cfg = mod.arm_config(init, arm, 3, 3e-4, 16)
+        changed = {k for k in vars(cfg.augment) if getattr(cfg.augment, k) != getattr(control.augment, k)}
+        changed |= {k for k in vars(cfg.preprocess) if getattr(cfg.preprocess, k) != getattr(control.preprocess, k)}
+        changed |= {k for k in vars(cfg.train) if getattr(cfg.train, k) != getattr(control.train, k)}
+        want = set(mod.ARMS[arm]) | set(mod.PREPROCESS.get(arm, {})) | ({"seed"} if arm == "control_seed43" else set())
+        assert changed == want, arm
+        assert cfg.model == control.model

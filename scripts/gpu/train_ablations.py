@@ -44,6 +44,10 @@ RUNS = {
     # issue 15: each domain-shift augmentation alone, and together (cli.DOMAIN_SHIFT_PRESET), against att_sd30_z
     **{f"att_z_{k}": ("attention_unet", {k: p}, {"normalization": "zscore"}, {}, {}, 1.0) for k, p in DOMAIN_SHIFT_PRESET.items()},
     "att_z_ds": ("attention_unet", dict(DOMAIN_SHIFT_PRESET), {"normalization": "zscore"}, {}, {}, 1.0),
+    # issue 15: per-volume vs per-slice z-score, and 256 x 256 input (cache CACHE_s256: python preprocess.py --size 256), against att_sd30_z / att_z_ds
+    "att_z_volnorm": ("attention_unet", {}, {"normalization": "zscore_volume"}, {}, {}, 1.0),
+    "att_z_ds_volnorm": ("attention_unet", dict(DOMAIN_SHIFT_PRESET), {"normalization": "zscore_volume"}, {}, {}, 1.0),
+    "att_z_256": ("attention_unet", {}, {"normalization": "zscore", "input_size": 256}, {}, {}, 1.0),
     # issue 15: 2.5D and 3D at the same budget (3D: 8 patches of 9 slices, BatchNorm recomputed before validation)
     "att_z_ds_ctx1": ("attention_unet", dict(DOMAIN_SHIFT_PRESET, context_dropout=0.2), {"normalization": "zscore"}, {}, {"context": 1, "in_channels": 9}, 1.0),
     "att_z_ds_3d": (
@@ -86,8 +90,9 @@ def one(args) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.backends.cudnn.benchmark = True
-    cache = load_cache(args.cache)
-    split = json.loads((Path(args.cache) / "split.json").read_text())
+    size = RUNS[args.one][2].get("input_size", 128)
+    cache = load_cache(args.cache if size == 128 else f"{args.cache}_s{size}")
+    split = json.loads((Path(args.cache if size == 128 else f"{args.cache}_s{size}") / "split.json").read_text())
     if args.max_steps:  # smoke test: a few patients only
         split = {"train": split["train"][:3], "val": split["val"][:1], "test": []}
     cfg = run_config(args.one, args.budget, args.max_steps, args.workers)
