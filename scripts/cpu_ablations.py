@@ -143,11 +143,42 @@ def finished(out: Path) -> dict[str, dict]:
     return {a: json.loads((out / a / "val_report.json").read_text()) for a in ARMS if (out / a / "val_report.json").is_file()}
 
 
+def forest_plot(reports: dict[str, dict], path: Path, reference: str = "control") -> None:
+    """One panel per condition: each arm's difference to ``reference``, paired by patient, with its 95% CI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = [a for a in reports if a != reference]
+    fig, axes = plt.subplots(1, len(CONDITIONS), figsize=(3.2 * len(CONDITIONS), 0.45 * len(arms) + 1.4), sharey=True)
+    for ax, c in zip(axes, CONDITIONS, strict=True):
+        pats = sorted(per_patient(reports[reference], c))
+        ref = np.array([per_patient(reports[reference], c)[p] for p in pats])
+        for y, arm in enumerate(arms):
+            d = np.array([per_patient(reports[arm], c)[p] for p in pats]) - ref
+            lo, hi = bootstrap_ci(d)
+            ax.errorbar(d.mean(), y, xerr=[[d.mean() - lo], [hi - d.mean()]], fmt="o", color="C3" if lo > 0 else "C0" if hi < 0 else "0.3", capsize=3)
+        ax.axvline(0, color="0.6", lw=1)
+        ax.set_title(c.replace("_", " "), fontsize=10)
+        ax.set_xlabel(f"Dice minus {reference}")
+    axes[0].set_yticks(range(len(arms)), arms)
+    axes[0].invert_yaxis()
+    fig.suptitle("Each arm against the control, validation patients, paired by patient (95% bootstrap CI)", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def write_summary(out: Path) -> None:
     done = finished(out)
     write_json_atomic(out / "summary.json", {a: {c: per_patient(r, c) for c in CONDITIONS} for a, r in done.items()})
     if "control" in done:
         write_text_atomic(out / "table.md", table(done))
+        if len(done) > 1:
+            forest_plot(done, out / "table.png")
 
 
 def main() -> int:
