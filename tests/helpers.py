@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gzip
+import importlib.util
 import io
 import logging
 import shutil
@@ -21,6 +22,15 @@ SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
 LGG = SHARED_DATA / "lgg" / "kaggle_3m"
 BRATS = SHARED_DATA / "brats-met-example"
 BRATS_FORMAT = SHARED_DATA / "brats-format"  # two LGG patients in BraTS format, with reference masks
+
+
+def script(relative: str):
+    """A repository script (``scripts/...py``) imported as a module, so a test can call its functions."""
+    path = REPO / "scripts" / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def require(path: Path) -> Path:

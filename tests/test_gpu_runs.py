@@ -4,22 +4,15 @@ augmentation only, and the 2.5D / 3D entries build the networks they name."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
+from helpers import script
 
 from brainseg.cli import DOMAIN_SHIFT_PRESET
 from brainseg.models import build_model
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu" / "train_ablations.py"
-
 
 def _runner():
-    spec = importlib.util.spec_from_file_location("train_ablations", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return script("gpu/train_ablations.py")
 
 
 def test_every_entry_builds_and_each_augmentation_alone_changes_only_itself():
@@ -62,9 +55,7 @@ def test_the_normalisation_and_size_entries_change_only_that():
 
 def test_the_cpu_arms_differ_from_the_control_in_their_own_change_only(tiny_model_dir):
     """scripts/cpu_ablations.py: every arm continues the same weights with the same schedule."""
-    spec = importlib.util.spec_from_file_location("cpu_ablations", SCRIPT.parents[1] / "cpu_ablations.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = script("cpu_ablations.py")
     init = tiny_model_dir / "attention_unet.pt"
     control = mod.arm_config(init, "control", 3, 3e-4, 16)
     assert all(getattr(control.augment, k) == 0 for k in DOMAIN_SHIFT_PRESET) and control.train.epochs == 3

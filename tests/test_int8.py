@@ -13,7 +13,7 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import LGG, REPO, require
+from helpers import LGG, require, script
 
 from brainseg.cli import main
 from brainseg.config import EVERY_CONDITION
@@ -166,14 +166,11 @@ def test_precision_int8_without_int8_file_is_a_clear_error(tiny_model_dir, tmp_p
 
 def test_ship_int8_registers_int8_with_its_dice_cost(tiny_model_dir, tmp_path, capsys):
     """scripts/ship_int8.py on the tiny models, 2 calibration and 2 test patients: files, registry, card, printout."""
-    import importlib.util
 
     from brainseg.inference.registry import read
 
     require(LGG)
-    spec = importlib.util.spec_from_file_location("ship_int8", REPO / "scripts" / "ship_int8.py")
-    ship = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ship)
+    ship = script("ship_int8.py")
     models = _int8_dir(tiny_model_dir, tmp_path)
     ids = [p.id for p in labelled(discover(LGG)).patients]
     (models / "split.json").write_text(json.dumps({"train": ids[:3], "val": ids[3:4], "test": ids[10:13]}))

@@ -3,13 +3,13 @@ skull-stripped slices the domain-shift runs train on, and without the test patie
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+from helpers import script
 
 from brainseg.training.cache import cache_complete, load_cache
 
@@ -17,10 +17,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu" / "pack_cache.p
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("pack_cache", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return script("gpu/pack_cache.py")
 
 
 def test_pack_and_unpack_keep_every_training_array_bit_exact(tiny_cache, tmp_path):

@@ -7,14 +7,13 @@ them evaluates every candidate on the test patients for about an hour)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import onnx
 import pytest
 import torch
-from helpers import REPO, synthetic_dataset
+from helpers import script, synthetic_dataset
 
 from brainseg.config import CONDITIONS, EVERY_CONDITION
 from brainseg.inference import registry
@@ -25,10 +24,7 @@ from brainseg.pipeline import RunFiles, finish_run
 
 
 def _ship_script():
-    spec = importlib.util.spec_from_file_location("ship_models", REPO / "scripts" / "ship_models.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script("ship_models.py")
 
 
 def _candidate(source: Path, path: Path, split: dict, blind: bool = False) -> Path:
