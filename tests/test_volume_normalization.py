@@ -114,3 +114,24 @@ def _resized(prob: np.ndarray, image: np.ndarray) -> np.ndarray:
     from brainseg.preprocessing import restore_size
 
     return restore_size(prob, image.shape[0], image.shape[1])
+
+
+def test_int8_calibration_inputs_of_a_volume_model_use_the_patients_volume(tmp_path):
+    """A zscore_volume model is quantised on inputs normalised as the server normalises a volume's slices."""
+    from helpers import synthetic_dataset
+
+    from brainseg.inference.export import calibration_inputs, calibration_plan, calibration_volumes
+    from brainseg.io.datasets import read_image
+    from brainseg.preprocessing import apply_condition
+
+    root = synthetic_dataset(tmp_path / "data", patients=2, slices=5, size=48)
+    volumes = calibration_volumes(root)
+    plan = calibration_plan(list(volumes), n=6, seed=1)
+    per_volume = calibration_inputs(plan, VOLUME, volumes)
+    for x, (path, cond) in zip(per_volume, plan, strict=True):
+        stats = volume_stats([prepare(apply_condition(read_image(q), cond), VOLUME) for q in volumes[path]])
+        assert np.allclose(x, normalize(prepare(apply_condition(read_image(path), cond), VOLUME), VOLUME, stats))
+    alone = calibration_inputs(plan, VOLUME)  # without the volumes: each slice alone, as before
+    assert not np.allclose(alone, per_volume, atol=1e-3)
+    zscore = PreprocessConfig(input_size=32, normalization="zscore")
+    assert np.array_equal(calibration_inputs(plan, zscore, volumes), calibration_inputs(plan, zscore))

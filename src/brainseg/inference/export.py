@@ -21,7 +21,7 @@ import numpy as np
 from ..config import ExperimentConfig
 from ..io.datasets import discover, labelled, read_image
 from ..io.files import write_bytes_atomic
-from ..preprocessing import apply_condition, preprocess_slice
+from ..preprocessing import apply_condition, normalize, prepare, preprocess_slice, volume_stats
 from .backends import ONNX_METADATA_KEY, int8_path
 
 log = logging.getLogger(__name__)
@@ -95,14 +95,30 @@ def calibration_plan(slice_paths: list[str], n: int = CALIBRATION_SLICES, seed: 
 
 def calibration_slice_paths(data_root: os.PathLike | str, patient_ids: list[str] | None = None) -> list[str]:
     """Labelled slice files of ``patient_ids`` (the training patients of a split), or of every patient."""
+    return list(calibration_volumes(data_root, patient_ids))
+
+
+def calibration_volumes(data_root: os.PathLike | str, patient_ids: list[str] | None = None) -> dict[str, list[str]]:
+    """Each labelled slice file of ``patient_ids`` (every patient if None) -> every slice file of its patient."""
     ds = labelled(discover(data_root))
     patients = [ds.patient(p) for p in patient_ids] if patient_ids else ds.patients
-    return [s.image_path for p in patients for s in p.slices]
+    return {s.image_path: [t.image_path for t in p.slices] for p in patients for s in p.slices}
 
 
-def calibration_inputs(plan: list[tuple[str, str]], preprocess_cfg) -> np.ndarray:
-    """Network inputs (N, 3, S, S) float32 for a calibration plan, through ``preprocess_slice``."""
-    return np.stack([preprocess_slice(apply_condition(read_image(p), cond), preprocess_cfg) for p, cond in plan])
+def calibration_inputs(plan: list[tuple[str, str]], preprocess_cfg, volumes: dict[str, list[str]] | None = None) -> np.ndarray:
+    """Network inputs (N, 3, S, S) float32 for a calibration plan, through ``preprocess_slice``. A
+    ``zscore_volume`` model's inputs are normalised with their patient's volume under the slice's
+    condition (``volumes``: ``calibration_volumes``), as the server normalises a volume's slices."""
+    if preprocess_cfg.normalization != "zscore_volume" or volumes is None:
+        return np.stack([preprocess_slice(apply_condition(read_image(p), cond), preprocess_cfg) for p, cond in plan])
+    stats: dict[tuple[str, str], np.ndarray] = {}
+    out = []
+    for p, cond in plan:
+        key = (volumes[p][0], cond)
+        if key not in stats:
+            stats[key] = volume_stats([prepare(apply_condition(read_image(q), cond), preprocess_cfg) for q in volumes[p]])
+        out.append(normalize(prepare(apply_condition(read_image(p), cond), preprocess_cfg), preprocess_cfg, stats[key]))
+    return np.stack(out)
 
 
 def _calibration_reader(input_name: str, inputs: np.ndarray):
@@ -217,8 +233,9 @@ def export_int8(
     if ONNX_METADATA_KEY not in meta:
         raise ValueError(f"{onnx_path}: ONNX file has no '{ONNX_METADATA_KEY}' metadata (export it with `brainseg export`)")
     cfg = ExperimentConfig.from_dict(json.loads(meta[ONNX_METADATA_KEY])["config"])
-    plan = calibration_plan(calibration_slice_paths(data_root, patient_ids), n_slices, seed)
-    inputs = calibration_inputs(plan, cfg.preprocess)
+    volumes = calibration_volumes(data_root, patient_ids)
+    plan = calibration_plan(list(volumes), n_slices, seed)
+    inputs = calibration_inputs(plan, cfg.preprocess, volumes)
     conditions = {c: sum(1 for _, k in plan if k == c) for c in CALIBRATION_MIX}
     info = {"seed": seed, "patients": len(patient_ids) if patient_ids else "all labelled", "conditions": conditions}
     return quantize_int8(onnx_path, inputs, out, method, calibration=info)
