@@ -45,6 +45,8 @@ from brainseg.io.files import write_json_atomic, write_text_atomic
 CONDITIONS = ("all", "flair_only", "skull_stripped", "skull_stripped_flair_only", "brats_like")
 ARMS = {"control": {}, "control_seed43": {}, **{k: {k: p} for k, p in DOMAIN_SHIFT_PRESET.items()}, "all": dict(DOMAIN_SHIFT_PRESET)}
 ARMS |= {"volume_norm": {}, "volume_norm_all": dict(DOMAIN_SHIFT_PRESET), "size256": {}}
+# what an arm is compared with when not the control: the same augmentation with per-slice z-score
+REFERENCE = {"volume_norm_all": "all"}
 # preprocessing that differs from --init's; another input size reads its own cache, CACHE_s<size>
 PREPROCESS = {"volume_norm": {"normalization": "zscore_volume"}, "volume_norm_all": {"normalization": "zscore_volume"}, "size256": {"input_size": 256}}
 # the server's allocator settings (serving.allocator.keep_freed, 256 MiB): 10-18% faster training steps here
@@ -122,19 +124,22 @@ def diff(v, ref) -> str:
 
 
 def table(reports: dict[str, dict], reference: str = "control") -> str:
-    """Per arm and condition: mean per-patient Dice [CI], the difference to ``reference`` paired by patient
-    [CI], and the share of lesion-free slices with a false positive."""
-    ref = reports[reference]
-    lines = ["| arm | " + " | ".join(CONDITIONS) + " |", "|---" * (len(CONDITIONS) + 1) + "|"]
+    """Per arm and condition: mean per-patient Dice [CI], the difference to the arm's reference (``REFERENCE``,
+    else ``reference``) paired by patient [CI], and the share of lesion-free slices with a false positive."""
+    lines = ["| arm | against | " + " | ".join(CONDITIONS) + " |", "|---" * (len(CONDITIONS) + 2) + "|"]
     for arm, rep in reports.items():
+        against = REFERENCE.get(arm, reference) if arm != reference else None
+        base = reports.get(against) if against else None
         cells = []
         for c in CONDITIONS:
-            pats = sorted(per_patient(ref, c))
-            v = [per_patient(rep, c)[p] for p in pats]
-            r = [per_patient(ref, c)[p] for p in pats]
             fp = f"FP {rep['conditions'][c]['fp_slice_rate']:.3f}"
-            cells.append(f"{cell(v)}<br>{fp}" if arm == reference else f"{cell(v)}<br>{diff(v, r)}<br>{fp}")
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+            if base is None:
+                cells.append(f"{cell(list(per_patient(rep, c).values()))}<br>{fp}")
+                continue
+            pats = sorted(per_patient(base, c))
+            v = [per_patient(rep, c)[p] for p in pats]
+            cells.append(f"{cell(v)}<br>{diff(v, [per_patient(base, c)[p] for p in pats])}<br>{fp}")
+        lines.append(f"| {arm} | {against if base is not None else '-'} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -154,15 +159,15 @@ def forest_plot(reports: dict[str, dict], path: Path, reference: str = "control"
     fig, axes = plt.subplots(1, len(CONDITIONS), figsize=(3.2 * len(CONDITIONS), 0.45 * len(arms) + 1.4), sharey=True)
     for ax, c in zip(axes, CONDITIONS, strict=True):
         pats = sorted(per_patient(reports[reference], c))
-        ref = np.array([per_patient(reports[reference], c)[p] for p in pats])
         for y, arm in enumerate(arms):
-            d = np.array([per_patient(reports[arm], c)[p] for p in pats]) - ref
+            other = reports.get(REFERENCE.get(arm, reference), reports[reference])
+            d = np.array([per_patient(reports[arm], c)[p] for p in pats]) - np.array([per_patient(other, c)[p] for p in pats])
             lo, hi = bootstrap_ci(d)
             ax.errorbar(d.mean(), y, xerr=[[d.mean() - lo], [hi - d.mean()]], fmt="o", color="C3" if lo > 0 else "C0" if hi < 0 else "0.3", capsize=3)
         ax.axvline(0, color="0.6", lw=1)
         ax.set_title(c.replace("_", " "), fontsize=10)
-        ax.set_xlabel(f"Dice minus {reference}")
-    axes[0].set_yticks(range(len(arms)), arms)
+        ax.set_xlabel(f"Dice minus {reference} (or as named)")
+    axes[0].set_yticks(range(len(arms)), [f"{a} - {REFERENCE[a]}" if a in REFERENCE and REFERENCE[a] in reports else a for a in arms])
     axes[0].invert_yaxis()
     fig.suptitle("Each arm against the control, validation patients, paired by patient (95% bootstrap CI)", fontsize=10)
     fig.tight_layout()
@@ -181,7 +186,7 @@ def write_summary(out: Path) -> None:
             forest_plot(done, out / "table.png")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--init", type=Path, required=True, help="weights every arm continues from")
     p.add_argument("--out", type=Path, required=True)
@@ -194,7 +199,7 @@ def main() -> int:
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--table-only", action="store_true", help="only (re)write OUT/summary.json and OUT/table.md from the scored arms")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.one:  # a child process: train one arm
         train_arm(args, args.one)

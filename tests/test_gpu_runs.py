@@ -67,3 +67,25 @@ def test_the_cpu_arms_differ_from_the_control_in_their_own_change_only(tiny_mode
         want = set(mod.ARMS[arm]) | set(mod.PREPROCESS.get(arm, {})) | ({"seed"} if arm == "control_seed43" else set())
         assert changed == want, arm
         assert cfg.model == control.model
+
+
+def test_the_cpu_table_pairs_each_arm_with_its_reference(tmp_path):
+    """cpu_ablations --table-only: per-patient differences to the control (or the arm's named reference), and a plot."""
+    import json
+
+    mod = script("cpu_ablations.py")
+    pats = [f"p{i}" for i in range(6)]
+
+    def report(offset):
+        return {"conditions": {c: {"per_patient": {p: 0.5 + 0.05 * i + offset for i, p in enumerate(pats)}, "fp_slice_rate": 0.01} for c in mod.CONDITIONS}}
+
+    for arm, offset in (("control", 0.0), ("all", 0.2), ("volume_norm_all", 0.1), ("blur", -0.1)):
+        (tmp_path / arm).mkdir()
+        (tmp_path / arm / "val_report.json").write_text(json.dumps(report(offset)))
+    assert mod.main(["--init", "unused", "--out", str(tmp_path), "--table-only"]) == 0
+    rows = {line.split(" | ")[0][2:]: line for line in (tmp_path / "table.md").read_text().splitlines()[2:]}
+    assert "| all | control | 0.825 [" in rows["all"] + " " and "+0.200 [+0.20, +0.20]" in rows["all"]
+    assert "| volume_norm_all | all |" in rows["volume_norm_all"] and "-0.100 [-0.10, -0.10]" in rows["volume_norm_all"]
+    assert "-0.100 [-0.10, -0.10]" in rows["blur"] and "| control | - |" in rows["control"]
+    assert (tmp_path / "table.png").stat().st_size > 10_000
+    assert set(json.loads((tmp_path / "summary.json").read_text())) == {"control", "blur", "all", "volume_norm_all"}
