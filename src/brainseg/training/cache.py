@@ -56,27 +56,29 @@ class Cache:
         wanted = set(patient_ids)
         return np.asarray([i for i, p in enumerate(self.patients) if p in wanted], dtype=np.int64)
 
+    def rows_by_patient(self, rows=None) -> dict[str, list[int]]:
+        """{patient: its rows}, in cache order, over ``rows`` (every row if None)."""
+        out: dict[str, list[int]] = {}
+        for r in range(len(self.patients)) if rows is None else rows:
+            out.setdefault(self.patients[r], []).append(int(r))
+        return out
+
     def context_rows(self, context: int) -> np.ndarray:
         """(N, 2 * context + 1) rows of each row's 2.5D input: the same patient's slices below and
         above it in slice order, clamped at the patient's first and last slice."""
         out = np.zeros((len(self.patients), 2 * context + 1), dtype=np.int64)
-        by_patient: dict[str, list[int]] = {}
-        for r, p in enumerate(self.patients):
-            by_patient.setdefault(p, []).append(r)
-        for rows in by_patient.values():
+        for rows in self.rows_by_patient().values():
             rows = sorted(rows, key=lambda r: self.slices[r])
             for k, r in enumerate(rows):
                 out[r] = [rows[j] for j in context_indices(k, len(rows), context)]
         return out
 
-    def patient_stats(self, stripped: bool = False) -> dict[str, np.ndarray]:
+    def patient_stats(self, stripped: bool = False, rows=None) -> dict[str, np.ndarray]:
         """Each patient's ``preprocessing.volume_stats`` over all of its cached slices (the skull-stripped
-        ones with ``stripped``): what ``zscore_volume`` normalises the patient's slices with."""
+        ones with ``stripped``; of the patients of ``rows`` only, if given): what ``zscore_volume``
+        normalises the patient's slices with."""
         images = self.images_stripped if stripped else self.images
-        by_patient: dict[str, list[int]] = {}
-        for r, p in enumerate(self.patients):
-            by_patient.setdefault(p, []).append(r)
-        return {p: volume_stats([np.asarray(images[r]) for r in rows]) for p, rows in by_patient.items()}
+        return {p: volume_stats([np.asarray(images[r]) for r in rs]) for p, rs in self.rows_by_patient(rows).items()}
 
 
 FINGERPRINT_VERSION = 1

@@ -31,7 +31,7 @@ from ..io.files import write_json_atomic, write_text_atomic
 from ..models import build_model, count_parameters
 from ..models.blocks import inflate_2d
 from ..models.checkpoint import load_checkpoint, save_checkpoint
-from ..preprocessing import apply_condition, build_augmentation, context_stack, drop_sequences, normalize, over_slabs, per_slice, volume_stats
+from ..preprocessing import apply_condition, build_augmentation, context_stack, drop_sequences, normalize, over_slabs, per_slice
 from .cache import Cache
 
 log = logging.getLogger(__name__)
@@ -518,14 +518,14 @@ def validation_scores(
     predict = _predict_volumes if cfg.model.spatial_dims == 3 else _predict_slices
     out: dict[str, dict[str, float]] = {}
     for cond in conditions:
-        images, channels = cache.images, cond
+        images, channels, stripped = cache.images, cond, False
         if cond in SHIFT_CONDITIONS:  # skull-stripped: the cached stripped slices, then the channel condition
             channels, _, zoom = SHIFT_CONDITIONS[cond]
             if zoom != 1.0:
                 raise ValueError(f"validation cannot score {cond!r}: its prediction needs mapping back (use brainseg evaluate)")
-            images = cache.images_stripped
+            images, stripped = cache.images_stripped, True
 
-        stats = _condition_stats(cache, rows, images, channels) if cfg.preprocess.normalization == "zscore_volume" else {}
+        stats = _condition_stats(cache, rows, stripped, channels) if cfg.preprocess.normalization == "zscore_volume" else {}
 
         def inputs(rs, images=images, channels=channels, stats=stats) -> np.ndarray:
             return np.stack(
@@ -541,12 +541,11 @@ def validation_scores(
     return out
 
 
-def _condition_stats(cache: Cache, rows, images, channels: str) -> dict[str, np.ndarray]:
-    """``zscore_volume`` in validation: each patient's statistics over its slices under the condition."""
-    by_patient: dict[str, list[int]] = {}
-    for r in rows:
-        by_patient.setdefault(cache.patients[r], []).append(r)
-    return {p: volume_stats([apply_condition(np.asarray(images[r]), channels) for r in rs]) for p, rs in by_patient.items()}
+def _condition_stats(cache: Cache, rows, stripped: bool, channels: str) -> dict[str, np.ndarray]:
+    """``zscore_volume`` in validation: each patient's statistics over its slices under the channel
+    condition, which only reorders the sequences (``config.CONDITIONS``), so it reorders their statistics."""
+    order = list(CONDITIONS[channels])
+    return {p: s[order] for p, s in cache.patient_stats(stripped, rows).items()}
 
 
 def _logits(model: torch.nn.Module, x: np.ndarray, device: torch.device) -> np.ndarray:
