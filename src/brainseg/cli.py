@@ -662,10 +662,10 @@ def _keep_freed() -> None:
     defaults): glibc then keeps freed activation buffers instead of unmapping and page-faulting them
     again on every step. Training steps on 2 CPU cores, batch 16 at 128 x 128, medians: Attention U-Net
     0.93-1.03 -> 0.82-0.85 s, U-Net++ 2.00-2.04 -> 1.67-1.77 s (docs/ablations.md, round 7)."""
-    from .serving.allocator import keep_freed
+    from .serving.allocator import KEEP_FREED_MB, keep_freed
 
     try:
-        mib = int(os.environ.get("BRAINSEG_MALLOC_KEEP_MB", "256"))
+        mib = int(os.environ.get("BRAINSEG_MALLOC_KEEP_MB", KEEP_FREED_MB))
     except ValueError:
         raise SystemExit(f"brainseg: BRAINSEG_MALLOC_KEEP_MB must be a whole number of MiB, not {os.environ['BRAINSEG_MALLOC_KEEP_MB']!r}") from None
     keep_freed(mib)

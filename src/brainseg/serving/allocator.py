@@ -27,6 +27,7 @@ import logging
 
 log = logging.getLogger("brainseg.serving")
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's mallopt parameters
+KEEP_FREED_MB = 256  # keep_freed's size for the server (BRAINSEG_MALLOC_KEEP_MB) and every brainseg command
 
 
 def _libc():

@@ -102,6 +102,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
 from ..config import Environment
+from .allocator import KEEP_FREED_MB
 
 log = logging.getLogger("brainseg.serving")
 
@@ -140,7 +141,7 @@ class Settings(Environment):
     onnx_threads: int = Field(0, ge=0)
     onnx_spinning: bool = False
     malloc_arenas: int = Field(2, ge=0)
-    malloc_keep_mb: int = Field(256, ge=0)
+    malloc_keep_mb: int = Field(KEEP_FREED_MB, ge=0)
     batch_size: int = Field(16, ge=1)
     batch_wait_ms: float = Field(5.0, ge=0, le=1000)
     preload: bool = True
