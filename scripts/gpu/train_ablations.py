@@ -91,8 +91,9 @@ def one(args) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.backends.cudnn.benchmark = True
     size = RUNS[args.one][2].get("input_size", 128)
-    cache = load_cache(args.cache if size == 128 else f"{args.cache}_s{size}")
-    split = json.loads((Path(args.cache if size == 128 else f"{args.cache}_s{size}") / "split.json").read_text())
+    cache_dir = Path(args.cache if size == 128 else f"{args.cache}_s{size}")  # another input size: its own cache
+    cache = load_cache(cache_dir)
+    split = json.loads((cache_dir / "split.json").read_text())
     if args.max_steps:  # smoke test: a few patients only
         split = {"train": split["train"][:3], "val": split["val"][:1], "test": []}
     cfg = run_config(args.one, args.budget, args.max_steps, args.workers)

@@ -111,13 +111,15 @@ def calibration_inputs(plan: list[tuple[str, str]], preprocess_cfg, volumes: dic
     condition (``volumes``: ``calibration_volumes``), as the server normalises a volume's slices."""
     if preprocess_cfg.normalization != "zscore_volume" or volumes is None:
         return np.stack([preprocess_slice(apply_condition(read_image(p), cond), preprocess_cfg) for p, cond in plan])
-    stats: dict[tuple[str, str], np.ndarray] = {}
+    seen: dict[tuple[str, str], tuple[dict[str, np.ndarray], np.ndarray]] = {}  # (volume, condition) -> its slices, statistics
     out = []
     for p, cond in plan:
         key = (volumes[p][0], cond)
-        if key not in stats:
-            stats[key] = volume_stats([prepare(apply_condition(read_image(q), cond), preprocess_cfg) for q in volumes[p]])
-        out.append(normalize(prepare(apply_condition(read_image(p), cond), preprocess_cfg), preprocess_cfg, stats[key]))
+        if key not in seen:  # each volume read and prepared once per condition; its planned slices come from it
+            prepared = {q: prepare(apply_condition(read_image(q), cond), preprocess_cfg) for q in volumes[p]}
+            seen[key] = prepared, volume_stats(list(prepared.values()))
+        prepared, stats = seen[key]
+        out.append(normalize(prepared[p], preprocess_cfg, stats))
     return np.stack(out)
 
 
