@@ -80,7 +80,7 @@ def arm_config(init: Path, arm: str, epochs: int, lr: float, batch_size: int):
 def train_arm(args, arm: str) -> Path:
     """Train one arm in this process (resuming), returning its last checkpoint."""
     from brainseg.models.checkpoint import load_checkpoint
-    from brainseg.training.cache import load_cache
+    from brainseg.training.cache import load_cache, sized_cache_dir
     from brainseg.training.trainer import Trainer
 
     cfg = arm_config(args.init, arm, args.epochs, args.lr, args.batch_size)
@@ -92,8 +92,7 @@ def train_arm(args, arm: str) -> Path:
     split = {"train": split["train"], "val": split["val"], "test": []}  # the test patients stay untouched
     t0 = time.time()
     size = cfg.preprocess.input_size
-    cache = args.cache if size == 128 else f"{args.cache}_s{size}"
-    Trainer(cfg, load_cache(cache), split, out, resume=True, progress=False, init_from=args.init).fit()
+    Trainer(cfg, load_cache(sized_cache_dir(args.cache, size)), split, out, resume=True, progress=False, init_from=args.init).fit()
     (out / "wall_s.txt").write_text(f"{time.time() - t0:.0f}\n")
     return last
 

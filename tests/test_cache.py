@@ -16,7 +16,7 @@ from brainseg import pipeline
 from brainseg.cli import main
 from brainseg.config import ExperimentConfig, PreprocessConfig
 from brainseg.io.datasets import DataError, default_holdout, discover, read_split, split_patients
-from brainseg.training.cache import build_cache, cache_matches, dataset_fingerprint, load_cache
+from brainseg.training.cache import build_cache, cache_matches, dataset_fingerprint, load_cache, sized_cache_dir
 
 CFG = ExperimentConfig(preprocess=PreprocessConfig(input_size=32))
 PRE = ["--size", "32"]
@@ -381,3 +381,10 @@ def test_a_cache_serves_either_normalisation_but_not_other_arrays(tmp_path):
     assert cache_matches(cache, data, replace(built, normalization=other))
     assert not cache_matches(cache, data, replace(built, input_size=built.input_size * 2))
     assert not cache_matches(cache, data, replace(built, clahe=not built.clahe))
+
+
+def test_each_input_size_has_its_own_cache_folder(tmp_path):
+    base = tmp_path / "cache81z"
+    assert sized_cache_dir(base, PreprocessConfig().input_size) == base
+    assert sized_cache_dir(base, 256) == tmp_path / "cache81z_s256"
+    assert sized_cache_dir(str(base) + "/", 64) == tmp_path / "cache81z_s64"

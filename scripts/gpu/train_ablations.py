@@ -85,13 +85,13 @@ def one(args) -> None:
     import torch
 
     from brainseg.models.checkpoint import load_checkpoint, model_from_checkpoint
-    from brainseg.training.cache import load_cache
+    from brainseg.training.cache import load_cache, sized_cache_dir
     from brainseg.training.trainer import Trainer, validation_scores
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.backends.cudnn.benchmark = True
     size = RUNS[args.one][2].get("input_size", 128)
-    cache_dir = Path(args.cache if size == 128 else f"{args.cache}_s{size}")  # another input size: its own cache
+    cache_dir = sized_cache_dir(args.cache, size)
     cache = load_cache(cache_dir)
     split = json.loads((cache_dir / "split.json").read_text())
     if args.max_steps:  # smoke test: a few patients only

@@ -109,6 +109,14 @@ def same_arrays(built: PreprocessConfig, wanted: PreprocessConfig) -> bool:
     return replace(built, normalization=wanted.normalization) == wanted
 
 
+def sized_cache_dir(cache_dir: os.PathLike | str, input_size: int) -> Path:
+    """The cache folder for another network input size: ``CACHE`` at the default size
+    (``PreprocessConfig.input_size``), ``CACHE_s<size>`` otherwise (``python preprocess.py --size 256
+    --cache CACHE_s256``), so that the experiment scripts find one cache per size by one rule."""
+    d = Path(cache_dir)
+    return d if input_size == PreprocessConfig().input_size else d.with_name(f"{d.name}_s{input_size}")
+
+
 def cache_complete(cache_dir: os.PathLike | str) -> bool:
     """True if the folder holds a whole cache: arrays, ``index.json`` and ``split.json``."""
     d = Path(cache_dir)
