@@ -100,7 +100,8 @@ def train_arm(args, arm: str) -> Path:
 def score_arm(args, arm: str, last: Path) -> dict:
     report = args.out / arm / "val_report.json"
     if not report.is_file():
-        cmd = [sys.executable, "-m", "brainseg.cli", "evaluate", "--checkpoint", str(last), "--torch", "--data", str(args.data)]
+        cmd = [sys.executable, "-m", "brainseg.cli", "evaluate", "--checkpoint", str(last), "--torch"]
+        cmd += ["--data", str(args.data)] if args.data else []  # else brainseg's own default
         cmd += ["--split", str(args.split), "--subset", "val", "--threshold", "0.5", "--min-size", "0", "--conditions", *CONDITIONS, "--out", str(report)]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)  # brainseg sets the allocator itself
     return json.loads(report.read_text())
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--cache", default="runs/cache81z")
     p.add_argument("--split", default="models/split.json")
-    p.add_argument("--data", default="../shared/data/lgg/kaggle_3m")
+    p.add_argument("--data", default=None, help="the LGG dataset (default: $BRAINSEG_DATA or ../shared/data/lgg/kaggle_3m)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--batch-size", type=int, default=16)

@@ -2,7 +2,7 @@
 distance (in slices) to the nearest slice with a lesion.
 
     python scripts/fp_by_distance.py --model-dir models [--model attention_unet] [--patients val|test]
-        [--condition all] [--data ../shared/data/lgg/kaggle_3m] [--json out.json]
+        [--condition all] [--data ROOT] [--json out.json]
 
 A false positive one slice beyond the tumour is the mask spilling over its edge; one five slices away
 is a separate detection. The model runs with its calibrated post-processing (the registry's), the
@@ -14,18 +14,17 @@ slices (278) to show a change of a few percent in the FP slice rate.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from brainseg.config import EVERY_CONDITION
+from brainseg.config import EVERY_CONDITION, default_data_root
 from brainseg.evaluation.protocol import predict_patients
 from brainseg.inference.backends import binarize_stack
 from brainseg.inference.predictor import load
 from brainseg.inference.registry import RegistryError
-from brainseg.io.datasets import DataError, discover
+from brainseg.io.datasets import DataError, discover, read_split
 from brainseg.io.files import write_json_atomic
 
 BINS = (("adjacent", 1, 1), ("2-3 slices", 2, 3), ("further", 4, None))
@@ -64,13 +63,13 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="registered model name (default: the registry's default)")
     ap.add_argument("--patients", choices=("val", "test"), default="val", help="which patients of the registry's split")
     ap.add_argument("--condition", choices=EVERY_CONDITION, default="all")
-    ap.add_argument("--data", type=Path, default=Path("../shared/data/lgg/kaggle_3m"))
+    ap.add_argument("--data", type=Path, default=None, help="the LGG dataset (default: $BRAINSEG_DATA or ../shared/data/lgg/kaggle_3m)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
     try:
         seg = load(a.model, model_dir=a.model_dir)
-        split = json.loads((a.model_dir / "split.json").read_text())
-        ds = discover(a.data)
+        split = read_split(a.model_dir / "split.json")
+        ds = discover(a.data or default_data_root())
         patients = [ds.patient(p) for p in split[a.patients]]
     except (RegistryError, DataError, OSError, KeyError, ValueError) as e:
         print(f"fp_by_distance: error: {e}", file=sys.stderr)
