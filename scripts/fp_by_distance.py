@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from brainseg.config import EVERY_CONDITION, default_data_root
-from brainseg.evaluation.protocol import predict_patients
+from brainseg.evaluation.protocol import lesion_slices, predict_patients
 from brainseg.inference.backends import binarize_stack
 from brainseg.inference.predictor import load
 from brainseg.inference.registry import RegistryError
@@ -33,12 +33,12 @@ BINS = (("adjacent", 1, 1), ("2-3 slices", 2, 3), ("further", 4, None))
 def fp_slices(mask: np.ndarray, truth: np.ndarray) -> list[dict]:
     """Every lesion-free slice of ``truth`` (Z, H, W) on which ``mask`` predicts a lesion: its index, its
     distance to the nearest slice with a lesion (None when the patient has no lesion) and the pixels predicted."""
-    positive = truth.reshape(len(truth), -1).any(1)
-    predicted = mask.reshape(len(mask), -1).any(1)
-    lesion_slices = np.flatnonzero(positive)
+    positive = lesion_slices(truth)
+    predicted = lesion_slices(mask)
+    lesion_at = np.flatnonzero(positive)
     out = []
     for z in np.flatnonzero(predicted & ~positive):
-        dist = int(np.abs(lesion_slices - z).min()) if len(lesion_slices) else None
+        dist = int(np.abs(lesion_at - z).min()) if len(lesion_at) else None
         out.append({"slice": int(z), "distance": dist, "pixels": int(mask[z].sum())})
     return out
 
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     per_patient, lesion_free = {}, 0
     for p in predict_patients(seg, patients, condition=a.condition):
         per_patient[p.patient] = fp_slices(binarize_stack(p.prob, post), p.truth)
-        lesion_free += int((~p.truth.reshape(len(p.truth), -1).any(1)).sum())
+        lesion_free += int((~lesion_slices(p.truth)).sum())
     summary = summarize(per_patient, lesion_free)
     print(
         f"{seg.name} ({a.patients}, {a.condition}, {post}): {summary['fp_slices']} of {lesion_free} lesion-free slices "

@@ -6,8 +6,12 @@
 
 For each architecture, every candidate checkpoint (e.g. the GPU run and its CPU continuation)
 is calibrated on the validation patients (threshold, minimum component size, 2D / 3D
-components; complete input and FLAIR only) and the one with the higher validation score is
-shipped: ``pipeline.finish_run``, the flow of ``brainseg train``, with this script's files
+components; complete input, FLAIR only, skull stripped). The first candidate is the shipped
+model (the incumbent); another replaces it only under ``pipeline.champion_challenger``'s rules,
+on the validation patients: calibrated to no more false-positive slices than the incumbent
+(pooled over every input condition), it must still gain beyond chance (95% bootstrap interval of
+the paired per-patient gain above 0); among those, the highest validation score ships
+(``--no-guard``: the highest validation score, whatever its FP). ``pipeline.finish_run``, the flow of ``brainseg train``, with this script's files
 (``RunFiles.shipped``) and test report (``shipped_evaluation``). Then: ONNX export, evaluation of the ONNX model on the test patients under the four
 input conditions with 95% bootstrap intervals, the PyTorch model on the same patients (the
 two must agree), the ensemble, the default chosen on validation, ``registry.json``, one model
@@ -58,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--candidates", nargs="+", required=True, help="NAME=CKPT[,CKPT...] per architecture")
     ap.add_argument("--training-note", default="", help="how the candidates were trained, for the model cards")
     ap.add_argument("--limit", type=int, default=0, help="smoke test: only this many validation and test patients")
+    ap.add_argument("--no-guard", action="store_true", help="ship the highest validation score, without the FP and chance rules for the first candidate")
     ap.add_argument("--brats-format", type=Path, default=BRATS_FORMAT, help="LGG patients in BraTS format with reference masks (skipped if absent)")
     a = ap.parse_args(argv)
     logging.basicConfig(format="%(message)s")
@@ -87,9 +92,11 @@ def main(argv: list[str] | None = None) -> int:
             evaluate=shipped_evaluation(name, test, a.brats_format, measured),
             metrics=REGISTRY_METRICS,
             device="cpu",
+            guard=not a.no_guard,
         )
-        info = load_checkpoint(out / f"{name}.pt")["info"]
-        chosen[name] = {"path": info["shipped_from"], "val_score": entries[name].val_selection_score, "candidates": list(candidates[name])}
+        shipped_ckpt = load_checkpoint(out / f"{name}.pt")
+        info, guard = shipped_ckpt["info"], shipped_ckpt["calibration"].get("candidates")
+        chosen[name] = {"path": info["shipped_from"], "val_score": entries[name].val_selection_score, "candidates": list(candidates[name]), "considered": guard}
         curves = Path(info["shipped_from"]).parent / "training_curves.png"
         if curves.is_file():
             shutil.copy2(curves, out / f"{name}_training_curves.png")
@@ -251,6 +258,16 @@ def make_figure(test_patients, members, path: Path, n: int = 4) -> None:
     save_figure(fig, path)
 
 
+def _guard_lines(chosen: dict) -> str:
+    """The model card's lines on the shipping rules (``pipeline.champion_challenger``): each challenger's verdict."""
+    considered = chosen.get("considered")
+    if not considered:
+        return ""
+    lines = [f"; the first is the model shipped before (validation FP {considered[0]['fp_slices']} slices over every input condition)"]
+    lines += [f"\n  - `{c['path']}`: {c['verdict']['reason']}" for c in considered[1:]]
+    return "".join(lines)
+
+
 def _fmt(v) -> str:
     return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
@@ -361,7 +378,7 @@ Probabilities are resized back (bilinear) to the input's size before thresholdin
 ## Training
 {training_note}
 
-- shipped checkpoint: `{chosen["path"]}`, chosen among {", ".join(f"`{c}`" for c in chosen["candidates"])} by validation score {chosen["val_score"]:.4f}
+- shipped checkpoint: `{chosen["path"]}`, chosen among {", ".join(f"`{c}`" for c in chosen["candidates"])} by validation score {chosen["val_score"]:.4f}{_guard_lines(chosen)}
 - seed {cfg.train.seed}; batch {cfg.train.batch_size}, {int(cfg.train.positive_fraction * 100)}% lesion-positive slices per epoch (foreground-aware sampling);
   loss BCE + soft Dice; {optimiser}.
 - augmentation (albumentations, seeded per sample): flips, {affine}, elastic, brightness/contrast, gamma, Gaussian noise;

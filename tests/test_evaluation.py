@@ -163,6 +163,46 @@ def test_sweep_by_hand_over_two_conditions():
     assert post == PostprocessConfig(0.3, 3, False, 3)
 
 
+def _faint_edge_and_a_blob():
+    """Slice 0: a 3 x 3 lesion at p 0.9; slice 2: more of it (3 x 3) at p 0.35; slice 1, lesion-free: a 3 x 3 blob at p 0.35.
+
+    Threshold 0.3: the whole lesion and the blob, Dice 2 * 18 / (18 + 27) = 0.8; FP 1 of 1 lesion-free slices.
+    Threshold 0.5: Dice 2 * 9 / (9 + 18) = 0.667, FP 0. Minimum sizes up to 9 keep everything.
+    """
+    truth = np.zeros((3, 10, 10), bool)
+    truth[0, 1:4, 1:4] = truth[2, 1:4, 1:4] = True
+    prob = np.zeros((3, 10, 10))
+    prob[0, 1:4, 1:4], prob[2, 1:4, 1:4], prob[1, 6:9, 6:9] = 0.9, 0.35, 0.35
+    return [_pred("p", prob, truth)]
+
+
+def test_sweep_under_an_fp_budget():
+    preds = _faint_edge_and_a_blob()
+    sweep = dict(thresholds=(0.3, 0.5), min_sizes=(0,), components_3d=(False,))
+    post, table = sweep_postprocess(preds, **sweep)
+    assert post.threshold == 0.3 and [(r["fp_slices"], r["lesion_free_slices"]) for r in table] == [(1, 1), (0, 1)]
+    assert [r["fp_slice_rate_pooled"] for r in table] == [1.0, 0.0] and table[1]["per_patient_dice"] == pytest.approx(2 / 3)
+    assert sweep_postprocess(preds, **sweep, max_fp_rate=0.0)[0].threshold == 0.5  # the budget rules out the better Dice
+    assert sweep_postprocess(preds, **sweep, max_fp_rate=1.0)[0].threshold == 0.3  # a budget it keeps changes nothing
+    assert sweep_postprocess(preds, **sweep, max_fp_rate=-1.0)[0].threshold == 0.5  # none keeps it: the fewest FP
+
+
+def test_sweep_pools_fp_over_every_condition_but_scores_only_some():
+    """Two conditions: "all" as above; "flair_only" with the blob at p 0.9 (FP at both thresholds) and no lesion found.
+    Scored on "all" only, the Dice is that of "all"; the FP slices are pooled over both (2 lesion-free slices)."""
+    (complete,) = _faint_edge_and_a_blob()
+    flair = np.zeros_like(complete.prob)
+    flair[1, 6:9, 6:9] = 0.9
+    preds = {"all": [complete], "flair_only": [_pred("p", flair, complete.truth)]}
+    sweep = dict(thresholds=(0.3, 0.5), min_sizes=(0,), components_3d=(False,))
+    post, table = sweep_postprocess(preds, **sweep, score_conditions=("all",))
+    assert post.threshold == 0.3 and [r["per_patient_dice"] for r in table] == [pytest.approx(0.8), pytest.approx(2 / 3)]
+    assert [(r["fp_slices"], r["lesion_free_slices"]) for r in table] == [(2, 2), (1, 2)]
+    assert sweep_postprocess(preds, **sweep, score_conditions=("all",), max_fp_rate=0.5)[0].threshold == 0.5
+    both = sweep_postprocess(preds, **sweep)[1]
+    assert both[0]["per_patient_dice"] == pytest.approx(0.4)  # scored on both: (0.8 + 0.0) / 2
+
+
 def test_sweep_chooses_3d_components_and_a_separate_single_slice_minimum():
     """A thin lesion (2 px on each of 3 slices = 6 voxels) and a 3-px speck on slice 1, elsewhere.
 

@@ -15,12 +15,12 @@ import pytest
 import torch
 from helpers import script, synthetic_dataset
 
-from brainseg.config import CONDITIONS, EVERY_CONDITION
+from brainseg.config import CONDITIONS, EVERY_CONDITION, PostprocessConfig
 from brainseg.inference import registry
 from brainseg.inference.export import ONNX_METADATA_KEY
 from brainseg.io.datasets import discover, labelled, split_patients
 from brainseg.models.checkpoint import load_checkpoint, save_checkpoint
-from brainseg.pipeline import RunFiles, finish_run
+from brainseg.pipeline import Calibration, RunFiles, champion_challenger, finish_run
 
 
 def _ship_script():
@@ -49,7 +49,7 @@ def shipped(tiny_model_dir, tmp_path_factory):
     good = _candidate(tiny_model_dir / "unetpp.pt", root / "good" / "unetpp.pt", split)
     blind = _candidate(tiny_model_dir / "unetpp.pt", root / "blind" / "unetpp.pt", split, blind=True)
     out = root / "models"
-    args = ["--data", str(data), "--out", str(out), "--candidates", f"unetpp={blind},{good}", "--brats-format", str(root / "none")]
+    args = ["--data", str(data), "--out", str(out), "--candidates", f"unetpp={blind},{good}", "--brats-format", str(root / "none"), "--no-guard"]
     assert _ship_script().main(args) == 0
 
     run = root / "run" / "unetpp"
@@ -104,3 +104,48 @@ def test_the_script_writes_what_finish_run_writes_for_a_training_run(shipped):
     assert script_report["val_selection_score"] == trained_report["val_selection_score"]
     for c in CONDITIONS:
         assert script_report["conditions"][c]["per_patient_dice"] == pytest.approx(trained_report["conditions"][c]["per_patient_dice"], abs=0.02), c
+
+
+def _cal(scores: list[float], fp: int, budget: float | None = None) -> Calibration:
+    per_patient = {f"p{i}": v for i, v in enumerate(scores)}
+    return Calibration(PostprocessConfig(), [], sum(scores) / len(scores), per_patient, fp, 1000, EVERY_CONDITION, budget)
+
+
+def test_a_challenger_replaces_the_shipped_model_only_with_no_more_fp_and_a_gain_beyond_chance():
+    shipped = _cal([0.70, 0.80, 0.60, 0.75], fp=20)
+    better = champion_challenger(shipped, _cal([0.75, 0.85, 0.65, 0.80], fp=18, budget=0.020))
+    assert better["replaces"] and better["gain"] == pytest.approx(0.05) and better["gain_ci95"] == [pytest.approx(0.05)] * 2
+    assert (better["fp_slices"], better["fp_budget_slices"]) == (18, 20)
+    # The same gain bought with false positives: calibrated under the budget, it could not get within it.
+    more_fp = champion_challenger(shipped, _cal([0.75, 0.85, 0.65, 0.80], fp=30, budget=0.020))
+    assert not more_fp["replaces"] and more_fp["reason"].startswith("more false positives")
+    # A mean gain of 0 (+0.05, -0.05, +0.01, -0.01): noise.
+    noise = champion_challenger(shipped, _cal([0.75, 0.75, 0.61, 0.74], fp=10, budget=0.020))
+    assert not noise["replaces"] and "not beyond chance" in noise["reason"] and noise["gain_ci95"][0] < 0 < noise["gain_ci95"][1]
+
+
+def test_the_guarded_script_keeps_the_shipped_model_against_a_worse_challenger(tiny_model_dir, tmp_path):
+    """The default rules: the first candidate is the shipped model; a challenger that finds no lesion does not replace it.
+    Both were calibrated with the FP pooled over every input condition, the challenger within the shipped model's rate."""
+    torch.set_num_threads(1)
+    data = synthetic_dataset(tmp_path / "data", patients=4, slices=4, size=64)
+    split = split_patients([p.id for p in labelled(discover(data)).patients], 2, 1, seed=0)
+    good = _candidate(tiny_model_dir / "unetpp.pt", tmp_path / "good" / "unetpp.pt", split)
+    blind = _candidate(tiny_model_dir / "unetpp.pt", tmp_path / "blind" / "unetpp.pt", split, blind=True)
+    out = tmp_path / "models"
+    args = ["--data", str(data), "--out", str(out), "--candidates", f"unetpp={good},{blind}", "--brats-format", str(tmp_path / "none")]
+    assert _ship_script().main(args) == 0
+    chosen = json.loads((out / "shipping.json").read_text())["chosen"]["unetpp"]
+    assert chosen["path"] == str(good)
+    incumbent, challenger = chosen["considered"]
+    assert incumbent["verdict"] is None and challenger["path"] == str(blind) and challenger["fp_slices"] == 0
+    assert not challenger["verdict"]["replaces"] and challenger["verdict"]["gain"] < 0
+    cal = load_checkpoint(out / "unetpp.pt")["calibration"]
+    assert cal["fp_conditions"] == list(EVERY_CONDITION) and cal["fp_budget"] is None  # the shipped model: no budget of its own
+    row = next(
+        r
+        for r in cal["table"]
+        if (r["threshold"], r["min_size"], r["components_3d"]) == tuple(incumbent["post"][k] for k in ("threshold", "min_size", "components_3d"))
+    )
+    assert (row["fp_slices"], row["lesion_free_slices"]) == (incumbent["fp_slices"], cal["lesion_free_slices"]) and cal["lesion_free_slices"] > 0
+    assert challenger["verdict"]["reason"] in (out / "unetpp.md").read_text()

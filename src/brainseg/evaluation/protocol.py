@@ -79,8 +79,8 @@ def mean_predictions(per_model: list[list[PatientPrediction]]) -> list[PatientPr
 def score_patient(pred: np.ndarray, truth: np.ndarray) -> dict:
     """All metrics of one patient; ``pred`` and ``truth`` are (Z, H, W) bool."""
     slice_dice = [M.dice(p, t) for p, t in zip(pred, truth, strict=False)]
-    positive = truth.reshape(len(truth), -1).any(1)
-    predicted = pred.reshape(len(pred), -1).any(1)
+    positive = lesion_slices(truth)
+    predicted = lesion_slices(pred)
     match = M.match_lesions(pred, truth)
     return {
         "dice": M.dice(pred, truth),
@@ -162,15 +162,22 @@ def sweep_postprocess(
     thresholds=(0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6),
     min_sizes=(0, 30, 100, 200, 400),
     components_3d=(False, True),
+    score_conditions: tuple[str, ...] | None = None,
+    max_fp_rate: float | None = None,
 ) -> tuple[PostprocessConfig, list[dict]]:
     """Per-patient Dice for each (threshold, min_size, 2D / 3D components); returns the best and the table.
 
-    ``preds`` may hold one list per input condition: the score is then the mean over the
-    conditions, so the chosen setting serves FLAIR-only input as well as complete input.
+    ``preds`` may hold one list per input condition: the score is then the mean over
+    ``score_conditions`` (default: every condition given), so the chosen setting serves FLAIR-only
+    input as well as complete input. Each row also pools the false-positive slices over every
+    condition given (``fp_slices`` of ``lesion_free_slices``, ``fp_slice_rate_pooled``).
+    ``max_fp_rate``: only settings whose pooled rate is at most this are chosen (the FP guard of
+    ``pipeline.calibrate``); where none is, the one with the fewest false positives.
     Run on validation patients only: choosing on the test patients would inflate the score.
     Ties prefer the larger min_size (fewer false-positive specks).
     """
     by_cond = preds if isinstance(preds, dict) else {"all": preds}
+    scored = tuple(score_conditions or by_cond)
     table = []
     for t in thresholds:
         for ms in min_sizes:
@@ -179,25 +186,43 @@ def sweep_postprocess(
                     continue  # nothing is removed: same as 2D
                 post = PostprocessConfig(threshold=float(t), min_size=int(ms), components_3d=bool(c3))
                 row = {"threshold": t, "min_size": ms, "components_3d": c3}
+                fp_total = neg_total = 0
                 for cond, ps in by_cond.items():
                     masks = [binarize_stack(p.prob, post) for p in ps]
-                    negatives = [~p.truth.reshape(len(p.truth), -1).any(1) for p in ps]
+                    negatives = [~lesion_slices(p.truth) for p in ps]
                     n_neg = sum(int(n.sum()) for n in negatives)
-                    fp = sum(int((m.reshape(len(m), -1).any(1) & neg).sum()) for m, neg in zip(masks, negatives, strict=False))
+                    fp = sum(int((lesion_slices(m) & neg).sum()) for m, neg in zip(masks, negatives, strict=False))
                     row[f"dice_{cond}"] = float(np.mean([M.dice(m, p.truth) for m, p in zip(masks, ps, strict=False)]))
                     row[f"fp_slice_rate_{cond}"] = fp / n_neg if n_neg else math.nan
-                row["per_patient_dice"] = float(np.mean([row[f"dice_{c}"] for c in by_cond]))
-                row["fp_slice_rate"] = float(np.mean([row[f"fp_slice_rate_{c}"] for c in by_cond]))
+                    fp_total, neg_total = fp_total + fp, neg_total + n_neg
+                row["per_patient_dice"] = float(np.mean([row[f"dice_{c}"] for c in scored]))
+                row["fp_slice_rate"] = float(np.mean([row[f"fp_slice_rate_{c}"] for c in scored]))
+                row["fp_slices"], row["lesion_free_slices"] = fp_total, neg_total
+                row["fp_slice_rate_pooled"] = fp_total / neg_total if neg_total else 0.0
                 table.append(row)
 
     def rank(r):
         return (round(r["per_patient_dice"], 4), r["min_size"], not r["components_3d"])
 
-    best = max(table, key=rank)
+    eligible = table if max_fp_rate is None else [r for r in table if r["fp_slice_rate_pooled"] <= max_fp_rate + 1e-12]
+    if not eligible:
+        fewest = min(r["fp_slices"] for r in table)
+        eligible = [r for r in table if r["fp_slices"] == fewest]
+    best = max(eligible, key=rank)
     # One slice on its own has no neighbours: its minimum size is the best 2D one at this threshold.
-    slice_rows = [r for r in table if not r["components_3d"] and r["threshold"] == best["threshold"]]
+    slice_rows = [r for r in eligible if not r["components_3d"] and r["threshold"] == best["threshold"]]
     slice_min = max(slice_rows, key=rank)["min_size"] if slice_rows else best["min_size"]
     return PostprocessConfig(best["threshold"], best["min_size"], best["components_3d"], slice_min), table
+
+
+def lesion_slices(stack: np.ndarray) -> np.ndarray:
+    """Which slices of a (Z, H, W) mask hold any lesion pixel: a (Z,) bool array."""
+    return stack.reshape(len(stack), -1).any(1)
+
+
+def table_row(table: list[dict], post: PostprocessConfig) -> dict:
+    """The sweep table's row of the setting ``post`` (as ``sweep_postprocess`` chose it)."""
+    return next(r for r in table if (r["threshold"], r["min_size"], r["components_3d"]) == (post.threshold, post.min_size, post.components_3d))
 
 
 METRIC_ROWS = [
