@@ -12,6 +12,8 @@
 #  4. ship: calibrate every candidate on validation, keep the better per architecture, export
 #     ONNX, evaluate on the test patients under the four input conditions, write cards and the
 #     registry; the default is the architecture with the higher validation score.
+#     These ships predate the champion / challenger rules (README, "How models are compared"), so they
+#     run with --no-guard; a new ship lists the shipped model first and keeps the rules.
 # Step 2 runs on CPU too, but slowly: on 2 cores one run needs hours for the same epochs
 # (pass --runs to pick fewer and a larger --budget).
 set -euo pipefail
@@ -26,21 +28,21 @@ mkdir -p /tmp/abl/att_sd30_z /tmp/abl/upp_sd30_z
 cp "$OUT/att_sd30_z.pt" /tmp/abl/att_sd30_z/best.pt && cp "$OUT/upp_sd30_z.pt" /tmp/abl/upp_sd30_z/best.pt
 python scripts/gpu/train_ablations.py --cache runs/cache81 --out "$OUT/ft" --budget "${FT_BUDGET:-240}" --workers "${WORKERS:-3}" \
   --runs att_sd30_z_ft,upp_sd30_z_ft --keep 1 --results "$OUT"
-python scripts/ship_models.py --data "$DATA" --out models --training-note "$(cat docs/ablations/round2_note.txt)" \
+python scripts/ship_models.py --data "$DATA" --out models --training-note "$(cat docs/ablations/round2_note.txt)" --no-guard \
   --candidates attention_unet="$OUT/att_sd30_z.pt,$OUT/att_sd30_z_ft.pt,$OUT/att_sd30.pt" \
   unetpp="$OUT/upp_sd30_z.pt,$OUT/upp_sd30_z_ft.pt,$OUT/upp_sd30.pt"
 # Round 3: the Attention U-Net for other hospitals' data (2 CPU cores), then ship again with it as a candidate.
 python -m brainseg.cli train --data "$DATA" --cache runs/cache81z --normalization zscore --split models/split.json --model attention_unet \
   --init-from models/attention_unet.pt --lr 3e-4 --batch-size 16 --epochs 16 --threads 2 --checkpoint-every 5 --domain-shift --out runs/ds
 mkdir -p runs/old_models && cp models/attention_unet.pt models/unetpp.pt runs/old_models/
-python scripts/ship_models.py --data "$DATA" --out models --training-note "$(cat docs/ablations/round3_note.txt)" \
+python scripts/ship_models.py --data "$DATA" --out models --training-note "$(cat docs/ablations/round3_note.txt)" --no-guard \
   --candidates attention_unet=runs/old_models/attention_unet.pt,runs/ds/attention_unet/best.pt,runs/ds/attention_unet/last.pt \
   unetpp=runs/old_models/unetpp.pt
 python scripts/ship_int8.py --data "$DATA" --model-dir models
 # Round 6: U-Net++ for other hospitals' data (2 CPU cores), then ship again with both continuations as candidates.
 python -m brainseg.cli train --data "$DATA" --cache runs/cache81z --normalization zscore --split models/split.json --model unetpp \
   --init-from models/unetpp.pt --lr 3e-4 --batch-size 16 --epochs 12 --domain-shift --out runs/r6_upp_ds
-python scripts/ship_models.py --data "$DATA" --out models --training-note "$(cat docs/ablations/round6_note.txt)" \
+python scripts/ship_models.py --data "$DATA" --out models --training-note "$(cat docs/ablations/round6_note.txt)" --no-guard \
   --candidates attention_unet=runs/old_models/attention_unet.pt,runs/ds/attention_unet/best.pt,runs/ds/attention_unet/last.pt \
   unetpp=runs/old_models/unetpp.pt,runs/r6_upp_ds/unetpp/best.pt,runs/r6_upp_ds/unetpp/last.pt
 python scripts/ship_int8.py --data "$DATA" --model-dir models
