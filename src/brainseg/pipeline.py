@@ -320,14 +320,17 @@ class Calibration:
         return f"{self.fp_slices} of {self.lesion_free_slices} lesion-free slices"
 
 
-def calibrate(segmenter, val_patients, progress: bool = True, fp_conditions: tuple[str, ...] | None = None, fp_budget: float | None = None) -> Calibration:
+def calibrate(
+    segmenter, val_patients, progress: bool = True, fp_conditions: tuple[str, ...] | None = None, fp_budget: float | None = None, tta: bool = False
+) -> Calibration:
     """Threshold, minimum component size and 2D / 3D components chosen on the validation patients: the best mean
     per-patient Dice over ``CALIBRATION_CONDITIONS``. ``fp_conditions``: pool the false-positive slices over these
-    conditions too (predicted in addition); ``fp_budget``: the pooled FP slice rate the chosen setting must keep to."""
+    conditions too (predicted in addition); ``fp_budget``: the pooled FP slice rate the chosen setting must keep to;
+    ``tta``: with flip test-time augmentation."""
     if not val_patients:
         return Calibration(PostprocessConfig(), [], float("nan"), {})
     conds = tuple(dict.fromkeys([*CALIBRATION_CONDITIONS, *(fp_conditions or ())]))
-    preds = {c: predict_patients(segmenter, val_patients, progress=progress, condition=c) for c in conds}
+    preds = {c: predict_patients(segmenter, val_patients, tta=tta, progress=progress, condition=c) for c in conds}
     post, table = sweep_postprocess(preds, score_conditions=CALIBRATION_CONDITIONS, max_fp_rate=fp_budget)
     eligible = [r for r in table if fp_budget is None or r["fp_slice_rate_pooled"] <= fp_budget + 1e-12] or [table_row(table, post)]
     row = table_row(table, post)

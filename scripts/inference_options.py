@@ -1,0 +1,89 @@
+"""Which inference options pay: each shipped model and their ensemble, with and without flip test-time
+augmentation (TTA), against the default model as served, on the validation patients under the shipping rules.
+
+    python scripts/inference_options.py [--model-dir models] [--data ROOT] [--limit N] [--json out.json]
+
+The default model without TTA comes first and is calibrated as it was shipped (``pipeline.calibrate``, the false
+positives pooled over every input condition); every other option is calibrated within its rate of lesion-free
+slices with a false positive and judged by ``pipeline.champion_challenger``: a gain beyond chance at no more false
+positives. The API and the page offer each option (``model``, ``tta``); this says which of them a user gains by.
+Validation patients only (the test patients stay for the release check). Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from brainseg.config import DISPLAY_NAMES, EVERY_CONDITION, default_data_root
+from brainseg.inference.predictor import load
+from brainseg.inference.registry import ENSEMBLE, RegistryError, read
+from brainseg.io.datasets import DataError, discover, read_split
+from brainseg.io.files import write_json_atomic
+from brainseg.pipeline import calibrate, champion_challenger
+
+
+def options(model_dir: Path) -> list[tuple[str, bool]]:
+    """(model, tta) pairs: the default without TTA first, then every model and the ensemble, each without and with TTA."""
+    reg = read(model_dir)
+    names = [reg.default, *[n for n in reg.models if n != reg.default], ENSEMBLE]
+    return [(n, tta) for n in names for tta in (False, True)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir", type=Path, default=Path("models"))
+    ap.add_argument("--data", type=Path, default=None, help="the LGG dataset (default: $BRAINSEG_DATA or ../shared/data/lgg/kaggle_3m)")
+    ap.add_argument("--limit", type=int, default=0, help="smoke test: only this many validation patients")
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args(argv)
+    logging.basicConfig(format="%(message)s")
+    try:
+        opts = options(a.model_dir)
+        split = read_split(a.model_dir / "split.json")
+        ds = discover(a.data or default_data_root())
+        val = [ds.patient(p) for p in split["val"]][: a.limit or None]
+    except (RegistryError, DataError, OSError, KeyError, ValueError) as e:
+        print(f"inference_options: error: {e}", file=sys.stderr)
+        return 2
+    rows, shipped = [], None
+    for name, tta in opts:
+        seg = load(name, model_dir=a.model_dir)
+        t0 = time.time()
+        cal = calibrate(seg, val, progress=False, fp_conditions=EVERY_CONDITION, fp_budget=shipped.fp_rate if shipped else None, tta=tta)
+        row = {"model": name, "tta": tta, "post": str(cal.post), "val_score": cal.val_score, "fp_slices": cal.fp_slices}
+        row["lesion_free_slices"], row["seconds"] = cal.lesion_free_slices, round(time.time() - t0, 1)
+        if shipped is None:
+            shipped, row["verdict"] = cal, None
+        else:
+            row["verdict"] = champion_challenger(shipped, cal)
+        rows.append(row)
+        print(f"{name} tta={tta}: {cal.val_score:.4f} at {cal.post}, FP {cal.fp_summary()}", flush=True)
+    table = markdown(rows)
+    print(table)
+    if a.json:
+        write_json_atomic(a.json, {"patients": [p.id for p in val], "conditions": list(EVERY_CONDITION), "options": rows, "table": table})
+    return 0
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| model | TTA | calibrated at | validation score | FP slices (all conditions) | gain over the default as served [95% CI] | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        v = r["verdict"]
+        gain = f"{v['gain']:+.4f} [{v['gain_ci95'][0]:+.4f}, {v['gain_ci95'][1]:+.4f}]" if v else ""
+        verdict = ("pays" if v["replaces"] else v["reason"].split(" (")[0]) if v else "the default as served"
+        lines.append(
+            f"| {DISPLAY_NAMES.get(r['model'], r['model'])} | {'yes' if r['tta'] else 'no'} | {r['post']} | {r['val_score']:.4f} "
+            f"| {r['fp_slices']} of {r['lesion_free_slices']} | {gain} | {verdict} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

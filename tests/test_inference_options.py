@@ -1,0 +1,44 @@
+"""scripts/inference_options.py: the shipped models' inference options (model, ensemble, flip TTA) against the
+default as served, on validation patients under the shipping rules. On the tiny test models and synthetic patients;
+the real run on the shipped models is docs/ablations.md's (round 9)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import torch
+from helpers import script, synthetic_dataset
+
+from brainseg.config import EVERY_CONDITION
+from brainseg.io.datasets import discover, labelled, split_patients
+
+opts = script("inference_options.py")
+
+
+def test_every_option_is_calibrated_and_judged_against_the_default(tiny_model_dir, tmp_path):
+    torch.set_num_threads(1)
+    models = shutil.copytree(tiny_model_dir, tmp_path / "models")
+    data = synthetic_dataset(tmp_path / "data", patients=4, slices=4, size=64)
+    split = split_patients([p.id for p in labelled(discover(data)).patients], 2, 1, seed=0)
+    (models / "split.json").write_text(json.dumps(split))
+    out = tmp_path / "options.json"
+    assert opts.main(["--model-dir", str(models), "--data", str(data), "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["patients"] == split["val"] and got["conditions"] == list(EVERY_CONDITION)
+    rows = got["options"]
+    assert [(r["model"], r["tta"]) for r in rows] == [(m, t) for m in ("attention_unet", "unetpp", "ensemble") for t in (False, True)]
+    default, others = rows[0], rows[1:]
+    assert default["verdict"] is None and default["lesion_free_slices"] > 0
+    for r in others:
+        v = r["verdict"]
+        assert v["fp_budget_slices"] == default["fp_slices"] and len(v["gain_ci95"]) == 2
+        # within the default's false positives (the same lesion-free slices), or rejected for them
+        assert r["fp_slices"] <= default["fp_slices"] or (not v["replaces"] and v["reason"].startswith("more false positives"))
+    assert got["table"].count("\n") == 2 + len(rows) and "the default as served" in got["table"]
+
+
+def test_a_model_folder_without_a_split_is_a_one_line_error(tiny_model_dir, capsys):
+    assert opts.main(["--model-dir", str(tiny_model_dir)]) == 2  # the fixture folder has no split.json
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("inference_options: error:") and "split" in err and "\n" not in err
