@@ -42,3 +42,23 @@ def test_a_model_folder_without_a_split_is_a_one_line_error(tiny_model_dir, caps
     assert opts.main(["--model-dir", str(tiny_model_dir)]) == 2  # the fixture folder has no split.json
     err = capsys.readouterr().err.strip()
     assert err.startswith("inference_options: error:") and "split" in err and "\n" not in err
+
+
+def test_the_release_check_on_test_patients(tiny_model_dir, tmp_path):
+    """The default against itself passes with a zero difference everywhere; another option's verdict follows the rule
+    (FP at most max(5%, the default's) and a Dice-difference interval not wholly below 0) under each condition."""
+    from brainseg.config import PostprocessConfig
+
+    torch.set_num_threads(1)
+    data = synthetic_dataset(tmp_path / "data", patients=3, slices=4, size=64)
+    test = labelled(discover(data)).patients
+    post = PostprocessConfig(threshold=0.5, min_size=10)
+    default = ("attention_unet", False)
+    checks = opts.release_check(tiny_model_dir, test, default, post, {default: post, ("unetpp", True): post})
+    same, other = checks
+    assert same["passes"] and set(same["conditions"]) == set(EVERY_CONDITION)
+    assert all(r["difference"] == 0 and r["difference_ci95"] == [0, 0] and r["fp"] == r["fp_default"] for r in same["conditions"].values())
+    for r in other["conditions"].values():
+        assert r["passes"] == (r["fp"] <= max(0.05, r["fp_default"]) and not r["difference_ci95"][1] < 0)
+    assert other["passes"] == all(r["passes"] for r in other["conditions"].values())
+    assert opts.release_table(checks).count("\n") == 2 + 2 * len(EVERY_CONDITION)
