@@ -1,7 +1,7 @@
 """Which inference options pay: each shipped model and their ensemble, with and without flip test-time
-augmentation (TTA), against the default model as served, on the validation patients under the shipping rules.
+augmentation (TTA), against the default model (fp32, no TTA), on the validation patients under the shipping rules.
 
-    python scripts/inference_options.py [--model-dir models] [--data ROOT] [--limit N] [--json out.json]
+    python scripts/inference_options.py [--model-dir models] [--data ROOT] [--limit N] [--json out.json] [--release-check]
 
 The default model without TTA comes first and is calibrated as it was shipped (``pipeline.calibrate``, the false
 positives pooled over every input condition); every other option is calibrated within its rate of lesion-free
@@ -135,13 +135,13 @@ def release_table(checks: list[dict]) -> str:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| model | TTA | calibrated at | validation score | FP slices (all conditions) | gain over the default as served [95% CI] | verdict |",
+        "| model | TTA | calibrated at | validation score | FP slices (all conditions) | gain over the default [95% CI] | verdict |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         v = r["verdict"]
         gain = f"{v['gain']:+.4f} [{v['gain_ci95'][0]:+.4f}, {v['gain_ci95'][1]:+.4f}]" if v else ""
-        verdict = ("pays" if v["replaces"] else v["reason"].split(" (")[0]) if v else "the default as served"
+        verdict = ("pays" if v["replaces"] else v["reason"].split(" (")[0]) if v else "the default, no TTA"
         lines.append(
             f"| {DISPLAY_NAMES.get(r['model'], r['model'])} | {'yes' if r['tta'] else 'no'} | {r['post']} | {r['val_score']:.4f} "
             f"| {r['fp_slices']} of {r['lesion_free_slices']} | {gain} | {verdict} |"

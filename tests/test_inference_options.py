@@ -1,5 +1,5 @@
 """scripts/inference_options.py: the shipped models' inference options (model, ensemble, flip TTA) against the
-default as served, on validation patients under the shipping rules. On the tiny test models and synthetic patients;
+default (fp32, no TTA), on validation patients under the shipping rules. On the tiny test models and synthetic patients;
 the real run on the shipped models is docs/ablations.md's (round 9)."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def test_every_option_is_calibrated_and_judged_against_the_default(tiny_model_di
         assert v["fp_budget_slices"] == default["fp_slices"] and len(v["gain_ci95"]) == 2
         # within the default's false positives (the same lesion-free slices), or rejected for them
         assert r["fp_slices"] <= default["fp_slices"] or (not v["replaces"] and v["reason"].startswith("more false positives"))
-    assert got["table"].count("\n") == 2 + len(rows) and "the default as served" in got["table"]
+    assert got["table"].count("\n") == 2 + len(rows) and "the default, no TTA" in got["table"]
 
 
 def test_a_model_folder_without_a_split_is_a_one_line_error(tiny_model_dir, capsys):
