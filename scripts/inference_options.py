@@ -21,6 +21,7 @@ import argparse
 import logging
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from brainseg.config import DISPLAY_NAMES, EVERY_CONDITION, default_data_root
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
         seg = load(name, model_dir=a.model_dir)
         t0 = time.time()
         cal = calibrate(seg, val, progress=False, fp_conditions=EVERY_CONDITION, fp_budget=shipped.fp_rate if shipped else None, tta=tta)
-        row = {"model": name, "tta": tta, "post": str(cal.post), "val_score": cal.val_score, "fp_slices": cal.fp_slices}
+        row = {"model": name, "tta": tta, "post": asdict(cal.post), "val_score": cal.val_score, "fp_slices": cal.fp_slices}
         row["lesion_free_slices"], row["seconds"] = cal.lesion_free_slices, round(time.time() - t0, 1)
         if shipped is None:
             shipped, row["verdict"] = cal, None
@@ -114,7 +115,7 @@ def release_check(model_dir: Path, test, default: tuple[str, bool], default_post
                 "passes": bool(fp_ok and not hi < 0),
             }
             passed &= conds[c]["passes"]
-        out.append({"model": option[0], "tta": option[1], "post": str(post), "passes": passed, "conditions": conds})
+        out.append({"model": option[0], "tta": option[1], "post": asdict(post), "passes": passed, "conditions": conds})
     return out
 
 
@@ -133,6 +134,10 @@ def release_table(checks: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fmt_post(post: dict) -> str:
+    return f"p >= {post['threshold']}, min {post['min_size']} px ({'3D' if post['components_3d'] else '2D'})"
+
+
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| model | TTA | calibrated at | validation score | FP slices (all conditions) | gain over the default [95% CI] | verdict |",
@@ -143,7 +148,7 @@ def markdown(rows: list[dict]) -> str:
         gain = f"{v['gain']:+.4f} [{v['gain_ci95'][0]:+.4f}, {v['gain_ci95'][1]:+.4f}]" if v else ""
         verdict = ("pays" if v["replaces"] else v["reason"].split(" (")[0]) if v else "the default, no TTA"
         lines.append(
-            f"| {DISPLAY_NAMES.get(r['model'], r['model'])} | {'yes' if r['tta'] else 'no'} | {r['post']} | {r['val_score']:.4f} "
+            f"| {DISPLAY_NAMES.get(r['model'], r['model'])} | {'yes' if r['tta'] else 'no'} | {fmt_post(r['post'])} | {r['val_score']:.4f} "
             f"| {r['fp_slices']} of {r['lesion_free_slices']} | {gain} | {verdict} |"
         )
     return "\n".join(lines) + "\n"
