@@ -24,12 +24,16 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
 from brainseg.config import DISPLAY_NAMES, EVERY_CONDITION, default_data_root
+from brainseg.evaluation import metrics as M
+from brainseg.evaluation.protocol import evaluate_predictions, predict_patients
 from brainseg.inference.predictor import load
 from brainseg.inference.registry import ENSEMBLE, RegistryError, read
 from brainseg.io.datasets import DataError, discover, read_split
 from brainseg.io.files import write_json_atomic
-from brainseg.pipeline import calibrate, champion_challenger
+from brainseg.pipeline import calibrate_against
 
 
 def options(model_dir: Path) -> list[tuple[str, bool]]:
@@ -61,13 +65,10 @@ def main(argv=None) -> int:
     for name, tta in opts:
         seg = load(name, model_dir=a.model_dir)
         t0 = time.time()
-        cal = calibrate(seg, val, progress=False, fp_conditions=EVERY_CONDITION, fp_budget=shipped.fp_rate if shipped else None, tta=tta)
+        cal = calibrate_against(seg, val, shipped, progress=False, tta=tta)
         row = {"model": name, "tta": tta, "post": asdict(cal.post), "val_score": cal.val_score, "fp_slices": cal.fp_slices}
-        row["lesion_free_slices"], row["seconds"] = cal.lesion_free_slices, round(time.time() - t0, 1)
-        if shipped is None:
-            shipped, row["verdict"] = cal, None
-        else:
-            row["verdict"] = champion_challenger(shipped, cal)
+        row["lesion_free_slices"], row["seconds"], row["verdict"] = cal.lesion_free_slices, round(time.time() - t0, 1), cal.verdict
+        shipped = shipped or cal
         rows.append(row)
         posts[name, tta] = cal.post
         print(f"{name} tta={tta}: {cal.val_score:.4f} at {cal.post}, FP {cal.fp_summary()}", flush=True)
@@ -87,10 +88,6 @@ def main(argv=None) -> int:
 
 def release_check(model_dir: Path, test, default: tuple[str, bool], default_post, options: dict) -> list[dict]:
     """Each option against the default on the test patients, per input condition (see the module's text)."""
-    import numpy as np
-
-    from brainseg.evaluation import metrics as M
-    from brainseg.evaluation.protocol import evaluate_predictions, predict_patients
 
     def reports(option, post):
         seg = load(option[0], model_dir=model_dir)

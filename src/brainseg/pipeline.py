@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .config import CONDITIONS, DISPLAY_NAMES, EVERY_CONDITION, SPLIT_SEED, ExperimentConfig, PostprocessConfig
 from .evaluation import metrics as M
-from .evaluation.protocol import evaluate_conditions, markdown_table, predict_patients, sweep_postprocess, table_row
+from .evaluation.protocol import evaluate_conditions, fp_eligible, markdown_table, predict_patients, sweep_postprocess, table_row, within_fp_budget
 from .inference.backends import binarize_stack
 from .inference.registry import REGISTRY, ModelEntry, Registry, read, write_registry
 from .io.datasets import DataError, discover, labelled, read_split, split_patients
@@ -166,14 +166,12 @@ def _best_candidate(candidates: list, name: str, split: dict | None, val_patient
         if split is not None and (ckpt["split"]["val"] != split["val"] or ckpt["split"]["test"] != split["test"]):
             raise ValueError(f"{path}: trained on another split (validation / test patients) than the one given")
         seg = Segmenter(TorchBackend(checkpoint=ckpt, device=device or ("cpu" if not gpu_present() else None)), name)
-        budget = incumbent[3].fp_rate if guard and incumbent else None
-        cal = calibrate(seg, val_patients, progress=progress, fp_conditions=EVERY_CONDITION if guard else None, fp_budget=budget)
+        cal = calibrate_against(seg, val_patients, incumbent[3] if incumbent else None, progress) if guard else calibrate(seg, val_patients, progress=progress)
         if split is not None:
             log.info("%s candidate %s: validation score %.4f at %s, FP %s", name, path, cal.val_score, cal.post, cal.fp_summary())
         if guard and i == 0:
             incumbent = best = (path, ckpt, seg, cal)
         elif guard:
-            cal.verdict = champion_challenger(incumbent[3], cal)
             log.info("%s candidate %s against the shipped %s: %s", name, path, incumbent[0], cal.verdict["reason"])
             if cal.verdict["replaces"] and cal.val_score > best[3].val_score:
                 best = (path, ckpt, seg, cal)
@@ -183,6 +181,16 @@ def _best_candidate(candidates: list, name: str, split: dict | None, val_patient
     if guard:
         best[3].candidates = considered
     return best
+
+
+def calibrate_against(segmenter, val_patients, incumbent: Calibration | None, progress: bool = True, tta: bool = False) -> Calibration:
+    """``calibrate`` under the shipping rules: the false positives pooled over every input condition; with an
+    ``incumbent`` (the shipped model's calibration), within its FP rate and with ``champion_challenger``'s verdict."""
+    budget = incumbent.fp_rate if incumbent else None
+    cal = calibrate(segmenter, val_patients, progress=progress, fp_conditions=EVERY_CONDITION, fp_budget=budget, tta=tta)
+    if incumbent:
+        cal.verdict = champion_challenger(incumbent, cal)
+    return cal
 
 
 def champion_challenger(incumbent: Calibration, challenger: Calibration) -> dict:
@@ -314,7 +322,7 @@ class Calibration:
 
     @property
     def fp_budget_met(self) -> bool:
-        return self.fp_budget is None or self.fp_rate <= self.fp_budget + 1e-12
+        return within_fp_budget(self.fp_rate, self.fp_budget)
 
     def fp_summary(self) -> str:
         return f"{self.fp_slices} of {self.lesion_free_slices} lesion-free slices"
@@ -332,7 +340,6 @@ def calibrate(
     conds = tuple(dict.fromkeys([*CALIBRATION_CONDITIONS, *(fp_conditions or ())]))
     preds = {c: predict_patients(segmenter, val_patients, tta=tta, progress=progress, condition=c) for c in conds}
     post, table = sweep_postprocess(preds, score_conditions=CALIBRATION_CONDITIONS, max_fp_rate=fp_budget)
-    eligible = [r for r in table if fp_budget is None or r["fp_slice_rate_pooled"] <= fp_budget + 1e-12] or [table_row(table, post)]
     row = table_row(table, post)
     per_patient = {
         p.patient: sum(M.dice(binarize_stack(p.prob, post), p.truth) for p in (preds[c][i] for c in CALIBRATION_CONDITIONS)) / len(CALIBRATION_CONDITIONS)
@@ -341,7 +348,7 @@ def calibrate(
     return Calibration(
         post,
         table,
-        float(max(r["per_patient_dice"] for r in eligible)),
+        float(max(r["per_patient_dice"] for r in fp_eligible(table, fp_budget))),
         per_patient,
         row["fp_slices"],
         row["lesion_free_slices"],

@@ -204,15 +204,27 @@ def sweep_postprocess(
     def rank(r):
         return (round(r["per_patient_dice"], 4), r["min_size"], not r["components_3d"])
 
-    eligible = table if max_fp_rate is None else [r for r in table if r["fp_slice_rate_pooled"] <= max_fp_rate + 1e-12]
-    if not eligible:
-        fewest = min(r["fp_slices"] for r in table)
-        eligible = [r for r in table if r["fp_slices"] == fewest]
+    eligible = fp_eligible(table, max_fp_rate)
     best = max(eligible, key=rank)
     # One slice on its own has no neighbours: its minimum size is the best 2D one at this threshold.
     slice_rows = [r for r in eligible if not r["components_3d"] and r["threshold"] == best["threshold"]]
     slice_min = max(slice_rows, key=rank)["min_size"] if slice_rows else best["min_size"]
     return PostprocessConfig(best["threshold"], best["min_size"], best["components_3d"], slice_min), table
+
+
+def within_fp_budget(rate: float, max_fp_rate: float | None) -> bool:
+    """Whether a pooled FP slice rate keeps to ``max_fp_rate`` (None: no limit)."""
+    return max_fp_rate is None or rate <= max_fp_rate + 1e-12
+
+
+def fp_eligible(table: list[dict], max_fp_rate: float | None) -> list[dict]:
+    """The sweep rows ``sweep_postprocess`` chooses among: those within ``max_fp_rate``; where none is, those with the
+    fewest false-positive slices."""
+    eligible = [r for r in table if within_fp_budget(r["fp_slice_rate_pooled"], max_fp_rate)]
+    if not eligible and table:
+        fewest = min(r["fp_slices"] for r in table)
+        eligible = [r for r in table if r["fp_slices"] == fewest]
+    return eligible
 
 
 def lesion_slices(stack: np.ndarray) -> np.ndarray:
