@@ -114,16 +114,30 @@ def sidebar() -> dict:
     model_details(sb, m, models, info, precision)
 
     sb.subheader("Segmentation")
-    threshold = threshold_choice(sb, m, name)
-    tta = sb.checkbox("Test-time augmentation (flip)", value=False, key="tta", help="Averages with the horizontally flipped image; about twice as slow")
+    tta = tta_choice(sb, m, name)
+    threshold = threshold_choice(sb, m, name, tta)
     opts.update(ok=True, model=name, threshold=threshold, tta=tta, precision=precision, models=models, compare=compare_choice(sb, models, name))
     return opts
 
 
-def threshold_choice(sb, m: dict, name: str) -> float | None:
-    """The model's calibrated threshold, or the user's own: kept per model (keys carry its name), so a custom
-    threshold is never carried silently to another model. None: the API applies the calibrated one."""
-    calibrated = float(m.get("threshold") or 0.5)
+def tta_choice(sb, m: dict, name: str) -> bool:
+    """Flip test-time augmentation, preset to the model's shipped default (on where it was shown to pay: the model
+    card's "Flip TTA"); kept per model."""
+    default = bool((m.get("tta") or {}).get("default", False))
+    return sb.checkbox(
+        "Test-time augmentation (flip)" + ("  (default)" if default else ""),
+        value=default,
+        key=f"tta_{name}",
+        help="Averages with the horizontally flipped image, at the threshold calibrated for it; about twice as slow. "
+        + ("On by default for this model: it gained on validation patients and passed the test release check (model card)." if default else ""),
+    )
+
+
+def threshold_choice(sb, m: dict, name: str, tta: bool = False) -> float | None:
+    """The model's calibrated threshold (the one calibrated for TTA when it runs), or the user's own: kept per model
+    (keys carry its name), so a custom threshold is never carried silently to another model. None: the API applies
+    the calibrated one."""
+    calibrated = float(((m.get("tta") or {}) if tta else m).get("threshold") or m.get("threshold") or 0.5)
     use_cal = sb.checkbox(
         f"Calibrated threshold ({fmt_threshold(calibrated)})",
         value=True,
@@ -136,7 +150,7 @@ def threshold_choice(sb, m: dict, name: str) -> float | None:
 
 
 def compare_choice(sb, models: dict, name: str) -> str | None:
-    """A second model run on the same input (at its own calibrated threshold and served precision), shown beside the first."""
+    """A second model run on the same input (at its own calibrated threshold, served precision and TTA default), shown beside the first."""
     others = [n for n in models if n != name]
     if not others or not sb.checkbox("Compare with a second model", key="compare", help="Segments the input with both models (two API requests)"):
         return None
@@ -280,8 +294,9 @@ def segment(opts: dict, files: list[tuple[str, bytes, str]], sequence: str | Non
     )
     if st.session_state.get("request_key") == key:
         return
-    runs = [(opts["model"], opts["threshold"], opts.get("precision"))] + ([(opts["compare"], None, None)] if opts.get("compare") else [])
-    forms = [request_form(opts, model, threshold, precision, sequence, pixel_spacing) for model, threshold, precision in runs]
+    # the second model runs as it is served: its calibrated threshold, its precision and its TTA default
+    runs = [(opts["model"], opts["threshold"], opts.get("precision"), opts["tta"])] + ([(opts["compare"], None, None, None)] if opts.get("compare") else [])
+    forms = [request_form(model, threshold, precision, tta, sequence, pixel_spacing) for model, threshold, precision, tta in runs]
     known = st.session_state.setdefault("answers", {})  # answers of this session by input and form: ticking Compare sends one request, not two
     keys = [json.dumps([h.hexdigest(), opts["base"], form]) for form in forms]
     todo = [(k, form) for k, form in zip(keys, forms, strict=False) if k not in known]
@@ -314,8 +329,11 @@ def checked(answer: dict) -> dict:
     return answer
 
 
-def request_form(opts: dict, model: str, threshold: float | None, precision: str | None, sequence: str | None, pixel_spacing: str | None) -> dict:
-    form = {"model": model, "tta": str(opts["tta"]).lower(), "return": "none"}  # the page draws from viewer.npz: no inline PNGs
+def request_form(model: str, threshold: float | None, precision: str | None, tta: bool | None, sequence: str | None, pixel_spacing: str | None) -> dict:
+    """The form of one /v1/segment request; None leaves a field to the API (the model's default)."""
+    form = {"model": model, "return": "none"}  # the page draws from viewer.npz: no inline PNGs
+    if tta is not None:
+        form["tta"] = str(tta).lower()
     if precision:
         form["precision"] = precision
     if threshold is not None:

@@ -420,25 +420,10 @@ def bench_server(model_dir: Path, cases: dict, repeats: int, quick: bool, precis
                 if r.status_code != 200:
                     raise SystemExit(f"first slice request failed: HTTP {r.status_code}: {r.text[:300]}")
                 out["rss_after_first_answer_mib"] = rss_mib(proc.pid)
+                out["tta_default"] = bool(r.json().get("tta"))  # the served default (scripts/ship_tta.py), what a request that does not say runs
                 slices_sent = 1
-                out["slices"] = []
-                duration = 2.0 if quick else 15.0
-                for precision in precisions:
-                    c.post("/v1/segment", files=[("files", f) for f in slice_files], data={"precision": precision})  # loads that precision
-                    answers = (
-                        ANSWERS if c.post("/v1/segment", files=[("files", f) for f in slice_files], data={"return": "none"}).status_code == 200 else ANSWERS[:1]
-                    )
-                    for answer in answers:  # a server from before return= knows only the default answer
-                        params = {"precision": precision, **({"return": answer} if answer != "default" else {})}
-                        for clients in (1, 8):
-                            res = concurrent_slices(url, slice_files, params, clients, duration)
-                            res["precision"], res["seconds"], res["answer"] = precision, duration, answer
-                            out["slices"].append(res)
-                            slices_sent += res["answered"] + clients + 1
-                            print(
-                                f"  API slices {precision}, return={answer}, {clients} client(s): {res['per_s']:.1f}/s, p50 {res['p50']:.0f} ms, p99 {res['p99']:.0f} ms",
-                                flush=True,
-                            )
+                out["slices"] = slice_runs(c, url, slice_files, precisions, 2.0 if quick else 15.0)
+                slices_sent += sum(r["answered"] + r["clients"] + 1 for r in out["slices"])
                 out["slice_split_ms"] = slice_split(c, slice_files)
                 while slices_sent < 100:
                     c.post("/v1/segment", files=[("files", f) for f in slice_files])
@@ -446,13 +431,13 @@ def bench_server(model_dir: Path, cases: dict, repeats: int, quick: bool, precis
                 out["rss_after_100_slices_mib"] = rss_mib(proc.pid)
                 out["volumes"] = []
                 volumes_sent = 0
-                for precision in precisions:
+                for precision, tta in [(p, t) for p in precisions for t in TTA]:
                     times, server, peaks, skipped = [], [], [], None
                     for _ in range(repeats):
                         before = rss_mib(proc.pid)
                         reset = vm_hwm_reset(proc.pid)
                         t0 = time.perf_counter()
-                        r = c.post("/v1/segment", files=[("files", f) for f in volume_files], data={"precision": precision})
+                        r = c.post("/v1/segment", files=[("files", f) for f in volume_files], data={"precision": precision, "tta": str(tta).lower()})
                         times.append(time.perf_counter() - t0)
                         volumes_sent += 1
                         if r.status_code != 200:
@@ -464,6 +449,7 @@ def bench_server(model_dir: Path, cases: dict, repeats: int, quick: bool, precis
                             peaks.append(vm_hwm_mib(proc.pid) - before)
                     row = {
                         "precision": precision,
+                        "tta": tta,
                         "median_s": statistics.median(times),
                         "range_s": [min(times), max(times)],
                         "server_inference_ms": statistics.median(t["inference"] for t in server),
@@ -474,7 +460,7 @@ def bench_server(model_dir: Path, cases: dict, repeats: int, quick: bool, precis
                         "repeats": repeats,
                     }
                     out["volumes"].append(row)
-                    print(f"  API volume {precision}: {row['median_s']:.2f} s (server inference {row['server_inference_ms']:.0f} ms)", flush=True)
+                    print(f"  API volume {precision}, TTA {tta}: {row['median_s']:.2f} s (server inference {row['server_inference_ms']:.0f} ms)", flush=True)
                 while volumes_sent < 20:
                     c.post("/v1/segment", files=[("files", f) for f in volume_files])
                     volumes_sent += 1
@@ -489,7 +475,29 @@ def bench_server(model_dir: Path, cases: dict, repeats: int, quick: bool, precis
     return out
 
 
+def slice_runs(c, url: str, slice_files, precisions: list[str], duration: float) -> list[dict]:
+    """Slices through the API for ``duration`` seconds each: every precision, answer (``ANSWERS``), TTA and 1 / 8 clients."""
+    runs = []
+    for precision in precisions:
+        c.post("/v1/segment", files=[("files", f) for f in slice_files], data={"precision": precision})  # loads that precision
+        answers = ANSWERS if c.post("/v1/segment", files=[("files", f) for f in slice_files], data={"return": "none"}).status_code == 200 else ANSWERS[:1]
+        for answer in answers:  # a server from before return= knows only the default answer
+            for tta in TTA:
+                params = {"precision": precision, "tta": str(tta).lower(), **({"return": answer} if answer != "default" else {})}
+                for clients in (1, 8):
+                    res = concurrent_slices(url, slice_files, params, clients, duration)
+                    res["precision"], res["seconds"], res["answer"], res["tta"] = precision, duration, answer, tta
+                    runs.append(res)
+                    print(
+                        f"  API slices {precision}, return={answer}, TTA {tta}, {clients} client(s): {res['per_s']:.1f}/s, "
+                        f"p50 {res['p50']:.0f} ms, p99 {res['p99']:.0f} ms",
+                        flush=True,
+                    )
+    return runs
+
+
 ANSWERS = ("default", "none")  # return= of the slice runs: the default answer (mask and overlay PNGs), and none
+TTA = (False, True)  # every API run both ways: one forward pass, and flip TTA (two); the targets are one pass's
 
 
 def split_of(server: list[dict], times: list[float]) -> dict:
@@ -534,7 +542,8 @@ TARGETS = (
 
 
 def _slices(a: dict, clients: int) -> list[dict]:
-    return [s for s in a["slices"] if s["clients"] == clients]
+    """The runs with ``clients`` clients, one forward pass (the targets predate TTA as a default)."""
+    return [s for s in a["slices"] if s["clients"] == clients and not s.get("tta")]
 
 
 def measured(res: dict) -> list[tuple[str, bool]]:
@@ -550,7 +559,7 @@ def measured(res: dict) -> list[tuple[str, bool]]:
     one, eight = max(_slices(a, 1), key=lambda s: s["per_s"]), max(_slices(a, 8), key=lambda s: s["per_s"])
     per = {(s["precision"], s.get("answer", "default")): s["per_s"] for s in _slices(a, 1)}
     api_q = [per[("int8", ans)] / per[("fp32", ans)] for ans in ANSWERS if ("int8", ans) in per and ("fp32", ans) in per]
-    vol = min(a["volumes"], key=lambda w: w["median_s"])
+    vol = min((w for w in a["volumes"] if not w.get("tta")), key=lambda w: w["median_s"])
     rss20 = a["rss_after_20_volumes_mib"] * 1.048576
 
     def how(s: dict) -> str:
@@ -675,12 +684,15 @@ def api_lines(a: dict) -> list[str]:
         "",
         f"- Launch to `/health` OK: **{a['start_to_health_s']:.2f} s**; launch to the first slice answered: **{a['start_to_first_answer_s']:.2f} s**",
         "",
-        "| slices (LGG TIFF 256 x 256) | precision | return | clients | answered | throughput, slices / s | p50, ms | p99, ms | failed |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"- Flip TTA is {'on' if a.get('tta_default') else 'off'} by default for the default model (what a request that does not say runs); "
+        "every run below says which it ran (TTA: two forward passes per slice)",
+        "",
+        "| slices (LGG TIFF 256 x 256) | precision | return | TTA | clients | answered | throughput, slices / s | p50, ms | p99, ms | failed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in a["slices"]:
         lines.append(
-            f"| | {s['precision']} | {s.get('answer', 'default')} | {s['clients']} | {s['answered']} in {s['seconds']:.0f} s | {s['per_s']:.1f} "
+            f"| | {s['precision']} | {s.get('answer', 'default')} | {'on' if s.get('tta') else 'off'} | {s['clients']} | {s['answered']} in {s['seconds']:.0f} s | {s['per_s']:.1f} "
             f"| {s['p50']:.0f} | {s['p99']:.0f} | {s['failed']} |"
         )
     lines += [
@@ -693,20 +705,22 @@ def api_lines(a: dict) -> list[str]:
     ]
     if a.get("slice_split_ms"):
         sp = a["slice_split_ms"]
-        lines.append(f"| one slice, default model and precision, one client | {sp.get('total', 0) + sp.get('http', 0):.0f} | {split_cells(sp)} |")
+        lines.append(f"| one slice, default model, precision and TTA, one client | {sp.get('total', 0) + sp.get('http', 0):.0f} | {split_cells(sp)} |")
     for w in a["volumes"]:
         if w.get("split_ms"):
-            lines.append(f"| BraTS volume, {w['precision']} | {1000 * w['median_s']:.0f} | {split_cells(w['split_ms'])} |")
+            lines.append(
+                f"| BraTS volume, {w['precision']}, TTA {'on' if w.get('tta') else 'off'} | {1000 * w['median_s']:.0f} | {split_cells(w['split_ms'])} |"
+            )
     lines += [
         "",
-        "| volume (BraTS 3 x 240 x 240 x 155) | precision | end to end, s (median [min-max]) | server inference, ms | server decode, ms "
+        "| volume (BraTS 3 x 240 x 240 x 155) | precision | TTA | end to end, s (median [min-max]) | server inference, ms | server decode, ms "
         "| background slices skipped | peak memory of one request above the RSS before it |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for w in a["volumes"]:
         peak_mem = f"{w['peak_above_before_mib']:.0f} MiB" if w["peak_above_before_mib"] is not None else "n/a"
         lines.append(
-            f"| | {w['precision']} | {w['median_s']:.2f} [{w['range_s'][0]:.2f}-{w['range_s'][1]:.2f}] "
+            f"| | {w['precision']} | {'on' if w.get('tta') else 'off'} | {w['median_s']:.2f} [{w['range_s'][0]:.2f}-{w['range_s'][1]:.2f}] "
             f"| {w['server_inference_ms']:.0f} | {w['server_decode_ms']:.0f} | "
             f"{w['slices_skipped']} | {peak_mem} |"
         )

@@ -10,9 +10,10 @@ positives. The API and the page offer each option (``model``, ``tta``); this say
 Prints a markdown table.
 
 ``--release-check``: then every option that pays on validation is checked on the test patients against the default,
-under every input condition (the release check, never a choice among options): it passes where, under each
+under every input condition (``pipeline.release_check``, never a choice among options): it passes where, under each
 condition, its lesion-free-slice FP rate is at most max(5%, the default's) and the 95% bootstrap interval of its
-per-patient Dice difference to the default (paired by patient) does not lie wholly below 0.
+per-patient Dice difference to the default (paired by patient) does not lie wholly below 0. ``scripts/ship_tta.py``
+makes an option of one model that passes its served default.
 """
 
 from __future__ import annotations
@@ -24,16 +25,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-
 from brainseg.config import DISPLAY_NAMES, EVERY_CONDITION, default_data_root
-from brainseg.evaluation import metrics as M
-from brainseg.evaluation.protocol import evaluate_predictions, predict_patients
 from brainseg.inference.predictor import load
 from brainseg.inference.registry import ENSEMBLE, RegistryError, read
 from brainseg.io.datasets import DataError, discover, read_split
 from brainseg.io.files import write_json_atomic
-from brainseg.pipeline import calibrate_against
+from brainseg.pipeline import Option, calibrate_against, release_check
 
 
 def options(model_dir: Path) -> list[tuple[str, bool]]:
@@ -78,42 +75,13 @@ def main(argv=None) -> int:
     paying = [(r["model"], r["tta"]) for r in rows if r["verdict"] and r["verdict"]["replaces"]]
     if a.release_check and paying:
         default = opts[0]
-        checks = release_check(a.model_dir, test, default, posts[default], {o: posts[o] for o in paying})
+        segs = {name: load(name, model_dir=a.model_dir) for name in {n for n, _ in [default, *paying]}}
+        checks = release_check(test, Option(segs[default[0]], default[1], posts[default]), [Option(segs[n], t, posts[n, t]) for n, t in paying])
         result["release_check"] = {"test_patients": [p.id for p in test], "options": checks}
         print(release_table(checks))
     if a.json:
         write_json_atomic(a.json, result)
     return 0
-
-
-def release_check(model_dir: Path, test, default: tuple[str, bool], default_post, options: dict) -> list[dict]:
-    """Each option against the default on the test patients, per input condition (see the module's text)."""
-
-    def reports(option, post):
-        seg = load(option[0], model_dir=model_dir)
-        return {c: evaluate_predictions(predict_patients(seg, test, tta=option[1], progress=False, condition=c), post) for c in EVERY_CONDITION}
-
-    base = reports(default, default_post)
-    out = []
-    for option, post in options.items():
-        mine, conds, passed = reports(option, post), {}, True
-        for c in EVERY_CONDITION:
-            b, m = base[c], mine[c]
-            diffs = np.array([m["per_patient"][p] - b["per_patient"][p] for p in b["per_patient"]])
-            lo, hi = M.bootstrap_ci(diffs)
-            fp_ok = m["fp_slice_rate"] <= max(0.05, b["fp_slice_rate"]) + 1e-12
-            conds[c] = {
-                "dice_default": b["per_patient_dice"],
-                "dice": m["per_patient_dice"],
-                "difference": float(diffs.mean()),
-                "difference_ci95": [lo, hi],
-                "fp_default": b["fp_slice_rate"],
-                "fp": m["fp_slice_rate"],
-                "passes": bool(fp_ok and not hi < 0),
-            }
-            passed &= conds[c]["passes"]
-        out.append({"model": option[0], "tta": option[1], "post": asdict(post), "passes": passed, "conditions": conds})
-    return out
 
 
 def release_table(checks: list[dict]) -> str:

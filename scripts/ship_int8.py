@@ -6,7 +6,8 @@
 For each model of ``registry.json``: ``X.onnx`` -> ``X.int8.onnx`` (``brainseg.inference.export.export_int8``,
 calibrated on seeded slices of the split's *training* patients, some with FLAIR copied into the
 pre- / post-contrast channels); the fp32 and the INT8 model are evaluated on the *test* patients
-under every input condition (``config.EVERY_CONDITION``: the four channel conditions, skull stripped, ...), with the model's calibrated post-processing. The registry entry
+under every input condition (``config.EVERY_CONDITION``: the four channel conditions, skull stripped, ...), with the model's calibrated post-processing (and, for a model served with flip TTA by default, with TTA at its own
+calibration too). The registry entry
 gets ``onnx_int8``, an ``int8`` block (calibration, both per-patient Dice under every condition,
 the drop) and ``default_precision``: ``int8`` only where the per-patient Dice drops by at most
 ``MAX_DROP`` under every condition (all sequences, missing sequences, skull stripped, BraTS-like),
@@ -24,17 +25,16 @@ import sys
 import time
 from pathlib import Path
 
-from brainseg.config import DISPLAY_NAMES, EVERY_CONDITION
-from brainseg.evaluation.protocol import evaluate_predictions, predict_patients
+from brainseg.config import DISPLAY_NAMES
 from brainseg.inference.backends import int8_path
 from brainseg.inference.export import CALIBRATION_METHODS, CALIBRATION_SLICES, export_int8
 from brainseg.inference.predictor import load_segmenter
 from brainseg.inference.registry import Registry, read, write_registry
 from brainseg.io.datasets import discover, labelled, read_split
 from brainseg.io.files import write_text_atomic
+from brainseg.pipeline import INT8_MAX_DROP, INT8_RULE, int8_cost, int8_holds
 
-MAX_DROP = 0.005  # per-patient Dice, test patients, under each input condition
-RULE = f"INT8 is served by default only where the per-patient Dice of the test patients drops by at most {MAX_DROP} under every input condition"
+MAX_DROP, RULE = INT8_MAX_DROP, INT8_RULE
 CARD_START, CARD_END = "<!-- int8 -->", "<!-- /int8 -->"
 
 
@@ -44,30 +44,12 @@ def split_of(reg: Registry, model_dir: Path, split_file: str | None) -> dict:
     return read_split(split_file or model_dir / "split.json")
 
 
-def compare(fp32, int8, patients) -> dict:
-    """Per-patient Dice (and FP rate) of both models under every condition, and the drop."""
-    out = {}
-    for cond in EVERY_CONDITION:
-        reports = {
-            p: evaluate_predictions(predict_patients(m, patients, condition=cond, progress=False), m.postprocess) for p, m in (("fp32", fp32), ("int8", int8))
-        }
-        per_patient_drop = [reports["fp32"]["per_patient"][pid] - reports["int8"]["per_patient"][pid] for pid in reports["fp32"]["per_patient"]]
-        out[cond] = {
-            "fp32": round(reports["fp32"]["per_patient_dice"], 4),
-            "int8": round(reports["int8"]["per_patient_dice"], 4),
-            "drop": round(reports["fp32"]["per_patient_dice"] - reports["int8"]["per_patient_dice"], 4),
-            "largest_patient_drop": round(max(per_patient_drop), 4),
-            "int8_ci95": [round(v, 4) for v in reports["int8"]["per_patient_dice_ci95"]],
-            "fp_slice_rate": {"fp32": round(reports["fp32"]["fp_slice_rate"], 4), "int8": round(reports["int8"]["fp_slice_rate"], 4)},
-        }
-    return out
-
-
 def card_section(block: dict) -> str:
     rows = "\n".join(
-        f"| {c} | {r['fp32']:.3f} | {r['int8']:.3f} | {r['drop']:+.3f} | {r['largest_patient_drop']:+.3f} "
+        f"| {c}{tag} | {r['fp32']:.3f} | {r['int8']:.3f} | {r['drop']:+.3f} | {r['largest_patient_drop']:+.3f} "
         f"| {r['fp_slice_rate']['fp32']:.3f} / {r['fp_slice_rate']['int8']:.3f} |"
-        for c, r in block["test"].items()
+        for key, tag in (("test", ""), ("test_tta", " (flip TTA)"))
+        for c, r in block.get(key, {}).items()
     )
     cal = block["calibration"]
     served = "INT8" if block["default_precision"] == "int8" else "fp32 (INT8 available with precision int8)"
@@ -117,13 +99,17 @@ def main(argv: list[str] | None = None) -> int:
         out = export_int8(fp32_path, a.data, train_ids, a.calibration_slices, a.seed, int8_path(fp32_path), a.method)
         quantise_s = time.perf_counter() - t0
         fp32, int8 = load_segmenter(fp32_path, name), load_segmenter(out, name)
-        result = compare(fp32, int8, test)
-        holds = all(r["drop"] <= MAX_DROP for r in result.values())
+        result = int8_cost(fp32, int8, test)
+        holds = int8_holds(result)
+        if fp32.config.inference.tta:  # served with flip TTA by default (scripts/ship_tta.py): INT8 must hold there too
+            result_tta = int8_cost(fp32, int8, test, tta=True)
+            holds = holds and int8_holds(result_tta)
         block = {
             "file": out.name,
             "calibration": int8.backend.calibration,
             "test_patients": len(test),
             "test": result,
+            **({"test_tta": result_tta} if fp32.config.inference.tta else {}),
             "default_precision": "int8" if holds else "fp32",
             "rule": RULE,
         }

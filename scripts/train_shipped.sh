@@ -46,3 +46,6 @@ python scripts/ship_models.py --data "$DATA" --out models --training-note "$(cat
   --candidates attention_unet=runs/old_models/attention_unet.pt,runs/ds/attention_unet/best.pt,runs/ds/attention_unet/last.pt \
   unetpp=runs/old_models/unetpp.pt,runs/r6_upp_ds/unetpp/best.pt,runs/r6_upp_ds/unetpp/last.pt
 python scripts/ship_int8.py --data "$DATA" --model-dir models
+# Round 9: flip TTA at its own calibration, served by default where it gains on validation and passes the test
+# release check (scripts/ship_tta.py; the weights are unchanged, the model files get their `inference` section).
+python scripts/ship_tta.py --data "$DATA" --model-dir models

@@ -48,13 +48,15 @@ def test_the_release_check_on_test_patients(tiny_model_dir, tmp_path):
     """The default against itself passes with a zero difference everywhere; another option's verdict follows the rule
     (FP at most max(5%, the default's) and a Dice-difference interval not wholly below 0) under each condition."""
     from brainseg.config import PostprocessConfig
+    from brainseg.inference.predictor import load
+    from brainseg.pipeline import Option, release_check
 
     torch.set_num_threads(1)
     data = synthetic_dataset(tmp_path / "data", patients=3, slices=4, size=64)
     test = labelled(discover(data)).patients
     post = PostprocessConfig(threshold=0.5, min_size=10)
-    default = ("attention_unet", False)
-    checks = opts.release_check(tiny_model_dir, test, default, post, {default: post, ("unetpp", True): post})
+    att, upp = load("attention_unet", model_dir=tiny_model_dir), load("unetpp", model_dir=tiny_model_dir)
+    checks = release_check(test, Option(att, False, post), [Option(att, False, post), Option(upp, True, post)])
     same, other = checks
     assert same["passes"] and set(same["conditions"]) == set(EVERY_CONDITION)
     assert all(r["difference"] == 0 and r["difference_ci95"] == [0, 0] and r["fp"] == r["fp_default"] for r in same["conditions"].values())

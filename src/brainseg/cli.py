@@ -154,9 +154,13 @@ def cmd_train(args) -> int:
 
 
 def _load_model(args):
+    """The model of ``_add_model_args``; ``args.tta`` left unsaid (None) becomes the model's shipped default."""
     from .inference.predictor import load
 
-    return load(name=args.model, model_dir=args.model_dir, checkpoint=args.checkpoint, prefer_onnx=not args.torch, precision=args.precision)
+    seg = load(name=args.model, model_dir=args.model_dir, checkpoint=args.checkpoint, prefer_onnx=not args.torch, precision=args.precision)
+    if hasattr(args, "tta"):
+        args.tta = seg.with_tta(args.tta)
+    return seg
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -173,13 +177,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--threshold", type=float, default=None, help="probability threshold (default: calibrated, saved in the model)")
     p.add_argument("--min-size", type=int, default=None, help="drop predicted components smaller than this many pixels")
-    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped slice")
+    p.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="average with the horizontally flipped slice, at the post-processing calibrated for it (default: the model's shipped default)",
+    )
 
 
 def _post(args, seg):
     from .inference.predictor import override
 
-    return override(seg.postprocess, args.threshold, args.min_size)
+    return override(seg.postprocess_for(bool(args.tta)), args.threshold, args.min_size)
 
 
 def cmd_evaluate(args) -> int:

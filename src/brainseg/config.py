@@ -164,6 +164,15 @@ class PostprocessConfig:
 
 
 @dataclass(frozen=True)
+class InferenceConfig:
+    """How a model runs when the caller does not say (``scripts/ship_tta.py`` sets it, and only for an option
+    that pays on the validation patients and passes the release check on the test patients)."""
+
+    tta: bool = False  # flip test-time augmentation on by default (API, page, CLI, batch)
+    tta_postprocess: PostprocessConfig | None = None  # calibrated with TTA on; None: TTA runs at ``postprocess``
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 40
     batch_size: int = 16
@@ -222,9 +231,14 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def postprocess_for(self, tta: bool) -> PostprocessConfig:
+        """The calibrated post-processing of a run with or without flip TTA (each has its own where shipped)."""
+        return self.inference.tta_postprocess if tta and self.inference.tta_postprocess is not None else self.postprocess
 
     @classmethod
     def from_dict(cls, d: dict) -> "ExperimentConfig":
@@ -238,6 +252,10 @@ class ExperimentConfig:
         kwargs = {}
         for name, klass in parts.items():
             kwargs[name] = _build(klass, d.get(name, {}))
+        inference = dict(d.get("inference") or {})
+        if inference.get("tta_postprocess") is not None:
+            inference["tta_postprocess"] = _build(PostprocessConfig, inference["tta_postprocess"])
+        kwargs["inference"] = _build(InferenceConfig, inference)
         return cls(**kwargs)
 
 

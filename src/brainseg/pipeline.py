@@ -12,7 +12,16 @@ from pathlib import Path
 
 from .config import CONDITIONS, DISPLAY_NAMES, EVERY_CONDITION, SPLIT_SEED, ExperimentConfig, PostprocessConfig
 from .evaluation import metrics as M
-from .evaluation.protocol import evaluate_conditions, fp_eligible, markdown_table, predict_patients, sweep_postprocess, table_row, within_fp_budget
+from .evaluation.protocol import (
+    evaluate_conditions,
+    evaluate_predictions,
+    fp_eligible,
+    markdown_table,
+    predict_patients,
+    sweep_postprocess,
+    table_row,
+    within_fp_budget,
+)
 from .inference.backends import binarize_stack
 from .inference.registry import REGISTRY, ModelEntry, Registry, read, write_registry
 from .io.datasets import DataError, discover, labelled, read_split, split_patients
@@ -392,7 +401,7 @@ def evaluate(
     """The full report under ``conditions[0]``; with more conditions, a summary of each under ``conditions``."""
     ds = labelled(discover(data_root))
     patients = [ds.patient(p) for p in patient_ids] if patient_ids else ds.patients
-    post = post or segmenter.postprocess
+    post = post or segmenter.postprocess_for(tta)
     by_cond, preds = evaluate_conditions(segmenter, patients, post, conditions, tta=tta, progress=progress)
     report = dict(by_cond[conditions[0]])
     report["condition"] = conditions[0]
@@ -403,3 +412,80 @@ def evaluate(
     if sweep:
         _, report["postprocess_sweep"] = sweep_postprocess(preds[conditions[0]])
     return report
+
+
+# ---------------------------------------------------------------- release checks (test patients, never a choice)
+
+INT8_MAX_DROP = 0.005  # per-patient Dice, test patients, under each input condition
+INT8_RULE = f"INT8 is served by default only where the per-patient Dice of the test patients drops by at most {INT8_MAX_DROP} under every input condition"
+
+
+def int8_cost(fp32, int8, patients, tta: bool = False, post: PostprocessConfig | None = None) -> dict:
+    """Per-patient Dice (and FP rate) of an fp32 and an INT8 model under every input condition, both at ``post`` (default:
+    each at its calibrated post-processing for ``tta``, ``postprocess_for``), and the drop (fp32 - INT8)."""
+    out = {}
+    for cond in EVERY_CONDITION:
+        reports = {
+            k: evaluate_predictions(predict_patients(m, patients, tta=tta, condition=cond, progress=False), post or m.postprocess_for(tta))
+            for k, m in (("fp32", fp32), ("int8", int8))
+        }
+        per_patient_drop = [reports["fp32"]["per_patient"][pid] - reports["int8"]["per_patient"][pid] for pid in reports["fp32"]["per_patient"]]
+        out[cond] = {
+            "fp32": round(reports["fp32"]["per_patient_dice"], 4),
+            "int8": round(reports["int8"]["per_patient_dice"], 4),
+            "drop": round(reports["fp32"]["per_patient_dice"] - reports["int8"]["per_patient_dice"], 4),
+            "largest_patient_drop": round(max(per_patient_drop), 4),
+            "int8_ci95": [round(v, 4) for v in reports["int8"]["per_patient_dice_ci95"]],
+            "fp_slice_rate": {"fp32": round(reports["fp32"]["fp_slice_rate"], 4), "int8": round(reports["int8"]["fp_slice_rate"], 4)},
+        }
+    return out
+
+
+def int8_holds(cost: dict) -> bool:
+    """``INT8_RULE`` on one ``int8_cost`` table."""
+    return all(r["drop"] <= INT8_MAX_DROP for r in cost.values())
+
+
+RELEASE_RULE = (
+    "under every input condition, on the test patients: a lesion-free-slice FP rate of at most max(5%, the default's), "
+    "and a 95% bootstrap interval of the per-patient Dice difference to the default (paired by patient) not wholly below 0"
+)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to run a model: the segmenter, flip TTA or not, and the post-processing calibrated for it."""
+
+    segmenter: object
+    tta: bool
+    post: PostprocessConfig
+
+
+def release_check(test_patients, default: Option, options: list[Option]) -> list[dict]:
+    """Each option against the default on the test patients, per input condition (``RELEASE_RULE``). A check that an
+    option chosen on the validation patients keeps every guarantee before it is served; never a choice among options."""
+
+    def reports(o: Option):
+        return {c: evaluate_predictions(predict_patients(o.segmenter, test_patients, tta=o.tta, progress=False, condition=c), o.post) for c in EVERY_CONDITION}
+
+    base = reports(default)
+    out = []
+    for option in options:
+        mine, conds, passed = reports(option), {}, True
+        for c in EVERY_CONDITION:
+            b, m = base[c], mine[c]
+            diffs = [m["per_patient"][p] - b["per_patient"][p] for p in b["per_patient"]]
+            lo, hi = M.bootstrap_ci(diffs)
+            fp_ok = m["fp_slice_rate"] <= max(0.05, b["fp_slice_rate"]) + 1e-12
+            conds[c] = {
+                "dice_default": b["per_patient_dice"],
+                "dice": m["per_patient_dice"],
+                "difference": float(sum(diffs) / len(diffs)) if diffs else float("nan"),
+                "difference_ci95": [lo, hi],
+                "fp_default": b["fp_slice_rate"],
+                "fp": m["fp_slice_rate"],
+                "passes": bool(fp_ok and not hi < 0),
+            }
+            passed &= conds[c]["passes"]
+        out.append({"model": option.segmenter.name, "tta": option.tta, "post": asdict(option.post), "passes": passed, "conditions": conds})
+    return out

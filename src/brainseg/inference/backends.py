@@ -175,6 +175,14 @@ class Segmenter:
     def postprocess(self) -> PostprocessConfig:
         return self.config.postprocess
 
+    def postprocess_for(self, tta: bool) -> PostprocessConfig:
+        """The calibrated post-processing with or without flip TTA (``ExperimentConfig.postprocess_for``)."""
+        return self.config.postprocess_for(tta)
+
+    def with_tta(self, tta: bool | None) -> bool:
+        """``tta``, or where the caller did not say (None) the model's shipped default (``InferenceConfig.tta``)."""
+        return self.config.inference.tta if tta is None else bool(tta)
+
     @property
     def precision(self) -> str:
         """``fp32`` or ``int8`` (a quantised ONNX file)."""
@@ -306,6 +314,15 @@ class Ensemble:
         c3 = all(m.postprocess.components_3d for m in self.members)
         sm = [m.postprocess.slice_min_size if m.postprocess.slice_min_size is not None else m.postprocess.min_size for m in self.members]
         return PostprocessConfig(threshold=float(np.mean(ts)), min_size=int(np.median(ms)), components_3d=c3, slice_min_size=int(np.median(sm)))
+
+    def postprocess_for(self, tta: bool) -> PostprocessConfig:
+        """The ensemble has one rule (``postprocess``): with TTA it was not calibrated apart, and did not pass
+        the release check (docs/ablations.md, round 9)."""
+        return self.postprocess
+
+    def with_tta(self, tta: bool | None) -> bool:
+        """``tta``; off where the caller did not say (no ensemble default was shipped with TTA)."""
+        return bool(tta)
 
     @property
     def config(self) -> ExperimentConfig:

@@ -55,7 +55,7 @@ class ModelSpec:
     precision: str = "fp32"
     threshold: float | None = None
     min_size: int | None = None
-    tta: bool = False
+    tta: bool | None = None  # None: the model's shipped default (``Segmenter.with_tta``)
     sequence: str | None = None
     pixel_spacing: tuple[float, float] | None = None  # a slice's (row, col) mm, as predict --pixel-spacing
 
@@ -67,10 +67,13 @@ class ModelSpec:
             name=self.model, model_dir=self.model_dir, checkpoint=self.checkpoint, prefer_onnx=not self.torch, precision=self.precision, threads=threads
         )
 
+    def with_tta(self, segmenter) -> bool:
+        return segmenter.with_tta(self.tta)
+
     def post(self, segmenter):
         from .predictor import override
 
-        return override(segmenter.postprocess, self.threshold, self.min_size)
+        return override(segmenter.postprocess_for(self.with_tta(segmenter)), self.threshold, self.min_size)
 
     def fingerprint(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -184,7 +187,7 @@ class Worker:
         paths = [Path(p) for p in job]
         t0 = time.perf_counter()
         try:
-            study = predict_job(paths, self.out, self.segmenter, self.post, self.spec.tta, self.spec.sequence, self.spec.pixel_spacing)
+            study = predict_job(paths, self.out, self.segmenter, self.post, self.spec.with_tta(self.segmenter), self.spec.sequence, self.spec.pixel_spacing)
         except JobFailed as err:
             exc = err.exc
             name = study_stem(paths)

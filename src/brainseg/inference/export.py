@@ -76,6 +76,23 @@ def export_onnx(checkpoint: os.PathLike | str, out: os.PathLike | str, opset: in
     return out
 
 
+def update_onnx_config(path: os.PathLike | str, sections: dict) -> Path:
+    """Replace sections of the configuration in an exported (fp32 or INT8) ONNX file's metadata, weights untouched
+    (atomic): how a calibration made after export (``scripts/ship_tta.py``) reaches the file that is served."""
+    import onnx
+
+    path = Path(path)
+    proto = onnx.load(str(path))
+    props = {p.key: p for p in proto.metadata_props}
+    if ONNX_METADATA_KEY not in props:
+        raise ValueError(f"{path}: ONNX file has no '{ONNX_METADATA_KEY}' metadata (export it with `brainseg export`)")
+    payload = json.loads(props[ONNX_METADATA_KEY].value)
+    payload["config"].update(sections)
+    props[ONNX_METADATA_KEY].value = json.dumps(payload)
+    write_bytes_atomic(path, proto.SerializeToString())
+    return path
+
+
 # ---------------------------------------------------------------- INT8
 
 

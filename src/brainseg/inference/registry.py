@@ -72,6 +72,7 @@ class ModelEntry(BaseModel):
     postprocess: PostprocessConfig | None = None  # as calibrated; a copy of what the model file carries
     default_precision: Precision | None = None  # what the INT8 measurement recommends serving (None: fp32)
     int8: dict[str, Any] | None = None  # how the INT8 file was made and what it costs (scripts/ship_int8.py)
+    tta: dict[str, Any] | None = None  # flip TTA's calibration, its checks and whether it is on by default (scripts/ship_tta.py)
 
 
 class EnsembleEntry(BaseModel):

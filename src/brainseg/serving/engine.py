@@ -198,6 +198,8 @@ class Engine:
             "parameters": int(params) if params else None,
             "threshold": seg.postprocess.threshold,
             "min_size": seg.postprocess.min_size,
+            # flip TTA: whether a request that does not say runs it, and the post-processing calibrated for it
+            "tta": {"default": seg.with_tta(None), "threshold": seg.postprocess_for(True).threshold, "min_size": seg.postprocess_for(True).min_size},
             "input_size": seg.config.preprocess.input_size,
             "metrics": entry.metrics,
             "backend": seg.backend.kind,
@@ -221,6 +223,7 @@ class Engine:
             "parameters": sum(params) if all(p is not None for p in params) else None,
             "threshold": round(post.threshold, 4),
             "min_size": post.min_size,
+            "tta": {"default": False, "threshold": round(post.threshold, 4), "min_size": post.min_size},
             "metrics": reg.ensemble.metrics if reg.ensemble else {},
             "backend": "+".join(sorted({m["backend"] for m in members})),
             "version": "+".join(f"{m['name']}:{m['versions'][self.default_precision(registry.ENSEMBLE)]}" for m in members),
@@ -232,15 +235,18 @@ class Engine:
 
     # ------------------------------------------------------------ running
 
-    def postprocess(self, model, threshold: float | None) -> PostprocessConfig:
-        return predictor.override(model.postprocess, threshold)
+    def postprocess(self, model, threshold: float | None, tta: bool = False) -> PostprocessConfig:
+        """The model's calibrated post-processing for a run with or without flip TTA, ``threshold`` overriding its own."""
+        return predictor.override(model.postprocess_for(tta), threshold)
 
     def run_slice(
-        self, model, image: np.ndarray, threshold: float | None = None, tta: bool = False, pixel_spacing_mm: tuple[float, float] | None = None
+        self, model, image: np.ndarray, threshold: float | None = None, tta: bool | None = None, pixel_spacing_mm: tuple[float, float] | None = None
     ) -> tuple[SliceResult, PostprocessConfig]:
         """One slice; its network input is batched with those of concurrent requests (same model, precision, TTA).
+        ``tta`` None: the model's shipped default (``Segmenter.with_tta``; the caller resolves it to report it).
         ``pixel_spacing_mm`` (row, col): for areas and diameters in mm (None: pixels only)."""
-        post = self.postprocess(model, threshold)
+        tta = model.with_tta(tta)
+        post = self.postprocess(model, threshold, tta)
         if self.batcher is None:
             return segment_slice(model, image, post, tta=tta, pixel_spacing_mm=pixel_spacing_mm), post
         with self.batcher.expecting():
@@ -254,10 +260,12 @@ class Engine:
         return Segmenter(BatchedBackend(model.backend, self.batcher, key), model.name, model.path)
 
     def run_volume(
-        self, model, vol: Volume, threshold: float | None = None, tta: bool = False, cancel: threading.Event | None = None
+        self, model, vol: Volume, threshold: float | None = None, tta: bool | None = None, cancel: threading.Event | None = None
     ) -> tuple[VolumeResult, PostprocessConfig]:
-        """Every slice of ``vol``; once ``cancel`` is set, the next batch raises ``cancel.Cancelled`` instead of running."""
-        post = self.postprocess(model, threshold)
+        """Every slice of ``vol`` (``tta`` as in ``run_slice``); once ``cancel`` is set, the next batch raises
+        ``cancel.Cancelled`` instead of running."""
+        tta = model.with_tta(tta)
+        post = self.postprocess(model, threshold, tta)
         return segment_volume(model if cancel is None else cancellable(model, cancel), vol, post, tta=tta), post
 
 

@@ -34,7 +34,7 @@ class SegmentOptions:
 
     model: str | None  # None: the registry's default
     threshold: float | None  # None: the model's calibrated one
-    tta: bool
+    tta: bool | None  # flip test-time augmentation; None: the model's shipped default (``Segmenter.with_tta``)
     sequence: str | None  # what a grey slice or a single volume is (None: FLAIR)
     precision: str | None  # "fp32" or "int8"; None: the model's served default (``Engine.default_precision``)
     pixel_spacing_mm: tuple[float, float] | None = None  # a slice's (row, col) pixel spacing; None: unknown (diameters in pixels)
@@ -54,14 +54,20 @@ def parse_threshold(raw: str | None) -> float | None:
 
 
 def parse_bool(name: str, raw: str | None) -> bool:
-    if raw is None:
-        return False
-    v = str(raw).strip().lower()
+    value = parse_optional_bool(name, raw)
+    return bool(value)
+
+
+def parse_optional_bool(name: str, raw: str | None) -> bool | None:
+    """True / False, or None when not given (absent or empty): the caller's default applies."""
+    v = "" if raw is None else str(raw).strip().lower()
+    if v == "":
+        return None
     if v in ("1", "true", "yes", "on"):
         return True
-    if v in ("", "0", "false", "no", "off"):
+    if v in ("0", "false", "no", "off"):
         return False
-    raise UploadError(422, f"{name} must be true or false")
+    raise UploadError(422, f"{name} must be true or false (or left out for the model's default)")
 
 
 def parse_precision(raw: str | None) -> str | None:
@@ -102,7 +108,7 @@ async def segment_options(request: Request, fields: dict[str, str | None]) -> Se
     return SegmentOptions(
         model=value("model"),
         threshold=parse_threshold(value("threshold")),
-        tta=parse_bool("tta", value("tta")),
+        tta=parse_optional_bool("tta", value("tta")),
         sequence=parse_sequence_field(value("sequence")),
         precision=parse_precision(value("precision")),
         pixel_spacing_mm=parse_pixel_spacing(value("pixel_spacing_mm")),

@@ -25,7 +25,7 @@ from ..cancel import Cancelled
 from ..deps import Limiters, MemoryBudget, get_engine, get_limiters, get_limits, get_memory, get_settings
 from ..engine import Engine
 from ..errors import RESPONSES, error
-from ..parsing import SegmentOptions, check_declared_size, decode_input, parse_bool, parse_precision, parse_threshold, read_uploads
+from ..parsing import SegmentOptions, check_declared_size, decode_input, parse_bool, parse_optional_bool, parse_precision, parse_threshold, read_uploads
 from ..render import b64png
 from ..settings import Settings
 from ..uploads import Limits, UploadError
@@ -178,7 +178,7 @@ async def compare_options(request: Request, fields: dict[str, str | None]) -> tu
     options = SegmentOptions(
         model=value("model"),
         threshold=parse_threshold(value("threshold")),
-        tta=parse_bool("tta", value("tta")),
+        tta=parse_optional_bool("tta", value("tta")),
         sequence=None,
         precision=parse_precision(value("precision")),
     )

@@ -39,7 +39,7 @@ DISCONNECT_POLL_S = 0.25
 FILES_HELP = "one slice (TIFF/PNG/JPEG), one NIfTI volume, the BraTS t1n, t2f and t1c files, or a DICOM MR series or study (a .zip, or .dcm files)"
 MODEL_HELP = "unetpp, attention_unet or ensemble (default: the registry's best)"
 THRESHOLD_HELP = "probability threshold in (0, 1) (default: the model's calibrated one)"
-TTA_HELP = "true: average with the horizontally flipped input"
+TTA_HELP = "true: average with the horizontally flipped input, at the post-processing calibrated for it; false: one pass; left out: the model's shipped default (GET /v1/models: tta.default)"
 SEQUENCE_HELP = (
     "what a grey (one-channel) slice or a single NIfTI volume is: flair (default), t1 (pre-contrast T1), t1c (T1 post-contrast) or t2. "
     "It is always given to the model in all 3 channels (the FLAIR-only condition); t1, t1c and t2 get a warning (outside what the model was trained for). "
@@ -91,13 +91,14 @@ class SegmentJob:
         if gone.is_set():
             raise Cancelled("running")
         t1 = time.perf_counter()
+        tta = model.with_tta(opts.tta)  # not asked: the model's shipped default
         if kind == "slice":
-            res, post = self.engine.run_slice(model, data, opts.threshold, opts.tta, opts.pixel_spacing_mm)
+            res, post = self.engine.run_slice(model, data, opts.threshold, tta, opts.pixel_spacing_mm)
         else:  # stops before its next batch of slices once the client has gone
-            res, post = self.engine.run_volume(timed(model, clock), data, opts.threshold, opts.tta, cancel=gone)
+            res, post = self.engine.run_volume(timed(model, clock), data, opts.threshold, tta, cancel=gone)
         block = model_block(model, self.engine.version(model), self.engine.backend_kind(model))
         t2 = time.perf_counter()
-        info = RunInfo(block, post, opts.tta, [u.name for u in uploads], Timings(t0, t1, t2), read_as, self.owner)
+        info = RunInfo(block, post, tta, [u.name for u in uploads], Timings(t0, t1, t2), read_as, self.owner)
         store = TimedStore(self.store, clock)
         if kind == "slice":
             body = slice_answer(info, data, res, store, self.inline_max_pixels, SLICE_IMAGES if self.images is None else self.images)
