@@ -110,7 +110,8 @@ def sidebar() -> dict:
         label_visibility="collapsed",
     )
     m = models[name]
-    precision = precision_choice(sb, m, name)
+    # the TTA box is drawn below, but its state (or the model's default) decides the precision preselected here
+    precision = precision_choice(sb, m, name, st.session_state.get(f"tta_{name}", bool((m.get("tta") or {}).get("default", False))))
     model_details(sb, m, models, info, precision)
 
     sb.subheader("Segmentation")
@@ -174,15 +175,24 @@ def model_details(sb, m: dict, models: dict, info: dict, precision: str) -> None
             st.markdown(m["card"])
 
 
-def precision_choice(sb, m: dict, name: str) -> str:
-    """fp32 / INT8 where the model has both; the model's served default preselected."""
+def served_precision(m: dict, tta: bool) -> str:
+    """What the API runs for this model with / without TTA when no precision is named (GET /v1/models)."""
     precisions = m.get("precisions") or ["fp32"]
-    served = m.get("default_precision") if m.get("default_precision") in precisions else precisions[0]
+    served = (m.get("tta") or {}).get("precision") if tta else m.get("default_precision_without_tta")
+    served = served or m.get("default_precision")  # an API from before per-TTA precisions
+    return served if served in precisions else precisions[0]
+
+
+def precision_choice(sb, m: dict, name: str, tta: bool = False) -> str:
+    """fp32 / INT8 where the model has both; the model's served default for the TTA setting preselected (kept per
+    model and TTA setting: INT8 may be served without TTA and fp32 with it, see the model card)."""
+    precisions = m.get("precisions") or ["fp32"]
+    served = served_precision(m, tta)
     precision = sb.radio(
         "Precision",
         precisions,
         index=precisions.index(served),
-        key=f"precision_{name}",
+        key=f"precision_{name}{'_tta' if tta else ''}",
         horizontal=True,
         format_func=lambda p: PRECISIONS.get(p, p) + ("  (served default)" if p == served else ""),
         help="INT8 is the quantised network: faster on a CPU, Dice within 0.005 of fp32 on the test patients (see the model card)",

@@ -1,10 +1,11 @@
 """Whole-tumour Dice on ``../shared/data/brats-format`` (the same LGG patients in BraTS format).
 
     python scripts/eval_brats_format.py [--root ../shared/data/brats-format] [--model NAME | --checkpoint PATH]
-        [--precision fp32|int8] [--json out.json]
+        [--precision fp32|int8] [--tta | --no-tta] [--json out.json]
 
 Each case is read as ``brainseg predict`` reads a BraTS set (t1n / t2f / t1c; and FLAIR alone),
-segmented with the model's calibrated post-processing, written back onto the file's grid and
+segmented with the model's calibrated post-processing (with flip TTA where the model is served with it,
+at the post-processing calibrated for it; ``--tta`` / ``--no-tta`` say otherwise), written back onto the file's grid and
 compared with the reference (fusion label > 0, whole tumour). The same patients' kaggle_3m
 Dice comes from ``brainseg evaluate``; the two formats side by side say what a change of
 format costs. These patients may sit in the training split: this measures format, not
@@ -27,13 +28,13 @@ from brainseg.io.files import write_json_atomic
 from brainseg.io.volumes import load_volume
 
 
-def case_scores(segmenter, post, case_dir: Path, label: Path) -> dict:
+def case_scores(segmenter, post, case_dir: Path, label: Path, tta: bool = False) -> dict:
     ref = np.asarray(nib.load(label).dataobj) > 0
     files = sorted(case_dir.glob("*.nii.gz"))
     out = {}
     for cond, picked in (("all", files), ("flair_only", [f for f in files if "-t2f" in f.name])):
         vol = load_volume(picked)
-        res = segment_volume(segmenter, vol, post)
+        res = segment_volume(segmenter, vol, post, tta=tta)
         pred = vol.file_mask(res.mask) > 0
         tp = int((pred & ref).sum())
         out[cond] = {
@@ -46,11 +47,12 @@ def case_scores(segmenter, post, case_dir: Path, label: Path) -> dict:
     return out
 
 
-def brats_format_scores(segmenter, root: Path, progress: bool = True) -> dict:
-    """{case: {"all" | "flair_only": {dice, precision, recall, pred_ml, ref_ml}}} for every case folder under ``root``."""
+def brats_format_scores(segmenter, root: Path, progress: bool = True, tta: bool = False) -> dict:
+    """{case: {"all" | "flair_only": {dice, precision, recall, pred_ml, ref_ml}}} for every case folder under ``root``,
+    at the post-processing calibrated for ``tta``."""
     out = {}
     for case in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "labels"):
-        out[case.name] = case_scores(segmenter, segmenter.postprocess, case, root / "labels" / f"{case.name}-fusion.nii.gz")
+        out[case.name] = case_scores(segmenter, segmenter.postprocess_for(tta), case, root / "labels" / f"{case.name}-fusion.nii.gz", tta)
         r = out[case.name]
         if progress:
             print(
@@ -65,17 +67,19 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="registered model name (default: the registry's default)")
     ap.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint or ONNX file instead of a registered model")
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="flip TTA (default: the model's shipped default)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     if not a.root.is_dir():
         print(f"eval_brats_format: error: {a.root}: no such folder", file=sys.stderr)
         return 2
     segmenter = load(a.model, checkpoint=a.checkpoint, precision=a.precision)
-    results = brats_format_scores(segmenter, a.root)
+    tta = segmenter.with_tta(a.tta)
+    results = brats_format_scores(segmenter, a.root, tta=tta)
     for cond in ("all", "flair_only"):
         print(f"mean {cond}: {np.mean([r[cond]['dice'] for r in results.values()]):.3f}")
     if a.json:
-        write_json_atomic(a.json, {"model": segmenter.name, "results": results})
+        write_json_atomic(a.json, {"model": segmenter.name, "tta": tta, "results": results})
     return 0
 
 

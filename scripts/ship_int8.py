@@ -7,7 +7,7 @@ For each model of ``registry.json``: ``X.onnx`` -> ``X.int8.onnx`` (``brainseg.i
 calibrated on seeded slices of the split's *training* patients, some with FLAIR copied into the
 pre- / post-contrast channels); the fp32 and the INT8 model are evaluated on the *test* patients
 under every input condition (``config.EVERY_CONDITION``: the four channel conditions, skull stripped, ...), with the model's calibrated post-processing (and, for a model served with flip TTA by default, with TTA at its own
-calibration too). The registry entry
+calibration too: the registry's ``tta.int8``, which decides the precision of runs with TTA). The registry entry
 gets ``onnx_int8``, an ``int8`` block (calibration, both per-patient Dice under every condition,
 the drop) and ``default_precision``: ``int8`` only where the per-patient Dice drops by at most
 ``MAX_DROP`` under every condition (all sequences, missing sequences, skull stripped, BraTS-like),
@@ -53,6 +53,8 @@ def card_section(block: dict) -> str:
     )
     cal = block["calibration"]
     served = "INT8" if block["default_precision"] == "int8" else "fp32 (INT8 available with precision int8)"
+    if "test_tta" in block:
+        served += f" without TTA; with flip TTA (its default) {'INT8' if int8_holds(block['test_tta']) and block['default_precision'] == 'int8' else 'fp32'}"
     return (
         f"{CARD_START}\n## INT8 (`{block['file']}`)\n\n"
         f"Static quantisation with ONNX Runtime (QDQ, int8 weights per channel, uint8 activations), calibrated on "
@@ -101,21 +103,21 @@ def main(argv: list[str] | None = None) -> int:
         fp32, int8 = load_segmenter(fp32_path, name), load_segmenter(out, name)
         result = int8_cost(fp32, int8, test)
         holds = int8_holds(result)
-        if fp32.config.inference.tta:  # served with flip TTA by default (scripts/ship_tta.py): INT8 must hold there too
-            result_tta = int8_cost(fp32, int8, test, tta=True)
-            holds = holds and int8_holds(result_tta)
+        result_tta = int8_cost(fp32, int8, test, tta=True) if entry.tta_default else None  # served with flip TTA by default
         block = {
             "file": out.name,
             "calibration": int8.backend.calibration,
             "test_patients": len(test),
             "test": result,
-            **({"test_tta": result_tta} if fp32.config.inference.tta else {}),
+            **({"test_tta": result_tta} if result_tta else {}),
             "default_precision": "int8" if holds else "fp32",
             "rule": RULE,
         }
         entry.onnx_int8 = out.name
         entry.default_precision = block["default_precision"]
         entry.int8 = block
+        if result_tta:  # the INT8 check of runs with TTA (scripts/ship_tta.py), for the new file
+            entry.tta["int8"] = {"test": result_tta, "holds": int8_holds(result_tta), "rule": RULE}
         card = a.model_dir / (entry.card or f"{name}.md")
         if card.is_file():
             update_card(card, card_section(block))

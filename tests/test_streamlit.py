@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import json
 import subprocess
 import sys
 import warnings
@@ -275,9 +274,15 @@ def test_precision_choice_reaches_the_api_with_the_shipped_int8_models(monkeypat
     url, proc, _ = start_api(models, tmp_path / "uvicorn.log")
     try:
         at = run_app(monkeypatch, url)
-        radio = at.sidebar.radio(key="precision_attention_unet")
-        # the registry says which precision each model is served in by default (scripts/ship_int8.py's rule)
-        served = json.loads((models / "registry.json").read_text())["models"]["attention_unet"].get("default_precision") or "fp32"
+        # the API says which precision each model is served in by default, for its TTA default (scripts/ship_int8.py's
+        # rule, and with TTA scripts/ship_tta.py's); the page keeps the choice per TTA setting
+        import httpx
+
+        listed = {m["name"]: m for m in httpx.get(url + "/v1/models", timeout=300).json()["models"]}["attention_unet"]
+        key = "precision_attention_unet" + ("_tta" if listed["tta"]["default"] else "")
+        radio = at.sidebar.radio(key=key)
+        served = listed["default_precision"]
+        assert served == (listed["tta"]["precision"] if listed["tta"]["default"] else listed["default_precision_without_tta"])
         other = "fp32" if served == "int8" else "int8"
         label = {"fp32": "fp32", "int8": "INT8"}
         assert radio.options == [
@@ -289,7 +294,7 @@ def test_precision_choice_reaches_the_api_with_the_shipped_int8_models(monkeypat
         no_page_crash(at)
         assert at.session_state["result"]["model"]["precision"] == served
         assert any(label[served] in c for c in texts(at.caption))
-        at.sidebar.radio(key="precision_attention_unet").set_value(other).run()
+        at.sidebar.radio(key=key).set_value(other).run()
         no_page_crash(at)
         assert at.session_state["result"]["model"]["precision"] == other
     finally:

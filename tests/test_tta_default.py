@@ -77,8 +77,8 @@ def test_the_api_runs_the_shipped_default_at_its_own_calibration(tta_model_dir, 
     url, proc, _ = start_api(tta_model_dir, tmp_path / "uvicorn.log")
     try:
         listed = {m["name"]: m for m in httpx.get(url + "/v1/models", timeout=120).json()["models"]}
-        assert listed["attention_unet"]["tta"] == {"default": True, "threshold": 0.3, "min_size": 5}
-        assert listed["unetpp"]["tta"] == {"default": False, "threshold": PLAIN_THRESHOLD, "min_size": 10}
+        assert listed["attention_unet"]["tta"] == {"default": True, "threshold": 0.3, "min_size": 5, "precision": "fp32"}
+        assert listed["unetpp"]["tta"] == {"default": False, "threshold": PLAIN_THRESHOLD, "min_size": 10, "precision": "fp32"}
 
         def segment(**form) -> dict:
             r = httpx.post(url + "/v1/segment", files=[("files", ("s.png", synthetic_png(), "image/png"))], data=form, timeout=300)
@@ -178,3 +178,21 @@ def test_the_script_says_what_is_wrong_in_one_line(tiny_model_dir, tmp_path, cap
     assert ship.main(["--data", str(tmp_path / "nowhere"), "--model-dir", str(tiny_model_dir)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ship_tta: error:") and "\n" not in err
+
+
+def test_runs_with_tta_are_served_in_int8_only_where_int8_holds_with_tta(tta_model_dir):
+    """INT8 can hold without TTA and not with it (the shipped Attention U-Net): a request that names no precision then
+    runs fp32 with TTA (its default) and INT8 without."""
+    from brainseg.inference.predictor import served_precision
+
+    reg = registry.read(tta_model_dir)
+    entry = reg.entry("attention_unet")
+    entry.default_precision, entry.onnx_int8 = "int8", "attention_unet.int8.onnx"
+    entry.tta = dict(entry.tta, int8={"holds": False})
+    assert served_precision(reg, "attention_unet") == served_precision(reg, "attention_unet", tta=True) == "fp32"
+    assert served_precision(reg, "attention_unet", tta=False) == "int8"
+    entry.tta["int8"]["holds"] = True
+    assert served_precision(reg, "attention_unet") == "int8"
+    entry.tta = dict(entry.tta, default=False, int8={"holds": False})
+    assert served_precision(reg, "attention_unet") == "int8"  # TTA off by default: the one-pass rule
+    assert served_precision(reg, "unetpp", tta=True) == "fp32"  # no INT8 recommended at all

@@ -70,18 +70,20 @@ def choose_file(reg: registry.Registry, name: str, backend: str | None = None, p
     return (onnx if kind == "onnx" else ckpt), kind
 
 
-def served_precision(reg: registry.Registry, name: str | None, backend: str | None = None) -> str:
+def served_precision(reg: registry.Registry, name: str | None, backend: str | None = None, tta: bool | None = None) -> str:
     """The precision a server uses when a request names none.
 
-    ``int8`` where the registry recommends it (``default_precision``: ``scripts/ship_int8.py`` sets it
-    only where the INT8 model's Dice cost on the test patients is within its limit), the model has an
-    ``onnx_int8`` file and its fp32 model would run on ONNX Runtime (with a GPU, PyTorch fp32 is
-    faster); else ``fp32``. An ensemble serves ``int8`` only when every member does.
+    ``int8`` where the registry recommends it for the run's TTA setting (``ModelEntry.int8_recommended``:
+    ``scripts/ship_int8.py`` and, with TTA, ``scripts/ship_tta.py`` allow it only where the INT8 model's Dice cost
+    on the test patients is within its limit), the model has an ``onnx_int8`` file and its fp32 model would run on
+    ONNX Runtime (with a GPU, PyTorch fp32 is faster); else ``fp32``. ``tta`` None: the model's TTA default
+    (``Registry.tta_default``). An ensemble serves ``int8`` only when every member does.
     """
+    with_tta = reg.tta_default(name) if tta is None else tta
 
     def one(member: str) -> bool:
         entry = reg.entry(member)
-        return entry.default_precision == "int8" and bool(entry.onnx_int8) and choose_file(reg, member, backend, "fp32")[1] == "onnx"
+        return entry.int8_recommended(with_tta) and bool(entry.onnx_int8) and choose_file(reg, member, backend, "fp32")[1] == "onnx"
 
     return "int8" if all(one(m) for m in reg.resolve(name)) else "fp32"
 

@@ -74,6 +74,18 @@ class ModelEntry(BaseModel):
     int8: dict[str, Any] | None = None  # how the INT8 file was made and what it costs (scripts/ship_int8.py)
     tta: dict[str, Any] | None = None  # flip TTA's calibration, its checks and whether it is on by default (scripts/ship_tta.py)
 
+    @property
+    def tta_default(self) -> bool:
+        """Whether a run that does not say uses flip TTA (a copy of the model file's ``inference.tta``)."""
+        return bool(self.tta and self.tta.get("default"))
+
+    def int8_recommended(self, tta: bool) -> bool:
+        """INT8 for a run with / without TTA: ``default_precision`` (``scripts/ship_int8.py``, one pass) and, with TTA,
+        the INT8 check with TTA at its calibration (``tta.int8.holds``: ``scripts/ship_tta.py``, ``scripts/ship_int8.py``)."""
+        if self.default_precision != "int8":
+            return False
+        return not tta or bool(((self.tta or {}).get("int8") or {}).get("holds"))
+
 
 class EnsembleEntry(BaseModel):
     """What was measured for the ensemble of every registered model."""
@@ -130,6 +142,10 @@ class Registry(BaseModel):
             return None
         path = Path(self.directory or ".") / rel
         return path if path.is_file() else None
+
+    def tta_default(self, name: str | None) -> bool:
+        """Whether a run of ``name`` (None: the default; the ensemble: never) that does not say uses flip TTA."""
+        return name != ENSEMBLE and self.entry(name or self.default).tta_default
 
     def resolve(self, name: str | None) -> list[str]:
         """``None`` / ``""`` -> [the default]; ``ensemble`` -> its members; else [that model] (KeyError if unknown)."""

@@ -102,9 +102,10 @@ class Engine:
         members = reg.resolve(name)
         return registry.ENSEMBLE if name == registry.ENSEMBLE else members[0]
 
-    def default_precision(self, name: str | None) -> str:
-        """What a request that names no precision gets (``predictor.served_precision``)."""
-        return predictor.served_precision(self.registry(), name, self.settings.backend)
+    def default_precision(self, name: str | None, tta: bool | None = None) -> str:
+        """What a request that names no precision gets, with / without TTA (None: the model's TTA default;
+        ``predictor.served_precision``)."""
+        return predictor.served_precision(self.registry(), name, self.settings.backend, tta)
 
     def require_precision(self, name: str, precision: str) -> None:
         """PrecisionUnavailable when ``name`` (or a member of the ensemble) has no file of that precision."""
@@ -199,7 +200,13 @@ class Engine:
             "threshold": seg.postprocess.threshold,
             "min_size": seg.postprocess.min_size,
             # flip TTA: whether a request that does not say runs it, and the post-processing calibrated for it
-            "tta": {"default": seg.with_tta(None), "threshold": seg.postprocess_for(True).threshold, "min_size": seg.postprocess_for(True).min_size},
+            "tta": {
+                "default": seg.with_tta(None),
+                "threshold": seg.postprocess_for(True).threshold,
+                "min_size": seg.postprocess_for(True).min_size,
+                "precision": self.default_precision(name, True),  # what a request with TTA and no precision runs
+            },
+            "default_precision_without_tta": self.default_precision(name, False),
             "input_size": seg.config.preprocess.input_size,
             "metrics": entry.metrics,
             "backend": seg.backend.kind,
@@ -223,7 +230,13 @@ class Engine:
             "parameters": sum(params) if all(p is not None for p in params) else None,
             "threshold": round(post.threshold, 4),
             "min_size": post.min_size,
-            "tta": {"default": False, "threshold": round(post.threshold, 4), "min_size": post.min_size},
+            "tta": {
+                "default": False,
+                "threshold": round(post.threshold, 4),
+                "min_size": post.min_size,
+                "precision": self.default_precision(registry.ENSEMBLE, True),
+            },
+            "default_precision_without_tta": self.default_precision(registry.ENSEMBLE, False),
             "metrics": reg.ensemble.metrics if reg.ensemble else {},
             "backend": "+".join(sorted({m["backend"] for m in members})),
             "version": "+".join(f"{m['name']}:{m['versions'][self.default_precision(registry.ENSEMBLE)]}" for m in members),

@@ -112,12 +112,21 @@ def parse_answer(body: dict) -> SliceAnswer | VolumeAnswer:
     return SEGMENT_ANSWER.validate_python(body)
 
 
+class TTAInfo(_Open):
+    default: bool = Field(description="whether a request that does not say tta runs flip TTA (scripts/ship_tta.py)")
+    threshold: float = Field(description="the threshold a run with TTA uses (calibrated for it where shipped)")
+    min_size: int
+    precision: str = Field(description="the precision a run with TTA that names none uses")
+
+
 class ModelInfo(_Open):
     name: str
     display_name: str
     parameters: int | None = None
     threshold: float
     min_size: int
+    tta: TTAInfo | None = None
+    default_precision_without_tta: str | None = None
     input_size: int | None = None
     metrics: dict[str, float | None]
     backend: str

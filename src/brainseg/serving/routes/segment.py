@@ -182,7 +182,7 @@ def choose_model(engine: Engine, options: SegmentOptions) -> tuple[str, str]:
     """The registry name and precision to run; 422 for an unknown name or a precision the model lacks, 503 without models."""
     try:
         name = engine.resolve(options.model)
-        precision = options.precision or engine.default_precision(name)
+        precision = options.precision or engine.default_precision(name, options.tta)
         engine.require_precision(name, precision)
     except KeyError:
         raise UploadError(422, f"unknown model; choose one of {', '.join(engine.names() + ['ensemble'])}") from None
