@@ -31,7 +31,7 @@ from brainseg.inference.export import CALIBRATION_METHODS, CALIBRATION_SLICES, e
 from brainseg.inference.predictor import load_segmenter
 from brainseg.inference.registry import Registry, read, write_registry
 from brainseg.io.datasets import discover, labelled, read_split
-from brainseg.io.files import write_text_atomic
+from brainseg.io.files import replace_section
 from brainseg.pipeline import INT8_MAX_DROP, INT8_RULE, int8_cost, int8_holds
 
 MAX_DROP, RULE = INT8_MAX_DROP, INT8_RULE
@@ -63,16 +63,6 @@ def card_section(block: dict) -> str:
         "| condition | per-patient Dice fp32 | INT8 | drop | largest drop of one patient | FP rate fp32 / INT8 |\n|---|---|---|---|---|---|\n"
         f"{rows}\n\nServed by default: **{served}**. {RULE}.\n{CARD_END}\n"
     )
-
-
-def update_card(path: Path, section: str) -> None:
-    text = path.read_text() if path.is_file() else ""
-    if CARD_START in text and CARD_END in text:
-        head, rest = text.split(CARD_START, 1)
-        text = head + section + rest.split(CARD_END, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    write_text_atomic(path, text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             entry.tta["int8"] = {"test": result_tta, "holds": int8_holds(result_tta), "rule": RULE}
         card = a.model_dir / (entry.card or f"{name}.md")
         if card.is_file():
-            update_card(card, card_section(block))
+            replace_section(card, card_section(block), CARD_START, CARD_END)
         print(f"\n{DISPLAY_NAMES.get(name, name)}: {out} (quantised in {quantise_s:.0f} s)")
         print(f"  {'condition':14s} {'fp32':>7s} {'int8':>7s} {'drop':>7s} {'worst patient':>14s}")
         for cond, r in result.items():

@@ -36,7 +36,7 @@ from brainseg.inference.export import update_onnx_config
 from brainseg.inference.predictor import load
 from brainseg.inference.registry import RegistryError, read, write_registry
 from brainseg.io.datasets import DataError, discover, labelled, read_split
-from brainseg.io.files import write_json_atomic, write_text_atomic
+from brainseg.io.files import replace_section, write_json_atomic
 from brainseg.pipeline import INT8_RULE, RELEASE_RULE, Option, calibrate_against, int8_cost, int8_holds, release_check
 
 CARD_START, CARD_END = "<!-- tta -->", "<!-- /tta -->"
@@ -109,7 +109,7 @@ def write_block(reg, name: str, block: dict) -> list[Path]:
     entry.tta = block
     card = Path(reg.directory) / (entry.card or f"{name}.md")
     if card.is_file():
-        update_card(card, card_section(name, block))
+        replace_section(card, card_section(name, block), CARD_START, CARD_END)
         written.append(card)
     write_registry(reg.directory, reg)
     return written
@@ -160,16 +160,6 @@ def card_section(name: str, block: dict) -> str:
 
 def fmt_post(post: dict) -> str:
     return f"p >= {post['threshold']}, min {post['min_size']} px, {'3D' if post['components_3d'] else '2D'} components"
-
-
-def update_card(path: Path, section: str) -> None:
-    text = path.read_text() if path.is_file() else ""
-    if CARD_START in text and CARD_END in text:
-        head, rest = text.split(CARD_START, 1)
-        text = head + section + rest.split(CARD_END, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    write_text_atomic(path, text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,3 +33,17 @@ def write_bytes_atomic(path: os.PathLike | str, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def replace_section(path: os.PathLike | str, section: str, start: str, end: str) -> None:
+    """``path``'s text with the part from the marker ``start`` to ``end`` replaced by ``section`` (which carries
+    both markers), or ``section`` appended where the markers are not there yet (atomic): a generated section of a
+    hand-edited file, such as a model card's INT8 or TTA section, rewritten on each run."""
+    path = Path(path)
+    text = path.read_text() if path.is_file() else ""
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + section + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    write_text_atomic(path, text)
