@@ -154,7 +154,7 @@ def card_section(name: str, block: dict) -> str:
         ]
     on = "**on**: the API, the page, the CLI and batch jobs run it unless asked not to (`tta=false`, `--no-tta`)"
     off = "off (ask for it with `tta=true` / `--tta`; it then runs at the calibration above)"
-    lines += ["", f"Served by default: TTA {on if block['default'] else off}.", CARD_END, ""]
+    lines += ["", f"Served by default: TTA {on if block['default'] else off}. The other tables of this card are one pass without TTA.", CARD_END, ""]
     return "\n".join(lines)
 
 

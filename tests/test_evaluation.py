@@ -237,6 +237,17 @@ def test_sweep_prefers_2d_when_specks_span_slices():
     assert post == PostprocessConfig(0.5, 5, False, 5)
 
 
+def test_sweep_for_volumes_in_3d_only_keeps_the_lone_slice_choice_in_2d():
+    """The case above under the shipping rule (``volumes_3d``): the volume setting is the best 3D one (min 5 in 3D,
+    although 2D min 5 scores higher), the lone-slice minimum still the best 2D one (5)."""
+    truth = np.zeros((3, 10, 10), bool)
+    truth[:, 1:4, 1:4] = True
+    prob = truth.astype(np.float32) * 0.9
+    prob[:, 7, 7:9] = 0.9
+    post, _ = sweep_postprocess([_pred("p", prob, truth)], thresholds=(0.5,), min_sizes=(0, 5), components_3d=(False, True), volumes_3d=True)
+    assert post == PostprocessConfig(0.5, 5, True, 5)
+
+
 def test_sweep_ties_prefer_the_larger_minimum_size():
     """A perfect prediction: every minimum size below the lesion's 9 voxels scores 1; the largest wins."""
     truth = np.zeros((1, 6, 6), bool)

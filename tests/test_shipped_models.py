@@ -118,7 +118,9 @@ def test_default_finds_the_lesion_on_a_grey_flair_image_through_the_api(grey_fla
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["input"]["condition"] == "flair_only"
-    post = predictor.load(model_dir=MODELS).postprocess
+    seg = predictor.load(model_dir=MODELS)
+    assert body["tta"] == seg.with_tta(None)  # the shipped default (flip TTA for the Attention U-Net), at its own calibration
+    post = seg.postprocess_for(body["tta"])
     assert body["min_size"] == (post.slice_min_size if post.slice_min_size is not None else post.min_size) and body["components"] == "2D"
     mask = cv2.imdecode(np.frombuffer(base64.b64decode(body["mask_png"]), np.uint8), cv2.IMREAD_UNCHANGED) > 0
     assert dice(mask, truth) > 0.5

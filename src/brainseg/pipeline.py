@@ -15,7 +15,6 @@ from .evaluation import metrics as M
 from .evaluation.protocol import (
     evaluate_conditions,
     evaluate_predictions,
-    fp_eligible,
     markdown_table,
     predict_patients,
     sweep_postprocess,
@@ -193,10 +192,11 @@ def _best_candidate(candidates: list, name: str, split: dict | None, val_patient
 
 
 def calibrate_against(segmenter, val_patients, incumbent: Calibration | None, progress: bool = True, tta: bool = False) -> Calibration:
-    """``calibrate`` under the shipping rules: the false positives pooled over every input condition; with an
-    ``incumbent`` (the shipped model's calibration), within its FP rate and with ``champion_challenger``'s verdict."""
+    """``calibrate`` under the shipping rules: the false positives pooled over every input condition, components of
+    volumes measured in 3D (``sweep_postprocess``'s ``volumes_3d``); with an ``incumbent`` (the shipped model's
+    calibration), within its FP rate and with ``champion_challenger``'s verdict."""
     budget = incumbent.fp_rate if incumbent else None
-    cal = calibrate(segmenter, val_patients, progress=progress, fp_conditions=EVERY_CONDITION, fp_budget=budget, tta=tta)
+    cal = calibrate(segmenter, val_patients, progress=progress, fp_conditions=EVERY_CONDITION, fp_budget=budget, tta=tta, volumes_3d=True)
     if incumbent:
         cal.verdict = champion_challenger(incumbent, cal)
     return cal
@@ -338,17 +338,23 @@ class Calibration:
 
 
 def calibrate(
-    segmenter, val_patients, progress: bool = True, fp_conditions: tuple[str, ...] | None = None, fp_budget: float | None = None, tta: bool = False
+    segmenter,
+    val_patients,
+    progress: bool = True,
+    fp_conditions: tuple[str, ...] | None = None,
+    fp_budget: float | None = None,
+    tta: bool = False,
+    volumes_3d: bool = False,
 ) -> Calibration:
     """Threshold, minimum component size and 2D / 3D components chosen on the validation patients: the best mean
     per-patient Dice over ``CALIBRATION_CONDITIONS``. ``fp_conditions``: pool the false-positive slices over these
     conditions too (predicted in addition); ``fp_budget``: the pooled FP slice rate the chosen setting must keep to;
-    ``tta``: with flip test-time augmentation."""
+    ``tta``: with flip test-time augmentation; ``volumes_3d``: 3D components only for volumes (``sweep_postprocess``)."""
     if not val_patients:
         return Calibration(PostprocessConfig(), [], float("nan"), {})
     conds = tuple(dict.fromkeys([*CALIBRATION_CONDITIONS, *(fp_conditions or ())]))
     preds = {c: predict_patients(segmenter, val_patients, tta=tta, progress=progress, condition=c) for c in conds}
-    post, table = sweep_postprocess(preds, score_conditions=CALIBRATION_CONDITIONS, max_fp_rate=fp_budget)
+    post, table = sweep_postprocess(preds, score_conditions=CALIBRATION_CONDITIONS, max_fp_rate=fp_budget, volumes_3d=volumes_3d)
     row = table_row(table, post)
     per_patient = {
         p.patient: sum(M.dice(binarize_stack(p.prob, post), p.truth) for p in (preds[c][i] for c in CALIBRATION_CONDITIONS)) / len(CALIBRATION_CONDITIONS)
@@ -357,7 +363,7 @@ def calibrate(
     return Calibration(
         post,
         table,
-        float(max(r["per_patient_dice"] for r in fp_eligible(table, fp_budget))),
+        float(row["per_patient_dice"]),
         per_patient,
         row["fp_slices"],
         row["lesion_free_slices"],

@@ -164,6 +164,7 @@ def sweep_postprocess(
     components_3d=(False, True),
     score_conditions: tuple[str, ...] | None = None,
     max_fp_rate: float | None = None,
+    volumes_3d: bool = False,
 ) -> tuple[PostprocessConfig, list[dict]]:
     """Per-patient Dice for each (threshold, min_size, 2D / 3D components); returns the best and the table.
 
@@ -173,6 +174,10 @@ def sweep_postprocess(
     condition given (``fp_slices`` of ``lesion_free_slices``, ``fp_slice_rate_pooled``).
     ``max_fp_rate``: only settings whose pooled rate is at most this are chosen (the FP guard of
     ``pipeline.calibrate``); where none is, the one with the fewest false positives.
+    ``volumes_3d``: the setting for stacks of slices is chosen among 3D components only (the shipping rule of
+    ``pipeline.calibrate_against``): a size limit per slice erases every lesion whose largest cross-section is
+    under it (400 px: about 22 mm across at 1 mm pixels, most brain metastases), which the validation patients,
+    large gliomas, cannot show. The lone-slice size is still chosen among 2D components.
     Run on validation patients only: choosing on the test patients would inflate the score.
     Ties prefer the larger min_size (fewer false-positive specks).
     """
@@ -204,10 +209,10 @@ def sweep_postprocess(
     def rank(r):
         return (round(r["per_patient_dice"], 4), r["min_size"], not r["components_3d"])
 
-    eligible = fp_eligible(table, max_fp_rate)
+    eligible = fp_eligible([r for r in table if r["components_3d"]] if volumes_3d else table, max_fp_rate)
     best = max(eligible, key=rank)
     # One slice on its own has no neighbours: its minimum size is the best 2D one at this threshold.
-    slice_rows = [r for r in eligible if not r["components_3d"] and r["threshold"] == best["threshold"]]
+    slice_rows = [r for r in fp_eligible(table, max_fp_rate) if not r["components_3d"] and r["threshold"] == best["threshold"]]
     slice_min = max(slice_rows, key=rank)["min_size"] if slice_rows else best["min_size"]
     return PostprocessConfig(best["threshold"], best["min_size"], best["components_3d"], slice_min), table
 
