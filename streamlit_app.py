@@ -162,7 +162,10 @@ def model_details(sb, m: dict, models: dict, info: dict, precision: str) -> None
     """Test metrics, size, backend, version (of the precision that will run), ensemble members and model card."""
     metrics = m.get("metrics") or {}
     if metrics:
-        sb.caption("Metrics on held-out test patients", help=f"Default model chosen by {info['selected_by']}" if info.get("selected_by") else None)
+        sb.caption(
+            "Metrics on held-out test patients (one pass, without TTA; with TTA: the model card)",
+            help=f"Default model chosen by {info['selected_by']}" if info.get("selected_by") else None,
+        )
         sb.markdown("\n".join(f"- {METRIC_NAMES.get(k, k)}: **{fmt(v)}**" for k, v in metrics.items()))
     else:
         sb.caption("No metrics recorded for this model.")
