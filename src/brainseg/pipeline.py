@@ -14,7 +14,6 @@ from .config import CONDITIONS, DISPLAY_NAMES, EVERY_CONDITION, SPLIT_SEED, Expe
 from .evaluation import metrics as M
 from .evaluation.protocol import (
     evaluate_conditions,
-    evaluate_predictions,
     markdown_table,
     predict_patients,
     sweep_postprocess,
@@ -429,12 +428,13 @@ INT8_RULE = f"INT8 is served by default only where the per-patient Dice of the t
 def int8_cost(fp32, int8, patients, tta: bool = False, post: PostprocessConfig | None = None) -> dict:
     """Per-patient Dice (and FP rate) of an fp32 and an INT8 model under every input condition, both at ``post`` (default:
     each at its calibrated post-processing for ``tta``, ``postprocess_for``), and the drop (fp32 - INT8)."""
+    by_model = {
+        k: evaluate_conditions(m, patients, post or m.postprocess_for(tta), EVERY_CONDITION, tta=tta, progress=False)[0]
+        for k, m in (("fp32", fp32), ("int8", int8))
+    }
     out = {}
     for cond in EVERY_CONDITION:
-        reports = {
-            k: evaluate_predictions(predict_patients(m, patients, tta=tta, condition=cond, progress=False), post or m.postprocess_for(tta))
-            for k, m in (("fp32", fp32), ("int8", int8))
-        }
+        reports = {k: by_model[k][cond] for k in by_model}
         per_patient_drop = [reports["fp32"]["per_patient"][pid] - reports["int8"]["per_patient"][pid] for pid in reports["fp32"]["per_patient"]]
         out[cond] = {
             "fp32": round(reports["fp32"]["per_patient_dice"], 4),
@@ -472,7 +472,7 @@ def release_check(test_patients, default: Option, options: list[Option]) -> list
     option chosen on the validation patients keeps every guarantee before it is served; never a choice among options."""
 
     def reports(o: Option):
-        return {c: evaluate_predictions(predict_patients(o.segmenter, test_patients, tta=o.tta, progress=False, condition=c), o.post) for c in EVERY_CONDITION}
+        return evaluate_conditions(o.segmenter, test_patients, o.post, EVERY_CONDITION, tta=o.tta, progress=False)[0]
 
     base = reports(default)
     out = []
@@ -482,7 +482,7 @@ def release_check(test_patients, default: Option, options: list[Option]) -> list
             b, m = base[c], mine[c]
             diffs = [m["per_patient"][p] - b["per_patient"][p] for p in b["per_patient"]]
             lo, hi = M.bootstrap_ci(diffs)
-            fp_ok = m["fp_slice_rate"] <= max(0.05, b["fp_slice_rate"]) + 1e-12
+            fp_ok = within_fp_budget(m["fp_slice_rate"], max(0.05, b["fp_slice_rate"]))
             conds[c] = {
                 "dice_default": b["per_patient_dice"],
                 "dice": m["per_patient_dice"],
