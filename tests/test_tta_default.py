@@ -196,3 +196,36 @@ def test_runs_with_tta_are_served_in_int8_only_where_int8_holds_with_tta(tta_mod
     entry.tta = dict(entry.tta, default=False, int8={"holds": False})
     assert served_precision(reg, "attention_unet") == "int8"  # TTA off by default: the one-pass rule
     assert served_precision(reg, "unetpp", tta=True) == "fp32"  # no INT8 recommended at all
+
+
+def test_a_registry_that_disagrees_with_its_model_file_is_refused_loudly(tta_model_dir, tmp_path, capsys):
+    """The TTA default has two copies: the file's (``inference.tta``, which decides the run) and the registry's (which
+    chooses the precision before the file is read). Where a hand edit makes them disagree, loading the model says so:
+    the loader raises, the CLI prints one line, the API answers 503 with a message and names no server path."""
+    from brainseg.cli import main
+    from brainseg.inference.predictor import load
+
+    edited = tmp_path / "models"
+    shutil.copytree(tta_model_dir, edited)
+    raw = json.loads((edited / registry.REGISTRY).read_text())
+    raw["models"]["attention_unet"]["tta"]["default"] = False  # the file still says on
+    (edited / registry.REGISTRY).write_text(json.dumps(raw))
+    with pytest.raises(registry.RegistryError, match=r"registry.json says flip TTA is off by default but attention_unet\.(onnx|pt) says on"):
+        load("attention_unet", model_dir=edited)
+    load("unetpp", model_dir=edited)  # the other model agrees with its file and still loads
+
+    png = tmp_path / "s.png"
+    png.write_bytes(synthetic_png())
+    assert main(["predict", str(png), "--out", str(tmp_path / "out"), "--model-dir", str(edited)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("brainseg: error: model 'attention_unet'") and "ship_tta.py" in err and "\n" not in err
+
+    url, proc, _ = start_api(edited, tmp_path / "uvicorn.log")
+    try:
+        r = httpx.post(url + "/v1/segment", files=[("files", ("s.png", synthetic_png(), "image/png"))], timeout=60)
+        assert r.status_code == 503, r.text
+        assert "disagree" in r.json()["detail"] and str(tmp_path) not in r.text
+        ok = httpx.post(url + "/v1/segment", files=[("files", ("s.png", synthetic_png(), "image/png"))], data={"model": "unetpp"}, timeout=60)
+        assert ok.status_code == 200, ok.text
+    finally:
+        stop(proc)

@@ -100,7 +100,20 @@ def load_member(
     seg = backends.load_backend(path, kind, name, threads=threads, spinning=spinning, device=device)
     if precision == "int8" and seg.precision != "int8":
         seg.backend.precision = "int8"  # registered as INT8; a file quantised by other tools carries no marker
+    check_tta_default(reg, name, seg, path)
     return seg
+
+
+def check_tta_default(reg: registry.Registry, name: str, seg, path: Path) -> None:
+    """RegistryError when the registry's copy of a model's TTA default (``tta.default``, which chose the precision
+    before the file was read) disagrees with the file's own (``inference.tta``, which decides the run): a
+    hand-edited registry or a file copied from another release. ``scripts/ship_tta.py`` writes both in one step."""
+    in_registry, in_file = reg.entry(name).tta_default, seg.with_tta(None)
+    if in_registry != in_file:
+        raise registry.RegistryError(
+            f"model {name!r}: {registry.REGISTRY} says flip TTA is {'on' if in_registry else 'off'} by default but {path.name} "
+            f"says {'on' if in_file else 'off'}; re-run scripts/ship_tta.py on {reg.directory} (it writes both)"
+        )
 
 
 def load(

@@ -76,7 +76,8 @@ class ModelEntry(BaseModel):
 
     @property
     def tta_default(self) -> bool:
-        """Whether a run that does not say uses flip TTA (a copy of the model file's ``inference.tta``)."""
+        """Whether a run that does not say uses flip TTA: a copy of the model file's ``inference.tta`` (loading the model
+        checks that they agree: ``predictor.check_tta_default``)."""
         return bool(self.tta and self.tta.get("default"))
 
     def int8_recommended(self, tta: bool) -> bool:

@@ -130,6 +130,9 @@ class Engine:
             what = ".onnx (INT8)" if precision == "int8" else (".onnx" if kind == "onnx" else ".pt")
             log.warning("model %s: no %s file in %s (backend %s)", name, what, self.model_dir, backend)
             raise ModelUnavailable(f"model {name!r}: no {what} file in the model folder (backend {backend})") from None
+        except RegistryError as exc:  # the registry and the file disagree (``predictor.check_tta_default``)
+            log.warning("model %s (%s): %s", name, precision, exc)
+            raise ModelUnavailable(f"model {name!r}: registry.json and its model file disagree; see the server log") from None
         except Exception as exc:
             log.warning("model %s (%s): cannot load it: %r", name, precision, exc)
             raise ModelUnavailable(f"model {name!r}: cannot load its model file; see the server log") from exc
