@@ -476,7 +476,7 @@ def result_header(res: dict, label: str, synthetic: bool) -> None:
     show_read_as(inp)
     st.caption(
         f"{model['display_name']} · version `{model['version']}` · {model['backend']} {PRECISIONS.get(model.get('precision'), '')} · "
-        f"threshold {fmt_threshold(res['threshold'])} · min. size {res['min_size']} px ({res.get('components', '2D')}) · TTA {'on' if res['tta'] else 'off'} · "
+        f"threshold {fmt_threshold(res['threshold'])} · min. size {res['min_size']} {'voxels' if res.get('components') == '3D' else 'px'} ({res.get('components', '2D')}) · TTA {'on' if res['tta'] else 'off'} · "
         f"decode {t['decode']:.0f} ms, inference {t['inference']:.0f} ms, total {t['total']:.0f} ms · result `{res['id']}`"
     )
 

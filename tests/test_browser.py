@@ -9,6 +9,7 @@ Playwright's own browser download is not used.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -161,6 +162,7 @@ def test_upload_real_slice(browser, streamlit_url, shared_data):
             "Per-patient Dice",
         ):
             assert words in text, f"{words!r} missing from the page"
+        assert re.search(r"min\. size \d+ px \(2D\)", text), "a lone slice's minimum size is in pixels"
         assert "Traceback" not in text and "Cannot reach" not in text
     finally:
         page.close()
@@ -174,6 +176,7 @@ def test_upload_brats_volume(browser, streamlit_url, shared_data):
         text = upload(page, files, ("Result · BraTS-MET-00110-000", "Axial slice (0–154)"), 3, download, "app_volume.png")
         for words in ("Lesion volume", "mm³", "Axial · slice", "Coronal · row", "Sagittal · column", "NIfTI mask"):
             assert words in text, f"{words!r} missing from the page"
+        assert re.search(r"min\. size \d+ voxels \(3D\)", text), "a volume's minimum size is in voxels of 3D components"
         assert "Traceback" not in text
     finally:
         page.close()
