@@ -201,7 +201,8 @@ def test_runs_with_tta_are_served_in_int8_only_where_int8_holds_with_tta(tta_mod
 def test_a_registry_that_disagrees_with_its_model_file_is_refused_loudly(tta_model_dir, tmp_path, capsys):
     """The TTA default has two copies: the file's (``inference.tta``, which decides the run) and the registry's (which
     chooses the precision before the file is read). Where a hand edit makes them disagree, loading the model says so:
-    the loader raises, the CLI prints one line, the API answers 503 with a message and names no server path."""
+    the loader raises, the CLI prints one line, the API answers 503 with a message and names no server path (the other model still serves; the model listing fails
+    closed)."""
     from brainseg.cli import main
     from brainseg.inference.predictor import load
 
@@ -227,5 +228,7 @@ def test_a_registry_that_disagrees_with_its_model_file_is_refused_loudly(tta_mod
         assert "disagree" in r.json()["detail"] and str(tmp_path) not in r.text
         ok = httpx.post(url + "/v1/segment", files=[("files", ("s.png", synthetic_png(), "image/png"))], data={"model": "unetpp"}, timeout=60)
         assert ok.status_code == 200, ok.text
+        listed = httpx.get(url + "/v1/models", timeout=60)  # the release is inconsistent: the listing fails closed, and says why
+        assert listed.status_code == 503 and "disagree" in listed.json()["detail"]
     finally:
         stop(proc)
