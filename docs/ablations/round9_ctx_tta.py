@@ -1,7 +1,7 @@
 """Analysis only: the 2.5D Attention U-Net (round 4) with flip TTA against the served default (2D with flip TTA), on
 the 12 validation patients under the shipping rules: both calibrated with TTA within the one-pass default's pooled
 FP budget (``pipeline.calibrate_against``), the 2.5D model judged by ``champion_challenger`` against the 2D one.
-Run from the repository root: ``python docs/ablations/round9_ctx_tta.py`` (about 20 min on 2 CPU cores)."""
+Run from the repository root: ``python docs/ablations/round9_ctx_tta.py`` (about 5 min on 2 CPU cores)."""
 
 import json
 from dataclasses import asdict
