@@ -3,7 +3,8 @@
     python scripts/eval_brats_format.py [--root ../shared/data/brats-format] [--model NAME | --checkpoint PATH]
         [--precision fp32|int8] [--tta | --no-tta] [--json out.json]
 
-Each case is read as ``brainseg predict`` reads a BraTS set (t1n / t2f / t1c; and FLAIR alone),
+The measurement itself is ``brainseg.evaluation.brats`` (what ``brainseg evaluate --data ROOT`` runs on any
+BraTS-format root). Each case is read as ``brainseg predict`` reads a BraTS set (t1n / t2f / t1c; and FLAIR alone),
 segmented with the model's calibrated post-processing (with flip TTA where the model is served with it,
 at the post-processing calibrated for it; ``--tta`` / ``--no-tta`` say otherwise), written back onto the file's grid and
 compared with the reference (fusion label > 0, whole tumour). The same patients' kaggle_3m
@@ -18,46 +19,24 @@ import argparse
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
-from brainseg.evaluation.metrics import dice
-from brainseg.inference.predict import segment_volume
+from brainseg.evaluation.brats import evaluate_brats
 from brainseg.inference.predictor import load
 from brainseg.io.files import write_json_atomic
-from brainseg.io.volumes import load_volume
 
-
-def case_scores(segmenter, post, case_dir: Path, label: Path, tta: bool = False) -> dict:
-    ref = np.asarray(nib.load(label).dataobj) > 0
-    files = sorted(case_dir.glob("*.nii.gz"))
-    out = {}
-    for cond, picked in (("all", files), ("flair_only", [f for f in files if "-t2f" in f.name])):
-        vol = load_volume(picked)
-        res = segment_volume(segmenter, vol, post, tta=tta)
-        pred = vol.file_mask(res.mask) > 0
-        tp = int((pred & ref).sum())
-        out[cond] = {
-            "dice": round(float(dice(pred, ref)), 4),
-            "precision": round(tp / max(int(pred.sum()), 1), 4),
-            "recall": round(tp / max(int(ref.sum()), 1), 4),
-            "pred_ml": round(float(pred.sum()) * vol.voxel_volume_mm3 / 1000, 2),
-            "ref_ml": round(float(ref.sum()) * vol.voxel_volume_mm3 / 1000, 2),
-        }
-    return out
+KEYS = ("dice", "precision", "recall", "pred_ml", "ref_ml")
 
 
 def brats_format_scores(segmenter, root: Path, progress: bool = True, tta: bool = False) -> dict:
-    """{case: {"all" | "flair_only": {dice, precision, recall, pred_ml, ref_ml}}} for every case folder under ``root``,
-    at the post-processing calibrated for ``tta``."""
-    out = {}
-    for case in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "labels"):
-        out[case.name] = case_scores(segmenter, segmenter.postprocess_for(tta), case, root / "labels" / f"{case.name}-fusion.nii.gz", tta)
-        r = out[case.name]
-        if progress:
-            print(
-                f"{case.name}: all {r['all']['dice']:.3f} (P {r['all']['precision']:.2f} R {r['all']['recall']:.2f}); FLAIR only {r['flair_only']['dice']:.3f}"
-            )
+    """{case: {"all" | "flair_only": {dice, precision, recall, pred_ml, ref_ml}}} for every labelled case under ``root``,
+    at the post-processing calibrated for ``tta`` (``evaluation.brats.evaluate_brats``)."""
+    report = evaluate_brats(segmenter, root, tta=tta, progress=False)
+    by_case = report["per_case"]
+    out = {case: {c: {k: round(by_case[c][case][k], 4 if k in KEYS[:3] else 2) for k in KEYS} for c in by_case} for case in by_case["all"]}
+    if progress:
+        for case, r in out.items():
+            print(f"{case}: all {r['all']['dice']:.3f} (P {r['all']['precision']:.2f} R {r['all']['recall']:.2f}); FLAIR only {r['flair_only']['dice']:.3f}")
     return out
 
 

@@ -193,15 +193,18 @@ def _post(args, seg):
 
 def cmd_evaluate(args) -> int:
     from .config import CONDITIONS, DISPLAY_NAMES
+    from .evaluation.brats import is_brats_root
     from .evaluation.protocol import conditions_table, markdown_table
     from .io.datasets import read_split
     from .io.files import write_json_atomic, write_text_atomic
     from .pipeline import evaluate
 
-    seg = _load_model(args)
-    ids = read_split(args.split)[args.subset] if args.split else None
     named = {"every": EVERY_CONDITION, "channels": tuple(CONDITIONS)}
     conditions = tuple(dict.fromkeys(c for arg in args.conditions for c in named.get(arg, (arg,))))
+    if is_brats_root(args.data):
+        return _evaluate_brats(args, conditions)
+    seg = _load_model(args)
+    ids = read_split(args.split)[args.subset] if args.split else None
     report = evaluate(seg, args.data, ids, post=_post(args, seg), tta=args.tta, sweep=args.sweep, conditions=conditions)
     report["split"] = f"{args.split}:{args.subset}" if args.split else "all labelled patients in the folder"
     report["precision"] = seg.precision
@@ -214,6 +217,32 @@ def cmd_evaluate(args) -> int:
     print(
         f"{DISPLAY_NAMES.get(seg.name, seg.name)} DICE Score: {report['per_patient_dice']:.2f}  "
         f"(per-patient 3D Dice, {report['patients']} patients, input: {report['condition']})"
+    )
+    print(f"report: {args.out} and {Path(args.out).with_suffix('.md')}")
+    return 0
+
+
+def _evaluate_brats(args, conditions: tuple[str, ...]) -> int:
+    """``brainseg evaluate`` on a BraTS-format root (``evaluation.brats``): whole-tumour Dice per case, under
+    ``all`` (t1n + t2f + t1c) and ``flair_only`` (``--conditions`` left at its default: both)."""
+    from .config import DISPLAY_NAMES
+    from .evaluation.brats import BRATS_CONDITIONS, evaluate_brats, markdown
+    from .io.files import write_json_atomic, write_text_atomic
+
+    if args.split:
+        raise ValueError(f"{args.data}: BraTS-format data has no split; --split is for LGG slice datasets (every labelled case is scored)")
+    seg = _load_model(args)
+    report = evaluate_brats(seg, args.data, tta=args.tta, post=_post(args, seg), conditions=BRATS_CONDITIONS if conditions == ("all",) else conditions)
+    report["precision"] = seg.precision
+    write_json_atomic(args.out, report)
+    name = DISPLAY_NAMES.get(seg.name, seg.name)
+    md = markdown(report, name)
+    write_text_atomic(Path(args.out).with_suffix(".md"), md)
+    print(md)
+    for case, why in report["skipped"].items():
+        print(f"skipped {case}: {why}")
+    print(
+        f"{name} DICE Score: {report['per_patient_dice']:.2f}  (whole-tumour Dice, mean of {report['cases']} BraTS-format cases, input: {report['condition']})"
     )
     print(f"report: {args.out} and {Path(args.out).with_suffix('.md')}")
     return 0
