@@ -59,6 +59,7 @@ def _brats_root(root: Path) -> Path:
         _save(seqs[s], case / f"CASE-3-{s}.nii.gz")
     (root / "labels").mkdir()
     _save(label, root / "labels" / "CASE-3-fusion.nii.gz")
+    _save(label, root / "labels" / "CASE-30-fusion.nii.gz")  # another case's label, whose name starts the same
     # no label; and no FLAIR
     (root / "NOLABEL").mkdir()
     _save(seqs["t2f"], root / "NOLABEL" / "NOLABEL-t2f.nii.gz")

@@ -23,6 +23,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from ..inference.predict import segment_volume
 from ..io.datasets import DataError
 from ..io.volumes import BRATS_CHANNELS, brats_sequence, is_nifti, load_volume, nifti_stem
 from . import metrics as M
@@ -50,6 +51,11 @@ def _label_of(name: str) -> bool:
     return any(stem.endswith(("-" + t, "_" + t)) for t in LABEL_TAGS)
 
 
+def _names_case(stem: str, case: str) -> bool:
+    """``labels/<case>.nii.gz``, ``<case>-fusion``, ``<case>_seg``, ...: not another case whose name starts the same."""
+    return stem == case or stem.startswith((case + "-", case + "_"))
+
+
 def _case(folder: Path, labels_dir: Path | None) -> BratsCase | None:
     """One case folder, or None where it holds no NIfTI volume named by sequence."""
     niftis = sorted(f for f in folder.iterdir() if f.is_file() and is_nifti(f))
@@ -66,7 +72,7 @@ def _case(folder: Path, labels_dir: Path | None) -> BratsCase | None:
         return None
     labels = [f for f in niftis if _label_of(f.name)]
     if not labels and labels_dir is not None:
-        labels = sorted(f for f in labels_dir.iterdir() if f.is_file() and is_nifti(f) and nifti_stem(f.name).startswith(folder.name))
+        labels = sorted(f for f in labels_dir.iterdir() if f.is_file() and is_nifti(f) and _names_case(nifti_stem(f.name), folder.name))
     if len(labels) > 1:
         problems.append(f"several label volumes ({', '.join(f.name for f in labels)})")
     if "t2f" not in images:
@@ -100,8 +106,6 @@ def score_case(segmenter, case: BratsCase, post, tta: bool, condition: str) -> d
     vol = load_volume(case.files(condition))
     label_img = nib.load(case.label)
     ref = np.asarray(label_img.dataobj) > 0
-    from ..inference.predict import segment_volume  # the one volume path (torch-free like the rest of evaluation)
-
     res = segment_volume(segmenter, vol, post, tta=tta)
     pred = vol.file_mask(res.mask) > 0
     if pred.shape != ref.shape or not np.allclose(label_img.affine, vol.affine, atol=1e-3):
