@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 from conftest import REPO, free_port
 from helpers import synthetic_dataset
@@ -66,6 +67,10 @@ assert main(["evaluate", "--data", str(data), "--model-dir", str(models), "--mod
 rep = json.loads((out / "rep.json").read_text())
 assert rep["patients"] == 2 and set(rep["conditions"]) == set(EVERY_CONDITION), rep.keys()
 
+# evaluate on BraTS-format volumes (whole tumour per case)
+assert main(["evaluate", "--data", str(Path(BRATS_ROOT)), "--model-dir", str(models), "--out", str(out / "brats.json")]) == 0
+assert json.loads((out / "brats.json").read_text())["cases"] == 1
+
 # predict: a patient folder
 assert main(["predict", str(next(data.iterdir())), "--model-dir", str(models), "--out", str(out / "pred")]) == 0
 assert len(list((out / "pred").glob("*_mask.png"))) == 3
@@ -100,10 +105,27 @@ print("TORCH-FREE OK")
 """
 
 
+def _brats_case(root: Path) -> Path:
+    """One BraTS 2023-style case (t1n / t2f / t1c and -seg) of random volumes with a bright cube as the label."""
+    import nibabel as nib
+    import numpy as np
+
+    case = root / "BraTS-GLI-00000-000"
+    case.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    label = np.zeros((40, 40, 5), np.uint8)
+    label[10:20, 12:22, 1:4] = 1
+    for s in ("t1n", "t2f", "t1c"):
+        nib.save(nib.Nifti1Image((rng.random(label.shape) * 100 + 300.0 * label).astype(np.float32), np.eye(4)), str(case / f"{case.name}-{s}.nii.gz"))
+    nib.save(nib.Nifti1Image(label, np.eye(4)), str(case / f"{case.name}-seg.nii.gz"))
+    return root
+
+
 def test_evaluate_predict_api_and_page_run_without_torch(tiny_model_dir, tmp_path):
     data = synthetic_dataset(tmp_path / "data", patients=2, slices=3)
+    brats = _brats_case(tmp_path / "brats")
     paths = ", ".join(repr(str(p)) for p in (data, tiny_model_dir, tmp_path, REPO / "streamlit_app.py"))
-    consts = f"SRC = {str(REPO / 'src')!r}\nDATA, MODELS, OUT, PAGE, PORT = {paths}, {free_port()}\n"
+    consts = f"SRC = {str(REPO / 'src')!r}\nDATA, MODELS, OUT, PAGE, PORT = {paths}, {free_port()}\nBRATS_ROOT = {str(brats)!r}\n"
     code = textwrap.dedent(BLOCK) + consts + textwrap.dedent(SCRIPT)
     r = run_blocked(code, tmp_path)
     assert r.returncode == 0 and "TORCH-FREE OK" in r.stdout, (r.stdout[-3000:], r.stderr[-5000:])
