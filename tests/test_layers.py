@@ -10,7 +10,7 @@ that dodges a cycle is still a cycle). The layers, bottom to top:
 2. ``inference.backends``, ``inference.registry``, ``inference.export``, ``evaluation.protocol``,
    ``training.trainer`` (networks run, the schema, metrics over patients, training)
 3. ``inference.predictor`` (the one loader), ``inference.predict``, ``display.report``, ``evaluation.compare``,
-   ``pipeline``, ``io.dicomweb`` (what users run)
+   ``evaluation.brats``, ``pipeline``, ``io.dicomweb`` (what users run)
 4. ``serving`` (the service) and ``inference.batch``
 5. ``cli``
 
@@ -33,7 +33,7 @@ LAYERS = [
     | {"inference", "evaluation", "display", "training"},
     {"io", "preprocessing", "models.checkpoint", "display.visualize", "training.cache"},
     {"inference.backends", "inference.registry", "inference.export", "evaluation.protocol", "training.trainer"},
-    {"inference.predictor", "inference.predict", "display.report", "evaluation.compare", "pipeline", "io.dicomweb"},
+    {"inference.predictor", "inference.predict", "display.report", "evaluation.compare", "evaluation.brats", "pipeline", "io.dicomweb"},
     {"serving", "inference.batch"},
     {"cli"},
 ]
