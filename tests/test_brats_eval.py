@@ -5,6 +5,7 @@ same Dice as ``brainseg predict``'s mask scored by hand against the reference.""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -110,17 +111,28 @@ def test_evaluate_scores_each_labelled_case_and_says_what_it_skipped(tiny_model_
         evaluate_brats(seg, root, tta=False, conditions=("skull_stripped",), progress=False)
 
 
-def test_a_label_on_another_grid_is_named(tiny_model_dir, tmp_path):
+def test_an_unreadable_case_is_skipped_with_its_reason_and_the_others_are_scored(tiny_model_dir, tmp_path):
+    """A label on another grid and a truncated volume: each case is skipped with a reason naming its file; the run
+    goes on; where no case is left, one DataError names every reason."""
     from brainseg.inference.predictor import load
 
+    seg = load("attention_unet", model_dir=tiny_model_dir)
     root = tmp_path / "brats"
     seqs, label = _volumes(0)
-    (root / "C").mkdir(parents=True)
-    for s in ("t1n", "t2f", "t1c"):
-        _save(seqs[s], root / "C" / f"C-{s}.nii.gz")
-    _save(label[:, :, :4], root / "C" / "C-seg.nii.gz")
-    with pytest.raises(DataError, match=r"C-seg\.nii\.gz: label grid"):
-        evaluate_brats(load("attention_unet", model_dir=tiny_model_dir), root, tta=False, progress=False)
+    for name in ("GOOD", "GRID", "TRUNC"):
+        (root / name).mkdir(parents=True)
+        for s in ("t1n", "t2f", "t1c"):
+            _save(seqs[s], root / name / f"{name}-{s}.nii.gz")
+        _save(label[:, :, :4] if name == "GRID" else label, root / name / f"{name}-seg.nii.gz")
+    flair = root / "TRUNC" / "TRUNC-t2f.nii.gz"
+    flair.write_bytes(flair.read_bytes()[:200])
+    report = evaluate_brats(seg, root, tta=False, progress=False)
+    assert report["cases"] == 1 and list(report["per_case"]["all"]) == ["GOOD"]
+    assert "GRID-seg.nii.gz: label grid" in report["skipped"]["GRID"]
+    assert "TRUNC-t2f.nii.gz" in report["skipped"]["TRUNC"]
+    shutil.rmtree(root / "GOOD")
+    with pytest.raises(DataError, match=r"no case could be scored \(GRID: .*GRID-seg\.nii\.gz: label grid.*; TRUNC: .*TRUNC-t2f"):
+        evaluate_brats(seg, root, tta=False, progress=False)
 
 
 def test_the_cli_reports_and_fails_in_one_line(tiny_model_dir, tmp_path, capsys):

@@ -140,9 +140,10 @@ def summarize(per_case: dict[str, dict]) -> dict:
 
 
 def evaluate_brats(segmenter, root, tta: bool, post=None, conditions=BRATS_CONDITIONS, progress: bool = True) -> dict:
-    """The report of ``brainseg evaluate`` on a BraTS-format root. Cases without a label, or with a problem
-    (no FLAIR, two files of one sequence, several labels), are listed under ``skipped`` and not scored; DataError
-    where none is left. ``post`` None: the model's post-processing for ``tta``."""
+    """The report of ``brainseg evaluate`` on a BraTS-format root. Cases without a label, with a problem (no FLAIR,
+    two files of one sequence, several labels) or that cannot be read (a truncated file, a label on another grid)
+    are listed under ``skipped`` with the reason and not scored; DataError where none is left. ``post`` None: the
+    model's post-processing for ``tta``."""
     bad = [c for c in conditions if c not in BRATS_CONDITIONS]
     if bad:
         raise ValueError(f"BraTS-format data is evaluated under {' and '.join(BRATS_CONDITIONS)} only, not {', '.join(bad)}")
@@ -158,8 +159,16 @@ def evaluate_brats(segmenter, root, tta: bool, post=None, conditions=BRATS_CONDI
     from tqdm import tqdm
 
     for case in tqdm(scored, desc="BraTS cases", unit="case", disable=not progress):
-        for c in conditions:
-            per_case[c][case.name] = score_case(segmenter, case, post, tta, c)
+        try:
+            scores = {c: score_case(segmenter, case, post, tta, c) for c in conditions}
+        except Exception as exc:  # one unreadable case (a truncated file, a label on another grid) is skipped, not the run
+            skipped[case.name] = str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
+            continue
+        for c, r in scores.items():
+            per_case[c][case.name] = r
+    n = len(per_case[conditions[0]])
+    if not n:
+        raise DataError(root, f"no case could be scored ({'; '.join(f'{k}: {v}' for k, v in skipped.items())})")
     summary = {c: summarize(per_case[c]) for c in conditions}
     first = conditions[0]
     return {
@@ -167,7 +176,7 @@ def evaluate_brats(segmenter, root, tta: bool, post=None, conditions=BRATS_CONDI
         "model": segmenter.name,
         "tta": tta,
         "postprocess": {"threshold": post.threshold, "min_size": post.min_size, "components_3d": post.components_3d},
-        "cases": len(scored),
+        "cases": n,
         "skipped": skipped,
         "condition": first,
         "per_patient_dice": summary[first]["dice_mean"],
