@@ -175,3 +175,38 @@ def test_on_the_real_pair_it_agrees_with_predicts_mask_scored_by_hand(tmp_path, 
     assert report["per_case"]["all"][case]["dice"] == pytest.approx(by_hand, abs=1e-6)
     assert report["per_case"]["all"][case]["recall"] == pytest.approx(np.count_nonzero(mask & ref) / ref.sum(), abs=1e-6)
     capsys.readouterr()
+
+
+def test_a_stopped_run_resumes_from_its_progress_file(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Each case is appended to OUT.partial.jsonl as it is done. The same command after a stop reuses the cases
+    done under the same settings (the model is not run for them: it would raise here), recomputes under other
+    settings, ignores a torn last line, and removes the file once the report is written."""
+    from brainseg.inference import backends
+    from brainseg.inference.predictor import load
+
+    root = _brats_root(tmp_path / "brats")
+    seg = load("attention_unet", model_dir=tiny_model_dir)
+    partial = tmp_path / "report.partial.jsonl"
+    first = evaluate_brats(seg, root, tta=False, progress=False, progress_file=partial)
+    lines = partial.read_text().splitlines()
+    assert len(lines) == 3 and first["resumed"] == 0  # the three labelled cases; the two skipped at discovery are not run
+    partial.write_text("\n".join(lines[:2]) + '\n{"key": "torn')  # stopped while writing the third case
+
+    calls = []
+    real = backends.Segmenter.probabilities
+
+    def counting(self, *a, **kw):
+        calls.append(1)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(backends.Segmenter, "probabilities", counting)
+    again = evaluate_brats(seg, root, tta=False, progress=False, progress_file=partial)
+    assert again["resumed"] == 2 and again["per_case"] == first["per_case"] and len(calls) == 2  # one case, two conditions
+    calls.clear()
+    other = evaluate_brats(seg, root, tta=True, progress=False, progress_file=partial)
+    assert other["resumed"] == 0 and len(calls) == 6  # other settings: every case again
+
+    out = tmp_path / "report.json"
+    assert main(["evaluate", "--data", str(root), "--model-dir", str(tiny_model_dir), "--no-tta", "--out", str(out)]) == 0
+    assert "resumed: 3 cases" in capsys.readouterr().out and not partial.exists()
+    assert json.loads(out.read_text())["per_case"] == first["per_case"]

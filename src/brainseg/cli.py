@@ -224,7 +224,8 @@ def cmd_evaluate(args) -> int:
 
 def _evaluate_brats(args, conditions: tuple[str, ...]) -> int:
     """``brainseg evaluate`` on a BraTS-format root (``evaluation.brats``): whole-tumour Dice per case, under
-    ``all`` (t1n + t2f + t1c) and ``flair_only`` (``--conditions`` left at its default: both)."""
+    ``all`` (t1n + t2f + t1c) and ``flair_only`` (``--conditions`` left at its default: both). Each case is kept in
+    ``OUT.partial.jsonl`` as it is done, so the same command after a stop resumes; the file goes once the report is written."""
     from .config import DISPLAY_NAMES
     from .evaluation.brats import BRATS_CONDITIONS, evaluate_brats, markdown
     from .io.files import write_json_atomic, write_text_atomic
@@ -232,9 +233,14 @@ def _evaluate_brats(args, conditions: tuple[str, ...]) -> int:
     if args.split:
         raise ValueError(f"{args.data}: BraTS-format data has no split; --split is for LGG slice datasets (every labelled case is scored)")
     seg = _load_model(args)
-    report = evaluate_brats(seg, args.data, tta=args.tta, post=_post(args, seg), conditions=BRATS_CONDITIONS if conditions == ("all",) else conditions)
+    partial = Path(args.out).with_suffix(".partial.jsonl")  # each case as it is done: a stopped run resumes from it
+    wanted = BRATS_CONDITIONS if conditions == ("all",) else conditions
+    report = evaluate_brats(seg, args.data, tta=args.tta, post=_post(args, seg), conditions=wanted, progress_file=partial)
     report["precision"] = seg.precision
     write_json_atomic(args.out, report)
+    partial.unlink(missing_ok=True)
+    if report["resumed"]:
+        print(f"resumed: {report['resumed']} cases scored by an earlier run with the same settings ({partial.name})")
     name = DISPLAY_NAMES.get(seg.name, seg.name)
     md = markdown(report, name)
     write_text_atomic(Path(args.out).with_suffix(".md"), md)

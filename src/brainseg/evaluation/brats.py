@@ -16,14 +16,16 @@ interval, median, and the cases with a large tumour (> 10 mL) and an empty predi
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from ..inference.predict import segment_volume
+from ..inference.predict import model_version, segment_volume
 from ..io.datasets import DataError
 from ..io.volumes import BRATS_CHANNELS, brats_sequence, is_nifti, load_volume, nifti_stem
 from . import metrics as M
@@ -139,11 +141,36 @@ def summarize(per_case: dict[str, dict]) -> dict:
     }
 
 
-def evaluate_brats(segmenter, root, tta: bool, post=None, conditions=BRATS_CONDITIONS, progress: bool = True) -> dict:
+def _settings_key(segmenter, tta: bool, post, conditions) -> str:
+    """What makes a case's scores reusable: the weights (``predict.model_version``), TTA, post-processing, conditions."""
+    settings = {"model": model_version(segmenter), "tta": bool(tta), "post": asdict(post), "conditions": list(conditions)}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_progress(path: Path | None, key: str) -> dict[str, dict]:
+    """case -> its record, from a progress file written under the same settings (a torn last line is ignored)."""
+    done: dict[str, dict] = {}
+    if path is None or not path.is_file():
+        return done
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("key") == key and "case" in rec:
+            done[rec["case"]] = rec
+    return done
+
+
+def evaluate_brats(segmenter, root, tta: bool, post=None, conditions=BRATS_CONDITIONS, progress: bool = True, progress_file=None) -> dict:
     """The report of ``brainseg evaluate`` on a BraTS-format root. Cases without a label, with a problem (no FLAIR,
     two files of one sequence, several labels) or that cannot be read (a truncated file, a label on another grid)
     are listed under ``skipped`` with the reason and not scored; DataError where none is left. ``post`` None: the
-    model's post-processing for ``tta``."""
+    model's post-processing for ``tta``.
+
+    ``progress_file``: each case's outcome is appended there as one JSON line as soon as it is known, so a run that
+    is stopped (Ctrl-C, a crash) and started again reuses the cases already done under the same settings
+    (``_settings_key``) instead of running them again; ``resumed`` in the report counts them."""
     bad = [c for c in conditions if c not in BRATS_CONDITIONS]
     if bad:
         raise ValueError(f"BraTS-format data is evaluated under {' and '.join(BRATS_CONDITIONS)} only, not {', '.join(bad)}")
@@ -158,13 +185,29 @@ def evaluate_brats(segmenter, root, tta: bool, post=None, conditions=BRATS_CONDI
     per_case: dict[str, dict[str, dict]] = {c: {} for c in conditions}
     from tqdm import tqdm
 
+    key = _settings_key(segmenter, tta, post, conditions)
+    progress_file = Path(progress_file) if progress_file else None
+    done = _read_progress(progress_file, key)
+    if progress_file is not None and progress_file.is_file() and not progress_file.read_bytes().endswith(b"\n"):
+        with progress_file.open("a") as f:  # a line torn by the stop: the next record starts on a line of its own
+            f.write("\n")
+    resumed = 0
     for case in tqdm(scored, desc="BraTS cases", unit="case", disable=not progress):
-        try:
-            scores = {c: score_case(segmenter, case, post, tta, c) for c in conditions}
-        except Exception as exc:  # one unreadable case (a truncated file, a label on another grid) is skipped, not the run
-            skipped[case.name] = str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
+        rec = done.get(case.name)
+        if rec is not None:
+            resumed += 1
+        else:
+            try:
+                rec = {"scores": {c: score_case(segmenter, case, post, tta, c) for c in conditions}}
+            except Exception as exc:  # one unreadable case (a truncated file, a label on another grid) is skipped, not the run
+                rec = {"skipped": str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"}
+            if progress_file is not None:
+                with progress_file.open("a") as f:  # one line per case, flushed: what a stopped run keeps
+                    f.write(json.dumps({"key": key, "case": case.name, **rec}) + "\n")
+        if "skipped" in rec:
+            skipped[case.name] = rec["skipped"]
             continue
-        for c, r in scores.items():
+        for c, r in rec["scores"].items():
             per_case[c][case.name] = r
     n = len(per_case[conditions[0]])
     if not n:
@@ -177,6 +220,7 @@ def evaluate_brats(segmenter, root, tta: bool, post=None, conditions=BRATS_CONDI
         "tta": tta,
         "postprocess": {"threshold": post.threshold, "min_size": post.min_size, "components_3d": post.components_3d},
         "cases": n,
+        "resumed": resumed,
         "skipped": skipped,
         "condition": first,
         "per_patient_dice": summary[first]["dice_mean"],
