@@ -162,6 +162,31 @@ def _read_progress(path: Path | None, key: str) -> dict[str, dict]:
     return done
 
 
+def _outcomes(segmenter, cases: list[BratsCase], post, tta: bool, conditions, progress: bool, progress_file):
+    """(case, {"scores": {condition: scores}} or {"skipped": reason}, reused) per case, in order: reused from
+    ``progress_file`` where an earlier run under the same settings did it, else scored now and appended there."""
+    from tqdm import tqdm
+
+    key = _settings_key(segmenter, tta, post, conditions)
+    progress_file = Path(progress_file) if progress_file else None
+    done = _read_progress(progress_file, key)
+    if progress_file is not None and progress_file.is_file() and not progress_file.read_bytes().endswith(b"\n"):
+        with progress_file.open("a") as f:  # a line torn by the stop: the next record starts on a line of its own
+            f.write("\n")
+    for case in tqdm(cases, desc="BraTS cases", unit="case", disable=not progress):
+        if case.name in done:
+            yield case.name, done[case.name], True
+            continue
+        try:
+            rec = {"scores": {c: score_case(segmenter, case, post, tta, c) for c in conditions}}
+        except Exception as exc:  # one unreadable case (a truncated file, a label on another grid) is skipped, not the run
+            rec = {"skipped": str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"}
+        if progress_file is not None:
+            with progress_file.open("a") as f:  # one line per case, flushed: what a stopped run keeps
+                f.write(json.dumps({"key": key, "case": case.name, **rec}) + "\n")
+        yield case.name, rec, False
+
+
 def evaluate_brats(segmenter, root, tta: bool, post=None, conditions=BRATS_CONDITIONS, progress: bool = True, progress_file=None) -> dict:
     """The report of ``brainseg evaluate`` on a BraTS-format root. Cases without a label, with a problem (no FLAIR,
     two files of one sequence, several labels) or that cannot be read (a truncated file, a label on another grid)
@@ -183,32 +208,14 @@ def evaluate_brats(segmenter, root, tta: bool, post=None, conditions=BRATS_CONDI
         raise DataError(root, f"no BraTS-format case has both a FLAIR volume and a label volume ({len(cases)} case folders found)")
     post = post or segmenter.postprocess_for(tta)
     per_case: dict[str, dict[str, dict]] = {c: {} for c in conditions}
-    from tqdm import tqdm
-
-    key = _settings_key(segmenter, tta, post, conditions)
-    progress_file = Path(progress_file) if progress_file else None
-    done = _read_progress(progress_file, key)
-    if progress_file is not None and progress_file.is_file() and not progress_file.read_bytes().endswith(b"\n"):
-        with progress_file.open("a") as f:  # a line torn by the stop: the next record starts on a line of its own
-            f.write("\n")
     resumed = 0
-    for case in tqdm(scored, desc="BraTS cases", unit="case", disable=not progress):
-        rec = done.get(case.name)
-        if rec is not None:
-            resumed += 1
-        else:
-            try:
-                rec = {"scores": {c: score_case(segmenter, case, post, tta, c) for c in conditions}}
-            except Exception as exc:  # one unreadable case (a truncated file, a label on another grid) is skipped, not the run
-                rec = {"skipped": str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"}
-            if progress_file is not None:
-                with progress_file.open("a") as f:  # one line per case, flushed: what a stopped run keeps
-                    f.write(json.dumps({"key": key, "case": case.name, **rec}) + "\n")
+    for name, rec, reused in _outcomes(segmenter, scored, post, tta, conditions, progress, progress_file):
+        resumed += reused
         if "skipped" in rec:
-            skipped[case.name] = rec["skipped"]
+            skipped[name] = rec["skipped"]
             continue
         for c, r in rec["scores"].items():
-            per_case[c][case.name] = r
+            per_case[c][name] = r
     n = len(per_case[conditions[0]])
     if not n:
         raise DataError(root, f"no case could be scored ({'; '.join(f'{k}: {v}' for k, v in skipped.items())})")
