@@ -103,27 +103,30 @@ def is_brats_root(root: os.PathLike | str) -> bool:
         return False
 
 
-def score_case(segmenter, case: BratsCase, post, tta: bool, condition: str) -> dict:
-    """One case under one condition: the model's mask on the label's grid against label > 0."""
-    vol = load_volume(case.files(condition))
+def score_case(segmenter, case: BratsCase, post, tta: bool, conditions) -> dict[str, dict]:
+    """One case under each condition: the model's mask on the label's grid against label > 0. The label is read
+    once; each condition's volume is checked against its grid before the network runs."""
     label_img = nib.load(case.label)
     ref = np.asarray(label_img.dataobj) > 0
-    res = segment_volume(segmenter, vol, post, tta=tta)
-    pred = vol.file_mask(res.mask) > 0
-    if pred.shape != ref.shape or not np.allclose(label_img.affine, vol.affine, atol=1e-3):
-        raise DataError(case.label, f"label grid {ref.shape} differs from the images' {pred.shape} (or another affine); resample it onto them")
-    tp = int(np.count_nonzero(pred & ref))
-    voxel_ml = vol.voxel_volume_mm3 / 1000
     spacing = tuple(float(z) for z in label_img.header.get_zooms()[:3])
-    return {
-        "dice": float(M.dice(pred, ref)),
-        "precision": tp / max(int(pred.sum()), 1),
-        "recall": tp / max(int(ref.sum()), 1),
-        "hd95_mm": float(M.hd95(pred, ref, spacing)) if pred.any() and ref.any() else None,
-        "pred_ml": float(pred.sum()) * voxel_ml,
-        "ref_ml": float(ref.sum()) * voxel_ml,
-        "read_as": vol.condition,
-    }
+    out = {}
+    for condition in conditions:
+        vol = load_volume(case.files(condition))
+        if tuple(vol.shape) != ref.shape or not np.allclose(label_img.affine, vol.affine, atol=1e-3):
+            raise DataError(case.label, f"label grid {ref.shape} differs from the images' {tuple(vol.shape)} (or another affine); resample it onto them")
+        pred = vol.file_mask(segment_volume(segmenter, vol, post, tta=tta).mask) > 0
+        tp = int(np.count_nonzero(pred & ref))
+        voxel_ml = vol.voxel_volume_mm3 / 1000
+        out[condition] = {
+            "dice": float(M.dice(pred, ref)),
+            "precision": tp / max(int(pred.sum()), 1),
+            "recall": tp / max(int(ref.sum()), 1),
+            "hd95_mm": float(M.hd95(pred, ref, spacing)) if pred.any() and ref.any() else None,
+            "pred_ml": float(pred.sum()) * voxel_ml,
+            "ref_ml": float(ref.sum()) * voxel_ml,
+            "read_as": vol.condition,
+        }
+    return out
 
 
 def summarize(per_case: dict[str, dict]) -> dict:
@@ -178,7 +181,7 @@ def _outcomes(segmenter, cases: list[BratsCase], post, tta: bool, conditions, pr
             yield case.name, done[case.name], True
             continue
         try:
-            rec = {"scores": {c: score_case(segmenter, case, post, tta, c) for c in conditions}}
+            rec = {"scores": score_case(segmenter, case, post, tta, conditions)}
         except Exception as exc:  # one unreadable case (a truncated file, a label on another grid) is skipped, not the run
             rec = {"skipped": str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"}
         if progress_file is not None:

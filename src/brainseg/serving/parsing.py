@@ -67,7 +67,7 @@ def parse_optional_bool(name: str, raw: str | None) -> bool | None:
         return True
     if v in ("0", "false", "no", "off"):
         return False
-    raise UploadError(422, f"{name} must be true or false (or left out for the model's default)")
+    raise UploadError(422, f"{name} must be true or false (or left out for its default)")
 
 
 def parse_precision(raw: str | None) -> str | None:
